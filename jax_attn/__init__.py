@@ -1,0 +1,54 @@
+"""jax_attn: attention mechanisms in JAX/Flax, from the book's chapter 3 to fast kernels.
+
+>>> import jax, jax_attn as ja
+>>> q = k = v = jax.numpy.ones((1, 4, 2, 8))
+>>> ja.dot_product_attention(q, k, v, is_causal=True).shape
+(1, 4, 2, 8)
+"""
+
+from jax_attn import functional, masks, reference
+from jax_attn.attention import available_implementations, dot_product_attention
+from jax_attn.functional import dot_product_attention_weights
+from jax_attn.linen import (
+    CausalAttention,
+    MultiHeadAttention,
+    MultiHeadAttentionWrapper,
+    SelfAttentionV1,
+    SelfAttentionV2,
+)
+from jax_attn.masks import (
+    combine_masks,
+    make_causal_mask,
+    make_padding_mask,
+    make_sliding_window_mask,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CausalAttention",
+    "MultiHeadAttention",
+    "MultiHeadAttentionWrapper",
+    "SelfAttentionV1",
+    "SelfAttentionV2",
+    "available_implementations",
+    "combine_masks",
+    "dot_product_attention",
+    "dot_product_attention_weights",
+    "functional",
+    "make_causal_mask",
+    "make_padding_mask",
+    "make_sliding_window_mask",
+    "masks",
+    "reference",
+]
+
+
+def __getattr__(name):
+    # Heavier layers load on first use: ja.interop, ja.sharding, ja.kv_cache, ja.nnx, ...
+    import importlib
+
+    if name in {"interop", "sharding", "kv_cache", "nnx", "chunked", "plots", "config",
+                "train", "bench", "check", "cli", "validation", "attention", "linen"}:
+        return importlib.import_module(f"jax_attn.{name}")
+    raise AttributeError(f"module 'jax_attn' has no attribute {name!r}")

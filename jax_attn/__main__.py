@@ -1,0 +1,3 @@
+from jax_attn.cli import main
+
+raise SystemExit(main())

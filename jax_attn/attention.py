@@ -1,0 +1,245 @@
+"""``dot_product_attention``: one call, several implementations, one semantics.
+
+Each implementation registers what it can serve (``unsupported(call, platform)``
+returns the reason it cannot, or ``None``). ``implementation=None`` walks the
+platform's preference list and takes the first that supports the call; naming an
+implementation that cannot serve the call raises a ``ValueError`` saying why.
+All implementations agree with :mod:`jax_attn.reference` (tested).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jax_attn import reference
+from jax_attn.masks import build_attention_mask
+from jax_attn.validation import AttentionCall, check_attention_args
+
+__all__ = [
+    "Implementation",
+    "available_implementations",
+    "dot_product_attention",
+    "register_implementation",
+    "select_implementation",
+    "unsupported_reason",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """An attention kernel and what it supports.
+
+    ``fn(query, key, value, *, call, **attention_kwargs)`` takes batched inputs and the
+    validated :class:`~jax_attn.validation.AttentionCall`; ``unsupported(call, platform)``
+    returns a human-readable reason it cannot serve the call, or ``None``;
+    ``platforms`` lists the backends it runs on (``None``: all).
+    """
+
+    name: str
+    fn: Callable
+    unsupported: Callable[[AttentionCall, str], str | None]
+    platforms: tuple[str, ...] | None = None
+    description: str = ""
+
+
+_REGISTRY: dict[str, Implementation] = {}
+# Preference order per platform for implementation=None (first supporting one wins).
+PREFERENCE: dict[str, list[str]] = {
+    "cpu": ["xla", "reference"],
+    "gpu": ["xla", "reference"],
+    "tpu": ["xla", "reference"],
+}
+
+
+def register_implementation(impl: Implementation) -> None:
+    """Adds (or replaces) an implementation in the registry."""
+    _REGISTRY[impl.name] = impl
+
+
+def _platform() -> str:
+    return jax.default_backend()
+
+
+def unsupported_reason(name: str, call: AttentionCall, platform: str | None = None) -> str | None:
+    """Why implementation ``name`` cannot serve ``call`` on ``platform``, or ``None``."""
+    platform = platform or _platform()
+    impl = _REGISTRY[name]
+    if impl.platforms is not None and platform not in impl.platforms:
+        return f"runs on {', '.join(impl.platforms)} only, not on {platform}"
+    return impl.unsupported(call, platform)
+
+
+def available_implementations() -> list[str]:
+    """Names of the implementations usable on the default device, in preference order."""
+    platform = _platform()
+    ordered = PREFERENCE.get(platform, []) + sorted(_REGISTRY)
+    names = []
+    for name in ordered:
+        impl = _REGISTRY.get(name)
+        if impl is None or name in names:
+            continue
+        if impl.platforms is None or platform in impl.platforms:
+            names.append(name)
+    return names
+
+
+def select_implementation(call: AttentionCall, platform: str | None = None) -> str:
+    """The first implementation in the platform's preference order that supports ``call``."""
+    platform = platform or _platform()
+    reasons = {}
+    for name in PREFERENCE.get(platform, ["reference"]):
+        if name not in _REGISTRY:
+            continue
+        reason = unsupported_reason(name, call, platform)
+        if reason is None:
+            return name
+        reasons[name] = reason
+    raise ValueError(f"no implementation supports this call on {platform}: {reasons}")
+
+
+def dot_product_attention(
+    query,
+    key,
+    value,
+    *,
+    mask=None,
+    bias=None,
+    is_causal=False,
+    scale=None,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    local_window_size=None,
+    dropout_rate=0.0,
+    dropout_rng=None,
+    implementation=None,
+):
+    """Scaled dot-product attention: ``softmax(q k^T * scale + bias, masked) v``.
+
+    Args:
+      query: ``[B, T, N, H]`` (or ``[T, N, H]``).
+      key: ``[B, S, K, H]`` with ``N % K == 0`` (GQA/MQA when ``K < N``).
+      value: ``[B, S, K, H_v]``.
+      mask: bool, True = may attend, broadcastable to ``[B, N, T, S]``.
+      bias: added to the logits, broadcastable to ``[B, N, T, S]``; ``-inf`` masks.
+      is_causal: query ``t`` attends keys ``<= t + S - T`` (bottom-right aligned).
+      scale: logit scale, default ``1 / sqrt(H)``.
+      query_seq_lengths, key_value_seq_lengths: int ``[B]``; padded positions are masked.
+      local_window_size: ``w`` or ``(left, right)``: attend keys within the window.
+      dropout_rate, dropout_rng: dropout on the attention weights (kept ones scaled).
+      implementation: ``None`` (fastest supporting one), or one of
+        :func:`available_implementations`.
+
+    Returns:
+      ``[B, T, N, H_v]`` in the input dtype. A query with nothing to attend gets zeros.
+    """
+    call = check_attention_args(
+        query, key, value, mask=mask, bias=bias, is_causal=is_causal, scale=scale,
+        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+    )
+    platform = _platform()
+    if implementation is None:
+        name = select_implementation(call, platform)
+    else:
+        if not isinstance(implementation, str) or implementation not in _REGISTRY:
+            raise ValueError(
+                f"implementation must be None or one of {sorted(_REGISTRY)}, got {implementation!r}"
+            )
+        name = implementation
+        reason = unsupported_reason(name, call, platform)
+        if reason is not None:
+            raise ValueError(f"implementation={name!r} cannot serve this call: {reason}")
+    q, k, v = (jnp.asarray(x) for x in (query, key, value))
+    if not call.batched:
+        q, k, v = q[None], k[None], v[None]
+    out = _REGISTRY[name].fn(
+        q, k, v, call=call, mask=mask, bias=bias, query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths, dropout_rng=dropout_rng,
+    )
+    return out if call.batched else out[0]
+
+
+# --- "reference": the oracle ------------------------------------------------------------
+
+
+def _reference_fn(q, k, v, *, call, mask, bias, query_seq_lengths, key_value_seq_lengths,
+                  dropout_rng):
+    return reference.dot_product_attention(
+        q, k, v, mask=mask, bias=bias, is_causal=call.is_causal, scale=call.scale,
+        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=call.window, dropout_rate=call.dropout_rate, dropout_rng=dropout_rng,
+    )
+
+
+register_implementation(Implementation(
+    name="reference", fn=_reference_fn, unsupported=lambda call, platform: None,
+    description="einsum -> mask -> softmax -> einsum; materialises [B, N, T, S]",
+))
+
+
+# --- "xla": jax.nn.dot_product_attention --------------------------------------------------
+
+
+def _xla_unsupported(call: AttentionCall, platform: str) -> str | None:
+    if call.dropout_rate > 0.0:
+        return "no dropout (jax.nn.dot_product_attention has none)"
+    if call.H_v != call.H:
+        return f"needs value head dim equal to H={call.H}, got {call.H_v}"
+    if call.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        return f"dtype {call.dtype} (float32, bfloat16 and float16 only)"
+    return None
+
+
+def _xla_fn(q, k, v, *, call, mask, bias, query_seq_lengths, key_value_seq_lengths,
+            dropout_rng):
+    del dropout_rng
+    T, S = call.T, call.S
+    # jax.nn aligns causal and window masks top-left; ours are bottom-right. They agree
+    # when T == S; otherwise the masks go in explicitly.
+    native = T == S
+    if bias is not None:
+        bias = jnp.asarray(bias)
+        finite = bias > -jnp.inf
+        bias = jnp.where(finite, bias, 0.0).astype(q.dtype)
+        mask = finite if mask is None else jnp.asarray(mask) & finite
+    if not native and (call.is_causal or call.window is not None):
+        mask = build_attention_mask(
+            T, S, mask=mask, is_causal=call.is_causal, local_window_size=call.window
+        )
+    lengths = {}
+    if query_seq_lengths is not None:
+        lengths["query_seq_lengths"] = jnp.asarray(query_seq_lengths, jnp.int32)
+    if key_value_seq_lengths is not None:
+        lengths["key_value_seq_lengths"] = jnp.asarray(key_value_seq_lengths, jnp.int32)
+    out = jax.nn.dot_product_attention(
+        q, k, v,
+        bias=None if bias is None else bias.reshape((1,) * (4 - bias.ndim) + bias.shape),
+        mask=None if mask is None else mask.reshape((1,) * (4 - mask.ndim) + mask.shape),
+        scale=call.scale,
+        is_causal=call.is_causal and native,
+        local_window_size=call.window if native else None,
+        implementation="xla",
+        **lengths,
+    )
+    # jax.nn spreads a fully masked row uniformly; ours is zero.
+    can_empty = mask is not None or lengths or T > S
+    if can_empty:
+        allowed = build_attention_mask(
+            T, S, mask=mask, is_causal=call.is_causal, query_seq_lengths=query_seq_lengths,
+            key_value_seq_lengths=key_value_seq_lengths, local_window_size=call.window,
+        )
+        # [B, N, T] -> [B, T, N, 1]
+        row_has_keys = jnp.any(allowed, axis=-1)
+        row_has_keys = jnp.broadcast_to(row_has_keys, (call.B, call.N, T))
+        out = jnp.where(jnp.transpose(row_has_keys, (0, 2, 1))[..., None], out, 0)
+    return out
+
+
+register_implementation(Implementation(
+    name="xla", fn=_xla_fn, unsupported=_xla_unsupported,
+    description="jax.nn.dot_product_attention(implementation='xla')",
+))

@@ -1,0 +1,261 @@
+"""The book's attention classes as thin ``flax.linen`` modules.
+
+Inputs are ``[T, d_in]`` or ``[B, T, d_in]``. Parameters are named as in the book
+(``W_query``, ``W_key``, ``W_value``, ``out_proj``, ``heads_0``...) so
+:mod:`jax_attn.interop` maps them to and from the PyTorch ``state_dict``. Dropout
+uses the ``"dropout"`` RNG stream and a ``deterministic`` flag given at construction
+or call (the call wins). The attention itself is :func:`jax_attn.dot_product_attention`;
+these modules hold parameters and shapes only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jax_attn.attention import dot_product_attention
+from jax_attn.functional import merge_heads, split_heads
+
+__all__ = [
+    "SelfAttentionV1",
+    "SelfAttentionV2",
+    "CausalAttention",
+    "MultiHeadAttentionWrapper",
+    "MultiHeadAttention",
+    "torch_linear_init",
+]
+
+
+def torch_linear_init(fan_in: int):
+    """``nn.Linear``'s default: uniform in ``[-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def _linear(features: int, fan_in: int, use_bias: bool, name: str) -> nn.Dense:
+    init = torch_linear_init(fan_in)
+    return nn.Dense(features, use_bias=use_bias, kernel_init=init, bias_init=init, name=name)
+
+
+def check_positive_int(owner: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"{owner}: {name} must be > 0, got {value}")
+
+
+def check_dropout_rate(owner: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{owner}: dropout must be a float in [0, 1), got {value!r}")
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{owner}: dropout must be in [0, 1), got {value}")
+
+
+def as_batch(owner: str, x, d_in: int, context_length: int | None = None):
+    """``x`` as ``[B, T, d_in]`` and whether it was unbatched; checks width and length."""
+    shape = jnp.shape(x)
+    if len(shape) not in (2, 3):
+        raise ValueError(f"{owner}: x must have shape [T, d_in] or [B, T, d_in], got {list(shape)}")
+    if shape[-1] != d_in:
+        raise ValueError(f"{owner}: x's last dim must be d_in={d_in}, got shape {list(shape)}")
+    if context_length is not None and shape[-2] > context_length:
+        raise ValueError(
+            f"{owner}: x has {shape[-2]} tokens, more than context_length={context_length}"
+        )
+    if len(shape) == 2:
+        return jnp.asarray(x)[None], True
+    return jnp.asarray(x), False
+
+
+def resolve_deterministic(
+    owner: str, at_init: bool | None, at_call: bool | None, rate, initializing: bool = False
+) -> bool:
+    """The call's flag wins over the constructor's. With neither, ``init`` runs without
+    dropout and an ``apply`` with dropout > 0 is an error (say which mode you mean)."""
+    chosen = at_call if at_call is not None else at_init
+    if chosen is None:
+        if rate == 0.0 or initializing:
+            return True
+        raise ValueError(
+            f"{owner}: dropout={rate} needs deterministic=True (evaluation) or False "
+            "(training, with rngs={'dropout': key}), at construction or call"
+        )
+    return bool(chosen)
+
+
+class SelfAttentionV1(nn.Module):
+    """Section 3.4.1: ``W_query``, ``W_key``, ``W_value`` as ``[d_in, d_out]`` matrices,
+    initialised uniform in ``[0, 1)`` like ``torch.rand``. Output ``[..., T, d_out]``."""
+
+    d_in: int
+    d_out: int
+
+    def __post_init__(self):
+        check_positive_int("SelfAttentionV1", "d_in", self.d_in)
+        check_positive_int("SelfAttentionV1", "d_out", self.d_out)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool | None = None):
+        del deterministic  # no dropout here; accepted so every module takes it
+        x, unbatched = as_batch("SelfAttentionV1", x, self.d_in)
+        shape = (self.d_in, self.d_out)
+        uniform01 = nn.initializers.uniform(scale=1.0)
+        # [B, T, 1, d_out]
+        queries = (x @ self.param("W_query", uniform01, shape))[:, :, None, :]
+        keys = (x @ self.param("W_key", uniform01, shape))[:, :, None, :]
+        values = (x @ self.param("W_value", uniform01, shape))[:, :, None, :]
+        out = dot_product_attention(queries, keys, values)[:, :, 0, :]
+        return out[0] if unbatched else out
+
+
+class SelfAttentionV2(nn.Module):
+    """Section 3.4.2: ``nn.Linear``-style projections (kernel ``[d_in, d_out]``)."""
+
+    d_in: int
+    d_out: int
+    qkv_bias: bool = False
+
+    def __post_init__(self):
+        check_positive_int(type(self).__name__, "d_in", self.d_in)
+        check_positive_int(type(self).__name__, "d_out", self.d_out)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool | None = None):
+        del deterministic
+        x, unbatched = as_batch("SelfAttentionV2", x, self.d_in)
+        # [B, T, 1, d_out]
+        queries = _linear(self.d_out, self.d_in, self.qkv_bias, "W_query")(x)[:, :, None, :]
+        keys = _linear(self.d_out, self.d_in, self.qkv_bias, "W_key")(x)[:, :, None, :]
+        values = _linear(self.d_out, self.d_in, self.qkv_bias, "W_value")(x)[:, :, None, :]
+        out = dot_product_attention(queries, keys, values)[:, :, 0, :]
+        return out[0] if unbatched else out
+
+
+class CausalAttention(nn.Module):
+    """Section 3.5.3: single-head causal attention with dropout on the weights."""
+
+    d_in: int
+    d_out: int
+    context_length: int
+    dropout: float
+    qkv_bias: bool = False
+    deterministic: bool | None = None
+    implementation: str | None = None
+
+    def __post_init__(self):
+        name = type(self).__name__
+        check_positive_int(name, "d_in", self.d_in)
+        check_positive_int(name, "d_out", self.d_out)
+        check_positive_int(name, "context_length", self.context_length)
+        check_dropout_rate(name, self.dropout)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool | None = None):
+        name = type(self).__name__
+        x, unbatched = as_batch(name, x, self.d_in, self.context_length)
+        deterministic = resolve_deterministic(
+            name, self.deterministic, deterministic, self.dropout, self.is_initializing()
+        )
+        rate = 0.0 if deterministic else float(self.dropout)
+        # [B, T, 1, d_out]
+        queries = _linear(self.d_out, self.d_in, self.qkv_bias, "W_query")(x)[:, :, None, :]
+        keys = _linear(self.d_out, self.d_in, self.qkv_bias, "W_key")(x)[:, :, None, :]
+        values = _linear(self.d_out, self.d_in, self.qkv_bias, "W_value")(x)[:, :, None, :]
+        out = dot_product_attention(
+            queries, keys, values, is_causal=True, dropout_rate=rate,
+            dropout_rng=self.make_rng("dropout") if rate > 0.0 else None,
+            implementation=self.implementation,
+        )[:, :, 0, :]
+        return out[0] if unbatched else out
+
+
+class MultiHeadAttentionWrapper(nn.Module):
+    """Section 3.6.1: ``num_heads`` independent :class:`CausalAttention` heads
+    (``heads_0``, ``heads_1``...), outputs concatenated: ``[..., T, num_heads * d_out]``."""
+
+    d_in: int
+    d_out: int
+    context_length: int
+    dropout: float
+    num_heads: int
+    qkv_bias: bool = False
+    deterministic: bool | None = None
+    implementation: str | None = None
+
+    def __post_init__(self):
+        check_positive_int("MultiHeadAttentionWrapper", "num_heads", self.num_heads)
+        super().__post_init__()
+
+    def setup(self):
+        self.heads = [
+            CausalAttention(
+                self.d_in, self.d_out, self.context_length, self.dropout, self.qkv_bias,
+                deterministic=self.deterministic, implementation=self.implementation,
+            )
+            for _ in range(self.num_heads)
+        ]
+
+    def __call__(self, x, deterministic: bool | None = None):
+        return jnp.concatenate([head(x, deterministic) for head in self.heads], axis=-1)
+
+
+class MultiHeadAttention(nn.Module):
+    """Section 3.6.2: one projection split into ``num_heads`` heads, causal attention
+    with dropout, heads merged and mixed by ``out_proj`` (with bias).
+
+    ``d_out`` must be divisible by ``num_heads``; head dim ``H = d_out // num_heads``.
+    ``MultiHeadAttention(768, 768, 1024, 0.0, 12)`` has 2,360,064 parameters.
+    """
+
+    d_in: int
+    d_out: int
+    context_length: int
+    dropout: float
+    num_heads: int
+    qkv_bias: bool = False
+    deterministic: bool | None = dataclasses.field(default=None, kw_only=True)
+    implementation: str | None = dataclasses.field(default=None, kw_only=True)
+
+    def __post_init__(self):
+        name = type(self).__name__
+        for field in ("d_in", "d_out", "context_length", "num_heads"):
+            check_positive_int(name, field, getattr(self, field))
+        check_dropout_rate(name, self.dropout)
+        if self.d_out % self.num_heads:
+            raise ValueError(
+                f"{name}: d_out={self.d_out} must be divisible by num_heads={self.num_heads}"
+            )
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool | None = None):
+        name = type(self).__name__
+        x, unbatched = as_batch(name, x, self.d_in, self.context_length)
+        deterministic = resolve_deterministic(
+            name, self.deterministic, deterministic, self.dropout, self.is_initializing()
+        )
+        rate = 0.0 if deterministic else float(self.dropout)
+        # [B, T, N, H]
+        queries = split_heads(
+            _linear(self.d_out, self.d_in, self.qkv_bias, "W_query")(x), self.num_heads)
+        keys = split_heads(_linear(self.d_out, self.d_in, self.qkv_bias, "W_key")(x), self.num_heads)
+        values = split_heads(
+            _linear(self.d_out, self.d_in, self.qkv_bias, "W_value")(x), self.num_heads)
+        context = dot_product_attention(
+            queries, keys, values, is_causal=True, dropout_rate=rate,
+            dropout_rng=self.make_rng("dropout") if rate > 0.0 else None,
+            implementation=self.implementation,
+        )
+        out = _linear(self.d_out, self.d_out, True, "out_proj")(merge_heads(context))
+        return out[0] if unbatched else out

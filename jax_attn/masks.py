@@ -1,0 +1,204 @@
+"""Boolean attention masks. True means "may attend".
+
+Every mask here broadcasts to the logits' shape ``[B, N, T, S]``. Query position
+``t`` is aligned with key position ``t + (S - T)`` ("bottom-right" alignment), so
+with ``T == S`` query ``i`` sees keys ``<= i`` under the causal mask, and with
+``T < S`` (decoding against a cache) the last query sees every key.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "make_causal_mask",
+    "make_padding_mask",
+    "make_sliding_window_mask",
+    "combine_masks",
+    "normalize_window",
+    "build_attention_mask",
+    "make_dropout_mask",
+]
+
+
+def _check_length(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return int(value)
+
+
+def _positions(T: int, S: int, offset: int = 0):
+    """Aligned query positions ``[T, 1]`` and key positions ``[1, S]``."""
+    query_pos = jnp.arange(T)[:, None] + (S - T) + offset
+    key_pos = jnp.arange(S)[None, :]
+    return query_pos, key_pos
+
+
+def make_causal_mask(T: int, S: int | None = None) -> jnp.ndarray:
+    """Causal mask ``[T, S]``: query ``t`` may attend keys ``<= t + (S - T)``.
+
+    >>> make_causal_mask(3).astype(int).tolist()
+    [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    """
+    T = _check_length("T", T)
+    S = T if S is None else _check_length("S", S)
+    query_pos, key_pos = _positions(T, S)
+    return key_pos <= query_pos
+
+
+def normalize_window(window) -> tuple[int, int]:
+    """``window`` as ``(left, right)``: an int ``w`` means ``(w, w)`` (as in jax.nn)."""
+    if isinstance(window, int | np.integer) and not isinstance(window, bool):
+        left = right = int(window)
+    elif (
+        isinstance(window, tuple | list)
+        and len(window) == 2
+        and all(isinstance(w, int | np.integer) and not isinstance(w, bool) for w in window)
+    ):
+        left, right = (int(w) for w in window)
+    else:
+        raise TypeError(
+            f"local_window_size must be an int or a (left, right) pair of ints, got {window!r}"
+        )
+    if left < 0 or right < 0:
+        raise ValueError(f"local_window_size must be >= 0 on both sides, got {(left, right)}")
+    return left, right
+
+
+def make_sliding_window_mask(T: int, window, S: int | None = None) -> jnp.ndarray:
+    """Local-window mask ``[T, S]``.
+
+    ``window`` is ``(left, right)`` or an int ``w`` meaning ``(w, w)``: query ``t``
+    (aligned position ``p = t + S - T``) may attend keys ``p - left ... p + right``.
+    Combine with :func:`make_causal_mask` for a causal sliding window.
+
+    >>> make_sliding_window_mask(4, (1, 0)).astype(int).tolist()
+    [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
+    """
+    T = _check_length("T", T)
+    S = T if S is None else _check_length("S", S)
+    left, right = normalize_window(window)
+    query_pos, key_pos = _positions(T, S)
+    return (key_pos >= query_pos - left) & (key_pos <= query_pos + right)
+
+
+def make_padding_mask(q_lengths, kv_lengths, T: int, S: int) -> jnp.ndarray:
+    """Padding mask ``[B, 1, T, S]`` from per-sequence lengths ``[B]``.
+
+    Query ``t`` of sequence ``b`` may attend key ``s`` when ``t < q_lengths[b]`` and
+    ``s < kv_lengths[b]``. Either length array may be ``None`` (no padding on that side).
+    A padded query row is fully masked; attention gives it zero output.
+
+    >>> make_padding_mask(jnp.array([1]), jnp.array([2]), 2, 3)[0, 0].astype(int).tolist()
+    [[1, 1, 0], [0, 0, 0]]
+    """
+    T = _check_length("T", T)
+    S = _check_length("S", S)
+    if q_lengths is None and kv_lengths is None:
+        raise ValueError("make_padding_mask needs q_lengths or kv_lengths, got neither")
+    lengths = [x for x in (q_lengths, kv_lengths) if x is not None]
+    for name, x in (("q_lengths", q_lengths), ("kv_lengths", kv_lengths)):
+        if x is not None and jnp.ndim(x) != 1:
+            raise ValueError(f"{name} must have shape [B], got shape {jnp.shape(x)}")
+    B = jnp.shape(lengths[0])[0]
+    query_ok = jnp.ones((B, T), bool)
+    key_ok = jnp.ones((B, S), bool)
+    if q_lengths is not None:
+        query_ok = jnp.arange(T)[None, :] < jnp.asarray(q_lengths)[:, None]
+    if kv_lengths is not None:
+        key_ok = jnp.arange(S)[None, :] < jnp.asarray(kv_lengths)[:, None]
+    # [B, 1, T, S]
+    return (query_ok[:, None, :, None] & key_ok[:, None, None, :])
+
+
+def combine_masks(*masks) -> jnp.ndarray | None:
+    """Logical AND of the masks that are not ``None``, broadcast together; ``None`` if none."""
+    present = [jnp.asarray(m) for m in masks if m is not None]
+    if not present:
+        return None
+    for m in present:
+        if m.dtype != jnp.bool_:
+            raise TypeError(f"combine_masks expects boolean masks, got dtype {m.dtype}")
+    try:
+        shape = np.broadcast_shapes(*(m.shape for m in present))
+    except ValueError as error:
+        shapes = [m.shape for m in present]
+        raise ValueError(f"combine_masks: mask shapes {shapes} do not broadcast") from error
+    result = jnp.broadcast_to(present[0], shape)
+    for m in present[1:]:
+        result = result & m
+    return result
+
+
+def build_attention_mask(
+    T: int,
+    S: int,
+    *,
+    mask=None,
+    is_causal: bool = False,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    local_window_size=None,
+):
+    """Everything that says "may attend", ANDed into one mask broadcastable to ``[B, N, T, S]``.
+
+    Returns ``None`` when nothing masks. ``mask`` may be ``[T, S]``, ``[N, T, S]`` or
+    ``[B, N, T, S]`` (anything that broadcasts).
+    """
+    causal = make_causal_mask(T, S) if is_causal else None
+    window = (
+        make_sliding_window_mask(T, local_window_size, S) if local_window_size is not None else None
+    )
+    padding = None
+    if query_seq_lengths is not None or key_value_seq_lengths is not None:
+        padding = make_padding_mask(query_seq_lengths, key_value_seq_lengths, T, S)
+    user = None if mask is None else jnp.asarray(mask)
+    parts = [m for m in (user, causal, window, padding) if m is not None]
+    if not parts:
+        return None
+    combined = combine_masks(*parts)
+    return combined.reshape((1,) * (4 - combined.ndim) + combined.shape)
+
+
+_GOLDEN = 0x9E3779B1
+
+
+def _fmix32(h):
+    """MurmurHash3's 32-bit finaliser: a bijection with full avalanche."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def make_dropout_mask(rng, rate: float, shape, offsets=(0, 0, 0, 0)) -> jnp.ndarray:
+    """Keep-mask for dropout on attention weights ``[B, N, T, S]`` (True = keep).
+
+    Element ``(b, n, t, s)`` is kept with probability ``1 - rate``, decided by a hash of
+    the key and its *global* index ``(b, n, t, s) + offsets``. So any block of the
+    weights can draw its own slice of the same mask: a chunked kernel and the einsum
+    reference drop exactly the same weights for the same key. Shapes of rank < 4 are
+    treated as trailing dimensions of ``[B, N, T, S]``.
+    """
+    shape = tuple(int(d) for d in shape)
+    if len(shape) > 4:
+        raise ValueError(f"make_dropout_mask: shape must have at most 4 dims, got {shape}")
+    full = (1,) * (4 - len(shape)) + shape
+    seed = jax.random.bits(rng, (2,), jnp.uint32)
+    b, n, t, s = (
+        jnp.arange(size, dtype=jnp.uint32).reshape([-1 if i == axis else 1 for i in range(4)])
+        + jnp.uint32(offset)
+        for axis, (size, offset) in enumerate(zip(full, offsets, strict=True))
+    )
+    row = _fmix32(seed[0] ^ (b * jnp.uint32(_GOLDEN)))
+    row = _fmix32(row ^ (n * jnp.uint32(0x85EBCA77) + seed[1]))
+    row = _fmix32(row ^ (t * jnp.uint32(0xC2B2AE3D)))
+    bits = _fmix32(row ^ (s * jnp.uint32(0x27D4EB2F) + jnp.uint32(0x165667B1)))
+    threshold = min(int(round(float(rate) * 2.0**32)), 2**32 - 1)
+    keep = bits >= jnp.uint32(threshold)
+    return keep.reshape(shape)

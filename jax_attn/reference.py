@@ -1,0 +1,85 @@
+"""The oracle: einsum -> mask -> softmax -> dropout -> einsum, nothing clever.
+
+Every implementation, module and sharded path is tested against
+:func:`dot_product_attention` here. It materialises the full ``[B, N, T, S]`` logits,
+works in any floating dtype (float64 included; float32 at least inside), and defines
+the library's semantics:
+
+* masks are boolean, True = may attend; ``-inf`` in ``bias`` also counts as masked;
+* causal and window masks are bottom-right aligned (query ``t`` sits at key position
+  ``t + S - T``);
+* a query row with nothing to attend gives zero weights and a zero output;
+* dropout drops weights with ``masks.make_dropout_mask`` and scales the kept ones.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jax_attn.masks import build_attention_mask, make_dropout_mask
+from jax_attn.validation import check_attention_args
+
+__all__ = ["dot_product_attention"]
+
+
+def dot_product_attention(
+    query,
+    key,
+    value,
+    *,
+    mask=None,
+    bias=None,
+    is_causal=False,
+    scale=None,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    local_window_size=None,
+    dropout_rate=0.0,
+    dropout_rng=None,
+    implementation=None,
+):
+    """Reference attention. q ``[B, T, N, H]``, k ``[B, S, K, H]``, v ``[B, S, K, H_v]``
+    (or unbatched without ``B``) -> ``[B, T, N, H_v]`` in q's dtype.
+
+    ``implementation`` is accepted for signature compatibility and must be None or
+    ``"reference"``.
+    """
+    if implementation not in (None, "reference"):
+        raise ValueError(
+            f"reference.dot_product_attention: implementation must be None or 'reference', "
+            f"got {implementation!r}"
+        )
+    call = check_attention_args(
+        query, key, value, mask=mask, bias=bias, is_causal=is_causal, scale=scale,
+        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+    )
+    q, k, v = (jnp.asarray(x) for x in (query, key, value))
+    if not call.batched:
+        q, k, v = q[None], k[None], v[None]
+    B, T, N, H, S, K, G = call.B, call.T, call.N, call.H, call.S, call.K, call.G
+    compute = jnp.promote_types(q.dtype, jnp.float32)
+    q, k, v = q.astype(compute), k.astype(compute), v.astype(compute)
+
+    # [B, K, G, T, S]
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q.reshape(B, T, K, G, H), k)
+    logits = logits.reshape(B, N, T, S) * jnp.asarray(call.scale, compute)
+    if bias is not None:
+        bias = jnp.asarray(bias).astype(compute)
+        logits = logits + bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+    allowed = build_attention_mask(
+        T, S, mask=mask, is_causal=call.is_causal, query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths, local_window_size=call.window,
+    )
+    allowed = logits > -jnp.inf if allowed is None else allowed & (logits > -jnp.inf)
+    masked_logits = jnp.where(allowed, logits, -0.7 * jnp.finfo(compute).max)
+    weights = jnp.where(allowed, jax.nn.softmax(masked_logits, axis=-1), 0.0)
+    if call.dropout_rate > 0.0:
+        keep = make_dropout_mask(dropout_rng, call.dropout_rate, (B, N, T, S))
+        weights = jnp.where(keep, weights / (1.0 - call.dropout_rate), 0.0)
+
+    # [B, T, K, G, H_v]
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", weights.reshape(B, K, G, T, S), v)
+    out = out.reshape(B, T, N, call.H_v).astype(call.dtype)
+    return out if call.batched else out[0]

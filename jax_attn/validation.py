@@ -1,0 +1,232 @@
+"""Argument checks for the public entry points, run in Python before tracing.
+
+Each check raises ``ValueError`` or ``TypeError`` naming the argument, what was
+expected and what was given, so a user mistake never surfaces as a raw XLA error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_attn.masks import normalize_window
+
+__all__ = ["AttentionCall", "check_attention_args", "check_dropout", "check_rng"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionCall:
+    """What an attention call asks for, after validation. Shapes use DESIGN.md's letters."""
+
+    B: int
+    T: int
+    S: int
+    N: int
+    K: int
+    H: int
+    H_v: int
+    dtype: np.dtype
+    batched: bool
+    has_mask: bool
+    has_bias: bool
+    is_causal: bool
+    has_query_lengths: bool
+    has_kv_lengths: bool
+    window: tuple[int, int] | None
+    dropout_rate: float
+    scale: float
+
+    @property
+    def G(self) -> int:
+        return self.N // self.K
+
+
+def _shape(name: str, x) -> tuple[int, ...]:
+    if x is None:
+        raise TypeError(f"{name} must be an array, got None")
+    try:
+        return tuple(jnp.shape(x))
+    except Exception as error:  # noqa: BLE001 - report what was given
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}") from error
+
+
+def _dtype(name: str, x):
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{name} must have a floating dtype, got {dtype}")
+    return dtype
+
+
+def check_broadcast(name: str, x, target: tuple[int, ...], letters: str = "BNTS") -> None:
+    shape = _shape(name, x)
+    if len(shape) > len(target):
+        raise ValueError(
+            f"{name} must broadcast to [{', '.join(letters)}] = {list(target)}, "
+            f"got shape {list(shape)} with {len(shape)} dims"
+        )
+    padded = (1,) * (len(target) - len(shape)) + shape
+    for given, want in zip(padded, target, strict=True):
+        if given not in (1, want):
+            raise ValueError(
+                f"{name} must broadcast to [{', '.join(letters)}] = {list(target)}, "
+                f"got shape {list(shape)}"
+            )
+
+
+def check_dropout(dropout_rate, dropout_rng) -> float:
+    if isinstance(dropout_rate, bool) or not isinstance(dropout_rate, numbers.Real):
+        raise TypeError(
+            f"dropout_rate must be a Python float in [0, 1), got {type(dropout_rate).__name__}"
+        )
+    rate = float(dropout_rate)
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {rate}")
+    if rate > 0.0 and dropout_rng is None:
+        raise ValueError(
+            f"dropout_rate={rate} needs dropout_rng (a jax.random key), got None"
+        )
+    if rate > 0.0:
+        check_rng("dropout_rng", dropout_rng)
+    return rate
+
+
+def check_rng(name: str, rng) -> None:
+    dtype = getattr(rng, "dtype", None)
+    if dtype is None:
+        raise TypeError(f"{name} must be a jax.random key, got {type(rng).__name__}")
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if jnp.shape(rng) != ():
+            raise ValueError(f"{name} must be a single key of shape (), got {jnp.shape(rng)}")
+        return
+    if dtype != jnp.uint32 or jnp.shape(rng) != (2,):
+        raise TypeError(
+            f"{name} must be a jax.random key (jax.random.key or PRNGKey), "
+            f"got dtype {dtype} shape {jnp.shape(rng)}"
+        )
+
+
+def check_lengths(name: str, lengths, B: int, limit: int, limit_name: str) -> None:
+    shape = _shape(name, lengths)
+    if shape != (B,):
+        raise ValueError(f"{name} must have shape [B] = [{B}], got {list(shape)}")
+    dtype = jnp.result_type(lengths)
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(f"{name} must be integers, got dtype {dtype}")
+    if not isinstance(lengths, jax.core.Tracer):
+        values = np.asarray(lengths)
+        if values.size and (values.min() < 0 or values.max() > limit):
+            raise ValueError(
+                f"{name} must lie in [0, {limit_name}={limit}], got values {values.tolist()}"
+            )
+
+
+def check_attention_args(
+    query,
+    key,
+    value=None,
+    *,
+    mask=None,
+    bias=None,
+    is_causal=False,
+    scale=None,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    local_window_size=None,
+    dropout_rate=0.0,
+    dropout_rng=None,
+) -> AttentionCall:
+    """Checks an attention call and returns its :class:`AttentionCall` summary.
+
+    query ``[B, T, N, H]`` (or ``[T, N, H]``), key ``[B, S, K, H]``, value ``[B, S, K, H_v]``.
+    """
+    q_shape = _shape("query", query)
+    k_shape = _shape("key", key)
+    if len(q_shape) not in (3, 4):
+        raise ValueError(
+            f"query must have shape [B, T, N, H] or [T, N, H], got {list(q_shape)} "
+            f"({len(q_shape)} dims)"
+        )
+    batched = len(q_shape) == 4
+    if len(k_shape) != len(q_shape):
+        want = "[B, S, K, H]" if batched else "[S, K, H]"
+        raise ValueError(
+            f"key must have shape {want} (same rank as query {list(q_shape)}), got {list(k_shape)}"
+        )
+    if not batched:
+        q_shape, k_shape = (1, *q_shape), (1, *k_shape)
+    B, T, N, H = q_shape
+    B_k, S, K, H_k = k_shape
+    if B_k != B:
+        raise ValueError(f"key batch B must equal query's {B}, got key shape {list(k_shape)}")
+    if H_k != H:
+        raise ValueError(
+            f"key head dim H must equal query's H={H}, got key shape {list(k_shape)}"
+        )
+    if K == 0 or N % K != 0:
+        raise ValueError(
+            f"query heads N={N} must be a multiple of key/value heads K={K} (GQA/MQA)"
+        )
+    q_dtype = _dtype("query", query)
+    k_dtype = _dtype("key", key)
+    H_v = H
+    dtype = q_dtype
+    if value is not None:
+        v_shape = _shape("value", value)
+        v_shape = v_shape if batched else (1, *v_shape)
+        if len(v_shape) != 4 or v_shape[:3] != (B, S, K):
+            raise ValueError(
+                f"value must have shape [B, S, K, H_v] = [{B}, {S}, {K}, H_v] like key, "
+                f"got {list(v_shape)}"
+            )
+        H_v = v_shape[3]
+        v_dtype = _dtype("value", value)
+        if not q_dtype == k_dtype == v_dtype:
+            raise TypeError(
+                f"query, key and value must share one dtype, got {q_dtype}, {k_dtype}, {v_dtype}"
+            )
+    elif q_dtype != k_dtype:
+        raise TypeError(f"query and key must share one dtype, got {q_dtype}, {k_dtype}")
+
+    target = (B, N, T, S)
+    if mask is not None:
+        m_dtype = jnp.result_type(mask)
+        if m_dtype != jnp.bool_:
+            raise TypeError(
+                f"mask must be boolean (True = may attend), got dtype {m_dtype}; "
+                "pass additive masks as bias"
+            )
+        check_broadcast("mask", mask, target if batched else target[1:], "BNTS" if batched else "NTS")
+    if bias is not None:
+        _dtype("bias", bias)
+        check_broadcast("bias", bias, target if batched else target[1:], "BNTS" if batched else "NTS")
+    if not isinstance(is_causal, bool | np.bool_):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if scale is None:
+        scale_value = 1.0 / float(np.sqrt(H)) if H else 1.0
+    elif isinstance(scale, numbers.Real) and not isinstance(scale, bool):
+        scale_value = float(scale)
+        if not np.isfinite(scale_value):
+            raise ValueError(f"scale must be finite, got {scale_value}")
+    else:
+        raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")
+    if query_seq_lengths is not None:
+        if not batched:
+            raise ValueError("query_seq_lengths needs batched inputs [B, T, N, H]")
+        check_lengths("query_seq_lengths", query_seq_lengths, B, T, "T")
+    if key_value_seq_lengths is not None:
+        if not batched:
+            raise ValueError("key_value_seq_lengths needs batched inputs [B, S, K, H]")
+        check_lengths("key_value_seq_lengths", key_value_seq_lengths, B, S, "S")
+    window = None if local_window_size is None else normalize_window(local_window_size)
+    rate = check_dropout(dropout_rate, dropout_rng)
+    return AttentionCall(
+        B=B, T=T, S=S, N=N, K=K, H=H, H_v=H_v, dtype=np.dtype(dtype), batched=batched,
+        has_mask=mask is not None, has_bias=bias is not None, is_causal=bool(is_causal),
+        has_query_lengths=query_seq_lengths is not None,
+        has_kv_lengths=key_value_seq_lengths is not None,
+        window=window, dropout_rate=rate, scale=scale_value,
+    )
