@@ -1,0 +1,12 @@
+"""Test-session setup.
+
+Eight virtual CPU devices for the sharding tests: XLA reads this flag once, when jax
+first initialises its backends, so it is set here before any test imports jax.
+"""
+
+import os
+
+_FLAG = "--xla_force_host_platform_device_count=8"
+if _FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+os.environ.setdefault("MPLBACKEND", "Agg")
