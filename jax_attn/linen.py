@@ -91,6 +91,19 @@ def resolve_deterministic(
     return bool(chosen)
 
 
+def dropout_rng(module: nn.Module, rate: float):
+    """The next key of the ``"dropout"`` stream when ``rate > 0``; a clear error when
+    ``apply`` was given no such stream."""
+    if rate == 0.0:
+        return None
+    if not module.has_rng("dropout"):
+        raise ValueError(
+            f"{type(module).__name__}: dropout={rate} with deterministic=False needs "
+            "rngs={'dropout': key} in apply (or deterministic=True), got no 'dropout' rng"
+        )
+    return module.make_rng("dropout")
+
+
 class SelfAttentionV1(nn.Module):
     """Section 3.4.1: ``W_query``, ``W_key``, ``W_value`` as ``[d_in, d_out]`` matrices,
     initialised uniform in ``[0, 1)`` like ``torch.rand``. Output ``[..., T, d_out]``."""
@@ -174,7 +187,7 @@ class CausalAttention(nn.Module):
         values = _linear(self.d_out, self.d_in, self.qkv_bias, "W_value")(x)[:, :, None, :]
         out = dot_product_attention(
             queries, keys, values, is_causal=True, dropout_rate=rate,
-            dropout_rng=self.make_rng("dropout") if rate > 0.0 else None,
+            dropout_rng=dropout_rng(self, rate),
             implementation=self.implementation,
         )[:, :, 0, :]
         return out[0] if unbatched else out
@@ -254,7 +267,7 @@ class MultiHeadAttention(nn.Module):
             _linear(self.d_out, self.d_in, self.qkv_bias, "W_value")(x), self.num_heads)
         context = dot_product_attention(
             queries, keys, values, is_causal=True, dropout_rate=rate,
-            dropout_rng=self.make_rng("dropout") if rate > 0.0 else None,
+            dropout_rng=dropout_rng(self, rate),
             implementation=self.implementation,
         )
         out = _linear(self.d_out, self.d_out, True, "out_proj")(merge_heads(context))
