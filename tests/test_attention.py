@@ -1,0 +1,283 @@
+"""dot_product_attention: every implementation against the einsum reference and jax.nn."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_attn as ja
+from jax_attn import functional as F
+
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
+
+
+def _qkv(B=2, T=5, S=7, N=4, K=2, H=8, dtype=jnp.float32, seed=0):
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(kq, (B, T, N, H), dtype)
+    k = jax.random.normal(kk, (B, S, K, H), dtype)
+    v = jax.random.normal(kv, (B, S, K, H), dtype)
+    return q, k, v
+
+
+def _random_mask(shape, seed=3, p=0.7):
+    return jax.random.bernoulli(jax.random.key(seed), p, shape)
+
+
+CASES = {
+    "plain": dict(),
+    "causal": dict(is_causal=True),
+    "mask": dict(mask=_random_mask((2, 4, 5, 7))),
+    "mask_broadcast": dict(mask=_random_mask((1, 1, 5, 7), seed=4)),
+    "bias": dict(bias=jax.random.normal(jax.random.key(5), (1, 4, 5, 7))),
+    "lengths": dict(
+        query_seq_lengths=jnp.array([3, 5]), key_value_seq_lengths=jnp.array([7, 2])
+    ),
+    "zero_kv_length": dict(key_value_seq_lengths=jnp.array([0, 4])),
+    "window": dict(local_window_size=(2, 1)),
+    "causal_window": dict(is_causal=True, local_window_size=(1, 0)),
+    "scale": dict(scale=0.3, is_causal=True),
+    "fully_masked_rows": dict(mask=jnp.zeros((2, 4, 5, 7), bool).at[:, :, :2].set(True)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("implementation", ["xla"])
+def test_implementation_equals_reference(case, implementation):
+    q, k, v = _qkv()
+    kwargs = CASES[case]
+    want = ja.reference.dot_product_attention(q, k, v, **kwargs)
+    got = ja.dot_product_attention(q, k, v, implementation=implementation, **kwargs)
+    assert not jnp.isnan(got).any()
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("case", ["plain", "causal", "mask", "bias", "window", "scale"])
+def test_reference_equals_jax_nn_where_both_define_it(case):
+    # Square T == S (jax.nn aligns causal/window top-left) and no fully masked rows.
+    q, k, v = _qkv(S=5)
+    kwargs = dict(CASES[case])
+    if "mask" in kwargs:
+        kwargs["mask"] = kwargs["mask"][..., :5].at[..., 0].set(True)
+    if "bias" in kwargs:
+        kwargs["bias"] = kwargs["bias"][..., :5]
+    want = jax.nn.dot_product_attention(q, k, v, implementation="xla", **kwargs)
+    got = ja.reference.dot_product_attention(q, k, v, **kwargs)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
+def _enable_x64():
+    if hasattr(jax, "enable_x64"):  # jax >= 0.10
+        return jax.enable_x64(True)
+    from jax.experimental import enable_x64
+
+    return enable_x64()
+
+
+def test_reference_float64_matches_numpy_loops():
+    with _enable_x64():
+        q, k, v = (x.astype(jnp.float64) for x in _qkv(B=1, T=3, S=4, N=2, K=1, H=3))
+        got = ja.reference.dot_product_attention(q, k, v, is_causal=True)
+        assert got.dtype == jnp.float64
+        qn, kn, vn = (np.asarray(x) for x in (q, k, v))
+        want = np.zeros_like(qn)
+        for n in range(2):
+            for t in range(3):
+                logits = np.array([qn[0, t, n] @ kn[0, s, 0] / np.sqrt(3) for s in range(4)])
+                logits[np.arange(4) > t + 1] = -np.inf
+                w = np.exp(logits - logits.max())
+                w /= w.sum()
+                want[0, t, n] = w @ vn[0, :, 0]
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("implementation", ["reference", "xla"])
+def test_fully_masked_rows_are_zero_in_every_dtype(dtype, implementation):
+    q, k, v = _qkv(dtype=dtype)
+    mask = jnp.ones((2, 4, 5, 7), bool).at[:, :, 1].set(False)
+    for kwargs in (dict(mask=mask), dict(query_seq_lengths=jnp.array([1, 0]))):
+        out = ja.dot_product_attention(q, k, v, implementation=implementation, **kwargs)
+        assert out.dtype == dtype
+        assert not jnp.isnan(out.astype(jnp.float32)).any()
+    out = ja.dot_product_attention(q, k, v, implementation=implementation, mask=mask)
+    assert (out[:, 1] == 0).all()
+    weights = ja.dot_product_attention_weights(q, k, mask=mask)
+    assert (weights[:, :, 1] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_close_to_float32(dtype):
+    q, k, v = _qkv()
+    want = ja.reference.dot_product_attention(q, k, v, is_causal=True)
+    low = [x.astype(dtype) for x in (q, k, v)]
+    for implementation in ["reference", "xla"]:
+        got = ja.dot_product_attention(*low, is_causal=True, implementation=implementation)
+        np.testing.assert_allclose(got.astype(jnp.float32), want, atol=TOL[dtype] * 5)
+
+
+def test_minus_inf_bias_masks_like_mask():
+    q, k, v = _qkv()
+    mask = _random_mask((2, 4, 5, 7)).at[:, :, 0].set(False)
+    bias = jnp.where(mask, 0.0, -jnp.inf)
+    for implementation in ["reference", "xla"]:
+        by_bias = ja.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
+        by_mask = ja.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+        np.testing.assert_allclose(by_bias, by_mask, atol=1e-6)
+        assert not jnp.isnan(by_bias).any()
+
+
+def test_gqa_equals_repeated_heads():
+    q, k, v = _qkv(N=6, K=2)
+    got = ja.dot_product_attention(q, k, v, is_causal=True)
+    # query head n uses key/value head n // G
+    k_full, v_full = jnp.repeat(k, 3, axis=2), jnp.repeat(v, 3, axis=2)
+    want = ja.reference.dot_product_attention(q, k_full, v_full, is_causal=True)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_unbatched_equals_batched():
+    q, k, v = _qkv()
+    batched = ja.dot_product_attention(q, k, v, is_causal=True)
+    for b in range(2):
+        single = ja.dot_product_attention(q[b], k[b], v[b], is_causal=True)
+        np.testing.assert_allclose(single, batched[b], atol=1e-6)
+
+
+def test_weights_rows_sum_to_one_and_match_output():
+    q, k, v = _qkv(N=2, K=2)
+    weights = ja.dot_product_attention_weights(q, k, is_causal=True)
+    assert weights.shape == (2, 2, 5, 7)
+    np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-6)
+    # [B, T, N, H]
+    out = jnp.einsum("BNTS,BSNH->BTNH", weights, v)
+    np.testing.assert_allclose(out, ja.reference.dot_product_attention(q, k, v, is_causal=True),
+                               atol=1e-5)
+
+
+def test_vmap_of_single_sequence_equals_batched_call():
+    q, k, v = _qkv()
+
+    def one(q1, k1, v1):
+        return ja.dot_product_attention(q1, k1, v1, is_causal=True)
+
+    np.testing.assert_allclose(
+        jax.vmap(one)(q, k, v), ja.dot_product_attention(q, k, v, is_causal=True), atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("implementation", ["reference", "xla"])
+def test_jit_equals_no_jit(implementation):
+    q, k, v = _qkv()
+
+    def attend(q, k, v):
+        return ja.dot_product_attention(
+            q, k, v, is_causal=True, implementation=implementation,
+            key_value_seq_lengths=jnp.array([7, 3]),
+        )
+
+    np.testing.assert_allclose(jax.jit(attend)(q, k, v), attend(q, k, v), atol=1e-6)
+
+
+@pytest.mark.parametrize("implementation", ["reference", "xla"])
+def test_no_future_leakage(implementation):
+    q, k, v = _qkv(S=5)
+
+    def output_at(t, x):
+        return ja.dot_product_attention(
+            x, x[:, :, :2], x[:, :, :2], is_causal=True, implementation=implementation
+        )[:, t].sum()
+
+    x = jnp.concatenate([q, q], axis=2)[:, :, :4]
+    for t in range(5):
+        grad = jax.grad(output_at, argnums=1)(t, x)
+        assert (grad[:, t + 1:] == 0).all()
+        assert (grad[:, : t + 1] != 0).any()
+
+
+def test_dropout_same_key_same_output_and_mean_preserved():
+    q, k, v = _qkv()
+    key = jax.random.key(11)
+    a = ja.dot_product_attention(q, k, v, dropout_rate=0.4, dropout_rng=key)
+    b = ja.dot_product_attention(q, k, v, dropout_rate=0.4, dropout_rng=key)
+    c = ja.dot_product_attention(q, k, v, dropout_rate=0.4, dropout_rng=jax.random.key(12))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+    weights = ja.dot_product_attention_weights(q, k)
+    dropped = F.dropout(weights, 0.4, key)
+    kept = np.asarray(dropped) != 0
+    np.testing.assert_allclose(np.asarray(dropped)[kept], np.asarray(weights)[kept] / 0.6,
+                               rtol=1e-6)
+    draws = jnp.stack([F.dropout(weights, 0.4, jax.random.key(i)) for i in range(200)])
+    np.testing.assert_allclose(draws.mean(0), weights, atol=0.05)
+
+
+def test_dispatch_without_dropout_support_falls_back():
+    q, k, v = _qkv()
+    key = jax.random.key(1)
+    got = ja.dot_product_attention(q, k, v, dropout_rate=0.2, dropout_rng=key)
+    want = ja.reference.dot_product_attention(q, k, v, dropout_rate=0.2, dropout_rng=key)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    with pytest.raises(ValueError, match="dropout"):
+        ja.dot_product_attention(
+            q, k, v, dropout_rate=0.2, dropout_rng=key, implementation="xla"
+        )
+
+
+def test_available_implementations_lists_registered_ones():
+    names = ja.available_implementations()
+    assert {"reference", "xla"} <= set(names)
+
+
+q0, k0, v0 = _qkv()
+BAD_CALLS = {
+    "query rank": (lambda: ja.dot_product_attention(q0[0, 0], k0, v0), ValueError, "query"),
+    "key rank": (lambda: ja.dot_product_attention(q0, k0[0], v0), ValueError, "key"),
+    "head dim": (lambda: ja.dot_product_attention(q0, k0[..., :4], v0), ValueError, "key"),
+    "value length": (lambda: ja.dot_product_attention(q0, k0, v0[:, :3]), ValueError, "value"),
+    "N % K": (lambda: ja.dot_product_attention(q0[:, :, :3], k0, v0), ValueError, "N=3"),
+    "batch": (lambda: ja.dot_product_attention(q0, k0[:1], v0[:1]), ValueError, "batch"),
+    "mask shape": (
+        lambda: ja.dot_product_attention(q0, k0, v0, mask=jnp.ones((5, 6), bool)),
+        ValueError, "mask",
+    ),
+    "mask dtype": (
+        lambda: ja.dot_product_attention(q0, k0, v0, mask=jnp.ones((5, 7))), TypeError, "mask",
+    ),
+    "bias shape": (
+        lambda: ja.dot_product_attention(q0, k0, v0, bias=jnp.ones((3, 5, 7))), ValueError, "bias",
+    ),
+    "dropout range": (
+        lambda: ja.dot_product_attention(q0, k0, v0, dropout_rate=1.0,
+                                         dropout_rng=jax.random.key(0)),
+        ValueError, "dropout_rate",
+    ),
+    "dropout rng": (
+        lambda: ja.dot_product_attention(q0, k0, v0, dropout_rate=0.1), ValueError, "dropout_rng",
+    ),
+    "implementation": (
+        lambda: ja.dot_product_attention(q0, k0, v0, implementation="fast"),
+        ValueError, "implementation",
+    ),
+    "lengths shape": (
+        lambda: ja.dot_product_attention(q0, k0, v0, query_seq_lengths=jnp.array([1])),
+        ValueError, "query_seq_lengths",
+    ),
+    "lengths range": (
+        lambda: ja.dot_product_attention(q0, k0, v0, key_value_seq_lengths=jnp.array([1, 9])),
+        ValueError, "key_value_seq_lengths",
+    ),
+    "window": (
+        lambda: ja.dot_product_attention(q0, k0, v0, local_window_size=(-1, 2)),
+        ValueError, "local_window_size",
+    ),
+    "dtype mix": (
+        lambda: ja.dot_product_attention(q0.astype(jnp.bfloat16), k0, v0), TypeError, "dtype",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CALLS))
+def test_bad_inputs_raise_clear_errors(name):
+    call, error, fragment = BAD_CALLS[name]
+    with pytest.raises(error, match=fragment):
+        call()
