@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax_attn import kv_cache
 from jax_attn.attention import dot_product_attention
 from jax_attn.functional import merge_heads, split_heads
 
@@ -229,6 +230,20 @@ class MultiHeadAttention(nn.Module):
 
     ``d_out`` must be divisible by ``num_heads``; head dim ``H = d_out // num_heads``.
     ``MultiHeadAttention(768, 768, 1024, 0.0, 12)`` has 2,360,064 parameters.
+
+    Keyword-only options:
+
+    * ``num_kv_heads`` (default ``num_heads``): GQA/MQA. ``W_key`` and ``W_value``
+      project to ``num_kv_heads * H`` features; query head ``n`` uses key/value head
+      ``n // (num_heads // num_kv_heads)``.
+    * ``decode=True``: KV-cache decoding (see :mod:`jax_attn.kv_cache`). ``init``
+      allocates the cache ``[B, context_length, num_kv_heads, H]`` in the ``"cache"``
+      collection (and returns the ordinary causal pass); each
+      ``apply(variables, x, mutable=["cache"])`` writes any number of new tokens
+      ``x [B, T, d_in]`` and attends causally over everything cached. ``lengths [B]``
+      marks how many of the ``T`` tokens are real when prompts of different lengths
+      share a padded batch. Overflow past ``context_length`` raises (eagerly, or via
+      ``checkify`` under ``jit``: wrap with :func:`jax_attn.kv_cache.checked`).
     """
 
     d_in: int
@@ -239,6 +254,8 @@ class MultiHeadAttention(nn.Module):
     qkv_bias: bool = False
     deterministic: bool | None = dataclasses.field(default=None, kw_only=True)
     implementation: str | None = dataclasses.field(default=None, kw_only=True)
+    decode: bool = dataclasses.field(default=False, kw_only=True)
+    num_kv_heads: int | None = dataclasses.field(default=None, kw_only=True)
 
     def __post_init__(self):
         name = type(self).__name__
@@ -249,26 +266,65 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(
                 f"{name}: d_out={self.d_out} must be divisible by num_heads={self.num_heads}"
             )
+        if self.num_kv_heads is not None:
+            check_positive_int(name, "num_kv_heads", self.num_kv_heads)
+            if self.num_heads % self.num_kv_heads:
+                raise ValueError(
+                    f"{name}: num_heads={self.num_heads} must be divisible by "
+                    f"num_kv_heads={self.num_kv_heads}"
+                )
+        if not isinstance(self.decode, bool):
+            raise TypeError(f"{name}: decode must be a bool, got {self.decode!r}")
         super().__post_init__()
 
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
     @nn.compact
-    def __call__(self, x, deterministic: bool | None = None):
+    def __call__(self, x, deterministic: bool | None = None, *, lengths=None):
         name = type(self).__name__
         x, unbatched = as_batch(name, x, self.d_in, self.context_length)
         deterministic = resolve_deterministic(
             name, self.deterministic, deterministic, self.dropout, self.is_initializing()
         )
         rate = 0.0 if deterministic else float(self.dropout)
+        head_dim = self.d_out // self.num_heads
+        K = self.kv_heads
         # [B, T, N, H]
         queries = split_heads(
             _linear(self.d_out, self.d_in, self.qkv_bias, "W_query")(x), self.num_heads)
-        keys = split_heads(_linear(self.d_out, self.d_in, self.qkv_bias, "W_key")(x), self.num_heads)
-        values = split_heads(
-            _linear(self.d_out, self.d_in, self.qkv_bias, "W_value")(x), self.num_heads)
-        context = dot_product_attention(
-            queries, keys, values, is_causal=True, dropout_rate=rate,
-            dropout_rng=dropout_rng(self, rate),
+        # [B, T, K, H]
+        keys = split_heads(_linear(K * head_dim, self.d_in, self.qkv_bias, "W_key")(x), K)
+        values = split_heads(_linear(K * head_dim, self.d_in, self.qkv_bias, "W_value")(x), K)
+        attention_kwargs = dict(
+            dropout_rate=rate, dropout_rng=dropout_rng(self, rate),
             implementation=self.implementation,
         )
+        if self.decode and self.has_variable("cache", "cached_key"):
+            context = self._attend_cached(queries, keys, values, lengths, attention_kwargs)
+        else:
+            if self.decode:
+                self._allocate_cache(x.shape[0], head_dim, keys.dtype)
+            context = dot_product_attention(
+                queries, keys, values, is_causal=True, **attention_kwargs
+            )
         out = _linear(self.d_out, self.d_out, True, "out_proj")(merge_heads(context))
         return out[0] if unbatched else out
+
+    def _allocate_cache(self, batch_size: int, head_dim: int, dtype):
+        empty = kv_cache.init_cache(batch_size, self.context_length, self.kv_heads, head_dim, dtype)
+        self.variable("cache", "cached_key", lambda: empty.key)
+        self.variable("cache", "cached_value", lambda: empty.value)
+        self.variable("cache", "cache_index", lambda: empty.index)
+
+    def _attend_cached(self, queries, keys, values, lengths, attention_kwargs):
+        cached_key = self.variable("cache", "cached_key")
+        cached_value = self.variable("cache", "cached_value")
+        cache_index = self.variable("cache", "cache_index")
+        cache = kv_cache.KVCache(cached_key.value, cached_value.value, cache_index.value)
+        context, cache = kv_cache.decode_attention(
+            cache, queries, keys, values, lengths=lengths, **attention_kwargs
+        )
+        cached_key.value, cached_value.value, cache_index.value = cache
+        return context

@@ -1,0 +1,251 @@
+"""KV-cache decoding as pure functions over a :class:`KVCache` pytree.
+
+A cache holds the keys and values of every token seen so far, ``[B, S_max, K, H]``
+with ``S_max = context_length``, and ``index [B]``, the number of filled slots per
+sequence. :func:`decode_attention` writes any number ``T`` of new tokens (a prompt in
+one go, a chunk of it, or one token) at ``index`` and attends the ``T`` new queries
+causally over everything cached: query ``t`` of sequence ``b`` sits at position
+``index[b] + t`` and sees slots ``<= index[b] + t``. Unfilled slots are masked, so the
+result equals the full causal pass over the whole sequence.
+
+Prompts of different lengths share a batch through ``lengths [B]``: the ``T`` new
+tokens are a padded block, only the first ``lengths[b]`` count, ``index[b]`` advances
+by ``lengths[b]``, and the padded queries get zero output.
+
+Overflow is an error, never a silent overwrite. Writing a block of ``T`` tokens
+(padding included) needs ``index[b] + T <= S_max`` for every ``b``:
+
+* with a concrete ``index`` (eager code) a ``ValueError`` names the sizes;
+* under ``jax.jit`` / ``lax.scan`` the check is a ``jax.experimental.checkify`` check.
+  Run the traced function through :func:`checked` (or ``checkify.checkify`` yourself)
+  and overflow raises at run time; staging it without ``checkify`` fails at trace time
+  ("Cannot abstractly evaluate a checkify.check which was not functionalized"), so the
+  check cannot be skipped by accident.
+
+Everything here is module-free: Flax linen (:class:`jax_attn.linen.MultiHeadAttention`
+with ``decode=True``) and NNX modules keep the three arrays as variables and call these
+functions.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import checkify
+
+from jax_attn.attention import dot_product_attention
+
+__all__ = [
+    "KVCache",
+    "init_cache",
+    "check_capacity",
+    "update_cache",
+    "decode_mask",
+    "attend_cache",
+    "decode_attention",
+    "positions",
+    "checked",
+]
+
+
+class KVCache(NamedTuple):
+    """Keys ``[B, S_max, K, H]``, values ``[B, S_max, K, H_v]``, filled slots ``index [B]``."""
+
+    key: jax.Array
+    value: jax.Array
+    index: jax.Array
+
+    @property
+    def context_length(self) -> int:
+        return self.key.shape[1]
+
+
+def init_cache(
+    batch_size: int,
+    context_length: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype=jnp.float32,
+    value_head_dim: int | None = None,
+) -> KVCache:
+    """An empty cache: zeros ``[B, S_max, K, H]`` and ``index`` zeros ``[B]`` (int32)."""
+    for name, value in (
+        ("batch_size", batch_size), ("context_length", context_length),
+        ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
+            raise ValueError(f"init_cache: {name} must be a positive int, got {value!r}")
+    value_head_dim = head_dim if value_head_dim is None else value_head_dim
+    return KVCache(
+        key=jnp.zeros((batch_size, context_length, num_kv_heads, head_dim), dtype),
+        value=jnp.zeros((batch_size, context_length, num_kv_heads, value_head_dim), dtype),
+        index=jnp.zeros((batch_size,), jnp.int32),
+    )
+
+
+def _concrete(x):
+    """``x`` as a numpy array, or ``None`` when it is traced."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def check_capacity(cache: KVCache, num_new: int) -> None:
+    """Raises unless a block of ``num_new`` tokens fits at ``cache.index`` in every sequence.
+
+    Eager ``ValueError`` for a concrete index; a ``checkify`` check when traced.
+    """
+    S_max = cache.context_length
+    if num_new > S_max:
+        raise ValueError(
+            f"KV cache overflow: {num_new} new tokens do not fit in context_length={S_max}"
+        )
+    index = _concrete(cache.index)
+    if index is not None:
+        filled = int(index.max()) if index.size else 0
+        if filled + num_new > S_max:
+            raise ValueError(
+                f"KV cache overflow: writing {num_new} new tokens at index {filled} needs "
+                f"{filled + num_new} slots, but context_length={S_max}"
+            )
+        return
+    filled = jnp.max(cache.index)
+    checkify.check(
+        filled + num_new <= S_max,
+        f"KV cache overflow: writing {num_new} new tokens at index {{filled}} needs more "
+        f"than context_length={S_max} slots",
+        filled=filled,
+    )
+
+
+def _check_lengths(lengths, B: int, T: int):
+    if lengths is None:
+        return None
+    if jnp.shape(lengths) != (B,):
+        raise ValueError(f"lengths must have shape [B] = [{B}], got {list(jnp.shape(lengths))}")
+    if not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
+        raise TypeError(f"lengths must be integers, got dtype {jnp.result_type(lengths)}")
+    values = _concrete(lengths)
+    if values is not None and values.size and (values.min() < 0 or values.max() > T):
+        raise ValueError(f"lengths must lie in [0, T={T}], got {values.tolist()}")
+    return jnp.asarray(lengths, jnp.int32)
+
+
+def update_cache(cache: KVCache, new_key, new_value, lengths=None) -> KVCache:
+    """Writes ``new_key [B, T, K, H]`` / ``new_value [B, T, K, H_v]`` at ``cache.index``.
+
+    Each sequence's block goes in with ``lax.dynamic_update_slice`` at its own index;
+    ``index`` advances by ``T``, or by ``lengths [B]`` for padded blocks.
+    """
+    key_shape, value_shape = jnp.shape(new_key), jnp.shape(new_value)
+    B, S_max, K, H = cache.key.shape
+    H_v = cache.value.shape[-1]
+    if len(key_shape) != 4 or key_shape[0] != B or key_shape[2:] != (K, H):
+        raise ValueError(
+            f"new_key must have shape [B, T, K, H] = [{B}, T, {K}, {H}] like the cache, "
+            f"got {list(key_shape)}"
+        )
+    T = key_shape[1]
+    if value_shape != (B, T, K, H_v):
+        raise ValueError(
+            f"new_value must have shape [B, T, K, H_v] = {[B, T, K, H_v]}, got {list(value_shape)}"
+        )
+    lengths = _check_lengths(lengths, B, T)
+    check_capacity(cache, T)
+
+    def write(buffer, block, start):
+        return lax.dynamic_update_slice(buffer, block.astype(buffer.dtype), (start, 0, 0))
+
+    start = cache.index
+    key = jax.vmap(write)(cache.key, new_key, start)
+    value = jax.vmap(write)(cache.value, new_value, start)
+    advance = T if lengths is None else lengths
+    return KVCache(key, value, start + advance)
+
+
+def decode_mask(start, T: int, S_max: int, lengths=None):
+    """May-attend mask ``[B, 1, T, S_max]`` for ``T`` new queries written at ``start [B]``.
+
+    Query ``t`` of sequence ``b`` sees slots ``<= start[b] + t``; with ``lengths``, padded
+    queries ``t >= lengths[b]`` see nothing.
+    """
+    # [B, T]
+    query_pos = jnp.asarray(start, jnp.int32)[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    # [B, T, S]
+    allowed = jnp.arange(S_max, dtype=jnp.int32)[None, None, :] <= query_pos[:, :, None]
+    if lengths is not None:
+        query_ok = jnp.arange(T)[None, :] < jnp.asarray(lengths)[:, None]
+        allowed = allowed & query_ok[:, :, None]
+    return allowed[:, None, :, :]
+
+
+def attend_cache(
+    cache: KVCache,
+    query,
+    *,
+    start,
+    lengths=None,
+    scale=None,
+    dropout_rate: float = 0.0,
+    dropout_rng=None,
+    implementation: str | None = None,
+):
+    """Attention of ``query [B, T, N, H]`` (written at ``start [B]``) over the cache.
+
+    Returns ``[B, T, N, H_v]``. The queries' own keys must already be in the cache.
+    """
+    B, T = jnp.shape(query)[:2]
+    mask = decode_mask(start, T, cache.context_length, _check_lengths(lengths, B, T))
+    return dot_product_attention(
+        query, cache.key, cache.value, mask=mask, scale=scale, dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng, implementation=implementation,
+    )
+
+
+def decode_attention(cache: KVCache, query, key, value, *, lengths=None, **attention_kwargs):
+    """Writes ``key``/``value [B, T, K, H]`` into the cache and attends ``query [B, T, N, H]``
+    causally over everything cached. Returns ``(output [B, T, N, H_v], new_cache)``.
+
+    ``attention_kwargs``: ``scale``, ``dropout_rate``, ``dropout_rng``, ``implementation``.
+    """
+    q_shape = jnp.shape(query)
+    if len(q_shape) != 4 or q_shape[:2] != jnp.shape(key)[:2]:
+        raise ValueError(
+            f"query must have shape [B, T, N, H] with the key's B, T = "
+            f"{list(jnp.shape(key)[:2])}, got {list(q_shape)}"
+        )
+    start = cache.index
+    cache = update_cache(cache, key, value, lengths)
+    out = attend_cache(cache, query, start=start, lengths=lengths, **attention_kwargs)
+    return out, cache
+
+
+def positions(cache: KVCache, T: int):
+    """Positions ``[B, T]`` of ``T`` tokens about to be written (for position embeddings)."""
+    return cache.index[:, None] + jnp.arange(T, dtype=cache.index.dtype)[None, :]
+
+
+def checked(fn=None, *, jit: bool = True, **jit_kwargs):
+    """``fn`` with its overflow checks functionalised by ``checkify``: a failed check raises
+    ``checkify.JaxRuntimeError`` after the call. Jitted unless ``jit=False``; ``jit_kwargs``
+    (e.g. ``static_argnames``) go to ``jax.jit``. Usable as a decorator.
+    """
+    if fn is None:
+        return functools.partial(checked, jit=jit, **jit_kwargs)
+    functional = checkify.checkify(fn, errors=checkify.user_checks)
+    if jit:
+        functional = jax.jit(functional, **jit_kwargs)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        error, out = functional(*args, **kwargs)
+        error.throw()
+        return out
+
+    return wrapper
