@@ -1,0 +1,265 @@
+"""The book's PyTorch ``state_dict`` <-> Flax params of :mod:`jax_attn.linen`.
+
+>>> import numpy as np, jax_attn as ja
+>>> from jax_attn.interop import params_from_torch, params_to_torch
+>>> module = ja.SelfAttentionV2(3, 2)
+>>> state = {f"W_{n}.weight": np.ones((2, 3), np.float32) for n in ("query", "key", "value")}
+>>> params = params_from_torch(module, state)
+>>> params["W_query"]["kernel"].shape
+(3, 2)
+>>> sorted(params_to_torch(module, params))
+['W_key.weight', 'W_query.weight', 'W_value.weight']
+
+Names are the book's: ``W_query``, ``W_key``, ``W_value`` (``[d_in, d_out]`` matrices) for
+``SelfAttention_v1``; ``W_query.weight`` (``nn.Linear``, ``[d_out, d_in]``) and
+``W_query.bias`` ... for the others; ``out_proj.weight`` and ``out_proj.bias`` for
+``MultiHeadAttention``; ``heads.0.W_query.weight`` ... for ``MultiHeadAttentionWrapper``.
+The ``mask`` buffers carry no parameters: ``params_from_torch`` ignores them and
+``params_to_torch`` leaves them out unless ``include_buffers=True``.
+
+Arrays come out as numpy arrays (dtype kept; torch bfloat16 becomes numpy bfloat16):
+``module.apply({"params": params}, x)`` takes them as they are. The expected shapes
+follow from the module's hyper-parameters, so a checkpoint that does not fit the module
+is a ``ValueError`` naming every missing, unexpected or misshapen key with both shapes.
+
+Another module family (e.g. NNX) plugs in with :func:`register_layout`: a function from
+a module to its list of :class:`TorchTensor` entries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from jax_attn import linen
+
+__all__ = [
+    "TorchLayout",
+    "TorchTensor",
+    "params_from_torch",
+    "params_to_torch",
+    "register_layout",
+    "torch_layout",
+]
+
+PROJECTIONS = ("W_query", "W_key", "W_value")
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchTensor:
+    """One PyTorch parameter and where it lives in the Flax params.
+
+    ``flax_shape`` is the Flax array's shape; with ``transpose`` (``nn.Linear`` weights)
+    the PyTorch tensor is its transpose.
+    """
+
+    torch_name: str
+    flax_path: tuple[str, ...]
+    flax_shape: tuple[int, ...]
+    transpose: bool = False
+
+    @property
+    def torch_shape(self) -> tuple[int, ...]:
+        return self.flax_shape[::-1] if self.transpose else self.flax_shape
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchLayout:
+    """A module's PyTorch parameters and its buffers (name -> shape, no parameters)."""
+
+    tensors: tuple[TorchTensor, ...]
+    buffers: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+
+
+LayoutFn = Callable[[object], TorchLayout]
+_LAYOUTS: dict[str, LayoutFn] = {}
+
+
+def register_layout(class_name: str, layout_fn: LayoutFn) -> None:
+    """Teach interop a module class, by its class name (the first match in its MRO wins)."""
+    _LAYOUTS[class_name] = layout_fn
+
+
+def torch_layout(module) -> TorchLayout:
+    """The PyTorch tensors ``module``'s parameters map to, shapes from its hyper-parameters."""
+    for cls in type(module).__mro__:
+        if cls.__name__ in _LAYOUTS:
+            return _LAYOUTS[cls.__name__](module)
+    raise TypeError(
+        f"interop: module must be one of {sorted(_LAYOUTS)}, got {type(module).__name__}"
+    )
+
+
+def _linear(torch_prefix: str, flax_path: tuple[str, ...], fan_in: int, features: int,
+            use_bias: bool) -> list[TorchTensor]:
+    tensors = [TorchTensor(f"{torch_prefix}.weight", (*flax_path, "kernel"),
+                           (fan_in, features), transpose=True)]
+    if use_bias:
+        tensors.append(TorchTensor(f"{torch_prefix}.bias", (*flax_path, "bias"), (features,)))
+    return tensors
+
+
+def _projections(module, prefix: str = "", path: tuple[str, ...] = ()) -> list[TorchTensor]:
+    return [
+        tensor
+        for name in PROJECTIONS
+        for tensor in _linear(prefix + name, (*path, name), module.d_in, module.d_out,
+                              module.qkv_bias)
+    ]
+
+
+def _self_attention_v1_layout(module) -> TorchLayout:
+    shape = (module.d_in, module.d_out)
+    return TorchLayout(tuple(TorchTensor(name, (name,), shape) for name in PROJECTIONS))
+
+
+def _self_attention_v2_layout(module) -> TorchLayout:
+    return TorchLayout(tuple(_projections(module)))
+
+
+def _causal_attention_layout(module) -> TorchLayout:
+    ctx = module.context_length
+    return TorchLayout(tuple(_projections(module)), {"mask": (ctx, ctx)})
+
+
+def _wrapper_layout(module) -> TorchLayout:
+    ctx = module.context_length
+    tensors, buffers = [], {}
+    for i in range(module.num_heads):
+        tensors += _projections(module, f"heads.{i}.", (f"heads_{i}",))
+        buffers[f"heads.{i}.mask"] = (ctx, ctx)
+    return TorchLayout(tuple(tensors), buffers)
+
+
+def _multi_head_attention_layout(module) -> TorchLayout:
+    num_kv_heads = getattr(module, "num_kv_heads", None)
+    if num_kv_heads not in (None, module.num_heads):
+        raise ValueError(
+            f"interop: the book's MultiHeadAttention has one key/value head per query head; "
+            f"expected num_kv_heads=None or {module.num_heads}, got {num_kv_heads} (GQA/MQA "
+            "has no PyTorch layout in the book)"
+        )
+    ctx = module.context_length
+    tensors = _projections(module) + _linear("out_proj", ("out_proj",), module.d_out,
+                                             module.d_out, True)
+    return TorchLayout(tuple(tensors), {"mask": (ctx, ctx)})
+
+
+register_layout(linen.SelfAttentionV1.__name__, _self_attention_v1_layout)
+register_layout(linen.SelfAttentionV2.__name__, _self_attention_v2_layout)
+register_layout(linen.CausalAttention.__name__, _causal_attention_layout)
+register_layout(linen.MultiHeadAttentionWrapper.__name__, _wrapper_layout)
+register_layout(linen.MultiHeadAttention.__name__, _multi_head_attention_layout)
+
+
+def to_numpy(x) -> np.ndarray:
+    """A torch tensor (any device, bfloat16 too) or array-like as a numpy array."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":
+            import ml_dtypes
+
+            return x.float().numpy().astype(ml_dtypes.bfloat16)
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _describe(module) -> str:
+    fields = ("d_in", "d_out", "context_length", "num_heads", "qkv_bias")
+    given = ", ".join(f"{f}={getattr(module, f)}" for f in fields if hasattr(module, f))
+    return f"{type(module).__name__}({given})"
+
+
+def _check(where: str, module, expected: Mapping[str, tuple[int, ...]],
+           given: Mapping[str, tuple[int, ...]]) -> None:
+    problems = []
+    for key, shape in expected.items():
+        if key not in given:
+            problems.append(f"missing {key!r}: expected shape {list(shape)}, given none")
+        elif tuple(given[key]) != tuple(shape):
+            problems.append(
+                f"wrong shape for {key!r}: expected {list(shape)}, given {list(given[key])}"
+            )
+    for key in given:
+        if key not in expected:
+            problems.append(
+                f"unexpected {key!r}: expected none, given shape {list(given[key])}"
+            )
+    if problems:
+        raise ValueError(
+            f"{where}: the tensors do not fit {_describe(module)}:\n  "
+            + "\n  ".join(problems)
+        )
+
+
+def params_from_torch(module, state_dict: Mapping) -> dict:
+    """The book's PyTorch ``state_dict`` (tensors or arrays) as Flax params for ``module``.
+
+    Returns the nested dict that goes under ``"params"``:
+    ``module.apply({"params": params_from_torch(module, sd)}, x)``. Arrays are numpy,
+    ``nn.Linear`` weights transposed to Flax's ``[d_in, d_out]`` kernels. ``mask``
+    buffers are ignored; any other missing, unexpected or misshapen key is a ValueError.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            f"params_from_torch: state_dict must be a mapping of names to tensors, "
+            f"got {type(state_dict).__name__}"
+        )
+    layout = torch_layout(module)
+    arrays = {k: to_numpy(v) for k, v in state_dict.items() if k not in layout.buffers}
+    expected = {t.torch_name: t.torch_shape for t in layout.tensors}
+    _check("params_from_torch", module, expected, {k: a.shape for k, a in arrays.items()})
+    params: dict = {}
+    for tensor in layout.tensors:
+        array = arrays[tensor.torch_name]
+        node = params
+        for part in tensor.flax_path[:-1]:
+            node = node.setdefault(part, {})
+        node[tensor.flax_path[-1]] = np.array(array.T if tensor.transpose else array)
+    return params
+
+
+def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, (*prefix, key)))
+        else:
+            flat[(*prefix, key)] = value
+    return flat
+
+
+def _flax_name(path: tuple[str, ...]) -> str:
+    return "params" + "".join(f"[{p!r}]" for p in path)
+
+
+def params_to_torch(module, params: Mapping, *, include_buffers: bool = False
+                    ) -> dict[str, np.ndarray]:
+    """Flax params of ``module`` as numpy arrays in PyTorch layout, keyed by the book's names.
+
+    ``params`` is the inner dict or ``{"params": ...}``. Without buffers, load with
+    ``torch_module.load_state_dict({k: torch.from_numpy(v) ...}, strict=False)``; with
+    ``include_buffers=True`` the causal ``mask`` buffers (``triu(ones, 1)``, float32) are
+    added, so ``strict=True`` loading works.
+    """
+    if not isinstance(params, Mapping):
+        raise TypeError(
+            f"params_to_torch: params must be a nested mapping, got {type(params).__name__}"
+        )
+    layout = torch_layout(module)
+    if set(params) == {"params"}:
+        params = params["params"]
+    flat = {path: to_numpy(value) for path, value in _flatten(params).items()}
+    expected = {_flax_name(t.flax_path): t.flax_shape for t in layout.tensors}
+    _check("params_to_torch", module, expected,
+           {_flax_name(path): a.shape for path, a in flat.items()})
+    state = {}
+    for tensor in layout.tensors:
+        array = flat[tensor.flax_path]
+        state[tensor.torch_name] = np.array(array.T if tensor.transpose else array)
+    if include_buffers:
+        for name, (rows, cols) in layout.buffers.items():
+            state[name] = np.triu(np.ones((rows, cols), np.float32), k=1)
+    return state
