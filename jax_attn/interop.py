@@ -101,11 +101,14 @@ def _linear(torch_prefix: str, flax_path: tuple[str, ...], fan_in: int, features
     return tensors
 
 
-def _projections(module, prefix: str = "", path: tuple[str, ...] = ()) -> list[TorchTensor]:
+def _projections(module, prefix: str = "", path: tuple[str, ...] = (),
+                 kv_features: int | None = None) -> list[TorchTensor]:
+    features = {"W_query": module.d_out, "W_key": kv_features or module.d_out,
+                "W_value": kv_features or module.d_out}
     return [
         tensor
         for name in PROJECTIONS
-        for tensor in _linear(prefix + name, (*path, name), module.d_in, module.d_out,
+        for tensor in _linear(prefix + name, (*path, name), module.d_in, features[name],
                               module.qkv_bias)
     ]
 
@@ -134,16 +137,15 @@ def _wrapper_layout(module) -> TorchLayout:
 
 
 def _multi_head_attention_layout(module) -> TorchLayout:
-    num_kv_heads = getattr(module, "num_kv_heads", None)
-    if num_kv_heads not in (None, module.num_heads):
-        raise ValueError(
-            f"interop: the book's MultiHeadAttention has one key/value head per query head; "
-            f"expected num_kv_heads=None or {module.num_heads}, got {num_kv_heads} (GQA/MQA "
-            "has no PyTorch layout in the book)"
-        )
+    """The book's layout. With ``num_kv_heads=K`` (GQA/MQA, which chapter 3 does not
+    have) the names stay and ``W_key``/``W_value`` have ``K * head_dim`` outputs, as in
+    the usual PyTorch GQA where query head ``n`` uses key/value head ``n // (N // K)``
+    (``repeat_interleave`` over heads)."""
+    num_kv_heads = getattr(module, "num_kv_heads", None) or module.num_heads
+    kv_features = num_kv_heads * (module.d_out // module.num_heads)
     ctx = module.context_length
-    tensors = _projections(module) + _linear("out_proj", ("out_proj",), module.d_out,
-                                             module.d_out, True)
+    tensors = _projections(module, kv_features=kv_features) + _linear(
+        "out_proj", ("out_proj",), module.d_out, module.d_out, True)
     return TorchLayout(tuple(tensors), {"mask": (ctx, ctx)})
 
 
@@ -167,7 +169,7 @@ def to_numpy(x) -> np.ndarray:
 
 
 def _describe(module) -> str:
-    fields = ("d_in", "d_out", "context_length", "num_heads", "qkv_bias")
+    fields = ("d_in", "d_out", "context_length", "num_heads", "num_kv_heads", "qkv_bias")
     given = ", ".join(f"{f}={getattr(module, f)}" for f in fields if hasattr(module, f))
     return f"{type(module).__name__}({given})"
 

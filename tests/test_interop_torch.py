@@ -336,19 +336,67 @@ def test_unknown_module_and_non_mapping_are_type_errors():
         params_from_torch(ja.SelfAttentionV1(D_IN, D_OUT), [np.zeros(3)])
 
 
-def test_grouped_kv_heads_have_no_book_layout():
-    fields = {f.name for f in dataclasses.fields(ja.MultiHeadAttention)}
-    if "num_kv_heads" in fields:
-        module = ja.MultiHeadAttention(D_IN, D_OUT, CONTEXT, 0.0, HEADS, num_kv_heads=1)
-    else:
-        class GroupedAttention(ja.MultiHeadAttention):
-            num_kv_heads: int | None = dataclasses.field(default=1, kw_only=True)
+def grouped_query_attention_class(torch):
+    """The book's MultiHeadAttention with ``num_kv_heads`` key/value heads, each shared by
+    ``num_heads // num_kv_heads`` consecutive query heads (``repeat_interleave``)."""
+    nn = torch.nn
 
-        module = GroupedAttention(D_IN, D_OUT, CONTEXT, 0.0, HEADS)
-    with pytest.raises(ValueError, match="num_kv_heads"):
-        params_from_torch(module, {})
-    full = ja.MultiHeadAttention(D_IN, D_OUT, CONTEXT, 0.0, HEADS)
-    assert params_from_torch(full, numpy_state(full))
+    class GroupedQueryAttention(nn.Module):
+        def __init__(self, d_in, d_out, context_length, num_heads, num_kv_heads, qkv_bias):
+            super().__init__()
+            self.d_out, self.num_heads, self.head_dim = d_out, num_heads, d_out // num_heads
+            self.num_kv_heads = num_kv_heads
+            kv_out = num_kv_heads * self.head_dim
+            self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+            self.W_key = nn.Linear(d_in, kv_out, bias=qkv_bias)
+            self.W_value = nn.Linear(d_in, kv_out, bias=qkv_bias)
+            self.out_proj = nn.Linear(d_out, d_out)
+            self.register_buffer(
+                "mask", torch.triu(torch.ones(context_length, context_length), diagonal=1)
+            )
+
+        def forward(self, x):
+            b, num_tokens, _ = x.shape
+            group = self.num_heads // self.num_kv_heads
+            kv_shape = (b, num_tokens, self.num_kv_heads, self.head_dim)
+            keys = self.W_key(x).view(kv_shape).transpose(1, 2)
+            values = self.W_value(x).view(kv_shape).transpose(1, 2)
+            keys = keys.repeat_interleave(group, dim=1)
+            values = values.repeat_interleave(group, dim=1)
+            queries = self.W_query(x).view(b, num_tokens, self.num_heads, self.head_dim)
+            queries = queries.transpose(1, 2)
+            attn_scores = queries @ keys.transpose(2, 3)
+            attn_scores.masked_fill_(self.mask.bool()[:num_tokens, :num_tokens], -torch.inf)
+            attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
+            context_vec = (attn_weights @ values).transpose(1, 2)
+            return self.out_proj(context_vec.contiguous().view(b, num_tokens, self.d_out))
+
+    return GroupedQueryAttention
+
+
+@pytest.mark.parametrize("num_kv_heads", [1, 2])
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_grouped_kv_heads_match_torch_both_ways(book, num_kv_heads, qkv_bias):
+    torch, _ = book
+    if "num_kv_heads" not in {f.name for f in dataclasses.fields(ja.MultiHeadAttention)}:
+        pytest.skip("MultiHeadAttention has no num_kv_heads option")
+    num_heads, d_out = 4, 8
+    module = ja.MultiHeadAttention(D_IN, d_out, CONTEXT, DROPOUT, num_heads,
+                                   qkv_bias=qkv_bias, num_kv_heads=num_kv_heads)
+    torch.manual_seed(num_kv_heads)
+    torch_module = grouped_query_attention_class(torch)(
+        D_IN, d_out, CONTEXT, num_heads, num_kv_heads, qkv_bias)
+    x = inputs(batched=True)
+    params = params_from_torch(module, torch_module.state_dict())
+    assert params["W_key"]["kernel"].shape == (D_IN, num_kv_heads * d_out // num_heads)
+    ours = module.apply({"params": params}, x, deterministic=True)
+    np.testing.assert_allclose(np.asarray(ours), torch_output(torch, torch_module, x), **TOLERANCE)
+
+    params = module.init(jax.random.key(5), x)["params"]
+    state = params_to_torch(module, params, include_buffers=True)
+    torch_module.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    ours = module.apply({"params": params}, x, deterministic=True)
+    np.testing.assert_allclose(np.asarray(ours), torch_output(torch, torch_module, x), **TOLERANCE)
 
 
 # --- initialisers like the book's ---------------------------------------------------------
