@@ -208,7 +208,10 @@ class MultiHeadAttentionWrapper(nn.Module):
     implementation: str | None = None
 
     def __post_init__(self):
-        check_positive_int("MultiHeadAttentionWrapper", "num_heads", self.num_heads)
+        name = type(self).__name__
+        for field in ("d_in", "d_out", "context_length", "num_heads"):
+            check_positive_int(name, field, getattr(self, field))
+        check_dropout_rate(name, self.dropout)
         super().__post_init__()
 
     def setup(self):
