@@ -301,7 +301,8 @@ def _attend(ring: _Ring, q, k, v, q_pos=None, k_pos=None) -> PartialAttention:
     def one_block(partial, kv):
         k_b, v_b, k_pos_b = kv
         mask = None if q_pos is None else _causal_mask(q_pos, k_pos_b)
-        return combine_partials(partial, attend_block(q, k_b, v_b, scale=ring.scale, mask=mask)), None
+        block = attend_block(q, k_b, v_b, scale=ring.scale, mask=mask)
+        return combine_partials(partial, block), None
 
     if k_pos is None:
         k_pos = jnp.zeros((S,), jnp.int32)
@@ -329,7 +330,8 @@ def _merge_blocks(x, axis: int = 1):
 
 def _concat_partials(first: PartialAttention, second: PartialAttention) -> PartialAttention:
     """Partials of two query ranges -> the partial of both (along T)."""
-    return PartialAttention(*(jnp.concatenate(pair, axis=1) for pair in zip(first, second)))
+    pairs = zip(first, second, strict=True)
+    return PartialAttention(*(jnp.concatenate(pair, axis=1) for pair in pairs))
 
 
 def _ring_forward_local(ring: _Ring, q, k, v):
@@ -556,7 +558,9 @@ def ring_attention(
             )
     if block_size is not None:
         if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral):
-            raise TypeError(f"ring_attention: block_size must be an int or None, got {block_size!r}")
+            raise TypeError(
+                f"ring_attention: block_size must be an int or None, got {block_size!r}"
+            )
         key_chunk = call.S // chunks
         if block_size < 1 or key_chunk % block_size:
             raise ValueError(
