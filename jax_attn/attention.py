@@ -204,7 +204,8 @@ def _xla_fn(q, k, v, *, call, mask, bias, query_seq_lengths, key_value_seq_lengt
     if bias is not None:
         bias = jnp.asarray(bias)
         finite = bias > -jnp.inf
-        bias = jnp.where(finite, bias, 0.0).astype(q.dtype)
+        # float32 at least: a finite bias such as -1e9 must not round to -inf in float16.
+        bias = jnp.where(finite, bias, 0.0).astype(jnp.promote_types(q.dtype, jnp.float32))
         mask = finite if mask is None else jnp.asarray(mask) & finite
     if not native and (call.is_causal or call.window is not None):
         mask = build_attention_mask(
@@ -232,6 +233,8 @@ def _xla_fn(q, k, v, *, call, mask, bias, query_seq_lengths, key_value_seq_lengt
             T, S, mask=mask, is_causal=call.is_causal, query_seq_lengths=query_seq_lengths,
             key_value_seq_lengths=key_value_seq_lengths, local_window_size=call.window,
         )
+        if allowed is None:  # T > S, nothing masks: a row is empty only when S == 0
+            allowed = jnp.ones((1, 1, T, S), bool)
         # [B, N, T] -> [B, T, N, 1]
         row_has_keys = jnp.any(allowed, axis=-1)
         row_has_keys = jnp.broadcast_to(row_has_keys, (call.B, call.N, T))

@@ -104,7 +104,14 @@ def make_padding_mask(q_lengths, kv_lengths, T: int, S: int) -> jnp.ndarray:
     for name, x in (("q_lengths", q_lengths), ("kv_lengths", kv_lengths)):
         if x is not None and jnp.ndim(x) != 1:
             raise ValueError(f"{name} must have shape [B], got shape {jnp.shape(x)}")
+        if x is not None and not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+            raise TypeError(f"{name} must be integers, got dtype {jnp.result_type(x)}")
     B = jnp.shape(lengths[0])[0]
+    if len(lengths) == 2 and jnp.shape(kv_lengths)[0] != B:
+        raise ValueError(
+            f"q_lengths and kv_lengths must have the same batch size B, got shapes "
+            f"{jnp.shape(q_lengths)} and {jnp.shape(kv_lengths)}"
+        )
     query_ok = jnp.ones((B, T), bool)
     key_ok = jnp.ones((B, S), bool)
     if q_lengths is not None:

@@ -15,7 +15,21 @@ import numpy as np
 
 from jax_attn.masks import normalize_window
 
-__all__ = ["AttentionCall", "check_attention_args", "check_dropout", "check_rng"]
+__all__ = [
+    "AttentionCall",
+    "as_batch",
+    "check_array",
+    "check_attention_args",
+    "check_broadcast",
+    "check_dropout",
+    "check_dropout_rate",
+    "check_lengths",
+    "check_positive_int",
+    "check_rng",
+    "check_scale",
+]
+
+_NO_VALUE = object()  # check_attention_args(q, k) checks attention weights: no value at all
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,20 +59,60 @@ class AttentionCall:
         return self.N // self.K
 
 
+def _is_array(x) -> bool:
+    return isinstance(x, jax.Array | np.ndarray | np.generic) or hasattr(x, "__jax_array__")
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_array(name: str, x) -> tuple[tuple[int, ...], np.dtype]:
+    """``x``'s shape and (jax-canonical) dtype; ``TypeError`` unless ``x`` is an array.
+
+    Python lists and scalars are refused: convert with ``jnp.asarray`` first, so the
+    dtype is the one you chose.
+    """
+    if not _is_array(x):
+        got = "None" if x is None else type(x).__name__
+        raise TypeError(f"{name} must be a jax or numpy array, got {got}")
+    return tuple(jnp.shape(x)), np.dtype(jnp.result_type(x))
+
+
 def _shape(name: str, x) -> tuple[int, ...]:
-    if x is None:
-        raise TypeError(f"{name} must be an array, got None")
-    try:
-        return tuple(jnp.shape(x))
-    except Exception as error:  # noqa: BLE001 - report what was given
-        raise TypeError(f"{name} must be an array, got {type(x).__name__}") from error
+    return check_array(name, x)[0]
 
 
 def _dtype(name: str, x):
-    dtype = jnp.result_type(x)
+    dtype = check_array(name, x)[1]
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"{name} must have a floating dtype, got {dtype}")
     return dtype
+
+
+def _python_number(name: str, x, kind: str):
+    """``x`` as a Python float/bool if it is a Python, numpy or concrete 0-d jax scalar."""
+    if isinstance(x, jax.core.Tracer):
+        raise TypeError(
+            f"{name} must be a static Python {kind}, got a traced value; "
+            "pass it as a Python constant (e.g. a static argument of jax.jit)"
+        )
+    if _is_array(x) and jnp.ndim(x) == 0 and not isinstance(x, np.generic):
+        return np.asarray(x).item()
+    return x
+
+
+def check_scale(scale, H: int) -> float:
+    """The logit scale as a float: ``1/sqrt(H)`` for ``None``; must be a finite real."""
+    if scale is None:
+        return 1.0 / float(np.sqrt(H)) if H else 1.0
+    scale = _python_number("scale", scale, "float")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")
+    value = float(scale)
+    if not np.isfinite(value):
+        raise ValueError(f"scale must be finite, got {value}")
+    return value
 
 
 def check_broadcast(name: str, x, target: tuple[int, ...], letters: str = "BNTS") -> None:
@@ -78,6 +132,8 @@ def check_broadcast(name: str, x, target: tuple[int, ...], letters: str = "BNTS"
 
 
 def check_dropout(dropout_rate, dropout_rng) -> float:
+    """``dropout_rate`` as a float in ``[0, 1)``; a rate > 0 needs a single ``dropout_rng`` key."""
+    dropout_rate = _python_number("dropout_rate", dropout_rate, "float")
     if isinstance(dropout_rate, bool) or not isinstance(dropout_rate, numbers.Real):
         raise TypeError(
             f"dropout_rate must be a Python float in [0, 1), got {type(dropout_rate).__name__}"
@@ -95,6 +151,7 @@ def check_dropout(dropout_rate, dropout_rng) -> float:
 
 
 def check_rng(name: str, rng) -> None:
+    """``rng`` must be one key: ``jax.random.key(...)`` (shape ``()``) or ``PRNGKey(...)``."""
     dtype = getattr(rng, "dtype", None)
     if dtype is None:
         raise TypeError(f"{name} must be a jax.random key, got {type(rng).__name__}")
@@ -110,13 +167,13 @@ def check_rng(name: str, rng) -> None:
 
 
 def check_lengths(name: str, lengths, B: int, limit: int, limit_name: str) -> None:
-    shape = _shape(name, lengths)
+    """Integer ``[B]`` lengths; when concrete (not traced) each in ``[0, limit]``."""
+    shape, dtype = check_array(name, lengths)
     if shape != (B,):
         raise ValueError(f"{name} must have shape [B] = [{B}], got {list(shape)}")
-    dtype = jnp.result_type(lengths)
     if not jnp.issubdtype(dtype, jnp.integer):
         raise TypeError(f"{name} must be integers, got dtype {dtype}")
-    if not isinstance(lengths, jax.core.Tracer):
+    if _is_concrete(lengths):
         values = np.asarray(lengths)
         if values.size and (values.min() < 0 or values.max() > limit):
             raise ValueError(
@@ -127,7 +184,7 @@ def check_lengths(name: str, lengths, B: int, limit: int, limit_name: str) -> No
 def check_attention_args(
     query,
     key,
-    value=None,
+    value=_NO_VALUE,
     *,
     mask=None,
     bias=None,
@@ -142,6 +199,8 @@ def check_attention_args(
     """Checks an attention call and returns its :class:`AttentionCall` summary.
 
     query ``[B, T, N, H]`` (or ``[T, N, H]``), key ``[B, S, K, H]``, value ``[B, S, K, H_v]``.
+    Leave ``value`` out to check an attention-weights call (no value); an explicit
+    ``None`` is an error.
     """
     q_shape = _shape("query", query)
     k_shape = _shape("key", key)
@@ -160,13 +219,17 @@ def check_attention_args(
         q_shape, k_shape = (1, *q_shape), (1, *k_shape)
     B, T, N, H = q_shape
     B_k, S, K, H_k = k_shape
+    if N == 0:
+        raise ValueError(f"query must have at least one head, got N=0 in shape {list(q_shape)}")
     if B_k != B:
         raise ValueError(f"key batch B must equal query's {B}, got key shape {list(k_shape)}")
     if H_k != H:
         raise ValueError(
             f"key head dim H must equal query's H={H}, got key shape {list(k_shape)}"
         )
-    if K == 0 or N % K != 0:
+    if K == 0:
+        raise ValueError(f"key must have at least one head, got K=0 in shape {list(k_shape)}")
+    if N % K != 0:
         raise ValueError(
             f"query heads N={N} must be a multiple of key/value heads K={K} (GQA/MQA)"
         )
@@ -174,7 +237,7 @@ def check_attention_args(
     k_dtype = _dtype("key", key)
     H_v = H
     dtype = q_dtype
-    if value is not None:
+    if value is not _NO_VALUE:
         v_shape = _shape("value", value)
         v_shape = v_shape if batched else (1, *v_shape)
         if len(v_shape) != 4 or v_shape[:3] != (B, S, K):
@@ -191,28 +254,22 @@ def check_attention_args(
     elif q_dtype != k_dtype:
         raise TypeError(f"query and key must share one dtype, got {q_dtype}, {k_dtype}")
 
-    target = (B, N, T, S)
+    target, letters = ((B, N, T, S), "BNTS") if batched else ((N, T, S), "NTS")
     if mask is not None:
-        m_dtype = jnp.result_type(mask)
+        m_dtype = check_array("mask", mask)[1]
         if m_dtype != jnp.bool_:
             raise TypeError(
                 f"mask must be boolean (True = may attend), got dtype {m_dtype}; "
                 "pass additive masks as bias"
             )
-        check_broadcast("mask", mask, target if batched else target[1:], "BNTS" if batched else "NTS")
+        check_broadcast("mask", mask, target, letters)
     if bias is not None:
         _dtype("bias", bias)
-        check_broadcast("bias", bias, target if batched else target[1:], "BNTS" if batched else "NTS")
+        check_broadcast("bias", bias, target, letters)
+    is_causal = _python_number("is_causal", is_causal, "bool")
     if not isinstance(is_causal, bool | np.bool_):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-    if scale is None:
-        scale_value = 1.0 / float(np.sqrt(H)) if H else 1.0
-    elif isinstance(scale, numbers.Real) and not isinstance(scale, bool):
-        scale_value = float(scale)
-        if not np.isfinite(scale_value):
-            raise ValueError(f"scale must be finite, got {scale_value}")
-    else:
-        raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")
+    scale_value = check_scale(scale, H)
     if query_seq_lengths is not None:
         if not batched:
             raise ValueError("query_seq_lengths needs batched inputs [B, T, N, H]")
@@ -230,3 +287,44 @@ def check_attention_args(
         has_kv_lengths=key_value_seq_lengths is not None,
         window=window, dropout_rate=rate, scale=scale_value,
     )
+
+
+# --- module hyper-parameters and inputs (flax modules) ----------------------------------
+
+
+def check_positive_int(owner: str, name: str, value) -> None:
+    """``value`` must be a Python (or numpy) int > 0; ``owner`` is the module's name."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"{owner}: {name} must be > 0, got {value}")
+
+
+def check_dropout_rate(owner: str, value) -> None:
+    """A module's ``dropout`` must be a real number in ``[0, 1)``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: dropout must be a float in [0, 1), got {value!r}")
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{owner}: dropout must be in [0, 1), got {value}")
+
+
+def as_batch(owner: str, x, d_in: int, context_length: int | None = None):
+    """``x`` as ``[B, T, d_in]`` and whether it was unbatched; checks width and length."""
+    try:
+        shape = jnp.shape(x)
+        dtype = jnp.result_type(x)
+    except TypeError as error:
+        raise TypeError(f"{owner}: x must be an array, got {type(x).__name__}") from error
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        raise TypeError(f"{owner}: x must hold real numbers, got dtype {dtype}")
+    if len(shape) not in (2, 3):
+        raise ValueError(f"{owner}: x must have shape [T, d_in] or [B, T, d_in], got {list(shape)}")
+    if shape[-1] != d_in:
+        raise ValueError(f"{owner}: x's last dim must be d_in={d_in}, got shape {list(shape)}")
+    if context_length is not None and shape[-2] > context_length:
+        raise ValueError(
+            f"{owner}: x has {shape[-2]} tokens, more than context_length={context_length}"
+        )
+    if len(shape) == 2:
+        return jnp.asarray(x)[None], True
+    return jnp.asarray(x), False
