@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax_attn import kv_cache
 from jax_attn.attention import dot_product_attention
 from jax_attn.functional import merge_heads, split_heads
+from jax_attn.validation import as_batch, check_dropout_rate, check_positive_int
 
 __all__ = [
     "SelfAttentionV1",
@@ -44,36 +45,6 @@ def torch_linear_init(fan_in: int):
 def _linear(features: int, fan_in: int, use_bias: bool, name: str) -> nn.Dense:
     init = torch_linear_init(fan_in)
     return nn.Dense(features, use_bias=use_bias, kernel_init=init, bias_init=init, name=name)
-
-
-def check_positive_int(owner: str, name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise ValueError(f"{owner}: {name} must be > 0, got {value}")
-
-
-def check_dropout_rate(owner: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{owner}: dropout must be a float in [0, 1), got {value!r}")
-    if not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{owner}: dropout must be in [0, 1), got {value}")
-
-
-def as_batch(owner: str, x, d_in: int, context_length: int | None = None):
-    """``x`` as ``[B, T, d_in]`` and whether it was unbatched; checks width and length."""
-    shape = jnp.shape(x)
-    if len(shape) not in (2, 3):
-        raise ValueError(f"{owner}: x must have shape [T, d_in] or [B, T, d_in], got {list(shape)}")
-    if shape[-1] != d_in:
-        raise ValueError(f"{owner}: x's last dim must be d_in={d_in}, got shape {list(shape)}")
-    if context_length is not None and shape[-2] > context_length:
-        raise ValueError(
-            f"{owner}: x has {shape[-2]} tokens, more than context_length={context_length}"
-        )
-    if len(shape) == 2:
-        return jnp.asarray(x)[None], True
-    return jnp.asarray(x), False
 
 
 def resolve_deterministic(
