@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_attn import linen
+from jax_attn import kv_cache, linen
 from jax_attn.attention import dot_product_attention
 from jax_attn.functional import merge_heads, split_heads
 from jax_attn.linen import (
@@ -48,7 +48,7 @@ from jax_attn.linen import (
 )
 
 if TYPE_CHECKING:
-    from jax_attn.typing import Array, Float
+    from jax_attn.typing import Array, Float, Int
 
 __all__ = [
     "SelfAttentionV1",
@@ -260,8 +260,6 @@ class MultiHeadAttentionWrapper(nnx.Module):
     ):
         check_positive_int("MultiHeadAttentionWrapper", "num_heads", num_heads)
         rngs = _check_rngs("MultiHeadAttentionWrapper", rngs)
-        self.num_heads = num_heads
-        self.deterministic = deterministic
         self.heads = nnx.List(
             CausalAttention(
                 d_in,
@@ -275,6 +273,9 @@ class MultiHeadAttentionWrapper(nnx.Module):
             )
             for _ in range(num_heads)
         )
+        self.d_in, self.d_out, self.context_length = d_in, d_out, context_length
+        self.dropout, self.num_heads, self.qkv_bias = float(dropout), num_heads, bool(qkv_bias)
+        self.deterministic, self.implementation = deterministic, implementation
 
     def __call__(
         self,
@@ -296,16 +297,15 @@ class MultiHeadAttentionWrapper(nnx.Module):
 
     def linen_module(self) -> linen.MultiHeadAttentionWrapper:
         """The Linen module with the same configuration."""
-        head = self.heads[0]
         return linen.MultiHeadAttentionWrapper(
-            head.d_in,
-            head.d_out,
-            head.context_length,
-            head.dropout,
+            self.d_in,
+            self.d_out,
+            self.context_length,
+            self.dropout,
             self.num_heads,
-            head.qkv_bias,
+            self.qkv_bias,
             deterministic=self.deterministic,
-            implementation=head.implementation,
+            implementation=self.implementation,
         )
 
 
@@ -314,6 +314,26 @@ class MultiHeadAttention(nnx.Module):
     with dropout, heads merged and mixed by ``out_proj`` (with bias).
 
     ``d_out`` must be divisible by ``num_heads``; head dim ``H = d_out // num_heads``.
+
+    Keyword-only options, as in :class:`jax_attn.linen.MultiHeadAttention`:
+
+    * ``num_kv_heads`` (default ``num_heads``): GQA/MQA; ``W_key`` and ``W_value``
+      project to ``num_kv_heads * H`` features.
+    * ``decode=True`` (or ``decode=`` at call): KV-cache decoding with the pure functions
+      of :mod:`jax_attn.kv_cache`. :meth:`init_cache` allocates ``cached_key``,
+      ``cached_value`` ``[B, context_length, num_kv_heads, H]`` and ``cache_index [B]``
+      as ``nnx.Cache`` variables; each call then writes its ``T`` new tokens and attends
+      causally over everything cached. ``lengths [B]`` marks how many of the ``T`` tokens
+      are real when prompts of different lengths share a padded batch. Overflow past
+      ``context_length`` is a ``ValueError`` in eager code; under ``nnx.jit`` it is a
+      ``checkify`` check: run ``nnx.checkify(nnx.jit(step))`` and ``error.throw()``.
+
+    >>> mha = MultiHeadAttention(4, 4, 8, 0.0, 2, decode=True, rngs=nnx.Rngs(0))
+    >>> mha.init_cache(batch_size=1)
+    >>> prompt = mha(jnp.ones((1, 3, 4)))           # prefill 3 tokens
+    >>> step = mha(jnp.ones((1, 1, 4)))             # then one token at a time
+    >>> mha.cache_index[...].tolist()
+    [4]
     """
 
     def __init__(
@@ -327,6 +347,8 @@ class MultiHeadAttention(nnx.Module):
         *,
         deterministic: bool | None = None,
         implementation: str | None = None,
+        decode: bool = False,
+        num_kv_heads: int | None = None,
         rngs: nnx.Rngs,
     ):
         name = type(self).__name__
@@ -340,15 +362,44 @@ class MultiHeadAttention(nnx.Module):
         check_dropout_rate(name, dropout)
         if d_out % num_heads:
             raise ValueError(f"{name}: d_out={d_out} must be divisible by num_heads={num_heads}")
+        if num_kv_heads is not None:
+            check_positive_int(name, "num_kv_heads", num_kv_heads)
+            if num_heads % num_kv_heads:
+                raise ValueError(
+                    f"{name}: num_heads={num_heads} must be divisible by "
+                    f"num_kv_heads={num_kv_heads}"
+                )
+        if not isinstance(decode, bool):
+            raise TypeError(f"{name}: decode must be a bool, got {decode!r}")
         rngs = _check_rngs(name, rngs)
         self.d_in, self.d_out, self.context_length = d_in, d_out, context_length
         self.dropout, self.num_heads, self.qkv_bias = float(dropout), num_heads, bool(qkv_bias)
+        self.num_kv_heads, self.decode = num_kv_heads, decode
         self.deterministic, self.implementation = deterministic, implementation
+        self.head_dim = d_out // num_heads
+        kv_features = self.kv_heads * self.head_dim
         self.W_query = _linear(d_in, d_out, self.qkv_bias, rngs)
-        self.W_key = _linear(d_in, d_out, self.qkv_bias, rngs)
-        self.W_value = _linear(d_in, d_out, self.qkv_bias, rngs)
+        self.W_key = _linear(d_in, kv_features, self.qkv_bias, rngs)
+        self.W_value = _linear(d_in, kv_features, self.qkv_bias, rngs)
         self.out_proj = _linear(d_out, d_out, True, rngs)
         self.rngs = nnx.data(_dropout_stream(rngs, self.dropout))
+        self.cached_key = nnx.data(None)
+        self.cached_value = nnx.data(None)
+        self.cache_index = nnx.data(None)
+
+    @property
+    def kv_heads(self) -> int:
+        """``K``: ``num_kv_heads``, or ``num_heads`` when it is ``None``."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    def init_cache(self, batch_size: int, dtype=jnp.float32) -> None:
+        """Allocates an empty KV cache for ``batch_size`` sequences (replacing any old one)."""
+        empty = kv_cache.init_cache(
+            batch_size, self.context_length, self.kv_heads, self.head_dim, dtype
+        )
+        self.cached_key = nnx.Cache(empty.key)
+        self.cached_value = nnx.Cache(empty.value)
+        self.cache_index = nnx.Cache(empty.index)
 
     def __call__(
         self,
@@ -356,27 +407,55 @@ class MultiHeadAttention(nnx.Module):
         *,
         deterministic: bool | None = None,
         rngs: RngsLike = None,
+        decode: bool | None = None,
+        lengths: Int[Array, " B"] | None = None,
     ):
         name = type(self).__name__
         x, unbatched = as_batch(name, x, self.d_in, self.context_length)
         deterministic = resolve_deterministic(name, self.deterministic, deterministic, self.dropout)
         rate = 0.0 if deterministic else self.dropout
+        decode = self.decode if decode is None else decode
         # [B, T, N, H]
-        queries, keys, values = (
-            split_heads(proj(x), self.num_heads)
-            for proj in (self.W_query, self.W_key, self.W_value)
-        )
-        context = dot_product_attention(
-            queries,
-            keys,
-            values,
-            is_causal=True,
+        queries = split_heads(self.W_query(x), self.num_heads)
+        # [B, T, K, H]
+        keys = split_heads(self.W_key(x), self.kv_heads)
+        values = split_heads(self.W_value(x), self.kv_heads)
+        attention_kwargs = dict(
             dropout_rate=rate,
             dropout_rng=_dropout_key(name, rngs, self.rngs) if rate > 0.0 else None,
             implementation=self.implementation,
         )
+        if decode:
+            context = self._attend_cached(queries, keys, values, lengths, attention_kwargs)
+        else:
+            if lengths is not None:
+                raise ValueError(f"{name}: lengths= is for decoding (decode=True), got lengths")
+            context = dot_product_attention(
+                queries, keys, values, is_causal=True, **attention_kwargs
+            )
         out = self.out_proj(merge_heads(context))
         return out[0] if unbatched else out
+
+    def _attend_cached(self, queries, keys, values, lengths, attention_kwargs):
+        name = type(self).__name__
+        if self.cached_key is None:
+            raise ValueError(
+                f"{name}: decode=True needs a cache: call init_cache(batch_size) first"
+            )
+        batch_size = self.cached_key.shape[0]
+        if queries.shape[0] != batch_size:
+            raise ValueError(
+                f"{name}: x has batch {queries.shape[0]}, but the cache was made by "
+                f"init_cache(batch_size={batch_size})"
+            )
+        cache = kv_cache.KVCache(
+            self.cached_key[...], self.cached_value[...], self.cache_index[...]
+        )
+        context, cache = kv_cache.decode_attention(
+            cache, queries, keys, values, lengths=lengths, **attention_kwargs
+        )
+        self.cached_key[...], self.cached_value[...], self.cache_index[...] = cache
+        return context
 
     def linen_module(self) -> linen.MultiHeadAttention:
         """The Linen module with the same configuration."""
@@ -389,6 +468,8 @@ class MultiHeadAttention(nnx.Module):
             self.qkv_bias,
             deterministic=self.deterministic,
             implementation=self.implementation,
+            decode=self.decode,
+            num_kv_heads=self.num_kv_heads,
         )
 
 

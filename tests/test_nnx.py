@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.experimental import checkify
 
 from jax_attn import nnx as ja_nnx
 from jax_attn import reference
@@ -24,6 +25,9 @@ MODULES = {
     ),
     "MultiHeadAttention": lambda rngs, dropout=0.0, **kw: ja_nnx.MultiHeadAttention(
         D_IN, D_OUT, T, dropout, HEADS, rngs=rngs, **kw
+    ),
+    "MultiHeadAttention-MQA": lambda rngs, dropout=0.0, **kw: ja_nnx.MultiHeadAttention(
+        D_IN, D_OUT, T, dropout, HEADS, True, num_kv_heads=1, rngs=rngs, **kw
     ),
 }
 WITH_DROPOUT = ["CausalAttention", "MultiHeadAttentionWrapper", "MultiHeadAttention"]
@@ -235,3 +239,110 @@ def test_nnx_from_linen_params_rejects_mismatch():
         ja_nnx.nnx_from_linen_params(module, missing)
     with pytest.raises(TypeError, match="jax_attn.nnx module"):
         ja_nnx.linen_params_from_nnx(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_torch_state_dict_round_trip_through_interop(name):
+    interop = pytest.importorskip("jax_attn.interop")
+    source = MODULES[name](nnx.Rngs(params=0))
+    state_dict = interop.params_to_torch(source, ja_nnx.linen_params_from_nnx(source))
+    target = MODULES[name](nnx.Rngs(params=1))
+    ja_nnx.nnx_from_linen_params(target, interop.params_from_torch(target, state_dict))
+    x = inputs()
+    np.testing.assert_array_equal(target(x, deterministic=True), source(x, deterministic=True))
+
+
+# --- decoding -----------------------------------------------------------------------------
+
+CONTEXT = 8
+
+
+def decoder(num_kv_heads=None, dropout=0.0):
+    return ja_nnx.MultiHeadAttention(
+        D_IN,
+        D_OUT,
+        CONTEXT,
+        dropout,
+        HEADS,
+        num_kv_heads=num_kv_heads,
+        decode=True,
+        rngs=nnx.Rngs(params=0, dropout=1),
+    )
+
+
+def linen_decode(module, params, chunks, lengths=None):
+    """Linen ``decode=True`` over ``chunks`` (a list of ``[B, T_i, D]``): the outputs."""
+    linen_module = module.linen_module()
+    cache = linen_module.init(jax.random.key(0), chunks[0], deterministic=True)["cache"]
+    outs = []
+    for i, chunk in enumerate(chunks):
+        kwargs = {"lengths": lengths} if (lengths is not None and i == 0) else {}
+        out, updated = linen_module.apply(
+            {"params": params, "cache": cache},
+            chunk,
+            deterministic=True,
+            mutable=["cache"],
+            **kwargs,
+        )
+        cache = updated["cache"]
+        outs.append(out)
+    return outs
+
+
+@pytest.mark.parametrize("num_kv_heads", [None, 1])
+def test_nnx_decode_equals_full_pass_and_linen_decode(num_kv_heads):
+    module = decoder(num_kv_heads)
+    x = jax.random.normal(jax.random.key(3), (B, 5, D_IN))
+    full = module(x, decode=False, deterministic=True)
+    module.init_cache(B)
+    chunks = [x[:, :3], x[:, 3:4], x[:, 4:5]]
+    steps = [module(chunk, deterministic=True) for chunk in chunks]
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-6)
+    assert module.cache_index[...].tolist() == [5] * B
+    expected = linen_decode(module, ja_nnx.linen_params_from_nnx(module), chunks)
+    for step, linen_step in zip(steps, expected, strict=True):
+        np.testing.assert_allclose(step, linen_step, rtol=1e-6, atol=1e-6)
+
+
+def test_nnx_decode_under_jit_matches_eager_and_checks_overflow():
+    eager, jitted = decoder(), decoder()
+    x = jax.random.normal(jax.random.key(4), (B, CONTEXT, D_IN))
+    eager.init_cache(B)
+    jitted.init_cache(B)
+    step = nnx.checkify(nnx.jit(lambda model, chunk: model(chunk, deterministic=True)))
+
+    def checked_step(model, chunk):
+        error, out = step(model, chunk)
+        error.throw()
+        return out
+
+    for chunk in (x[:, :2], x[:, 2:3], x[:, 3:CONTEXT]):
+        np.testing.assert_allclose(checked_step(jitted, chunk), eager(chunk), rtol=1e-6, atol=1e-6)
+    assert jitted.cache_index[...].tolist() == [CONTEXT] * B
+    with pytest.raises(checkify.JaxRuntimeError, match="overflow"):
+        checked_step(jitted, x[:, :1])
+
+
+def test_nnx_decode_padded_prompts_match_linen():
+    module = decoder()
+    x = jax.random.normal(jax.random.key(5), (B, 4, D_IN))
+    lengths = jnp.array([4, 2])
+    module.init_cache(B)
+    prompt = module(x, deterministic=True, lengths=lengths)
+    expected = linen_decode(module, ja_nnx.linen_params_from_nnx(module), [x], lengths)[0]
+    np.testing.assert_allclose(prompt, expected, rtol=1e-6, atol=1e-6)
+    assert module.cache_index[...].tolist() == [4, 2]
+    short = module(x[1:2, :2], decode=False, deterministic=True)
+    np.testing.assert_allclose(prompt[1, :2], short[0], rtol=1e-5, atol=1e-6)
+
+
+def test_nnx_decode_errors():
+    module = decoder()
+    with pytest.raises(ValueError, match="init_cache"):
+        module(jnp.ones((B, 1, D_IN)), deterministic=True)
+    module.init_cache(B)
+    with pytest.raises(ValueError, match="batch"):
+        module(jnp.ones((B + 1, 1, D_IN)), deterministic=True)
+    module(jnp.ones((B, CONTEXT - 1, D_IN)), deterministic=True)
+    with pytest.raises(ValueError, match="overflow"):
+        module(jnp.ones((B, 2, D_IN)), deterministic=True)
