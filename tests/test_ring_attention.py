@@ -1,0 +1,143 @@
+"""Ring attention (sequence-parallel, shard_map + ppermute) on up to 8 virtual CPU devices."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jax_attn import reference, sharding
+
+pytestmark = pytest.mark.skipif(
+    len(jax.devices()) < 8,
+    reason=f"needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8 before jax "
+    f"is imported; tests/conftest.py sets it), found {len(jax.devices())}",
+)
+
+
+def seq_mesh(devices: int, **other_axes):
+    total = devices * max(1, other_axes.get("data", 1))
+    return sharding.make_mesh(seq=devices, devices=jax.devices()[:total], **other_axes)
+
+
+def random_qkv(B, T, N, K, H, dtype=jnp.float32, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(keys[0], (B, T, N, H), dtype)
+    k = jax.random.normal(keys[1], (B, T, K, H), dtype)
+    v = jax.random.normal(keys[2], (B, T, K, H), dtype)
+    d_out = jax.random.normal(keys[3], (B, T, N, H), dtype)
+    return q, k, v, d_out
+
+
+def value_and_grads(attention):
+    """jit of (out, dq, dk, dv) for a fixed output cotangent."""
+
+    @jax.jit
+    def run(q, k, v, d_out):
+        out, vjp = jax.vjp(attention, q, k, v)
+        return (out, *vjp(d_out))
+
+    return run
+
+
+@pytest.mark.parametrize("devices", [1, 2, 4, 8])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_ring_attention_matches_reference_forward_and_gradients(devices, is_causal):
+    mesh = seq_mesh(devices)
+    q, k, v, d_out = random_qkv(B=2, T=16, N=4, K=2, H=8, seed=devices)
+    ring = value_and_grads(lambda q, k, v: sharding.ring_attention(
+        q, k, v, mesh=mesh, axis_name="seq", is_causal=is_causal))
+    oracle = value_and_grads(lambda q, k, v: reference.dot_product_attention(
+        q, k, v, is_causal=is_causal))
+    names = ("out", "dq", "dk", "dv")
+    for name, got, want in zip(names, ring(q, k, v, d_out), oracle(q, k, v, d_out), strict=True):
+        assert jnp.all(jnp.isfinite(got)), name
+        assert jnp.allclose(got, want, rtol=1e-5, atol=2e-5), (name, jnp.abs(got - want).max())
+
+
+def test_ring_attention_output_is_sequence_sharded():
+    mesh = seq_mesh(4)
+    q, k, v, _ = random_qkv(B=1, T=16, N=2, K=2, H=4)
+    out = jax.jit(lambda q, k, v: sharding.ring_attention(
+        q, k, v, mesh=mesh, axis_name="seq", is_causal=True))(q, k, v)
+    shard_shapes = {shard.data.shape for shard in out.addressable_shards}
+    assert shard_shapes == {(1, 4, 2, 4)}
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_ring_attention_inner_blocks_and_batch_axis(is_causal):
+    """block_size splits each ring step's keys; batch_axis_name adds data parallelism."""
+    mesh = seq_mesh(4, data=2)
+    q, k, v, d_out = random_qkv(B=2, T=32, N=2, K=1, H=4, seed=3)
+    ring = value_and_grads(lambda q, k, v: sharding.ring_attention(
+        q, k, v, mesh=mesh, axis_name="seq", is_causal=is_causal, block_size=2,
+        batch_axis_name="data"))
+    oracle = value_and_grads(lambda q, k, v: reference.dot_product_attention(
+        q, k, v, is_causal=is_causal))
+    for got, want in zip(ring(q, k, v, d_out), oracle(q, k, v, d_out), strict=True):
+        assert jnp.allclose(got, want, rtol=1e-5, atol=2e-5), jnp.abs(got - want).max()
+
+
+def test_ring_attention_cross_attention_lengths():
+    """Not causal, T != S: queries and keys each split over the ring."""
+    mesh = seq_mesh(4)
+    q, _, _, d_out = random_qkv(B=1, T=8, N=2, K=1, H=4, seed=5)
+    _, k, v, _ = random_qkv(B=1, T=16, N=2, K=1, H=4, seed=6)
+    ring = value_and_grads(lambda q, k, v: sharding.ring_attention(
+        q, k, v, mesh=mesh, axis_name="seq"))
+    oracle = value_and_grads(reference.dot_product_attention)
+    for got, want in zip(ring(q, k, v, d_out), oracle(q, k, v, d_out), strict=True):
+        assert jnp.allclose(got, want, rtol=1e-5, atol=2e-5), jnp.abs(got - want).max()
+
+
+def test_ring_attention_bfloat16_keeps_dtype():
+    mesh = seq_mesh(2)
+    q, k, v, _ = random_qkv(B=1, T=16, N=2, K=2, H=8, dtype=jnp.bfloat16)
+    out = jax.jit(lambda q, k, v: sharding.ring_attention(
+        q, k, v, mesh=mesh, axis_name="seq", is_causal=True))(q, k, v)
+    want = reference.dot_product_attention(q, k, v, is_causal=True)
+    assert out.dtype == jnp.bfloat16
+    assert jnp.allclose(out.astype(jnp.float32), want.astype(jnp.float32), atol=2e-2)
+
+
+def per_device_bytes(compiled) -> int:
+    stats = compiled.memory_analysis()
+    return (stats.argument_size_in_bytes + stats.output_size_in_bytes
+            + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+
+
+@pytest.mark.parametrize("is_causal", [True])
+def test_ring_attention_per_device_memory_falls_with_devices(is_causal):
+    shape = jax.ShapeDtypeStruct((1, 256, 2, 16), jnp.float32)
+    footprints = []
+    for devices in (1, 2, 4, 8):
+        mesh = seq_mesh(devices)
+        compiled = jax.jit(lambda q, k, v, mesh=mesh: sharding.ring_attention(
+            q, k, v, mesh=mesh, axis_name="seq", is_causal=is_causal)).lower(
+            shape, shape, shape).compile()
+        footprints.append(per_device_bytes(compiled))
+    assert all(a > b for a, b in zip(footprints, footprints[1:], strict=False)), footprints
+    # Inputs and outputs alone shrink by 8x; the logits block by more.
+    assert footprints[-1] * 8 <= footprints[0], footprints
+
+
+@pytest.mark.parametrize(
+    "kwargs, T, match",
+    [
+        (dict(axis_name="sequence"), 16, "axis_name must be one of"),
+        (dict(axis_name="seq", is_causal=True), 20, "divisible by 8"),
+        (dict(axis_name="seq"), 18, "divisible by 4"),
+        (dict(axis_name="seq", block_size=3), 16, "block_size must divide"),
+        (dict(axis_name="seq", batch_axis_name="seq"), 16, "batch_axis_name"),
+    ],
+)
+def test_ring_attention_rejects_bad_arguments(kwargs, T, match):
+    mesh = seq_mesh(4)
+    q = jnp.zeros((1, T, 2, 4))
+    with pytest.raises(ValueError, match=match):
+        sharding.ring_attention(q, q, q, mesh=mesh, **kwargs)
+
+
+def test_ring_attention_causal_needs_self_attention_lengths():
+    mesh = seq_mesh(2)
+    q, kv = jnp.zeros((1, 8, 2, 4)), jnp.zeros((1, 16, 2, 4))
+    with pytest.raises(ValueError, match="T == S"):
+        sharding.ring_attention(q, kv, kv, mesh=mesh, axis_name="seq", is_causal=True)
