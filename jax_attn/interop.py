@@ -23,7 +23,7 @@ follow from the module's hyper-parameters, so a checkpoint that does not fit the
 is a ``ValueError`` naming every missing, unexpected or misshapen key with both shapes.
 
 Another module family (e.g. NNX) plugs in with :func:`register_layout`: a function from
-a module to its list of :class:`TorchTensor` entries.
+a module to its :class:`TorchLayout`.
 """
 
 from __future__ import annotations
@@ -74,22 +74,24 @@ class TorchLayout:
 
 
 LayoutFn = Callable[[object], TorchLayout]
-_LAYOUTS: dict[str, LayoutFn] = {}
+_LAYOUTS: dict[type | str, LayoutFn] = {}
 
 
-def register_layout(class_name: str, layout_fn: LayoutFn) -> None:
-    """Teach interop a module class, by its class name (the first match in its MRO wins)."""
-    _LAYOUTS[class_name] = layout_fn
+def register_layout(cls: type | str, layout_fn: LayoutFn) -> None:
+    """Teach interop a module class. Register the class itself (an NNX
+    ``MultiHeadAttention`` does not clash with the linen one) or its name; lookup walks the
+    MRO and, at each class, prefers the class over its name."""
+    _LAYOUTS[cls] = layout_fn
 
 
 def torch_layout(module) -> TorchLayout:
     """The PyTorch tensors ``module``'s parameters map to, shapes from its hyper-parameters."""
     for cls in type(module).__mro__:
-        if cls.__name__ in _LAYOUTS:
-            return _LAYOUTS[cls.__name__](module)
-    raise TypeError(
-        f"interop: module must be one of {sorted(_LAYOUTS)}, got {type(module).__name__}"
-    )
+        for key in (cls, cls.__name__):
+            if key in _LAYOUTS:
+                return _LAYOUTS[key](module)
+    known = sorted(f"{k.__module__}.{k.__name__}" if isinstance(k, type) else k for k in _LAYOUTS)
+    raise TypeError(f"interop: module must be one of {known}, got {type(module).__name__}")
 
 
 def _linear(torch_prefix: str, flax_path: tuple[str, ...], fan_in: int, features: int,
@@ -149,11 +151,11 @@ def _multi_head_attention_layout(module) -> TorchLayout:
     return TorchLayout(tuple(tensors), {"mask": (ctx, ctx)})
 
 
-register_layout(linen.SelfAttentionV1.__name__, _self_attention_v1_layout)
-register_layout(linen.SelfAttentionV2.__name__, _self_attention_v2_layout)
-register_layout(linen.CausalAttention.__name__, _causal_attention_layout)
-register_layout(linen.MultiHeadAttentionWrapper.__name__, _wrapper_layout)
-register_layout(linen.MultiHeadAttention.__name__, _multi_head_attention_layout)
+register_layout(linen.SelfAttentionV1, _self_attention_v1_layout)
+register_layout(linen.SelfAttentionV2, _self_attention_v2_layout)
+register_layout(linen.CausalAttention, _causal_attention_layout)
+register_layout(linen.MultiHeadAttentionWrapper, _wrapper_layout)
+register_layout(linen.MultiHeadAttention, _multi_head_attention_layout)
 
 
 def to_numpy(x) -> np.ndarray:

@@ -14,7 +14,13 @@ import numpy as np
 import pytest
 
 import jax_attn as ja
-from jax_attn.interop import params_from_torch, params_to_torch, torch_layout
+from jax_attn.interop import (
+    TorchLayout,
+    TorchTensor,
+    params_from_torch,
+    params_to_torch,
+    torch_layout,
+)
 
 D_IN, D_OUT, CONTEXT, HEADS, DROPOUT = 6, 4, 8, 2, 0.25
 T, B = 5, 2
@@ -434,3 +440,18 @@ def test_linear_init_is_uniform_within_torch_bound(qkv_bias):
             if w.size >= 1000:
                 assert np.abs(w).max() > 0.99 * bound, (name, leaf_name)
                 assert abs(w.std() - bound / np.sqrt(3)) < 0.05 * bound, (name, leaf_name)
+
+
+def test_registered_layout_by_class_does_not_replace_the_linen_one(monkeypatch):
+    from jax_attn import interop
+
+    class MultiHeadAttention:  # another family's class with the linen class's name
+        d_in, d_out = D_IN, D_OUT
+
+    monkeypatch.setitem(interop._LAYOUTS, MultiHeadAttention,
+                        lambda m: TorchLayout((TorchTensor("w", ("w",), (m.d_in, m.d_out)),)))
+    other = params_from_torch(MultiHeadAttention(), {"w": np.ones((D_IN, D_OUT), np.float32)})
+    assert set(other) == {"w"}
+    linen_module = ja.MultiHeadAttention(D_IN, D_OUT, CONTEXT, 0.0, HEADS)
+    assert set(params_from_torch(linen_module, numpy_state(linen_module))) == {
+        "W_query", "W_key", "W_value", "out_proj"}
