@@ -18,6 +18,7 @@ import math
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -359,6 +360,24 @@ def _check_shape(report: Report, label: str, out, book_shape) -> None:
                  tuple(out.shape) == tuple(book_shape))
 
 
+# Each call compiled whole (much faster than op by op), once per process.
+@partial(jax.jit, static_argnums=0)
+def _init(module, key, x):
+    return module.init(key, x)["params"]
+
+
+@partial(jax.jit, static_argnums=0)
+def _apply(module, params, x):
+    return module.apply({"params": params}, x, deterministic=True)
+
+
+_single_head_attention = jax.jit(F.single_head_attention, static_argnames="is_causal")
+_multi_head_attention_stacked = jax.jit(F.multi_head_attention_stacked,
+                                        static_argnames="is_causal")
+_multi_head_attention = jax.jit(F.multi_head_attention,
+                                static_argnames=("num_heads", "is_causal"))
+
+
 def section_3_5_3_and_3_6(report: Report, inputs, book_cfg):
     report.heading("3.5.3 / 3.6  The Flax modules on a batch of two copies of the sentence")
     a = book_cfg.attention
@@ -371,31 +390,31 @@ def section_3_5_3_and_3_6(report: Report, inputs, book_cfg):
     shapes = BOOK["shapes"]
 
     causal = ja.CausalAttention(*args, a.qkv_bias)
-    params = causal.init(key, batch)["params"]
-    out = causal.apply({"params": params}, batch, deterministic=True)
+    params = _init(causal, key, batch)
+    out = _apply(causal, params, batch)
     _check_shape(report, "CausalAttention(3, 2, 6, 0.0)", out, shapes["3.5.3"])
-    functional_out = F.single_head_attention(inputs, params, is_causal=True)
+    functional_out = _single_head_attention(inputs, params, is_causal=True)
     report.check("equals F.single_head_attention(..., is_causal=True) with its params",
                  _max_diff(out[0], functional_out) <= SAME_ATOL)
 
     wrapper = ja.MultiHeadAttentionWrapper(*args, a.num_heads, a.qkv_bias)
-    params = wrapper.init(key, batch)["params"]
-    out = wrapper.apply({"params": params}, batch, deterministic=True)
+    params = _init(wrapper, key, batch)
+    out = _apply(wrapper, params, batch)
     _check_shape(report, "MultiHeadAttentionWrapper(3, 2, 6, 0.0, num_heads=2)", out,
                  shapes["3.6.1"])
     head_params = jax.tree.map(lambda *leaves: jnp.stack(leaves),
                                *(params[f"heads_{i}"] for i in range(a.num_heads)))
-    functional_out = F.multi_head_attention_stacked(inputs, head_params, is_causal=True)
+    functional_out = _multi_head_attention_stacked(inputs, head_params, is_causal=True)
     report.check("equals F.multi_head_attention_stacked (heads lifted with jax.vmap)",
                  _max_diff(out[0], functional_out) <= SAME_ATOL)
 
     mha = ja.MultiHeadAttention(*args, a.num_heads, a.qkv_bias)
-    params = mha.init(key, batch)["params"]
-    out = mha.apply({"params": params}, batch, deterministic=True)
+    params = _init(mha, key, batch)
+    out = _apply(mha, params, batch)
     _check_shape(report, "MultiHeadAttention(3, 2, 6, 0.0, num_heads=2)", out, shapes["3.6.2"])
     queries = F.split_heads(F.dense(batch, params["W_query"]), a.num_heads)
     report.line(f"    queries split into heads: {tuple(queries.shape)} = [B, T, N, H]")
-    functional_out = F.multi_head_attention(batch, params, a.num_heads, is_causal=True)
+    functional_out = _multi_head_attention(batch, params, num_heads=a.num_heads, is_causal=True)
     report.check("equals F.multi_head_attention (one projection split into heads)",
                  _max_diff(out, functional_out) <= SAME_ATOL)
 
