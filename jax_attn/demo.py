@@ -541,11 +541,13 @@ def run_gpt2(report: Report, cfg, runs: int) -> None:
 # --- heatmap --------------------------------------------------------------------------------
 
 
-def _local_heatmap(weights, tokens):
+def _local_heatmap(weights, tokens, *, title=None):
+    """Used when :mod:`jax_attn.plots` is not there."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5.5, 4.8), layout="constrained")
     ax = fig.add_subplot()
+    ax.set_title(title)
     image = ax.imshow(np.asarray(weights), cmap="viridis", vmin=0.0)
     ax.set_xticks(range(len(tokens)), tokens, rotation=45, ha="right")
     ax.set_yticks(range(len(tokens)), tokens)
@@ -570,8 +572,8 @@ def write_heatmap(report: Report, weights, out_dir: Path) -> Path | None:
         from jax_attn.plots import plot_attention
     except ImportError:
         plot_attention = _local_heatmap
-    fig = plot_attention(np.asarray(weights), list(TOKENS))
-    fig.suptitle("3.3.2 attention weights (simplified self-attention)")
+    fig = plot_attention(np.asarray(weights), list(TOKENS),
+                         title="3.3.2 attention weights (simplified self-attention)")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "attention_weights.png"
     fig.savefig(path, dpi=120)
