@@ -22,8 +22,10 @@ Arrays come out as numpy arrays (dtype kept; torch bfloat16 becomes numpy bfloat
 follow from the module's hyper-parameters, so a checkpoint that does not fit the module
 is a ``ValueError`` naming every missing, unexpected or misshapen key with both shapes.
 
-Another module family (e.g. NNX) plugs in with :func:`register_layout`: a function from
-a module to its :class:`TorchLayout`.
+The :mod:`jax_attn.nnx` modules work through their ``linen_module()`` (params in the
+Linen layout: :func:`jax_attn.nnx.nnx_from_linen_params` loads them). Another module
+family plugs in with :func:`register_layout`: a function from a module to its
+:class:`TorchLayout`.
 """
 
 from __future__ import annotations
@@ -78,20 +80,29 @@ _LAYOUTS: dict[type | str, LayoutFn] = {}
 
 
 def register_layout(cls: type | str, layout_fn: LayoutFn) -> None:
-    """Teach interop a module class. Register the class itself (an NNX
-    ``MultiHeadAttention`` does not clash with the linen one) or its name; lookup walks the
-    MRO and, at each class, prefers the class over its name."""
+    """Teach interop a module class, by the class itself (an NNX ``MultiHeadAttention``
+    does not clash with the linen one) or by its name."""
     _LAYOUTS[cls] = layout_fn
 
 
 def torch_layout(module) -> TorchLayout:
-    """The PyTorch tensors ``module``'s parameters map to, shapes from its hyper-parameters."""
+    """The PyTorch tensors ``module``'s parameters map to, shapes from its hyper-parameters.
+
+    Looked up through the module's MRO (registered class, then registered class name); a
+    module with a ``linen_module()`` method (the :mod:`jax_attn.nnx` classes) uses the
+    layout of its Linen equivalent.
+    """
     for cls in type(module).__mro__:
         for key in (cls, cls.__name__):
             if key in _LAYOUTS:
                 return _LAYOUTS[key](module)
+    if callable(getattr(module, "linen_module", None)):
+        return torch_layout(module.linen_module())
     known = sorted(f"{k.__module__}.{k.__name__}" if isinstance(k, type) else k for k in _LAYOUTS)
-    raise TypeError(f"interop: module must be one of {known}, got {type(module).__name__}")
+    raise TypeError(
+        f"interop: module must be one of {known} or offer linen_module(), "
+        f"got {type(module).__name__}"
+    )
 
 
 def _linear(torch_prefix: str, flax_path: tuple[str, ...], fan_in: int, features: int,

@@ -455,3 +455,24 @@ def test_registered_layout_by_class_does_not_replace_the_linen_one(monkeypatch):
     linen_module = ja.MultiHeadAttention(D_IN, D_OUT, CONTEXT, 0.0, HEADS)
     assert set(params_from_torch(linen_module, numpy_state(linen_module))) == {
         "W_query", "W_key", "W_value", "out_proj"}
+
+
+@pytest.mark.parametrize("name", sorted({name for name, _ in CASES}))
+def test_nnx_modules_match_torch_through_their_linen_layout(book, name):
+    from flax import nnx
+
+    from jax_attn import nnx as ja_nnx
+
+    torch, classes = book
+    args, _ = constructor_args(name, qkv_bias=True)
+    torch.manual_seed(11)
+    torch_module = classes[name](*args)
+    model = getattr(ja_nnx, name)(*args, rngs=nnx.Rngs(0))
+    ja_nnx.nnx_from_linen_params(model, params_from_torch(model, torch_module.state_dict()))
+    x = inputs(batched=True)
+    np.testing.assert_allclose(
+        np.asarray(model(x, deterministic=True)), torch_output(torch, torch_module, x), **TOLERANCE
+    )
+    back = params_to_torch(model, ja_nnx.linen_params_from_nnx(model))
+    for key, value in back.items():
+        np.testing.assert_array_equal(value, torch_module.state_dict()[key].numpy(), err_msg=key)
