@@ -1,0 +1,157 @@
+"""MultiHeadAttention(decode=True, num_kv_heads=...) against the reference full pass."""
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_attn import kv_cache, reference
+from jax_attn.functional import merge_heads, split_heads
+from jax_attn.linen import MultiHeadAttention
+
+B, T, D, CONTEXT, N = 2, 6, 16, 8, 4
+
+
+def _module(K=None, **kwargs):
+    return MultiHeadAttention(D, D, CONTEXT, 0.0, N, num_kv_heads=K, **kwargs)
+
+
+def _reference_forward(params, x, K):
+    """The module's computation written out with the reference attention."""
+    def project(name):
+        return x @ params[name]["kernel"]
+
+    q = split_heads(project("W_query"), N)
+    k, v = split_heads(project("W_key"), K), split_heads(project("W_value"), K)
+    context = reference.dot_product_attention(q, k, v, is_causal=True)
+    return merge_heads(context) @ params["out_proj"]["kernel"] + params["out_proj"]["bias"]
+
+
+def _setup(K, seed=0):
+    x = jax.random.normal(jax.random.key(seed + 1), (B, T, D))
+    variables = _module(K, decode=True).init(jax.random.key(seed), jnp.zeros((B, CONTEXT, D)))
+    return x, variables["params"], variables["cache"]
+
+
+def _apply_decode(module):
+    def apply(variables, x):
+        return module.apply(variables, x, mutable=["cache"])
+
+    return apply
+
+
+def _decode(params, cache, x, chunks, K, apply=None):
+    apply = apply or _apply_decode(_module(K, decode=True))
+    outs, start = [], 0
+    for size in chunks:
+        y, updated = apply({"params": params, "cache": cache}, x[:, start:start + size])
+        cache = updated["cache"]
+        outs.append(y)
+        start += size
+    return jnp.concatenate(outs, axis=1), cache
+
+
+@pytest.mark.parametrize("K", [4, 2, 1])
+def test_init_allocates_cache_and_gqa_projections(K):
+    _, params, cache = _setup(K)
+    H = D // N
+    assert cache["cached_key"].shape == (B, CONTEXT, K, H)
+    assert cache["cached_value"].shape == (B, CONTEXT, K, H)
+    np.testing.assert_array_equal(cache["cache_index"], [0, 0])
+    assert params["W_key"]["kernel"].shape == (D, K * H)
+    assert params["W_query"]["kernel"].shape == (D, D)
+
+
+def test_book_parameter_count_unchanged():
+    shapes = jax.eval_shape(
+        MultiHeadAttention(768, 768, 1024, 0.0, 12).init, jax.random.key(0),
+        jnp.zeros((1, 4, 768)),
+    )
+    assert sum(x.size for x in jax.tree.leaves(shapes)) == 2_360_064
+
+
+@pytest.mark.parametrize("K, chunks", [(4, (1,) * 6), (2, (3, 1, 2)), (1, (2, 1, 3))])
+def test_decoding_equals_full_causal_pass(K, chunks):
+    x, params, cache = _setup(K)
+    out, cache = _decode(params, cache, x, chunks, K)
+    full = _module(K).apply({"params": params}, x)
+    np.testing.assert_allclose(full, _reference_forward(params, x, K), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, full, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(cache["cache_index"], [T, T])
+
+
+def test_decoding_under_checked_jit_and_scan():
+    K = 2
+    x, params, cache = _setup(K)
+    module = _module(K, decode=True)
+    full = _reference_forward(params, x, K)
+
+    apply = kv_cache.checked(_apply_decode(module))
+    out, _ = _decode(params, cache, x, (3, 1, 2), K, apply=apply)
+    np.testing.assert_allclose(out, full, rtol=1e-5, atol=1e-5)
+
+    def one_token_at_a_time(params, cache, x):
+        def step(cache, x_t):
+            y, updated = module.apply(
+                {"params": params, "cache": cache}, x_t[:, None], mutable=["cache"]
+            )
+            return updated["cache"], y[:, 0]
+
+        cache, ys = jax.lax.scan(step, cache, jnp.swapaxes(x, 0, 1))
+        return jnp.swapaxes(ys, 0, 1)
+
+    out = kv_cache.checked(one_token_at_a_time)(params, cache, x)
+    np.testing.assert_allclose(out, full, rtol=1e-5, atol=1e-5)
+
+
+def test_overflow_raises():
+    K = 2
+    x, params, cache = _setup(K)
+    _, cache = _decode(params, cache, x, (T,), K)
+    module = _module(K, decode=True)
+    with pytest.raises(ValueError, match="writing 3 new tokens at index 6 needs 9 slots"):
+        module.apply({"params": params, "cache": cache}, x[:, :3], mutable=["cache"])
+    apply = kv_cache.checked(_apply_decode(module))
+    with pytest.raises(ValueError, match="KV cache overflow"):
+        apply({"params": params, "cache": cache}, x[:, :3])
+    with pytest.raises(ValueError, match="more than context_length=8"):
+        module.apply({"params": params, "cache": cache}, jnp.zeros((B, 9, D)), mutable=["cache"])
+
+
+def test_mixed_prompt_lengths_through_lengths():
+    K = 2
+    x, params, cache = _setup(K, seed=3)
+    module = _module(K, decode=True)
+    lengths = [2, 3]
+    # One padded prompt block of 3, then each sequence continues with its own next token.
+    prompt, updated = module.apply(
+        {"params": params, "cache": cache}, x[:, :3], lengths=jnp.array(lengths),
+        mutable=["cache"],
+    )
+    np.testing.assert_array_equal(updated["cache"]["cache_index"], lengths)
+    next_tokens = jnp.stack([x[b, lengths[b]] for b in range(B)])[:, None]
+    step, _ = module.apply({"params": params, **updated}, next_tokens, mutable=["cache"])
+    for b in range(B):
+        expected = _reference_forward(params, x[b:b + 1, :lengths[b] + 1], K)[0]
+        np.testing.assert_allclose(prompt[b, :lengths[b]], expected[:-1], atol=1e-5)
+        np.testing.assert_allclose(step[b, 0], expected[-1], atol=1e-5)
+
+
+def test_decode_needs_mutable_cache():
+    x, params, cache = _setup(2)
+    with pytest.raises(flax.errors.ModifyScopeVariableError):
+        _module(2, decode=True).apply({"params": params, "cache": cache}, x[:, :1])
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(num_kv_heads=3), ValueError, "num_heads=4 must be divisible by num_kv_heads=3"),
+        (dict(num_kv_heads=0), ValueError, "num_kv_heads must be > 0"),
+        (dict(decode=1), TypeError, "decode must be a bool"),
+    ],
+)
+def test_bad_options(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        MultiHeadAttention(D, D, CONTEXT, 0.0, N, **kwargs)
