@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="T (default 256 for data/model, 2048 for seq)")
     parser.add_argument("--d-model", type=int, default=512, help="D for data/model meshes")
     parser.add_argument("--heads", type=int, default=8, help="N")
+    parser.add_argument("--kv-heads", type=int, default=None,
+                        help="K for seq meshes (GQA; default N)")
     parser.add_argument("--head-dim", type=int, default=64, help="H for seq meshes")
     parser.add_argument("--block-size", type=int, default=None,
                         help="ring attention: keys per inner block (default: whole local block)")
@@ -79,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="measure forward + backward (gradients of q, k, v / params)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile and report memory without running (sizes beyond this host)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     return parser
 
@@ -95,15 +99,19 @@ def memory(compiled) -> dict[str, int]:
 
 
 def measure(fn, args, repeats: int) -> dict:
-    """Compile time, per-device memory and median run time of ``jit(fn)(*args)``."""
+    """Compile time, per-device memory and median run time of ``jit(fn)(*args)``;
+    ``repeats=0`` compiles only (``args`` may be ``jax.ShapeDtypeStruct``)."""
     import jax
 
     start = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - start
+    if repeats == 0:
+        return {"compile_s": compile_s, "median_s": None, "memory_bytes": memory(compiled),
+                "hlo": compiled.as_text()}
     jax.block_until_ready(compiled(*args))
     times = []
-    for _ in range(max(1, repeats)):
+    for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - start)
@@ -142,6 +150,8 @@ def bench_tensor_parallel(args, sizes, devices) -> list[dict]:
         return jax.value_and_grad(lambda p: jnp.sum(forward(p, x).astype(jnp.float32) ** 2))(p)
 
     fn = forward_backward if args.backward else forward
+    if args.compile_only:
+        raise ValueError("--compile-only is for seq meshes (ring attention)")
     one = devices[0]
     rows = [{"name": "MultiHeadAttention, 1 device", "mesh": "1",
              **measure(fn, jax.device_put((params, x), one), args.repeats)}]
@@ -164,10 +174,19 @@ def bench_ring(args, sizes, devices) -> list[dict]:
     B = args.batch or data
     T = args.seq_len or 2048
     N, H = args.heads, args.head_dim
+    K = args.kv_heads or N
     causal = not args.not_causal
     dtype = jnp.dtype(args.dtype)
-    keys = jax.random.split(jax.random.key(0), 3)
-    q, k, v = (jax.random.normal(key, (B, T, N, H), dtype) for key in keys)
+    shapes = ((B, T, N, H), (B, T, K, H), (B, T, K, H))
+    if args.compile_only:
+        q, k, v = (jax.ShapeDtypeStruct(shape, dtype) for shape in shapes)
+        on_one_device = (q, k, v)
+    else:
+        keys = jax.random.split(jax.random.key(0), 3)
+        q, k, v = (jax.random.normal(key, shape, dtype)
+                   for key, shape in zip(keys, shapes, strict=True))
+        on_one_device = jax.device_put((q, k, v), devices[0])
+    repeats = 0 if args.compile_only else args.repeats
 
     def with_grads(attention):
         def run(q, k, v):
@@ -178,7 +197,7 @@ def bench_ring(args, sizes, devices) -> list[dict]:
 
     single = with_grads(lambda q, k, v: ja.dot_product_attention(q, k, v, is_causal=causal))
     rows = [{"name": "dot_product_attention, 1 device", "mesh": "1",
-             **measure(single, jax.device_put((q, k, v), devices[0]), args.repeats)}]
+             **measure(single, on_one_device, repeats)}]
     ring_sizes = sorted({2 ** i for i in range(int(math.log2(seq)) + 1)} | {seq})
     for ring_size in ring_sizes:
         if ring_size > seq or T % (2 * ring_size if causal and ring_size > 1 else ring_size):
@@ -190,8 +209,9 @@ def bench_ring(args, sizes, devices) -> list[dict]:
             batch_axis_name="data" if data > 1 else None))
         label = mesh_label({"data": data, "model": 1, "seq": ring_size})
         rows.append({"name": "ring_attention", "mesh": label,
-                     **measure(ring, (q, k, v), args.repeats)})
-    config = {"B": B, "T": T, "N": N, "H": H, "causal": causal, "block_size": args.block_size}
+                     **measure(ring, (q, k, v), repeats)})
+    config = {"B": B, "T": T, "N": N, "K": K, "H": H, "causal": causal,
+              "block_size": args.block_size}
     return config, rows
 
 
@@ -208,8 +228,12 @@ def print_table(rows: list[dict], baseline: dict) -> None:
         ratio = mem["total"] / baseline["memory_bytes"]["total"]
         ops = ", ".join(f"{n}x{op}" for op, n in row["collectives"].items()) or "-"
         print(f"{row['name']:<36} {row['mesh']:<16} {mem['total'] / mib:>11.2f} "
-              f"{mem['temp'] / mib:>9.2f} {ratio:>8.3f} {row['median_s'] * 1e3:>9.2f} "
+              f"{mem['temp'] / mib:>9.2f} {ratio:>8.3f} {milliseconds(row['median_s']):>9} "
               f"{row['compile_s']:>9.2f}  {ops}")
+
+
+def milliseconds(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:

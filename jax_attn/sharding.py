@@ -48,6 +48,7 @@ __all__ = [
     "batch_sharding",
     "shard_batch",
     "ring_attention",
+    "default_block_size",
 ]
 
 AXIS_NAMES = ("data", "model", "seq")
@@ -230,6 +231,8 @@ class _Ring:
     def shift(self, x, offset: int = 1):
         """Sends ``x`` from device ``i`` to device ``i + offset`` round the ring."""
         n = self.devices
+        if n == 1:
+            return x
         return lax.ppermute(x, self.axis_name, [(i, (i + offset) % n) for i in range(n)])
 
 
@@ -285,8 +288,20 @@ def _causal_mask(q_pos, k_pos):
     return k_pos[None, :] <= q_pos[:, None]
 
 
+DEFAULT_MAX_BLOCK_SIZE = 512
+
+
+def default_block_size(keys: int, largest: int = DEFAULT_MAX_BLOCK_SIZE) -> int:
+    """The largest divisor of ``keys`` up to ``largest``; ``keys`` itself if that divisor
+    is below ``largest // 8`` (a prime-ish chunk: one block beats thousands of tiny ones)."""
+    if keys <= largest:
+        return keys
+    best = max(d for d in range(1, largest + 1) if keys % d == 0)
+    return best if best >= largest // 8 else keys
+
+
 def _key_blocks(ring: _Ring, S: int) -> int:
-    return 1 if ring.block_size is None else S // ring.block_size
+    return max(1, S // ring.block_size)
 
 
 def _attend(ring: _Ring, q, k, v, q_pos=None, k_pos=None) -> PartialAttention:
@@ -520,9 +535,11 @@ def ring_attention(
 
     Same result as :func:`jax_attn.dot_product_attention` (``N % K == 0``; causal needs
     ``T == S`` and ``T`` divisible by twice the axis size). ``block_size`` (keys per
-    inner block, default the whole local block) bounds the logits held at once to
-    ``[B, N, T / P, block_size]``. ``batch_axis_name`` also splits the batch over
-    another mesh axis. Differentiable (custom VJP, a second ring pass).
+    inner block) bounds the logits held at once to ``[B, N, T / P, block_size]``; the
+    default is the largest divisor of the keys per chunk up to
+    ``DEFAULT_MAX_BLOCK_SIZE`` (the whole chunk when that divisor is tiny).
+    ``batch_axis_name`` also splits the batch over another mesh axis. Differentiable
+    (custom VJP: a second ring pass).
     """
     _check_mesh("ring_attention", mesh)
     if axis_name not in mesh.axis_names:
@@ -556,12 +573,14 @@ def ring_attention(
                 f"ring_attention: sequence length {letter}={length} must be divisible by "
                 f"{chunks}, for mesh axis {axis_name!r} of size {devices}{layout}"
             )
-    if block_size is not None:
+    key_chunk = call.S // chunks
+    if block_size is None:
+        block_size = default_block_size(key_chunk)
+    else:
         if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral):
             raise TypeError(
                 f"ring_attention: block_size must be an int or None, got {block_size!r}"
             )
-        key_chunk = call.S // chunks
         if block_size < 1 or key_chunk % block_size:
             raise ValueError(
                 f"ring_attention: block_size must divide the keys per chunk, S / {chunks} = "
@@ -574,7 +593,7 @@ def ring_attention(
         )
     ring = _Ring(
         mesh=mesh, axis_name=axis_name, devices=devices, is_causal=call.is_causal,
-        scale=call.scale, block_size=None if block_size is None else int(block_size),
+        scale=call.scale, block_size=int(block_size),
         batch_axis_name=batch_axis_name,
     )
     return _ring_attention(ring, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))

@@ -104,14 +104,13 @@ def per_device_bytes(compiled) -> int:
             + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
 
 
-@pytest.mark.parametrize("is_causal", [True])
-def test_ring_attention_per_device_memory_falls_with_devices(is_causal):
+def test_ring_attention_per_device_memory_falls_with_devices():
     shape = jax.ShapeDtypeStruct((1, 256, 2, 16), jnp.float32)
     footprints = []
     for devices in (1, 2, 4, 8):
         mesh = seq_mesh(devices)
         compiled = jax.jit(lambda q, k, v, mesh=mesh: sharding.ring_attention(
-            q, k, v, mesh=mesh, axis_name="seq", is_causal=is_causal)).lower(
+            q, k, v, mesh=mesh, axis_name="seq", is_causal=True)).lower(
             shape, shape, shape).compile()
         footprints.append(per_device_bytes(compiled))
     assert all(a > b for a, b in zip(footprints, footprints[1:], strict=False)), footprints
@@ -134,6 +133,12 @@ def test_ring_attention_rejects_bad_arguments(kwargs, T, match):
     q = jnp.zeros((1, T, 2, 4))
     with pytest.raises(ValueError, match=match):
         sharding.ring_attention(q, q, q, mesh=mesh, **kwargs)
+
+
+@pytest.mark.parametrize("keys, want", [(16, 16), (1024, 512), (1536, 512), (3000, 500),
+                                        (1031, 1031)])
+def test_default_block_size_divides_the_chunk(keys, want):
+    assert sharding.default_block_size(keys) == want
 
 
 def test_ring_attention_causal_needs_self_attention_lengths():
