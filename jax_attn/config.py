@@ -36,8 +36,13 @@ __all__ = [
     "resolve_config_path",
 ]
 
-#: ``configs/`` of a source checkout (``pip install -e .``): the repository root's.
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+#: The shipped configs: ``jax_attn/configs`` in an installed wheel, else the repository's
+#: ``configs/`` (a source checkout, ``pip install -e .``).
+CONFIG_DIR = next(
+    (d for d in (_PACKAGE_DIR / "configs", _PACKAGE_DIR.parent / "configs") if d.is_dir()),
+    _PACKAGE_DIR.parent / "configs",
+)
 
 T = TypeVar("T")
 
@@ -206,7 +211,8 @@ def from_dict(cls: type[T], data: dict[str, Any], *, source: str = "<dict>", whe
     for name, field in fields.items():
         key = _dotted(where, name)
         if name not in data:
-            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            no_default = dataclasses.MISSING
+            if field.default is no_default and field.default_factory is no_default:
                 raise ConfigError(f"{source}: missing key {key!r} in {table}")
             continue
         values[name] = _convert(hints[name], data[name], source, key)
@@ -242,7 +248,9 @@ def _convert(annotation, value, source: str, key: str):
         if not isinstance(value, list):
             raise _type_error(source, key, "an array", value)
         item_type = typing.get_args(annotation)[0]
-        return tuple(_convert(item_type, item, source, f"{key}[{i}]") for i, item in enumerate(value))
+        return tuple(
+            _convert(item_type, item, source, f"{key}[{i}]") for i, item in enumerate(value)
+        )
     if dataclasses.is_dataclass(annotation):
         return from_dict(annotation, value, source=source, where=key)
     if annotation is bool:
