@@ -28,6 +28,13 @@ TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 TORCH_MISSING = "torch is not installed: the PyTorch parity tests need the 'torch' extra"
 
 
+@pytest.fixture(autouse=True)
+def float32_matmuls():
+    """True float32 matmuls: GPUs default to TF32, which the 1e-5 tolerances do not allow."""
+    with jax.default_matmul_precision("float32"):
+        yield
+
+
 def book_classes():
     """The chapter's classes in PyTorch (``keys.transpose(-2, -1)`` for the book's ``.T`` so
     the single-head classes take batches too)."""

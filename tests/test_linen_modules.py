@@ -18,6 +18,13 @@ DROPOUT_NAMES = ["CausalAttention", "MultiHeadAttentionWrapper", "MultiHeadAtten
 CLOSE = {"rtol": 1e-5, "atol": 1e-6}
 
 
+@pytest.fixture(autouse=True)
+def float32_matmuls():
+    """True float32 matmuls: GPUs default to TF32, which the 1e-5 tolerances do not allow."""
+    with jax.default_matmul_precision("float32"):
+        yield
+
+
 def make(name, dropout=0.0, qkv_bias=False, **options):
     module = getattr(ja, name)
     if name == "SelfAttentionV1":
