@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,9 @@ import jax.numpy as jnp
 from jax_attn import reference
 from jax_attn.masks import build_attention_mask
 from jax_attn.validation import AttentionCall, check_attention_args
+
+if TYPE_CHECKING:  # shape annotations only; see jax_attn.typing
+    from jax_attn.typing import Array, Float, Keys, Lengths, Mask, Outputs, PRNGKey, Queries, Values
 
 __all__ = [
     "Implementation",
@@ -102,21 +106,21 @@ def select_implementation(call: AttentionCall, platform: str | None = None) -> s
 
 
 def dot_product_attention(
-    query,
-    key,
-    value,
+    query: Queries,
+    key: Keys,
+    value: Values,
     *,
-    mask=None,
-    bias=None,
+    mask: Mask | None = None,
+    bias: Float[Array, "*bias"] | None = None,
     is_causal=False,
     scale=None,
-    query_seq_lengths=None,
-    key_value_seq_lengths=None,
+    query_seq_lengths: Lengths | None = None,
+    key_value_seq_lengths: Lengths | None = None,
     local_window_size=None,
     dropout_rate=0.0,
-    dropout_rng=None,
+    dropout_rng: PRNGKey | None = None,
     implementation=None,
-):
+) -> Outputs:
     """Scaled dot-product attention: ``softmax(q k^T * scale + bias, masked) v``.
 
     Args:

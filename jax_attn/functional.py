@@ -8,11 +8,16 @@ back in the input dtype. Every function is jit-, vmap- and grad-able.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 
 from jax_attn.masks import build_attention_mask, make_causal_mask, make_dropout_mask
 from jax_attn.validation import check_attention_args
+
+if TYPE_CHECKING:  # shape annotations only; see jax_attn.typing
+    from jax_attn.typing import Array, Bool, Float, Keys, Mask, PRNGKey, Queries, Weights
 
 __all__ = [
     # 3.3.1
@@ -54,18 +59,20 @@ def _compute_dtype(dtype):
 # --- 3.3.1 one query against every input ---------------------------------------------
 
 
-def attention_scores_for_query(query, inputs):
+def attention_scores_for_query(
+    query: Float[Array, " D"], inputs: Float[Array, "T D"]
+) -> Float[Array, " T"]:
     """Dot product of one ``query [D]`` with every row of ``inputs [T, D]`` -> ``[T]``."""
     # [T]
     return jnp.einsum("D,TD->T", query, inputs)
 
 
-def normalize_by_sum(scores):
+def normalize_by_sum(scores: Float[Array, "*R T"]) -> Float[Array, "*R T"]:
     """The book's first normalisation: ``scores / sum(scores)`` (not a softmax)."""
     return scores / jnp.sum(scores, axis=-1, keepdims=True)
 
 
-def naive_softmax(x):
+def naive_softmax(x: Float[Array, "*R T"]) -> Float[Array, "*R T"]:
     """``exp(x) / sum(exp(x))`` as first written in the book.
 
     Overflows for large inputs: ``naive_softmax(jnp.array([1000., 0.]))`` is ``[nan, 0]``
@@ -75,7 +82,7 @@ def naive_softmax(x):
     return e / jnp.sum(e, axis=-1, keepdims=True)
 
 
-def softmax(x, axis: int = -1):
+def softmax(x: Float[Array, "*X"], axis: int = -1) -> Float[Array, "*X"]:
     """Numerically stable softmax (subtracts the row maximum first), in float32 at least."""
     x = x.astype(_compute_dtype(x.dtype))
     shifted = x - jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
@@ -83,7 +90,7 @@ def softmax(x, axis: int = -1):
     return e / jnp.sum(e, axis=axis, keepdims=True)
 
 
-def context_vector(weights, inputs):
+def context_vector(weights: Float[Array, " T"], inputs: Float[Array, "T D"]) -> Float[Array, " D"]:
     """Weighted sum of ``inputs [T, D]`` with ``weights [T]`` -> ``[D]``."""
     # [D]
     return jnp.einsum("T,TD->D", weights, inputs)
@@ -92,24 +99,28 @@ def context_vector(weights, inputs):
 # --- 3.3.2 all tokens at once ----------------------------------------------------------
 
 
-def attention_scores(queries, keys):
+def attention_scores(
+    queries: Float[Array, "T D"], keys: Float[Array, "S D"]
+) -> Float[Array, "T S"]:
     """All pairwise dot products: ``queries [T, D]``, ``keys [S, D]`` -> ``[T, S]``."""
     # [T, S]
     return jnp.einsum("TD,SD->TS", queries, keys)
 
 
-def attention_weights(scores):
+def attention_weights(scores: Float[Array, "*R T S"]) -> Float[Array, "*R T S"]:
     """Row-wise softmax of ``scores [T, S]``."""
     return softmax(scores, axis=-1)
 
 
-def context_vectors(weights, values):
+def context_vectors(
+    weights: Float[Array, "T S"], values: Float[Array, "S D"]
+) -> Float[Array, "T D"]:
     """``weights [T, S]`` times ``values [S, D]`` -> ``[T, D]``."""
     # [T, D]
     return jnp.einsum("TS,SD->TD", weights.astype(values.dtype), values)
 
 
-def simplified_self_attention(inputs):
+def simplified_self_attention(inputs: Float[Array, "T D"]) -> Float[Array, "T D"]:
     """Section 3.3: attention without trainable weights; ``inputs [T, D]`` -> ``[T, D]``."""
     weights = attention_weights(attention_scores(inputs, inputs))
     return context_vectors(weights, inputs)
@@ -118,7 +129,7 @@ def simplified_self_attention(inputs):
 # --- 3.4 trainable projections ---------------------------------------------------------
 
 
-def dense(x, params):
+def dense(x: Float[Array, "*R d_in"], params) -> Float[Array, "*R d_out"]:
     """``x @ W (+ b)``: ``params`` is a ``[d_in, d_out]`` matrix or ``{"kernel", "bias"?}``."""
     if isinstance(params, dict):
         y = x @ params["kernel"]
@@ -127,13 +138,17 @@ def dense(x, params):
     return x @ params
 
 
-def scaled_attention_scores(queries, keys, scale=None):
+def scaled_attention_scores(
+    queries: Float[Array, "T H"], keys: Float[Array, "S H"], scale=None
+) -> Float[Array, "T S"]:
     """``queries [T, H] @ keys [S, H]^T * scale``; scale defaults to ``1/sqrt(H)``."""
     scale = keys.shape[-1] ** -0.5 if scale is None else scale
     return attention_scores(queries, keys) * scale
 
 
-def self_attention(inputs, params, *, scale=None):
+def self_attention(
+    inputs: Float[Array, "T d_in"], params, *, scale=None
+) -> Float[Array, "T d_out"]:
     """Section 3.4 (SelfAttention_v1/v2) on one sequence ``[T, d_in]`` -> ``[T, d_out]``.
 
     ``params`` holds ``W_query``, ``W_key``, ``W_value`` (see :func:`dense`).
@@ -149,20 +164,22 @@ def large_negative(dtype):
     return jnp.asarray(-0.7 * jnp.finfo(dtype).max, dtype)
 
 
-def causal_weights_by_renormalizing(scores):
+def causal_weights_by_renormalizing(scores: Float[Array, "*R T S"]) -> Float[Array, "*R T S"]:
     """3.5.1, first way: softmax, zero the future, divide each row by its new sum."""
     T, S = scores.shape[-2:]
     weights = softmax(scores) * make_causal_mask(T, S)
     return weights / jnp.sum(weights, axis=-1, keepdims=True)
 
 
-def causal_weights_by_masking(scores):
+def causal_weights_by_masking(scores: Float[Array, "*R T S"]) -> Float[Array, "*R T S"]:
     """3.5.1, second way: fill the future with a large negative, then softmax."""
     T, S = scores.shape[-2:]
     return masked_softmax(scores, make_causal_mask(T, S))
 
 
-def masked_softmax(logits, mask=None):
+def masked_softmax(
+    logits: Float[Array, "*R S"], mask: Bool[Array, "*M"] | None = None
+) -> Float[Array, "*R S"]:
     """Softmax over the last axis where ``mask`` (bool, broadcastable) is True.
 
     Computed in float32 at least. Masked entries get exactly 0, and a row with nothing
@@ -176,7 +193,9 @@ def masked_softmax(logits, mask=None):
     return jnp.where(valid, jax.nn.softmax(logits, axis=-1), 0.0)
 
 
-def dropout(weights, rate: float, rng, offsets=(0, 0, 0, 0)):
+def dropout(
+    weights: Float[Array, "*W"], rate: float, rng: PRNGKey | None, offsets=(0, 0, 0, 0)
+) -> Float[Array, "*W"]:
     """3.5.2: zero each weight with probability ``rate``, scale the kept ones by ``1/(1-rate)``.
 
     ``weights`` has shape ``[B, N, T, S]`` or a trailing part of it (e.g. ``[T, S]``).
@@ -191,7 +210,7 @@ def dropout(weights, rate: float, rng, offsets=(0, 0, 0, 0)):
 # --- 3.6 multiple heads ----------------------------------------------------------------
 
 
-def split_heads(x, num_heads: int):
+def split_heads(x: Float[Array, "*R T D"], num_heads: int) -> Float[Array, "*R T N H"]:
     """``[..., T, D]`` -> ``[..., T, N, H]`` with ``H = D // N``."""
     *lead, D = x.shape
     if D % num_heads:
@@ -199,14 +218,20 @@ def split_heads(x, num_heads: int):
     return x.reshape(*lead, num_heads, D // num_heads)
 
 
-def merge_heads(x):
+def merge_heads(x: Float[Array, "*R T N H"]) -> Float[Array, "*R T D"]:
     """``[..., T, N, H]`` -> ``[..., T, N * H]``."""
     return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
 
 
 def single_head_attention(
-    inputs, params, *, is_causal=False, dropout_rate=0.0, dropout_rng=None, scale=None
-):
+    inputs: Float[Array, "T d_in"],
+    params,
+    *,
+    is_causal=False,
+    dropout_rate=0.0,
+    dropout_rng=None,
+    scale=None,
+) -> Float[Array, "T d_out"]:
     """One head on one sequence: ``inputs [T, d_in]`` -> context ``[T, d_out]``.
 
     Project to queries, keys, values; scores scaled by ``1/sqrt(d_out)``; optional
@@ -224,8 +249,13 @@ def single_head_attention(
 
 
 def multi_head_attention_stacked(
-    inputs, head_params, *, is_causal=True, dropout_rate=0.0, dropout_rng=None
-):
+    inputs: Float[Array, "T d_in"],
+    head_params,
+    *,
+    is_causal=True,
+    dropout_rate=0.0,
+    dropout_rng=None,
+) -> Float[Array, "T D"]:
     """3.6.1: run independent single heads and concatenate: ``[T, d_in]`` -> ``[T, N*d_out]``.
 
     ``head_params`` is the single-head pytree with a leading head axis ``N`` on every
@@ -246,8 +276,14 @@ def multi_head_attention_stacked(
 
 
 def multi_head_attention(
-    inputs, params, num_heads: int, *, is_causal=True, dropout_rate=0.0, dropout_rng=None
-):
+    inputs: Float[Array, "*B T d_in"],
+    params,
+    num_heads: int,
+    *,
+    is_causal=True,
+    dropout_rate=0.0,
+    dropout_rng=None,
+) -> Float[Array, "*B T d_out"]:
     """3.6.2: one projection split into heads: ``[T, d_in]`` or ``[B, T, d_in]`` -> same with d_out.
 
     ``params`` holds ``W_query``, ``W_key``, ``W_value`` and ``out_proj`` (see :func:`dense`).
@@ -269,7 +305,15 @@ def multi_head_attention(
     return dense(merge_heads(context), params["out_proj"])
 
 
-def dot_product_attention_weights(q, k, *, mask=None, bias=None, is_causal=False, scale=None):
+def dot_product_attention_weights(
+    q: Queries,
+    k: Keys,
+    *,
+    mask: Mask | None = None,
+    bias: Float[Array, "*bias"] | None = None,
+    is_causal=False,
+    scale=None,
+) -> Weights:
     """Attention weights ``[B, N, T, S]`` (or ``[N, T, S]`` unbatched) in q's dtype.
 
     q ``[B, T, N, H]``, k ``[B, S, K, H]`` with ``N % K == 0``. Rows sum to 1, except

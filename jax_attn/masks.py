@@ -8,9 +8,14 @@ with ``T == S`` query ``i`` sees keys ``<= i`` under the causal mask, and with
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+if TYPE_CHECKING:  # shape annotations only; see jax_attn.typing
+    from jax_attn.typing import Array, Bool, Lengths, Mask, PRNGKey
 
 __all__ = [
     "make_causal_mask",
@@ -38,7 +43,7 @@ def _positions(T: int, S: int, offset: int = 0):
     return query_pos, key_pos
 
 
-def make_causal_mask(T: int, S: int | None = None) -> jnp.ndarray:
+def make_causal_mask(T: int, S: int | None = None) -> Bool[Array, "T S"]:
     """Causal mask ``[T, S]``: query ``t`` may attend keys ``<= t + (S - T)``.
 
     >>> make_causal_mask(3).astype(int).tolist()
@@ -69,7 +74,7 @@ def normalize_window(window) -> tuple[int, int]:
     return left, right
 
 
-def make_sliding_window_mask(T: int, window, S: int | None = None) -> jnp.ndarray:
+def make_sliding_window_mask(T: int, window, S: int | None = None) -> Bool[Array, "T S"]:
     """Local-window mask ``[T, S]``.
 
     ``window`` is ``(left, right)`` or an int ``w`` meaning ``(w, w)``: query ``t``
@@ -86,7 +91,9 @@ def make_sliding_window_mask(T: int, window, S: int | None = None) -> jnp.ndarra
     return (key_pos >= query_pos - left) & (key_pos <= query_pos + right)
 
 
-def make_padding_mask(q_lengths, kv_lengths, T: int, S: int) -> jnp.ndarray:
+def make_padding_mask(
+    q_lengths: Lengths | None, kv_lengths: Lengths | None, T: int, S: int
+) -> Bool[Array, "B 1 T S"]:
     """Padding mask ``[B, 1, T, S]`` from per-sequence lengths ``[B]``.
 
     Query ``t`` of sequence ``b`` may attend key ``s`` when ``t < q_lengths[b]`` and
@@ -122,7 +129,7 @@ def make_padding_mask(q_lengths, kv_lengths, T: int, S: int) -> jnp.ndarray:
     return (query_ok[:, None, :, None] & key_ok[:, None, None, :])
 
 
-def combine_masks(*masks) -> jnp.ndarray | None:
+def combine_masks(*masks: Mask | None) -> Mask | None:
     """Logical AND of the masks that are not ``None``, broadcast together; ``None`` if none."""
     present = [jnp.asarray(m) for m in masks if m is not None]
     if not present:
@@ -183,7 +190,7 @@ def _fmix32(h):
     return h ^ (h >> 16)
 
 
-def make_dropout_mask(rng, rate: float, shape, offsets=(0, 0, 0, 0)) -> jnp.ndarray:
+def make_dropout_mask(rng: PRNGKey, rate: float, shape, offsets=(0, 0, 0, 0)) -> Mask:
     """Keep-mask for dropout on attention weights ``[B, N, T, S]`` (True = keep).
 
     Element ``(b, n, t, s)`` is kept with probability ``1 - rate``, decided by a hash of

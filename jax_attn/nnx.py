@@ -39,13 +39,8 @@ from flax import nnx
 from jax_attn import kv_cache, linen
 from jax_attn.attention import dot_product_attention
 from jax_attn.functional import merge_heads, split_heads
-from jax_attn.linen import (
-    as_batch,
-    check_dropout_rate,
-    check_positive_int,
-    resolve_deterministic,
-    torch_linear_init,
-)
+from jax_attn.linen import resolve_deterministic, torch_linear_init
+from jax_attn.validation import as_batch, check_dropout_rate, check_positive_int
 
 if TYPE_CHECKING:
     from jax_attn.typing import Array, Float, Int

@@ -14,31 +14,36 @@ the library's semantics:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 
 from jax_attn.masks import build_attention_mask, make_dropout_mask
 from jax_attn.validation import check_attention_args
 
+if TYPE_CHECKING:  # shape annotations only; see jax_attn.typing
+    from jax_attn.typing import Array, Float, Keys, Lengths, Mask, Outputs, PRNGKey, Queries, Values
+
 __all__ = ["dot_product_attention"]
 
 
 def dot_product_attention(
-    query,
-    key,
-    value,
+    query: Queries,
+    key: Keys,
+    value: Values,
     *,
-    mask=None,
-    bias=None,
+    mask: Mask | None = None,
+    bias: Float[Array, "*bias"] | None = None,
     is_causal=False,
     scale=None,
-    query_seq_lengths=None,
-    key_value_seq_lengths=None,
+    query_seq_lengths: Lengths | None = None,
+    key_value_seq_lengths: Lengths | None = None,
     local_window_size=None,
     dropout_rate=0.0,
-    dropout_rng=None,
+    dropout_rng: PRNGKey | None = None,
     implementation=None,
-):
+) -> Outputs:
     """Reference attention. q ``[B, T, N, H]``, k ``[B, S, K, H]``, v ``[B, S, K, H_v]``
     (or unbatched without ``B``) -> ``[B, T, N, H_v]`` in q's dtype.
 
