@@ -48,15 +48,25 @@ def test_make_mesh_rejects_sizes_that_do_not_match_the_devices(sizes, error, mat
         sharding.make_mesh(**sizes)
 
 
-def mha_and_params(num_heads=8, qkv_bias=True):
-    module = ja.MultiHeadAttention(16, 32, 16, 0.0, num_heads, qkv_bias=qkv_bias)
+MODULE = ja.MultiHeadAttention(16, 32, 16, 0.0, 8, qkv_bias=True)
+
+
+def loss(params, x):
+    return jnp.sum(MODULE.apply({"params": params}, x) ** 2)
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    """Params, input, and the unsharded output and gradients (computed once)."""
     x = jax.random.normal(jax.random.key(0), (8, 16, 16))
-    params = module.init(jax.random.key(1), x)["params"]
-    return module, params, x
+    params = jax.jit(MODULE.init)(jax.random.key(1), x)["params"]
+    out = jax.jit(MODULE.apply)({"params": params}, x)
+    grads = jax.jit(jax.grad(loss))(params, x)
+    return params, x, out, grads
 
 
-def test_shard_params_layout():
-    module, params, _ = mha_and_params()
+def test_shard_params_layout(single_device):
+    params = single_device[0]
     mesh = sharding.make_mesh(data=2, model=4)
     placed = sharding.shard_params({"params": params}, mesh, num_heads=8)["params"]
     assert placed["W_query"]["kernel"].sharding.spec == P(None, "model")
@@ -73,14 +83,13 @@ def collectives(hlo: str) -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("data, model", [(2, 4), (8, 1)])
-def test_sharded_multi_head_attention_equals_single_device(data, model):
-    module, params, x = mha_and_params()
-    want = module.apply({"params": params}, x)
+def test_sharded_multi_head_attention_equals_single_device(single_device, data, model):
+    params, x, want, _ = single_device
     mesh = sharding.make_mesh(data=data, model=model)
     placed = sharding.shard_params(params, mesh, num_heads=8)
     x_sharded = sharding.shard_batch(x, mesh)
     apply = jax.jit(
-        lambda p, x: module.apply({"params": p}, x),
+        lambda p, x: MODULE.apply({"params": p}, x),
         out_shardings=sharding.batch_sharding(mesh),
     )
     got = apply(placed, x_sharded)
@@ -96,14 +105,9 @@ def test_sharded_multi_head_attention_equals_single_device(data, model):
         assert ops[0][0].startswith(f"f32[{x.shape[0] // data},16,32]"), ops
 
 
-def test_sharded_multi_head_attention_gradients_equal_single_device():
-    module, params, x = mha_and_params(qkv_bias=False)
+def test_sharded_multi_head_attention_gradients_equal_single_device(single_device):
+    params, x, _, want = single_device
     mesh = sharding.make_mesh(data=2, model=4)
-
-    def loss(p, x):
-        return jnp.sum(module.apply({"params": p}, x) ** 2)
-
-    want = jax.grad(loss)(params, x)
     got = jax.jit(jax.grad(loss))(
         sharding.shard_params(params, mesh), sharding.shard_batch(x, mesh)
     )
@@ -120,15 +124,16 @@ def test_sharded_multi_head_attention_gradients_equal_single_device():
         (lambda p, mesh: sharding.shard_batch(jnp.zeros((3, 4, 16)), mesh), "batch dim"),
     ],
 )
-def test_sharding_rejects_bad_layouts(call, match):
-    _, params, _ = mha_and_params()
+def test_sharding_rejects_bad_layouts(single_device, call, match):
+    params = single_device[0]
     mesh = sharding.make_mesh(data=2, model=4)
     with pytest.raises(ValueError, match=match):
         call(params, mesh)
 
 
 def test_shard_params_needs_width_divisible_by_model_axis():
-    module = ja.MultiHeadAttention(4, 12, 8, 0.0, 3)
-    params = module.init(jax.random.key(0), jnp.zeros((1, 8, 4)))["params"]
+    # MultiHeadAttention(4, 12, 8, 0.0, num_heads=3)'s parameter shapes
+    params = {name: {"kernel": jnp.zeros((4, 12))} for name in ("W_query", "W_key", "W_value")}
+    params["out_proj"] = {"kernel": jnp.zeros((12, 12)), "bias": jnp.zeros((12,))}
     with pytest.raises(ValueError, match="d_out=12 must be divisible by .* model axis size 8"):
         sharding.shard_params(params, sharding.make_mesh(model=8))
