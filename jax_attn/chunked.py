@@ -214,10 +214,12 @@ def _slice_broadcast(x, q_index, k_index, plan: _Plan):
 
 
 def _block_logits(plan: _Plan, q_blk, k, mask, bias, kv_lengths, q_index, k_index,
-                  position_masked: bool):
+                  position_masked):
     """float32 logits ``[B, K, G, Tq, Sk]`` of one block, masked entries at ``MASKED_LOGIT``.
 
-    Entries whose bias is ``-inf`` stay ``-inf`` (they count as masked)."""
+    The causal/window/key-range masks are applied only when the traced bool
+    ``position_masked`` says the block crosses their boundary. Entries whose bias is
+    ``-inf`` stay ``-inf`` (they count as masked)."""
     Tq, Sk = plan.q_chunk, plan.k_chunk
     k_blk = jax.lax.dynamic_slice_in_dim(k, k_index * Sk, Sk, axis=2)
     # [B, K, G, Tq, Sk]
@@ -226,20 +228,24 @@ def _block_logits(plan: _Plan, q_blk, k, mask, bias, kv_lengths, q_index, k_inde
     ) * jnp.float32(plan.scale)
     if bias is not None:
         logits = logits + _slice_broadcast(bias, q_index, k_index, plan)
+    key_pos = k_index * Sk + jnp.arange(Sk, dtype=jnp.int32)
+    if plan.is_causal or plan.window is not None or plan.S_padded != plan.S:
+
+        def apply_position_mask(logits):
+            query_pos = q_index * Tq + jnp.arange(Tq, dtype=jnp.int32)[:, None] + plan.S - plan.T
+            # [Tq, Sk]
+            inside = jnp.broadcast_to(key_pos < plan.S, (Tq, Sk))
+            if plan.is_causal:
+                inside = inside & (key_pos <= query_pos)
+            if plan.window is not None:
+                left, right = plan.window
+                inside = inside & (key_pos >= query_pos - left) & (key_pos <= query_pos + right)
+            return jnp.where(inside, logits, MASKED_LOGIT)
+
+        logits = jax.lax.cond(position_masked, apply_position_mask, lambda x: x, logits)
     valid = None
     if mask is not None:
         valid = _slice_broadcast(mask, q_index, k_index, plan)
-    key_pos = k_index * Sk + jnp.arange(Sk, dtype=jnp.int32)
-    if position_masked:
-        query_pos = q_index * Tq + jnp.arange(Tq, dtype=jnp.int32)[:, None] + (plan.S - plan.T)
-        # [Tq, Sk]
-        inside = jnp.broadcast_to(key_pos < plan.S, (Tq, Sk))
-        if plan.is_causal:
-            inside = inside & (key_pos <= query_pos)
-        if plan.window is not None:
-            left, right = plan.window
-            inside = inside & (key_pos >= query_pos - left) & (key_pos <= query_pos + right)
-        valid = inside if valid is None else valid & inside
     if kv_lengths is not None:
         # [B, 1, 1, 1, Sk]
         key_ok = key_pos < kv_lengths[:, None, None, None, None]
@@ -258,12 +264,12 @@ def _block_keep(plan: _Plan, rng, B, K, G, q_index, k_index):
     return keep.reshape(B, K, G, plan.q_chunk, plan.k_chunk)
 
 
-def _visit(lo, full_lo, full_hi, hi, body, carry):
-    """Runs ``body(position_masked)(j, carry)`` over ``[lo, hi)`` with the masked flag set
-    outside ``[full_lo, full_hi)``."""
-    carry = jax.lax.fori_loop(lo, full_lo, body(True), carry)
-    carry = jax.lax.fori_loop(full_lo, full_hi, body(False), carry)
-    return jax.lax.fori_loop(full_hi, hi, body(True), carry)
+def _visit(lo, full_lo, full_hi, hi, step, carry):
+    """Runs ``step(k_index, position_masked, carry)`` over key chunks ``[lo, hi)``;
+    ``position_masked`` is False inside ``[full_lo, full_hi)``."""
+    return jax.lax.fori_loop(
+        lo, hi, lambda j, state: step(j, (j < full_lo) | (j >= full_hi), state), carry
+    )
 
 
 def _forward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng):
@@ -277,34 +283,31 @@ def _forward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng):
     def one_query_chunk(_, q_index):
         q_blk = jax.lax.dynamic_slice_in_dim(q, q_index * Tq, Tq, axis=3)
 
-        def body(position_masked):
-            def step(k_index, state):
-                acc, row_max, row_sum = state
-                logits = _block_logits(plan, q_blk, k, mask, bias, kv_lengths, q_index,
-                                       k_index, position_masked)
-                new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
-                probs = jnp.exp(logits - new_max[..., None])
-                correction = jnp.exp(row_max - new_max)
-                row_sum = row_sum * correction + jnp.sum(probs, axis=-1)
-                if plan.dropout_rate > 0.0:
-                    keep = _block_keep(plan, rng, B, K, G, q_index, k_index)
-                    probs = jnp.where(keep, probs * (1.0 / (1.0 - plan.dropout_rate)), 0.0)
-                v_blk = jax.lax.dynamic_slice_in_dim(v, k_index * Sk, Sk, axis=2)
-                # [B, K, G, Tq, H_v]
-                update = jnp.einsum(
-                    "BKGTS,BKSH->BKGTH", probs.astype(v.dtype), v_blk,
-                    preferred_element_type=jnp.float32,
-                )
-                return acc * correction[..., None] + update, new_max, row_sum
-
-            return step
+        def step(k_index, position_masked, state):
+            acc, row_max, row_sum = state
+            logits = _block_logits(plan, q_blk, k, mask, bias, kv_lengths, q_index,
+                                   k_index, position_masked)
+            new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
+            probs = jnp.exp(logits - new_max[..., None])
+            correction = jnp.exp(row_max - new_max)
+            row_sum = row_sum * correction + jnp.sum(probs, axis=-1)
+            if plan.dropout_rate > 0.0:
+                keep = _block_keep(plan, rng, B, K, G, q_index, k_index)
+                probs = jnp.where(keep, probs * (1.0 / (1.0 - plan.dropout_rate)), 0.0)
+            v_blk = jax.lax.dynamic_slice_in_dim(v, k_index * Sk, Sk, axis=2)
+            # [B, K, G, Tq, H_v]
+            update = jnp.einsum(
+                "BKGTS,BKSH->BKGTH", probs.astype(v.dtype), v_blk,
+                preferred_element_type=jnp.float32,
+            )
+            return acc * correction[..., None] + update, new_max, row_sum
 
         state = (
             jnp.zeros((B, K, G, Tq, H_v), jnp.float32),
             jnp.full((B, K, G, Tq), MASKED_LOGIT, jnp.float32),
             jnp.zeros((B, K, G, Tq), jnp.float32),
         )
-        acc, row_max, row_sum = _visit(*_key_chunk_ranges(plan, q_index, kv_limit), body, state)
+        acc, row_max, row_sum = _visit(*_key_chunk_ranges(plan, q_index, kv_limit), step, state)
         # A row that met no valid key keeps row_max == MASKED_LOGIT (its masked entries were
         # counted with weight exp(0) = 1 and are discarded here).
         has_keys = row_max > MASKED_LOGIT
@@ -335,54 +338,49 @@ def _backward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, out, lse, d_out
         lse_blk = jax.lax.dynamic_slice_in_dim(lse, q_index * Tq, Tq, axis=3)
         delta_blk = jax.lax.dynamic_slice_in_dim(delta, q_index * Tq, Tq, axis=3)
 
-        def body(position_masked):
-            def step(k_index, state):
-                dq, dk, dv, dbias = state
-                logits = _block_logits(plan, q_blk, k, mask, bias, kv_lengths, q_index,
-                                       k_index, position_masked)
-                # [B, K, G, Tq, Sk]
-                probs = jnp.exp(logits - lse_blk[..., None])
-                v_blk = jax.lax.dynamic_slice_in_dim(v, k_index * Sk, Sk, axis=2)
-                k_blk = jax.lax.dynamic_slice_in_dim(k, k_index * Sk, Sk, axis=2)
-                # [B, K, G, Tq, Sk]
-                d_probs = jnp.einsum(
-                    "BKGTH,BKSH->BKGTS", do_blk, v_blk, preferred_element_type=jnp.float32
-                )
-                dropped = probs
-                if plan.dropout_rate > 0.0:
-                    keep = _block_keep(plan, rng, B, K, G, q_index, k_index)
-                    factor = jnp.where(keep, jnp.float32(1.0 / (1.0 - plan.dropout_rate)), 0.0)
-                    dropped = probs * factor
-                    d_probs = d_probs * factor
-                d_logits = probs * (d_probs - delta_blk[..., None])
-                # [B, K, S, H_v]
-                dv_blk = jnp.einsum(
-                    "BKGTS,BKGTH->BKSH", dropped.astype(d_out.dtype), do_blk,
-                    preferred_element_type=jnp.float32,
-                )
-                # [B, K, S, H]
-                dk_blk = jnp.einsum(
-                    "BKGTS,BKGTH->BKSH", d_logits.astype(q.dtype), q_blk,
-                    preferred_element_type=jnp.float32,
-                ) * scale
-                # [B, K, G, Tq, H]
-                dq = dq + jnp.einsum(
-                    "BKGTS,BKSH->BKGTH", d_logits.astype(k.dtype), k_blk,
-                    preferred_element_type=jnp.float32,
-                ) * scale
-                dk = _add_block(dk, dk_blk, (0, 0, k_index * Sk, 0))
-                dv = _add_block(dv, dv_blk, (0, 0, k_index * Sk, 0))
-                if dbias is not None:
-                    dbias = _add_bias_block(dbias, d_logits, q_index, k_index, plan)
-                return dq, dk, dv, dbias
-
-            return step
+        def step(k_index, position_masked, state):
+            dq, dk, dv, dbias = state
+            logits = _block_logits(plan, q_blk, k, mask, bias, kv_lengths, q_index,
+                                   k_index, position_masked)
+            # [B, K, G, Tq, Sk]
+            probs = jnp.exp(logits - lse_blk[..., None])
+            v_blk = jax.lax.dynamic_slice_in_dim(v, k_index * Sk, Sk, axis=2)
+            k_blk = jax.lax.dynamic_slice_in_dim(k, k_index * Sk, Sk, axis=2)
+            # [B, K, G, Tq, Sk]
+            d_probs = jnp.einsum(
+                "BKGTH,BKSH->BKGTS", do_blk, v_blk, preferred_element_type=jnp.float32
+            )
+            dropped = probs
+            if plan.dropout_rate > 0.0:
+                keep = _block_keep(plan, rng, B, K, G, q_index, k_index)
+                factor = jnp.where(keep, jnp.float32(1.0 / (1.0 - plan.dropout_rate)), 0.0)
+                dropped = probs * factor
+                d_probs = d_probs * factor
+            d_logits = probs * (d_probs - delta_blk[..., None])
+            # [B, K, S, H_v]
+            dv_blk = jnp.einsum(
+                "BKGTS,BKGTH->BKSH", dropped.astype(d_out.dtype), do_blk,
+                preferred_element_type=jnp.float32,
+            )
+            # [B, K, S, H]
+            dk_blk = jnp.einsum(
+                "BKGTS,BKGTH->BKSH", d_logits.astype(q.dtype), q_blk,
+                preferred_element_type=jnp.float32,
+            ) * scale
+            # [B, K, G, Tq, H]
+            dq = dq + jnp.einsum(
+                "BKGTS,BKSH->BKGTH", d_logits.astype(k.dtype), k_blk,
+                preferred_element_type=jnp.float32,
+            ) * scale
+            dk = _add_block(dk, dk_blk, (0, 0, k_index * Sk, 0))
+            dv = _add_block(dv, dv_blk, (0, 0, k_index * Sk, 0))
+            if dbias is not None:
+                dbias = _add_bias_block(dbias, d_logits, q_index, k_index, plan)
+            return dq, dk, dv, dbias
 
         dk, dv, dbias = carry
         state = (jnp.zeros(q_blk.shape, jnp.float32), dk, dv, dbias)
-        dq, dk, dv, dbias = _visit(
-            *_key_chunk_ranges(plan, q_index, kv_limit), body, state
-        )
+        dq, dk, dv, dbias = _visit(*_key_chunk_ranges(plan, q_index, kv_limit), step, state)
         return (dk, dv, dbias), dq
 
     dbias0 = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
@@ -499,34 +497,42 @@ def chunked_attention(q, k, v, *, call: AttentionCall, mask=None, bias=None,
                       query_seq_lengths=None, key_value_seq_lengths=None, dropout_rng=None,
                       query_chunk_size=None, key_chunk_size=None):
     """The kernel on validated, batched inputs (the registry's ``"chunked"`` entry)."""
-    B, T, N, K, G, H, S, H_v = call.B, call.T, call.N, call.K, call.G, call.H, call.S, call.H_v
     default_q, default_k = default_chunk_sizes()
-    q_chunk = _check_chunk("query_chunk_size", query_chunk_size or default_q)
-    k_chunk = _check_chunk("key_chunk_size", key_chunk_size or default_k)
-    if T == 0 or S == 0:
-        return jnp.zeros((B, T, N, H_v), call.dtype)
-    q_chunk, k_chunk = min(q_chunk, T), min(k_chunk, S)
-    T_pad, S_pad = -(-T // q_chunk) * q_chunk, -(-S // k_chunk) * k_chunk
+    q_chunk = _check_chunk(
+        "query_chunk_size", default_q if query_chunk_size is None else query_chunk_size)
+    k_chunk = _check_chunk(
+        "key_chunk_size", default_k if key_chunk_size is None else key_chunk_size)
+    if call.T == 0 or call.S == 0:
+        return jnp.zeros((call.B, call.T, call.N, call.H_v), call.dtype)
+    q_chunk, k_chunk = min(q_chunk, call.T), min(k_chunk, call.S)
+    plan = _Plan(
+        T=call.T, S=call.S, q_chunk=q_chunk, k_chunk=k_chunk, is_causal=call.is_causal,
+        window=call.window, scale=call.scale, dropout_rate=call.dropout_rate,
+        mask_shape=None if mask is None else jnp.shape(mask),
+        bias_shape=None if bias is None else jnp.shape(bias),
+    )
+    rng = dropout_rng if call.dropout_rate > 0.0 else None
+    return _chunked_jit(plan, call.N, call.K, q, k, v, mask, bias, query_seq_lengths,
+                        key_value_seq_lengths, rng)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _chunked_jit(plan: _Plan, N, K, q, k, v, mask, bias, query_seq_lengths, kv_seq_lengths, rng):
+    """Pads and lays out the inputs for :func:`_chunked_core` (jitted: eager calls are cached)."""
+    B, T, _, H = q.shape
+    S, H_v, G = k.shape[1], v.shape[-1], N // K
+    T_pad, S_pad = plan.T_padded, plan.S_padded
     mask_blocks = None if mask is None else _as_blocks(mask, B, N, K, T_pad, S_pad, False)
     bias_blocks = None
     if bias is not None:
         bias_blocks = _as_blocks(jnp.asarray(bias).astype(jnp.float32), B, N, K, T_pad, S_pad, 0.0)
-    plan = _Plan(
-        T=T, S=S, q_chunk=q_chunk, k_chunk=k_chunk, is_causal=call.is_causal,
-        window=call.window, scale=call.scale, dropout_rate=call.dropout_rate,
-        mask_shape=None if mask_blocks is None else mask_blocks.shape,
-        bias_shape=None if bias_blocks is None else bias_blocks.shape,
-    )
     # [B, K, G, T', H]
     q_blocks = jnp.pad(q, [(0, 0), (0, T_pad - T), (0, 0), (0, 0)])
     q_blocks = jnp.transpose(q_blocks.reshape(B, T_pad, K, G, H), (0, 2, 3, 1, 4))
     # [B, K, S', H]
     k_blocks = jnp.transpose(jnp.pad(k, [(0, 0), (0, S_pad - S), (0, 0), (0, 0)]), (0, 2, 1, 3))
     v_blocks = jnp.transpose(jnp.pad(v, [(0, 0), (0, S_pad - S), (0, 0), (0, 0)]), (0, 2, 1, 3))
-    kv_lengths = None
-    if key_value_seq_lengths is not None:
-        kv_lengths = jnp.asarray(key_value_seq_lengths, jnp.int32)
-    rng = dropout_rng if call.dropout_rate > 0.0 else None
+    kv_lengths = None if kv_seq_lengths is None else jnp.asarray(kv_seq_lengths, jnp.int32)
     out = _chunked_core(plan, q_blocks, k_blocks, v_blocks, mask_blocks, bias_blocks,
                         kv_lengths, rng)
     # [B, K, G, T', H_v] -> [B, T, N, H_v]
@@ -534,4 +540,4 @@ def chunked_attention(q, k, v, *, call: AttentionCall, mask=None, bias=None,
     if query_seq_lengths is not None:
         query_ok = jnp.arange(T)[None, :] < jnp.asarray(query_seq_lengths)[:, None]
         out = jnp.where(query_ok[:, :, None, None], out, 0.0)
-    return out.astype(call.dtype)
+    return out.astype(q.dtype)
