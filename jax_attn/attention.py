@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 
-from jax_attn import reference
+from jax_attn import chunked, reference
 from jax_attn.masks import build_attention_mask
 from jax_attn.validation import AttentionCall, check_attention_args
 
@@ -139,6 +139,16 @@ def dot_product_attention(
 
     Returns:
       ``[B, T, N, H_v]`` in the input dtype. A query with nothing to attend gets zeros.
+
+    >>> from jax_attn import chunked, reference
+    >>> q = jax.random.normal(jax.random.key(0), (2, 5, 4, 8))      # [B, T, N, H]
+    >>> k = v = jax.random.normal(jax.random.key(1), (2, 5, 2, 8))  # [B, S, K, H], K=2: GQA
+    >>> out = dot_product_attention(q, k, v, is_causal=True)
+    >>> out.shape
+    (2, 5, 4, 8)
+    >>> expected = reference.dot_product_attention(q, k, v, is_causal=True)
+    >>> bool(jnp.allclose(out, expected, atol=1e-5))
+    True
     """
     call = check_attention_args(
         query, key, value, mask=mask, bias=bias, is_causal=is_causal, scale=scale,
@@ -198,23 +208,32 @@ def _xla_unsupported(call: AttentionCall, platform: str) -> str | None:
     return None
 
 
-def _xla_fn(q, k, v, *, call, mask, bias, query_seq_lengths, key_value_seq_lengths,
-            dropout_rng):
+def _jax_nn_fn(q, k, v, *, call, mask, bias, query_seq_lengths, key_value_seq_lengths,
+               dropout_rng, implementation="xla"):
     del dropout_rng
     T, S = call.T, call.S
     # jax.nn aligns causal and window masks top-left; ours are bottom-right. They agree
-    # when T == S; otherwise the masks go in explicitly.
+    # when T == S; otherwise the masks go in explicitly. cuDNN takes a left window only,
+    # and only with the causal mask (which makes the right side irrelevant).
     native = T == S
+    native_window = call.window
+    if implementation == "cudnn" and call.window is not None:
+        native_window = (call.window[0], 0) if call.is_causal else None
+    native_window_ok = call.window is None or native_window is not None
     if bias is not None:
         bias = jnp.asarray(bias)
         finite = bias > -jnp.inf
         # float32 at least: a finite bias such as -1e9 must not round to -inf in float16.
         bias = jnp.where(finite, bias, 0.0).astype(jnp.promote_types(q.dtype, jnp.float32))
         mask = finite if mask is None else jnp.asarray(mask) & finite
-    if not native and (call.is_causal or call.window is not None):
+    explicit_window = call.window is not None and not (native and native_window_ok)
+    if (not native and call.is_causal) or explicit_window:
         mask = build_attention_mask(
-            T, S, mask=mask, is_causal=call.is_causal, local_window_size=call.window
+            T, S, mask=mask, is_causal=call.is_causal and not native,
+            local_window_size=call.window if explicit_window else None,
         )
+    if implementation == "cudnn":
+        mask, bias = _cudnn_mask_and_bias(mask, bias, T, S, q.dtype)
     lengths = {}
     if query_seq_lengths is not None:
         lengths["query_seq_lengths"] = jnp.asarray(query_seq_lengths, jnp.int32)
@@ -226,8 +245,8 @@ def _xla_fn(q, k, v, *, call, mask, bias, query_seq_lengths, key_value_seq_lengt
         mask=None if mask is None else mask.reshape((1,) * (4 - mask.ndim) + mask.shape),
         scale=call.scale,
         is_causal=call.is_causal and native,
-        local_window_size=call.window if native else None,
-        implementation="xla",
+        local_window_size=None if explicit_window else native_window,
+        implementation=implementation,
         **lengths,
     )
     # jax.nn spreads a fully masked row uniformly; ours is zero.
@@ -246,7 +265,88 @@ def _xla_fn(q, k, v, *, call, mask, bias, query_seq_lengths, key_value_seq_lengt
     return out
 
 
+def _xla_fn(q, k, v, **kwargs):
+    return _jax_nn_fn(q, k, v, implementation="xla", **kwargs)
+
+
 register_implementation(Implementation(
     name="xla", fn=_xla_fn, unsupported=_xla_unsupported,
     description="jax.nn.dot_product_attention(implementation='xla')",
+))
+
+
+# --- "cudnn": jax.nn.dot_product_attention(implementation="cudnn") on NVIDIA GPUs -----------
+
+
+def _nvidia_device():
+    """The default device if it is an NVIDIA GPU, else ``None``."""
+    device = jax.devices()[0]
+    return device if "nvidia" in str(getattr(device, "device_kind", "")).lower() else None
+
+
+def _cudnn_unsupported(call: AttentionCall, platform: str) -> str | None:
+    device = _nvidia_device() if platform == "gpu" else None
+    if device is None:
+        return "needs an NVIDIA GPU"
+    if call.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"dtype {call.dtype} (bfloat16 and float16 only)"
+    if call.dropout_rate > 0.0:
+        return "no dropout (jax.nn.dot_product_attention has none)"
+    capability = str(getattr(device, "compute_capability", "0"))
+    H_max = 256 if float(capability or 0) >= 9.0 else 128
+    if call.H % 8 or call.H > H_max:
+        return f"head dim H must be a multiple of 8 and <= {H_max}, got {call.H}"
+    if call.H_v != call.H:
+        return f"needs value head dim equal to H={call.H}, got {call.H_v}"
+    if call.T == 0 or call.S == 0:
+        return f"empty sequences (T={call.T}, S={call.S})"
+    explicit_mask = (
+        call.has_mask or call.has_bias or (call.T != call.S and call.is_causal)
+        or (call.window is not None and (call.T != call.S or not call.is_causal))
+    )
+    if explicit_mask and (call.T % 2 or call.S % 2):
+        return f"a mask or bias needs even T and S, got T={call.T}, S={call.S}"
+    return None
+
+
+def _cudnn_mask_and_bias(mask, bias, T, S, dtype):
+    """cuDNN takes a mask or bias with full ``T`` and ``S`` dims, in the input dtype."""
+    if bias is not None:
+        limit = float(jnp.finfo(dtype).max)
+        bias = jnp.clip(bias, -limit, limit).astype(dtype)
+        bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+        bias = jnp.broadcast_to(bias, (*bias.shape[:2], T, S))
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+        mask = jnp.broadcast_to(mask, (*mask.shape[:2], T, S))
+    return mask, bias
+
+
+def _cudnn_fn(q, k, v, **kwargs):
+    return _jax_nn_fn(q, k, v, implementation="cudnn", **kwargs)
+
+
+register_implementation(Implementation(
+    name="cudnn", fn=_cudnn_fn, unsupported=_cudnn_unsupported, platforms=("gpu",),
+    description="jax.nn.dot_product_attention(implementation='cudnn'): cuDNN flash attention",
+))
+
+
+# --- "chunked": pure-JAX online softmax, O(T) memory ----------------------------------------
+
+
+def _chunked_unsupported(call: AttentionCall, platform: str) -> str | None:
+    if call.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        return f"dtype {call.dtype} (float32, bfloat16 and float16 only)"
+    return None
+
+
+def _chunked_fn(q, k, v, **kwargs):
+    return chunked.chunked_attention(q, k, v, **kwargs)
+
+
+register_implementation(Implementation(
+    name="chunked", fn=_chunked_fn, unsupported=_chunked_unsupported,
+    description="online softmax over query/key chunks, skips empty blocks, O(T) memory",
 ))

@@ -4,6 +4,15 @@ Single-sequence functions take ``inputs [T, D]``; the batched, multi-head ones u
 shape letters of ``jax.nn``: q ``[B, T, N, H]``, k/v ``[B, S, K, H]``, weights
 ``[B, N, T, S]``. Logits and softmax are computed in float32 at least; results come
 back in the input dtype. Every function is jit-, vmap- and grad-able.
+
+>>> import jax.numpy as jnp
+>>> from jax_attn import functional as F
+>>> inputs = jnp.array([[0.43, 0.15, 0.89], [0.55, 0.87, 0.66], [0.57, 0.85, 0.64]])
+>>> weights = F.attention_weights(F.attention_scores(inputs, inputs))   # 3.3.2
+>>> weights.shape, bool(jnp.allclose(weights.sum(axis=-1), 1.0))
+((3, 3), True)
+>>> F.context_vectors(weights, inputs).shape
+(3, 3)
 """
 
 from __future__ import annotations
@@ -83,7 +92,11 @@ def naive_softmax(x: Float[Array, "*R T"]) -> Float[Array, "*R T"]:
 
 
 def softmax(x: Float[Array, "*X"], axis: int = -1) -> Float[Array, "*X"]:
-    """Numerically stable softmax (subtracts the row maximum first), in float32 at least."""
+    """Numerically stable softmax (subtracts the row maximum first), in float32 at least.
+
+    >>> softmax(jnp.array([1000.0, 0.0])).tolist(), naive_softmax(jnp.array([1000.0, 0.0])).tolist()
+    ([1.0, 0.0], [nan, 0.0])
+    """
     x = x.astype(_compute_dtype(x.dtype))
     shifted = x - jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
     e = jnp.exp(shifted)
@@ -184,6 +197,9 @@ def masked_softmax(
 
     Computed in float32 at least. Masked entries get exactly 0, and a row with nothing
     to attend gets all zeros (never NaN). ``-inf`` logits count as masked.
+
+    >>> masked_softmax(jnp.zeros((2, 2)), jnp.array([[True, True], [False, False]])).tolist()
+    [[0.5, 0.5], [0.0, 0.0]]
     """
     logits = logits.astype(_compute_dtype(logits.dtype))
     valid = logits > -jnp.inf
@@ -200,6 +216,13 @@ def dropout(
 
     ``weights`` has shape ``[B, N, T, S]`` or a trailing part of it (e.g. ``[T, S]``).
     The same ``rng`` always drops the same positions (see ``masks.make_dropout_mask``).
+
+    >>> weights = jnp.full((4, 4), 0.25)
+    >>> dropped = dropout(weights, 0.5, jax.random.key(0))
+    >>> sorted(set(dropped.ravel().tolist()))        # dropped, or kept and doubled
+    [0.0, 0.5]
+    >>> bool((dropout(weights, 0.5, jax.random.key(0)) == dropped).all())   # same key
+    True
     """
     if rate == 0.0:
         return weights
@@ -211,7 +234,14 @@ def dropout(
 
 
 def split_heads(x: Float[Array, "*R T D"], num_heads: int) -> Float[Array, "*R T N H"]:
-    """``[..., T, D]`` -> ``[..., T, N, H]`` with ``H = D // N``."""
+    """``[..., T, D]`` -> ``[..., T, N, H]`` with ``H = D // N``.
+
+    >>> x = jnp.arange(12.0).reshape(1, 2, 6)
+    >>> split_heads(x, 3).shape
+    (1, 2, 3, 2)
+    >>> bool((merge_heads(split_heads(x, 3)) == x).all())
+    True
+    """
     *lead, D = x.shape
     if D % num_heads:
         raise ValueError(f"split_heads: width D={D} is not divisible by num_heads={num_heads}")
@@ -318,6 +348,13 @@ def dot_product_attention_weights(
 
     q ``[B, T, N, H]``, k ``[B, S, K, H]`` with ``N % K == 0``. Rows sum to 1, except
     rows with nothing to attend, which are all zeros.
+
+    >>> q = k = jnp.ones((1, 3, 2, 4))                  # [B, T, N, H]
+    >>> import numpy as np
+    >>> print(np.asarray(dot_product_attention_weights(q, k, is_causal=True)[0, 0]).round(2))
+    [[1.   0.   0.  ]
+     [0.5  0.5  0.  ]
+     [0.33 0.33 0.33]]
     """
     call = check_attention_args(q, k, mask=mask, bias=bias, is_causal=is_causal, scale=scale)
     if not call.batched:

@@ -6,6 +6,14 @@ Inputs are ``[T, d_in]`` or ``[B, T, d_in]``. Parameters are named as in the boo
 uses the ``"dropout"`` RNG stream and a ``deterministic`` flag given at construction
 or call (the call wins). The attention itself is :func:`jax_attn.dot_product_attention`;
 these modules hold parameters and shapes only.
+
+>>> import jax, jax.numpy as jnp
+>>> mha = MultiHeadAttention(d_in=3, d_out=4, context_length=6, dropout=0.5, num_heads=2)
+>>> x = jnp.ones((2, 6, 3))                                        # [B, T, d_in]
+>>> variables = mha.init(jax.random.key(0), x)
+>>> mha.apply(variables, x, deterministic=True).shape
+(2, 6, 4)
+>>> train = mha.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
 """
 
 from __future__ import annotations

@@ -49,6 +49,11 @@ def dot_product_attention(
 
     ``implementation`` is accepted for signature compatibility and must be None or
     ``"reference"``.
+
+    >>> q = k = v = jnp.ones((1, 2, 1, 4))                 # [B, T, N, H]
+    >>> mask = jnp.array([[True, True], [False, False]])   # query 1 may attend nothing
+    >>> dot_product_attention(q, k, v, mask=mask)[0, :, 0, 0].tolist()
+    [1.0, 0.0]
     """
     if implementation not in (None, "reference"):
         raise ValueError(

@@ -1,0 +1,48 @@
+"""The examples in the docstrings run and print what they show.
+
+Only modules whose API is stable are listed; add a module here once its examples are
+final. Modules that need an optional dependency are skipped when it is missing, and a
+module that does not exist (yet) fails with a clear message rather than silently.
+"""
+
+import doctest
+import importlib
+import pkgutil
+
+import pytest
+
+import jax_attn
+
+DOCTESTED = {
+    "jax_attn": (),
+    "jax_attn.masks": (),
+    "jax_attn.functional": (),
+    "jax_attn.attention": (),
+    "jax_attn.reference": (),
+    "jax_attn.linen": (),
+    "jax_attn.nnx": (),
+    "jax_attn.plots": ("matplotlib",),
+    "jax_attn.typing": (),
+}
+OPTIONS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+
+
+@pytest.mark.parametrize("module_name", sorted(DOCTESTED))
+def test_docstring_examples(module_name):
+    for dependency in DOCTESTED[module_name]:
+        pytest.importorskip(dependency)
+    module = importlib.import_module(module_name)
+    finder = doctest.DocTestFinder(exclude_empty=True)
+    runner = doctest.DocTestRunner(optionflags=OPTIONS)
+    tests = finder.find(module, module_name, globs=vars(module).copy())
+    for test in sorted(tests, key=lambda t: t.name):
+        runner.run(test)
+    results = runner.summarize(verbose=False)
+    assert results.failed == 0, f"{results.failed} of {results.attempted} examples failed"
+
+
+def test_listed_modules_exist():
+    present = {"jax_attn"} | {
+        f"jax_attn.{info.name}" for info in pkgutil.iter_modules(jax_attn.__path__)
+    }
+    assert set(DOCTESTED) <= present, sorted(set(DOCTESTED) - present)
