@@ -14,6 +14,7 @@ The exit code is 0 when every book value matches and the reference check passes,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 import sys
@@ -598,6 +599,8 @@ def parse_args(argv):
                         help="folder for the heatmap PNG (default %(default)s)")
     parser.add_argument("--batch", type=int, help="override the config's run.batch")
     parser.add_argument("--seq-len", type=int, help="override the config's run.seq_len")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="override the config's run.dtype")
     parser.add_argument("--runs", type=int, default=5,
                         help="timed runs after the warm-up (default %(default)s)")
     parser.add_argument("--no-plot", action="store_true", help="do not write the heatmap")
@@ -614,11 +617,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config)
         book_cfg = load_config("book")
-        overrides = {"batch": args.batch, "seq_len": args.seq_len}
+        overrides = {"batch": args.batch, "seq_len": args.seq_len, "dtype": args.dtype}
         overrides = {k: v for k, v in overrides.items() if v is not None}
         if overrides:
-            import dataclasses
-
             cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **overrides))
     except (ConfigError, ValueError) as e:
         print(f"jax-attn demo: {e}", file=sys.stderr)
@@ -629,6 +630,8 @@ def main(argv: list[str] | None = None) -> int:
     report.line("jax-attn demo: chapter 3 of 'Build a Large Language Model (From Scratch)' in JAX")
     report.line(f"jax {jax.__version__}, default device {jax.devices()[0]} "
                 f"({jax.devices()[0].device_kind})")
+    report.line(f"{report.marks[0]} = matches the value the book prints (4 decimals: within "
+                f"{BOOK_ATOL:g}) or the check holds; {report.marks[1]} = it does not")
     report.line()
     weights = walk_the_chapter(report, book_cfg)
     book_checks, book_failures = report.checks, len(report.failures)

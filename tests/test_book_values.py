@@ -155,8 +155,8 @@ def test_3_5_1_both_causal_ways_agree(scores):
         scores = _book_scores()
     else:
         scores = 3.0 * jax.random.normal(jax.random.key(1), (2, 3, 7, 7))
-    by_renormalizing = F.causal_weights_by_renormalizing(scores)
-    by_masking = F.causal_weights_by_masking(scores)
+    by_renormalizing = jax.jit(F.causal_weights_by_renormalizing)(scores)
+    by_masking = jax.jit(F.causal_weights_by_masking)(scores)
     np.testing.assert_allclose(by_renormalizing, by_masking, atol=1e-6)
     T = scores.shape[-1]
     assert not np.asarray(by_masking)[..., ~np.asarray(ja.make_causal_mask(T))].any()
