@@ -595,7 +595,7 @@ def parse_args(argv):
                         help="config for the multi-head attention run: a file, or the name of "
                         "a shipped one (gpt2-small, gpt2-medium, gpt2-large, gpt2-xl, book); "
                         "default %(default)s")
-    parser.add_argument("--out", default="demo-output", type=Path,
+    parser.add_argument("--out", default="out/demo", type=Path,
                         help="folder for the heatmap PNG (default %(default)s)")
     parser.add_argument("--batch", type=int, help="override the config's run.batch")
     parser.add_argument("--seq-len", type=int, help="override the config's run.seq_len")
