@@ -27,6 +27,7 @@ __all__ = [
     "Implementation",
     "available_implementations",
     "dot_product_attention",
+    "preference_order",
     "register_implementation",
     "select_implementation",
     "unsupported_reason",
@@ -51,12 +52,38 @@ class Implementation:
 
 
 _REGISTRY: dict[str, Implementation] = {}
-# Preference order per platform for implementation=None (first supporting one wins).
+# Preference order per platform for implementation=None (first supporting one wins);
+# :func:`preference_order` moves "xla" ahead of "chunked" for the calls below the
+# thresholds that follow.
 PREFERENCE: dict[str, list[str]] = {
-    "cpu": ["xla", "reference"],
-    "gpu": ["xla", "reference"],
-    "tpu": ["xla", "reference"],
+    "cpu": ["chunked", "xla", "reference"],
+    "gpu": ["cudnn", "xla", "chunked", "reference"],
+    "tpu": ["xla", "chunked", "reference"],
 }
+# "chunked" goes first only from this many queries T on: with fewer (decoding) it has no
+# block to skip and its loop costs more than "xla" (measured on CPU: T=1..4 against 64..1024
+# keys, chunked 1.3x slower; T >= 8 chunked faster; see docs/performance.md).
+CHUNKED_MIN_QUERIES: dict[str, int] = {"cpu": 8, "gpu": 8, "tpu": 8}
+# ... and, where "xla" is listed first (GPU, TPU), only from this many bytes of float32
+# logits [B, N, T, S] on, where materialising them costs memory the device may not have.
+# Not measured on a GPU yet: a memory bound, not a speed threshold.
+CHUNKED_MIN_LOGIT_BYTES: dict[str, int] = {"cpu": 0, "gpu": 2**30, "tpu": 2**30}
+
+
+def preference_order(call: AttentionCall, platform: str) -> list[str]:
+    """The platform's :data:`PREFERENCE` adjusted for the call's size."""
+    order = list(PREFERENCE.get(platform, ["reference"]))
+    if "chunked" not in order or "xla" not in order:
+        return order
+    logit_bytes = 4 * call.B * call.N * call.T * call.S
+    wants_chunked = (
+        call.T >= CHUNKED_MIN_QUERIES.get(platform, 8)
+        and logit_bytes >= CHUNKED_MIN_LOGIT_BYTES.get(platform, 0)
+    )
+    first, second = ("chunked", "xla") if wants_chunked else ("xla", "chunked")
+    i, j = sorted((order.index("chunked"), order.index("xla")))
+    order[i], order[j] = first, second
+    return order
 
 
 def register_implementation(impl: Implementation) -> None:
@@ -95,7 +122,7 @@ def select_implementation(call: AttentionCall, platform: str | None = None) -> s
     """The first implementation in the platform's preference order that supports ``call``."""
     platform = platform or _platform()
     reasons = {}
-    for name in PREFERENCE.get(platform, ["reference"]):
+    for name in preference_order(call, platform):
         if name not in _REGISTRY:
             continue
         reason = unsupported_reason(name, call, platform)
