@@ -535,8 +535,11 @@ def run_gpt2(report: Report, cfg, runs: int) -> None:
     )
     flops = 4 * 2 * B * T * D * a.d_out + 2 * 2 * B * a.num_heads * T * T * a.head_dim
     report.line(f"  compile time: {_fmt_seconds(compile_s)} (jax.jit(...).lower().compile())")
-    report.line(f"  run time:     {_fmt_seconds(run_s)} (median of {runs} runs after one warm-up;"
-                f" {flops / run_s / 1e9:.1f} GFLOP/s counting the full T x T)")
+    rate = flops / run_s
+    rate_text = f"{rate / 1e9:.1f} GFLOP/s" if rate >= 1e9 else f"{rate / 1e6:.1f} MFLOP/s"
+    report.line(f"  run time:     {_fmt_seconds(run_s)} (median of {runs} "
+                f"run{'s' if runs > 1 else ''} after one warm-up; {rate_text} counting the "
+                "full T x T)")
 
 
 # --- heatmap --------------------------------------------------------------------------------
