@@ -8,6 +8,8 @@ module that does not exist (yet) fails with a clear message rather than silently
 import doctest
 import importlib
 import pkgutil
+import re
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +27,15 @@ DOCTESTED = {
     "jax_attn.typing": (),
 }
 OPTIONS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+DOCTESTED_PAGES = {
+    "masks.md": (),
+    "functional.md": ("matplotlib",),
+    "reference.md": (),
+    "attention.md": (),
+    "modules.md": (),
+    "plots.md": ("matplotlib",),
+}
 
 
 @pytest.mark.parametrize("module_name", sorted(DOCTESTED))
@@ -37,6 +48,21 @@ def test_docstring_examples(module_name):
     tests = finder.find(module, module_name, globs=vars(module).copy())
     for test in sorted(tests, key=lambda t: t.name):
         runner.run(test)
+    results = runner.summarize(verbose=False)
+    assert results.failed == 0, f"{results.failed} of {results.attempted} examples failed"
+
+
+@pytest.mark.parametrize("page", sorted(DOCTESTED_PAGES))
+def test_docs_page_examples(page):
+    """The ``>>>`` examples in the Markdown pages (code fences read as blank lines)."""
+    for dependency in DOCTESTED_PAGES[page]:
+        pytest.importorskip(dependency)
+    path = DOCS / page
+    text = re.sub(r"^\s*```.*$", "", path.read_text(), flags=re.MULTILINE)
+    test = doctest.DocTestParser().get_doctest(text, {}, page, str(path), 0)
+    assert test.examples, f"{page} has no examples"
+    runner = doctest.DocTestRunner(optionflags=OPTIONS)
+    runner.run(test)
     results = runner.summarize(verbose=False)
     assert results.failed == 0, f"{results.failed} of {results.attempted} examples failed"
 
