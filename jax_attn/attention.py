@@ -293,6 +293,11 @@ def _jax_nn_fn(q, k, v, *, call, mask, bias, query_seq_lengths, key_value_seq_le
 
 
 def _xla_fn(q, k, v, **kwargs):
+    if q.dtype == jnp.float16 and _platform() == "cpu":
+        # jax.nn asks dot_general for F16_F16_F32 precision, which XLA:CPU cannot compile
+        # under jax.jit; float32 inputs give the same float32 logits.
+        q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+        return _jax_nn_fn(q, k, v, implementation="xla", **kwargs).astype(jnp.float16)
     return _jax_nn_fn(q, k, v, implementation="xla", **kwargs)
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "Mistake",
     "agrees",
     "base_call",
+    "empty_rows",
     "error_table",
     "is_clear",
     "load_kernels",
@@ -99,6 +100,34 @@ def max_error(out, expected, value) -> float:
         return float("inf")
     scale = max(1.0, float(np.abs(np.asarray(value, np.float64)).max(initial=0.0)))
     return float(np.abs(out - expected).max(initial=0.0)) / scale
+
+
+def empty_rows(call: dict) -> np.ndarray:
+    """Bool ``[B, T, N]`` (or ``[T, N]`` unbatched): query rows with no key to attend.
+
+    Computed from the masks alone (``mask``, causal, window, lengths, ``-inf`` bias);
+    attention must give these rows exact zeros.
+    """
+    from jax_attn.masks import build_attention_mask
+
+    query = call["query"]
+    batched = query.ndim == 4
+    T, N = query.shape[-3], query.shape[-2]
+    S = call["key"].shape[-3]
+    B = query.shape[0] if batched else 1
+    allowed = build_attention_mask(
+        T, S, mask=call.get("mask"), is_causal=call.get("is_causal", False),
+        query_seq_lengths=call.get("query_seq_lengths"),
+        key_value_seq_lengths=call.get("key_value_seq_lengths"),
+        local_window_size=call.get("local_window_size"),
+    )
+    allowed = np.ones((1, 1, T, S), bool) if allowed is None else np.asarray(allowed)
+    if call.get("bias") is not None:
+        bias = np.asarray(call["bias"], np.float32)
+        allowed = allowed & (bias.reshape((1,) * (4 - bias.ndim) + bias.shape) > -np.inf)
+    # [B, N, T] -> [B, T, N]
+    empty = np.broadcast_to(~allowed.any(axis=-1), (B, N, T)).transpose(0, 2, 1)
+    return empty if batched else empty[0]
 
 
 def agrees(out, expected, value, dtype) -> bool:
@@ -506,6 +535,7 @@ def check_valid_call(call: dict, report: FuzzReport, implementations) -> None:
     args = {name: x for name, x in call.items() if name not in ("query", "key", "value")}
     expected = reference_float64(call["query"], call["key"], call["value"], **args)
     meta = check_attention_args(call["query"], call["key"], call["value"], **args)
+    empty = empty_rows(call)
     dtype = np.dtype(call["query"].dtype).name
     for name in implementations:
         stats = report.per_implementation.setdefault(name, dict(agreed=0, disagreed=0, nans=0,
@@ -525,6 +555,10 @@ def check_valid_call(call: dict, report: FuzzReport, implementations) -> None:
             report.nans += 1
             stats["nans"] += 1
             report.failures.append(f"NaN from {name}: {_describe(call)}")
+        elif np.any(np.asarray(out, np.float32)[empty] != 0.0):
+            report.disagreed += 1
+            stats["disagreed"] += 1
+            report.failures.append(f"{name}: nonzero output for an empty row: {_describe(call)}")
         elif error <= tolerance(dtype):
             report.agreed += 1
             stats["agreed"] += 1
