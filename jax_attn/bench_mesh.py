@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="K for seq meshes (GQA; default N)")
     parser.add_argument("--head-dim", type=int, default=64, help="H for seq meshes")
     parser.add_argument("--block-size", type=int, default=None,
-                        help="ring attention: keys per inner block (default: whole local block)")
+                        help="ring attention: queries and keys per inner block (default: "
+                        "the largest divisor of the local chunk up to 512)")
     parser.add_argument("--not-causal", action="store_true", help="ring attention without mask")
     parser.add_argument("--backward", action="store_true",
                         help="measure forward + backward (gradients of q, k, v / params)")

@@ -217,7 +217,8 @@ class _Ring:
     devices: int
     is_causal: bool
     scale: float
-    block_size: int | None
+    block_size: int
+    query_block_size: int
     batch_axis_name: str | None
 
     @property
@@ -305,10 +306,23 @@ def _key_blocks(ring: _Ring, S: int) -> int:
 
 
 def _attend(ring: _Ring, q, k, v, q_pos=None, k_pos=None) -> PartialAttention:
-    """Partial attention of local ``q`` over ``k, v``, ``block_size`` keys at a time.
+    """Partial attention of local ``q`` over ``k, v`` in ``[query_block_size, block_size]``
+    blocks. With positions, keys later than the query are masked (causal)."""
+    T = q.shape[1]
+    blocks = max(1, T // ring.query_block_size)
+    if blocks == 1:
+        return _attend_keys(ring, q, k, v, q_pos, k_pos)
+    causal = q_pos is not None
+    split = functools.partial(_split_blocks, blocks=blocks)
+    partials = lax.map(
+        lambda args: _attend_keys(ring, args[0], k, v, args[1] if causal else None, k_pos),
+        (split(q), split(q_pos if causal else jnp.zeros((T,), jnp.int32), axis=0)),
+    )
+    return PartialAttention(*(_merge_blocks(x) for x in partials))
 
-    With positions, keys later than the query are masked (causal).
-    """
+
+def _attend_keys(ring: _Ring, q, k, v, q_pos=None, k_pos=None) -> PartialAttention:
+    """Partial attention of ``q`` over ``k, v``, ``block_size`` keys at a time."""
     B, T, N, _ = q.shape
     _, S, K, H = k.shape
     blocks = _key_blocks(ring, S)
@@ -418,6 +432,32 @@ def _block_grads(ring: _Ring, q, k, v, out, lse, d_out, q_pos=None, k_pos=None):
 
 
 def _grads(ring: _Ring, q, k, v, out, lse, d_out, q_pos=None, k_pos=None):
+    """:func:`_block_grads` in ``[query_block_size, block_size]`` blocks."""
+    T = q.shape[1]
+    blocks = max(1, T // ring.query_block_size)
+    if blocks == 1:
+        return _grads_keys(ring, q, k, v, out, lse, d_out, q_pos, k_pos)
+    causal = q_pos is not None
+    split = functools.partial(_split_blocks, blocks=blocks)
+    f32 = jnp.promote_types(k.dtype, jnp.float32)
+
+    def one_query_block(d_kv, xs):
+        q_b, out_b, lse_b, d_out_b, q_pos_b = xs
+        d_q_b, d_k_b, d_v_b = _grads_keys(
+            ring, q_b, k, v, out_b, lse_b, d_out_b, q_pos_b if causal else None, k_pos
+        )
+        return (d_kv[0] + d_k_b, d_kv[1] + d_v_b), d_q_b
+
+    d_kv0 = (jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32))
+    q_pos = q_pos if causal else jnp.zeros((T,), jnp.int32)
+    (d_k, d_v), d_q = lax.scan(
+        one_query_block, d_kv0,
+        (split(q), split(out), split(lse), split(d_out), split(q_pos, axis=0)),
+    )
+    return _merge_blocks(d_q), d_k, d_v
+
+
+def _grads_keys(ring: _Ring, q, k, v, out, lse, d_out, q_pos=None, k_pos=None):
     """:func:`_block_grads` over ``block_size`` keys at a time."""
     S = k.shape[1]
     blocks = _key_blocks(ring, S)
@@ -534,10 +574,11 @@ def ring_attention(
     sequence over the mesh axis ``axis_name`` -> ``[B, T, N, H]``, sharded the same way.
 
     Same result as :func:`jax_attn.dot_product_attention` (``N % K == 0``; causal needs
-    ``T == S`` and ``T`` divisible by twice the axis size). ``block_size`` (keys per
-    inner block) bounds the logits held at once to ``[B, N, T / P, block_size]``; the
-    default is the largest divisor of the keys per chunk up to
-    ``DEFAULT_MAX_BLOCK_SIZE`` (the whole chunk when that divisor is tiny).
+    ``T == S`` and ``T`` divisible by twice the axis size). Each ring step runs in blocks
+    of ``block_size`` queries by ``block_size`` keys, so one device holds O(T / P)
+    activations and ``[B, N, block_size, block_size]`` logits; the default is the
+    largest divisor of the local chunk up to ``DEFAULT_MAX_BLOCK_SIZE`` (the whole chunk
+    when that divisor is tiny), for queries and keys separately.
     ``batch_axis_name`` also splits the batch over another mesh axis. Differentiable
     (custom VJP: a second ring pass).
     """
@@ -573,19 +614,21 @@ def ring_attention(
                 f"ring_attention: sequence length {letter}={length} must be divisible by "
                 f"{chunks}, for mesh axis {axis_name!r} of size {devices}{layout}"
             )
-    key_chunk = call.S // chunks
+    key_chunk, query_chunk = call.S // chunks, call.T // chunks
     if block_size is None:
-        block_size = default_block_size(key_chunk)
+        block_size, query_block_size = default_block_size(key_chunk), default_block_size(
+            query_chunk)
     else:
         if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral):
             raise TypeError(
                 f"ring_attention: block_size must be an int or None, got {block_size!r}"
             )
-        if block_size < 1 or key_chunk % block_size:
+        if block_size < 1 or key_chunk % block_size or query_chunk % block_size:
             raise ValueError(
-                f"ring_attention: block_size must divide the keys per chunk, S / {chunks} = "
-                f"{key_chunk}, got {block_size}"
+                f"ring_attention: block_size must divide the keys and queries per chunk, "
+                f"S / {chunks} = {key_chunk} and T / {chunks} = {query_chunk}, got {block_size}"
             )
+        query_block_size = block_size
     if batch_axis_name is not None and call.B % _axis_size(mesh, batch_axis_name):
         raise ValueError(
             f"ring_attention: batch B={call.B} must be divisible by mesh axis "
@@ -593,7 +636,7 @@ def ring_attention(
         )
     ring = _Ring(
         mesh=mesh, axis_name=axis_name, devices=devices, is_causal=call.is_causal,
-        scale=call.scale, block_size=int(block_size),
+        scale=call.scale, block_size=int(block_size), query_block_size=int(query_block_size),
         batch_axis_name=batch_axis_name,
     )
     return _ring_attention(ring, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))

@@ -131,7 +131,7 @@ def test_ring_attention_per_device_memory_falls_with_devices():
         (dict(axis_name="sequence"), 16, "axis_name must be one of"),
         (dict(axis_name="seq", is_causal=True), 20, "divisible by 8"),
         (dict(axis_name="seq"), 18, "divisible by 4"),
-        (dict(axis_name="seq", block_size=3), 16, "block_size must divide"),
+        (dict(axis_name="seq", block_size=3), 16, "block_size must divide the keys and queries"),
         (dict(axis_name="seq", batch_axis_name="seq"), 16, "batch_axis_name"),
     ],
 )
