@@ -557,7 +557,7 @@ def plot_accuracy_vs_length(rows: list[dict], task_name: str, path) -> None:
     ax.set_ylim(0, 1.02)
     ax.set_xlabel(f"{task_name} length")
     ax.set_ylabel("accuracy on target tokens")
-    ax.legend()
+    ax.legend(loc="lower left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
