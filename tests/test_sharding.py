@@ -137,3 +137,38 @@ def test_shard_params_needs_width_divisible_by_model_axis():
     params["out_proj"] = {"kernel": jnp.zeros((12, 12)), "bias": jnp.zeros((12,))}
     with pytest.raises(ValueError, match="d_out=12 must be divisible by .* model axis size 8"):
         sharding.shard_params(params, sharding.make_mesh(model=8))
+
+
+@pytest.mark.parametrize(
+    "spec, want",
+    [("data=2,model=4", {"data": 2, "model": 4, "seq": 1}),
+     ("seq=8", {"data": 1, "model": 1, "seq": 8})],
+)
+def test_bench_mesh_parses_mesh_specs(spec, want):
+    from jax_attn import bench_mesh
+
+    assert bench_mesh.parse_mesh(spec) == want
+
+
+@pytest.mark.parametrize("spec", ["tensor=2", "seq=0", "data=two", "model=2,seq=4"])
+def test_bench_mesh_rejects_bad_mesh_specs(spec):
+    from jax_attn import bench_mesh
+
+    with pytest.raises(ValueError, match="--mesh"):
+        bench_mesh.parse_mesh(spec)
+
+
+def test_bench_mesh_ring_reports_memory_falling_with_devices(tmp_path):
+    import json
+
+    from jax_attn import bench_mesh
+
+    out = tmp_path / "mesh.json"
+    argv = ["--mesh", "seq=2", "--seq-len", "64", "--heads", "2", "--head-dim", "8",
+            "--repeats", "1", "--out", str(out)]
+    assert bench_mesh.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["mesh"] for row in rows] == ["1", "1", "seq=2"]
+    ring_1, ring_2 = (row["memory_bytes"]["total"] for row in rows[1:])
+    assert ring_2 < ring_1
+    assert rows[2]["collectives"].get("collective-permute", 0) > 0
