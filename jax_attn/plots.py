@@ -52,6 +52,9 @@ __all__ = [
     "tokenize",
     "embed_tokens",
     "sentence_figures",
+    "decoder_attention_weights",
+    "trained_figures",
+    "save_figures",
     "main",
 ]
 
@@ -119,8 +122,17 @@ def _draw(
     """One heatmap on ``ax``: rows are queries, columns keys; returns the image."""
     T, S = weights.shape
     image = ax.imshow(weights, cmap=cmap, vmin=vmin, vmax=vmax, aspect="equal")
-    ax.set_xticks(range(S), labels=key_tokens, rotation=45, ha="right", rotation_mode="anchor")
-    ax.set_yticks(range(T), labels=query_tokens)
+    long = max(T, S) > 2 * ANNOTATE_UP_TO
+    fontsize = max(4.0, 240.0 / max(T, S)) if long else None
+    ax.set_xticks(
+        range(S),
+        labels=key_tokens,
+        rotation=90 if long else 45,
+        ha="center" if long else "right",
+        rotation_mode="anchor" if not long else "default",
+        fontsize=fontsize,
+    )
+    ax.set_yticks(range(T), labels=query_tokens, fontsize=fontsize)
     if labels:
         ax.set_xlabel("key token")
         ax.set_ylabel("query token")
@@ -462,6 +474,70 @@ def _sentence_weights(
     }
 
 
+# --- a trained model ------------------------------------------------------------------------
+
+
+def decoder_attention_weights(decoder, params, tokens) -> list[jax.Array]:
+    """Causal attention weights ``[N, T, T]`` of every layer of a
+    :class:`jax_attn.train.Decoder` on one sequence ``tokens [T]``.
+
+    The input of each block's attention (the output of its ``norm_1``) is captured with
+    ``capture_intermediates``; the weights are then those of
+    :func:`jax_attn.functional.dot_product_attention_weights` on the block's own
+    ``W_query`` / ``W_key`` projections, i.e. what its ``MultiHeadAttention`` computes.
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens must have shape [T], got {list(tokens.shape)}")
+    _, state = decoder.apply(
+        {"params": params}, tokens[None], deterministic=True, capture_intermediates=True
+    )
+    intermediates = state["intermediates"]
+    weights = []
+    for i in range(decoder.num_layers):
+        block = f"block_{i}"
+        (attention_input,) = intermediates[block]["norm_1"]["__call__"]
+        projections = params[block]["attention"]
+        # [1, T, N, H] and [1, T, K, H]
+        queries = functional.split_heads(
+            functional.dense(attention_input, projections["W_query"]), decoder.num_heads
+        )
+        keys = functional.split_heads(
+            functional.dense(attention_input, projections["W_key"]), decoder.num_kv_heads
+        )
+        weights.append(functional.dot_product_attention_weights(queries, keys, is_causal=True)[0])
+    return weights
+
+
+def trained_figures(config_path, checkpoint_path, *, seed: int = 0) -> dict[str, Figure]:
+    """Every head of every layer of the model ``jax-attn train --config CONFIG`` saved in
+    ``checkpoint_path``, on one fresh example of its task: ``{"trained_layer_<i>": figure}``.
+
+    A model trained on ``copy`` shows heads that look back ``length + 1`` tokens: each
+    copied symbol attends to the symbol it copies.
+    """
+    from flax import serialization
+
+    from jax_attn import train
+
+    config = train.load_train_config(config_path)
+    state = serialization.msgpack_restore(Path(checkpoint_path).read_bytes())
+    decoder = train.build_decoder(config)
+    tokens, _ = train.make_batch(jax.random.key(seed), config.task, 1)
+    labels = train.format_tokens(tokens[0], config.task).split()
+    weights = decoder_attention_weights(decoder, state["params"], tokens[0])
+    task = config.task
+    return {
+        f"trained_layer_{i}": plot_heads(
+            layer_weights,
+            labels,
+            title=f"Trained decoder ({task.name}, length {task.length}), layer {i}: "
+            f"every head (query token down, key token across)",
+        )
+        for i, layer_weights in enumerate(weights)
+    }
+
+
 def save_figures(figures: Mapping[str, Figure], out_dir, dpi: int = 110) -> list[Path]:
     """Writes ``out_dir/<name>.png`` for each figure; returns the paths."""
     out_dir = Path(out_dir)
@@ -487,6 +563,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dim", type=int, default=16, help="random embedding width")
     parser.add_argument("--seed", type=int, default=0, help="embedding and weight seed")
     parser.add_argument(
+        "--checkpoint",
+        help="a jax-attn train checkpoint (with --config): plot the trained model's heads",
+    )
+    parser.add_argument("--config", help="the configs/<name>.toml the checkpoint was trained with")
+    parser.add_argument(
         "--all",
         action="store_true",
         help=f"regenerate the documentation figures in {FIGURES_DIR} (ignores the others)",
@@ -499,6 +580,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.all:
         paths = save_figures(sentence_figures(), FIGURES_DIR)
+    elif args.checkpoint or args.config:
+        if not (args.checkpoint and args.config):
+            print("jax-attn plot: --checkpoint and --config go together", file=sys.stderr)
+            return 2
+        paths = save_figures(
+            trained_figures(args.config, args.checkpoint, seed=args.seed), args.out
+        )
     else:
         if args.heads <= 0:
             print(f"jax-attn plot: --heads must be > 0, got {args.heads}", file=sys.stderr)

@@ -155,3 +155,75 @@ def test_cli_writes_pngs(tmp_path):
 def test_cli_rejects_bad_arguments(argv, tmp_path, capsys):
     assert plots.main(argv) == 2
     assert "jax-attn plot:" in capsys.readouterr().err
+
+
+# --- a trained model's heads ----------------------------------------------------------------
+
+TINY_CONFIG = """
+output_dir = "unused"
+[task]
+name = "copy"
+length = 3
+vocab_size = 5
+[model]
+d_model = 8
+num_layers = 2
+num_heads = 2
+num_kv_heads = 1
+mlp_ratio = 2
+dropout = 0.0
+[train]
+steps = 2
+batch_size = 2
+learning_rate = 1e-3
+warmup_steps = 1
+weight_decay = 0.0
+seed = 0
+log_every = 1
+eval_examples = 2
+[generate]
+show = 1
+temperature = 0.0
+top_k = 0
+"""
+
+
+@pytest.mark.slow
+def test_decoder_attention_weights_reproduce_each_attention_layer(tmp_path):
+    train = pytest.importorskip("jax_attn.train")
+    config_path = tmp_path / "tiny.toml"
+    config_path.write_text(TINY_CONFIG)
+    config = train.load_train_config(config_path)
+    decoder = train.build_decoder(config)
+    tokens, _ = train.make_batch(jax.random.key(1), config.task, 1)
+    params = decoder.init(jax.random.key(2), tokens)["params"]
+    weights = plots.decoder_attention_weights(decoder, params, tokens[0])
+    _, state = decoder.apply({"params": params}, tokens, capture_intermediates=True)
+    for i, layer_weights in enumerate(weights):
+        block = state["intermediates"][f"block_{i}"]
+        (attention_input,) = block["norm_1"]["__call__"]
+        (attention_output,) = block["attention"]["__call__"]
+        p = params[f"block_{i}"]["attention"]
+        # [T, K, H] -> [T, N, H]: query head n uses kv head n // (N // K)
+        values = functional.split_heads(functional.dense(attention_input[0], p["W_value"]), 1)
+        values = jnp.repeat(values, decoder.num_heads, axis=1)
+        # [T, N, H]
+        context = jnp.einsum("NTS,SNH->TNH", layer_weights, values)
+        out = functional.dense(functional.merge_heads(context), p["out_proj"])
+        np.testing.assert_allclose(out, attention_output[0], rtol=1e-5, atol=1e-6)
+    train.save_checkpoint(tmp_path / "checkpoint.msgpack", {"params": params, "step": 0})
+    code = plots.main(
+        [
+            "--checkpoint",
+            str(tmp_path / "checkpoint.msgpack"),
+            "--config",
+            str(config_path),
+            "--out",
+            str(tmp_path / "figures"),
+        ]
+    )
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
+        "trained_layer_0.png",
+        "trained_layer_1.png",
+    ]
