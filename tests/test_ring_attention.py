@@ -120,6 +120,8 @@ def test_ring_attention_per_device_memory_falls_with_devices():
             q, k, v, mesh=mesh, axis_name="seq", is_causal=True)).lower(
             shape, shape, shape).compile()
         footprints.append(per_device_bytes(compiled))
+        hlo = compiled.as_text()
+        assert "all-gather" not in hlo and "all-to-all" not in hlo, "sequence was gathered"
     assert all(a > b for a, b in zip(footprints, footprints[1:], strict=False)), footprints
     # Inputs and outputs alone shrink by 8x; the logits block by more.
     assert footprints[-1] * 8 <= footprints[0], footprints
