@@ -674,7 +674,7 @@ def run_comparison(config: TrainRunConfig, out_dir: Path, progress: bool = True)
 
 def decode_benchmark(*, prompt: int = 768, new_tokens: int = 256, context: int = 1024,
                      d_model: int = 768, num_heads: int = 12, batch: int = 1,
-                     repeats: int = 3) -> dict:
+                     repeats: int = 5) -> dict:
     """GPT-2-small attention: a cached decode step vs recomputing the full causal pass.
 
     Cached: ``new_tokens`` one-token steps after a ``prompt``-token prefill, in one jitted
@@ -723,7 +723,9 @@ def decode_benchmark(*, prompt: int = 768, new_tokens: int = 256, context: int =
     recompute_step = float(np.mean(list(recompute_steps.values())))
 
     # the cached outputs are the full pass's
-    (_, outs) = decode(cache, x[:, prompt:])
+    _, outs = decode(cache, x[:, prompt:])
+    # [B, new_tokens, D]: scan stacked the steps first
+    outs = jnp.swapaxes(outs, 0, 1)
     expected = full.apply({"params": params}, x)[:, prompt:]
     max_error = float(jnp.max(jnp.abs(outs - expected)))
     return {
