@@ -513,8 +513,9 @@ def trained_figures(config_path, checkpoint_path, *, seed: int = 0) -> dict[str,
     """Every head of every layer of the model ``jax-attn train --config CONFIG`` saved in
     ``checkpoint_path``, on one fresh example of its task: ``{"trained_layer_<i>": figure}``.
 
-    A model trained on ``copy`` shows heads that look back ``length + 1`` tokens: each
-    copied symbol attends to the symbol it copies.
+    In a model trained on ``copy`` (``configs/copy.toml``), the first layer's heads, from
+    the separator on, put most of their weight on the token ``length`` positions back:
+    the symbol the model writes next.
     """
     from flax import serialization
 
