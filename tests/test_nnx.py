@@ -197,6 +197,17 @@ def test_jit_and_grad_through_nnx():
     assert np.all(np.isfinite(grads["W_query"]["kernel"][...]))
 
 
+def test_dropout_stream_under_nnx_jit_matches_eager():
+    x = inputs()
+    eager = MODULES["MultiHeadAttention"](nnx.Rngs(params=0, dropout=1), dropout=0.5)
+    jitted = MODULES["MultiHeadAttention"](nnx.Rngs(params=0, dropout=1), dropout=0.5)
+    step = nnx.jit(lambda model, x: model(x, deterministic=False))
+    first, second = step(jitted, x), step(jitted, x)
+    np.testing.assert_allclose(first, eager(x, deterministic=False), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(second, eager(x, deterministic=False), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(first, second), "the stream must advance inside nnx.jit too"
+
+
 def test_causal_modules_do_not_see_the_future():
     module = MODULES["MultiHeadAttention"](nnx.Rngs(params=0))
     x = inputs(batched=False)
