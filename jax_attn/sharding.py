@@ -383,22 +383,34 @@ def _ring_forward_local(ring: _Ring, q, k, v):
         late = _attend(ring, q[:, c:], k, v)
         return _concat_partials(empty_partial(B, c, N, v.shape[-1]), late)
 
-    def step(s, carry):
+    def step(s, carry, prefetch: bool):
+        # k, v came from device (index - s); the next block's transfer starts before this
+        # block's compute and does not depend on it, so the two can overlap.
         partial, k, v = carry
-        k, v = ring.shift(k), ring.shift(v)
+        k_next, v_next = (ring.shift(k), ring.shift(v)) if prefetch else (k, v)
         if ring.is_causal:
             source = (index - s) % ring.devices
             block = lax.cond(source < index, earlier_keys, later_keys, q, k, v)
         else:
             block = _attend(ring, q, k, v)
-        return combine_partials(partial, block), k, v
+        return combine_partials(partial, block), k_next, v_next
 
-    partial, _, _ = lax.fori_loop(1, ring.devices, step, (partial, k, v))
+    partial = _ring_loop(ring, step, (partial, ring.shift(k), ring.shift(v)))[0]
     out = finalize_partial(partial, q.dtype)
     safe_sum = jnp.where(partial.row_sum > 0, partial.row_sum, 1.0)
     # [B, T, N]
     log_sum_exp = partial.row_max + jnp.log(safe_sum)
     return out, log_sum_exp
+
+
+def _ring_loop(ring: _Ring, step, carry):
+    """Runs ``step(s, carry, prefetch)`` for ring steps ``s = 1 .. P-1``; the last step
+    fetches no next block."""
+    n = ring.devices
+    if n == 1:
+        return carry
+    carry = lax.fori_loop(1, n - 1, lambda s, c: step(s, c, True), carry)
+    return step(n - 1, carry, False)
 
 
 def _block_grads(ring: _Ring, q, k, v, out, lse, d_out, q_pos=None, k_pos=None):
@@ -501,19 +513,23 @@ def _ring_backward_local(ring: _Ring, q, k, v, out, lse, d_out):
         d_q, d_k, d_v = _grads(ring, q[:, late], k, v, out[:, late], lse[:, late], d_out[:, late])
         return _pad_rows(d_q, before=c), d_k, d_v
 
-    def step(s, carry):
+    def step(s, carry, prefetch: bool):
+        # k, v came from device (index - s) with d_k, d_v: their gradients from the devices
+        # they visited so far. Add this device's share and pass them on with the block.
         d_q, k, v, d_k, d_v = carry
-        k, v, d_k, d_v = (ring.shift(x) for x in (k, v, d_k, d_v))
+        k_next, v_next = (ring.shift(k), ring.shift(v)) if prefetch else (k, v)
         if ring.is_causal:
             source = (index - s) % ring.devices
             block = lax.cond(source < index, earlier_keys, later_keys, q, k, v, d_out)
         else:
             block = grads(q=q, k=k, v=v, d_out=d_out)
-        return d_q + block[0], k, v, d_k + block[1], d_v + block[2]
+        d_k, d_v = ring.shift(d_k + block[1]), ring.shift(d_v + block[2])
+        return d_q + block[0], k_next, v_next, d_k, d_v
 
-    d_q, _, _, d_k, d_v = lax.fori_loop(1, ring.devices, step, (d_q, k, v, d_k, d_v))
-    # After P - 1 shifts each dK/dV sits one device before its home.
-    d_k, d_v = ring.shift(d_k), ring.shift(d_v)
+    # After the last step each dK/dV has gone round the ring and is home.
+    d_q, _, _, d_k, d_v = _ring_loop(
+        ring, step, (d_q, ring.shift(k), ring.shift(v), ring.shift(d_k), ring.shift(d_v))
+    )
     return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
 
 
