@@ -29,8 +29,9 @@ def _reference_forward(params, x, K):
 
 
 def _setup(K, seed=0):
-    x = jax.random.normal(jax.random.key(seed + 1), (B, T, D))
-    variables = _module(K, decode=True).init(jax.random.key(seed), jnp.zeros((B, CONTEXT, D)))
+    x = jnp.asarray(np.random.default_rng(seed).standard_normal((B, T, D)), jnp.float32)
+    init = jax.jit(_module(K, decode=True).init)
+    variables = init(jax.random.key(seed), jnp.zeros((B, CONTEXT, D)))
     return x, variables["params"], variables["cache"]
 
 
@@ -42,7 +43,7 @@ def _apply_decode(module):
 
 
 def _decode(params, cache, x, chunks, K, apply=None):
-    apply = apply or _apply_decode(_module(K, decode=True))
+    apply = apply or kv_cache.checked(_apply_decode(_module(K, decode=True)))
     outs, start = [], 0
     for size in chunks:
         y, updated = apply({"params": params, "cache": cache}, x[:, start:start + size])
@@ -54,11 +55,14 @@ def _decode(params, cache, x, chunks, K, apply=None):
 
 @pytest.mark.parametrize("K", [4, 2, 1])
 def test_init_allocates_cache_and_gqa_projections(K):
-    _, params, cache = _setup(K)
+    variables = jax.eval_shape(
+        _module(K, decode=True).init, jax.random.key(0), jnp.zeros((B, CONTEXT, D))
+    )
+    params, cache = variables["params"], variables["cache"]
     H = D // N
     assert cache["cached_key"].shape == (B, CONTEXT, K, H)
     assert cache["cached_value"].shape == (B, CONTEXT, K, H)
-    np.testing.assert_array_equal(cache["cache_index"], [0, 0])
+    assert cache["cache_index"].shape == (B,)
     assert params["W_key"]["kernel"].shape == (D, K * H)
     assert params["W_query"]["kernel"].shape == (D, D)
 
@@ -75,21 +79,22 @@ def test_book_parameter_count_unchanged():
 def test_decoding_equals_full_causal_pass(K, chunks):
     x, params, cache = _setup(K)
     out, cache = _decode(params, cache, x, chunks, K)
-    full = _module(K).apply({"params": params}, x)
-    np.testing.assert_allclose(full, _reference_forward(params, x, K), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(out, full, rtol=1e-5, atol=1e-5)
+    expected = jax.jit(_reference_forward, static_argnums=2)(params, x, K)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(cache["cache_index"], [T, T])
 
 
-def test_decoding_under_checked_jit_and_scan():
+def test_gqa_full_pass_equals_reference():
+    K = 2
+    x, params, _ = _setup(K)
+    full = jax.jit(_module(K).apply)({"params": params}, x)
+    np.testing.assert_allclose(full, _reference_forward(params, x, K), rtol=1e-5, atol=1e-5)
+
+
+def test_one_token_steps_inside_scan_equal_full_pass():
     K = 2
     x, params, cache = _setup(K)
     module = _module(K, decode=True)
-    full = _reference_forward(params, x, K)
-
-    apply = kv_cache.checked(_apply_decode(module))
-    out, _ = _decode(params, cache, x, (3, 1, 2), K, apply=apply)
-    np.testing.assert_allclose(out, full, rtol=1e-5, atol=1e-5)
 
     def one_token_at_a_time(params, cache, x):
         def step(cache, x_t):
@@ -102,7 +107,8 @@ def test_decoding_under_checked_jit_and_scan():
         return jnp.swapaxes(ys, 0, 1)
 
     out = kv_cache.checked(one_token_at_a_time)(params, cache, x)
-    np.testing.assert_allclose(out, full, rtol=1e-5, atol=1e-5)
+    expected = jax.jit(_reference_forward, static_argnums=2)(params, x, K)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_overflow_raises():
@@ -123,25 +129,29 @@ def test_mixed_prompt_lengths_through_lengths():
     K = 2
     x, params, cache = _setup(K, seed=3)
     module = _module(K, decode=True)
+
+    @kv_cache.checked
+    def apply(variables, x, lengths=None):
+        return module.apply(variables, x, lengths=lengths, mutable=["cache"])
+
     lengths = [2, 3]
     # One padded prompt block of 3, then each sequence continues with its own next token.
-    prompt, updated = module.apply(
-        {"params": params, "cache": cache}, x[:, :3], lengths=jnp.array(lengths),
-        mutable=["cache"],
-    )
+    prompt, updated = apply({"params": params, "cache": cache}, x[:, :3], jnp.array(lengths))
     np.testing.assert_array_equal(updated["cache"]["cache_index"], lengths)
     next_tokens = jnp.stack([x[b, lengths[b]] for b in range(B)])[:, None]
-    step, _ = module.apply({"params": params, **updated}, next_tokens, mutable=["cache"])
+    step, _ = apply({"params": params, **updated}, next_tokens)
+    reference_forward = jax.jit(_reference_forward, static_argnums=2)
     for b in range(B):
-        expected = _reference_forward(params, x[b:b + 1, :lengths[b] + 1], K)[0]
+        expected = reference_forward(params, x[b:b + 1, :lengths[b] + 1], K)[0]
         np.testing.assert_allclose(prompt[b, :lengths[b]], expected[:-1], atol=1e-5)
         np.testing.assert_allclose(step[b, 0], expected[-1], atol=1e-5)
 
 
 def test_decode_needs_mutable_cache():
-    x, params, cache = _setup(2)
+    module = _module(2, decode=True)
+    variables = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((B, CONTEXT, D)))
     with pytest.raises(flax.errors.ModifyScopeVariableError):
-        _module(2, decode=True).apply({"params": params, "cache": cache}, x[:, :1])
+        jax.eval_shape(module.apply, variables, jnp.zeros((B, 1, D)))
 
 
 @pytest.mark.parametrize(
