@@ -42,7 +42,7 @@ import optax
 from flax import serialization
 
 from jax_attn import kv_cache
-from jax_attn.config import load_dataclass, resolve_config_path
+from jax_attn.config import ConfigError, load_dataclass, resolve_config_path
 from jax_attn.linen import MultiHeadAttention
 
 __all__ = [
@@ -748,7 +748,8 @@ def main(argv=None) -> int:
         prog="jax-attn train",
         description="Train a small decoder on a generated task and generate with the KV cache.",
     )
-    parser.add_argument("--config", help="configs/<name>.toml (e.g. configs/copy.toml)")
+    parser.add_argument("--config", default="copy",
+                        help="configs/<name>.toml or a shipped config's name (default: copy)")
     parser.add_argument("--out", help="output directory (default: the config's output_dir)")
     parser.add_argument("--steps", type=int, help="override train.steps")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -767,9 +768,11 @@ def main(argv=None) -> int:
         print(f"cached step {result['cached_step_ms']:.3f} ms vs recompute "
               f"{result['recompute_step_ms']:.2f} ms: {result['speedup']:.0f}x  ({path})")
         return 0
-    if not args.config:
-        parser.error("--config is required (or --decode-bench)")
-    config = load_train_config(args.config)
+    try:
+        config = load_train_config(args.config)
+    except ConfigError as error:
+        print(f"jax-attn train: {error}", file=sys.stderr)
+        return 2
     if args.steps is not None:
         warmup = min(config.train.warmup_steps, max(args.steps // 10, 1))
         config = dataclasses.replace(
