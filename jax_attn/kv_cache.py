@@ -132,7 +132,12 @@ def _check_lengths(lengths, B: int, T: int):
     if not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
         raise TypeError(f"lengths must be integers, got dtype {jnp.result_type(lengths)}")
     values = _concrete(lengths)
-    if values is not None and values.size and (values.min() < 0 or values.max() > T):
+    if values is None:
+        checkify.check(
+            jnp.all((lengths >= 0) & (lengths <= T)),
+            f"lengths must lie in [0, T={T}], got a value outside",
+        )
+    elif values.size and (values.min() < 0 or values.max() > T):
         raise ValueError(f"lengths must lie in [0, T={T}], got {values.tolist()}")
     return jnp.asarray(lengths, jnp.int32)
 

@@ -266,6 +266,8 @@ class MultiHeadAttention(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic: bool | None = None, *, lengths=None):
         name = type(self).__name__
+        if lengths is not None and not self.decode:
+            raise ValueError(f"{name}: lengths (real new tokens per sequence) needs decode=True")
         x, unbatched = as_batch(name, x, self.d_in, self.context_length)
         deterministic = resolve_deterministic(
             name, self.deterministic, deterministic, self.dropout, self.is_initializing()

@@ -165,3 +165,10 @@ def test_decode_needs_mutable_cache():
 def test_bad_options(kwargs, error, match):
     with pytest.raises(error, match=match):
         MultiHeadAttention(D, D, CONTEXT, 0.0, N, **kwargs)
+
+
+def test_lengths_need_decode():
+    module = _module(2)
+    x = jnp.zeros((B, 3, D))
+    with pytest.raises(ValueError, match="lengths .* needs decode=True"):
+        jax.eval_shape(module.init, jax.random.key(0), x, lengths=jnp.array([1, 3]))

@@ -93,6 +93,10 @@ def test_overflow_raises_under_jit_and_scan():
     steps = jnp.zeros((4, B, 2, H))
     with pytest.raises(ValueError, match="KV cache overflow"):
         kv_cache.checked(scan_steps)(full, steps)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, T=3\]"):
+        kv_cache.checked(kv_cache.update_cache)(
+            kv_cache.init_cache(B, S_MAX, 2, H), k, v, jnp.array([1, 4])
+        )
     # Staged without checkify, the check refuses to trace instead of passing silently.
     with pytest.raises(ValueError, match="checkify"):
         jax.jit(kv_cache.decode_attention)(full, q, k, v)
