@@ -192,7 +192,7 @@ def test_jit_and_grad_through_nnx():
         return model(x, deterministic=True)
 
     np.testing.assert_allclose(forward(module, x), module(x, deterministic=True), rtol=1e-6)
-    grads = nnx.grad(lambda model: jnp.sum(model(x, deterministic=True) ** 2))(module)
+    grads = nnx.jit(nnx.grad(lambda model: jnp.sum(model(x, deterministic=True) ** 2)))(module)
     assert grads["W_query"]["kernel"][...].shape == (D_IN, D_OUT)
     assert np.all(np.isfinite(grads["W_query"]["kernel"][...]))
 
@@ -211,7 +211,7 @@ def test_dropout_stream_under_nnx_jit_matches_eager():
 def test_causal_modules_do_not_see_the_future():
     module = MODULES["MultiHeadAttention"](nnx.Rngs(params=0))
     x = inputs(batched=False)
-    grad = jax.grad(lambda x: jnp.sum(module(x, deterministic=True)[1]))(x)
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(module(x, deterministic=True)[1])))(x)
     np.testing.assert_array_equal(grad[2:], 0.0)
     assert np.all(grad[:2] != 0.0)
 
@@ -313,9 +313,10 @@ def test_nnx_decode_equals_full_pass_and_linen_decode(num_kv_heads):
     steps = [module(chunk, deterministic=True) for chunk in chunks]
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-6)
     assert module.cache_index[...].tolist() == [5] * B
-    expected = linen_decode(module, ja_nnx.linen_params_from_nnx(module), chunks)
-    for step, linen_step in zip(steps, expected, strict=True):
-        np.testing.assert_allclose(step, linen_step, rtol=1e-6, atol=1e-6)
+    if num_kv_heads is None:  # GQA decoding in Linen has its own tests; one parity run here
+        expected = linen_decode(module, ja_nnx.linen_params_from_nnx(module), chunks)
+        for step, linen_step in zip(steps, expected, strict=True):
+            np.testing.assert_allclose(step, linen_step, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.slow
