@@ -125,7 +125,9 @@ class SelfAttentionV1(nnx.Module):
         self.W_key = nnx.Param(jax.random.uniform(rngs.params(), shape))
         self.W_value = nnx.Param(jax.random.uniform(rngs.params(), shape))
 
-    def __call__(self, x: Float[Array, "*B T D"], *, deterministic: bool | None = None, rngs=None):
+    def __call__(
+        self, x: Float[Array, "*B T d_in"], *, deterministic: bool | None = None, rngs=None
+    ) -> Float[Array, "*B T d_out"]:
         del deterministic, rngs  # no dropout here; accepted so every module takes them
         x, unbatched = as_batch("SelfAttentionV1", x, self.d_in)
         # [B, T, 1, d_out]
@@ -152,7 +154,9 @@ class SelfAttentionV2(nnx.Module):
         self.W_key = _linear(d_in, d_out, self.qkv_bias, rngs)
         self.W_value = _linear(d_in, d_out, self.qkv_bias, rngs)
 
-    def __call__(self, x: Float[Array, "*B T D"], *, deterministic: bool | None = None, rngs=None):
+    def __call__(
+        self, x: Float[Array, "*B T d_in"], *, deterministic: bool | None = None, rngs=None
+    ) -> Float[Array, "*B T d_out"]:
         del deterministic, rngs
         x, unbatched = as_batch("SelfAttentionV2", x, self.d_in)
         out = dot_product_attention(*_project_heads(self, x))[:, :, 0, :]
@@ -201,11 +205,11 @@ class CausalAttention(nnx.Module):
 
     def __call__(
         self,
-        x: Float[Array, "*B T D"],
+        x: Float[Array, "*B T d_in"],
         *,
         deterministic: bool | None = None,
         rngs: RngsLike = None,
-    ):
+    ) -> Float[Array, "*B T d_out"]:
         name = type(self).__name__
         x, unbatched = as_batch(name, x, self.d_in, self.context_length)
         deterministic = resolve_deterministic(name, self.deterministic, deterministic, self.dropout)
@@ -274,11 +278,11 @@ class MultiHeadAttentionWrapper(nnx.Module):
 
     def __call__(
         self,
-        x: Float[Array, "*B T D"],
+        x: Float[Array, "*B T d_in"],
         *,
         deterministic: bool | None = None,
         rngs: RngsLike = None,
-    ):
+    ) -> Float[Array, "*B T d_out"]:
         if deterministic is None:
             deterministic = self.deterministic
         head_rngs = [rngs] * self.num_heads
@@ -398,13 +402,13 @@ class MultiHeadAttention(nnx.Module):
 
     def __call__(
         self,
-        x: Float[Array, "*B T D"],
+        x: Float[Array, "*B T d_in"],
         *,
         deterministic: bool | None = None,
         rngs: RngsLike = None,
         decode: bool | None = None,
         lengths: Int[Array, " B"] | None = None,
-    ):
+    ) -> Float[Array, "*B T d_out"]:
         name = type(self).__name__
         x, unbatched = as_batch(name, x, self.d_in, self.context_length)
         deterministic = resolve_deterministic(name, self.deterministic, deterministic, self.dropout)

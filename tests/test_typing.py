@@ -18,7 +18,10 @@ import pytest
 
 jaxtyping = pytest.importorskip("jaxtyping")
 
+from flax import nnx  # noqa: E402
+
 from jax_attn import attention, functional, masks, reference  # noqa: E402
+from jax_attn import nnx as ja_nnx  # noqa: E402
 from jax_attn.typing import resolve_hints  # noqa: E402
 
 
@@ -116,6 +119,16 @@ CALLS = {
     "dot_product_attention": (attention.dot_product_attention, (q, k, v), {"is_causal": True}),
     "dot_product_attention[unbatched]": (attention.dot_product_attention, (q[0], k[0], v[0]), {}),
     "reference.dot_product_attention": (reference.dot_product_attention, (q, k, v), {}),
+    "nnx.MultiHeadAttention": (
+        ja_nnx.MultiHeadAttention.__call__,
+        (ja_nnx.MultiHeadAttention(D, 4, T, 0.0, 2, rngs=nnx.Rngs(0)), x),
+        {"deterministic": True},
+    ),
+    "nnx.MultiHeadAttentionWrapper[batched]": (
+        ja_nnx.MultiHeadAttentionWrapper.__call__,
+        (ja_nnx.MultiHeadAttentionWrapper(D, 4, T, 0.0, 1, rngs=nnx.Rngs(0)), x[None]),
+        {"deterministic": True},
+    ),
     "make_causal_mask": (masks.make_causal_mask, (T, S), {}),
     "make_sliding_window_mask": (masks.make_sliding_window_mask, (T, 1, S), {}),
     "make_padding_mask": (
