@@ -95,9 +95,16 @@ _EMPTY_ROW_WAYS = {
 }
 
 
+# float16 for every way (its range is where a -1e30-style mask overflows into NaN);
+# the other dtypes for a few ways (every dtype with a mask is also in test_attention.py).
+_EMPTY_ROW_CASES = [(way, jnp.float16) for way in sorted(_EMPTY_ROW_WAYS)] + [
+    ("bias=-inf", jnp.bfloat16), ("q_lengths=0", jnp.bfloat16),
+    ("kv_lengths=0", jnp.float32), ("causal T>S", jnp.float32),
+]
+
+
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("way", sorted(_EMPTY_ROW_WAYS))
+@pytest.mark.parametrize("way, dtype", _EMPTY_ROW_CASES)
 def test_fully_masked_rows_give_exact_zeros(way, dtype, implementation):
     kwargs = _EMPTY_ROW_WAYS[way]()
     long_queries = way in ("causal T>S", "window T>S")
@@ -112,7 +119,7 @@ def test_fully_masked_rows_give_exact_zeros(way, dtype, implementation):
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
 def test_huge_logits_do_not_overflow(implementation, dtype):
     # |q.k| ~ 1e5 with scale 1: the softmax is (nearly) one-hot, never inf or NaN.
     q, k, v = _qkv(dtype, scale=80.0, seed=5)

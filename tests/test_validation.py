@@ -117,9 +117,9 @@ def test_error_table_is_up_to_date():
 
 
 def test_fuzz_small_run_agrees_and_counts_add_up(capsys):
-    report = fuzz.run_fuzz(10, seed=3, bad_fraction=0.5, shapes=[SMALL], dtypes=["float32"])
+    report = fuzz.run_fuzz(6, seed=3, bad_fraction=0.5, shapes=[SMALL], dtypes=["float32"])
     assert report.ok, report.failures
-    assert report.valid + report.bad_inputs == report.cases == 10
+    assert report.valid + report.bad_inputs == report.cases == 6
     assert report.agreed == report.comparisons > 0
     assert report.rejected_clearly == report.bad_inputs > 0
     assert fuzz.main(["--fuzz", "2", "--seed", "5", "--bad-fraction", "1"]) == 0
