@@ -10,8 +10,10 @@ Contestants, per case kind:
 * ``memory``: a fresh subprocess runs one long-context call and reports its peak RSS
   (CPU) or the device's peak bytes in use (GPU).
 
-Times are medians after warm-up; compile time is measured apart. Writes JSON (and a PNG
-of time against sequence length) under ``benchmarks/results/`` with the device named.
+Times are medians after warm-up, the contestants of a case timed in turn, round after
+round (so that load from other processes falls on all alike); compile time is apart.
+Writes JSON (and a PNG of time against sequence length) under ``benchmarks/results/``
+with the device named.
 """
 
 from __future__ import annotations
@@ -296,10 +298,11 @@ def module_contestants(case: BenchCase) -> dict:
             num_heads=N, qkv_features=D, out_features=D, dtype=dtype, param_dtype=dtype,
             deterministic=True,
         )
+        # The mask is an argument, as in a model that builds it once per batch.
         mask = nn.make_causal_mask(jnp.ones((B, T))) if case.causal else None
         params = module.init(jax.random.key(1), x, mask=mask)
-        fn = lambda params, x: module.apply(params, x, mask=mask)  # noqa: E731
-        return "jax", _module_grad(fn) if case.grad else fn, (params, x)
+        fn = lambda params, x, mask: module.apply(params, x, mask=mask)  # noqa: E731
+        return "jax", _module_grad(fn) if case.grad else fn, (params, x, mask)
 
     contestants["jax_attn MultiHeadAttention"] = ours(None)
     for name in attention.available_implementations():
@@ -313,8 +316,8 @@ def module_contestants(case: BenchCase) -> dict:
 
 
 def _module_grad(fn):
-    def loss(params, x):
-        return jnp.sum(fn(params, x).astype(jnp.float32))
+    def loss(params, *args):
+        return jnp.sum(fn(params, *args).astype(jnp.float32))
     return jax.value_and_grad(loss)
 
 
@@ -339,7 +342,7 @@ def _torch_module(case: BenchCase, x, device):
 
     dtype = getattr(torch, case.dtype)
     module = TorchMHA().to(device, dtype)
-    tx = torch.from_numpy(np.asarray(x.astype(jnp.float32))).to(device, dtype)
+    tx = torch.from_numpy(np.array(x.astype(jnp.float32))).to(device, dtype)
     if case.grad:
         def fn():
             out = module(tx)
@@ -361,9 +364,9 @@ def _sync_torch():
         torch.cuda.synchronize()
 
 
-def time_contestant(build, warmup: int, repeats: int) -> dict:
-    """Median and min of ``repeats`` runs after ``warmup``; compile time apart; the compiled
-    program's temporary memory (jax)."""
+def prepare_contestant(build) -> tuple[dict, callable]:
+    """Builds and compiles a contestant: its compile time and the compiled program's
+    temporary memory (jax), and a zero-argument function that runs it to completion."""
     kind, fn, args = build()
     result = {}
     if kind == "jax":
@@ -382,17 +385,22 @@ def time_contestant(build, warmup: int, repeats: int) -> dict:
         run()
         result["compile_s"] = None
         result["first_call_s"] = time.perf_counter() - start
-    for _ in range(warmup):
-        run()
-    times = []
+    return result, run
+
+
+def time_interleaved(runs: dict, warmup: int, repeats: int) -> dict:
+    """Times every contestant once per round, ``repeats`` rounds after ``warmup`` runs each,
+    so that load from other processes falls on all of them alike. name -> seconds."""
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    times = {name: [] for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    result["median_ms"] = 1e3 * float(np.median(times))
-    result["min_ms"] = 1e3 * float(np.min(times))
-    result["times_ms"] = [round(1e3 * t, 3) for t in times]
-    return result
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
@@ -441,14 +449,18 @@ def run_case(case: BenchCase, config: BenchConfig, progress=None) -> dict:
     if case.contestants:
         contestants = {n: b for n, b in contestants.items() if n in case.contestants}
     repeats = case.repeats or config.repeats
-    results = {}
+    results, runs = {}, {}
     for name, build in contestants.items():
         try:
-            results[name] = time_contestant(build, config.warmup, repeats)
+            results[name], runs[name] = prepare_contestant(build)
         except Exception as error:  # noqa: BLE001 - e.g. out of memory: report, go on
             results[name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
         if progress is not None:
             progress()
+    for name, times in time_interleaved(runs, config.warmup, repeats).items():
+        results[name]["median_ms"] = 1e3 * float(np.median(times))
+        results[name]["min_ms"] = 1e3 * float(np.min(times))
+        results[name]["times_ms"] = [round(1e3 * t, 3) for t in times]
     baseline = ("flax MultiHeadDotProductAttention" if case.kind == "module" else "jax.nn xla")
     peer = "torch MHA (sdpa)" if case.kind == "module" else "torch sdpa"
     _ratios(results, baseline if baseline in results else None, peer)
@@ -645,14 +657,24 @@ def run_bench(config: BenchConfig, *, output_dir: str | None = None, note: str =
     report = {"config": config.name, "note": note, "info": info, "matmul_gflops": rate,
               "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "cases": [], "sweep": [], "memory": []}
+    out_dir = Path(output_dir or config.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    stem = f"bench-{_slug(config.name)}-{_slug(info['device'])}-{stamp}"
+    json_path = out_dir / f"{stem}.json"
+
+    def save():  # after every entry, so a run cut short still leaves its results
+        json_path.write_text(json.dumps(report, indent=1))
+
     for case in cases:
         entry = run_case(case, config, progress=bar.update)
         entry["floor_ms"] = 1e3 * entry["gflop"] / rate
         report["cases"].append(entry)
+        save()
         bar.write(format_case(entry, entry["floor_ms"]))
     for case in sweep:
-        entry = run_case(case, config, progress=bar.update)
-        report["sweep"].append(entry)
+        report["sweep"].append(run_case(case, config, progress=bar.update))
+        save()
     if sweep:
         bar.write(format_sweep(report["sweep"]))
     if not skip_memory:
@@ -661,16 +683,10 @@ def run_bench(config: BenchConfig, *, output_dir: str | None = None, note: str =
         for case in config.memory:
             entry = run_memory_case(case)
             report["memory"].append(entry)
+            save()
             bar.update()
             bar.write(format_memory(entry))
     bar.close()
-    out_dir = Path(output_dir or config.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
-    stem = f"bench-{_slug(config.name)}-{_slug(info['device'])}-{stamp}"
-    json_path = out_dir / f"{stem}.json"
-    json_path.write_text(json.dumps(report, indent=1))
-    print(f"\nwrote {json_path}")
     if sweep:
         png = out_dir / f"{stem}.png"
         sweep_cfg = config.sweep
@@ -678,8 +694,10 @@ def run_bench(config: BenchConfig, *, output_dir: str | None = None, note: str =
                    f"attention forward, B={sweep_cfg.batch} N={sweep_cfg.num_heads} "
                    f"H={sweep_cfg.head_dim} {sweep_cfg.dtype}"
                    f"{' causal' if sweep_cfg.causal else ''} — {info['device']}")
-        print(f"wrote {png}")
         report["plot"] = str(png)
+        print(f"wrote {png}")
+    save()
+    print(f"wrote {json_path}")
     report["json"] = str(json_path)
     return report
 

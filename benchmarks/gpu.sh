@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One short GPU run: `jax-attn check` and the GPU bench, results under $OUT.
+#
+#   OUT=/path/to/results bash benchmarks/gpu.sh        # from anywhere; default OUT=benchmarks/results
+#
+# Needs an NVIDIA GPU with jax (CUDA) installed, flax, tqdm, matplotlib; torch optional
+# (compared only when it sees the GPU). No network. Budget: under 5 minutes
+# (check <= 130 s, bench <= 160 s, enforced by timeout). Exit status 1 if check found a
+# mismatch or a step failed; the files written so far stay.
+set -u -o pipefail
+
+cd "$(dirname "$0")/.."
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false   # jax and torch share the GPU; peaks are real
+export MPLBACKEND=Agg
+OUT="${OUT:-benchmarks/results}"
+mkdir -p "$OUT"
+stamp="$(date -u +%Y%m%dT%H%M%SZ)"
+status=0
+
+{
+  echo "date: $stamp"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || true
+  python - <<'PY'
+import jax
+print("jax", jax.__version__, "backend", jax.default_backend(), jax.devices())
+PY
+} | tee "$OUT/gpu-env-$stamp.txt"
+
+if ! python -c "import jax, sys; sys.exit(jax.default_backend() != 'gpu')"; then
+  echo "gpu.sh: jax sees no GPU; stopping" | tee -a "$OUT/gpu-env-$stamp.txt"
+  exit 1
+fi
+
+echo "== jax-attn check =="
+timeout 130 python -m jax_attn.cli check --no-progress --json "$OUT/check-gpu-$stamp.json" \
+  2>&1 | tee "$OUT/check-gpu-$stamp.txt"
+rc=${PIPESTATUS[0]}
+[ "$rc" -ne 0 ] && { echo "gpu.sh: check exited $rc"; status=1; }
+
+echo "== jax-attn bench =="
+timeout 160 python -m jax_attn.cli bench --config configs/bench-gpu.toml --output-dir "$OUT" \
+  --no-progress --note "benchmarks/gpu.sh $stamp" 2>&1 | tee "$OUT/bench-gpu-$stamp.txt"
+rc=${PIPESTATUS[0]}
+[ "$rc" -ne 0 ] && { echo "gpu.sh: bench exited $rc"; status=1; }
+
+echo "gpu.sh: results in $OUT (exit $status)"
+exit "$status"
