@@ -10,7 +10,8 @@ Dropout follows ``nnx.Dropout``'s conventions: ``deterministic`` at construction
 or through ``model.train()`` / ``model.eval()`` (the call wins); the key comes from the
 ``rngs`` given at call (an ``nnx.Rngs``, an ``nnx.RngStream`` or a plain key), else from
 the ``dropout`` stream forked at construction. Given the same key, an NNX and a Linen
-module with the same parameters drop the same attention weights.
+module with the same parameters drop the same attention weights; :func:`linen_dropout_rng`
+gives the key a Linen module derives from its ``rngs={"dropout": root}``.
 
 Linen parameters convert both ways with :func:`nnx_from_linen_params` and
 :func:`linen_params_from_nnx`, so :mod:`jax_attn.interop`'s PyTorch ``state_dict``
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import flax.linen as flax_linen
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -53,6 +55,7 @@ __all__ = [
     "MultiHeadAttention",
     "nnx_from_linen_params",
     "linen_params_from_nnx",
+    "linen_dropout_rng",
 ]
 
 RngsLike = nnx.Rngs | nnx.RngStream | jax.Array | None
@@ -240,8 +243,9 @@ class MultiHeadAttentionWrapper(nnx.Module):
     """Section 3.6.1: ``num_heads`` independent :class:`CausalAttention` heads in
     ``heads``, outputs concatenated: ``[..., T, num_heads * d_out]``.
 
-    Each head forks its own dropout stream. A plain key given at call is split into one
-    key per head (``jax.random.split(key, num_heads)``).
+    Each head forks its own dropout stream. At call, ``rngs`` may also be a plain key
+    (split into one key per head with ``jax.random.split(key, num_heads)``) or a list of
+    ``num_heads`` keys, one per head.
     """
 
     def __init__(
@@ -281,13 +285,20 @@ class MultiHeadAttentionWrapper(nnx.Module):
         x: Float[Array, "*B T d_in"],
         *,
         deterministic: bool | None = None,
-        rngs: RngsLike = None,
+        rngs: RngsLike | list[jax.Array] = None,
     ) -> Float[Array, "*B T d_out"]:
         if deterministic is None:
             deterministic = self.deterministic
         head_rngs = [rngs] * self.num_heads
         if isinstance(rngs, jax.Array):
             head_rngs = list(jax.random.split(rngs, self.num_heads))
+        elif isinstance(rngs, list | tuple):
+            if len(rngs) != self.num_heads:
+                raise ValueError(
+                    f"MultiHeadAttentionWrapper: rngs as a list needs one key per head, "
+                    f"{self.num_heads}, got {len(rngs)}"
+                )
+            head_rngs = list(rngs)
         outs = [
             head(x, deterministic=deterministic, rngs=head_rng)
             for head, head_rng in zip(self.heads, head_rngs, strict=True)
@@ -470,6 +481,37 @@ class MultiHeadAttention(nnx.Module):
             decode=self.decode,
             num_kv_heads=self.num_kv_heads,
         )
+
+
+def linen_dropout_rng(rng: jax.Array, *path: str) -> jax.Array:
+    """The key Linen's ``make_rng("dropout")`` gives, on its first call, the module at
+    ``path`` of a model applied with ``rngs={"dropout": rng}`` (``()`` is the top module;
+    ``"heads_0"`` the wrapper's first head). Pass it as ``rngs=`` to the NNX module to get
+    the same dropout mask as that Linen module:
+
+    >>> model = CausalAttention(3, 2, 6, 0.5, rngs=nnx.Rngs(0))
+    >>> x, root = jnp.ones((6, 3)), jax.random.key(7)
+    >>> params = linen_params_from_nnx(model)
+    >>> y_linen = model.linen_module().apply(
+    ...     {"params": params}, x, deterministic=False, rngs={"dropout": root})
+    >>> y_nnx = model(x, deterministic=False, rngs=linen_dropout_rng(root))
+    >>> bool(jnp.allclose(y_nnx, y_linen, atol=1e-6))
+    True
+    """
+    for name in path:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"linen_dropout_rng: path entries must be module names, got {name!r}")
+
+    class _Probe(flax_linen.Module):
+        depth: int = 0
+
+        @flax_linen.compact
+        def __call__(self):
+            if self.depth == len(path):
+                return self.make_rng("dropout")
+            return _Probe(self.depth + 1, name=path[self.depth])()
+
+    return _Probe().apply({}, rngs={"dropout": rng})
 
 
 # --- Linen <-> NNX parameters -------------------------------------------------------------

@@ -107,6 +107,9 @@ def test_dropout_same_key_same_mask_as_linen(name):
         {"params": params}, x, deterministic=False, rngs={"dropout": root}
     )
     linen_key = _KeyProbe().apply({}, rngs={"dropout": root})
+    np.testing.assert_array_equal(
+        jax.random.key_data(ja_nnx.linen_dropout_rng(root)), jax.random.key_data(linen_key)
+    )
     nnx_out = module(x, deterministic=False, rngs=linen_key)
     np.testing.assert_allclose(nnx_out, linen_out, rtol=1e-6, atol=1e-6)
     assert not np.allclose(nnx_out, module(x, deterministic=True))
@@ -129,6 +132,14 @@ def test_wrapper_dropout_same_keys_same_masks_as_linen():
         axis=-1,
     )
     np.testing.assert_allclose(nnx_out, linen_out, rtol=1e-6, atol=1e-6)
+    helper_keys = [ja_nnx.linen_dropout_rng(root, f"heads_{i}") for i in range(HEADS)]
+    for helper_key, probe_key in zip(helper_keys, head_keys, strict=True):
+        np.testing.assert_array_equal(
+            jax.random.key_data(helper_key), jax.random.key_data(probe_key)
+        )
+    np.testing.assert_array_equal(module(x, deterministic=False, rngs=helper_keys), nnx_out)
+    with pytest.raises(ValueError, match="one key per head"):
+        module(x, deterministic=False, rngs=helper_keys[:1])
 
 
 @pytest.mark.parametrize("name", WITH_DROPOUT)
