@@ -9,6 +9,10 @@ These are annotations only. Library modules import them under ``TYPE_CHECKING`` 
 jaxtyping (a ``dev`` extra). The test suite resolves the annotations with
 :func:`resolve_hints` and checks real calls against them with jaxtyping. Without
 jaxtyping installed, ``Float[...]`` and friends fall back to plain ``jax.Array``.
+
+>>> import jax.numpy as jnp
+>>> isinstance(jnp.ones((2, 5, 4, 8)), Queries)       # [B, T, N, H]
+True
 """
 
 from __future__ import annotations

@@ -49,6 +49,7 @@ def test_docstring_examples(module_name):
     for test in sorted(tests, key=lambda t: t.name):
         runner.run(test)
     results = runner.summarize(verbose=False)
+    assert results.attempted > 0, f"{module_name} has no examples"
     assert results.failed == 0, f"{results.failed} of {results.attempted} examples failed"
 
 
