@@ -418,7 +418,7 @@ def sample_logits(key, logits, temperature: float = 0.0, top_k: int = 0):
 def _generator(decoder: Decoder, num_new: int, temperature: float, top_k: int):
     """Jitted, overflow-checked (``kv_cache.checked``) generation loop for ``decoder``."""
 
-    def run(params, prompt, prompt_lengths, key):
+    def run(params, prompt, prompt_lengths, key, forced):
         B = prompt.shape[0]
         empty = jax.eval_shape(
             decoder.init, jax.random.key(0), jnp.zeros((B, decoder.context_length), jnp.int32)
@@ -431,27 +431,36 @@ def _generator(decoder: Decoder, num_new: int, temperature: float, top_k: int):
         # [B, V]: logits after each sequence's last real prompt token
         last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
         keys = jax.random.split(key, num_new)
-        first = sample_logits(keys[0], last, temperature, top_k)
 
-        def step(carry, step_key):
+        def choose(step_key, logits, i):
+            sampled = sample_logits(step_key, logits, temperature, top_k)
+            return jnp.where(forced[:, i] >= 0, forced[:, i], sampled)
+
+        first = choose(keys[0], last, 0)
+
+        def step(carry, inputs):
             cache, token = carry
+            step_key, i = inputs
             logits, updated = decoder.apply(
                 {"params": params, "cache": cache}, token[:, None], mutable=["cache"]
             )
-            next_token = sample_logits(step_key, logits[:, 0], temperature, top_k)
+            next_token = choose(step_key, logits[:, 0], i)
             return (updated["cache"], next_token), next_token
 
-        _, rest = jax.lax.scan(step, (updated["cache"], first), keys[1:])
+        _, rest = jax.lax.scan(
+            step, (updated["cache"], first), (keys[1:], jnp.arange(1, num_new))
+        )
         return jnp.concatenate([first[:, None], jnp.swapaxes(rest, 0, 1)], axis=1)
 
     return kv_cache.checked(run)
 
 
 def generate(decoder: Decoder, params, prompt, num_new: int, key=None, *,
-             temperature: float = 0.0, top_k: int = 0, prompt_lengths=None):
+             temperature: float = 0.0, top_k: int = 0, prompt_lengths=None, forced=None):
     """``num_new`` tokens ``[B, num_new]`` after ``prompt [B, P]``, one at a time through the
     KV cache. ``prompt_lengths [B]``: real tokens of right-padded prompts (default ``P``).
-    The same ``key`` gives the same tokens."""
+    ``forced [B, num_new]``: tokens fed instead of sampled where ``>= 0`` (e.g. the queries
+    of the recall task). The same ``key`` gives the same tokens."""
     if not decoder.decode:
         raise ValueError("generate needs a Decoder with decode=True")
     prompt = jnp.asarray(prompt, jnp.int32)
@@ -461,48 +470,46 @@ def generate(decoder: Decoder, params, prompt, num_new: int, key=None, *,
             f"prompt of {P} tokens + num_new={num_new} needs {P + num_new - 1} cache slots, "
             f"but context_length={decoder.context_length}"
         )
+    if forced is None:
+        forced = jnp.full((B, num_new), -1, jnp.int32)
+    elif jnp.shape(forced) != (B, num_new):
+        raise ValueError(f"forced must have shape [B, num_new] = {[B, num_new]}, "
+                         f"got {list(jnp.shape(forced))}")
     lengths = jnp.full((B,), P, jnp.int32) if prompt_lengths is None else prompt_lengths
     key = jax.random.key(0) if key is None else key
     return _generator(decoder, num_new, float(temperature), int(top_k))(
-        params, prompt, jnp.asarray(lengths, jnp.int32), key
+        params, prompt, jnp.asarray(lengths, jnp.int32), key, jnp.asarray(forced, jnp.int32)
     )
 
 
 def generation_accuracy(decoder, params, task: TaskConfig, examples: int, seed: int = 12345):
     """Greedy generation after the prompt; accuracy on the target tokens (and whole answers).
 
-    Recall queries are part of the task's input: the loop feeds each query and generates
-    only its answer, so all generated tokens are answers."""
-    tokens, targets = make_batch(jax.random.key(seed), task, examples)
-    tokens, targets = np.asarray(tokens), np.asarray(targets)
-    P = task.prompt_length
-    if task.name == "copy":
-        generated = np.asarray(generate(decoder, params, tokens[:, :P], task.length))
-        answers = tokens[:, P:]
-    else:
-        generated = np.asarray(_recall_answers(decoder, params, tokens, task))
-        answers = tokens[:, P + 1::2]
+    Recall queries are part of the task's input: they are fed (``forced``) and only the
+    answers are generated and scored."""
+    tokens, _ = make_batch(jax.random.key(seed), task, examples)
+    generated, answers = generate_answers(decoder, params, task, tokens)
     correct = generated == answers
     return float(correct.mean()), float(correct.all(axis=1).mean()), generated
 
 
-def _recall_answers(decoder, params, tokens, task):
-    """Answers of a recall batch: prefill pairs + first query, then alternately generate an
-    answer and feed [answer, next query]."""
-    P, L = task.prompt_length, task.length
-    answers = [generate(decoder, params, tokens[:, :P + 1], 1)[:, 0]]
-    # A prefix per query keeps this simple; each call decodes through the cache.
-    for i in range(1, L):
-        prefix = np.concatenate(
-            [tokens[:, :P], _interleave(tokens[:, P:P + 2 * i:2], np.stack(answers, 1)),
-             tokens[:, P + 2 * i:P + 2 * i + 1]], axis=1,
-        )
-        answers.append(generate(decoder, params, prefix, 1)[:, 0])
-    return np.stack(answers, axis=1)
+def generate_answers(decoder, params, task: TaskConfig, tokens, key=None, **sampling):
+    """``(generated answers, true answers)`` ``[B, L]`` for a batch of task ``tokens``.
 
-
-def _interleave(a, b):
-    return np.stack([a, b], axis=2).reshape(a.shape[0], -1)
+    Copy: the prompt is ``x |`` and all ``L`` tokens are generated. Recall: the prompt is
+    the pairs, ``|`` and the first query; later queries are fed (``forced``) and only the
+    answers are generated."""
+    tokens = np.asarray(tokens)
+    P = task.prompt_length
+    if task.name == "copy":
+        out = generate(decoder, params, tokens[:, :P], task.length, key, **sampling)
+        return np.asarray(out), tokens[:, P:]
+    # after the prompt: answer, query, answer, ..., answer
+    forced = np.full((tokens.shape[0], 2 * task.length - 1), -1, np.int32)
+    forced[:, 1::2] = tokens[:, P + 2::2]
+    out = generate(decoder, params, tokens[:, :P + 1], 2 * task.length - 1, key,
+                   forced=forced, **sampling)
+    return np.asarray(out)[:, ::2], tokens[:, P + 1::2]
 
 
 def format_tokens(tokens, task: TaskConfig) -> str:
@@ -597,20 +604,17 @@ def run_training(config: TrainRunConfig, out_dir: Path, progress: bool = True) -
           f"token accuracy {token_acc:.2%}, whole answers {answer_acc:.2%} ({gen_seconds:.1f} s)")
 
     tokens, _ = make_batch(jax.random.key(777), task, config.generate.show)
-    P = task.prompt_length
-    _, _, shown = generation_accuracy(decoder, params, task, config.generate.show, seed=777)
-    if task.name == "copy":
-        sampled = generate(decoder, params, tokens[:, :P], task.length, jax.random.key(3),
-                           temperature=config.generate.temperature, top_k=config.generate.top_k)
-    else:
-        sampled = generate(decoder, params, tokens[:, :P + 1], 1, jax.random.key(3),
-                           temperature=config.generate.temperature, top_k=config.generate.top_k)
+    greedy, answers = generate_answers(decoder, params, task, tokens)
+    sampled, _ = generate_answers(
+        decoder, params, task, tokens, jax.random.key(3),
+        temperature=config.generate.temperature, top_k=config.generate.top_k,
+    )
     label = f"T={config.generate.temperature}, top-k={config.generate.top_k}"
     for i in range(config.generate.show):
-        print(f"  prompt  {format_tokens(tokens[i, :P], task)}")
-        print(f"  greedy  {format_tokens(shown[i], task)}")
+        print(f"  prompt  {format_tokens(tokens[i, :task.prompt_length], task)}")
+        print(f"  greedy  {format_tokens(greedy[i], task)}")
         print(f"  sampled {format_tokens(sampled[i], task)}  ({label})")
-        print(f"  target  {format_tokens(tokens[i, P:], task)}")
+        print(f"  target  {format_tokens(answers[i], task)}")
 
     loss_png = out_dir / "loss.png"
     plot_losses({"attention": losses}, loss_png)

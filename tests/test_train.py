@@ -77,8 +77,9 @@ def test_checkpoint_round_trip_is_bit_exact(trained, tmp_path):
         np.testing.assert_array_equal(np.asarray(saved), np.asarray(back))
 
 
-def _greedy_by_recomputing(config, params, prompts, lengths, num_new):
-    """Greedy tokens from full causal passes over a fixed-size buffer (no cache)."""
+def _greedy_by_recomputing(config, params, prompts, lengths, num_new, forced=None):
+    """Greedy tokens from full causal passes over a fixed-size buffer (no cache); where
+    ``forced >= 0`` that token is fed instead."""
     model = tr.build_decoder(config)
     forward = jax.jit(lambda tokens: model.apply({"params": params}, tokens))
     buffer = np.zeros((prompts.shape[0], config.task.sequence_length), np.int32)
@@ -89,6 +90,8 @@ def _greedy_by_recomputing(config, params, prompts, lengths, num_new):
     for i in range(num_new):
         logits = np.asarray(forward(jnp.asarray(buffer)))
         next_tokens = logits[rows, lengths + i - 1].argmax(-1)
+        if forced is not None:
+            next_tokens = np.where(forced[:, i] >= 0, forced[:, i], next_tokens)
         buffer[rows, lengths + i] = next_tokens
         new.append(next_tokens)
     return np.stack(new, axis=1)
@@ -105,6 +108,16 @@ def test_cached_greedy_generation_equals_recomputing(tiny_config, trained, lengt
     decoder = tr.build_decoder(tiny_config, decode=True)
     cached = tr.generate(decoder, params, PROMPTS, 3, prompt_lengths=jnp.array(lengths))
     expected = _greedy_by_recomputing(tiny_config, params, PROMPTS, lengths, 3)
+    np.testing.assert_array_equal(cached, expected)
+
+
+def test_forced_tokens_are_fed_instead_of_generated(tiny_config, trained):
+    params = trained[0]["params"]
+    decoder = tr.build_decoder(tiny_config, decode=True)
+    forced = np.array([[-1, 2, -1], [3, -1, 0]], np.int32)
+    cached = np.asarray(tr.generate(decoder, params, PROMPTS, 3, forced=forced))
+    np.testing.assert_array_equal(cached[forced >= 0], forced[forced >= 0])
+    expected = _greedy_by_recomputing(tiny_config, params, PROMPTS, (4, 4), 3, forced)
     np.testing.assert_array_equal(cached, expected)
 
 
