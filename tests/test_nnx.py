@@ -374,3 +374,36 @@ def test_nnx_decode_errors():
     module(jnp.ones((B, CONTEXT - 1, D_IN)), deterministic=True)
     with pytest.raises(ValueError, match="overflow"):
         module(jnp.ones((B, 2, D_IN)), deterministic=True)
+
+
+class TinyModel(nnx.Module):
+    """A user's NNX model with the library's MultiHeadAttention inside."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.attention = ja_nnx.MultiHeadAttention(D_IN, D_OUT, T, 0.1, HEADS, rngs=rngs)
+        self.head = nnx.Linear(D_OUT, 1, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(self.attention(x))[..., 0]
+
+
+@pytest.mark.slow
+def test_nnx_module_trains_inside_a_users_model():
+    optax = pytest.importorskip("optax")
+    model = TinyModel(nnx.Rngs(params=0, dropout=1))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    x = inputs()
+    target = jax.random.normal(jax.random.key(9), (B, T))
+
+    @nnx.jit
+    def train_step(model, optimizer, x, target):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - target) ** 2))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    model.train()
+    losses = [float(train_step(model, optimizer, x, target)) for _ in range(40)]
+    model.eval()
+    final = float(jnp.mean((model(x) - target) ** 2))
+    assert np.isfinite(losses).all()
+    assert final < 0.5 * losses[0], (losses[0], final)
