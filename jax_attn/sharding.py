@@ -383,11 +383,11 @@ def _ring_forward_local(ring: _Ring, q, k, v):
         late = _attend(ring, q[:, c:], k, v)
         return _concat_partials(empty_partial(B, c, N, v.shape[-1]), late)
 
-    def step(s, carry, prefetch: bool):
+    def step(s, carry):
         # k, v came from device (index - s); the next block's transfer starts before this
         # block's compute and does not depend on it, so the two can overlap.
         partial, k, v = carry
-        k_next, v_next = (ring.shift(k), ring.shift(v)) if prefetch else (k, v)
+        k_next, v_next = ring.shift(k), ring.shift(v)
         if ring.is_causal:
             source = (index - s) % ring.devices
             block = lax.cond(source < index, earlier_keys, later_keys, q, k, v)
@@ -404,13 +404,9 @@ def _ring_forward_local(ring: _Ring, q, k, v):
 
 
 def _ring_loop(ring: _Ring, step, carry):
-    """Runs ``step(s, carry, prefetch)`` for ring steps ``s = 1 .. P-1``; the last step
-    fetches no next block."""
-    n = ring.devices
-    if n == 1:
-        return carry
-    carry = lax.fori_loop(1, n - 1, lambda s, c: step(s, c, True), carry)
-    return step(n - 1, carry, False)
+    """Runs ``step(s, carry)`` for ring steps ``s = 1 .. P-1``. (The last step's prefetch
+    is wasted; peeling that step off the loop would double the compiled loop body.)"""
+    return lax.fori_loop(1, ring.devices, step, carry)
 
 
 def _block_grads(ring: _Ring, q, k, v, out, lse, d_out, q_pos=None, k_pos=None):
@@ -513,11 +509,11 @@ def _ring_backward_local(ring: _Ring, q, k, v, out, lse, d_out):
         d_q, d_k, d_v = _grads(ring, q[:, late], k, v, out[:, late], lse[:, late], d_out[:, late])
         return _pad_rows(d_q, before=c), d_k, d_v
 
-    def step(s, carry, prefetch: bool):
+    def step(s, carry):
         # k, v came from device (index - s) with d_k, d_v: their gradients from the devices
         # they visited so far. Add this device's share and pass them on with the block.
         d_q, k, v, d_k, d_v = carry
-        k_next, v_next = (ring.shift(k), ring.shift(v)) if prefetch else (k, v)
+        k_next, v_next = ring.shift(k), ring.shift(v)
         if ring.is_causal:
             source = (index - s) % ring.devices
             block = lax.cond(source < index, earlier_keys, later_keys, q, k, v, d_out)

@@ -69,9 +69,10 @@ def test_ring_attention_output_is_sequence_sharded():
     assert shard_shapes == {(1, 4, 2, 4)}
 
 
-@pytest.mark.parametrize("is_causal", [False, True])
-def test_ring_attention_inner_blocks_and_batch_axis(is_causal):
-    """block_size splits each ring step's keys; batch_axis_name adds data parallelism."""
+def test_ring_attention_inner_blocks_and_batch_axis():
+    """block_size splits each ring step into query and key blocks; batch_axis_name adds
+    data parallelism."""
+    is_causal = True
     mesh = seq_mesh(4, data=2)
     q, k, v, d_out = random_qkv(B=2, T=32, N=2, K=1, H=4, seed=3)
     ring = value_and_grads(lambda q, k, v: sharding.ring_attention(
@@ -82,13 +83,13 @@ def test_ring_attention_inner_blocks_and_batch_axis(is_causal):
         assert jnp.allclose(got, want, rtol=1e-5, atol=2e-5), jnp.abs(got - want).max()
 
 
-def test_ring_attention_cross_attention_lengths():
-    """Not causal, T != S: queries and keys each split over the ring."""
+def test_ring_attention_cross_attention_lengths_in_blocks():
+    """Not causal, T != S: queries and keys each split over the ring, then in blocks."""
     mesh = seq_mesh(4)
-    q, _, _, d_out = random_qkv(B=1, T=8, N=2, K=1, H=4, seed=5)
-    _, k, v, _ = random_qkv(B=1, T=16, N=2, K=1, H=4, seed=6)
+    q, _, _, d_out = random_qkv(B=1, T=16, N=2, K=1, H=4, seed=5)
+    _, k, v, _ = random_qkv(B=1, T=32, N=2, K=1, H=4, seed=6)
     ring = value_and_grads(lambda q, k, v: sharding.ring_attention(
-        q, k, v, mesh=mesh, axis_name="seq"))
+        q, k, v, mesh=mesh, axis_name="seq", block_size=2))
     oracle = ORACLE[False]
     for got, want in zip(ring(q, k, v, d_out), oracle(q, k, v, d_out), strict=True):
         assert jnp.allclose(got, want, rtol=1e-5, atol=2e-5), jnp.abs(got - want).max()
