@@ -580,6 +580,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``jax-attn plot [SENTENCE] [--out DIR] ...``: writes the PNGs and lists them."""
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.all:
+        if not FIGURES_DIR.parent.is_dir():
+            print(
+                f"jax-attn plot: --all writes into a source checkout's docs/figures, "
+                f"but {FIGURES_DIR.parent} does not exist (use --out DIR)",
+                file=sys.stderr,
+            )
+            return 2
         paths = save_figures(sentence_figures(), FIGURES_DIR)
     elif args.checkpoint or args.config:
         if not (args.checkpoint and args.config):
