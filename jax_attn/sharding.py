@@ -69,14 +69,16 @@ def _check_axis_size(name: str, value) -> int:
 def make_mesh(data: int = 1, model: int = 1, seq: int = 1, *, devices=None) -> Mesh:
     """A mesh of shape ``(data, model, seq)`` with axes ``("data", "model", "seq")``.
 
-    ``data * model * seq`` must equal the number of ``devices`` (default: all of
-    ``jax.devices()``); pass ``devices=jax.devices()[:n]`` to use a subset.
+    ``data * model * seq`` must equal the number of ``devices``. By default all of
+    ``jax.devices()``, ordered by ``mesh_utils.create_device_mesh`` (topology-aware on
+    TPU); given ``devices`` (e.g. ``jax.devices()[:n]``, a subset) keep their order.
     """
     sizes = {
         "data": _check_axis_size("data", data),
         "model": _check_axis_size("model", model),
         "seq": _check_axis_size("seq", seq),
     }
+    explicit_order = devices is not None
     devices = list(jax.devices() if devices is None else devices)
     product = math.prod(sizes.values())
     if product != len(devices):
@@ -92,12 +94,14 @@ def make_mesh(data: int = 1, model: int = 1, seq: int = 1, *, devices=None) -> M
             f"{len(devices)} ({devices[0].platform if devices else 'none'}){hint}"
         )
     shape = tuple(sizes.values())
-    try:
-        from jax.experimental import mesh_utils
+    grid = np.asarray(devices, dtype=object).reshape(shape)
+    if not explicit_order:
+        try:
+            from jax.experimental import mesh_utils
 
-        grid = mesh_utils.create_device_mesh(shape, devices=devices)
-    except Exception:  # noqa: BLE001 - topology-aware order is an optimisation only
-        grid = np.asarray(devices, dtype=object).reshape(shape)
+            grid = mesh_utils.create_device_mesh(shape, devices=devices)
+        except Exception:  # noqa: BLE001 - topology-aware order is an optimisation only
+            pass
     return Mesh(grid, AXIS_NAMES)
 
 
