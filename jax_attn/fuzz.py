@@ -566,7 +566,7 @@ def check_valid_call(call: dict, report: FuzzReport, implementations) -> None:
             report.disagreed += 1
             stats["disagreed"] += 1
             report.failures.append(
-                f"{name} off by {error:.2e} (> {tolerance(dtype):.0e}): {_describe(call)}"
+                f"{name} off by {error:.2e} (> {tolerance(dtype):.1e}): {_describe(call)}"
             )
 
 
@@ -639,7 +639,7 @@ def format_report(report: FuzzReport, seconds: float, seed: int) -> str:
     lines += ["", f"{'worst error / max|v|':<24}{'':>4}{'tolerance':>10}"]
     for key in sorted(report.worst_error):
         dtype = key.split("/")[1]
-        lines.append(f"{key:<24}{report.worst_error[key]:>10.2e}{tolerance(dtype):>10.0e}")
+        lines.append(f"{key:<24}{report.worst_error[key]:>10.2e}{tolerance(dtype):>10.1e}")
     lines.append("")
     lines.append("OK" if report.ok else f"FAILED ({len(report.failures)} problems)")
     lines += [f"  {failure}" for failure in report.failures[:20]]
