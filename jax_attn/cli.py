@@ -2,7 +2,7 @@
 
 Each subcommand lives in its own module with a ``main(argv) -> int`` and its own
 argument parser; this file only routes to it (``jax-attn check --fuzz N`` goes to
-:mod:`jax_attn.fuzz`).
+:mod:`jax_attn.fuzz`, ``jax-attn bench --mesh ...`` to :mod:`jax_attn.bench_mesh`).
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     module_name = COMMANDS[command][0]
     if command == "check" and any(a == "--fuzz" or a.startswith("--fuzz=") for a in rest):
         module_name = "jax_attn.fuzz"
+    if command == "bench" and any(a == "--mesh" or a.startswith("--mesh=") for a in rest):
+        module_name = "jax_attn.bench_mesh"
     module = importlib.import_module(module_name)
     return int(module.main(rest) or 0)
 
