@@ -18,7 +18,11 @@ def _qkv(T, K, seed=0):
     )
 
 
-def _decode_in_chunks(q, k, v, chunks, step=kv_cache.decode_attention):
+# One jitted, checkified step shared by the tests, so each (T, K) compiles once.
+CHECKED_DECODE = kv_cache.checked(kv_cache.decode_attention)
+
+
+def _decode_in_chunks(q, k, v, chunks, step=CHECKED_DECODE):
     cache = kv_cache.init_cache(B, S_MAX, k.shape[2], H)
     outs, start = [], 0
     for size in chunks:
@@ -39,10 +43,9 @@ def test_decode_in_chunks_equals_full_causal_pass(K, chunks):
     assert cache.key.shape == (B, S_MAX, K, H)
 
 
-def test_decode_under_checked_jit_equals_full_pass():
-    q, k, v = _qkv(7, 2)
-    step = kv_cache.checked(kv_cache.decode_attention)
-    out, _ = _decode_in_chunks(q, k, v, (3, 1, 3), step=step)
+def test_eager_decode_equals_full_pass():
+    q, k, v = _qkv(4, 2)
+    out, _ = _decode_in_chunks(q, k, v, (3, 1), step=kv_cache.decode_attention)
     expected = reference.dot_product_attention(q, k, v, is_causal=True)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
@@ -80,9 +83,8 @@ def test_overflow_raises_eagerly_with_sizes():
 def test_overflow_raises_under_jit_and_scan():
     q, k, v = _qkv(3, 2)
     full = kv_cache.init_cache(B, S_MAX, 2, H)._replace(index=jnp.array([5, 7], jnp.int32))
-    step = kv_cache.checked(kv_cache.decode_attention)
     with pytest.raises(ValueError, match="writing 3 new tokens at index 7"):
-        step(full, q, k, v)
+        CHECKED_DECODE(full, q, k, v)
 
     def scan_steps(cache, k_steps):
         def body(cache, k_t):
