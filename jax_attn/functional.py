@@ -210,12 +210,15 @@ def masked_softmax(
 
 
 def dropout(
-    weights: Float[Array, "*W"], rate: float, rng: PRNGKey | None, offsets=(0, 0, 0, 0)
+    weights: Float[Array, "*W"], rate: float, rng: PRNGKey | None, offsets=(0, 0, 0, 0),
+    broadcast_dims=(),
 ) -> Float[Array, "*W"]:
     """3.5.2: zero each weight with probability ``rate``, scale the kept ones by ``1/(1-rate)``.
 
     ``weights`` has shape ``[B, N, T, S]`` or a trailing part of it (e.g. ``[T, S]``).
-    The same ``rng`` always drops the same positions (see ``masks.make_dropout_mask``).
+    The same ``rng`` always drops the same positions (see ``masks.make_dropout_mask``);
+    every weight is dropped independently unless ``broadcast_dims`` (axes of
+    ``[B, N, T, S]``, e.g. ``(1,)`` for one mask shared by all heads) says otherwise.
 
     >>> weights = jnp.full((4, 4), 0.25)
     >>> dropped = dropout(weights, 0.5, jax.random.key(0))
@@ -226,7 +229,7 @@ def dropout(
     """
     if rate == 0.0:
         return weights
-    keep = make_dropout_mask(rng, rate, weights.shape, offsets)
+    keep = make_dropout_mask(rng, rate, weights.shape, offsets, broadcast_dims)
     return jnp.where(keep, weights / (1.0 - rate), 0.0).astype(weights.dtype)
 
 

@@ -190,21 +190,27 @@ def _fmix32(h):
     return h ^ (h >> 16)
 
 
-def make_dropout_mask(rng: PRNGKey, rate: float, shape, offsets=(0, 0, 0, 0)) -> Mask:
+def make_dropout_mask(
+    rng: PRNGKey, rate: float, shape, offsets=(0, 0, 0, 0), broadcast_dims=()
+) -> Mask:
     """Keep-mask for dropout on attention weights ``[B, N, T, S]`` (True = keep).
 
     Element ``(b, n, t, s)`` is kept with probability ``1 - rate``, decided by a hash of
     the key and its *global* index ``(b, n, t, s) + offsets``. So any block of the
     weights can draw its own slice of the same mask: a chunked kernel and the einsum
     reference drop exactly the same weights for the same key. Shapes of rank < 4 are
-    treated as trailing dimensions of ``[B, N, T, S]``.
+    treated as trailing dimensions of ``[B, N, T, S]``. ``broadcast_dims`` (axes of
+    ``[B, N, T, S]``, e.g. ``(1,)``) share one mask along those axes, e.g. over heads;
+    by default every element is independent.
     """
     shape = tuple(int(d) for d in shape)
     if len(shape) > 4:
         raise ValueError(f"make_dropout_mask: shape must have at most 4 dims, got {shape}")
+    shared = {int(d) % 4 for d in broadcast_dims}
     full = (1,) * (4 - len(shape)) + shape
     seed = jax.random.bits(rng, (2,), jnp.uint32)
     b, n, t, s = (
+        jnp.zeros((1, 1, 1, 1), jnp.uint32) if axis in shared else
         jnp.arange(size, dtype=jnp.uint32).reshape([-1 if i == axis else 1 for i in range(4)])
         + jnp.uint32(offset)
         for axis, (size, offset) in enumerate(zip(full, offsets, strict=True))
@@ -215,4 +221,4 @@ def make_dropout_mask(rng: PRNGKey, rate: float, shape, offsets=(0, 0, 0, 0)) ->
     bits = _fmix32(row ^ (s * jnp.uint32(0x27D4EB2F) + jnp.uint32(0x165667B1)))
     threshold = min(int(round(float(rate) * 2.0**32)), 2**32 - 1)
     keep = bits >= jnp.uint32(threshold)
-    return keep.reshape(shape)
+    return jnp.broadcast_to(keep, full).reshape(shape)

@@ -218,3 +218,24 @@ def test_digest_helper_changes_with_seed():
     a = hashlib.sha256(np.asarray(jax.random.normal(jax.random.key(0), (4,))).tobytes())
     b = hashlib.sha256(np.asarray(jax.random.normal(jax.random.key(1), (4,))).tobytes())
     assert a.hexdigest() != b.hexdigest()
+
+
+def test_dropout_can_share_one_mask_over_heads_when_asked():
+    from jax_attn import functional
+
+    key, shape = jax.random.key(11), (2, 4, 16, 16)
+    independent = np.asarray(make_dropout_mask(key, 0.5, shape))
+    shared = np.asarray(make_dropout_mask(key, 0.5, shape, broadcast_dims=(1,)))
+    assert not np.array_equal(independent[:, 0], independent[:, 1])
+    for n in range(1, shape[1]):
+        np.testing.assert_array_equal(shared[:, n], shared[:, 0])
+    assert not np.array_equal(shared[0], shared[1])  # still independent per sequence
+    _within_4_sigma(int(shared[:, 0].sum()), shared[:, 0].size, 0.5)
+    # a block drawn with offsets is the same slice of the shared mask
+    block = make_dropout_mask(key, 0.5, (2, 2, 8, 8), offsets=(0, 2, 8, 8), broadcast_dims=(1,))
+    np.testing.assert_array_equal(np.asarray(block), shared[:, 2:4, 8:16, 8:16])
+    weights = jnp.full(shape, 1.0 / 16)
+    dropped = np.asarray(functional.dropout(weights, 0.5, key, broadcast_dims=(1,)))
+    np.testing.assert_array_equal(dropped > 0, shared)
+    default = np.asarray(functional.dropout(weights, 0.5, key))
+    np.testing.assert_array_equal(default > 0, independent)
