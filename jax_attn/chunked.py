@@ -136,26 +136,28 @@ def finalize_partial(partial: PartialAttention, dtype) -> jnp.ndarray:
 # that the causal mask, the window and the key lengths leave non-empty are visited, and
 # the position masks are applied only on the boundary chunks.
 
-# Per platform: (smallest chunk, largest chunk, float32 logits per block [B, N, Tq, Sk]).
-# A block's scores should stay in cache on CPU (2 MiB L2 per core here: a budget of 2**21
-# elements gave 128 x 128 blocks at B*N = 96, the fastest of 64..256 for GPT-2 small
-# measured side by side); GPUs want large blocks (not measured this session).
-CHUNK_BUDGET: dict[str, tuple[int, int, int]] = {
-    "cpu": (64, 1024, 2**21),
-    "gpu": (128, 2048, 2**24),
-    "tpu": (128, 2048, 2**24),
+# Per platform: (smallest query chunk, largest query chunk, float32 logits per block
+# [B, N, Tq, Sk], query chunk / key chunk). On CPU a block's scores should stay in cache
+# (2 MiB L2 per core here): for GPT-2 small (B*N = 96), 128 x 64 blocks were the fastest of
+# 64..256 x 64..128, measured side by side (docs/performance.md). GPUs want large blocks
+# (not measured this session).
+CHUNK_BUDGET: dict[str, tuple[int, int, int, int]] = {
+    "cpu": (64, 1024, 2**20, 2),
+    "gpu": (128, 2048, 2**24, 1),
+    "tpu": (128, 2048, 2**24, 1),
 }
 
 
 def default_chunk_sizes(batch_heads: int = 1, platform: str | None = None) -> tuple[int, int]:
     """``(query_chunk_size, key_chunk_size)`` used when the caller names none: the largest
-    power of two whose ``batch_heads * chunk**2`` block fits the platform's budget."""
+    power-of-two query chunk whose ``[batch_heads, Tq, Sk]`` block fits the platform's
+    budget (:data:`CHUNK_BUDGET`)."""
     platform = platform or jax.default_backend()
-    smallest, largest, budget = CHUNK_BUDGET.get(platform, CHUNK_BUDGET["cpu"])
+    smallest, largest, budget, ratio = CHUNK_BUDGET.get(platform, CHUNK_BUDGET["cpu"])
     chunk = smallest
-    while chunk * 2 <= largest and batch_heads * (chunk * 2) ** 2 <= budget:
+    while chunk * 2 <= largest and batch_heads * (chunk * 2) * (chunk * 2 // ratio) <= budget:
         chunk *= 2
-    return chunk, chunk
+    return chunk, max(1, chunk // ratio)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -184,9 +184,10 @@ def test_unbatched_inputs_and_default_chunks():
     q, k, v = _inputs(5, 7)
     out = chunked.dot_product_attention(q[0], k[0], v[0], is_causal=True)
     _assert_close(out, reference.dot_product_attention(q[0], k[0], v[0], is_causal=True), 1e-5)
-    assert chunked.default_chunk_sizes(96, "cpu") == (128, 128)
-    assert chunked.default_chunk_sizes(4, "cpu") == (512, 512)
-    assert chunked.default_chunk_sizes(10**6, "cpu") == (64, 64)
+    assert chunked.default_chunk_sizes(96, "cpu") == (128, 64)
+    assert chunked.default_chunk_sizes(4, "cpu") == (512, 256)
+    assert chunked.default_chunk_sizes(10**6, "cpu") == (64, 32)
+    assert chunked.default_chunk_sizes(16, "gpu") == (1024, 1024)
 
 
 @pytest.mark.parametrize(
