@@ -687,6 +687,9 @@ def run_bench(config: BenchConfig, *, output_dir: str | None = None, note: str =
             bar.update()
             bar.write(format_memory(entry))
     bar.close()
+    report["summary"] = summarize(report)
+    if report["summary"]:
+        print("\nsummary:\n" + "\n".join(f"  {line}" for line in report["summary"]))
     if sweep:
         png = out_dir / f"{stem}.png"
         sweep_cfg = config.sweep
@@ -700,6 +703,33 @@ def run_bench(config: BenchConfig, *, output_dir: str | None = None, note: str =
     print(f"wrote {json_path}")
     report["json"] = str(json_path)
     return report
+
+
+def summarize(report: dict) -> list[str]:
+    """One line per headline ratio: the default path against flax / jax.nn and PyTorch,
+    and each long-context run against its memory limit."""
+    lines = []
+    for entry in report["cases"]:
+        ours = "jax_attn MultiHeadAttention" if entry["case"]["kind"] == "module" \
+            else "jax_attn (default)"
+        result = entry["results"].get(ours, {})
+        if "median_ms" not in result:
+            continue
+        parts = [f"{entry['case']['name']}: {ours} {result['median_ms']:.1f} ms"]
+        if "vs_baseline" in result:
+            parts.append(f"{result['vs_baseline']:.2f}x {entry['baseline']}")
+        if "vs_torch" in result:
+            parts.append(f"{result['vs_torch']:.2f}x PyTorch")
+        lines.append(", ".join(parts))
+    for entry in report["memory"]:
+        case = entry["case"]
+        if "peak_mib" in entry:
+            verdict = "under" if entry["passed"] else "OVER"
+            lines.append(f"{case['name']} (T={case['seq_len']}): peak {entry['peak_mib']:.0f} MiB, "
+                         f"{verdict} {case['limit_mib']} MiB")
+        else:
+            lines.append(f"{case['name']} (T={case['seq_len']}): failed")
+    return lines
 
 
 def format_sweep(entries: list[dict]) -> str:
