@@ -140,13 +140,15 @@ def _error(actual, expected) -> float:
     return float(np.max(np.abs(actual - expected))) / scale
 
 
-def run_check(cases=None, dtypes=None, implementations=None, progress=None) -> list[CaseResult]:
-    """Runs the grid; returns one :class:`CaseResult` per (case, dtype, implementation)."""
+def run_check(cases=None, dtypes=None, implementations=None, progress=None,
+              on_result=None) -> list[CaseResult]:
+    """Runs the grid; returns one :class:`CaseResult` per (case, dtype, implementation)
+    (each also passed to ``on_result`` as soon as it is known)."""
     cases = default_cases() if cases is None else cases
     dtypes = list(DTYPES) if dtypes is None else dtypes
     names = [n for n in attention.available_implementations() if n != "reference"]
     names = names if implementations is None else [n for n in names if n in implementations]
-    results = []
+    results = _Results(on_result)
     for case in cases:
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
@@ -180,7 +182,18 @@ def run_check(cases=None, dtypes=None, implementations=None, progress=None) -> l
                                           gradient_error, tol, "ok" if ok else "FAIL", note))
             if progress is not None:
                 progress()
-    return results
+    return list(results)
+
+
+class _Results(list):
+    def __init__(self, on_result):
+        super().__init__()
+        self.on_result = on_result
+
+    def append(self, result):
+        super().append(result)
+        if self.on_result is not None:
+            self.on_result(result)
 
 
 def _reference_result(q, k, v, cotangent, kwargs):
@@ -199,21 +212,25 @@ def _implementation_fn(name):
     return fn
 
 
-def format_table(results: list[CaseResult]) -> str:
-    header = ("case", "dtype", "impl", "fwd err", "grad err", "tol", "status")
-    rows = []
-    for r in results:
+_WIDTHS = (28, 9, 8, 8, 8, 6)
+_HEADER = ("case", "dtype", "impl", "fwd err", "grad err", "tol", "status")
+
+
+def format_row(result: CaseResult | None = None) -> str:
+    """One table line (the header for ``None``), fixed widths so rows can stream."""
+    if result is None:
+        cells = _HEADER
+    else:
         fmt = lambda x: "-" if x is None else f"{x:.1e}"  # noqa: E731
-        status = r.status if not r.note else f"{r.status} ({r.note})"
-        rows.append((r.case, r.dtype, r.implementation, fmt(r.forward_error),
-                     fmt(r.gradient_error), f"{r.tolerance:.0e}", status))
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header) - 1)]
-    lines = []
-    for row in [header, *rows]:
-        cells = [str(cell).ljust(width) for cell, width in zip(row[:-1], widths, strict=True)]
-        lines.append("  ".join([*cells, str(row[-1])]))
-    lines.insert(1, "-" * min(120, len(lines[0]) + 20))
-    return "\n".join(lines)
+        status = result.status if not result.note else f"{result.status} ({result.note})"
+        cells = (result.case, result.dtype, result.implementation, fmt(result.forward_error),
+                 fmt(result.gradient_error), f"{result.tolerance:.0e}", status)
+    padded = [str(c)[:w].ljust(w) for c, w in zip(cells[:-1], _WIDTHS, strict=True)]
+    return "  ".join([*padded, str(cells[-1])])
+
+
+def format_table(results: list[CaseResult]) -> str:
+    return "\n".join([format_row(), *(format_row(r) for r in results)])
 
 
 def device_description() -> str:
@@ -246,19 +263,22 @@ def main(argv: list[str] | None = None) -> int:
     cases = default_cases(args.full)
     dtypes = args.dtypes or list(DTYPES)
     print(f"jax-attn check on {device_description()} (jax {jax.__version__}); "
-          f"implementations: {[n for n in available if n != 'reference']}", flush=True)
+          f"implementations: {args.implementations or [n for n in available if n != 'reference']}",
+          flush=True)
     start = time.perf_counter()
     bar = None
     if not args.no_progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(cases) * len(dtypes), desc="check", unit="case", file=sys.stderr)
+    write = print if bar is None else bar.write
+    write(format_row())
     with jax.default_matmul_precision("float32"):
         results = run_check(cases, dtypes, args.implementations,
-                            progress=None if bar is None else bar.update)
+                            progress=None if bar is None else bar.update,
+                            on_result=lambda result: write(format_row(result)))
     if bar is not None:
         bar.close()
-    print(format_table(results))
     failures = [r for r in results if r.status == "FAIL"]
     checked = sum(r.status != "skip" for r in results)
     print(f"\n{checked} checks, {len(failures)} failed, "
