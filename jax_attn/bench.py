@@ -104,6 +104,7 @@ class BenchConfig:
     repeats: int = 5
     output_dir: str = "benchmarks/results"
     torch: bool = True
+    memory_timeout_s: int = 900
     cases: tuple[BenchCase, ...] = ()
     sweep: SweepConfig | None = None
     memory: tuple[MemoryCase, ...] = ()
@@ -493,11 +494,15 @@ def run_memory_case(case: MemoryCase, timeout_s: float = 900) -> dict:
     env = dict(os.environ)
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "jax_attn.bench", "--memory-worker", spec],
-        capture_output=True, text=True, timeout=timeout_s, env=env,
-    )
-    result = {"case": dataclasses.asdict(case), "wall_s": time.perf_counter() - start}
+    result = {"case": dataclasses.asdict(case)}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "jax_attn.bench", "--memory-worker", spec],
+            capture_output=True, text=True, timeout=timeout_s, env=env,
+        )
+    except subprocess.TimeoutExpired:
+        return {**result, "error": f"timed out after {timeout_s} s", "passed": False}
+    result["wall_s"] = time.perf_counter() - start
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         result["error"] = (proc.stderr or proc.stdout)[-600:]
@@ -677,11 +682,20 @@ def run_bench(config: BenchConfig, *, output_dir: str | None = None, note: str =
         save()
     if sweep:
         bar.write(format_sweep(report["sweep"]))
+        png = out_dir / f"{stem}.png"
+        sweep_cfg = config.sweep
+        plot_sweep(report["sweep"], png,
+                   f"attention forward, B={sweep_cfg.batch} N={sweep_cfg.num_heads} "
+                   f"H={sweep_cfg.head_dim} {sweep_cfg.dtype}"
+                   f"{' causal' if sweep_cfg.causal else ''} — {info['device']}")
+        report["plot"] = str(png)
+        save()
+        bar.write(f"wrote {png}")
     if not skip_memory:
         if config.memory:
             bar.write("\nlong context, peak memory of a fresh process:")
         for case in config.memory:
-            entry = run_memory_case(case)
+            entry = run_memory_case(case, timeout_s=config.memory_timeout_s)
             report["memory"].append(entry)
             save()
             bar.update()
@@ -690,15 +704,6 @@ def run_bench(config: BenchConfig, *, output_dir: str | None = None, note: str =
     report["summary"] = summarize(report)
     if report["summary"]:
         print("\nsummary:\n" + "\n".join(f"  {line}" for line in report["summary"]))
-    if sweep:
-        png = out_dir / f"{stem}.png"
-        sweep_cfg = config.sweep
-        plot_sweep(report["sweep"], png,
-                   f"attention forward, B={sweep_cfg.batch} N={sweep_cfg.num_heads} "
-                   f"H={sweep_cfg.head_dim} {sweep_cfg.dtype}"
-                   f"{' causal' if sweep_cfg.causal else ''} — {info['device']}")
-        report["plot"] = str(png)
-        print(f"wrote {png}")
     save()
     print(f"wrote {json_path}")
     report["json"] = str(json_path)
