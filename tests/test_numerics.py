@@ -98,8 +98,7 @@ _EMPTY_ROW_WAYS = {
 # float16 for every way (its range is where a -1e30-style mask overflows into NaN);
 # the other dtypes for a few ways (every dtype with a mask is also in test_attention.py).
 _EMPTY_ROW_CASES = [(way, jnp.float16) for way in sorted(_EMPTY_ROW_WAYS)] + [
-    ("bias=-inf", jnp.bfloat16), ("q_lengths=0", jnp.bfloat16),
-    ("kv_lengths=0", jnp.float32), ("causal T>S", jnp.float32),
+    ("bias=-inf", jnp.bfloat16), ("kv_lengths=0", jnp.float32),
 ]
 
 
@@ -207,7 +206,7 @@ def test_check_grads(implementation, mode):
         args = tuple(jnp.asarray(np.asarray(x), dtype) for x in (q, k, v, bias))
         tolerance = {} if dtype == jnp.float64 else dict(eps=1e-2, atol=2e-2, rtol=2e-2)
         try:
-            check_grads(attend, args, order=1, modes=(mode,), **tolerance)
+            check_grads(jax.jit(attend), args, order=1, modes=(mode,), **tolerance)
         except TypeError as error:
             if mode == "fwd" and "custom_vjp" in str(error):
                 pytest.skip(f"{implementation} defines a custom_vjp: reverse mode only")
