@@ -15,11 +15,10 @@ from jax_attn.validation import check_attention_args
 
 def _inputs(T, S=None, N=4, K=2, H=8, dtype=jnp.float32):
     S = T if S is None else S
-    keys = jax.random.split(jax.random.key(0), 3)
-    return (
-        jax.random.normal(keys[0], (2, T, N, H), dtype),
-        jax.random.normal(keys[1], (2, S, K, H), dtype),
-        jax.random.normal(keys[2], (2, S, K, H), dtype),
+    rng = np.random.default_rng(0)
+    return tuple(
+        jnp.asarray(rng.standard_normal(shape), dtype)
+        for shape in ((2, T, N, H), (2, S, K, H), (2, S, K, H))
     )
 
 
@@ -40,10 +39,16 @@ def test_default_picks_a_supporting_implementation_and_matches_reference(T, kwar
     call = _call(T, 12, **kwargs)
     assert attention.select_implementation(call, "cpu") == expected
     q, k, v = _inputs(T, 12)
-    out = attention.dot_product_attention(q, k, v, **kwargs)
-    np.testing.assert_allclose(
-        out, reference.dot_product_attention(q, k, v, **kwargs), atol=1e-5, rtol=1e-5
-    )
+    kwargs = dict(kwargs)
+    rng = kwargs.pop("dropout_rng", None)
+
+    def both(q, k, v, rng):
+        extra = {} if rng is None else {"dropout_rng": rng}
+        return (attention.dot_product_attention(q, k, v, **kwargs, **extra),
+                reference.dot_product_attention(q, k, v, **kwargs, **extra))
+
+    out, expected = jax.jit(both)(q, k, v, rng)
+    np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_float64_falls_back_to_reference():
