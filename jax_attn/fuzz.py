@@ -183,9 +183,8 @@ def random_call(rng: np.random.Generator, shape=None, dtype=None) -> dict:
         call["query_seq_lengths"] = jnp.asarray(rng.integers(0, T + 1, B), jnp.int32)
     if rng.random() < 0.3:
         call["key_value_seq_lengths"] = jnp.asarray(rng.integers(0, S + 1, B), jnp.int32)
-    if rng.random() < 0.2:
-        left, right = (int(w) for w in rng.integers(0, S + 1, 2))
-        call["local_window_size"] = left if rng.random() < 0.5 else (left, right)
+    if rng.random() < 0.2:  # few distinct windows: each one compiles anew
+        call["local_window_size"] = [0, 1, (0, 2), (2, 1), (S, 0)][rng.integers(5)]
     if rng.random() < 0.2:
         call["dropout_rate"] = float(rng.choice([0.1, 0.5]))
         call["dropout_rng"] = jax.random.key(int(rng.integers(2**31)))
