@@ -530,6 +530,15 @@ def _plain_temp_mib(case: MemoryCase) -> float | None:
 
 
 def _peak_rss_mib() -> float:
+    """This process' peak resident memory. ``VmHWM`` belongs to the address space, so it
+    starts afresh at ``exec``; ``ru_maxrss`` (the fallback) keeps the parent's peak across
+    fork + exec on Linux and would report the benchmark process' own peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -562,7 +571,7 @@ def _memory_worker(spec: str) -> int:
         result["measure"] = "device peak_bytes_in_use"
     else:
         result["peak_mib"] = _peak_rss_mib()
-        result["measure"] = "process peak RSS (ru_maxrss)"
+        result["measure"] = "process peak RSS (VmHWM)"
     print(json.dumps(result), flush=True)
     return 0
 
