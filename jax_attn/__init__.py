@@ -48,7 +48,21 @@ def __getattr__(name):
     # Heavier layers load on first use: ja.interop, ja.sharding, ja.kv_cache, ja.nnx, ...
     import importlib
 
-    if name in {"interop", "sharding", "kv_cache", "nnx", "chunked", "plots", "config",
-                "train", "bench", "check", "cli", "validation", "attention", "linen"}:
+    if name in {
+        "interop",
+        "sharding",
+        "kv_cache",
+        "nnx",
+        "chunked",
+        "plots",
+        "config",
+        "train",
+        "bench",
+        "check",
+        "cli",
+        "validation",
+        "attention",
+        "linen",
+    }:
         return importlib.import_module(f"jax_attn.{name}")
     raise AttributeError(f"module 'jax_attn' has no attribute {name!r}")

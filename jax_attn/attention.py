@@ -76,10 +76,9 @@ def preference_order(call: AttentionCall, platform: str) -> list[str]:
     if "chunked" not in order or "xla" not in order:
         return order
     logit_bytes = 4 * call.B * call.N * call.T * call.S
-    wants_chunked = (
-        call.T >= CHUNKED_MIN_QUERIES.get(platform, 8)
-        and logit_bytes >= CHUNKED_MIN_LOGIT_BYTES.get(platform, 0)
-    )
+    wants_chunked = call.T >= CHUNKED_MIN_QUERIES.get(
+        platform, 8
+    ) and logit_bytes >= CHUNKED_MIN_LOGIT_BYTES.get(platform, 0)
     first, second = ("chunked", "xla") if wants_chunked else ("xla", "chunked")
     i, j = sorted((order.index("chunked"), order.index("xla")))
     order[i], order[j] = first, second
@@ -178,9 +177,18 @@ def dot_product_attention(
     True
     """
     call = check_attention_args(
-        query, key, value, mask=mask, bias=bias, is_causal=is_causal, scale=scale,
-        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-        local_window_size=local_window_size, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+        query,
+        key,
+        value,
+        mask=mask,
+        bias=bias,
+        is_causal=is_causal,
+        scale=scale,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
     )
     platform = _platform()
     if implementation is None:
@@ -198,8 +206,15 @@ def dot_product_attention(
     if not call.batched:
         q, k, v = q[None], k[None], v[None]
     out = _REGISTRY[name].fn(
-        q, k, v, call=call, mask=mask, bias=bias, query_seq_lengths=query_seq_lengths,
-        key_value_seq_lengths=key_value_seq_lengths, dropout_rng=dropout_rng,
+        q,
+        k,
+        v,
+        call=call,
+        mask=mask,
+        bias=bias,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        dropout_rng=dropout_rng,
     )
     return out if call.batched else out[0]
 
@@ -207,19 +222,33 @@ def dot_product_attention(
 # --- "reference": the oracle ------------------------------------------------------------
 
 
-def _reference_fn(q, k, v, *, call, mask, bias, query_seq_lengths, key_value_seq_lengths,
-                  dropout_rng):
+def _reference_fn(
+    q, k, v, *, call, mask, bias, query_seq_lengths, key_value_seq_lengths, dropout_rng
+):
     return reference.dot_product_attention(
-        q, k, v, mask=mask, bias=bias, is_causal=call.is_causal, scale=call.scale,
-        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-        local_window_size=call.window, dropout_rate=call.dropout_rate, dropout_rng=dropout_rng,
+        q,
+        k,
+        v,
+        mask=mask,
+        bias=bias,
+        is_causal=call.is_causal,
+        scale=call.scale,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=call.window,
+        dropout_rate=call.dropout_rate,
+        dropout_rng=dropout_rng,
     )
 
 
-register_implementation(Implementation(
-    name="reference", fn=_reference_fn, unsupported=lambda call, platform: None,
-    description="einsum -> mask -> softmax -> einsum; materialises [B, N, T, S]",
-))
+register_implementation(
+    Implementation(
+        name="reference",
+        fn=_reference_fn,
+        unsupported=lambda call, platform: None,
+        description="einsum -> mask -> softmax -> einsum; materialises [B, N, T, S]",
+    )
+)
 
 
 # --- "xla": jax.nn.dot_product_attention --------------------------------------------------
@@ -235,8 +264,19 @@ def _xla_unsupported(call: AttentionCall, platform: str) -> str | None:
     return None
 
 
-def _jax_nn_fn(q, k, v, *, call, mask, bias, query_seq_lengths, key_value_seq_lengths,
-               dropout_rng, implementation="xla"):
+def _jax_nn_fn(
+    q,
+    k,
+    v,
+    *,
+    call,
+    mask,
+    bias,
+    query_seq_lengths,
+    key_value_seq_lengths,
+    dropout_rng,
+    implementation="xla",
+):
     del dropout_rng
     T, S = call.T, call.S
     # jax.nn aligns causal and window masks top-left; ours are bottom-right. They agree
@@ -256,7 +296,10 @@ def _jax_nn_fn(q, k, v, *, call, mask, bias, query_seq_lengths, key_value_seq_le
     explicit_window = call.window is not None and not (native and native_window_ok)
     if (not native and call.is_causal) or explicit_window:
         mask = build_attention_mask(
-            T, S, mask=mask, is_causal=call.is_causal and not native,
+            T,
+            S,
+            mask=mask,
+            is_causal=call.is_causal and not native,
             local_window_size=call.window if explicit_window else None,
         )
     if implementation == "cudnn":
@@ -267,7 +310,9 @@ def _jax_nn_fn(q, k, v, *, call, mask, bias, query_seq_lengths, key_value_seq_le
     if key_value_seq_lengths is not None:
         lengths["key_value_seq_lengths"] = jnp.asarray(key_value_seq_lengths, jnp.int32)
     out = jax.nn.dot_product_attention(
-        q, k, v,
+        q,
+        k,
+        v,
         bias=None if bias is None else bias.reshape((1,) * (4 - bias.ndim) + bias.shape),
         mask=None if mask is None else mask.reshape((1,) * (4 - mask.ndim) + mask.shape),
         scale=call.scale,
@@ -280,8 +325,13 @@ def _jax_nn_fn(q, k, v, *, call, mask, bias, query_seq_lengths, key_value_seq_le
     can_empty = mask is not None or lengths or T > S
     if can_empty:
         allowed = build_attention_mask(
-            T, S, mask=mask, is_causal=call.is_causal, query_seq_lengths=query_seq_lengths,
-            key_value_seq_lengths=key_value_seq_lengths, local_window_size=call.window,
+            T,
+            S,
+            mask=mask,
+            is_causal=call.is_causal,
+            query_seq_lengths=query_seq_lengths,
+            key_value_seq_lengths=key_value_seq_lengths,
+            local_window_size=call.window,
         )
         if allowed is None:  # T > S, nothing masks: a row is empty only when S == 0
             allowed = jnp.ones((1, 1, T, S), bool)
@@ -301,10 +351,14 @@ def _xla_fn(q, k, v, **kwargs):
     return _jax_nn_fn(q, k, v, implementation="xla", **kwargs)
 
 
-register_implementation(Implementation(
-    name="xla", fn=_xla_fn, unsupported=_xla_unsupported,
-    description="jax.nn.dot_product_attention(implementation='xla')",
-))
+register_implementation(
+    Implementation(
+        name="xla",
+        fn=_xla_fn,
+        unsupported=_xla_unsupported,
+        description="jax.nn.dot_product_attention(implementation='xla')",
+    )
+)
 
 
 # --- "cudnn": jax.nn.dot_product_attention(implementation="cudnn") on NVIDIA GPUs -----------
@@ -333,7 +387,9 @@ def _cudnn_unsupported(call: AttentionCall, platform: str) -> str | None:
     if call.T == 0 or call.S == 0:
         return f"empty sequences (T={call.T}, S={call.S})"
     explicit_mask = (
-        call.has_mask or call.has_bias or (call.T != call.S and call.is_causal)
+        call.has_mask
+        or call.has_bias
+        or (call.T != call.S and call.is_causal)
         or (call.window is not None and (call.T != call.S or not call.is_causal))
     )
     if explicit_mask and (call.T % 2 or call.S % 2):
@@ -359,10 +415,15 @@ def _cudnn_fn(q, k, v, **kwargs):
     return _jax_nn_fn(q, k, v, implementation="cudnn", **kwargs)
 
 
-register_implementation(Implementation(
-    name="cudnn", fn=_cudnn_fn, unsupported=_cudnn_unsupported, platforms=("gpu",),
-    description="jax.nn.dot_product_attention(implementation='cudnn'): cuDNN flash attention",
-))
+register_implementation(
+    Implementation(
+        name="cudnn",
+        fn=_cudnn_fn,
+        unsupported=_cudnn_unsupported,
+        platforms=("gpu",),
+        description="jax.nn.dot_product_attention(implementation='cudnn'): cuDNN flash attention",
+    )
+)
 
 
 # --- "chunked": pure-JAX online softmax, O(T) memory ----------------------------------------
@@ -378,7 +439,11 @@ def _chunked_fn(q, k, v, **kwargs):
     return chunked.chunked_attention(q, k, v, **kwargs)
 
 
-register_implementation(Implementation(
-    name="chunked", fn=_chunked_fn, unsupported=_chunked_unsupported,
-    description="online softmax over query/key chunks, skips empty blocks, O(T) memory",
-))
+register_implementation(
+    Implementation(
+        name="chunked",
+        fn=_chunked_fn,
+        unsupported=_chunked_unsupported,
+        description="online softmax over query/key chunks, skips empty blocks, O(T) memory",
+    )
+)

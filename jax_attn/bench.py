@@ -61,8 +61,9 @@ class BenchCase:
 
     def __post_init__(self):
         if self.kind not in ("attention", "module"):
-            raise ValueError(f"case {self.name!r}: kind must be 'attention' or 'module', "
-                             f"got {self.kind!r}")
+            raise ValueError(
+                f"case {self.name!r}: kind must be 'attention' or 'module', got {self.kind!r}"
+            )
         if self.kind == "module" and (self.kv_len or self.num_kv_heads):
             raise ValueError(f"case {self.name!r}: a module case has no kv_len/num_kv_heads")
 
@@ -164,8 +165,9 @@ def _torch():
         try:
             import torch
 
-            torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                  else os.cpu_count())
+            torch.set_num_threads(
+                len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            )
             _TORCH = torch
         except ImportError:
             _TORCH = None
@@ -173,7 +175,7 @@ def _torch():
 
 
 def _torch_device():
-    """"cuda" when jax runs on a GPU and torch sees one, "cpu" when both are on CPU, else
+    """ "cuda" when jax runs on a GPU and torch sees one, "cpu" when both are on CPU, else
     None (no fair comparison)."""
     torch = _torch()
     if torch is None:
@@ -200,8 +202,10 @@ def _attention_inputs(case: BenchCase, seed=0):
 
 def _with_grad(fn):
     """Forward and the gradient of the sum w.r.t. every input."""
+
     def loss(*args):
         return jnp.sum(fn(*args).astype(jnp.float32))
+
     return jax.value_and_grad(loss, argnums=tuple(range(3)))
 
 
@@ -217,16 +221,20 @@ def attention_contestants(case: BenchCase) -> dict:
         def build():
             q, k, v = _attention_inputs(case)
             fn = lambda q, k, v: ja.dot_product_attention(  # noqa: E731
-                q, k, v, is_causal=causal, implementation=implementation)
+                q, k, v, is_causal=causal, implementation=implementation
+            )
             return "jax", _with_grad(fn) if case.grad else fn, (q, k, v)
+
         return build
 
     def jax_nn(implementation):
         def build():
             q, k, v = _attention_inputs(case)
             fn = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
-                q, k, v, is_causal=causal, implementation=implementation)
+                q, k, v, is_causal=causal, implementation=implementation
+            )
             return "jax", _with_grad(fn) if case.grad else fn, (q, k, v)
+
         return build
 
     contestants["jax_attn (default)"] = ours(None)
@@ -265,9 +273,11 @@ def _torch_sdpa(case: BenchCase, device):
             out.float().sum().backward()
             return out
     else:
+
         def fn():
             with torch.no_grad():
                 return sdpa(tq, tk, tv, is_causal=case.causal)
+
     return "torch", fn, ()
 
 
@@ -286,17 +296,23 @@ def module_contestants(case: BenchCase) -> dict:
 
     def ours(implementation):
         def build():
-            module = ja.MultiHeadAttention(D, D, T, 0.0, N, implementation=implementation,
-                                           deterministic=True)
+            module = ja.MultiHeadAttention(
+                D, D, T, 0.0, N, implementation=implementation, deterministic=True
+            )
             params = module.init(jax.random.key(1), x)
             params = jax.tree.map(lambda p: p.astype(dtype), params)
             fn = lambda params, x: module.apply(params, x)  # noqa: E731
             return "jax", _module_grad(fn) if case.grad else fn, (params, x)
+
         return build
 
     def flax_module():
         module = nn.MultiHeadDotProductAttention(
-            num_heads=N, qkv_features=D, out_features=D, dtype=dtype, param_dtype=dtype,
+            num_heads=N,
+            qkv_features=D,
+            out_features=D,
+            dtype=dtype,
+            param_dtype=dtype,
             deterministic=True,
         )
         # The mask is an argument, as in a model that builds it once per batch.
@@ -319,6 +335,7 @@ def module_contestants(case: BenchCase) -> dict:
 def _module_grad(fn):
     def loss(params, *args):
         return jnp.sum(fn(params, *args).astype(jnp.float32))
+
     return jax.value_and_grad(loss)
 
 
@@ -337,22 +354,24 @@ def _torch_module(case: BenchCase, x, device):
         def forward(self, x):
             B, T, _ = x.shape
             q, k, v = self.qkv(x).view(B, T, 3, N, H).permute(2, 0, 3, 1, 4)
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v,
-                                                                   is_causal=case.causal)
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=case.causal)
             return self.out_proj(out.transpose(1, 2).reshape(B, T, D))
 
     dtype = getattr(torch, case.dtype)
     module = TorchMHA().to(device, dtype)
     tx = torch.from_numpy(np.array(x.astype(jnp.float32))).to(device, dtype)
     if case.grad:
+
         def fn():
             out = module(tx)
             out.float().sum().backward()
             return out
     else:
+
         def fn():
             with torch.no_grad():
                 return module(tx)
+
     return "torch", fn, ()
 
 
@@ -462,11 +481,15 @@ def run_case(case: BenchCase, config: BenchConfig, progress=None) -> dict:
         results[name]["median_ms"] = 1e3 * float(np.median(times))
         results[name]["min_ms"] = 1e3 * float(np.min(times))
         results[name]["times_ms"] = [round(1e3 * t, 3) for t in times]
-    baseline = ("flax MultiHeadDotProductAttention" if case.kind == "module" else "jax.nn xla")
+    baseline = "flax MultiHeadDotProductAttention" if case.kind == "module" else "jax.nn xla"
     peer = "torch MHA (sdpa)" if case.kind == "module" else "torch sdpa"
     _ratios(results, baseline if baseline in results else None, peer)
-    return {"case": dataclasses.asdict(case), "gflop": case_gflop(case),
-            "baseline": baseline, "results": results}
+    return {
+        "case": dataclasses.asdict(case),
+        "gflop": case_gflop(case),
+        "baseline": baseline,
+        "results": results,
+    }
 
 
 def count_contestants(case: BenchCase, config: BenchConfig) -> int:
@@ -478,9 +501,18 @@ def count_contestants(case: BenchCase, config: BenchConfig) -> int:
 
 def sweep_cases(sweep: SweepConfig) -> list[BenchCase]:
     return [
-        BenchCase(name=f"sweep T={T}", kind="attention", batch=sweep.batch, seq_len=T,
-                  num_heads=sweep.num_heads, head_dim=sweep.head_dim, dtype=sweep.dtype,
-                  causal=sweep.causal, contestants=sweep.contestants, repeats=sweep.repeats)
+        BenchCase(
+            name=f"sweep T={T}",
+            kind="attention",
+            batch=sweep.batch,
+            seq_len=T,
+            num_heads=sweep.num_heads,
+            head_dim=sweep.head_dim,
+            dtype=sweep.dtype,
+            causal=sweep.causal,
+            contestants=sweep.contestants,
+            repeats=sweep.repeats,
+        )
         for T in sweep.seq_lens
     ]
 
@@ -498,7 +530,10 @@ def run_memory_case(case: MemoryCase, timeout_s: float = 900) -> dict:
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "jax_attn.bench", "--memory-worker", spec],
-            capture_output=True, text=True, timeout=timeout_s, env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env=env,
         )
     except subprocess.TimeoutExpired:
         return {**result, "error": f"timed out after {timeout_s} s", "passed": False}
@@ -553,7 +588,8 @@ def _memory_worker(spec: str) -> int:
     keys = jax.random.split(jax.random.key(0), 3)
     q, k, v = (jax.random.normal(key, shape, jnp.dtype(case.dtype)) for key in keys)
     fn = lambda q, k, v: ja.dot_product_attention(  # noqa: E731
-        q, k, v, is_causal=True, implementation=case.implementation)
+        q, k, v, is_causal=True, implementation=case.implementation
+    )
     if case.grad:
         fn = _with_grad(fn)
     jax.block_until_ready((q, k, v))
@@ -563,8 +599,11 @@ def _memory_worker(spec: str) -> int:
     jax.block_until_ready(compiled(q, k, v))
     seconds = time.perf_counter() - start
     device = jax.devices()[0]
-    result = {"seconds": seconds, "rss_after_inputs_mib": rss_inputs,
-              "platform": jax.default_backend()}
+    result = {
+        "seconds": seconds,
+        "rss_after_inputs_mib": rss_inputs,
+        "platform": jax.default_backend(),
+    }
     stats = device.memory_stats() if jax.default_backend() != "cpu" else None
     if stats and "peak_bytes_in_use" in stats:
         result["peak_mib"] = stats["peak_bytes_in_use"] / 2**20
@@ -585,13 +624,19 @@ def _fmt(x, spec):
 
 def format_case(entry: dict, floor_ms: float | None) -> str:
     case = entry["case"]
-    shape = (f"B={case['batch']} T={case['seq_len']} N={case['num_heads']} "
-             f"H={case['head_dim']} {case['dtype']}{' causal' if case['causal'] else ''}"
-             f"{' fwd+grad' if case['grad'] else ' fwd'}")
-    lines = [f"\n{case['name']} [{case['kind']}] {shape}; {entry['gflop']:.1f} GFLOP"
-             + (f", matmul floor {floor_ms:.0f} ms" if floor_ms else "")]
-    header = f"  {'contestant':<40} {'median ms':>10} {'min ms':>9} {'compile s':>9} " \
-             f"{'temp MiB':>9} {'x base':>7} {'x torch':>8}"
+    shape = (
+        f"B={case['batch']} T={case['seq_len']} N={case['num_heads']} "
+        f"H={case['head_dim']} {case['dtype']}{' causal' if case['causal'] else ''}"
+        f"{' fwd+grad' if case['grad'] else ' fwd'}"
+    )
+    lines = [
+        f"\n{case['name']} [{case['kind']}] {shape}; {entry['gflop']:.1f} GFLOP"
+        + (f", matmul floor {floor_ms:.0f} ms" if floor_ms else "")
+    ]
+    header = (
+        f"  {'contestant':<40} {'median ms':>10} {'min ms':>9} {'compile s':>9} "
+        f"{'temp MiB':>9} {'x base':>7} {'x torch':>8}"
+    )
     lines.append(header)
     for name, r in entry["results"].items():
         if "error" in r:
@@ -608,15 +653,19 @@ def format_case(entry: dict, floor_ms: float | None) -> str:
 
 def format_memory(entry: dict) -> str:
     case = entry["case"]
-    what = f"{case['name']}: {case['implementation']}, T={case['seq_len']} N={case['num_heads']} " \
-           f"H={case['head_dim']}{' jax.grad' if case['grad'] else ' forward'}"
+    what = (
+        f"{case['name']}: {case['implementation']}, T={case['seq_len']} N={case['num_heads']} "
+        f"H={case['head_dim']}{' jax.grad' if case['grad'] else ' forward'}"
+    )
     if "error" in entry:
         return f"  {what}: FAILED {entry['error'][-200:]}"
     plain = entry.get("plain_xla_temp_mib")
     plain_text = "" if plain is None else f"; plain xla would need {plain / 1024:.1f} GiB temp"
     verdict = "under" if entry["passed"] else "OVER"
-    return (f"  {what}: peak {entry['peak_mib']:.0f} MiB ({entry['measure']}), {verdict} the "
-            f"{case['limit_mib']} MiB limit, {entry['seconds']:.1f} s{plain_text}")
+    return (
+        f"  {what}: peak {entry['peak_mib']:.0f} MiB ({entry['measure']}), {verdict} the "
+        f"{case['limit_mib']} MiB limit, {entry['seconds']:.1f} s{plain_text}"
+    )
 
 
 def plot_sweep(entries: list[dict], path: Path, title: str) -> None:
@@ -652,15 +701,27 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
-def run_bench(config: BenchConfig, *, output_dir: str | None = None, note: str = "",
-              show_progress: bool = True, skip_memory: bool = False) -> dict:
+def run_bench(
+    config: BenchConfig,
+    *,
+    output_dir: str | None = None,
+    note: str = "",
+    show_progress: bool = True,
+    skip_memory: bool = False,
+) -> dict:
     from tqdm.auto import tqdm
 
     info = device_info()
-    print(f"jax-attn bench '{config.name}' on {info['platform']}: {info['device']} "
-          f"({info['cpu']}, {info['cpu_count']} CPUs), jax {info['jax']}"
-          + (f", torch {info['torch']} ({info['torch_threads']} threads)" if "torch" in info
-             else ", torch not installed"), flush=True)
+    print(
+        f"jax-attn bench '{config.name}' on {info['platform']}: {info['device']} "
+        f"({info['cpu']}, {info['cpu_count']} CPUs), jax {info['jax']}"
+        + (
+            f", torch {info['torch']} ({info['torch_threads']} threads)"
+            if "torch" in info
+            else ", torch not installed"
+        ),
+        flush=True,
+    )
     rate = matmul_gflops()
     print(f"float32 matmul rate (2048^3): {rate:.0f} GFLOP/s", flush=True)
     cases = list(config.cases)
@@ -668,9 +729,16 @@ def run_bench(config: BenchConfig, *, output_dir: str | None = None, note: str =
     total = sum(count_contestants(c, config) for c in cases + sweep)
     total += 0 if skip_memory else len(config.memory)
     bar = tqdm(total=total, desc="bench", unit="run", file=sys.stderr, disable=not show_progress)
-    report = {"config": config.name, "note": note, "info": info, "matmul_gflops": rate,
-              "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-              "cases": [], "sweep": [], "memory": []}
+    report = {
+        "config": config.name,
+        "note": note,
+        "info": info,
+        "matmul_gflops": rate,
+        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "cases": [],
+        "sweep": [],
+        "memory": [],
+    }
     out_dir = Path(output_dir or config.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -693,10 +761,13 @@ def run_bench(config: BenchConfig, *, output_dir: str | None = None, note: str =
         bar.write(format_sweep(report["sweep"]))
         png = out_dir / f"{stem}.png"
         sweep_cfg = config.sweep
-        plot_sweep(report["sweep"], png,
-                   f"attention forward, B={sweep_cfg.batch} N={sweep_cfg.num_heads} "
-                   f"H={sweep_cfg.head_dim} {sweep_cfg.dtype}"
-                   f"{' causal' if sweep_cfg.causal else ''} — {info['device']}")
+        plot_sweep(
+            report["sweep"],
+            png,
+            f"attention forward, B={sweep_cfg.batch} N={sweep_cfg.num_heads} "
+            f"H={sweep_cfg.head_dim} {sweep_cfg.dtype}"
+            f"{' causal' if sweep_cfg.causal else ''} — {info['device']}",
+        )
         report["plot"] = str(png)
         save()
         bar.write(f"wrote {png}")
@@ -724,8 +795,11 @@ def summarize(report: dict) -> list[str]:
     and each long-context run against its memory limit."""
     lines = []
     for entry in report["cases"]:
-        ours = "jax_attn MultiHeadAttention" if entry["case"]["kind"] == "module" \
+        ours = (
+            "jax_attn MultiHeadAttention"
+            if entry["case"]["kind"] == "module"
             else "jax_attn (default)"
+        )
         result = entry["results"].get(ours, {})
         if "median_ms" not in result:
             continue
@@ -739,8 +813,10 @@ def summarize(report: dict) -> list[str]:
         case = entry["case"]
         if "peak_mib" in entry:
             verdict = "under" if entry["passed"] else "OVER"
-            lines.append(f"{case['name']} (T={case['seq_len']}): peak {entry['peak_mib']:.0f} MiB, "
-                         f"{verdict} {case['limit_mib']} MiB")
+            lines.append(
+                f"{case['name']} (T={case['seq_len']}): peak {entry['peak_mib']:.0f} MiB, "
+                f"{verdict} {case['limit_mib']} MiB"
+            )
         else:
             lines.append(f"{case['name']} (T={case['seq_len']}): failed")
     return lines
@@ -750,8 +826,10 @@ def format_sweep(entries: list[dict]) -> str:
     names = []
     for entry in entries:
         names += [n for n in entry["results"] if n not in names]
-    lines = ["\nsweep: median ms by sequence length",
-             "  " + f"{'T':>7} " + " ".join(f"{n[:18]:>18}" for n in names)]
+    lines = [
+        "\nsweep: median ms by sequence length",
+        "  " + f"{'T':>7} " + " ".join(f"{n[:18]:>18}" for n in names),
+    ]
     for entry in entries:
         cells = []
         for name in names:
@@ -769,13 +847,19 @@ def main(argv: list[str] | None = None) -> int:
         prog="jax-attn bench",
         description="jax_attn and its peers (flax, jax.nn, PyTorch SDPA) side by side.",
     )
-    parser.add_argument("--config", default=None,
-                        help="bench TOML (default: configs/bench-gpu.toml on a GPU, "
-                             "else configs/bench-cpu.toml)")
-    parser.add_argument("--output-dir", default=None, help="where JSON and PNG go "
-                        "(default: the config's output_dir)")
-    parser.add_argument("--only", nargs="+", metavar="NAME",
-                        help="only the cases whose name contains one of these")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="bench TOML (default: configs/bench-gpu.toml on a GPU, else configs/bench-cpu.toml)",
+    )
+    parser.add_argument(
+        "--output-dir",
+        default=None,
+        help="where JSON and PNG go (default: the config's output_dir)",
+    )
+    parser.add_argument(
+        "--only", nargs="+", metavar="NAME", help="only the cases whose name contains one of these"
+    )
     parser.add_argument("--no-sweep", action="store_true", help="skip the sequence-length sweep")
     parser.add_argument("--no-memory", action="store_true", help="skip the long-context runs")
     parser.add_argument("--note", default="", help="free text stored in the JSON")
@@ -788,12 +872,18 @@ def main(argv: list[str] | None = None) -> int:
         args.config = str(CONFIG_DIR / name)
     config = load_bench_config(args.config)
     if args.only:
-        config = dataclasses.replace(config, cases=tuple(
-            c for c in config.cases if any(o in c.name for o in args.only)))
+        config = dataclasses.replace(
+            config, cases=tuple(c for c in config.cases if any(o in c.name for o in args.only))
+        )
     if args.no_sweep:
         config = dataclasses.replace(config, sweep=None)
-    run_bench(config, output_dir=args.output_dir, note=args.note,
-              show_progress=not args.no_progress, skip_memory=args.no_memory)
+    run_bench(
+        config,
+        output_dir=args.output_dir,
+        note=args.note,
+        show_progress=not args.no_progress,
+        skip_memory=args.no_memory,
+    )
     return 0
 
 

@@ -65,28 +65,44 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sharded attention (tensor- or sequence-parallel) against one device.",
     )
     parser.add_argument("--mesh", required=True, help="e.g. data=2,model=4 or seq=8")
-    parser.add_argument("--batch", type=int, default=None,
-                        help="B (default 8 for data/model, 1 for seq x data)")
-    parser.add_argument("--seq-len", type=int, default=None,
-                        help="T (default 256 for data/model, 2048 for seq)")
+    parser.add_argument(
+        "--batch", type=int, default=None, help="B (default 8 for data/model, 1 for seq x data)"
+    )
+    parser.add_argument(
+        "--seq-len", type=int, default=None, help="T (default 256 for data/model, 2048 for seq)"
+    )
     parser.add_argument("--d-model", type=int, default=512, help="D for data/model meshes")
     parser.add_argument("--heads", type=int, default=8, help="N")
-    parser.add_argument("--kv-heads", type=int, default=None,
-                        help="K for seq meshes (GQA; default N)")
+    parser.add_argument(
+        "--kv-heads", type=int, default=None, help="K for seq meshes (GQA; default N)"
+    )
     parser.add_argument("--head-dim", type=int, default=64, help="H for seq meshes")
-    parser.add_argument("--block-size", type=int, default=None,
-                        help="ring attention: queries and keys per inner block (default: "
-                        "the largest divisor of the local chunk up to 512)")
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="ring attention: queries and keys per inner block (default: "
+        "the largest divisor of the local chunk up to 512)",
+    )
     parser.add_argument("--not-causal", action="store_true", help="ring attention without mask")
-    parser.add_argument("--backward", action="store_true",
-                        help="measure forward + backward (gradients of q, k, v / params)")
+    parser.add_argument(
+        "--backward",
+        action="store_true",
+        help="measure forward + backward (gradients of q, k, v / params)",
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--implementation", default=None,
-                        help="attention implementation on one device and inside the sharded "
-                        "MultiHeadAttention (default: the library's choice for this device)")
+    parser.add_argument(
+        "--implementation",
+        default=None,
+        help="attention implementation on one device and inside the sharded "
+        "MultiHeadAttention (default: the library's choice for this device)",
+    )
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--compile-only", action="store_true",
-                        help="compile and report memory without running (sizes beyond this host)")
+    parser.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="compile and report memory without running (sizes beyond this host)",
+    )
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     return parser
 
@@ -94,10 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
 def memory(compiled) -> dict[str, int]:
     """Per-device bytes of a compiled program (its memory analysis)."""
     stats = compiled.memory_analysis()
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-              "alias_size_in_bytes")
-    found = {name.removesuffix("_size_in_bytes"): int(getattr(stats, name, 0) or 0)
-             for name in fields}
+    fields = (
+        "argument_size_in_bytes",
+        "output_size_in_bytes",
+        "temp_size_in_bytes",
+        "alias_size_in_bytes",
+    )
+    found = {
+        name.removesuffix("_size_in_bytes"): int(getattr(stats, name, 0) or 0) for name in fields
+    }
     found["total"] = found["argument"] + found["output"] + found["temp"] - found["alias"]
     return found
 
@@ -111,16 +132,24 @@ def measure(fn, args, repeats: int) -> dict:
     compiled = jax.jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - start
     if repeats == 0:
-        return {"compile_s": compile_s, "median_s": None, "memory_bytes": memory(compiled),
-                "hlo": compiled.as_text()}
+        return {
+            "compile_s": compile_s,
+            "median_s": None,
+            "memory_bytes": memory(compiled),
+            "hlo": compiled.as_text(),
+        }
     jax.block_until_ready(compiled(*args))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - start)
-    return {"compile_s": compile_s, "median_s": statistics.median(times),
-            "memory_bytes": memory(compiled), "hlo": compiled.as_text()}
+    return {
+        "compile_s": compile_s,
+        "median_s": statistics.median(times),
+        "memory_bytes": memory(compiled),
+        "hlo": compiled.as_text(),
+    }
 
 
 def collective_counts(hlo: str) -> dict[str, int]:
@@ -128,7 +157,9 @@ def collective_counts(hlo: str) -> dict[str, int]:
 
     ops = re.findall(
         r"= \S+ (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
-        r"(?:-start)?\(", hlo)
+        r"(?:-start)?\(",
+        hlo,
+    )
     return {op: ops.count(op) for op in sorted(set(ops))}
 
 
@@ -142,8 +173,9 @@ def bench_tensor_parallel(args, sizes, devices) -> list[dict]:
     B = args.batch or 8
     T = args.seq_len or 256
     dtype = jnp.dtype(args.dtype)
-    module = ja.MultiHeadAttention(args.d_model, args.d_model, T, 0.0, args.heads,
-                                   implementation=args.implementation)
+    module = ja.MultiHeadAttention(
+        args.d_model, args.d_model, T, 0.0, args.heads, implementation=args.implementation
+    )
     x = jax.random.normal(jax.random.key(0), (B, T, args.d_model), dtype)
     params = module.init(jax.random.key(1), x)["params"]
     params = jax.tree.map(lambda p: p.astype(dtype), params)
@@ -160,12 +192,22 @@ def bench_tensor_parallel(args, sizes, devices) -> list[dict]:
     one = devices[0]
     H = args.d_model // args.heads
     chosen = implementation_name(args.implementation, (B, T, args.heads, H), dtype)
-    rows = [{"name": f"MultiHeadAttention ({chosen}), 1 device", "mesh": "1",
-             **measure(fn, jax.device_put((params, x), one), args.repeats)}]
+    rows = [
+        {
+            "name": f"MultiHeadAttention ({chosen}), 1 device",
+            "mesh": "1",
+            **measure(fn, jax.device_put((params, x), one), args.repeats),
+        }
+    ]
     mesh = sharding.make_mesh(devices=devices, **sizes)
     placed = sharding.shard_params(params, mesh, num_heads=args.heads)
-    rows.append({"name": f"MultiHeadAttention ({chosen}), sharded", "mesh": mesh_label(sizes),
-                 **measure(fn, (placed, sharding.shard_batch(x, mesh)), args.repeats)})
+    rows.append(
+        {
+            "name": f"MultiHeadAttention ({chosen}), sharded",
+            "mesh": mesh_label(sizes),
+            **measure(fn, (placed, sharding.shard_batch(x, mesh)), args.repeats),
+        }
+    )
     config = {"B": B, "T": T, "D": args.d_model, "N": args.heads, "causal": True}
     return config, rows
 
@@ -190,8 +232,9 @@ def bench_ring(args, sizes, devices) -> list[dict]:
         on_one_device = (q, k, v)
     else:
         keys = jax.random.split(jax.random.key(0), 3)
-        q, k, v = (jax.random.normal(key, shape, dtype)
-                   for key, shape in zip(keys, shapes, strict=True))
+        q, k, v = (
+            jax.random.normal(key, shape, dtype) for key, shape in zip(keys, shapes, strict=True)
+        )
         on_one_device = jax.device_put((q, k, v), devices[0])
     repeats = 0 if args.compile_only else args.repeats
 
@@ -199,28 +242,53 @@ def bench_ring(args, sizes, devices) -> list[dict]:
         def run(q, k, v):
             return jax.value_and_grad(
                 lambda q, k, v: jnp.sum(attention(q, k, v).astype(jnp.float32) ** 2),
-                argnums=(0, 1, 2))(q, k, v)
+                argnums=(0, 1, 2),
+            )(q, k, v)
+
         return run if args.backward else attention
 
-    single = with_grads(lambda q, k, v: ja.dot_product_attention(
-        q, k, v, is_causal=causal, implementation=args.implementation))
+    single = with_grads(
+        lambda q, k, v: ja.dot_product_attention(
+            q, k, v, is_causal=causal, implementation=args.implementation
+        )
+    )
     chosen = implementation_name(args.implementation, (B, T, N, H), dtype, K, causal)
-    rows = [{"name": f"dot_product_attention ({chosen}), 1 device", "mesh": "1",
-             **measure(single, on_one_device, repeats)}]
-    ring_sizes = sorted({2 ** i for i in range(int(math.log2(seq)) + 1)} | {seq})
+    rows = [
+        {
+            "name": f"dot_product_attention ({chosen}), 1 device",
+            "mesh": "1",
+            **measure(single, on_one_device, repeats),
+        }
+    ]
+    ring_sizes = sorted({2**i for i in range(int(math.log2(seq)) + 1)} | {seq})
     for ring_size in ring_sizes:
         if ring_size > seq or T % (2 * ring_size if causal and ring_size > 1 else ring_size):
             continue
         used = devices[: data * ring_size]
         mesh = sharding.make_mesh(data=data, seq=ring_size, devices=used)
-        ring = with_grads(lambda q, k, v, mesh=mesh: sharding.ring_attention(
-            q, k, v, mesh=mesh, axis_name="seq", is_causal=causal, block_size=args.block_size,
-            batch_axis_name="data" if data > 1 else None))
+        ring = with_grads(
+            lambda q, k, v, mesh=mesh: sharding.ring_attention(
+                q,
+                k,
+                v,
+                mesh=mesh,
+                axis_name="seq",
+                is_causal=causal,
+                block_size=args.block_size,
+                batch_axis_name="data" if data > 1 else None,
+            )
+        )
         label = mesh_label({"data": data, "model": 1, "seq": ring_size})
-        rows.append({"name": "ring_attention", "mesh": label,
-                     **measure(ring, (q, k, v), repeats)})
-    config = {"B": B, "T": T, "N": N, "K": K, "H": H, "causal": causal,
-              "block_size": args.block_size}
+        rows.append({"name": "ring_attention", "mesh": label, **measure(ring, (q, k, v), repeats)})
+    config = {
+        "B": B,
+        "T": T,
+        "N": N,
+        "K": K,
+        "H": H,
+        "causal": causal,
+        "block_size": args.block_size,
+    }
     return config, rows
 
 
@@ -249,16 +317,20 @@ def mesh_label(sizes: dict[str, int]) -> str:
 
 
 def print_table(rows: list[dict], baseline: dict) -> None:
-    mib = 2 ** 20
-    print(f"{'what':<44} {'mesh':<16} {'MiB/device':>11} {'temp MiB':>9} "
-          f"{'vs 1 dev':>8} {'ms':>9} {'compile s':>9}  collectives")
+    mib = 2**20
+    print(
+        f"{'what':<44} {'mesh':<16} {'MiB/device':>11} {'temp MiB':>9} "
+        f"{'vs 1 dev':>8} {'ms':>9} {'compile s':>9}  collectives"
+    )
     for row in rows:
         mem = row["memory_bytes"]
         ratio = mem["total"] / baseline["memory_bytes"]["total"]
         ops = ", ".join(f"{n}x{op}" for op, n in row["collectives"].items()) or "-"
-        print(f"{row['name']:<44} {row['mesh']:<16} {mem['total'] / mib:>11.2f} "
-              f"{mem['temp'] / mib:>9.2f} {ratio:>8.3f} {milliseconds(row['median_s']):>9} "
-              f"{row['compile_s']:>9.2f}  {ops}")
+        print(
+            f"{row['name']:<44} {row['mesh']:<16} {mem['total'] / mib:>11.2f} "
+            f"{mem['temp'] / mib:>9.2f} {ratio:>8.3f} {milliseconds(row['median_s']):>9} "
+            f"{row['compile_s']:>9.2f}  {ops}"
+        )
 
 
 def milliseconds(seconds: float | None) -> str:
@@ -300,23 +372,34 @@ def main(argv: list[str] | None = None) -> int:
 
     device = devices[0]
     virtual = device.platform == "cpu" and needed > 1
-    print(f"jax-attn bench --mesh {args.mesh}: {config}, dtype {args.dtype}, "
-          f"{'forward+backward' if args.backward else 'forward'}; "
-          f"{needed} x {device.device_kind} ({device.platform})"
-          + (" virtual devices sharing the host's cores: times show no parallel speed-up"
-             if virtual else ""))
+    print(
+        f"jax-attn bench --mesh {args.mesh}: {config}, dtype {args.dtype}, "
+        f"{'forward+backward' if args.backward else 'forward'}; "
+        f"{needed} x {device.device_kind} ({device.platform})"
+        + (
+            " virtual devices sharing the host's cores: times show no parallel speed-up"
+            if virtual
+            else ""
+        )
+    )
     print_table(rows, rows[0])
 
     result = {
         "command": f"jax-attn bench {' '.join(argv or sys.argv[1:])}".strip(),
-        "mesh": sizes, "config": config, "dtype": args.dtype, "backward": args.backward,
-        "platform": device.platform, "device_kind": device.device_kind,
-        "devices": needed, "virtual_devices": virtual,
-        "jax": jax.__version__, "python": platform.python_version(),
+        "mesh": sizes,
+        "config": config,
+        "dtype": args.dtype,
+        "backward": args.backward,
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "devices": needed,
+        "virtual_devices": virtual,
+        "jax": jax.__version__,
+        "python": platform.python_version(),
         "host": platform.node(),
         "time_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "memory_note": "per device, from compiled.memory_analysis(): "
-                       "argument + output + temp - alias bytes",
+        "argument + output + temp - alias bytes",
         "rows": rows,
     }
     if args.out:

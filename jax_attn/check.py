@@ -79,8 +79,16 @@ def default_cases(full: bool = False) -> list[Case]:
             Case("dropout 0.2, causal", T=20, S=20, is_causal=True, dropout=0.2),
             Case("H_v != H", T=12, S=18, H=16, H_v=8, is_causal=True),
             Case("mask + bias + lengths, T<S", T=14, S=22, mask=True, bias=True, lengths=True),
-            Case("long, T<S, window", T=520, S=700, N=2, K=1, is_causal=True, window=(300, 0),
-                 lengths=True),
+            Case(
+                "long, T<S, window",
+                T=520,
+                S=700,
+                N=2,
+                K=1,
+                is_causal=True,
+                window=(300, 0),
+                lengths=True,
+            ),
             Case("H 64, GQA", T=130, S=130, N=8, K=2, H=64, is_causal=True),
         ]
     return cases
@@ -141,8 +149,9 @@ def _error(actual, expected) -> float:
     return float(np.max(np.abs(actual - expected))) / scale
 
 
-def run_check(cases=None, dtypes=None, implementations=None, progress=None,
-              on_result=None) -> list[CaseResult]:
+def run_check(
+    cases=None, dtypes=None, implementations=None, progress=None, on_result=None
+) -> list[CaseResult]:
     """Runs the grid; returns one :class:`CaseResult` per (case, dtype, implementation)
     (each also passed to ``on_result`` as soon as it is known)."""
     cases = default_cases() if cases is None else cases
@@ -160,8 +169,9 @@ def run_check(cases=None, dtypes=None, implementations=None, progress=None,
                 tol = TOLERANCE[dtype_name]
                 reason = attention.unsupported_reason(name, call)
                 if reason is not None:
-                    results.append(CaseResult(case.name, dtype_name, name, None, None, tol,
-                                              "skip", reason))
+                    results.append(
+                        CaseResult(case.name, dtype_name, name, None, None, tol, "skip", reason)
+                    )
                     continue
                 if expected is None:
                     expected = _reference_result(q, k, v, cotangent, kwargs)
@@ -170,8 +180,18 @@ def run_check(cases=None, dtypes=None, implementations=None, progress=None,
                 try:
                     out, grads = _forward_and_gradients(fn, q, k, v, cotangent, kwargs)
                 except Exception as error:  # noqa: BLE001 - a crash is a failure to report
-                    results.append(CaseResult(case.name, dtype_name, name, None, None, tol,
-                                              "FAIL", f"{type(error).__name__}: {error}"[:200]))
+                    results.append(
+                        CaseResult(
+                            case.name,
+                            dtype_name,
+                            name,
+                            None,
+                            None,
+                            tol,
+                            "FAIL",
+                            f"{type(error).__name__}: {error}"[:200],
+                        )
+                    )
                     continue
                 forward_error = _error(out, expected_out)
                 gradient_error = max(
@@ -179,8 +199,18 @@ def run_check(cases=None, dtypes=None, implementations=None, progress=None,
                 )
                 ok = forward_error <= tol and gradient_error <= tol and out.dtype == dtype
                 note = "" if out.dtype == dtype else f"output dtype {out.dtype}"
-                results.append(CaseResult(case.name, dtype_name, name, forward_error,
-                                          gradient_error, tol, "ok" if ok else "FAIL", note))
+                results.append(
+                    CaseResult(
+                        case.name,
+                        dtype_name,
+                        name,
+                        forward_error,
+                        gradient_error,
+                        tol,
+                        "ok" if ok else "FAIL",
+                        note,
+                    )
+                )
             if progress is not None:
                 progress()
     return list(results)
@@ -203,13 +233,20 @@ def _reference_result(q, k, v, cotangent, kwargs):
     ref_kwargs = {**kwargs}
     if "bias" in ref_kwargs:
         ref_kwargs["bias"] = upcast(ref_kwargs["bias"])
-    return _forward_and_gradients(reference.dot_product_attention, upcast(q), upcast(k),
-                                  upcast(v), upcast(cotangent), ref_kwargs)
+    return _forward_and_gradients(
+        reference.dot_product_attention,
+        upcast(q),
+        upcast(k),
+        upcast(v),
+        upcast(cotangent),
+        ref_kwargs,
+    )
 
 
 def _implementation_fn(name):
     def fn(q, k, v, **kwargs):
         return attention.dot_product_attention(q, k, v, implementation=name, **kwargs)
+
     return fn
 
 
@@ -224,8 +261,15 @@ def format_row(result: CaseResult | None = None) -> str:
     else:
         fmt = lambda x: "-" if x is None else f"{x:.1e}"  # noqa: E731
         status = result.status if not result.note else f"{result.status} ({result.note})"
-        cells = (result.case, result.dtype, result.implementation, fmt(result.forward_error),
-                 fmt(result.gradient_error), f"{result.tolerance:.0e}", status)
+        cells = (
+            result.case,
+            result.dtype,
+            result.implementation,
+            fmt(result.forward_error),
+            fmt(result.gradient_error),
+            f"{result.tolerance:.0e}",
+            status,
+        )
     padded = [str(c)[:w].ljust(w) for c, w in zip(cells[:-1], _WIDTHS, strict=True)]
     return "  ".join([*padded, str(cells[-1])])
 
@@ -243,14 +287,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="jax-attn check",
         description="Every available implementation against the reference: forward and "
-                    "gradients, on a grid of shapes, dtypes, masks, lengths, GQA and causal.",
+        "gradients, on a grid of shapes, dtypes, masks, lengths, GQA and causal.",
     )
-    parser.add_argument("--full", action="store_true", help="a larger grid (dropout, H_v != H, "
-                        "multi-chunk shapes)")
-    parser.add_argument("--implementations", nargs="+", metavar="NAME",
-                        help="only these implementations (default: every available one)")
-    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), metavar="DTYPE",
-                        help="only these dtypes (default: float32 bfloat16 float16)")
+    parser.add_argument(
+        "--full", action="store_true", help="a larger grid (dropout, H_v != H, multi-chunk shapes)"
+    )
+    parser.add_argument(
+        "--implementations",
+        nargs="+",
+        metavar="NAME",
+        help="only these implementations (default: every available one)",
+    )
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=sorted(DTYPES),
+        metavar="DTYPE",
+        help="only these dtypes (default: float32 bfloat16 float16)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
@@ -259,13 +313,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.implementations:
         unknown = sorted(set(args.implementations) - set(available))
         if unknown:
-            parser.error(f"--implementations: {unknown} not available here; "
-                         f"available: {available}")
+            parser.error(f"--implementations: {unknown} not available here; available: {available}")
     cases = default_cases(args.full)
     dtypes = args.dtypes or list(DTYPES)
-    print(f"jax-attn check on {device_description()} (jax {jax.__version__}); "
-          f"implementations: {args.implementations or [n for n in available if n != 'reference']}",
-          flush=True)
+    print(
+        f"jax-attn check on {device_description()} (jax {jax.__version__}); "
+        f"implementations: {args.implementations or [n for n in available if n != 'reference']}",
+        flush=True,
+    )
     start = time.perf_counter()
     bar = None
     if not args.no_progress:
@@ -275,20 +330,33 @@ def main(argv: list[str] | None = None) -> int:
     write = print if bar is None else bar.write
     write(format_row())
     with jax.default_matmul_precision("float32"):
-        results = run_check(cases, dtypes, args.implementations,
-                            progress=None if bar is None else bar.update,
-                            on_result=lambda result: write(format_row(result)))
+        results = run_check(
+            cases,
+            dtypes,
+            args.implementations,
+            progress=None if bar is None else bar.update,
+            on_result=lambda result: write(format_row(result)),
+        )
     if bar is not None:
         bar.close()
     failures = [r for r in results if r.status == "FAIL"]
     checked = sum(r.status != "skip" for r in results)
-    print(f"\n{checked} checks, {len(failures)} failed, "
-          f"{sum(r.status == 'skip' for r in results)} skipped (unsupported) "
-          f"in {time.perf_counter() - start:.0f} s")
+    print(
+        f"\n{checked} checks, {len(failures)} failed, "
+        f"{sum(r.status == 'skip' for r in results)} skipped (unsupported) "
+        f"in {time.perf_counter() - start:.0f} s"
+    )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device_description(), "jax": jax.__version__,
-                       "results": [dataclasses.asdict(r) for r in results]}, f, indent=1)
+            json.dump(
+                {
+                    "device": device_description(),
+                    "jax": jax.__version__,
+                    "results": [dataclasses.asdict(r) for r in results],
+                },
+                f,
+                indent=1,
+            )
     return 1 if failures else 0
 
 

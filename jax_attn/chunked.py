@@ -217,14 +217,18 @@ def _key_chunk_ranges(plan: _Plan, q_index, kv_limit):
 def _slice_broadcast(x, q_index, k_index, plan: _Plan):
     """The ``[.., Tq|1, Sk|1]`` block of a padded mask or bias ``[B', K', G', T', S']``."""
     *lead, T_x, S_x = x.shape
-    starts = (0, 0, 0, q_index * plan.q_chunk if T_x > 1 else 0,
-              k_index * plan.k_chunk if S_x > 1 else 0)
+    starts = (
+        0,
+        0,
+        0,
+        q_index * plan.q_chunk if T_x > 1 else 0,
+        k_index * plan.k_chunk if S_x > 1 else 0,
+    )
     sizes = (*lead, plan.q_chunk if T_x > 1 else 1, plan.k_chunk if S_x > 1 else 1)
     return jax.lax.dynamic_slice(x, starts, sizes)
 
 
-def _block_logits(plan: _Plan, q_blk, k, mask, bias, kv_lengths, q_index, k_index,
-                  position_masked):
+def _block_logits(plan: _Plan, q_blk, k, mask, bias, kv_lengths, q_index, k_index, position_masked):
     """float32 logits ``[B, K, G, Tq, Sk]`` of one block, masked entries at ``MASKED_LOGIT``.
 
     The causal/window/key-range masks matter only when the traced bool
@@ -233,9 +237,7 @@ def _block_logits(plan: _Plan, q_blk, k, mask, bias, kv_lengths, q_index, k_inde
     Tq, Sk = plan.q_chunk, plan.k_chunk
     k_blk = jax.lax.dynamic_slice_in_dim(k, k_index * Sk, Sk, axis=2)
     # [B, K, G, Tq, Sk]
-    logits = jnp.einsum(
-        "BKGTH,BKSH->BKGTS", q_blk, k_blk, preferred_element_type=jnp.float32
-    )
+    logits = jnp.einsum("BKGTH,BKSH->BKGTS", q_blk, k_blk, preferred_element_type=jnp.float32)
     if plan.scale != 1.0:
         logits = logits * jnp.float32(plan.scale)
     if bias is not None:
@@ -267,7 +269,9 @@ def _block_logits(plan: _Plan, q_blk, k, mask, bias, kv_lengths, q_index, k_inde
 def _block_keep(plan: _Plan, rng, B, K, G, q_index, k_index):
     """This block's slice ``[B, K, G, Tq, Sk]`` of the global dropout mask."""
     keep = make_dropout_mask(
-        rng, plan.dropout_rate, (B, K * G, plan.q_chunk, plan.k_chunk),
+        rng,
+        plan.dropout_rate,
+        (B, K * G, plan.q_chunk, plan.k_chunk),
         offsets=(0, 0, q_index * plan.q_chunk, k_index * plan.k_chunk),
     )
     return keep.reshape(B, K, G, plan.q_chunk, plan.k_chunk)
@@ -294,8 +298,9 @@ def _forward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng):
 
         def step(k_index, position_masked, state):
             acc, row_max, row_sum = state
-            logits = _block_logits(plan, q_blk, k, mask, bias, kv_lengths, q_index,
-                                   k_index, position_masked)
+            logits = _block_logits(
+                plan, q_blk, k, mask, bias, kv_lengths, q_index, k_index, position_masked
+            )
             new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
             probs = jnp.exp(logits - new_max[..., None])
             correction = jnp.exp(row_max - new_max)
@@ -306,7 +311,9 @@ def _forward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng):
             v_blk = jax.lax.dynamic_slice_in_dim(v, k_index * Sk, Sk, axis=2)
             # [B, K, G, Tq, H_v]
             update = jnp.einsum(
-                "BKGTS,BKSH->BKGTH", probs.astype(v.dtype), v_blk,
+                "BKGTS,BKSH->BKGTH",
+                probs.astype(v.dtype),
+                v_blk,
                 preferred_element_type=jnp.float32,
             )
             return acc * correction[..., None] + update, new_max, row_sum
@@ -348,8 +355,9 @@ def _backward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, out, lse, d_out
 
         def step(k_index, position_masked, state):
             dq, dk, dv, dbias = state
-            logits = _block_logits(plan, q_blk, k, mask, bias, kv_lengths, q_index,
-                                   k_index, position_masked)
+            logits = _block_logits(
+                plan, q_blk, k, mask, bias, kv_lengths, q_index, k_index, position_masked
+            )
             # [B, K, G, Tq, Sk]
             probs = jnp.exp(logits - lse_blk[..., None])
             v_blk = jax.lax.dynamic_slice_in_dim(v, k_index * Sk, Sk, axis=2)
@@ -367,17 +375,23 @@ def _backward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, out, lse, d_out
             d_logits = probs * (d_probs - delta_blk[..., None])
             # [B, K, S, H_v]
             dv_blk = jnp.einsum(
-                "BKGTS,BKGTH->BKSH", dropped.astype(d_out.dtype), do_blk,
+                "BKGTS,BKGTH->BKSH",
+                dropped.astype(d_out.dtype),
+                do_blk,
                 preferred_element_type=jnp.float32,
             )
             # [B, K, S, H]
             dk_blk = jnp.einsum(
-                "BKGTS,BKGTH->BKSH", d_logits.astype(q.dtype), q_blk,
+                "BKGTS,BKGTH->BKSH",
+                d_logits.astype(q.dtype),
+                q_blk,
                 preferred_element_type=jnp.float32,
             )
             # [B, K, G, Tq, H]
             dq = dq + jnp.einsum(
-                "BKGTS,BKSH->BKGTH", d_logits.astype(k.dtype), k_blk,
+                "BKGTS,BKSH->BKGTH",
+                d_logits.astype(k.dtype),
+                k_blk,
                 preferred_element_type=jnp.float32,
             )
             dk = _add_block(dk, dk_blk, (0, 0, k_index * Sk, 0))
@@ -409,8 +423,13 @@ def _add_bias_block(dbias, d_logits, q_index, k_index, plan: _Plan):
     """Adds a block's logit gradient into ``dbias``, summed over the bias' broadcast dims."""
     axes = tuple(axis for axis in range(5) if dbias.shape[axis] == 1 and d_logits.shape[axis] > 1)
     block = jnp.sum(d_logits, axis=axes, keepdims=True)
-    starts = (0, 0, 0, q_index * plan.q_chunk if dbias.shape[3] > 1 else 0,
-              k_index * plan.k_chunk if dbias.shape[4] > 1 else 0)
+    starts = (
+        0,
+        0,
+        0,
+        q_index * plan.q_chunk if dbias.shape[3] > 1 else 0,
+        k_index * plan.k_chunk if dbias.shape[4] > 1 else 0,
+    )
     return _add_block(dbias, block, starts)
 
 
@@ -429,8 +448,13 @@ def _chunked_core_bwd(plan, residuals, d_out):
     q, k, v, mask, bias, kv_lengths, rng, out, lse = residuals
     dq, dk, dv, dbias = _backward(plan, q, k, v, mask, bias, kv_lengths, rng, out, lse, d_out)
     return (
-        dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None,
-        None if bias is None else dbias.astype(bias.dtype), None, None,
+        dq.astype(q.dtype),
+        dk.astype(k.dtype),
+        dv.astype(v.dtype),
+        None,
+        None if bias is None else dbias.astype(bias.dtype),
+        None,
+        None,
     )
 
 
@@ -488,30 +512,60 @@ def dot_product_attention(
             f"got {implementation!r}"
         )
     call = check_attention_args(
-        query, key, value, mask=mask, bias=bias, is_causal=is_causal, scale=scale,
-        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-        local_window_size=local_window_size, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+        query,
+        key,
+        value,
+        mask=mask,
+        bias=bias,
+        is_causal=is_causal,
+        scale=scale,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
     )
     q, k, v = (jnp.asarray(x) for x in (query, key, value))
     if not call.batched:
         q, k, v = q[None], k[None], v[None]
     out = chunked_attention(
-        q, k, v, call=call, mask=mask, bias=bias, query_seq_lengths=query_seq_lengths,
-        key_value_seq_lengths=key_value_seq_lengths, dropout_rng=dropout_rng,
-        query_chunk_size=query_chunk_size, key_chunk_size=key_chunk_size,
+        q,
+        k,
+        v,
+        call=call,
+        mask=mask,
+        bias=bias,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        dropout_rng=dropout_rng,
+        query_chunk_size=query_chunk_size,
+        key_chunk_size=key_chunk_size,
     )
     return out if call.batched else out[0]
 
 
-def chunked_attention(q, k, v, *, call: AttentionCall, mask=None, bias=None,
-                      query_seq_lengths=None, key_value_seq_lengths=None, dropout_rng=None,
-                      query_chunk_size=None, key_chunk_size=None):
+def chunked_attention(
+    q,
+    k,
+    v,
+    *,
+    call: AttentionCall,
+    mask=None,
+    bias=None,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    dropout_rng=None,
+    query_chunk_size=None,
+    key_chunk_size=None,
+):
     """The kernel on validated, batched inputs (the registry's ``"chunked"`` entry)."""
     default_q, default_k = default_chunk_sizes(call.B * call.N)
     q_chunk = _check_chunk(
-        "query_chunk_size", default_q if query_chunk_size is None else query_chunk_size)
+        "query_chunk_size", default_q if query_chunk_size is None else query_chunk_size
+    )
     k_chunk = _check_chunk(
-        "key_chunk_size", default_k if key_chunk_size is None else key_chunk_size)
+        "key_chunk_size", default_k if key_chunk_size is None else key_chunk_size
+    )
     if call.T == 0 or call.S == 0:
         return jnp.zeros((call.B, call.T, call.N, call.H_v), call.dtype)
     q_chunk, k_chunk = min(q_chunk, call.T), min(k_chunk, call.S)
@@ -519,20 +573,38 @@ def chunked_attention(q, k, v, *, call: AttentionCall, mask=None, bias=None,
     # enough: float32 inputs, or a power-of-two scale.
     prescale = call.dtype == np.float32 or float(np.log2(abs(call.scale) or 1.0)).is_integer()
     plan = _Plan(
-        T=call.T, S=call.S, q_chunk=q_chunk, k_chunk=k_chunk, is_causal=call.is_causal,
-        window=call.window, scale=1.0 if prescale else call.scale,
+        T=call.T,
+        S=call.S,
+        q_chunk=q_chunk,
+        k_chunk=k_chunk,
+        is_causal=call.is_causal,
+        window=call.window,
+        scale=1.0 if prescale else call.scale,
         dropout_rate=call.dropout_rate,
         mask_shape=None if mask is None else jnp.shape(mask),
         bias_shape=None if bias is None else jnp.shape(bias),
     )
     rng = dropout_rng if call.dropout_rate > 0.0 else None
-    return _chunked_jit(plan, call.N, call.K, call.scale if prescale else 1.0, q, k, v, mask,
-                        bias, query_seq_lengths, key_value_seq_lengths, rng)
+    return _chunked_jit(
+        plan,
+        call.N,
+        call.K,
+        call.scale if prescale else 1.0,
+        q,
+        k,
+        v,
+        mask,
+        bias,
+        query_seq_lengths,
+        key_value_seq_lengths,
+        rng,
+    )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _chunked_jit(plan: _Plan, N, K, q_scale, q, k, v, mask, bias, query_seq_lengths,
-                 kv_seq_lengths, rng):
+def _chunked_jit(
+    plan: _Plan, N, K, q_scale, q, k, v, mask, bias, query_seq_lengths, kv_seq_lengths, rng
+):
     """Pads and lays out the inputs for :func:`_chunked_core` (jitted: eager calls are cached)."""
     B, T, _, H = q.shape
     if q_scale != 1.0:
@@ -550,8 +622,9 @@ def _chunked_jit(plan: _Plan, N, K, q_scale, q, k, v, mask, bias, query_seq_leng
     k_blocks = jnp.transpose(jnp.pad(k, [(0, 0), (0, S_pad - S), (0, 0), (0, 0)]), (0, 2, 1, 3))
     v_blocks = jnp.transpose(jnp.pad(v, [(0, 0), (0, S_pad - S), (0, 0), (0, 0)]), (0, 2, 1, 3))
     kv_lengths = None if kv_seq_lengths is None else jnp.asarray(kv_seq_lengths, jnp.int32)
-    out = _chunked_core(plan, q_blocks, k_blocks, v_blocks, mask_blocks, bias_blocks,
-                        kv_lengths, rng)
+    out = _chunked_core(
+        plan, q_blocks, k_blocks, v_blocks, mask_blocks, bias_blocks, kv_lengths, rng
+    )
     # [B, K, G, T', H_v] -> [B, T, N, H_v]
     out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, T_pad, N, H_v)[:, :T]
     if query_seq_lengths is not None:

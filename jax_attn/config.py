@@ -77,9 +77,7 @@ class AttentionConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.d_out % self.num_heads:
-            raise ValueError(
-                f"d_out={self.d_out} must be divisible by num_heads={self.num_heads}"
-            )
+            raise ValueError(f"d_out={self.d_out} must be divisible by num_heads={self.num_heads}")
 
     @property
     def head_dim(self) -> int:
@@ -91,8 +89,13 @@ class AttentionConfig:
         from jax_attn.linen import MultiHeadAttention
 
         return MultiHeadAttention(
-            self.d_in, self.d_out, self.context_length, self.dropout, self.num_heads,
-            self.qkv_bias, **options,
+            self.d_in,
+            self.d_out,
+            self.context_length,
+            self.dropout,
+            self.num_heads,
+            self.qkv_bias,
+            **options,
         )
 
 

@@ -215,8 +215,11 @@ def _fmt(values) -> str:
         return f"{float(values):.4f}"
     if values.dtype == bool or np.issubdtype(values.dtype, np.integer):
         return "[" + " ".join(str(int(v)) for v in values) + "]"
-    return "[" + " ".join(f"{float(v):7.4f}" if np.isfinite(v) else f"{float(v):>7}"
-                          for v in values) + "]"
+    return (
+        "["
+        + " ".join(f"{float(v):7.4f}" if np.isfinite(v) else f"{float(v):>7}" for v in values)
+        + "]"
+    )
 
 
 def _max_diff(a, b) -> float:
@@ -231,23 +234,35 @@ def section_3_3_1(report: Report, inputs):
     book = BOOK["3.3.1"]
     query = inputs[1]
     scores = F.attention_scores_for_query(query, inputs)
-    report.compare("scores w_2i = x^(2) . x^(i)   F.attention_scores_for_query", scores,
-                   book["attn_scores_2"])
+    report.compare(
+        "scores w_2i = x^(2) . x^(i)   F.attention_scores_for_query", scores, book["attn_scores_2"]
+    )
     by_sum = F.normalize_by_sum(scores)
-    report.compare("weights, normalised by the sum   F.normalize_by_sum", by_sum,
-                   book["attn_weights_2_sum_normalized"])
+    report.compare(
+        "weights, normalised by the sum   F.normalize_by_sum",
+        by_sum,
+        book["attn_weights_2_sum_normalized"],
+    )
     naive = F.naive_softmax(scores)
-    report.compare("weights, naive softmax exp(x)/sum(exp(x))   F.naive_softmax", naive,
-                   book["attn_weights_2_softmax"])
+    report.compare(
+        "weights, naive softmax exp(x)/sum(exp(x))   F.naive_softmax",
+        naive,
+        book["attn_weights_2_softmax"],
+    )
     weights = F.softmax(scores)
-    report.compare("weights, stable softmax (max subtracted first)   F.softmax", weights,
-                   book["attn_weights_2_softmax"])
+    report.compare(
+        "weights, stable softmax (max subtracted first)   F.softmax",
+        weights,
+        book["attn_weights_2_softmax"],
+    )
 
     limit = math.log(float(np.finfo(np.float32).max))
     large = scores * 100.0
     naive_large, stable_large = F.naive_softmax(large), F.softmax(large)
-    report.line(f"  the same scores x 100 (largest {float(large.max()):.1f}; exp overflows "
-                f"float32 above {limit:.2f}):")
+    report.line(
+        f"  the same scores x 100 (largest {float(large.max()):.1f}; exp overflows "
+        f"float32 above {limit:.2f}):"
+    )
     report.line(f"    naive  {_fmt(naive_large)}")
     report.line(f"    stable {_fmt(stable_large)}")
     report.check(
@@ -257,8 +272,9 @@ def section_3_3_1(report: Report, inputs):
         and abs(float(stable_large.sum()) - 1.0) < 1e-6,
     )
     context = F.context_vector(weights, inputs)
-    report.compare("context vector z^(2) = sum_i a_2i x^(i)   F.context_vector", context,
-                   book["context_vec_2"])
+    report.compare(
+        "context vector z^(2) = sum_i a_2i x^(i)   F.context_vector", context, book["context_vec_2"]
+    )
     return context
 
 
@@ -268,24 +284,30 @@ def section_3_3_2(report: Report, inputs, context_2):
     scores = F.attention_scores(inputs, inputs)
     report.compare("scores = inputs @ inputs.T   F.attention_scores", scores, book["attn_scores"])
     weights = F.attention_weights(scores)
-    report.compare("weights = softmax(scores, rows)   F.attention_weights", weights,
-                   book["attn_weights"])
-    report.check("every row of the weights sums to 1",
-                 _max_diff(weights.sum(-1), np.ones(6)) < 1e-6)
+    report.compare(
+        "weights = softmax(scores, rows)   F.attention_weights", weights, book["attn_weights"]
+    )
+    report.check(
+        "every row of the weights sums to 1", _max_diff(weights.sum(-1), np.ones(6)) < 1e-6
+    )
     contexts = F.context_vectors(weights, inputs)
-    report.compare("context vectors = weights @ inputs   F.context_vectors", contexts,
-                   book["all_context_vecs"])
+    report.compare(
+        "context vectors = weights @ inputs   F.context_vectors", contexts, book["all_context_vecs"]
+    )
     report.check("row 2 is 3.3.1's z^(2)", _max_diff(contexts[1], context_2) <= SAME_ATOL)
-    report.check("F.simplified_self_attention(inputs) gives the same in one call",
-                 _max_diff(F.simplified_self_attention(inputs), contexts) <= SAME_ATOL)
+    report.check(
+        "F.simplified_self_attention(inputs) gives the same in one call",
+        _max_diff(F.simplified_self_attention(inputs), contexts) <= SAME_ATOL,
+    )
     return weights
 
 
 def section_3_4_1(report: Report, inputs):
     report.heading("3.4.1  Self-attention with trainable weights (the book's W matrices)")
     book = BOOK["3.4.1"]
-    params = {name: jnp.asarray(book[name], jnp.float32)
-              for name in ("W_query", "W_key", "W_value")}
+    params = {
+        name: jnp.asarray(book[name], jnp.float32) for name in ("W_query", "W_key", "W_value")
+    }
     report.line("  W_query, W_key, W_value: the [3, 2] matrices torch.manual_seed(123) draws")
     query_2 = F.dense(inputs[1], params["W_query"])
     report.compare("query_2 = x^(2) @ W_query   F.dense", query_2, book["query_2"])
@@ -297,44 +319,62 @@ def section_3_4_1(report: Report, inputs):
     report.compare("attn_scores_2 = query_2 @ keys.T", scores_2, book["attn_scores_2"])
     d_k = keys.shape[-1]
     weights_2 = F.softmax(scores_2 / d_k**0.5)
-    report.compare("attn_weights_2 = softmax(scores / sqrt(d_k)), d_k = 2", weights_2,
-                   book["attn_weights_2"])
+    report.compare(
+        "attn_weights_2 = softmax(scores / sqrt(d_k)), d_k = 2", weights_2, book["attn_weights_2"]
+    )
     context_2 = F.context_vector(weights_2, values)
     report.compare("context_vec_2 = attn_weights_2 @ values", context_2, book["context_vec_2"])
 
     functional_out = F.self_attention(inputs, params)
-    report.check("F.self_attention(inputs, W) row 2 is context_vec_2",
-                 _max_diff(functional_out[1], context_2) <= SAME_ATOL)
+    report.check(
+        "F.self_attention(inputs, W) row 2 is context_vec_2",
+        _max_diff(functional_out[1], context_2) <= SAME_ATOL,
+    )
     module = ja.SelfAttentionV1(d_in=3, d_out=2)
     module_out = module.apply({"params": params}, inputs)
-    report.compare("SelfAttentionV1(3, 2) with these W, all six tokens   (Flax module)",
-                   module_out, book["self_attention_v1_output"])
-    report.check("module output equals F.self_attention",
-                 _max_diff(module_out, functional_out) <= SAME_ATOL)
+    report.compare(
+        "SelfAttentionV1(3, 2) with these W, all six tokens   (Flax module)",
+        module_out,
+        book["self_attention_v1_output"],
+    )
+    report.check(
+        "module output equals F.self_attention", _max_diff(module_out, functional_out) <= SAME_ATOL
+    )
     return params
 
 
 def section_3_5_1(report: Report, inputs, params):
     report.heading("3.5.1  Causal attention: hide the future, two ways")
     mask = ja.make_causal_mask(6)
-    report.compare("mask = ja.make_causal_mask(6)   (book: torch.tril(torch.ones(6, 6)))",
-                   mask.astype(np.int32), BOOK["3.5.1"]["mask_simple_tril"], atol=0)
+    report.compare(
+        "mask = ja.make_causal_mask(6)   (book: torch.tril(torch.ones(6, 6)))",
+        mask.astype(np.int32),
+        BOOK["3.5.1"]["mask_simple_tril"],
+        atol=0,
+    )
     queries = F.dense(inputs, params["W_query"])
     keys = F.dense(inputs, params["W_key"])
     scores = F.scaled_attention_scores(queries, keys)
     report.line("  scores from 3.4.1's W, scaled by 1/sqrt(2) (the book uses SelfAttention_v2 with")
     report.line("  torch.manual_seed(789) here: PyTorch's random weights, so its numbers differ)")
     by_renormalizing = F.causal_weights_by_renormalizing(scores)
-    report.show("way 1: softmax, zero above the diagonal, divide rows by their sums   "
-                "F.causal_weights_by_renormalizing", by_renormalizing)
+    report.show(
+        "way 1: softmax, zero above the diagonal, divide rows by their sums   "
+        "F.causal_weights_by_renormalizing",
+        by_renormalizing,
+    )
     by_masking = F.causal_weights_by_masking(scores)
-    report.show("way 2: large negative above the diagonal, then softmax   "
-                "F.causal_weights_by_masking", by_masking)
+    report.show(
+        "way 2: large negative above the diagonal, then softmax   F.causal_weights_by_masking",
+        by_masking,
+    )
     diff = _max_diff(by_renormalizing, by_masking)
     report.check("the two ways agree", diff <= SAME_ATOL, f"max |diff| {diff:.1e}")
     future = np.asarray(by_masking)[~np.asarray(mask)]
-    report.check("no weight on a future token, every row sums to 1",
-                 bool((future == 0).all()) and _max_diff(by_masking.sum(-1), np.ones(6)) < 1e-6)
+    report.check(
+        "no weight on a future token, every row sums to 1",
+        bool((future == 0).all()) and _max_diff(by_masking.sum(-1), np.ones(6)) < 1e-6,
+    )
     return by_masking
 
 
@@ -345,20 +385,27 @@ def section_3_5_2(report: Report, causal_weights):
     report.show("F.dropout(ones(6, 6), 0.5, jax.random.key(123))", dropped_ones)
     values = np.unique(np.asarray(dropped_ones))
     kept = int((np.asarray(dropped_ones) != 0).sum())
-    report.check("kept values are scaled to 1 / (1 - 0.5) = 2, the others are 0",
-                 set(values.tolist()) <= {0.0, 2.0}, f"{kept} of 36 kept")
+    report.check(
+        "kept values are scaled to 1 / (1 - 0.5) = 2, the others are 0",
+        set(values.tolist()) <= {0.0, 2.0},
+        f"{kept} of 36 kept",
+    )
     report.line("  The book's pattern comes from PyTorch's RNG (torch.manual_seed(123)); JAX's")
     report.line("  counter-based RNG draws a different one, so the positions cannot match bitwise.")
     dropped = F.dropout(causal_weights, rate, key)
     report.show("the same key on 3.5.1's causal weights", dropped)
     keep = np.asarray(dropped_ones) != 0
-    report.check("same key, same positions; kept weights doubled",
-                 _max_diff(dropped, np.where(keep, 2 * np.asarray(causal_weights), 0)) <= SAME_ATOL)
+    report.check(
+        "same key, same positions; kept weights doubled",
+        _max_diff(dropped, np.where(keep, 2 * np.asarray(causal_weights), 0)) <= SAME_ATOL,
+    )
 
 
 def _check_shape(report: Report, label: str, out, book_shape) -> None:
-    report.check(f"{label} -> {tuple(out.shape)}  (book: torch.Size({list(book_shape)}))",
-                 tuple(out.shape) == tuple(book_shape))
+    report.check(
+        f"{label} -> {tuple(out.shape)}  (book: torch.Size({list(book_shape)}))",
+        tuple(out.shape) == tuple(book_shape),
+    )
 
 
 # Each call compiled whole (much faster than op by op), once per process.
@@ -373,10 +420,8 @@ def _apply(module, params, x):
 
 
 _single_head_attention = jax.jit(F.single_head_attention, static_argnames="is_causal")
-_multi_head_attention_stacked = jax.jit(F.multi_head_attention_stacked,
-                                        static_argnames="is_causal")
-_multi_head_attention = jax.jit(F.multi_head_attention,
-                                static_argnames=("num_heads", "is_causal"))
+_multi_head_attention_stacked = jax.jit(F.multi_head_attention_stacked, static_argnames="is_causal")
+_multi_head_attention = jax.jit(F.multi_head_attention, static_argnames=("num_heads", "is_causal"))
 
 
 def section_3_5_3_and_3_6(report: Report, inputs, book_cfg):
@@ -384,9 +429,11 @@ def section_3_5_3_and_3_6(report: Report, inputs, book_cfg):
     a = book_cfg.attention
     args = (a.d_in, a.d_out, a.context_length, a.dropout)
     batch = jnp.stack([inputs, inputs])
-    report.line(f"  batch.shape {tuple(batch.shape)}; configs/book.toml: d_in {a.d_in}, "
-                f"d_out {a.d_out}, context_length {a.context_length}, dropout {a.dropout}, "
-                f"num_heads {a.num_heads}")
+    report.line(
+        f"  batch.shape {tuple(batch.shape)}; configs/book.toml: d_in {a.d_in}, "
+        f"d_out {a.d_out}, context_length {a.context_length}, dropout {a.dropout}, "
+        f"num_heads {a.num_heads}"
+    )
     key = jax.random.key(0)
     shapes = BOOK["shapes"]
 
@@ -395,19 +442,25 @@ def section_3_5_3_and_3_6(report: Report, inputs, book_cfg):
     out = _apply(causal, params, batch)
     _check_shape(report, "CausalAttention(3, 2, 6, 0.0)", out, shapes["3.5.3"])
     functional_out = _single_head_attention(inputs, params, is_causal=True)
-    report.check("equals F.single_head_attention(..., is_causal=True) with its params",
-                 _max_diff(out[0], functional_out) <= SAME_ATOL)
+    report.check(
+        "equals F.single_head_attention(..., is_causal=True) with its params",
+        _max_diff(out[0], functional_out) <= SAME_ATOL,
+    )
 
     wrapper = ja.MultiHeadAttentionWrapper(*args, a.num_heads, a.qkv_bias)
     params = _init(wrapper, key, batch)
     out = _apply(wrapper, params, batch)
-    _check_shape(report, "MultiHeadAttentionWrapper(3, 2, 6, 0.0, num_heads=2)", out,
-                 shapes["3.6.1"])
-    head_params = jax.tree.map(lambda *leaves: jnp.stack(leaves),
-                               *(params[f"heads_{i}"] for i in range(a.num_heads)))
+    _check_shape(
+        report, "MultiHeadAttentionWrapper(3, 2, 6, 0.0, num_heads=2)", out, shapes["3.6.1"]
+    )
+    head_params = jax.tree.map(
+        lambda *leaves: jnp.stack(leaves), *(params[f"heads_{i}"] for i in range(a.num_heads))
+    )
     functional_out = _multi_head_attention_stacked(inputs, head_params, is_causal=True)
-    report.check("equals F.multi_head_attention_stacked (heads lifted with jax.vmap)",
-                 _max_diff(out[0], functional_out) <= SAME_ATOL)
+    report.check(
+        "equals F.multi_head_attention_stacked (heads lifted with jax.vmap)",
+        _max_diff(out[0], functional_out) <= SAME_ATOL,
+    )
 
     mha = ja.MultiHeadAttention(*args, a.num_heads, a.qkv_bias)
     params = _init(mha, key, batch)
@@ -416,8 +469,10 @@ def section_3_5_3_and_3_6(report: Report, inputs, book_cfg):
     queries = F.split_heads(F.dense(batch, params["W_query"]), a.num_heads)
     report.line(f"    queries split into heads: {tuple(queries.shape)} = [B, T, N, H]")
     functional_out = _multi_head_attention(batch, params, num_heads=a.num_heads, is_causal=True)
-    report.check("equals F.multi_head_attention (one projection split into heads)",
-                 _max_diff(out, functional_out) <= SAME_ATOL)
+    report.check(
+        "equals F.multi_head_attention (one projection split into heads)",
+        _max_diff(out, functional_out) <= SAME_ATOL,
+    )
 
 
 def parameter_count(module, d_in: int) -> int:
@@ -430,8 +485,9 @@ def exercise_3_3(report: Report):
     report.heading("Exercise 3.3  GPT-2-sized MultiHeadAttention(768, 768, 1024, 0.0, 12)")
     count = parameter_count(ja.MultiHeadAttention(768, 768, 1024, 0.0, 12), 768)
     book = BOOK["exercise_3.3"]["parameter_count"]
-    report.check(f"{count:,} parameters (book: {book:,} = 3 * 768 * 768 + 768 * 768 + 768)",
-                 count == book)
+    report.check(
+        f"{count:,} parameters (book: {book:,} = 3 * 768 * 768 + 768 * 768 + 768)", count == book
+    )
 
 
 def walk_the_chapter(report: Report, book_cfg):
@@ -493,11 +549,15 @@ def run_gpt2(report: Report, cfg, runs: int) -> None:
     a, run = cfg.attention, cfg.run
     device = jax.devices()[0]
     report.heading(f"{a.name}: MultiHeadAttention jit-compiled on {device.platform.upper()}")
-    report.line(f"  device: {device} ({device.device_kind}); "
-                f"{jax.device_count()} device(s) of backend {jax.default_backend()!r}")
-    report.line(f"  config: d_in {a.d_in}, d_out {a.d_out}, {a.num_heads} heads of {a.head_dim}, "
-                f"context_length {a.context_length}, qkv_bias {a.qkv_bias}, dropout {a.dropout} "
-                "(eval mode: off)")
+    report.line(
+        f"  device: {device} ({device.device_kind}); "
+        f"{jax.device_count()} device(s) of backend {jax.default_backend()!r}"
+    )
+    report.line(
+        f"  config: d_in {a.d_in}, d_out {a.d_out}, {a.num_heads} heads of {a.head_dim}, "
+        f"context_length {a.context_length}, qkv_bias {a.qkv_bias}, dropout {a.dropout} "
+        "(eval mode: off)"
+    )
     dtype = jnp.dtype(run.dtype)
     B, T, D = run.batch, run.seq_len, a.d_in
     module = a.multi_head_attention(deterministic=True)
@@ -509,8 +569,10 @@ def run_gpt2(report: Report, cfg, runs: int) -> None:
     heads = jnp.zeros((B, T, a.num_heads, a.head_dim), dtype)
     call = ja.validation.check_attention_args(heads, heads, heads, is_causal=True)
     implementation = ja.attention.select_implementation(call)
-    report.line(f"  input x [{B}, {T}, {D}] {run.dtype}; {count:,} parameters; attention "
-                f"implementation {implementation!r}")
+    report.line(
+        f"  input x [{B}, {T}, {D}] {run.dtype}; {count:,} parameters; attention "
+        f"implementation {implementation!r}"
+    )
 
     forward = jax.jit(lambda params, x: module.apply({"params": params}, x))
     start = time.perf_counter()
@@ -537,9 +599,11 @@ def run_gpt2(report: Report, cfg, runs: int) -> None:
     report.line(f"  compile time: {_fmt_seconds(compile_s)} (jax.jit(...).lower().compile())")
     rate = flops / run_s
     rate_text = f"{rate / 1e9:.1f} GFLOP/s" if rate >= 1e9 else f"{rate / 1e6:.1f} MFLOP/s"
-    report.line(f"  run time:     {_fmt_seconds(run_s)} (median of {runs} "
-                f"run{'s' if runs > 1 else ''} after one warm-up; {rate_text} counting the "
-                "full T x T)")
+    report.line(
+        f"  run time:     {_fmt_seconds(run_s)} (median of {runs} "
+        f"run{'s' if runs > 1 else ''} after one warm-up; {rate_text} counting the "
+        "full T x T)"
+    )
 
 
 # --- heatmap --------------------------------------------------------------------------------
@@ -559,8 +623,15 @@ def _local_heatmap(weights, tokens, *, title=None):
     ax.set_ylabel("query")
     middle = float(np.max(weights)) / 2
     for (i, j), w in np.ndenumerate(np.asarray(weights)):
-        ax.text(j, i, f"{w:.2f}", ha="center", va="center", fontsize=8,
-                color="black" if w > middle else "white")
+        ax.text(
+            j,
+            i,
+            f"{w:.2f}",
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="black" if w > middle else "white",
+        )
     fig.colorbar(image, ax=ax, label="attention weight")
     return fig
 
@@ -576,8 +647,11 @@ def write_heatmap(report: Report, weights, out_dir: Path) -> Path | None:
         from jax_attn.plots import plot_attention
     except ImportError:
         plot_attention = _local_heatmap
-    fig = plot_attention(np.asarray(weights), list(TOKENS),
-                         title="3.3.2 attention weights (simplified self-attention)")
+    fig = plot_attention(
+        np.asarray(weights),
+        list(TOKENS),
+        title="3.3.2 attention weights (simplified self-attention)",
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "attention_weights.png"
     fig.savefig(path, dpi=120)
@@ -594,18 +668,29 @@ def parse_args(argv):
         description="Walk chapter 3 on the book's sentence, then run GPT-2 attention "
         "jit-compiled and check it against the einsum reference.",
     )
-    parser.add_argument("--config", default="configs/gpt2-small.toml",
-                        help="config for the multi-head attention run: a file, or the name of "
-                        "a shipped one (gpt2-small, gpt2-medium, gpt2-large, gpt2-xl, book); "
-                        "default %(default)s")
-    parser.add_argument("--out", default="out/demo", type=Path,
-                        help="folder for the heatmap PNG (default %(default)s)")
+    parser.add_argument(
+        "--config",
+        default="configs/gpt2-small.toml",
+        help="config for the multi-head attention run: a file, or the name of "
+        "a shipped one (gpt2-small, gpt2-medium, gpt2-large, gpt2-xl, book); "
+        "default %(default)s",
+    )
+    parser.add_argument(
+        "--out",
+        default="out/demo",
+        type=Path,
+        help="folder for the heatmap PNG (default %(default)s)",
+    )
     parser.add_argument("--batch", type=int, help="override the config's run.batch")
     parser.add_argument("--seq-len", type=int, help="override the config's run.seq_len")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                        help="override the config's run.dtype")
-    parser.add_argument("--runs", type=int, default=5,
-                        help="timed runs after the warm-up (default %(default)s)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="override the config's run.dtype",
+    )
+    parser.add_argument(
+        "--runs", type=int, default=5, help="timed runs after the warm-up (default %(default)s)"
+    )
     parser.add_argument("--no-plot", action="store_true", help="do not write the heatmap")
     args = parser.parse_args(argv)
     for name in ("batch", "seq_len", "runs"):
@@ -631,10 +716,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     report = Report()
     report.line("jax-attn demo: chapter 3 of 'Build a Large Language Model (From Scratch)' in JAX")
-    report.line(f"jax {jax.__version__}, default device {jax.devices()[0]} "
-                f"({jax.devices()[0].device_kind})")
-    report.line(f"{report.marks[0]} = matches the value the book prints (4 decimals: within "
-                f"{BOOK_ATOL:g}) or the check holds; {report.marks[1]} = it does not")
+    report.line(
+        f"jax {jax.__version__}, default device {jax.devices()[0]} ({jax.devices()[0].device_kind})"
+    )
+    report.line(
+        f"{report.marks[0]} = matches the value the book prints (4 decimals: within "
+        f"{BOOK_ATOL:g}) or the check holds; {report.marks[1]} = it does not"
+    )
     report.line()
     weights = walk_the_chapter(report, book_cfg)
     book_checks, book_failures = report.checks, len(report.failures)
@@ -644,9 +732,11 @@ def main(argv: list[str] | None = None) -> int:
     run_gpt2(report, cfg, args.runs)
 
     report.line()
-    report.line(f"book steps: {book_checks - book_failures} of {book_checks} checks passed; "
-                f"all checks: {report.checks - len(report.failures)} of {report.checks}; "
-                f"{time.perf_counter() - started:.1f} s in all")
+    report.line(
+        f"book steps: {book_checks - book_failures} of {book_checks} checks passed; "
+        f"all checks: {report.checks - len(report.failures)} of {report.checks}; "
+        f"{time.perf_counter() - started:.1f} s in all"
+    )
     if report.failures:
         report.line("FAILED: " + "; ".join(report.failures))
         return 1

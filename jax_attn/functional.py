@@ -210,7 +210,10 @@ def masked_softmax(
 
 
 def dropout(
-    weights: Float[Array, "*W"], rate: float, rng: PRNGKey | None, offsets=(0, 0, 0, 0),
+    weights: Float[Array, "*W"],
+    rate: float,
+    rng: PRNGKey | None,
+    offsets=(0, 0, 0, 0),
     broadcast_dims=(),
 ) -> Float[Array, "*W"]:
     """3.5.2: zero each weight with probability ``rate``, scale the kept ones by ``1/(1-rate)``.
@@ -323,8 +326,12 @@ def multi_head_attention(
     """
     if inputs.ndim == 2:
         return multi_head_attention(
-            inputs[None], params, num_heads, is_causal=is_causal,
-            dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+            inputs[None],
+            params,
+            num_heads,
+            is_causal=is_causal,
+            dropout_rate=dropout_rate,
+            dropout_rng=dropout_rng,
         )[0]
     # [B, T, N, H]
     queries = split_heads(dense(inputs, params["W_query"]), num_heads)

@@ -116,7 +116,10 @@ def empty_rows(call: dict) -> np.ndarray:
     S = call["key"].shape[-3]
     B = query.shape[0] if batched else 1
     allowed = build_attention_mask(
-        T, S, mask=call.get("mask"), is_causal=call.get("is_causal", False),
+        T,
+        S,
+        mask=call.get("mask"),
+        is_causal=call.get("is_causal", False),
         query_seq_lengths=call.get("query_seq_lengths"),
         key_value_seq_lengths=call.get("key_value_seq_lengths"),
         local_window_size=call.get("local_window_size"),
@@ -268,93 +271,264 @@ def _mistakes() -> tuple[Mistake, ...]:
     return (
         m("query", "query has 5 dims", ValueError, lambda c: _with(c, query=q(c)[None]), True),
         m("query", "query has 2 dims", ValueError, lambda c: _with(c, query=q(c)[0, 0]), True),
-        m("key", "key rank differs from query's", ValueError,
-          lambda c: _with(c, key=k(c)[0]), True),
-        m("key", "key head dim H differs from query's", ValueError,
-          lambda c: _with(c, key=jnp.concatenate([k(c), k(c)], -1)), True),
-        m("key", "key batch B differs from query's", ValueError,
-          lambda c: _with(c, key=jnp.concatenate([k(c), k(c)]),
-                          value=jnp.concatenate([v(c), v(c)])), True),
-        m("key", "query heads N not a multiple of key heads K", ValueError,
-          lambda c: _with(c, key=jnp.repeat(k(c)[:, :, :1], q(c).shape[2] + 1, 2),
-                          value=jnp.repeat(v(c)[:, :, :1], q(c).shape[2] + 1, 2)), True),
-        m("key", "key has zero heads (K=0)", ValueError,
-          lambda c: _with(c, key=k(c)[:, :, :0], value=v(c)[:, :, :0]), True),
-        m("query", "query has zero heads (N=0)", ValueError,
-          lambda c: _with(c, query=q(c)[:, :, :0]), True),
-        m("value", "value length S differs from key's", ValueError,
-          lambda c: _with(c, value=v(c)[:, :-1])),
+        m(
+            "key",
+            "key rank differs from query's",
+            ValueError,
+            lambda c: _with(c, key=k(c)[0]),
+            True,
+        ),
+        m(
+            "key",
+            "key head dim H differs from query's",
+            ValueError,
+            lambda c: _with(c, key=jnp.concatenate([k(c), k(c)], -1)),
+            True,
+        ),
+        m(
+            "key",
+            "key batch B differs from query's",
+            ValueError,
+            lambda c: _with(
+                c, key=jnp.concatenate([k(c), k(c)]), value=jnp.concatenate([v(c), v(c)])
+            ),
+            True,
+        ),
+        m(
+            "key",
+            "query heads N not a multiple of key heads K",
+            ValueError,
+            lambda c: _with(
+                c,
+                key=jnp.repeat(k(c)[:, :, :1], q(c).shape[2] + 1, 2),
+                value=jnp.repeat(v(c)[:, :, :1], q(c).shape[2] + 1, 2),
+            ),
+            True,
+        ),
+        m(
+            "key",
+            "key has zero heads (K=0)",
+            ValueError,
+            lambda c: _with(c, key=k(c)[:, :, :0], value=v(c)[:, :, :0]),
+            True,
+        ),
+        m(
+            "query",
+            "query has zero heads (N=0)",
+            ValueError,
+            lambda c: _with(c, query=q(c)[:, :, :0]),
+            True,
+        ),
+        m(
+            "value",
+            "value length S differs from key's",
+            ValueError,
+            lambda c: _with(c, value=v(c)[:, :-1]),
+        ),
         m("value", "value has 3 dims", ValueError, lambda c: _with(c, value=v(c)[0])),
         m("value", "value is None", TypeError, lambda c: _with(c, value=None)),
-        m("query", "query is a Python list", TypeError,
-          lambda c: _with(c, query=np.asarray(q(c), np.float32).tolist()), True),
+        m(
+            "query",
+            "query is a Python list",
+            TypeError,
+            lambda c: _with(c, query=np.asarray(q(c), np.float32).tolist()),
+            True,
+        ),
         m("key", "key is None", TypeError, lambda c: _with(c, key=None), True),
-        m("query", "query has an integer dtype", TypeError,
-          lambda c: _with(c, query=q(c).astype(jnp.int32)), True),
-        m("key", "key dtype differs from query's", TypeError,
-          lambda c: _with(c, key=k(c).astype(
-              jnp.bfloat16 if k(c).dtype != jnp.bfloat16 else jnp.float32)), True),
-        m("value", "value dtype differs from query's", TypeError,
-          lambda c: _with(c, value=v(c).astype(
-              jnp.float16 if v(c).dtype != jnp.float16 else jnp.float32))),
-        m("mask", "mask is float (an additive mask)", TypeError,
-          lambda c: _with(c, mask=ones(_dims(c)[1:3][::-1])), True),
-        m("mask", "mask does not broadcast to [B, N, T, S]", ValueError,
-          lambda c: _with(c, mask=jnp.ones((_dims(c)[1] + 1, _dims(c)[2]), bool)), True),
-        m("mask", "mask has 5 dims", ValueError,
-          lambda c: _with(c, mask=jnp.ones((1, 1, 1, 1, _dims(c)[2]), bool)), True),
-        m("mask", "mask is a Python list", TypeError,
-          lambda c: _with(c, mask=[[True] * _dims(c)[2]] * _dims(c)[1]), True),
-        m("bias", "bias does not broadcast to [B, N, T, S]", ValueError,
-          lambda c: _with(c, bias=ones((_dims(c)[3] + 1, _dims(c)[1], _dims(c)[2]))), True),
-        m("bias", "bias has an integer dtype", TypeError,
-          lambda c: _with(c, bias=jnp.zeros((_dims(c)[1], _dims(c)[2]), jnp.int32)), True),
-        m("is_causal", "is_causal is a string", TypeError,
-          lambda c: _with(c, is_causal="yes"), True),
+        m(
+            "query",
+            "query has an integer dtype",
+            TypeError,
+            lambda c: _with(c, query=q(c).astype(jnp.int32)),
+            True,
+        ),
+        m(
+            "key",
+            "key dtype differs from query's",
+            TypeError,
+            lambda c: _with(
+                c, key=k(c).astype(jnp.bfloat16 if k(c).dtype != jnp.bfloat16 else jnp.float32)
+            ),
+            True,
+        ),
+        m(
+            "value",
+            "value dtype differs from query's",
+            TypeError,
+            lambda c: _with(
+                c, value=v(c).astype(jnp.float16 if v(c).dtype != jnp.float16 else jnp.float32)
+            ),
+        ),
+        m(
+            "mask",
+            "mask is float (an additive mask)",
+            TypeError,
+            lambda c: _with(c, mask=ones(_dims(c)[1:3][::-1])),
+            True,
+        ),
+        m(
+            "mask",
+            "mask does not broadcast to [B, N, T, S]",
+            ValueError,
+            lambda c: _with(c, mask=jnp.ones((_dims(c)[1] + 1, _dims(c)[2]), bool)),
+            True,
+        ),
+        m(
+            "mask",
+            "mask has 5 dims",
+            ValueError,
+            lambda c: _with(c, mask=jnp.ones((1, 1, 1, 1, _dims(c)[2]), bool)),
+            True,
+        ),
+        m(
+            "mask",
+            "mask is a Python list",
+            TypeError,
+            lambda c: _with(c, mask=[[True] * _dims(c)[2]] * _dims(c)[1]),
+            True,
+        ),
+        m(
+            "bias",
+            "bias does not broadcast to [B, N, T, S]",
+            ValueError,
+            lambda c: _with(c, bias=ones((_dims(c)[3] + 1, _dims(c)[1], _dims(c)[2]))),
+            True,
+        ),
+        m(
+            "bias",
+            "bias has an integer dtype",
+            TypeError,
+            lambda c: _with(c, bias=jnp.zeros((_dims(c)[1], _dims(c)[2]), jnp.int32)),
+            True,
+        ),
+        m(
+            "is_causal",
+            "is_causal is a string",
+            TypeError,
+            lambda c: _with(c, is_causal="yes"),
+            True,
+        ),
         m("scale", "scale is a string", TypeError, lambda c: _with(c, scale="0.5"), True),
-        m("scale", "scale is not finite", ValueError,
-          lambda c: _with(c, scale=float("inf")), True),
-        m("scale", "scale is traced inside jax.jit", TypeError,
-          lambda c: {"_call": _traced_scale(c)}),
-        m("query_seq_lengths", "query_seq_lengths has the wrong shape", ValueError,
-          lambda c: _with(c, query_seq_lengths=jnp.ones((_dims(c)[0] + 1,), jnp.int32))),
-        m("query_seq_lengths", "query_seq_lengths is negative", ValueError,
-          lambda c: _with(c, query_seq_lengths=-jnp.ones((_dims(c)[0],), jnp.int32))),
-        m("query_seq_lengths", "query_seq_lengths is a Python list", TypeError,
-          lambda c: _with(c, query_seq_lengths=[1] * _dims(c)[0])),
-        m("key_value_seq_lengths", "key_value_seq_lengths exceeds S", ValueError,
-          lambda c: _with(c, key_value_seq_lengths=jnp.full((_dims(c)[0],), _dims(c)[2] + 1))),
-        m("key_value_seq_lengths", "key_value_seq_lengths is float", TypeError,
-          lambda c: _with(c, key_value_seq_lengths=jnp.ones((_dims(c)[0],)))),
-        m("key_value_seq_lengths", "lengths with unbatched inputs [S, K, H]", ValueError,
-          lambda c: {name: x[0] for name, x in _plain(c).items()}
-          | {"key_value_seq_lengths": jnp.ones((1,), jnp.int32)}),
-        m("local_window_size", "local_window_size is negative", ValueError,
-          lambda c: _with(c, local_window_size=(-1, 2))),
-        m("local_window_size", "local_window_size is a float", TypeError,
-          lambda c: _with(c, local_window_size=1.5)),
-        m("local_window_size", "local_window_size has three entries", TypeError,
-          lambda c: _with(c, local_window_size=(1, 2, 3))),
-        m("dropout_rate", "dropout_rate is 1", ValueError,
-          lambda c: _with(c, dropout_rate=1.0, dropout_rng=jax.random.key(0))),
-        m("dropout_rate", "dropout_rate is negative", ValueError,
-          lambda c: _with(c, dropout_rate=-0.1, dropout_rng=jax.random.key(0))),
-        m("dropout_rate", "dropout_rate is NaN", ValueError,
-          lambda c: _with(c, dropout_rate=float("nan"), dropout_rng=jax.random.key(0))),
-        m("dropout_rate", "dropout_rate is a string", TypeError,
-          lambda c: _with(c, dropout_rate="0.1", dropout_rng=jax.random.key(0))),
-        m("dropout_rng", "dropout_rate > 0 without dropout_rng", ValueError,
-          lambda c: _with(c, dropout_rate=0.1)),
-        m("dropout_rng", "dropout_rng is an int seed", TypeError,
-          lambda c: _with(c, dropout_rate=0.1, dropout_rng=0)),
-        m("dropout_rng", "dropout_rng is a batch of keys", ValueError,
-          lambda c: _with(c, dropout_rate=0.1, dropout_rng=jax.random.split(jax.random.key(0)))),
-        m("implementation", "implementation is unknown", ValueError,
-          lambda c: _with(c, implementation="flash")),
-        m("implementation", "implementation cannot serve the call (xla with dropout)",
-          ValueError,
-          lambda c: _with(c, implementation="xla", dropout_rate=0.1,
-                          dropout_rng=jax.random.key(0))),
+        m("scale", "scale is not finite", ValueError, lambda c: _with(c, scale=float("inf")), True),
+        m(
+            "scale",
+            "scale is traced inside jax.jit",
+            TypeError,
+            lambda c: {"_call": _traced_scale(c)},
+        ),
+        m(
+            "query_seq_lengths",
+            "query_seq_lengths has the wrong shape",
+            ValueError,
+            lambda c: _with(c, query_seq_lengths=jnp.ones((_dims(c)[0] + 1,), jnp.int32)),
+        ),
+        m(
+            "query_seq_lengths",
+            "query_seq_lengths is negative",
+            ValueError,
+            lambda c: _with(c, query_seq_lengths=-jnp.ones((_dims(c)[0],), jnp.int32)),
+        ),
+        m(
+            "query_seq_lengths",
+            "query_seq_lengths is a Python list",
+            TypeError,
+            lambda c: _with(c, query_seq_lengths=[1] * _dims(c)[0]),
+        ),
+        m(
+            "key_value_seq_lengths",
+            "key_value_seq_lengths exceeds S",
+            ValueError,
+            lambda c: _with(c, key_value_seq_lengths=jnp.full((_dims(c)[0],), _dims(c)[2] + 1)),
+        ),
+        m(
+            "key_value_seq_lengths",
+            "key_value_seq_lengths is float",
+            TypeError,
+            lambda c: _with(c, key_value_seq_lengths=jnp.ones((_dims(c)[0],))),
+        ),
+        m(
+            "key_value_seq_lengths",
+            "lengths with unbatched inputs [S, K, H]",
+            ValueError,
+            lambda c: (
+                {name: x[0] for name, x in _plain(c).items()}
+                | {"key_value_seq_lengths": jnp.ones((1,), jnp.int32)}
+            ),
+        ),
+        m(
+            "local_window_size",
+            "local_window_size is negative",
+            ValueError,
+            lambda c: _with(c, local_window_size=(-1, 2)),
+        ),
+        m(
+            "local_window_size",
+            "local_window_size is a float",
+            TypeError,
+            lambda c: _with(c, local_window_size=1.5),
+        ),
+        m(
+            "local_window_size",
+            "local_window_size has three entries",
+            TypeError,
+            lambda c: _with(c, local_window_size=(1, 2, 3)),
+        ),
+        m(
+            "dropout_rate",
+            "dropout_rate is 1",
+            ValueError,
+            lambda c: _with(c, dropout_rate=1.0, dropout_rng=jax.random.key(0)),
+        ),
+        m(
+            "dropout_rate",
+            "dropout_rate is negative",
+            ValueError,
+            lambda c: _with(c, dropout_rate=-0.1, dropout_rng=jax.random.key(0)),
+        ),
+        m(
+            "dropout_rate",
+            "dropout_rate is NaN",
+            ValueError,
+            lambda c: _with(c, dropout_rate=float("nan"), dropout_rng=jax.random.key(0)),
+        ),
+        m(
+            "dropout_rate",
+            "dropout_rate is a string",
+            TypeError,
+            lambda c: _with(c, dropout_rate="0.1", dropout_rng=jax.random.key(0)),
+        ),
+        m(
+            "dropout_rng",
+            "dropout_rate > 0 without dropout_rng",
+            ValueError,
+            lambda c: _with(c, dropout_rate=0.1),
+        ),
+        m(
+            "dropout_rng",
+            "dropout_rng is an int seed",
+            TypeError,
+            lambda c: _with(c, dropout_rate=0.1, dropout_rng=0),
+        ),
+        m(
+            "dropout_rng",
+            "dropout_rng is a batch of keys",
+            ValueError,
+            lambda c: _with(c, dropout_rate=0.1, dropout_rng=jax.random.split(jax.random.key(0))),
+        ),
+        m(
+            "implementation",
+            "implementation is unknown",
+            ValueError,
+            lambda c: _with(c, implementation="flash"),
+        ),
+        m(
+            "implementation",
+            "implementation cannot serve the call (xla with dropout)",
+            ValueError,
+            lambda c: _with(
+                c, implementation="xla", dropout_rate=0.1, dropout_rng=jax.random.key(0)
+            ),
+        ),
     )
 
 
@@ -406,39 +580,119 @@ def _module_mistakes() -> tuple[tuple[str, str, str, type, Callable[[], object]]
     return (
         ("make_causal_mask", "T", "T is negative", ValueError, lambda: ja.make_causal_mask(-1)),
         ("make_causal_mask", "T", "T is a float", TypeError, lambda: ja.make_causal_mask(2.5)),
-        ("make_sliding_window_mask", "local_window_size", "window is negative", ValueError,
-         lambda: ja.make_sliding_window_mask(4, -1)),
-        ("make_padding_mask", "q_lengths", "no lengths at all", ValueError,
-         lambda: ja.make_padding_mask(None, None, 4, 4)),
-        ("make_padding_mask", "q_lengths", "lengths are float", TypeError,
-         lambda: ja.make_padding_mask(jnp.ones(2), None, 4, 4)),
-        ("make_padding_mask", "kv_lengths", "q and kv lengths differ in batch", ValueError,
-         lambda: ja.make_padding_mask(jnp.ones(2, int), jnp.ones(3, int), 4, 4)),
-        ("combine_masks", "masks", "a mask is not boolean", TypeError,
-         lambda: ja.combine_masks(jnp.ones((2, 2)))),
-        ("combine_masks", "mask", "masks do not broadcast", ValueError,
-         lambda: ja.combine_masks(jnp.ones((2, 3), bool), jnp.ones((4, 3), bool))),
-        ("MultiHeadAttention", "num_heads", "d_out not divisible by num_heads", ValueError,
-         lambda: ja.MultiHeadAttention(8, 9, 4, 0.0, 2)),
-        ("MultiHeadAttention", "num_heads", "num_heads is 0", ValueError,
-         lambda: ja.MultiHeadAttention(8, 8, 4, 0.0, 0)),
-        ("MultiHeadAttention", "dropout", "dropout is 1", ValueError,
-         lambda: ja.MultiHeadAttention(8, 8, 4, 1.0, 2)),
-        ("CausalAttention", "d_out", "d_out is a float", TypeError,
-         lambda: ja.CausalAttention(8, 2.0, 4, 0.0)),
+        (
+            "make_sliding_window_mask",
+            "local_window_size",
+            "window is negative",
+            ValueError,
+            lambda: ja.make_sliding_window_mask(4, -1),
+        ),
+        (
+            "make_padding_mask",
+            "q_lengths",
+            "no lengths at all",
+            ValueError,
+            lambda: ja.make_padding_mask(None, None, 4, 4),
+        ),
+        (
+            "make_padding_mask",
+            "q_lengths",
+            "lengths are float",
+            TypeError,
+            lambda: ja.make_padding_mask(jnp.ones(2), None, 4, 4),
+        ),
+        (
+            "make_padding_mask",
+            "kv_lengths",
+            "q and kv lengths differ in batch",
+            ValueError,
+            lambda: ja.make_padding_mask(jnp.ones(2, int), jnp.ones(3, int), 4, 4),
+        ),
+        (
+            "combine_masks",
+            "masks",
+            "a mask is not boolean",
+            TypeError,
+            lambda: ja.combine_masks(jnp.ones((2, 2))),
+        ),
+        (
+            "combine_masks",
+            "mask",
+            "masks do not broadcast",
+            ValueError,
+            lambda: ja.combine_masks(jnp.ones((2, 3), bool), jnp.ones((4, 3), bool)),
+        ),
+        (
+            "MultiHeadAttention",
+            "num_heads",
+            "d_out not divisible by num_heads",
+            ValueError,
+            lambda: ja.MultiHeadAttention(8, 9, 4, 0.0, 2),
+        ),
+        (
+            "MultiHeadAttention",
+            "num_heads",
+            "num_heads is 0",
+            ValueError,
+            lambda: ja.MultiHeadAttention(8, 8, 4, 0.0, 0),
+        ),
+        (
+            "MultiHeadAttention",
+            "dropout",
+            "dropout is 1",
+            ValueError,
+            lambda: ja.MultiHeadAttention(8, 8, 4, 1.0, 2),
+        ),
+        (
+            "CausalAttention",
+            "d_out",
+            "d_out is a float",
+            TypeError,
+            lambda: ja.CausalAttention(8, 2.0, 4, 0.0),
+        ),
         ("SelfAttentionV1", "d_in", "d_in is 0", ValueError, lambda: ja.SelfAttentionV1(0, 2)),
-        ("MultiHeadAttentionWrapper", "num_heads", "num_heads is 0", ValueError,
-         lambda: ja.MultiHeadAttentionWrapper(8, 8, 4, 0.0, 0)),
-        ("MultiHeadAttention.apply", "d_in", "x has the wrong width", ValueError,
-         apply_mha(jnp.ones((2, 4, 7)), deterministic=True)),
-        ("MultiHeadAttention.apply", "context_length", "x is longer than context_length",
-         ValueError, apply_mha(jnp.ones((2, 5, 8)), deterministic=True)),
-        ("MultiHeadAttention.apply", "x", "x has 4 dims", ValueError,
-         apply_mha(jnp.ones((1, 2, 4, 8)), deterministic=True)),
-        ("MultiHeadAttention.apply", "deterministic", "dropout > 0 and no deterministic flag",
-         ValueError, apply_mha(x)),
-        ("MultiHeadAttention.apply", "rngs", "deterministic=False without a dropout rng",
-         ValueError, apply_mha(x, deterministic=False)),
+        (
+            "MultiHeadAttentionWrapper",
+            "num_heads",
+            "num_heads is 0",
+            ValueError,
+            lambda: ja.MultiHeadAttentionWrapper(8, 8, 4, 0.0, 0),
+        ),
+        (
+            "MultiHeadAttention.apply",
+            "d_in",
+            "x has the wrong width",
+            ValueError,
+            apply_mha(jnp.ones((2, 4, 7)), deterministic=True),
+        ),
+        (
+            "MultiHeadAttention.apply",
+            "context_length",
+            "x is longer than context_length",
+            ValueError,
+            apply_mha(jnp.ones((2, 5, 8)), deterministic=True),
+        ),
+        (
+            "MultiHeadAttention.apply",
+            "x",
+            "x has 4 dims",
+            ValueError,
+            apply_mha(jnp.ones((1, 2, 4, 8)), deterministic=True),
+        ),
+        (
+            "MultiHeadAttention.apply",
+            "deterministic",
+            "dropout > 0 and no deterministic flag",
+            ValueError,
+            apply_mha(x),
+        ),
+        (
+            "MultiHeadAttention.apply",
+            "rngs",
+            "deterministic=False without a dropout rng",
+            ValueError,
+            apply_mha(x, deterministic=False),
+        ),
     )
 
 
@@ -480,8 +734,13 @@ def error_table() -> str:
     for mistake in MISTAKES:
         error = run_mistake(mistake, call)
         lines.append(f"| `{mistake.argument}` | {mistake.description} | {_message(error)} |")
-    lines += ["", "## Masks and Flax modules", "", "| call | argument | mistake | message |",
-              "|---|---|---|---|"]
+    lines += [
+        "",
+        "## Masks and Flax modules",
+        "",
+        "| call | argument | mistake | message |",
+        "|---|---|---|---|",
+    ]
     for entry, argument, description, _, make in module_mistakes():
         try:
             make()
@@ -517,8 +776,10 @@ class FuzzReport:
 
 
 def _describe(call: dict) -> str:
-    parts = [f"q{list(call['query'].shape)} k{list(call['key'].shape)} "
-             f"v{list(call['value'].shape)} {call['query'].dtype}"]
+    parts = [
+        f"q{list(call['query'].shape)} k{list(call['key'].shape)} "
+        f"v{list(call['value'].shape)} {call['query'].dtype}"
+    ]
     for name, value in call.items():
         if name in ("query", "key", "value", "dropout_rng"):
             continue
@@ -537,8 +798,9 @@ def check_valid_call(call: dict, report: FuzzReport, implementations) -> None:
     empty = empty_rows(call)
     dtype = np.dtype(call["query"].dtype).name
     for name in implementations:
-        stats = report.per_implementation.setdefault(name, dict(agreed=0, disagreed=0, nans=0,
-                                                                unsupported=0))
+        stats = report.per_implementation.setdefault(
+            name, dict(agreed=0, disagreed=0, nans=0, unsupported=0)
+        )
         if attention.unsupported_reason(name, meta) is not None:
             report.unsupported += 1
             stats["unsupported"] += 1
@@ -569,9 +831,15 @@ def check_valid_call(call: dict, report: FuzzReport, implementations) -> None:
             )
 
 
-def run_fuzz(num_cases: int, seed: int = 0, bad_fraction: float = 0.25,
-             implementations=None, progress: bool = False, shapes=SHAPES,
-             dtypes=DTYPES) -> FuzzReport:
+def run_fuzz(
+    num_cases: int,
+    seed: int = 0,
+    bad_fraction: float = 0.25,
+    implementations=None,
+    progress: bool = False,
+    shapes=SHAPES,
+    dtypes=DTYPES,
+) -> FuzzReport:
     """``num_cases`` random cases; about ``bad_fraction`` of them are user mistakes.
 
     ``shapes`` are ``(B, T, S, N, K, H)`` tuples and ``dtypes`` names, drawn uniformly.
@@ -633,8 +901,10 @@ def format_report(report: FuzzReport, seconds: float, seed: int) -> str:
         f"{'implementation':<16}{'agreed':>8}{'disagreed':>11}{'NaNs':>6}{'skipped':>9}",
     ]
     for name, stats in report.per_implementation.items():
-        lines.append(f"{name:<16}{stats['agreed']:>8}{stats['disagreed']:>11}"
-                     f"{stats['nans']:>6}{stats['unsupported']:>9}")
+        lines.append(
+            f"{name:<16}{stats['agreed']:>8}{stats['disagreed']:>11}"
+            f"{stats['nans']:>6}{stats['unsupported']:>9}"
+        )
     lines += ["", f"{'worst error / max|v|':<24}{'':>4}{'tolerance':>10}"]
     for key in sorted(report.worst_error):
         dtype = key.split("/")[1]
@@ -652,12 +922,25 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--fuzz", type=int, default=None, metavar="N", help="number of cases")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--bad-fraction", type=float, default=0.25,
-                        help="share of cases that are user mistakes (default 0.25)")
-    parser.add_argument("--implementations", default=None,
-                        help="comma-separated names (default: all available here)")
-    parser.add_argument("--error-table", nargs="?", const="-", default=None, metavar="PATH",
-                        help="write the Markdown error table to PATH ('-': stdout) and exit")
+    parser.add_argument(
+        "--bad-fraction",
+        type=float,
+        default=0.25,
+        help="share of cases that are user mistakes (default 0.25)",
+    )
+    parser.add_argument(
+        "--implementations",
+        default=None,
+        help="comma-separated names (default: all available here)",
+    )
+    parser.add_argument(
+        "--error-table",
+        nargs="?",
+        const="-",
+        default=None,
+        metavar="PATH",
+        help="write the Markdown error table to PATH ('-': stdout) and exit",
+    )
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.error_table is not None:
         table = error_table()

@@ -105,24 +105,33 @@ def torch_layout(module) -> TorchLayout:
     )
 
 
-def _linear(torch_prefix: str, flax_path: tuple[str, ...], fan_in: int, features: int,
-            use_bias: bool) -> list[TorchTensor]:
-    tensors = [TorchTensor(f"{torch_prefix}.weight", (*flax_path, "kernel"),
-                           (fan_in, features), transpose=True)]
+def _linear(
+    torch_prefix: str, flax_path: tuple[str, ...], fan_in: int, features: int, use_bias: bool
+) -> list[TorchTensor]:
+    tensors = [
+        TorchTensor(
+            f"{torch_prefix}.weight", (*flax_path, "kernel"), (fan_in, features), transpose=True
+        )
+    ]
     if use_bias:
         tensors.append(TorchTensor(f"{torch_prefix}.bias", (*flax_path, "bias"), (features,)))
     return tensors
 
 
-def _projections(module, prefix: str = "", path: tuple[str, ...] = (),
-                 kv_features: int | None = None) -> list[TorchTensor]:
-    features = {"W_query": module.d_out, "W_key": kv_features or module.d_out,
-                "W_value": kv_features or module.d_out}
+def _projections(
+    module, prefix: str = "", path: tuple[str, ...] = (), kv_features: int | None = None
+) -> list[TorchTensor]:
+    features = {
+        "W_query": module.d_out,
+        "W_key": kv_features or module.d_out,
+        "W_value": kv_features or module.d_out,
+    }
     return [
         tensor
         for name in PROJECTIONS
-        for tensor in _linear(prefix + name, (*path, name), module.d_in, features[name],
-                              module.qkv_bias)
+        for tensor in _linear(
+            prefix + name, (*path, name), module.d_in, features[name], module.qkv_bias
+        )
     ]
 
 
@@ -158,7 +167,8 @@ def _multi_head_attention_layout(module) -> TorchLayout:
     kv_features = num_kv_heads * (module.d_out // module.num_heads)
     ctx = module.context_length
     tensors = _projections(module, kv_features=kv_features) + _linear(
-        "out_proj", ("out_proj",), module.d_out, module.d_out, True)
+        "out_proj", ("out_proj",), module.d_out, module.d_out, True
+    )
     return TorchLayout(tuple(tensors), {"mask": (ctx, ctx)})
 
 
@@ -187,8 +197,12 @@ def _describe(module) -> str:
     return f"{type(module).__name__}({given})"
 
 
-def _check(where: str, module, expected: Mapping[str, tuple[int, ...]],
-           given: Mapping[str, tuple[int, ...]]) -> None:
+def _check(
+    where: str,
+    module,
+    expected: Mapping[str, tuple[int, ...]],
+    given: Mapping[str, tuple[int, ...]],
+) -> None:
     problems = []
     for key, shape in expected.items():
         if key not in given:
@@ -199,13 +213,10 @@ def _check(where: str, module, expected: Mapping[str, tuple[int, ...]],
             )
     for key in given:
         if key not in expected:
-            problems.append(
-                f"unexpected {key!r}: expected none, given shape {list(given[key])}"
-            )
+            problems.append(f"unexpected {key!r}: expected none, given shape {list(given[key])}")
     if problems:
         raise ValueError(
-            f"{where}: the tensors do not fit {_describe(module)}:\n  "
-            + "\n  ".join(problems)
+            f"{where}: the tensors do not fit {_describe(module)}:\n  " + "\n  ".join(problems)
         )
 
 
@@ -250,8 +261,9 @@ def _flax_name(path: tuple[str, ...]) -> str:
     return "params" + "".join(f"[{p!r}]" for p in path)
 
 
-def params_to_torch(module, params: Mapping, *, include_buffers: bool = False
-                    ) -> dict[str, np.ndarray]:
+def params_to_torch(
+    module, params: Mapping, *, include_buffers: bool = False
+) -> dict[str, np.ndarray]:
     """Flax params of ``module`` as numpy arrays in PyTorch layout, keyed by the book's names.
 
     ``params`` is the inner dict or ``{"params": ...}``. Without buffers, load with
@@ -268,8 +280,9 @@ def params_to_torch(module, params: Mapping, *, include_buffers: bool = False
         params = params["params"]
     flat = {path: to_numpy(value) for path, value in _flatten(params).items()}
     expected = {_flax_name(t.flax_path): t.flax_shape for t in layout.tensors}
-    _check("params_to_torch", module, expected,
-           {_flax_name(path): a.shape for path, a in flat.items()})
+    _check(
+        "params_to_torch", module, expected, {_flax_name(path): a.shape for path, a in flat.items()}
+    )
     state = {}
     for tensor in layout.tensors:
         array = flat[tensor.flax_path]

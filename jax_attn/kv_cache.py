@@ -75,8 +75,10 @@ def init_cache(
 ) -> KVCache:
     """An empty cache: zeros ``[B, S_max, K, H]`` and ``index`` zeros ``[B]`` (int32)."""
     for name, value in (
-        ("batch_size", batch_size), ("context_length", context_length),
-        ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+        ("batch_size", batch_size),
+        ("context_length", context_length),
+        ("num_kv_heads", num_kv_heads),
+        ("head_dim", head_dim),
     ):
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
             raise ValueError(f"init_cache: {name} must be a positive int, got {value!r}")
@@ -208,8 +210,14 @@ def attend_cache(
     B, T = jnp.shape(query)[:2]
     mask = decode_mask(start, T, cache.context_length, _check_lengths(lengths, B, T))
     return dot_product_attention(
-        query, cache.key, cache.value, mask=mask, scale=scale, dropout_rate=dropout_rate,
-        dropout_rng=dropout_rng, implementation=implementation,
+        query,
+        cache.key,
+        cache.value,
+        mask=mask,
+        scale=scale,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
+        implementation=implementation,
     )
 
 

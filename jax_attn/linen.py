@@ -166,7 +166,11 @@ class CausalAttention(nn.Module):
         keys = _linear(self.d_out, self.d_in, self.qkv_bias, "W_key")(x)[:, :, None, :]
         values = _linear(self.d_out, self.d_in, self.qkv_bias, "W_value")(x)[:, :, None, :]
         out = dot_product_attention(
-            queries, keys, values, is_causal=True, dropout_rate=rate,
+            queries,
+            keys,
+            values,
+            is_causal=True,
+            dropout_rate=rate,
             dropout_rng=dropout_rng(self, rate),
             implementation=self.implementation,
         )[:, :, 0, :]
@@ -196,8 +200,13 @@ class MultiHeadAttentionWrapper(nn.Module):
     def setup(self):
         self.heads = [
             CausalAttention(
-                self.d_in, self.d_out, self.context_length, self.dropout, self.qkv_bias,
-                deterministic=self.deterministic, implementation=self.implementation,
+                self.d_in,
+                self.d_out,
+                self.context_length,
+                self.dropout,
+                self.qkv_bias,
+                deterministic=self.deterministic,
+                implementation=self.implementation,
             )
             for _ in range(self.num_heads)
         ]
@@ -277,12 +286,14 @@ class MultiHeadAttention(nn.Module):
         K = self.kv_heads
         # [B, T, N, H]
         queries = split_heads(
-            _linear(self.d_out, self.d_in, self.qkv_bias, "W_query")(x), self.num_heads)
+            _linear(self.d_out, self.d_in, self.qkv_bias, "W_query")(x), self.num_heads
+        )
         # [B, T, K, H]
         keys = split_heads(_linear(K * head_dim, self.d_in, self.qkv_bias, "W_key")(x), K)
         values = split_heads(_linear(K * head_dim, self.d_in, self.qkv_bias, "W_value")(x), K)
         attention_kwargs = dict(
-            dropout_rate=rate, dropout_rng=dropout_rng(self, rate),
+            dropout_rate=rate,
+            dropout_rng=dropout_rng(self, rate),
             implementation=self.implementation,
         )
         if self.decode and self.has_variable("cache", "cached_key"):

@@ -126,7 +126,7 @@ def make_padding_mask(
     if kv_lengths is not None:
         key_ok = jnp.arange(S)[None, :] < jnp.asarray(kv_lengths)[:, None]
     # [B, 1, T, S]
-    return (query_ok[:, None, :, None] & key_ok[:, None, None, :])
+    return query_ok[:, None, :, None] & key_ok[:, None, None, :]
 
 
 def combine_masks(*masks: Mask | None) -> Mask | None:
@@ -210,8 +210,9 @@ def make_dropout_mask(
     full = (1,) * (4 - len(shape)) + shape
     seed = jax.random.bits(rng, (2,), jnp.uint32)
     b, n, t, s = (
-        jnp.zeros((1, 1, 1, 1), jnp.uint32) if axis in shared else
-        jnp.arange(size, dtype=jnp.uint32).reshape([-1 if i == axis else 1 for i in range(4)])
+        jnp.zeros((1, 1, 1, 1), jnp.uint32)
+        if axis in shared
+        else jnp.arange(size, dtype=jnp.uint32).reshape([-1 if i == axis else 1 for i in range(4)])
         + jnp.uint32(offset)
         for axis, (size, offset) in enumerate(zip(full, offsets, strict=True))
     )

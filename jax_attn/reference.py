@@ -61,9 +61,18 @@ def dot_product_attention(
             f"got {implementation!r}"
         )
     call = check_attention_args(
-        query, key, value, mask=mask, bias=bias, is_causal=is_causal, scale=scale,
-        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-        local_window_size=local_window_size, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+        query,
+        key,
+        value,
+        mask=mask,
+        bias=bias,
+        is_causal=is_causal,
+        scale=scale,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
     )
     q, k, v = (jnp.asarray(x) for x in (query, key, value))
     if not call.batched:
@@ -79,8 +88,13 @@ def dot_product_attention(
         bias = jnp.asarray(bias).astype(compute)
         logits = logits + bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
     allowed = build_attention_mask(
-        T, S, mask=mask, is_causal=call.is_causal, query_seq_lengths=query_seq_lengths,
-        key_value_seq_lengths=key_value_seq_lengths, local_window_size=call.window,
+        T,
+        S,
+        mask=mask,
+        is_causal=call.is_causal,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=call.window,
     )
     allowed = logits > -jnp.inf if allowed is None else allowed & (logits > -jnp.inf)
     masked_logits = jnp.where(allowed, logits, -0.7 * jnp.finfo(compute).max)

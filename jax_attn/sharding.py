@@ -143,8 +143,7 @@ def param_specs(params, model_axis: str = "model") -> dict:
     for name, layer in inner.items():
         if name in _PROJECTIONS:
             specs[name] = {
-                leaf: P(None, model_axis) if leaf == "kernel" else P(model_axis)
-                for leaf in layer
+                leaf: P(None, model_axis) if leaf == "kernel" else P(model_axis) for leaf in layer
             }
         elif name == "out_proj":
             specs[name] = {leaf: P(model_axis, None) if leaf == "kernel" else P() for leaf in layer}
@@ -174,9 +173,7 @@ def shard_params(params, mesh: Mesh, *, num_heads: int | None = None):
         )
     model_axis = "model" if "model" in mesh.axis_names else None
     specs = param_specs(params, model_axis)
-    return jax.tree.map(
-        lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec)), params, specs
-    )
+    return jax.tree.map(lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec)), params, specs)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 3) -> NamedSharding:
@@ -204,9 +201,7 @@ def shard_batch(x, mesh: Mesh):
 def _shard_map(fn, mesh, in_specs, out_specs):
     """``jax.shard_map`` (jax >= 0.7), else ``jax.experimental.shard_map.shard_map``."""
     if hasattr(jax, "shard_map"):
-        return jax.shard_map(
-            fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
-        )
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
     from jax.experimental.shard_map import shard_map
 
     return shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
@@ -255,9 +250,7 @@ def _to_zigzag(ring: _Ring, x):
     c = x.shape[1] // 2
     even, odd = x[:, :c], x[:, c:]
     got_even = lax.ppermute(even, ring.axis_name, [(s, _zigzag_home(2 * s, n)) for s in range(n)])
-    got_odd = lax.ppermute(
-        odd, ring.axis_name, [(s, _zigzag_home(2 * s + 1, n)) for s in range(n)]
-    )
+    got_odd = lax.ppermute(odd, ring.axis_name, [(s, _zigzag_home(2 * s + 1, n)) for s in range(n)])
     device_is_even = lax.axis_index(ring.axis_name) % 2 == 0
     first = jnp.where(device_is_even, got_even, got_odd)
     second = jnp.where(device_is_even, got_odd, got_even)
@@ -284,8 +277,9 @@ def _local_positions(ring: _Ring, length: int):
     if not ring.zigzag:
         return index * length + jnp.arange(length)
     c = length // 2
-    return jnp.concatenate([index * c + jnp.arange(c), (2 * ring.devices - 1 - index) * c
-                            + jnp.arange(c)])
+    return jnp.concatenate(
+        [index * c + jnp.arange(c), (2 * ring.devices - 1 - index) * c + jnp.arange(c)]
+    )
 
 
 def _causal_mask(q_pos, k_pos):
@@ -351,14 +345,14 @@ def _attend_keys(ring: _Ring, q, k, v, q_pos=None, k_pos=None) -> PartialAttenti
 
 def _split_blocks(x, blocks: int, axis: int = 1):
     """``[B, S, ...]`` -> ``[blocks, B, S // blocks, ...]`` (scan over the leading dim)."""
-    shape = x.shape[:axis] + (blocks, x.shape[axis] // blocks) + x.shape[axis + 1:]
+    shape = x.shape[:axis] + (blocks, x.shape[axis] // blocks) + x.shape[axis + 1 :]
     return jnp.moveaxis(x.reshape(shape), axis, 0)
 
 
 def _merge_blocks(x, axis: int = 1):
     """Inverse of :func:`_split_blocks`."""
     x = jnp.moveaxis(x, 0, axis)
-    return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
+    return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2 :])
 
 
 def _concat_partials(first: PartialAttention, second: PartialAttention) -> PartialAttention:
@@ -463,7 +457,8 @@ def _grads(ring: _Ring, q, k, v, out, lse, d_out, q_pos=None, k_pos=None):
     d_kv0 = (jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32))
     q_pos = q_pos if causal else jnp.zeros((T,), jnp.int32)
     (d_k, d_v), d_q = lax.scan(
-        one_query_block, d_kv0,
+        one_query_block,
+        d_kv0,
         (split(q), split(out), split(lse), split(d_out), split(q_pos, axis=0)),
     )
     return _merge_blocks(d_q), d_k, d_v
@@ -632,8 +627,10 @@ def ring_attention(
             )
     key_chunk, query_chunk = call.S // chunks, call.T // chunks
     if block_size is None:
-        block_size, query_block_size = default_block_size(key_chunk), default_block_size(
-            query_chunk)
+        block_size, query_block_size = (
+            default_block_size(key_chunk),
+            default_block_size(query_chunk),
+        )
     else:
         if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral):
             raise TypeError(
@@ -651,8 +648,13 @@ def ring_attention(
             f"{batch_axis_name!r} of size {_axis_size(mesh, batch_axis_name)}"
         )
     ring = _Ring(
-        mesh=mesh, axis_name=axis_name, devices=devices, is_causal=call.is_causal,
-        scale=call.scale, block_size=int(block_size), query_block_size=int(query_block_size),
+        mesh=mesh,
+        axis_name=axis_name,
+        devices=devices,
+        is_causal=call.is_causal,
+        scale=call.scale,
+        block_size=int(block_size),
+        query_block_size=int(query_block_size),
         batch_axis_name=batch_axis_name,
     )
     return _ring_attention(ring, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))

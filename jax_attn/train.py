@@ -46,10 +46,24 @@ from jax_attn.config import ConfigError, load_dataclass, resolve_config_path
 from jax_attn.linen import MultiHeadAttention
 
 __all__ = [
-    "TaskConfig", "ModelConfig", "TrainConfig", "GenerateConfig", "CompareConfig",
-    "TrainRunConfig", "load_train_config", "Decoder", "RNNLanguageModel", "make_batch",
-    "train", "evaluate", "generate", "sample_logits", "save_checkpoint", "restore_checkpoint",
-    "decode_benchmark", "main",
+    "TaskConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "GenerateConfig",
+    "CompareConfig",
+    "TrainRunConfig",
+    "load_train_config",
+    "Decoder",
+    "RNNLanguageModel",
+    "make_batch",
+    "train",
+    "evaluate",
+    "generate",
+    "sample_logits",
+    "save_checkpoint",
+    "restore_checkpoint",
+    "decode_benchmark",
+    "main",
 ]
 
 TASKS = ("copy", "recall")
@@ -218,8 +232,14 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic: bool, lengths=None):
         attention = MultiHeadAttention(
-            self.d_model, self.d_model, self.context_length, self.dropout, self.num_heads,
-            num_kv_heads=self.num_kv_heads, decode=self.decode, name="attention",
+            self.d_model,
+            self.d_model,
+            self.context_length,
+            self.dropout,
+            self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            decode=self.decode,
+            name="attention",
         )
         h = attention(nn.LayerNorm(name="norm_1")(x), deterministic, lengths=lengths)
         x = x + nn.Dropout(self.dropout)(h, deterministic)
@@ -260,8 +280,14 @@ class Decoder(nn.Module):
         x = nn.Dropout(self.dropout)(x, deterministic)
         for i in range(self.num_layers):
             x = Block(
-                self.d_model, self.num_heads, self.num_kv_heads, self.context_length,
-                self.mlp_ratio, self.dropout, self.decode, name=f"block_{i}",
+                self.d_model,
+                self.num_heads,
+                self.num_kv_heads,
+                self.context_length,
+                self.mlp_ratio,
+                self.dropout,
+                self.decode,
+                name=f"block_{i}",
             )(x, deterministic, lengths)
         return nn.Dense(self.vocab_size, name="head")(nn.LayerNorm(name="final_norm")(x))
 
@@ -287,8 +313,15 @@ class RNNLanguageModel(nn.Module):
 def build_decoder(config: TrainRunConfig, decode: bool = False) -> Decoder:
     m = config.model
     return Decoder(
-        config.task.tokens, config.task.sequence_length, m.d_model, m.num_layers, m.num_heads,
-        m.num_kv_heads, m.mlp_ratio, m.dropout, decode=decode,
+        config.task.tokens,
+        config.task.sequence_length,
+        m.d_model,
+        m.num_layers,
+        m.num_heads,
+        m.num_kv_heads,
+        m.mlp_ratio,
+        m.dropout,
+        decode=decode,
     )
 
 
@@ -303,8 +336,11 @@ def make_optimizer(train_config: TrainConfig, learning_rate: float | None = None
     """AdamW on a warm-up + cosine schedule, gradients clipped to norm 1."""
     peak = train_config.learning_rate if learning_rate is None else learning_rate
     schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=peak, warmup_steps=train_config.warmup_steps,
-        decay_steps=train_config.steps, end_value=peak * 0.01,
+        init_value=0.0,
+        peak_value=peak,
+        warmup_steps=train_config.warmup_steps,
+        decay_steps=train_config.steps,
+        end_value=peak * 0.01,
     )
     return optax.chain(
         optax.clip_by_global_norm(1.0),
@@ -353,8 +389,15 @@ def make_train_step(model: nn.Module, task: TaskConfig, train_config: TrainConfi
     return step
 
 
-def train(model, task: TaskConfig, train_config: TrainConfig, *, learning_rate=None,
-          desc: str = "train", progress: bool = True):
+def train(
+    model,
+    task: TaskConfig,
+    train_config: TrainConfig,
+    *,
+    learning_rate=None,
+    desc: str = "train",
+    progress: bool = True,
+):
     """Trains ``model`` on ``task``; returns ``(state, losses [(step, loss)], seconds)``."""
     from tqdm.auto import tqdm
 
@@ -363,8 +406,14 @@ def train(model, task: TaskConfig, train_config: TrainConfig, *, learning_rate=N
     step = make_train_step(model, task, train_config, optimizer)
     losses = []
     start = time.perf_counter()
-    bar = tqdm(range(train_config.steps), desc=desc, disable=not progress, leave=False,
-               file=sys.stderr, mininterval=1.0)
+    bar = tqdm(
+        range(train_config.steps),
+        desc=desc,
+        disable=not progress,
+        leave=False,
+        file=sys.stderr,
+        mininterval=1.0,
+    )
     for i in bar:
         state, loss = step(state)
         if (i + 1) % train_config.log_every == 0 or i + 1 == train_config.steps:
@@ -425,7 +474,9 @@ def _generator(decoder: Decoder, num_new: int, temperature: float, top_k: int):
         )["cache"]
         cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), empty)
         logits, updated = decoder.apply(
-            {"params": params, "cache": cache}, prompt, lengths=prompt_lengths,
+            {"params": params, "cache": cache},
+            prompt,
+            lengths=prompt_lengths,
             mutable=["cache"],
         )
         # [B, V]: logits after each sequence's last real prompt token
@@ -447,16 +498,24 @@ def _generator(decoder: Decoder, num_new: int, temperature: float, top_k: int):
             next_token = choose(step_key, logits[:, 0], i)
             return (updated["cache"], next_token), next_token
 
-        _, rest = jax.lax.scan(
-            step, (updated["cache"], first), (keys[1:], jnp.arange(1, num_new))
-        )
+        _, rest = jax.lax.scan(step, (updated["cache"], first), (keys[1:], jnp.arange(1, num_new)))
         return jnp.concatenate([first[:, None], jnp.swapaxes(rest, 0, 1)], axis=1)
 
     return kv_cache.checked(run)
 
 
-def generate(decoder: Decoder, params, prompt, num_new: int, key=None, *,
-             temperature: float = 0.0, top_k: int = 0, prompt_lengths=None, forced=None):
+def generate(
+    decoder: Decoder,
+    params,
+    prompt,
+    num_new: int,
+    key=None,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    prompt_lengths=None,
+    forced=None,
+):
     """``num_new`` tokens ``[B, num_new]`` after ``prompt [B, P]``, one at a time through the
     KV cache. ``prompt_lengths [B]``: real tokens of right-padded prompts (default ``P``).
     ``forced [B, num_new]``: tokens fed instead of sampled where ``>= 0`` (e.g. the queries
@@ -473,8 +532,9 @@ def generate(decoder: Decoder, params, prompt, num_new: int, key=None, *,
     if forced is None:
         forced = jnp.full((B, num_new), -1, jnp.int32)
     elif jnp.shape(forced) != (B, num_new):
-        raise ValueError(f"forced must have shape [B, num_new] = {[B, num_new]}, "
-                         f"got {list(jnp.shape(forced))}")
+        raise ValueError(
+            f"forced must have shape [B, num_new] = {[B, num_new]}, got {list(jnp.shape(forced))}"
+        )
     lengths = jnp.full((B,), P, jnp.int32) if prompt_lengths is None else prompt_lengths
     key = jax.random.key(0) if key is None else key
     return _generator(decoder, num_new, float(temperature), int(top_k))(
@@ -506,10 +566,11 @@ def generate_answers(decoder, params, task: TaskConfig, tokens, key=None, **samp
         return np.asarray(out), tokens[:, P:]
     # after the prompt: answer, query, answer, ..., answer
     forced = np.full((tokens.shape[0], 2 * task.length - 1), -1, np.int32)
-    forced[:, 1::2] = tokens[:, P + 2::2]
-    out = generate(decoder, params, tokens[:, :P + 1], 2 * task.length - 1, key,
-                   forced=forced, **sampling)
-    return np.asarray(out)[:, ::2], tokens[:, P + 1::2]
+    forced[:, 1::2] = tokens[:, P + 2 :: 2]
+    out = generate(
+        decoder, params, tokens[:, : P + 1], 2 * task.length - 1, key, forced=forced, **sampling
+    )
+    return np.asarray(out)[:, ::2], tokens[:, P + 1 :: 2]
 
 
 def format_tokens(tokens, task: TaskConfig) -> str:
@@ -578,16 +639,18 @@ def run_training(config: TrainRunConfig, out_dir: Path, progress: bool = True) -
     """Train, save, restore (bit-exact check), evaluate and generate; returns the summary."""
     task, model = config.task, build_decoder(config)
     state, losses, seconds = train(model, task, config.train, progress=progress)
-    print(f"trained {count_params(state['params']):,} parameters for {config.train.steps} steps "
-          f"in {seconds:.1f} s; final loss {losses[-1][1]:.4f}")
+    print(
+        f"trained {count_params(state['params']):,} parameters for {config.train.steps} steps "
+        f"in {seconds:.1f} s; final loss {losses[-1][1]:.4f}"
+    )
 
     checkpoint = out_dir / "checkpoint.msgpack"
     save_checkpoint(checkpoint, state)
     template = jax.tree.map(jnp.zeros_like, state)
     restored = restore_checkpoint(checkpoint, template)
     exact = all(
-        np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored),
-                                             strict=True)
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True)
     )
     print(f"checkpoint {checkpoint} restored: {'bit-exact' if exact else 'MISMATCH'}")
     if not exact:
@@ -600,18 +663,25 @@ def run_training(config: TrainRunConfig, out_dir: Path, progress: bool = True) -
         decoder, params, task, config.train.eval_examples
     )
     gen_seconds = time.perf_counter() - start
-    print(f"greedy generation through the KV cache, {config.train.eval_examples} new examples: "
-          f"token accuracy {token_acc:.2%}, whole answers {answer_acc:.2%} ({gen_seconds:.1f} s)")
+    print(
+        f"greedy generation through the KV cache, {config.train.eval_examples} new examples: "
+        f"token accuracy {token_acc:.2%}, whole answers {answer_acc:.2%} ({gen_seconds:.1f} s)"
+    )
 
     tokens, _ = make_batch(jax.random.key(777), task, config.generate.show)
     greedy, answers = generate_answers(decoder, params, task, tokens)
     sampled, _ = generate_answers(
-        decoder, params, task, tokens, jax.random.key(3),
-        temperature=config.generate.temperature, top_k=config.generate.top_k,
+        decoder,
+        params,
+        task,
+        tokens,
+        jax.random.key(3),
+        temperature=config.generate.temperature,
+        top_k=config.generate.top_k,
     )
     label = f"T={config.generate.temperature}, top-k={config.generate.top_k}"
     for i in range(config.generate.show):
-        print(f"  prompt  {format_tokens(tokens[i, :task.prompt_length], task)}")
+        print(f"  prompt  {format_tokens(tokens[i, : task.prompt_length], task)}")
         print(f"  greedy  {format_tokens(greedy[i], task)}")
         print(f"  sampled {format_tokens(sampled[i], task)}  ({label})")
         print(f"  target  {format_tokens(answers[i], task)}")
@@ -620,9 +690,13 @@ def run_training(config: TrainRunConfig, out_dir: Path, progress: bool = True) -
     plot_losses({"attention": losses}, loss_png)
     print(f"loss curve: {loss_png}")
     summary = {
-        "task": dataclasses.asdict(task), "params": count_params(params),
-        "steps": config.train.steps, "train_seconds": seconds, "final_loss": losses[-1][1],
-        "generation_token_accuracy": token_acc, "generation_answer_accuracy": answer_acc,
+        "task": dataclasses.asdict(task),
+        "params": count_params(params),
+        "steps": config.train.steps,
+        "train_seconds": seconds,
+        "final_loss": losses[-1][1],
+        "generation_token_accuracy": token_acc,
+        "generation_answer_accuracy": answer_acc,
         "checkpoint": str(checkpoint),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -638,47 +712,77 @@ def run_comparison(config: TrainRunConfig, out_dir: Path, progress: bool = True)
         task = dataclasses.replace(config.task, length=length)
         run_config = dataclasses.replace(config, task=task)
         attention = build_decoder(run_config)
-        rnn = RNNLanguageModel(task.tokens, config.model.d_model, compare.rnn_hidden,
-                               compare.rnn_cell)
-        row = {"length": length, "rnn_label": f"{compare.rnn_cell.upper()} ({compare.rnn_hidden})",
-               "chance": 1.0 / config.task.vocab_size}
-        for label, model, lr in (("attention", attention, None),
-                                 ("rnn", rnn, compare.rnn_learning_rate)):
+        rnn = RNNLanguageModel(
+            task.tokens, config.model.d_model, compare.rnn_hidden, compare.rnn_cell
+        )
+        row = {
+            "length": length,
+            "rnn_label": f"{compare.rnn_cell.upper()} ({compare.rnn_hidden})",
+            "chance": 1.0 / config.task.vocab_size,
+        }
+        for label, model, lr in (
+            ("attention", attention, None),
+            ("rnn", rnn, compare.rnn_learning_rate),
+        ):
             state, losses, seconds = train(
-                model, task, config.train, learning_rate=lr, desc=f"{label} L={length}",
+                model,
+                task,
+                config.train,
+                learning_rate=lr,
+                desc=f"{label} L={length}",
                 progress=progress,
             )
-            row[f"{label}_accuracy"] = evaluate(model, state["params"], task,
-                                                config.train.eval_examples)
+            row[f"{label}_accuracy"] = evaluate(
+                model, state["params"], task, config.train.eval_examples
+            )
             row[f"{label}_params"] = count_params(state["params"])
             row[f"{label}_seconds"] = seconds
             curves[f"{label} L={length}"] = losses
-            print(f"  L={length:<4} {label:<9} accuracy {row[f'{label}_accuracy']:.3f} "
-                  f"({row[f'{label}_params']:,} params, {seconds:.1f} s)", flush=True)
+            print(
+                f"  L={length:<4} {label:<9} accuracy {row[f'{label}_accuracy']:.3f} "
+                f"({row[f'{label}_params']:,} params, {seconds:.1f} s)",
+                flush=True,
+            )
         rows.append(row)
     total = time.perf_counter() - total_start
 
-    print(f"\n{config.task.name}: accuracy on target tokens (teacher-forced, "
-          f"{config.train.eval_examples} fresh examples), chance {rows[0]['chance']:.3f}")
-    print(f"{'length':>7} {'attention':>10} {rows[0]['rnn_label']:>12} {'att params':>11} "
-          f"{'rnn params':>11} {'att s':>7} {'rnn s':>7}")
+    print(
+        f"\n{config.task.name}: accuracy on target tokens (teacher-forced, "
+        f"{config.train.eval_examples} fresh examples), chance {rows[0]['chance']:.3f}"
+    )
+    print(
+        f"{'length':>7} {'attention':>10} {rows[0]['rnn_label']:>12} {'att params':>11} "
+        f"{'rnn params':>11} {'att s':>7} {'rnn s':>7}"
+    )
     for r in rows:
-        print(f"{r['length']:>7} {r['attention_accuracy']:>10.3f} {r['rnn_accuracy']:>12.3f} "
-              f"{r['attention_params']:>11,} {r['rnn_params']:>11,} "
-              f"{r['attention_seconds']:>7.1f} {r['rnn_seconds']:>7.1f}")
+        print(
+            f"{r['length']:>7} {r['attention_accuracy']:>10.3f} {r['rnn_accuracy']:>12.3f} "
+            f"{r['attention_params']:>11,} {r['rnn_params']:>11,} "
+            f"{r['attention_seconds']:>7.1f} {r['rnn_seconds']:>7.1f}"
+        )
     print(f"total {total:.1f} s on {jax.devices()[0].platform}")
     png = out_dir / "accuracy_vs_length.png"
     plot_accuracy_vs_length(rows, config.task.name, png)
     plot_losses(curves, out_dir / "loss.png")
-    (out_dir / "comparison.json").write_text(json.dumps(
-        {"rows": rows, "total_seconds": total, "device": str(jax.devices()[0])}, indent=2))
+    (out_dir / "comparison.json").write_text(
+        json.dumps(
+            {"rows": rows, "total_seconds": total, "device": str(jax.devices()[0])}, indent=2
+        )
+    )
     print(f"plot: {png}")
     return rows
 
 
-def decode_benchmark(*, prompt: int = 768, new_tokens: int = 256, context: int = 1024,
-                     d_model: int = 768, num_heads: int = 12, batch: int = 1,
-                     repeats: int = 5) -> dict:
+def decode_benchmark(
+    *,
+    prompt: int = 768,
+    new_tokens: int = 256,
+    context: int = 1024,
+    d_model: int = 768,
+    num_heads: int = 12,
+    batch: int = 1,
+    repeats: int = 5,
+) -> dict:
     """GPT-2-small attention: a cached decode step vs recomputing the full causal pass.
 
     Cached: ``new_tokens`` one-token steps after a ``prompt``-token prefill, in one jitted
@@ -734,15 +838,24 @@ def decode_benchmark(*, prompt: int = 768, new_tokens: int = 256, context: int =
     max_error = float(jnp.max(jnp.abs(outs - expected)))
     return {
         "benchmark": "decode: cached step vs full causal recompute (MultiHeadAttention)",
-        "shape": {"batch": batch, "d_model": d_model, "num_heads": num_heads,
-                  "context_length": context, "prompt": prompt, "new_tokens": new_tokens},
+        "shape": {
+            "batch": batch,
+            "d_model": d_model,
+            "num_heads": num_heads,
+            "context_length": context,
+            "prompt": prompt,
+            "new_tokens": new_tokens,
+        },
         "cached_step_ms": cached_step * 1e3,
         "recompute_step_ms": recompute_step * 1e3,
         "recompute_ms_at_length": {str(n): t * 1e3 for n, t in recompute_steps.items()},
         "speedup": recompute_step / cached_step,
         "max_abs_error_vs_full_pass": max_error,
-        "device": str(jax.devices()[0]), "platform": jax.devices()[0].platform,
-        "jax": jax.__version__, "machine": platform.machine(), "repeats": repeats,
+        "device": str(jax.devices()[0]),
+        "platform": jax.devices()[0].platform,
+        "jax": jax.__version__,
+        "machine": platform.machine(),
+        "repeats": repeats,
         "note": "median after warm-up, compile excluded",
     }
 
@@ -752,15 +865,24 @@ def main(argv=None) -> int:
         prog="jax-attn train",
         description="Train a small decoder on a generated task and generate with the KV cache.",
     )
-    parser.add_argument("--config", default="copy",
-                        help="configs/<name>.toml or a shipped config's name (default: copy)")
+    parser.add_argument(
+        "--config",
+        default="copy",
+        help="configs/<name>.toml or a shipped config's name (default: copy)",
+    )
     parser.add_argument("--out", help="output directory (default: the config's output_dir)")
     parser.add_argument("--steps", type=int, help="override train.steps")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--decode-bench", action="store_true",
-                        help="time a cached decode step against a full recompute (GPT-2 small)")
-    parser.add_argument("--bench-out", default="benchmarks/results/decode.json",
-                        help="JSON written by --decode-bench")
+    parser.add_argument(
+        "--decode-bench",
+        action="store_true",
+        help="time a cached decode step against a full recompute (GPT-2 small)",
+    )
+    parser.add_argument(
+        "--bench-out",
+        default="benchmarks/results/decode.json",
+        help="JSON written by --decode-bench",
+    )
     args = parser.parse_args(argv)
 
     if args.decode_bench:
@@ -769,8 +891,10 @@ def main(argv=None) -> int:
         path = Path(args.bench_out)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"cached step {result['cached_step_ms']:.3f} ms vs recompute "
-              f"{result['recompute_step_ms']:.2f} ms: {result['speedup']:.0f}x  ({path})")
+        print(
+            f"cached step {result['cached_step_ms']:.3f} ms vs recompute "
+            f"{result['recompute_step_ms']:.2f} ms: {result['speedup']:.0f}x  ({path})"
+        )
         return 0
     try:
         config = load_train_config(args.config)

@@ -142,9 +142,7 @@ def check_dropout(dropout_rate, dropout_rng) -> float:
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"dropout_rate must be in [0, 1), got {rate}")
     if rate > 0.0 and dropout_rng is None:
-        raise ValueError(
-            f"dropout_rate={rate} needs dropout_rng (a jax.random key), got None"
-        )
+        raise ValueError(f"dropout_rate={rate} needs dropout_rng (a jax.random key), got None")
     if rate > 0.0:
         check_rng("dropout_rng", dropout_rng)
     return rate
@@ -224,15 +222,11 @@ def check_attention_args(
     if B_k != B:
         raise ValueError(f"key batch B must equal query's {B}, got key shape {list(k_shape)}")
     if H_k != H:
-        raise ValueError(
-            f"key head dim H must equal query's H={H}, got key shape {list(k_shape)}"
-        )
+        raise ValueError(f"key head dim H must equal query's H={H}, got key shape {list(k_shape)}")
     if K == 0:
         raise ValueError(f"key must have at least one head, got K=0 in shape {list(k_shape)}")
     if N % K != 0:
-        raise ValueError(
-            f"query heads N={N} must be a multiple of key/value heads K={K} (GQA/MQA)"
-        )
+        raise ValueError(f"query heads N={N} must be a multiple of key/value heads K={K} (GQA/MQA)")
     q_dtype = _dtype("query", query)
     k_dtype = _dtype("key", key)
     H_v = H
@@ -281,11 +275,23 @@ def check_attention_args(
     window = None if local_window_size is None else normalize_window(local_window_size)
     rate = check_dropout(dropout_rate, dropout_rng)
     return AttentionCall(
-        B=B, T=T, S=S, N=N, K=K, H=H, H_v=H_v, dtype=np.dtype(dtype), batched=batched,
-        has_mask=mask is not None, has_bias=bias is not None, is_causal=bool(is_causal),
+        B=B,
+        T=T,
+        S=S,
+        N=N,
+        K=K,
+        H=H,
+        H_v=H_v,
+        dtype=np.dtype(dtype),
+        batched=batched,
+        has_mask=mask is not None,
+        has_bias=bias is not None,
+        is_causal=bool(is_causal),
         has_query_lengths=query_seq_lengths is not None,
         has_kv_lengths=key_value_seq_lengths is not None,
-        window=window, dropout_rate=rate, scale=scale_value,
+        window=window,
+        dropout_rate=rate,
+        scale=scale_value,
     )
 
 

@@ -29,9 +29,7 @@ CASES = {
     "mask": dict(mask=_random_mask((2, 4, 5, 7))),
     "mask_broadcast": dict(mask=_random_mask((1, 1, 5, 7), seed=4)),
     "bias": dict(bias=jax.random.normal(jax.random.key(5), (1, 4, 5, 7))),
-    "lengths": dict(
-        query_seq_lengths=jnp.array([3, 5]), key_value_seq_lengths=jnp.array([7, 2])
-    ),
+    "lengths": dict(query_seq_lengths=jnp.array([3, 5]), key_value_seq_lengths=jnp.array([7, 2])),
     "zero_kv_length": dict(key_value_seq_lengths=jnp.array([0, 4])),
     "window": dict(local_window_size=(2, 1)),
     "causal_window": dict(is_causal=True, local_window_size=(1, 0)),
@@ -150,8 +148,9 @@ def test_weights_rows_sum_to_one_and_match_output():
     np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-6)
     # [B, T, N, H]
     out = jnp.einsum("BNTS,BSNH->BTNH", weights, v)
-    np.testing.assert_allclose(out, ja.reference.dot_product_attention(q, k, v, is_causal=True),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        out, ja.reference.dot_product_attention(q, k, v, is_causal=True), atol=1e-5
+    )
 
 
 def test_vmap_of_single_sequence_equals_batched_call():
@@ -171,7 +170,11 @@ def test_jit_equals_no_jit(implementation):
 
     def attend(q, k, v):
         return ja.dot_product_attention(
-            q, k, v, is_causal=True, implementation=implementation,
+            q,
+            k,
+            v,
+            is_causal=True,
+            implementation=implementation,
             key_value_seq_lengths=jnp.array([7, 3]),
         )
 
@@ -190,7 +193,7 @@ def test_no_future_leakage(implementation):
     x = jnp.concatenate([q, q], axis=2)[:, :, :4]
     for t in range(5):
         grad = jax.grad(output_at, argnums=1)(t, x)
-        assert (grad[:, t + 1:] == 0).all()
+        assert (grad[:, t + 1 :] == 0).all()
         assert (grad[:, : t + 1] != 0).any()
 
 
@@ -205,8 +208,9 @@ def test_dropout_same_key_same_output_and_mean_preserved():
     weights = ja.dot_product_attention_weights(q, k)
     dropped = F.dropout(weights, 0.4, key)
     kept = np.asarray(dropped) != 0
-    np.testing.assert_allclose(np.asarray(dropped)[kept], np.asarray(weights)[kept] / 0.6,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(dropped)[kept], np.asarray(weights)[kept] / 0.6, rtol=1e-6
+    )
     draws = jnp.stack([F.dropout(weights, 0.4, jax.random.key(i)) for i in range(200)])
     np.testing.assert_allclose(draws.mean(0), weights, atol=0.05)
 
@@ -218,9 +222,7 @@ def test_dispatch_without_dropout_support_falls_back():
     want = ja.reference.dot_product_attention(q, k, v, dropout_rate=0.2, dropout_rng=key)
     np.testing.assert_allclose(got, want, atol=1e-6)
     with pytest.raises(ValueError, match="dropout"):
-        ja.dot_product_attention(
-            q, k, v, dropout_rate=0.2, dropout_rng=key, implementation="xla"
-        )
+        ja.dot_product_attention(q, k, v, dropout_rate=0.2, dropout_rng=key, implementation="xla")
 
 
 def test_available_implementations_lists_registered_ones():
@@ -238,40 +240,55 @@ BAD_CALLS = {
     "batch": (lambda: ja.dot_product_attention(q0, k0[:1], v0[:1]), ValueError, "batch"),
     "mask shape": (
         lambda: ja.dot_product_attention(q0, k0, v0, mask=jnp.ones((5, 6), bool)),
-        ValueError, "mask",
+        ValueError,
+        "mask",
     ),
     "mask dtype": (
-        lambda: ja.dot_product_attention(q0, k0, v0, mask=jnp.ones((5, 7))), TypeError, "mask",
+        lambda: ja.dot_product_attention(q0, k0, v0, mask=jnp.ones((5, 7))),
+        TypeError,
+        "mask",
     ),
     "bias shape": (
-        lambda: ja.dot_product_attention(q0, k0, v0, bias=jnp.ones((3, 5, 7))), ValueError, "bias",
+        lambda: ja.dot_product_attention(q0, k0, v0, bias=jnp.ones((3, 5, 7))),
+        ValueError,
+        "bias",
     ),
     "dropout range": (
-        lambda: ja.dot_product_attention(q0, k0, v0, dropout_rate=1.0,
-                                         dropout_rng=jax.random.key(0)),
-        ValueError, "dropout_rate",
+        lambda: ja.dot_product_attention(
+            q0, k0, v0, dropout_rate=1.0, dropout_rng=jax.random.key(0)
+        ),
+        ValueError,
+        "dropout_rate",
     ),
     "dropout rng": (
-        lambda: ja.dot_product_attention(q0, k0, v0, dropout_rate=0.1), ValueError, "dropout_rng",
+        lambda: ja.dot_product_attention(q0, k0, v0, dropout_rate=0.1),
+        ValueError,
+        "dropout_rng",
     ),
     "implementation": (
         lambda: ja.dot_product_attention(q0, k0, v0, implementation="fast"),
-        ValueError, "implementation",
+        ValueError,
+        "implementation",
     ),
     "lengths shape": (
         lambda: ja.dot_product_attention(q0, k0, v0, query_seq_lengths=jnp.array([1])),
-        ValueError, "query_seq_lengths",
+        ValueError,
+        "query_seq_lengths",
     ),
     "lengths range": (
         lambda: ja.dot_product_attention(q0, k0, v0, key_value_seq_lengths=jnp.array([1, 9])),
-        ValueError, "key_value_seq_lengths",
+        ValueError,
+        "key_value_seq_lengths",
     ),
     "window": (
         lambda: ja.dot_product_attention(q0, k0, v0, local_window_size=(-1, 2)),
-        ValueError, "local_window_size",
+        ValueError,
+        "local_window_size",
     ),
     "dtype mix": (
-        lambda: ja.dot_product_attention(q0.astype(jnp.bfloat16), k0, v0), TypeError, "dtype",
+        lambda: ja.dot_product_attention(q0.astype(jnp.bfloat16), k0, v0),
+        TypeError,
+        "dtype",
     ),
 }
 

@@ -18,13 +18,13 @@ from jax_attn import functional as F
 BOOK = json.loads((Path(__file__).parent / "book_ch03_values.json").read_text())
 INPUTS = jnp.asarray(BOOK["inputs"], jnp.float32)
 ATOL = 5e-5  # printed with 4 decimals
-W_341 = {name: jnp.asarray(BOOK["3.4.1"][name], jnp.float32)
-         for name in ("W_query", "W_key", "W_value")}
+W_341 = {
+    name: jnp.asarray(BOOK["3.4.1"][name], jnp.float32) for name in ("W_query", "W_key", "W_value")
+}
 
 
 def assert_book(ours, printed):
-    np.testing.assert_allclose(np.asarray(ours, np.float64), np.asarray(printed), rtol=0,
-                               atol=ATOL)
+    np.testing.assert_allclose(np.asarray(ours, np.float64), np.asarray(printed), rtol=0, atol=ATOL)
 
 
 # --- 3.3.1 ---------------------------------------------------------------------------------
@@ -35,8 +35,7 @@ def _query_2():
 
 
 def test_3_3_1_scores_of_query_2():
-    assert_book(F.attention_scores_for_query(_query_2(), INPUTS),
-                BOOK["3.3.1"]["attn_scores_2"])
+    assert_book(F.attention_scores_for_query(_query_2(), INPUTS), BOOK["3.3.1"]["attn_scores_2"])
 
 
 @pytest.mark.parametrize(
@@ -65,8 +64,9 @@ def test_naive_softmax_overflows_where_the_stable_one_does_not(dtype):
     stable = np.asarray(F.softmax(logits), np.float32)
     assert np.isnan(naive[0])
     assert np.isfinite(stable).all()
-    np.testing.assert_allclose(stable, np.asarray(jax.nn.softmax(logits.astype(jnp.float32))),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        stable, np.asarray(jax.nn.softmax(logits.astype(jnp.float32))), atol=1e-6
+    )
 
 
 def test_naive_and_stable_softmax_agree_on_small_logits():
@@ -88,10 +88,10 @@ def test_3_3_2_all_scores_weights_and_context_vectors():
 
 
 def test_3_3_2_row_2_is_3_3_1():
-    np.testing.assert_allclose(BOOK["3.3.2"]["attn_weights"][1],
-                               BOOK["3.3.1"]["attn_weights_2_softmax"])
-    np.testing.assert_allclose(BOOK["3.3.2"]["all_context_vecs"][1],
-                               BOOK["3.3.1"]["context_vec_2"])
+    np.testing.assert_allclose(
+        BOOK["3.3.2"]["attn_weights"][1], BOOK["3.3.1"]["attn_weights_2_softmax"]
+    )
+    np.testing.assert_allclose(BOOK["3.3.2"]["all_context_vecs"][1], BOOK["3.3.1"]["context_vec_2"])
 
 
 # --- 3.4.1 ---------------------------------------------------------------------------------
@@ -139,8 +139,9 @@ def test_3_4_1_self_attention_v1_module_with_the_given_weights(batched):
 
 
 def test_3_5_1_causal_mask_is_the_books_tril():
-    np.testing.assert_array_equal(np.asarray(ja.make_causal_mask(6), np.int32),
-                                  BOOK["3.5.1"]["mask_simple_tril"])
+    np.testing.assert_array_equal(
+        np.asarray(ja.make_causal_mask(6), np.int32), BOOK["3.5.1"]["mask_simple_tril"]
+    )
 
 
 def _book_scores():
@@ -189,8 +190,9 @@ def _parameter_count(module, d_in):
 
 def test_exercise_3_3_parameter_count():
     ex = BOOK["exercise_3.3"]
-    module = ja.MultiHeadAttention(ex["d_in"], ex["d_out"], ex["context_length"], 0.0,
-                                   ex["num_heads"], qkv_bias=ex["qkv_bias"])
+    module = ja.MultiHeadAttention(
+        ex["d_in"], ex["d_out"], ex["context_length"], 0.0, ex["num_heads"], qkv_bias=ex["qkv_bias"]
+    )
     assert _parameter_count(module, ex["d_in"]) == ex["parameter_count"] == 2_360_064
 
 
@@ -201,6 +203,7 @@ def test_demo_embeds_the_books_inputs_and_values():
     assert demo.SENTENCE == BOOK["sentence"]
     for section in ("3.3.1", "3.3.2", "3.4.1", "3.5.1"):
         for name, value in demo.BOOK[section].items():
-            np.testing.assert_array_equal(np.asarray(value), np.asarray(BOOK[section][name]),
-                                          err_msg=f"{section} {name}")
+            np.testing.assert_array_equal(
+                np.asarray(value), np.asarray(BOOK[section][name]), err_msg=f"{section} {name}"
+            )
     assert demo.BOOK["exercise_3.3"]["parameter_count"] == BOOK["exercise_3.3"]["parameter_count"]

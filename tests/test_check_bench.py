@@ -26,7 +26,9 @@ def broken_implementation(monkeypatch):
 def test_check_passes_the_real_implementations():
     results = check.run_check([TINY], ["bfloat16"], ["chunked", "xla"])
     assert [(r.implementation, r.dtype) for r in results] == [
-        ("chunked", "bfloat16"), ("xla", "bfloat16")]
+        ("chunked", "bfloat16"),
+        ("xla", "bfloat16"),
+    ]
     assert all(r.status == "ok" for r in results), check.format_table(results)
 
 
@@ -54,12 +56,29 @@ def test_cli_routes_check_and_bench(capsys):
 
 def test_bench_writes_json_and_plot(tmp_path):
     config = bench.BenchConfig(
-        name="tiny", warmup=1, repeats=2, output_dir=str(tmp_path), torch=True,
-        cases=(bench.BenchCase(
-            "mha", "module", batch=1, seq_len=16, num_heads=2, head_dim=8,
-            contestants=("jax_attn MultiHeadAttention", "flax MultiHeadDotProductAttention")),),
-        sweep=bench.SweepConfig(batch=1, num_heads=2, head_dim=8, seq_lens=(8, 16),
-                                contestants=("jax_attn (default)", "torch sdpa")),
+        name="tiny",
+        warmup=1,
+        repeats=2,
+        output_dir=str(tmp_path),
+        torch=True,
+        cases=(
+            bench.BenchCase(
+                "mha",
+                "module",
+                batch=1,
+                seq_len=16,
+                num_heads=2,
+                head_dim=8,
+                contestants=("jax_attn MultiHeadAttention", "flax MultiHeadDotProductAttention"),
+            ),
+        ),
+        sweep=bench.SweepConfig(
+            batch=1,
+            num_heads=2,
+            head_dim=8,
+            seq_lens=(8, 16),
+            contestants=("jax_attn (default)", "torch sdpa"),
+        ),
     )
     report = bench.run_bench(config, show_progress=False, skip_memory=True)
     saved = json.loads((tmp_path / report["json"].split("/")[-1]).read_text())
@@ -88,8 +107,9 @@ def test_memory_worker_reports_peak_in_a_fresh_process():
 
 
 def test_gflop_counts_the_causal_half():
-    full = bench.BenchCase("a", "attention", batch=1, seq_len=64, num_heads=1, head_dim=8,
-                           causal=False)
+    full = bench.BenchCase(
+        "a", "attention", batch=1, seq_len=64, num_heads=1, head_dim=8, causal=False
+    )
     causal = bench.BenchCase("b", "attention", batch=1, seq_len=64, num_heads=1, head_dim=8)
     assert bench.case_gflop(full) == pytest.approx(2 * 2 * 64 * 64 * 8 / 1e9)
     assert bench.case_gflop(causal) == pytest.approx(bench.case_gflop(full) * 65 / 128)

@@ -42,6 +42,7 @@ def _loss(fn, **kwargs):
     def loss(q, k, v, bias):
         extra = {} if bias is None else {"bias": bias}
         return jnp.sum(jnp.sin(fn(q, k, v, **kwargs, **extra)))
+
     return loss
 
 
@@ -49,8 +50,9 @@ def _reference(q, k, v, **kwargs):
     """The oracle, jitted (one compile instead of one per eager op)."""
     arrays = {name: x for name, x in kwargs.items() if isinstance(x, jax.Array)}
     static = {name: x for name, x in kwargs.items() if name not in arrays}
-    run = jax.jit(lambda q, k, v, arrays: reference.dot_product_attention(
-        q, k, v, **arrays, **static))
+    run = jax.jit(
+        lambda q, k, v, arrays: reference.dot_product_attention(q, k, v, **arrays, **static)
+    )
     return run(q, k, v, arrays)
 
 
@@ -79,8 +81,12 @@ def test_forward_and_gradients_match_reference(T, S, K, H_v, chunks, options, ex
     if extra == "bias":
         bias = _normal((1, N, T, S), 5)
         bias = bias.at[0, 1, 2, :].set(-jnp.inf).at[0, 0, :, 3].set(-jnp.inf)
-    fast = _loss(chunked.dot_product_attention, query_chunk_size=chunks[0],
-                 key_chunk_size=chunks[1], **kwargs)
+    fast = _loss(
+        chunked.dot_product_attention,
+        query_chunk_size=chunks[0],
+        key_chunk_size=chunks[1],
+        **kwargs,
+    )
     slow = _loss(reference.dot_product_attention, **kwargs)
     argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
     value_fast, grads_fast = jax.jit(jax.value_and_grad(fast, argnums))(q, k, v, bias)
@@ -142,10 +148,15 @@ def test_empty_blocks_are_not_computed(options, poisoned_keys, clean_rows):
     v = v.at[:, poisoned_keys].set(jnp.nan)
     out = chunked.dot_product_attention(q, k, v, query_chunk_size=4, key_chunk_size=4, **options)
     assert np.all(np.isfinite(np.asarray(out[:, clean_rows])))
-    grad_q = jax.jit(jax.grad(
-        lambda q: jnp.sum(chunked.dot_product_attention(
-            q, k, v, query_chunk_size=4, key_chunk_size=4, **options)[:, clean_rows])
-    ))(q)
+    grad_q = jax.jit(
+        jax.grad(
+            lambda q: jnp.sum(
+                chunked.dot_product_attention(
+                    q, k, v, query_chunk_size=4, key_chunk_size=4, **options
+                )[:, clean_rows]
+            )
+        )
+    )(q)
     assert np.all(np.isfinite(np.asarray(grad_q[:, clean_rows])))
 
 
@@ -167,8 +178,16 @@ def test_key_chunk_ranges_cover_exactly_the_band(T, S, chunks, options):
     window = options.get("local_window_size")
     window = (window, window) if isinstance(window, int) else window
     plan = chunked._Plan(
-        T=T, S=S, q_chunk=chunks[0], k_chunk=chunks[1], is_causal=options.get("is_causal", False),
-        window=window, scale=1.0, dropout_rate=0.0, mask_shape=None, bias_shape=None,
+        T=T,
+        S=S,
+        q_chunk=chunks[0],
+        k_chunk=chunks[1],
+        is_causal=options.get("is_causal", False),
+        window=window,
+        scale=1.0,
+        dropout_rate=0.0,
+        mask_shape=None,
+        bias_shape=None,
     )
     allowed = build_attention_mask(T, S, is_causal=plan.is_causal, local_window_size=window)
     allowed = np.ones((T, S), bool) if allowed is None else np.asarray(allowed[0, 0])
@@ -177,9 +196,9 @@ def test_key_chunk_ranges_cover_exactly_the_band(T, S, chunks, options):
     for i in range(plan.num_q_chunks):
         lo, full_lo, full_hi, hi = (int(x) for x in chunked._key_chunk_ranges(plan, i, S))
         assert lo <= full_lo <= full_hi <= hi
-        rows = allowed[i * Tq:(i + 1) * Tq][: max(0, min(Tq, T - i * Tq))]
+        rows = allowed[i * Tq : (i + 1) * Tq][: max(0, min(Tq, T - i * Tq))]
         for j in range(plan.S_padded // Sk):
-            block = rows[:, j * Sk:(j + 1) * Sk]
+            block = rows[:, j * Sk : (j + 1) * Sk]
             assert (lo <= j < hi) == bool(block.any()), (i, j)
             if full_lo <= j < full_hi:
                 assert block.all(), (i, j)
@@ -188,8 +207,9 @@ def test_key_chunk_ranges_cover_exactly_the_band(T, S, chunks, options):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision_inputs(dtype):
     q, k, v = _inputs(13, 17, dtype=dtype)
-    out = chunked.dot_product_attention(q, k, v, is_causal=True, query_chunk_size=4,
-                                        key_chunk_size=8)
+    out = chunked.dot_product_attention(
+        q, k, v, is_causal=True, query_chunk_size=4, key_chunk_size=8
+    )
     assert out.dtype == dtype
     _assert_close(out, _reference(q, k, v, is_causal=True), 2e-2)
 

@@ -57,7 +57,12 @@ def test_shipped_configs(name, width, heads, context, qkv_bias):
     cfg = load_config(REPO_CONFIGS / f"{name}.toml")
     a = cfg.attention
     assert (a.name, (a.d_in, a.d_out), a.num_heads, a.context_length, a.qkv_bias) == (
-        name, width, heads, context, qkv_bias)
+        name,
+        width,
+        heads,
+        context,
+        qkv_bias,
+    )
     assert 0.0 <= a.dropout < 1.0
     assert cfg.run.seq_len <= a.context_length
     assert load_config(name) == cfg
@@ -65,7 +70,8 @@ def test_shipped_configs(name, width, heads, context, qkv_bias):
 
 def test_available_configs_lists_the_shipped_ones():
     assert {"book", "gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"} <= set(
-        available_configs())
+        available_configs()
+    )
 
 
 def test_configs_are_frozen():
@@ -78,15 +84,23 @@ def test_config_builds_the_multi_head_attention_module():
     a = load_config("gpt2-small").attention
     module = a.multi_head_attention(deterministic=True)
     assert isinstance(module, ja.MultiHeadAttention)
-    assert (module.d_in, module.d_out, module.context_length, module.dropout, module.num_heads,
-            module.qkv_bias, module.deterministic) == (768, 768, 1024, a.dropout, 12, True, True)
+    assert (
+        module.d_in,
+        module.d_out,
+        module.context_length,
+        module.dropout,
+        module.num_heads,
+        module.qkv_bias,
+        module.deterministic,
+    ) == (768, 768, 1024, a.dropout, 12, True, True)
     assert a.head_dim == 64
 
 
 def test_valid_file(tmp_path):
     cfg = load_config(write(tmp_path, VALID))
-    assert cfg == Config(AttentionConfig("tiny", 16, 8, 2, 32, 0.0, True),
-                         ja.config.RunConfig(2, 8, "float32"))
+    assert cfg == Config(
+        AttentionConfig("tiny", 16, 8, 2, 32, 0.0, True), ja.config.RunConfig(2, 8, "float32")
+    )
 
 
 @pytest.mark.parametrize("table, key", [("attention", "heads"), ("run", "steps")])
@@ -105,11 +119,14 @@ def test_unknown_table_names_it_and_file(tmp_path):
     assert str(path) in str(info.value)
 
 
-@pytest.mark.parametrize("line, key", [
-    ("num_heads = 2\n", "attention.num_heads"),
-    ("qkv_bias = true\n", "attention.qkv_bias"),
-    ('dtype = "float32"\n', "run.dtype"),
-])
+@pytest.mark.parametrize(
+    "line, key",
+    [
+        ("num_heads = 2\n", "attention.num_heads"),
+        ("qkv_bias = true\n", "attention.qkv_bias"),
+        ('dtype = "float32"\n', "run.dtype"),
+    ],
+)
 def test_missing_key_names_key_and_file(tmp_path, line, key):
     path = write(tmp_path, VALID.replace(line, ""))
     with pytest.raises(ConfigError, match=re.escape(f"missing key '{key}'")) as info:
@@ -123,17 +140,20 @@ def test_missing_table_names_it(tmp_path):
         load_config(path)
 
 
-@pytest.mark.parametrize("old, new, message", [
-    ("d_in = 16", 'd_in = "16"', "attention.d_in must be an integer"),
-    ("d_in = 16", "d_in = 16.0", "attention.d_in must be an integer"),
-    ("qkv_bias = true", "qkv_bias = 1", "attention.qkv_bias must be true or false"),
-    ("num_heads = 2", "num_heads = true", "attention.num_heads must be an integer"),
-    ("num_heads = 2", "num_heads = 3", "d_out=8 must be divisible by num_heads=3"),
-    ("dropout = 0.0", "dropout = 1.0", "dropout must be in [0, 1)"),
-    ("d_out = 8", "d_out = 0", "d_out must be > 0"),
-    ("seq_len = 8", "seq_len = 64", "run.seq_len=64 is more than attention.context_length=32"),
-    ('dtype = "float32"', 'dtype = "int8"', "dtype must be one of"),
-])
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        ("d_in = 16", 'd_in = "16"', "attention.d_in must be an integer"),
+        ("d_in = 16", "d_in = 16.0", "attention.d_in must be an integer"),
+        ("qkv_bias = true", "qkv_bias = 1", "attention.qkv_bias must be true or false"),
+        ("num_heads = 2", "num_heads = true", "attention.num_heads must be an integer"),
+        ("num_heads = 2", "num_heads = 3", "d_out=8 must be divisible by num_heads=3"),
+        ("dropout = 0.0", "dropout = 1.0", "dropout must be in [0, 1)"),
+        ("d_out = 8", "d_out = 0", "d_out must be > 0"),
+        ("seq_len = 8", "seq_len = 64", "run.seq_len=64 is more than attention.context_length=32"),
+        ('dtype = "float32"', 'dtype = "int8"', "dtype must be one of"),
+    ],
+)
 def test_bad_value_names_key_and_file(tmp_path, old, new, message):
     path = write(tmp_path, VALID.replace(old, new))
     with pytest.raises(ConfigError, match=re.escape(message)) as info:
@@ -181,8 +201,11 @@ class Train:
 
 
 def test_load_dataclass_reads_one_section_and_leaves_the_others(tmp_path):
-    path = write(tmp_path, VALID + "\n[train]\nsteps = 10\n[train.optimizer]\n"
-                 "learning_rate = 1e-3\nbetas = [0.8, 0.9]\n")
+    path = write(
+        tmp_path,
+        VALID + "\n[train]\nsteps = 10\n[train.optimizer]\n"
+        "learning_rate = 1e-3\nbetas = [0.8, 0.9]\n",
+    )
     train = load_dataclass(path, Train, section="train")
     assert train == Train(10, Optimizer(1e-3, (0.8, 0.9)), None)
     assert load_dataclass(path, AttentionConfig, section="attention").d_in == 16
@@ -201,13 +224,20 @@ def test_load_dataclass_missing_section(tmp_path):
         load_dataclass(path, Train, section="train")
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"steps": 1, "optimizer": {"learning_rate": 1.0, "betas": [0.9, "x"]}},
-     "train.optimizer.betas[1] must be a number"),
-    ({"steps": 1, "optimizer": {"learning_rate": 1.0}, "checkpoint": 3},
-     "train.checkpoint must be a string"),
-    ({"steps": 1, "optimizer": 2}, "[train.optimizer] must be a table"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (
+            {"steps": 1, "optimizer": {"learning_rate": 1.0, "betas": [0.9, "x"]}},
+            "train.optimizer.betas[1] must be a number",
+        ),
+        (
+            {"steps": 1, "optimizer": {"learning_rate": 1.0}, "checkpoint": 3},
+            "train.checkpoint must be a string",
+        ),
+        ({"steps": 1, "optimizer": 2}, "[train.optimizer] must be a table"),
+    ],
+)
 def test_from_dict_type_errors_name_the_key(data, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         from_dict(Train, data, source="x.toml", where="train")

@@ -19,6 +19,7 @@ def _module(K=None, **kwargs):
 
 def _reference_forward(params, x, K):
     """The module's computation written out with the reference attention."""
+
     def project(name):
         return x @ params[name]["kernel"]
 
@@ -46,7 +47,7 @@ def _decode(params, cache, x, chunks, K, apply=None):
     apply = apply or kv_cache.checked(_apply_decode(_module(K, decode=True)))
     outs, start = [], 0
     for size in chunks:
-        y, updated = apply({"params": params, "cache": cache}, x[:, start:start + size])
+        y, updated = apply({"params": params, "cache": cache}, x[:, start : start + size])
         cache = updated["cache"]
         outs.append(y)
         start += size
@@ -69,7 +70,8 @@ def test_init_allocates_cache_and_gqa_projections(K):
 
 def test_book_parameter_count_unchanged():
     shapes = jax.eval_shape(
-        MultiHeadAttention(768, 768, 1024, 0.0, 12).init, jax.random.key(0),
+        MultiHeadAttention(768, 768, 1024, 0.0, 12).init,
+        jax.random.key(0),
         jnp.zeros((1, 4, 768)),
     )
     assert sum(x.size for x in jax.tree.leaves(shapes)) == 2_360_064
@@ -142,8 +144,8 @@ def test_mixed_prompt_lengths_through_lengths():
     step, _ = apply({"params": params, **updated}, next_tokens)
     reference_forward = jax.jit(_reference_forward, static_argnums=2)
     for b in range(B):
-        expected = reference_forward(params, x[b:b + 1, :lengths[b] + 1], K)[0]
-        np.testing.assert_allclose(prompt[b, :lengths[b]], expected[:-1], atol=1e-5)
+        expected = reference_forward(params, x[b : b + 1, : lengths[b] + 1], K)[0]
+        np.testing.assert_allclose(prompt[b, : lengths[b]], expected[:-1], atol=1e-5)
         np.testing.assert_allclose(step[b, 0], expected[-1], atol=1e-5)
 
 

@@ -57,8 +57,15 @@ def test_same_seeds_bit_identical_across_processes():
     here = _run_here()
     program = RUN + "\nprint(repr(result))\n"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=300, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", program],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+        check=True,
+    )
     there = eval(done.stdout.strip().splitlines()[-1])  # noqa: S307 - our own repr of a dict
     assert there == here
 
@@ -70,8 +77,10 @@ JAX_NN_BACKED = {"xla", "cudnn"}
 
 def _call(dtype, with_dropout, with_bias=False):
     rng = np.random.default_rng(0)
-    q, k, v = (jnp.asarray(rng.standard_normal(shape), dtype)
-               for shape in [(2, 5, 4, 8), (2, 7, 2, 8), (2, 7, 2, 8)])
+    q, k, v = (
+        jnp.asarray(rng.standard_normal(shape), dtype)
+        for shape in [(2, 5, 4, 8), (2, 7, 2, 8), (2, 7, 2, 8)]
+    )
     kwargs = dict(is_causal=True, key_value_seq_lengths=jnp.asarray([7, 3]))
     if with_bias:
         kwargs["bias"] = jnp.asarray(rng.standard_normal((5, 7)), jnp.float32)
@@ -125,8 +134,9 @@ def test_module_init_and_apply_bit_identical_under_jit():
     x = jax.random.normal(jax.random.key(0), (2, 8, 16))
     params = module.init(jax.random.key(1), x)
     params_jit = jax.jit(module.init)(jax.random.key(1), x)
-    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params_jit),
-                    strict=True):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params_jit), strict=True
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     def train(params, x, key):
@@ -157,8 +167,9 @@ def _recover_keep_mask(implementation, rate, key, B=2, T=16, S=16, N=4, K=2):
     q = jnp.zeros((B, T, N, S))
     k = jnp.zeros((B, S, K, S))
     v = jnp.broadcast_to(jnp.eye(S)[None, :, None, :], (B, S, K, S))
-    out = ja.dot_product_attention(q, k, v, dropout_rate=rate, dropout_rng=key,
-                                   implementation=implementation)
+    out = ja.dot_product_attention(
+        q, k, v, dropout_rate=rate, dropout_rng=key, implementation=implementation
+    )
     scaled = np.asarray(out, np.float64) * S * (1.0 - rate)
     keep = scaled > 0.5
     np.testing.assert_allclose(scaled[keep], 1.0, rtol=1e-5)  # kept ones scaled by 1/(1-p)

@@ -44,8 +44,10 @@ def test_default_picks_a_supporting_implementation_and_matches_reference(T, kwar
 
     def both(q, k, v, rng):
         extra = {} if rng is None else {"dropout_rng": rng}
-        return (attention.dot_product_attention(q, k, v, **kwargs, **extra),
-                reference.dot_product_attention(q, k, v, **kwargs, **extra))
+        return (
+            attention.dot_product_attention(q, k, v, **kwargs, **extra),
+            reference.dot_product_attention(q, k, v, **kwargs, **extra),
+        )
 
     out, expected = jax.jit(both)(q, k, v, rng)
     np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
@@ -131,8 +133,10 @@ def test_available_implementations_on_cpu():
 def test_cudnn_matches_reference_on_gpu(T, S):
     q, k, v = _inputs(T, S, H=64, dtype=jnp.bfloat16)
     lengths = {"key_value_seq_lengths": jnp.array([S, S // 2])}
-    out = attention.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn",
-                                          **lengths)
+    out = attention.dot_product_attention(
+        q, k, v, is_causal=True, implementation="cudnn", **lengths
+    )
     expected = reference.dot_product_attention(q, k, v, is_causal=True, **lengths)
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected, np.float32),
-                               atol=2e-2, rtol=2e-2)
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), np.asarray(expected, np.float32), atol=2e-2, rtol=2e-2
+    )

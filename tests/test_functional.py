@@ -57,8 +57,9 @@ def test_single_head_attention_equals_reference(is_causal):
     want = ja.reference.dot_product_attention(q, k, v, is_causal=is_causal)[:, 0]
     got = F.single_head_attention(x, params, is_causal=is_causal)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(F.self_attention(x, params), F.single_head_attention(x, params),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        F.self_attention(x, params), F.single_head_attention(x, params), rtol=1e-6
+    )
 
 
 def test_two_causal_mask_ways_agree():

@@ -92,8 +92,10 @@ def book_classes():
         def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
             super().__init__()
             self.heads = nn.ModuleList(
-                [CausalAttention(d_in, d_out, context_length, dropout, qkv_bias)
-                 for _ in range(num_heads)]
+                [
+                    CausalAttention(d_in, d_out, context_length, dropout, qkv_bias)
+                    for _ in range(num_heads)
+                ]
             )
 
         def forward(self, x):
@@ -155,8 +157,12 @@ def constructor_args(name, qkv_bias):
 
 CASES = [("SelfAttentionV1", False)] + [
     (name, qkv_bias)
-    for name in ("SelfAttentionV2", "CausalAttention", "MultiHeadAttentionWrapper",
-                 "MultiHeadAttention")
+    for name in (
+        "SelfAttentionV2",
+        "CausalAttention",
+        "MultiHeadAttentionWrapper",
+        "MultiHeadAttention",
+    )
     for qkv_bias in (False, True)
 ]
 CASE_IDS = [f"{name}-bias{int(bias)}" for name, bias in CASES]
@@ -260,8 +266,7 @@ def numpy_state(module):
     """A state dict that fits ``module``, from its own layout."""
     rng = np.random.default_rng(0)
     layout = torch_layout(module)
-    return {t.torch_name: rng.normal(size=t.torch_shape).astype(np.float32)
-            for t in layout.tensors}
+    return {t.torch_name: rng.normal(size=t.torch_shape).astype(np.float32) for t in layout.tensors}
 
 
 ERROR_MODULES = [
@@ -394,11 +399,13 @@ def test_grouped_kv_heads_match_torch_both_ways(book, num_kv_heads, qkv_bias):
     if "num_kv_heads" not in {f.name for f in dataclasses.fields(ja.MultiHeadAttention)}:
         pytest.skip("MultiHeadAttention has no num_kv_heads option")
     num_heads, d_out = 4, 8
-    module = ja.MultiHeadAttention(D_IN, d_out, CONTEXT, DROPOUT, num_heads,
-                                   qkv_bias=qkv_bias, num_kv_heads=num_kv_heads)
+    module = ja.MultiHeadAttention(
+        D_IN, d_out, CONTEXT, DROPOUT, num_heads, qkv_bias=qkv_bias, num_kv_heads=num_kv_heads
+    )
     torch.manual_seed(num_kv_heads)
     torch_module = grouped_query_attention_class(torch)(
-        D_IN, d_out, CONTEXT, num_heads, num_kv_heads, qkv_bias)
+        D_IN, d_out, CONTEXT, num_heads, num_kv_heads, qkv_bias
+    )
     x = inputs(batched=True)
     params = params_from_torch(module, torch_module.state_dict())
     assert params["W_key"]["kernel"].shape == (D_IN, num_kv_heads * d_out // num_heads)
@@ -425,7 +432,7 @@ def test_self_attention_v1_init_is_uniform_0_1_like_torch_rand():
         assert w.min() < 0.01 and w.max() > 0.99  # the whole interval is used
         # uniform [0, 1): mean 1/2, std 1/sqrt(12); 16384 draws -> mean within ~0.01
         assert abs(w.mean() - 0.5) < 0.01
-        assert abs(w.std() - 12 ** -0.5) < 0.01
+        assert abs(w.std() - 12**-0.5) < 0.01
 
 
 @pytest.mark.parametrize("qkv_bias", [False, True])
@@ -436,7 +443,7 @@ def test_linear_init_is_uniform_within_torch_bound(qkv_bias):
     fan_ins = {"W_query": d_in, "W_key": d_in, "W_value": d_in, "out_proj": d_out}
     assert set(params) == set(fan_ins)
     for name, fan_in in fan_ins.items():
-        bound = fan_in ** -0.5
+        bound = fan_in**-0.5
         leaves = params[name]
         assert ("bias" in leaves) == (qkv_bias or name == "out_proj")
         for leaf_name, leaf in leaves.items():
@@ -455,13 +462,20 @@ def test_registered_layout_by_class_does_not_replace_the_linen_one(monkeypatch):
     class MultiHeadAttention:  # another family's class with the linen class's name
         d_in, d_out = D_IN, D_OUT
 
-    monkeypatch.setitem(interop._LAYOUTS, MultiHeadAttention,
-                        lambda m: TorchLayout((TorchTensor("w", ("w",), (m.d_in, m.d_out)),)))
+    monkeypatch.setitem(
+        interop._LAYOUTS,
+        MultiHeadAttention,
+        lambda m: TorchLayout((TorchTensor("w", ("w",), (m.d_in, m.d_out)),)),
+    )
     other = params_from_torch(MultiHeadAttention(), {"w": np.ones((D_IN, D_OUT), np.float32)})
     assert set(other) == {"w"}
     linen_module = ja.MultiHeadAttention(D_IN, D_OUT, CONTEXT, 0.0, HEADS)
     assert set(params_from_torch(linen_module, numpy_state(linen_module))) == {
-        "W_query", "W_key", "W_value", "out_proj"}
+        "W_query",
+        "W_key",
+        "W_value",
+        "out_proj",
+    }
 
 
 @pytest.mark.parametrize("name", sorted({name for name, _ in CASES}))

@@ -124,10 +124,10 @@ def test_mixed_prompt_lengths_match_each_sequence_alone():
     for b in range(B):
         T_b = lengths[b] + 3
         expected = reference.dot_product_attention(
-            q[b:b + 1, :T_b], k[b:b + 1, :T_b], v[b:b + 1, :T_b], is_causal=True
+            q[b : b + 1, :T_b], k[b : b + 1, :T_b], v[b : b + 1, :T_b], is_causal=True
         )[0]
-        np.testing.assert_allclose(prompt[b, :lengths[b]], expected[:lengths[b]], atol=1e-5)
-        np.testing.assert_allclose(steps[b], expected[lengths[b]:], atol=1e-5)
+        np.testing.assert_allclose(prompt[b, : lengths[b]], expected[: lengths[b]], atol=1e-5)
+        np.testing.assert_allclose(steps[b], expected[lengths[b] :], atol=1e-5)
 
 
 def test_positions_and_gqa_shapes():

@@ -12,8 +12,13 @@ from jax_attn import reference
 
 D_IN, D_OUT, CONTEXT, HEADS = 6, 4, 8, 2
 B, T = 2, 5
-NAMES = ["SelfAttentionV1", "SelfAttentionV2", "CausalAttention",
-         "MultiHeadAttentionWrapper", "MultiHeadAttention"]
+NAMES = [
+    "SelfAttentionV1",
+    "SelfAttentionV2",
+    "CausalAttention",
+    "MultiHeadAttentionWrapper",
+    "MultiHeadAttention",
+]
 DROPOUT_NAMES = ["CausalAttention", "MultiHeadAttentionWrapper", "MultiHeadAttention"]
 CLOSE = {"rtol": 1e-5, "atol": 1e-6}
 
@@ -67,8 +72,10 @@ def expected_output(name, params, x):
         heads = [single_head(x, params[f"heads_{i}"], is_causal=True) for i in range(HEADS)]
         return jnp.concatenate(heads, axis=-1)
     head_dim = D_OUT // HEADS
-    q, k, v = (project(x, params[n]).reshape(B, T, HEADS, head_dim)
-               for n in ("W_query", "W_key", "W_value"))
+    q, k, v = (
+        project(x, params[n]).reshape(B, T, HEADS, head_dim)
+        for n in ("W_query", "W_key", "W_value")
+    )
     context = reference.dot_product_attention(q, k, v, is_causal=True).reshape(B, T, D_OUT)
     return project(context, params["out_proj"])
 
@@ -135,8 +142,9 @@ def test_dropout_same_key_same_output_different_key_different(name):
     x = inputs()
 
     def train(seed):
-        return module.apply(variables, x, deterministic=False,
-                            rngs={"dropout": jax.random.key(seed)})
+        return module.apply(
+            variables, x, deterministic=False, rngs={"dropout": jax.random.key(seed)}
+        )
 
     evaluation = module.apply(variables, x, deterministic=True)
     np.testing.assert_array_equal(train(0), train(0))
@@ -152,11 +160,11 @@ def test_deterministic_ignores_the_rng(name):
     x = inputs()
     without_rng = module.apply(variables, x, deterministic=True)
     for seed in (0, 1):
-        with_rng = module.apply(variables, x, deterministic=True,
-                                rngs={"dropout": jax.random.key(seed)})
+        with_rng = module.apply(
+            variables, x, deterministic=True, rngs={"dropout": jax.random.key(seed)}
+        )
         np.testing.assert_array_equal(with_rng, without_rng)
-    np.testing.assert_allclose(without_rng, expected_output(name, variables["params"], x),
-                               **CLOSE)
+    np.testing.assert_allclose(without_rng, expected_output(name, variables["params"], x), **CLOSE)
 
 
 @pytest.mark.parametrize("name", DROPOUT_NAMES)
@@ -189,8 +197,11 @@ def test_dropout_without_a_mode_or_an_rng_is_a_clear_error(name):
     with pytest.raises(ValueError, match=r"dropout=0\.5.*rngs=\{'dropout': key\}"):
         module.apply(variables, inputs(), deterministic=False)
     # dropout=0.0 needs neither
-    np.testing.assert_allclose(make(name).apply(variables, inputs(), deterministic=False),
-                               expected_output(name, variables["params"], inputs()), **CLOSE)
+    np.testing.assert_allclose(
+        make(name).apply(variables, inputs(), deterministic=False),
+        expected_output(name, variables["params"], inputs()),
+        **CLOSE,
+    )
 
 
 @pytest.mark.slow
@@ -231,7 +242,7 @@ def test_no_future_leakage(name, deterministic):
     # [T_out, width, T_in, d_in]
     jacobian = np.asarray(jax.jit(jax.jacrev(forward))(inputs((T, D_IN))))
     for t in range(T):
-        assert np.all(jacobian[t, :, t + 1:, :] == 0.0), f"output {t} sees the future"
+        assert np.all(jacobian[t, :, t + 1 :, :] == 0.0), f"output {t} sees the future"
     # the past and present do flow in (with dropout, some of them may be dropped)
     if deterministic:
         for t in range(T):
@@ -286,8 +297,12 @@ def test_non_numeric_dropout_and_non_int_sizes_are_type_errors(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_non_positive_sizes_are_errors(name):
     with pytest.raises(ValueError, match="d_in must be > 0, got 0"):
-        getattr(ja, name)(0, D_OUT, *([CONTEXT, 0.0] if name in DROPOUT_NAMES else []),
-                          *([HEADS] if name in DROPOUT_NAMES[1:] else []))
+        getattr(ja, name)(
+            0,
+            D_OUT,
+            *([CONTEXT, 0.0] if name in DROPOUT_NAMES else []),
+            *([HEADS] if name in DROPOUT_NAMES[1:] else []),
+        )
 
 
 # --- parameters --------------------------------------------------------------------------
@@ -307,8 +322,7 @@ def test_gpt2_small_multi_head_attention_has_the_books_parameter_count():
 @pytest.mark.parametrize("qkv_bias", [False, True])
 def test_parameter_counts_follow_the_layers(qkv_bias):
     linear = D_IN * D_OUT + (D_OUT if qkv_bias else 0)
-    counts = {name: count_parameters(make(name, qkv_bias=qkv_bias), (1, D_IN))
-              for name in NAMES}
+    counts = {name: count_parameters(make(name, qkv_bias=qkv_bias), (1, D_IN)) for name in NAMES}
     assert counts["SelfAttentionV1"] == 3 * D_IN * D_OUT
     assert counts["SelfAttentionV2"] == counts["CausalAttention"] == 3 * linear
     assert counts["MultiHeadAttentionWrapper"] == HEADS * 3 * linear

@@ -84,12 +84,16 @@ def test_masked_logit_is_finite_and_vanishes_after_softmax(dtype):
 
 _EMPTY_ROW_WAYS = {
     # each way leaves batch 1, query row 0 (and more) with nothing to attend
-    "mask": lambda: dict(mask=jnp.asarray([True, False])[:, None, None, None]
-                         & jnp.asarray([False, True, True])[None, None, :, None]),
+    "mask": lambda: dict(
+        mask=jnp.asarray([True, False])[:, None, None, None]
+        & jnp.asarray([False, True, True])[None, None, :, None]
+    ),
     "kv_lengths=0": lambda: dict(key_value_seq_lengths=jnp.asarray([S, 0])),
     "q_lengths=0": lambda: dict(query_seq_lengths=jnp.asarray([T, 0])),
-    "bias=-inf": lambda: dict(bias=jnp.where(jnp.arange(B)[:, None, None, None] == 1,
-                                             -jnp.inf, 0.0) * jnp.ones((B, 1, T, S))),
+    "bias=-inf": lambda: dict(
+        bias=jnp.where(jnp.arange(B)[:, None, None, None] == 1, -jnp.inf, 0.0)
+        * jnp.ones((B, 1, T, S))
+    ),
     "causal T>S": lambda: dict(is_causal=True),
     "window T>S": lambda: dict(local_window_size=(0, 0)),
 }
@@ -98,7 +102,8 @@ _EMPTY_ROW_WAYS = {
 # float16 for every way (its range is where a -1e30-style mask overflows into NaN);
 # the other dtypes for a few ways (every dtype with a mask is also in test_attention.py).
 _EMPTY_ROW_CASES = [(way, jnp.float16) for way in sorted(_EMPTY_ROW_WAYS)] + [
-    ("bias=-inf", jnp.bfloat16), ("kv_lengths=0", jnp.float32),
+    ("bias=-inf", jnp.bfloat16),
+    ("kv_lengths=0", jnp.float32),
 ]
 
 
@@ -166,9 +171,7 @@ def test_gradients_exactly_zero_at_masked_positions_and_finite(implementation):
         pytest.skip(f"{implementation} does not serve this call")
 
     def loss(q, k, v, bias):
-        out = ja.dot_product_attention(
-            q, k, v, bias=bias, implementation=implementation, **kwargs
-        )
+        out = ja.dot_product_attention(q, k, v, bias=bias, implementation=implementation, **kwargs)
         return jnp.sum(out * jnp.cos(jnp.arange(H)))
 
     dq, dk, dv, dbias = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias)

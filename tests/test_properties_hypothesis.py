@@ -29,8 +29,12 @@ IMPLEMENTATIONS = fuzz.load_kernels()
 THOROUGH = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
 THOROUGH_EXAMPLES = int(os.environ.get("JAX_ATTN_THOROUGH_EXAMPLES", "2000"))
 QUICK_SHAPES = ((2, 3, 4, 2, 1, 4), (1, 4, 4, 2, 2, 8))  # (B, T, S, N, K, H)
-COMMON = dict(deadline=None, database=None, print_blob=True,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+COMMON = dict(
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 @st.composite
@@ -45,8 +49,11 @@ def attention_calls(draw, shapes, dtypes=fuzz.DTYPES):
     def normal(shape, scale=1.0):
         return jnp.asarray((scale * rng.standard_normal(shape)).astype(np.float32)).astype(dtype)
 
-    call = dict(query=normal((B, T, N, H), size), key=normal((B, S, K, H), size),
-                value=normal((B, S, K, H_v)))
+    call = dict(
+        query=normal((B, T, N, H), size),
+        key=normal((B, S, K, H), size),
+        value=normal((B, S, K, H_v)),
+    )
     mask_kind = draw(st.sampled_from(["none", "random", "empty row", "empty sequence"]))
     if mask_kind != "none":
         shape = draw(st.sampled_from([(B, N, T, S), (B, 1, T, S), (T, S), (1, N, 1, S)]))
@@ -70,10 +77,12 @@ def attention_calls(draw, shapes, dtypes=fuzz.DTYPES):
         call["scale"] = scale
     if draw(st.booleans()):
         call["query_seq_lengths"] = jnp.asarray(
-            draw(st.lists(st.integers(0, T), min_size=B, max_size=B)), jnp.int32)
+            draw(st.lists(st.integers(0, T), min_size=B, max_size=B)), jnp.int32
+        )
     if draw(st.booleans()):
         call["key_value_seq_lengths"] = jnp.asarray(
-            draw(st.lists(st.integers(0, S), min_size=B, max_size=B)), jnp.int32)
+            draw(st.lists(st.integers(0, S), min_size=B, max_size=B)), jnp.int32
+        )
     window = draw(st.sampled_from([None, 0, 1, (0, 2), (S, 0)]))
     if window is not None:
         call["local_window_size"] = window
@@ -118,8 +127,12 @@ def test_every_implementation_matches_float64_reference(call):
 def test_reference_in_float64_matches_itself_through_dispatch(call):
     # the same call in float64: the dispatcher picks an implementation that serves it
     with jax.enable_x64(True):
-        call = {name: jnp.asarray(np.asarray(x), jnp.float64)
-                if name in ("query", "key", "value") else x for name, x in call.items()}
+        call = {
+            name: jnp.asarray(np.asarray(x), jnp.float64)
+            if name in ("query", "key", "value")
+            else x
+            for name, x in call.items()
+        }
         args = {name: x for name, x in call.items() if name not in ("query", "key", "value")}
         out = attention.dot_product_attention(call["query"], call["key"], call["value"], **args)
         assert out.dtype == jnp.float64

@@ -41,7 +41,9 @@ def value_and_grads(attention):
 ORACLE = {
     is_causal: value_and_grads(
         lambda q, k, v, is_causal=is_causal: reference.dot_product_attention(
-            q, k, v, is_causal=is_causal))
+            q, k, v, is_causal=is_causal
+        )
+    )
     for is_causal in (False, True)
 }
 
@@ -51,8 +53,11 @@ ORACLE = {
 def test_ring_attention_matches_reference_forward_and_gradients(devices, is_causal):
     mesh = seq_mesh(devices)
     q, k, v, d_out = random_qkv(B=2, T=16, N=4, K=2, H=8, seed=devices)
-    ring = value_and_grads(lambda q, k, v: sharding.ring_attention(
-        q, k, v, mesh=mesh, axis_name="seq", is_causal=is_causal))
+    ring = value_and_grads(
+        lambda q, k, v: sharding.ring_attention(
+            q, k, v, mesh=mesh, axis_name="seq", is_causal=is_causal
+        )
+    )
     oracle = ORACLE[is_causal]
     names = ("out", "dq", "dk", "dv")
     for name, got, want in zip(names, ring(q, k, v, d_out), oracle(q, k, v, d_out), strict=True):
@@ -63,8 +68,9 @@ def test_ring_attention_matches_reference_forward_and_gradients(devices, is_caus
 def test_ring_attention_output_is_sequence_sharded():
     mesh = seq_mesh(4)
     q, k, v, _ = random_qkv(B=1, T=16, N=2, K=2, H=4)
-    out = jax.jit(lambda q, k, v: sharding.ring_attention(
-        q, k, v, mesh=mesh, axis_name="seq", is_causal=True))(q, k, v)
+    out = jax.jit(
+        lambda q, k, v: sharding.ring_attention(q, k, v, mesh=mesh, axis_name="seq", is_causal=True)
+    )(q, k, v)
     shard_shapes = {shard.data.shape for shard in out.addressable_shards}
     assert shard_shapes == {(1, 4, 2, 4)}
 
@@ -75,9 +81,18 @@ def test_ring_attention_inner_blocks_and_batch_axis():
     is_causal = True
     mesh = seq_mesh(4, data=2)
     q, k, v, d_out = random_qkv(B=2, T=32, N=2, K=1, H=4, seed=3)
-    ring = value_and_grads(lambda q, k, v: sharding.ring_attention(
-        q, k, v, mesh=mesh, axis_name="seq", is_causal=is_causal, block_size=2,
-        batch_axis_name="data"))
+    ring = value_and_grads(
+        lambda q, k, v: sharding.ring_attention(
+            q,
+            k,
+            v,
+            mesh=mesh,
+            axis_name="seq",
+            is_causal=is_causal,
+            block_size=2,
+            batch_axis_name="data",
+        )
+    )
     oracle = ORACLE[is_causal]
     for got, want in zip(ring(q, k, v, d_out), oracle(q, k, v, d_out), strict=True):
         assert jnp.allclose(got, want, rtol=1e-5, atol=2e-5), jnp.abs(got - want).max()
@@ -88,8 +103,9 @@ def test_ring_attention_cross_attention_lengths_in_blocks():
     mesh = seq_mesh(4)
     q, _, _, d_out = random_qkv(B=1, T=16, N=2, K=1, H=4, seed=5)
     _, k, v, _ = random_qkv(B=1, T=32, N=2, K=1, H=4, seed=6)
-    ring = value_and_grads(lambda q, k, v: sharding.ring_attention(
-        q, k, v, mesh=mesh, axis_name="seq", block_size=2))
+    ring = value_and_grads(
+        lambda q, k, v: sharding.ring_attention(q, k, v, mesh=mesh, axis_name="seq", block_size=2)
+    )
     oracle = ORACLE[False]
     for got, want in zip(ring(q, k, v, d_out), oracle(q, k, v, d_out), strict=True):
         assert jnp.allclose(got, want, rtol=1e-5, atol=2e-5), jnp.abs(got - want).max()
@@ -98,18 +114,24 @@ def test_ring_attention_cross_attention_lengths_in_blocks():
 def test_ring_attention_bfloat16_keeps_dtype():
     mesh = seq_mesh(2)
     q, k, v, _ = random_qkv(B=1, T=16, N=2, K=2, H=8, dtype=jnp.bfloat16)
-    out = jax.jit(lambda q, k, v: sharding.ring_attention(
-        q, k, v, mesh=mesh, axis_name="seq", is_causal=True))(q, k, v)
-    want = jax.jit(lambda q, k, v: reference.dot_product_attention(
-        q, k, v, is_causal=True))(q, k, v)
+    out = jax.jit(
+        lambda q, k, v: sharding.ring_attention(q, k, v, mesh=mesh, axis_name="seq", is_causal=True)
+    )(q, k, v)
+    want = jax.jit(lambda q, k, v: reference.dot_product_attention(q, k, v, is_causal=True))(
+        q, k, v
+    )
     assert out.dtype == jnp.bfloat16
     assert jnp.allclose(out.astype(jnp.float32), want.astype(jnp.float32), atol=2e-2)
 
 
 def per_device_bytes(compiled) -> int:
     stats = compiled.memory_analysis()
-    return (stats.argument_size_in_bytes + stats.output_size_in_bytes
-            + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+    return (
+        stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        + stats.temp_size_in_bytes
+        - stats.alias_size_in_bytes
+    )
 
 
 def test_ring_attention_per_device_memory_falls_with_devices():
@@ -117,9 +139,15 @@ def test_ring_attention_per_device_memory_falls_with_devices():
     footprints = []
     for devices in (1, 2, 4, 8):
         mesh = seq_mesh(devices)
-        compiled = jax.jit(lambda q, k, v, mesh=mesh: sharding.ring_attention(
-            q, k, v, mesh=mesh, axis_name="seq", is_causal=True)).lower(
-            shape, shape, shape).compile()
+        compiled = (
+            jax.jit(
+                lambda q, k, v, mesh=mesh: sharding.ring_attention(
+                    q, k, v, mesh=mesh, axis_name="seq", is_causal=True
+                )
+            )
+            .lower(shape, shape, shape)
+            .compile()
+        )
         footprints.append(per_device_bytes(compiled))
         hlo = compiled.as_text()
         assert "all-gather" not in hlo and "all-to-all" not in hlo, "sequence was gathered"
@@ -145,8 +173,9 @@ def test_ring_attention_rejects_bad_arguments(kwargs, T, match):
         sharding.ring_attention(q, q, q, mesh=mesh, **kwargs)
 
 
-@pytest.mark.parametrize("keys, want", [(16, 16), (1024, 512), (1536, 512), (3000, 500),
-                                        (1031, 1031)])
+@pytest.mark.parametrize(
+    "keys, want", [(16, 16), (1024, 512), (1536, 512), (3000, 500), (1031, 1031)]
+)
 def test_default_block_size_divides_the_chunk(keys, want):
     assert sharding.default_block_size(keys) == want
 

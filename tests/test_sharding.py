@@ -141,8 +141,10 @@ def test_shard_params_needs_width_divisible_by_model_axis():
 
 @pytest.mark.parametrize(
     "spec, want",
-    [("data=2,model=4", {"data": 2, "model": 4, "seq": 1}),
-     ("seq=8", {"data": 1, "model": 1, "seq": 8})],
+    [
+        ("data=2,model=4", {"data": 2, "model": 4, "seq": 1}),
+        ("seq=8", {"data": 1, "model": 1, "seq": 8}),
+    ],
 )
 def test_bench_mesh_parses_mesh_specs(spec, want):
     from jax_attn import bench_mesh
@@ -164,8 +166,20 @@ def test_bench_mesh_ring_reports_memory_falling_with_devices(tmp_path):
     from jax_attn import bench_mesh
 
     out = tmp_path / "mesh.json"
-    argv = ["--mesh", "seq=2", "--seq-len", "64", "--heads", "2", "--head-dim", "8",
-            "--repeats", "1", "--out", str(out)]
+    argv = [
+        "--mesh",
+        "seq=2",
+        "--seq-len",
+        "64",
+        "--heads",
+        "2",
+        "--head-dim",
+        "8",
+        "--repeats",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert bench_mesh.main(argv) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [row["mesh"] for row in rows] == ["1", "1", "seq=2"]

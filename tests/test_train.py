@@ -83,7 +83,7 @@ def _greedy_by_recomputing(config, params, prompts, lengths, num_new, forced=Non
     model = tr.build_decoder(config)
     forward = jax.jit(lambda tokens: model.apply({"params": params}, tokens))
     buffer = np.zeros((prompts.shape[0], config.task.sequence_length), np.int32)
-    buffer[:, :prompts.shape[1]] = prompts
+    buffer[:, : prompts.shape[1]] = prompts
     lengths = np.asarray(lengths)
     rows = np.arange(len(lengths))
     new = []
@@ -126,8 +126,9 @@ def test_sampling_reproducible_with_key_and_respects_top_k(tiny_config, trained)
     decoder = tr.build_decoder(tiny_config, decode=True)
 
     def sample(seed):
-        return tr.generate(decoder, params, PROMPTS, 3, jax.random.key(seed),
-                           temperature=2.0, top_k=2)
+        return tr.generate(
+            decoder, params, PROMPTS, 3, jax.random.key(seed), temperature=2.0, top_k=2
+        )
 
     np.testing.assert_array_equal(sample(1), sample(1))
     logits = jnp.array([[0.0, 5.0, 4.0, -1.0, 3.0]] * 256)
@@ -149,11 +150,11 @@ def test_batches_have_their_answers_in_place(task, length):
     assert tokens.shape == targets.shape == (5, config.sequence_length)
     assert (tokens[:, config.prompt_length - 1] == config.separator).all()
     if task == "copy":
-        np.testing.assert_array_equal(tokens[:, :length], tokens[:, length + 1:])
+        np.testing.assert_array_equal(tokens[:, :length], tokens[:, length + 1 :])
         assert targets[0].sum() == length
     else:
-        pairs = tokens[:, :2 * length].reshape(5, length, 2)
-        queries = tokens[:, config.prompt_length:].reshape(5, length, 2)
+        pairs = tokens[:, : 2 * length].reshape(5, length, 2)
+        queries = tokens[:, config.prompt_length :].reshape(5, length, 2)
         for b in range(5):
             assert dict(queries[b].tolist()) == dict(pairs[b].tolist())
         np.testing.assert_array_equal(np.flatnonzero(targets[0]), [6, 8])

@@ -31,8 +31,18 @@ CASES = [
 def test_catalogue_covers_every_argument():
     arguments = {mistake.argument for mistake in fuzz.MISTAKES}
     assert arguments == {
-        "query", "key", "value", "mask", "bias", "is_causal", "scale", "query_seq_lengths",
-        "key_value_seq_lengths", "local_window_size", "dropout_rate", "dropout_rng",
+        "query",
+        "key",
+        "value",
+        "mask",
+        "bias",
+        "is_causal",
+        "scale",
+        "query_seq_lengths",
+        "key_value_seq_lengths",
+        "local_window_size",
+        "dropout_rate",
+        "dropout_rng",
         "implementation",
     }
 
@@ -48,8 +58,7 @@ def test_mistake_raises_clear_error(mistake, entry):
     "entry, argument, description, expected, make",
     [pytest.param(*case, id=f"{case[0]}-{case[2]}") for case in fuzz.module_mistakes()],
 )
-def test_mask_and_module_mistakes_raise_clear_errors(entry, argument, description, expected,
-                                                    make):
+def test_mask_and_module_mistakes_raise_clear_errors(entry, argument, description, expected, make):
     with pytest.raises(expected) as info:
         make()
     assert argument in str(info.value)
@@ -69,8 +78,11 @@ def test_mistakes_inside_jit_raise_the_same_errors():
     with pytest.raises(ValueError, match="mask"):
         jax.jit(lambda q, m: ja.dot_product_attention(q, k, v, mask=m))(q, jnp.ones((3, 5), bool))
     with pytest.raises(TypeError, match="dropout_rate"):
-        jax.grad(lambda p: ja.dot_product_attention(
-            q, k, v, dropout_rate=p, dropout_rng=jax.random.key(0)).sum())(0.1)
+        jax.grad(
+            lambda p: ja.dot_product_attention(
+                q, k, v, dropout_rate=p, dropout_rng=jax.random.key(0)
+            ).sum()
+        )(0.1)
 
 
 def test_traced_lengths_pass_validation_under_jit():
@@ -88,8 +100,13 @@ def test_concrete_scalar_arrays_are_accepted_like_python_numbers():
         q, k, v, scale=0.5, is_causal=True, dropout_rate=0.25, dropout_rng=rng
     )
     got = ja.reference.dot_product_attention(
-        q, k, v, scale=jnp.float32(0.5), is_causal=np.bool_(True),
-        dropout_rate=np.float32(0.25), dropout_rng=rng,
+        q,
+        k,
+        v,
+        scale=jnp.float32(0.5),
+        is_causal=np.bool_(True),
+        dropout_rate=np.float32(0.25),
+        dropout_rng=rng,
     )
     np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
 
@@ -99,7 +116,15 @@ def test_check_attention_args_summary_is_compatible():
     call = check_attention_args(q, k, v, is_causal=True, local_window_size=2)
     assert isinstance(call, AttentionCall)
     assert (call.B, call.T, call.S, call.N, call.K, call.H, call.H_v, call.G) == (
-        2, 4, 5, 4, 2, 8, 8, 2)
+        2,
+        4,
+        5,
+        4,
+        2,
+        8,
+        8,
+        2,
+    )
     assert call.window == (2, 2) and call.is_causal and call.batched
     assert call.scale == pytest.approx(8**-0.5)
     weights_only = check_attention_args(q, k)  # no value: an attention-weights call
@@ -130,14 +155,22 @@ def test_fuzz_reports_a_wrong_implementation():
     from jax_attn import attention
 
     wrong = attention.Implementation(
-        name="off_by_one", fn=lambda q, k, v, **kwargs: (q[..., :1] * 0 + 1).astype(q.dtype)
-        * jnp.ones(v.shape[-1], q.dtype),
+        name="off_by_one",
+        fn=lambda q, k, v, **kwargs: (
+            (q[..., :1] * 0 + 1).astype(q.dtype) * jnp.ones(v.shape[-1], q.dtype)
+        ),
         unsupported=lambda call, platform: None,
     )
     attention.register_implementation(wrong)
     try:
-        report = fuzz.run_fuzz(3, seed=0, bad_fraction=0.0, implementations=["off_by_one"],
-                               shapes=[SMALL], dtypes=["float32"])
+        report = fuzz.run_fuzz(
+            3,
+            seed=0,
+            bad_fraction=0.0,
+            implementations=["off_by_one"],
+            shapes=[SMALL],
+            dtypes=["float32"],
+        )
     finally:
         attention._REGISTRY.pop("off_by_one")
     assert not report.ok and report.disagreed == 3
