@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from jax_attn import chunked, reference
 from jax_attn.masks import build_attention_mask
-from jax_attn.validation import AttentionCall, check_attention_args
+from jax_attn.validation import AttentionCall, batched_inputs, check_attention_args
 
 if TYPE_CHECKING:  # shape annotations only; see jax_attn.typing
     from jax_attn.typing import Array, Float, Keys, Lengths, Mask, Outputs, PRNGKey, Queries, Values
@@ -202,9 +202,7 @@ def dot_product_attention(
         reason = unsupported_reason(name, call, platform)
         if reason is not None:
             raise ValueError(f"implementation={name!r} cannot serve this call: {reason}")
-    q, k, v = (jnp.asarray(x) for x in (query, key, value))
-    if not call.batched:
-        q, k, v = q[None], k[None], v[None]
+    q, k, v = batched_inputs(call, query, key, value)
     out = _REGISTRY[name].fn(
         q,
         k,
@@ -222,29 +220,10 @@ def dot_product_attention(
 # --- "reference": the oracle ------------------------------------------------------------
 
 
-def _reference_fn(
-    q, k, v, *, call, mask, bias, query_seq_lengths, key_value_seq_lengths, dropout_rng
-):
-    return reference.dot_product_attention(
-        q,
-        k,
-        v,
-        mask=mask,
-        bias=bias,
-        is_causal=call.is_causal,
-        scale=call.scale,
-        query_seq_lengths=query_seq_lengths,
-        key_value_seq_lengths=key_value_seq_lengths,
-        local_window_size=call.window,
-        dropout_rate=call.dropout_rate,
-        dropout_rng=dropout_rng,
-    )
-
-
 register_implementation(
     Implementation(
         name="reference",
-        fn=_reference_fn,
+        fn=reference.reference_attention,
         unsupported=lambda call, platform: None,
         description="einsum -> mask -> softmax -> einsum; materialises [B, N, T, S]",
     )
@@ -435,14 +414,10 @@ def _chunked_unsupported(call: AttentionCall, platform: str) -> str | None:
     return None
 
 
-def _chunked_fn(q, k, v, **kwargs):
-    return chunked.chunked_attention(q, k, v, **kwargs)
-
-
 register_implementation(
     Implementation(
         name="chunked",
-        fn=_chunked_fn,
+        fn=chunked.chunked_attention,
         unsupported=_chunked_unsupported,
         description="online softmax over query/key chunks, skips empty blocks, O(T) memory",
     )

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_attn.masks import make_dropout_mask
-from jax_attn.validation import AttentionCall, check_attention_args
+from jax_attn.validation import AttentionCall, batched_inputs, check_attention_args
 
 __all__ = [
     "PartialAttention",
@@ -525,9 +525,7 @@ def dot_product_attention(
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,
     )
-    q, k, v = (jnp.asarray(x) for x in (query, key, value))
-    if not call.batched:
-        q, k, v = q[None], k[None], v[None]
+    q, k, v = batched_inputs(call, query, key, value)
     out = chunked_attention(
         q,
         k,

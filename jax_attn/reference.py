@@ -20,12 +20,12 @@ import jax
 import jax.numpy as jnp
 
 from jax_attn.masks import build_attention_mask, make_dropout_mask
-from jax_attn.validation import check_attention_args
+from jax_attn.validation import AttentionCall, batched_inputs, check_attention_args
 
 if TYPE_CHECKING:  # shape annotations only; see jax_attn.typing
     from jax_attn.typing import Array, Float, Keys, Lengths, Mask, Outputs, PRNGKey, Queries, Values
 
-__all__ = ["dot_product_attention"]
+__all__ = ["dot_product_attention", "reference_attention"]
 
 
 def dot_product_attention(
@@ -74,9 +74,36 @@ def dot_product_attention(
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,
     )
-    q, k, v = (jnp.asarray(x) for x in (query, key, value))
-    if not call.batched:
-        q, k, v = q[None], k[None], v[None]
+    q, k, v = batched_inputs(call, query, key, value)
+    out = reference_attention(
+        q,
+        k,
+        v,
+        call=call,
+        mask=mask,
+        bias=bias,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        dropout_rng=dropout_rng,
+    )
+    return out if call.batched else out[0]
+
+
+def reference_attention(
+    q,
+    k,
+    v,
+    *,
+    call: AttentionCall,
+    mask=None,
+    bias=None,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    dropout_rng=None,
+):
+    """The oracle on batched q ``[B, T, N, H]``, k, v ``[B, S, K, H(_v)]`` for an
+    already validated ``call`` (what :func:`jax_attn.attention.dot_product_attention`
+    dispatches to; it does not check its arguments again)."""
     B, T, N, H, S, K, G = call.B, call.T, call.N, call.H, call.S, call.K, call.G
     compute = jnp.promote_types(q.dtype, jnp.float32)
     q, k, v = q.astype(compute), k.astype(compute), v.astype(compute)
@@ -105,5 +132,4 @@ def dot_product_attention(
 
     # [B, T, K, G, H_v]
     out = jnp.einsum("BKGTS,BSKH->BTKGH", weights.reshape(B, K, G, T, S), v)
-    out = out.reshape(B, T, N, call.H_v).astype(call.dtype)
-    return out if call.batched else out[0]
+    return out.reshape(B, T, N, call.H_v).astype(call.dtype)

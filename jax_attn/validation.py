@@ -16,6 +16,7 @@ import numpy as np
 from jax_attn.masks import normalize_window
 
 __all__ = [
+    "batched_inputs",
     "AttentionCall",
     "as_batch",
     "check_array",
@@ -296,6 +297,14 @@ def check_attention_args(
 
 
 # --- module hyper-parameters and inputs (flax modules) ----------------------------------
+
+
+def batched_inputs(call: AttentionCall, query, key, value):
+    """q, k, v as arrays with a leading batch axis (added when ``call`` is unbatched)."""
+    q, k, v = (jnp.asarray(x) for x in (query, key, value))
+    if not call.batched:
+        q, k, v = q[None], k[None], v[None]
+    return q, k, v
 
 
 def check_positive_int(owner: str, name: str, value) -> None:
