@@ -33,13 +33,13 @@ if ! python -c "import jax, sys; sys.exit(jax.default_backend() != 'gpu')"; then
 fi
 
 echo "== jax-attn check =="
-timeout 140 python -m jax_attn.cli check --no-progress --json "$OUT/check-gpu-$stamp.json" \
+timeout 140 python -m jax_attn.apps.cli check --no-progress --json "$OUT/check-gpu-$stamp.json" \
   2>&1 | tee "$OUT/check-gpu-$stamp.txt"
 rc=${PIPESTATUS[0]}
 [ "$rc" -ne 0 ] && { echo "gpu.sh: check exited $rc"; status=1; }
 
 echo "== jax-attn bench =="
-timeout 140 python -m jax_attn.cli bench --config configs/bench-gpu.toml --output-dir "$OUT" \
+timeout 140 python -m jax_attn.apps.cli bench --config configs/bench-gpu.toml --output-dir "$OUT" \
   --no-progress --note "benchmarks/gpu.sh $stamp" 2>&1 | tee "$OUT/bench-gpu-$stamp.txt"
 rc=${PIPESTATUS[0]}
 [ "$rc" -ne 0 ] && { echo "gpu.sh: bench exited $rc"; status=1; }

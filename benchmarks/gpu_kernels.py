@@ -100,15 +100,18 @@ def main():
         q, k, v = (jax.random.normal(kk, (B, T, N, H), dt) for kk in keys)
         ref = None
         if not grad and T <= 4096:
-            ref = jax.jit(
-                lambda q, k, v: ja.reference.dot_product_attention(q, k, v, is_causal=causal)
-            )(q, k, v)
+            ref = jax.jit(functools.partial(ja.reference.dot_product_attention, is_causal=causal))(
+                q, k, v
+            )
         rows = []
         for cname, fn in contestants(causal).items():
             row = {"contestant": cname}
             try:
                 if grad:
-                    loss = lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32) ** 2)
+
+                    def loss(q, k, v, fn=fn):
+                        return jnp.sum(fn(q, k, v).astype(jnp.float32) ** 2)
+
                     run = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
                 else:
                     run = jax.jit(fn)
@@ -130,8 +133,17 @@ def main():
             print(name, row, flush=True)
             rows.append(row)
         record["cases"].append(
-            {"name": name, "B": B, "T": T, "N": N, "H": H, "dtype": dtype, "causal": causal,
-             "grad": grad, "rows": rows}
+            {
+                "name": name,
+                "B": B,
+                "T": T,
+                "N": N,
+                "H": H,
+                "dtype": dtype,
+                "causal": causal,
+                "grad": grad,
+                "rows": rows,
+            }
         )
         with open(os.path.join(out_dir, f"gpu-kernels-{stamp}.json"), "w") as f:
             json.dump(record, f, indent=1)

@@ -7,9 +7,9 @@
 """
 
 from jax_attn import functional, masks, reference
-from jax_attn.attention import available_implementations, dot_product_attention
+from jax_attn.dispatch import available_implementations, dot_product_attention
 from jax_attn.functional import dot_product_attention_weights
-from jax_attn.linen import (
+from jax_attn.linen_modules import (
     CausalAttention,
     MultiHeadAttention,
     MultiHeadAttentionWrapper,
@@ -45,24 +45,19 @@ __all__ = [
 
 
 def __getattr__(name):
-    # Heavier layers load on first use: ja.interop, ja.sharding, ja.kv_cache, ja.nnx, ...
+    # Heavier layers load on first use: ja.interop, ja.sharding, ja.kv_cache, ja.nnx_modules, ...
     import importlib
 
     if name in {
         "interop",
         "sharding",
         "kv_cache",
-        "nnx",
-        "chunked",
-        "plots",
-        "config",
-        "train",
-        "bench",
-        "check",
-        "cli",
+        "nnx_modules",
+        "kernels",
         "validation",
-        "attention",
-        "linen",
+        "dispatch",
+        "linen_modules",
+        "shapes",
     }:
         return importlib.import_module(f"jax_attn.{name}")
     raise AttributeError(f"module 'jax_attn' has no attribute {name!r}")

@@ -1,3 +1,3 @@
-from jax_attn.cli import main
+from jax_attn.apps.cli import main
 
 raise SystemExit(main())

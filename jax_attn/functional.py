@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from jax_attn.masks import build_attention_mask, make_causal_mask, make_dropout_mask
 from jax_attn.validation import check_attention_args
 
-if TYPE_CHECKING:  # shape annotations only; see jax_attn.typing
-    from jax_attn.typing import Array, Bool, Float, Keys, Mask, PRNGKey, Queries, Weights
+if TYPE_CHECKING:  # shape annotations only; see jax_attn.shapes
+    from jax_attn.shapes import Array, Bool, Float, Keys, Mask, PRNGKey, Queries, Weights
 
 __all__ = [
     # 3.3.1

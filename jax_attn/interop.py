@@ -1,4 +1,4 @@
-"""The book's PyTorch ``state_dict`` <-> Flax params of :mod:`jax_attn.linen`.
+"""The book's PyTorch ``state_dict`` <-> Flax params of :mod:`jax_attn.linen_modules`.
 
 >>> import numpy as np, jax_attn as ja
 >>> from jax_attn.interop import params_from_torch, params_to_torch
@@ -22,8 +22,8 @@ Arrays come out as numpy arrays (dtype kept; torch bfloat16 becomes numpy bfloat
 follow from the module's hyper-parameters, so a checkpoint that does not fit the module
 is a ``ValueError`` naming every missing, unexpected or misshapen key with both shapes.
 
-The :mod:`jax_attn.nnx` modules work through their ``linen_module()`` (params in the
-Linen layout: :func:`jax_attn.nnx.nnx_from_linen_params` loads them). Another module
+The :mod:`jax_attn.nnx_modules` modules work through their ``linen_module()`` (params in the
+Linen layout: :func:`jax_attn.nnx_modules.nnx_from_linen_params` loads them). Another module
 family plugs in with :func:`register_layout`: a function from a module to its
 :class:`TorchLayout`.
 """
@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from jax_attn import linen
+from jax_attn import linen_modules as linen
 
 __all__ = [
     "TorchLayout",
@@ -89,7 +89,7 @@ def torch_layout(module) -> TorchLayout:
     """The PyTorch tensors ``module``'s parameters map to, shapes from its hyper-parameters.
 
     Looked up through the module's MRO (registered class, then registered class name); a
-    module with a ``linen_module()`` method (the :mod:`jax_attn.nnx` classes) uses the
+    module with a ``linen_module()`` method (the :mod:`jax_attn.nnx_modules` classes) uses the
     layout of its Linen equivalent.
     """
     for cls in type(module).__mro__:

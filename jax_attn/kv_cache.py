@@ -22,7 +22,7 @@ Overflow is an error, never a silent overwrite. Writing a block of ``T`` tokens
   ("Cannot abstractly evaluate a checkify.check which was not functionalized"), so the
   check cannot be skipped by accident.
 
-Everything here is module-free: Flax linen (:class:`jax_attn.linen.MultiHeadAttention`
+Everything here is module-free: Flax linen (:class:`jax_attn.linen_modules.MultiHeadAttention`
 with ``decode=True``) and NNX modules keep the three arrays as variables and call these
 functions.
 """
@@ -38,7 +38,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import checkify
 
-from jax_attn.attention import dot_product_attention
+from jax_attn.dispatch import dot_product_attention
 
 __all__ = [
     "KVCache",

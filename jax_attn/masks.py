@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-if TYPE_CHECKING:  # shape annotations only; see jax_attn.typing
-    from jax_attn.typing import Array, Bool, Lengths, Mask, PRNGKey
+if TYPE_CHECKING:  # shape annotations only; see jax_attn.shapes
+    from jax_attn.shapes import Array, Bool, Lengths, Mask, PRNGKey
 
 __all__ = [
     "make_causal_mask",

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 from jax_attn.masks import build_attention_mask, make_dropout_mask
 from jax_attn.validation import AttentionCall, batched_inputs, check_attention_args
 
-if TYPE_CHECKING:  # shape annotations only; see jax_attn.typing
-    from jax_attn.typing import Array, Float, Keys, Lengths, Mask, Outputs, PRNGKey, Queries, Values
+if TYPE_CHECKING:  # shape annotations only; see jax_attn.shapes
+    from jax_attn.shapes import Array, Float, Keys, Lengths, Mask, Outputs, PRNGKey, Queries, Values
 
 __all__ = ["dot_product_attention", "reference_attention"]
 
@@ -102,7 +102,7 @@ def reference_attention(
     dropout_rng=None,
 ):
     """The oracle on batched q ``[B, T, N, H]``, k, v ``[B, S, K, H(_v)]`` for an
-    already validated ``call`` (what :func:`jax_attn.attention.dot_product_attention`
+    already validated ``call`` (what :func:`jax_attn.dispatch.dot_product_attention`
     dispatches to; it does not check its arguments again)."""
     B, T, N, H, S, K, G = call.B, call.T, call.N, call.H, call.S, call.K, call.G
     compute = jnp.promote_types(q.dtype, jnp.float32)

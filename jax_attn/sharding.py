@@ -9,7 +9,7 @@ sequence-parallel ring attention.
   batch-parallel over ``"data"``. ``jax.jit``'s SPMD partitioner does the rest.
 * :func:`ring_attention` shards q, k and v along the sequence with ``shard_map``; the
   key/value blocks travel round the ring with ``jax.lax.ppermute`` and each device
-  combines partial results with the online softmax of :mod:`jax_attn.chunked`. Causal
+  combines partial results with the online softmax of :mod:`jax_attn.kernels.chunked`. Causal
   attention uses the zig-zag layout (device ``i`` holds sequence chunks ``i`` and
   ``2P - 1 - i`` of ``2P``) so every device does the same work and blocks entirely in
   the future are skipped. Gradients come from a custom VJP that runs a second ring
@@ -31,7 +31,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_attn.chunked import (
+from jax_attn.kernels.chunked import (
     PartialAttention,
     attend_block,
     combine_partials,

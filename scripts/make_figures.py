@@ -3,7 +3,7 @@
     python scripts/make_figures.py               # everything (trains the copy model once)
     python scripts/make_figures.py --no-trained  # only the sentence figures (= jax-attn plot --all)
 
-The sentence figures come from :func:`jax_attn.plots.sentence_figures` on the book's
+The sentence figures come from :func:`jax_attn.apps.plots.sentence_figures` on the book's
 sentence (fixed seeds). ``trained_copy_layer_0.png`` shows the heads of the decoder that
 ``jax-attn train --config configs/copy.toml`` trains; the checkpoint is kept in
 ``runs/copy/`` (git-ignored) and trained first when it is missing (about 1.5 minutes on
@@ -16,14 +16,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
-from jax_attn import plots  # noqa: E402
+from jax_attn.apps import plots  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
     code = plots.main(["--all"])
     if code or "--no-trained" in argv:
         return code
-    from jax_attn import train
+    from jax_attn.apps import train
 
     config = ROOT / "configs" / "copy.toml"
     run_dir = ROOT / "runs" / "copy"

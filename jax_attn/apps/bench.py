@@ -1,0 +1,891 @@
+"""``jax-attn bench``: this library and its peers side by side, in one process, same inputs.
+
+Contestants, per case kind:
+
+* ``attention`` (q, k, v ``[B, T, N, H]``): ``jax_attn`` with the default dispatch and with
+  each implementation named, ``jax.nn.dot_product_attention`` (xla; cudnn on NVIDIA GPUs)
+  and PyTorch ``scaled_dot_product_attention`` when torch is installed;
+* ``module`` (x ``[B, T, D]``, projections included): ``jax_attn.MultiHeadAttention`` vs
+  flax.linen ``MultiHeadDotProductAttention`` and a PyTorch module around SDPA;
+* ``memory``: a fresh subprocess runs one long-context call and reports its peak RSS
+  (CPU) or the device's peak bytes in use (GPU).
+
+Times are medians after warm-up, the contestants of a case timed in turn, round after
+round (so that load from other processes falls on all alike); compile time is apart.
+Writes JSON (and a PNG of time against sequence length) under ``benchmarks/results/``
+with the device named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["BenchCase", "BenchConfig", "MemoryCase", "SweepConfig", "load_bench_config", "main"]
+
+
+# --- configuration --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchCase:
+    """One timed shape. ``kind`` is ``"attention"`` or ``"module"``; ``kv_len`` defaults to
+    ``seq_len``; ``contestants`` empty means every one available for the kind."""
+
+    name: str
+    kind: str
+    batch: int
+    seq_len: int
+    num_heads: int
+    head_dim: int
+    num_kv_heads: int | None = None
+    kv_len: int | None = None
+    dtype: str = "float32"
+    causal: bool = True
+    grad: bool = False
+    contestants: tuple[str, ...] = ()
+    repeats: int | None = None
+
+    def __post_init__(self):
+        if self.kind not in ("attention", "module"):
+            raise ValueError(
+                f"case {self.name!r}: kind must be 'attention' or 'module', got {self.kind!r}"
+            )
+        if self.kind == "module" and (self.kv_len or self.num_kv_heads):
+            raise ValueError(f"case {self.name!r}: a module case has no kv_len/num_kv_heads")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """Attention forward timed at several sequence lengths (the PNG plot)."""
+
+    batch: int
+    num_heads: int
+    head_dim: int
+    seq_lens: tuple[int, ...]
+    dtype: str = "float32"
+    causal: bool = True
+    contestants: tuple[str, ...] = ()
+    repeats: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryCase:
+    """A long-context call run in a fresh subprocess; its peak memory must stay under
+    ``limit_mib``."""
+
+    name: str
+    seq_len: int
+    num_heads: int
+    head_dim: int
+    limit_mib: int
+    batch: int = 1
+    grad: bool = False
+    implementation: str = "chunked"
+    dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    name: str
+    warmup: int = 2
+    repeats: int = 5
+    output_dir: str = "benchmarks/results"
+    torch: bool = True
+    memory_timeout_s: int = 900
+    cases: tuple[BenchCase, ...] = ()
+    sweep: SweepConfig | None = None
+    memory: tuple[MemoryCase, ...] = ()
+
+
+def load_bench_config(path) -> BenchConfig:
+    from jax_attn.apps.config import load_dataclass
+
+    return load_dataclass(path, BenchConfig)
+
+
+# --- device and peers -----------------------------------------------------------------------
+
+
+def device_info() -> dict:
+    device = jax.devices()[0]
+    info = {
+        "platform": jax.default_backend(),
+        "device": str(getattr(device, "device_kind", device.platform)),
+        "device_count": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "cpu": _cpu_model(),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        import flax
+
+        info["flax"] = flax.__version__
+    except ImportError:
+        pass
+    torch = _torch()
+    if torch is not None:
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        match = re.search(r"model name\s*:\s*(.+)", text)
+        if match:
+            return match.group(1).strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+_TORCH = "unset"
+
+
+def _torch():
+    """torch, with as many threads as this process' CPUs, or None when not installed."""
+    global _TORCH
+    if _TORCH == "unset":
+        try:
+            import torch
+
+            torch.set_num_threads(
+                len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            )
+            _TORCH = torch
+        except ImportError:
+            _TORCH = None
+    return _TORCH
+
+
+def _torch_device():
+    """ "cuda" when jax runs on a GPU and torch sees one, "cpu" when both are on CPU, else
+    None (no fair comparison)."""
+    torch = _torch()
+    if torch is None:
+        return None
+    if jax.default_backend() == "gpu":
+        return "cuda" if torch.cuda.is_available() else None
+    return "cpu" if jax.default_backend() == "cpu" else None
+
+
+# --- contestants ----------------------------------------------------------------------------
+# Each builder returns (kind, fn, args): kind "jax" (fn is jitted here) or "torch".
+
+
+def _attention_inputs(case: BenchCase, seed=0):
+    K = case.num_kv_heads or case.num_heads
+    S = case.kv_len or case.seq_len
+    keys = jax.random.split(jax.random.key(seed), 3)
+    dtype = jnp.dtype(case.dtype)
+    q = jax.random.normal(keys[0], (case.batch, case.seq_len, case.num_heads, case.head_dim), dtype)
+    k = jax.random.normal(keys[1], (case.batch, S, K, case.head_dim), dtype)
+    v = jax.random.normal(keys[2], (case.batch, S, K, case.head_dim), dtype)
+    return q, k, v
+
+
+def _with_grad(fn):
+    """Forward and the gradient of the sum w.r.t. every input."""
+
+    def loss(*args):
+        return jnp.sum(fn(*args).astype(jnp.float32))
+
+    return jax.value_and_grad(loss, argnums=tuple(range(3)))
+
+
+def attention_contestants(case: BenchCase) -> dict:
+    """name -> zero-argument builder of ("jax" | "torch", fn, args)."""
+    import jax_attn as ja
+    from jax_attn import dispatch
+
+    contestants = {}
+    causal = case.causal
+
+    def ours(implementation):
+        def build():
+            q, k, v = _attention_inputs(case)
+            fn = lambda q, k, v: ja.dot_product_attention(  # noqa: E731
+                q, k, v, is_causal=causal, implementation=implementation
+            )
+            return "jax", _with_grad(fn) if case.grad else fn, (q, k, v)
+
+        return build
+
+    def jax_nn(implementation):
+        def build():
+            q, k, v = _attention_inputs(case)
+            fn = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
+                q, k, v, is_causal=causal, implementation=implementation
+            )
+            return "jax", _with_grad(fn) if case.grad else fn, (q, k, v)
+
+        return build
+
+    contestants["jax_attn (default)"] = ours(None)
+    for name in dispatch.available_implementations():
+        if name != "reference":
+            contestants[f"jax_attn {name}"] = ours(name)
+    same_length = (case.kv_len or case.seq_len) == case.seq_len
+    if same_length or not causal:  # jax.nn aligns causal masks top-left
+        contestants["jax.nn xla"] = jax_nn("xla")
+        if "cudnn" in dispatch.available_implementations():
+            contestants["jax.nn cudnn"] = jax_nn("cudnn")
+    device = _torch_device()
+    if device is not None and (same_length or not causal):
+        contestants["torch sdpa"] = lambda: _torch_sdpa(case, device)
+    return contestants
+
+
+def _torch_sdpa(case: BenchCase, device):
+    torch = _torch()
+    q, k, v = (np.asarray(x.astype(jnp.float32)) for x in _attention_inputs(case))
+    dtype = getattr(torch, case.dtype)
+    # [B, N, T, H]
+    tq, tk, tv = (
+        torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1, 3))).to(device, dtype)
+        for x in (q, k, v)
+    )
+    G = case.num_heads // (case.num_kv_heads or case.num_heads)
+    if G > 1:
+        tk, tv = tk.repeat_interleave(G, dim=1), tv.repeat_interleave(G, dim=1)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if case.grad:
+        tq, tk, tv = (x.requires_grad_(True) for x in (tq, tk, tv))
+
+        def fn():
+            out = sdpa(tq, tk, tv, is_causal=case.causal)
+            out.float().sum().backward()
+            return out
+    else:
+
+        def fn():
+            with torch.no_grad():
+                return sdpa(tq, tk, tv, is_causal=case.causal)
+
+    return "torch", fn, ()
+
+
+def module_contestants(case: BenchCase) -> dict:
+    """``MultiHeadAttention`` (default dispatch and each implementation) vs flax and torch."""
+    import flax.linen as nn
+
+    import jax_attn as ja
+    from jax_attn import dispatch
+
+    B, T, N, H = case.batch, case.seq_len, case.num_heads, case.head_dim
+    D = N * H
+    dtype = jnp.dtype(case.dtype)
+    x = jax.random.normal(jax.random.key(0), (B, T, D), dtype)
+    contestants = {}
+
+    def ours(implementation):
+        def build():
+            module = ja.MultiHeadAttention(
+                D, D, T, 0.0, N, implementation=implementation, deterministic=True
+            )
+            params = module.init(jax.random.key(1), x)
+            params = jax.tree.map(lambda p: p.astype(dtype), params)
+            fn = lambda params, x: module.apply(params, x)  # noqa: E731
+            return "jax", _module_grad(fn) if case.grad else fn, (params, x)
+
+        return build
+
+    def flax_module():
+        module = nn.MultiHeadDotProductAttention(
+            num_heads=N,
+            qkv_features=D,
+            out_features=D,
+            dtype=dtype,
+            param_dtype=dtype,
+            deterministic=True,
+        )
+        # The mask is an argument, as in a model that builds it once per batch.
+        mask = nn.make_causal_mask(jnp.ones((B, T))) if case.causal else None
+        params = module.init(jax.random.key(1), x, mask=mask)
+        fn = lambda params, x, mask: module.apply(params, x, mask=mask)  # noqa: E731
+        return "jax", _module_grad(fn) if case.grad else fn, (params, x, mask)
+
+    contestants["jax_attn MultiHeadAttention"] = ours(None)
+    for name in dispatch.available_implementations():
+        if name != "reference":
+            contestants[f"jax_attn MultiHeadAttention {name}"] = ours(name)
+    contestants["flax MultiHeadDotProductAttention"] = flax_module
+    device = _torch_device()
+    if device is not None:
+        contestants["torch MHA (sdpa)"] = lambda: _torch_module(case, x, device)
+    return contestants
+
+
+def _module_grad(fn):
+    def loss(params, *args):
+        return jnp.sum(fn(params, *args).astype(jnp.float32))
+
+    return jax.value_and_grad(loss)
+
+
+def _torch_module(case: BenchCase, x, device):
+    """The book's MultiHeadAttention in PyTorch with SDPA inside (as PyTorch users write it)."""
+    torch = _torch()
+    N, H = case.num_heads, case.head_dim
+    D = N * H
+
+    class TorchMHA(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(D, 3 * D, bias=False)
+            self.out_proj = torch.nn.Linear(D, D)
+
+        def forward(self, x):
+            B, T, _ = x.shape
+            q, k, v = self.qkv(x).view(B, T, 3, N, H).permute(2, 0, 3, 1, 4)
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=case.causal)
+            return self.out_proj(out.transpose(1, 2).reshape(B, T, D))
+
+    dtype = getattr(torch, case.dtype)
+    module = TorchMHA().to(device, dtype)
+    tx = torch.from_numpy(np.array(x.astype(jnp.float32))).to(device, dtype)
+    if case.grad:
+
+        def fn():
+            out = module(tx)
+            out.float().sum().backward()
+            return out
+    else:
+
+        def fn():
+            with torch.no_grad():
+                return module(tx)
+
+    return "torch", fn, ()
+
+
+# --- timing ---------------------------------------------------------------------------------
+
+
+def _sync_torch():
+    torch = _torch()
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def prepare_contestant(build) -> tuple[dict, callable]:
+    """Builds and compiles a contestant: its compile time and the compiled program's
+    temporary memory (jax), and a zero-argument function that runs it to completion."""
+    kind, fn, args = build()
+    result = {}
+    if kind == "jax":
+        start = time.perf_counter()
+        compiled = jax.jit(fn).lower(*args).compile()
+        result["compile_s"] = time.perf_counter() - start
+        try:
+            analysis = compiled.memory_analysis()
+            result["temp_bytes"] = int(analysis.temp_size_in_bytes)
+        except Exception:  # noqa: BLE001 - not every backend reports it
+            result["temp_bytes"] = None
+        run = lambda: jax.block_until_ready(compiled(*args))  # noqa: E731
+    else:
+        run = lambda: (fn(), _sync_torch())  # noqa: E731
+        start = time.perf_counter()
+        run()
+        result["compile_s"] = None
+        result["first_call_s"] = time.perf_counter() - start
+    return result, run
+
+
+def time_interleaved(runs: dict, warmup: int, repeats: int) -> dict:
+    """Times every contestant once per round, ``repeats`` rounds after ``warmup`` runs each,
+    so that load from other processes falls on all of them alike. name -> seconds."""
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """Measured float32 matrix-product rate of this device (GFLOP/s)."""
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    jax.block_until_ready(f(a))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(f(a))
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / float(np.median(times)) / 1e9
+
+
+def case_gflop(case: BenchCase) -> float:
+    """Matrix-product work of the case in GFLOP, counting only the causal half (flash
+    attention's work) and, for modules, the four projections."""
+    B, T, N, H = case.batch, case.seq_len, case.num_heads, case.head_dim
+    S = case.kv_len or T
+    pairs = T * S
+    if case.causal:
+        pairs = sum(min(S, t + S - T + 1) for t in range(T)) if S >= T else T * S / 2
+    flops = 2 * 2 * B * N * pairs * H
+    if case.kind == "module":
+        flops += 4 * 2 * B * T * (N * H) ** 2
+    if case.grad:
+        flops *= 3.5 if case.kind == "attention" else 3.0
+    return flops / 1e9
+
+
+def _ratios(results: dict, baseline: str | None, peer: str | None) -> None:
+    for result in results.values():
+        if "median_ms" not in result:
+            continue
+        for key, name in (("vs_baseline", baseline), ("vs_torch", peer)):
+            other = results.get(name, {}) if name else {}
+            if "median_ms" in other:
+                result[key] = result["median_ms"] / other["median_ms"]
+
+
+def run_case(case: BenchCase, config: BenchConfig, progress=None) -> dict:
+    contestants = (attention_contestants if case.kind == "attention" else module_contestants)(case)
+    if not config.torch:
+        contestants = {n: b for n, b in contestants.items() if not n.startswith("torch")}
+    if case.contestants:
+        contestants = {n: b for n, b in contestants.items() if n in case.contestants}
+    repeats = case.repeats or config.repeats
+    results, runs = {}, {}
+    for name, build in contestants.items():
+        try:
+            results[name], runs[name] = prepare_contestant(build)
+        except Exception as error:  # noqa: BLE001 - e.g. out of memory: report, go on
+            results[name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+        if progress is not None:
+            progress()
+    for name, times in time_interleaved(runs, config.warmup, repeats).items():
+        results[name]["median_ms"] = 1e3 * float(np.median(times))
+        results[name]["min_ms"] = 1e3 * float(np.min(times))
+        results[name]["times_ms"] = [round(1e3 * t, 3) for t in times]
+    baseline = "flax MultiHeadDotProductAttention" if case.kind == "module" else "jax.nn xla"
+    peer = "torch MHA (sdpa)" if case.kind == "module" else "torch sdpa"
+    _ratios(results, baseline if baseline in results else None, peer)
+    return {
+        "case": dataclasses.asdict(case),
+        "gflop": case_gflop(case),
+        "baseline": baseline,
+        "results": results,
+    }
+
+
+def count_contestants(case: BenchCase, config: BenchConfig) -> int:
+    """How many contestants :func:`run_case` will time (for the progress bar)."""
+    contestants = (attention_contestants if case.kind == "attention" else module_contestants)(case)
+    names = [n for n in contestants if config.torch or not n.startswith("torch")]
+    return len([n for n in names if not case.contestants or n in case.contestants])
+
+
+def sweep_cases(sweep: SweepConfig) -> list[BenchCase]:
+    return [
+        BenchCase(
+            name=f"sweep T={T}",
+            kind="attention",
+            batch=sweep.batch,
+            seq_len=T,
+            num_heads=sweep.num_heads,
+            head_dim=sweep.head_dim,
+            dtype=sweep.dtype,
+            causal=sweep.causal,
+            contestants=sweep.contestants,
+            repeats=sweep.repeats,
+        )
+        for T in sweep.seq_lens
+    ]
+
+
+# --- long-context memory, in a fresh process ------------------------------------------------
+
+
+def run_memory_case(case: MemoryCase, timeout_s: float = 900) -> dict:
+    """Runs ``case`` in a fresh ``python -m jax_attn.apps.bench --memory-worker`` process."""
+    spec = json.dumps(dataclasses.asdict(case))
+    env = dict(os.environ)
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    start = time.perf_counter()
+    result = {"case": dataclasses.asdict(case)}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "jax_attn.apps.bench", "--memory-worker", spec],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env=env,
+        )
+    except subprocess.TimeoutExpired:
+        return {**result, "error": f"timed out after {timeout_s} s", "passed": False}
+    result["wall_s"] = time.perf_counter() - start
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        result["error"] = (proc.stderr or proc.stdout)[-600:]
+        result["passed"] = False
+        return result
+    result.update(json.loads(lines[-1]))
+    result["passed"] = result["peak_mib"] < case.limit_mib
+    result["plain_xla_temp_mib"] = _plain_temp_mib(case)
+    return result
+
+
+def _plain_temp_mib(case: MemoryCase) -> float | None:
+    """What ``jax.nn.dot_product_attention`` (xla) would ask for, from its compiled program
+    (compiled only, never run)."""
+    try:
+        shape = (case.batch, case.seq_len, case.num_heads, case.head_dim)
+        spec = jax.ShapeDtypeStruct(shape, jnp.dtype(case.dtype))
+        fn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+        if case.grad:
+            fn = _with_grad(fn)
+        compiled = jax.jit(fn).lower(spec, spec, spec).compile()
+        return compiled.memory_analysis().temp_size_in_bytes / 2**20
+    except Exception:  # noqa: BLE001 - optional information
+        return None
+
+
+def _peak_rss_mib() -> float:
+    """This process' peak resident memory. ``VmHWM`` belongs to the address space, so it
+    starts afresh at ``exec``; ``ru_maxrss`` (the fallback) keeps the parent's peak across
+    fork + exec on Linux and would report the benchmark process' own peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _memory_worker(spec: str) -> int:
+    """Child process: one long-context call; prints a JSON line with its peak memory."""
+    import jax_attn as ja
+
+    case = MemoryCase(**json.loads(spec))
+    shape = (case.batch, case.seq_len, case.num_heads, case.head_dim)
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(key, shape, jnp.dtype(case.dtype)) for key in keys)
+    fn = lambda q, k, v: ja.dot_product_attention(  # noqa: E731
+        q, k, v, is_causal=True, implementation=case.implementation
+    )
+    if case.grad:
+        fn = _with_grad(fn)
+    jax.block_until_ready((q, k, v))
+    rss_inputs = _peak_rss_mib()
+    compiled = jax.jit(fn).lower(q, k, v).compile()
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(q, k, v))
+    seconds = time.perf_counter() - start
+    device = jax.devices()[0]
+    result = {
+        "seconds": seconds,
+        "rss_after_inputs_mib": rss_inputs,
+        "platform": jax.default_backend(),
+    }
+    stats = device.memory_stats() if jax.default_backend() != "cpu" else None
+    if stats and "peak_bytes_in_use" in stats:
+        result["peak_mib"] = stats["peak_bytes_in_use"] / 2**20
+        result["measure"] = "device peak_bytes_in_use"
+    else:
+        result["peak_mib"] = _peak_rss_mib()
+        result["measure"] = "process peak RSS (VmHWM)"
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def format_case(entry: dict, floor_ms: float | None) -> str:
+    case = entry["case"]
+    shape = (
+        f"B={case['batch']} T={case['seq_len']} N={case['num_heads']} "
+        f"H={case['head_dim']} {case['dtype']}{' causal' if case['causal'] else ''}"
+        f"{' fwd+grad' if case['grad'] else ' fwd'}"
+    )
+    lines = [
+        f"\n{case['name']} [{case['kind']}] {shape}; {entry['gflop']:.1f} GFLOP"
+        + (f", matmul floor {floor_ms:.0f} ms" if floor_ms else "")
+    ]
+    header = (
+        f"  {'contestant':<40} {'median ms':>10} {'min ms':>9} {'compile s':>9} "
+        f"{'temp MiB':>9} {'x base':>7} {'x torch':>8}"
+    )
+    lines.append(header)
+    for name, r in entry["results"].items():
+        if "error" in r:
+            lines.append(f"  {name:<40} error: {r['error'][:70]}")
+            continue
+        temp = None if r.get("temp_bytes") is None else r["temp_bytes"] / 2**20
+        lines.append(
+            f"  {name:<40} {r['median_ms']:>10.2f} {r['min_ms']:>9.2f} "
+            f"{_fmt(r.get('compile_s'), '9.2f'):>9} {_fmt(temp, '9.1f'):>9} "
+            f"{_fmt(r.get('vs_baseline'), '7.2f'):>7} {_fmt(r.get('vs_torch'), '8.2f'):>8}"
+        )
+    return "\n".join(lines)
+
+
+def format_memory(entry: dict) -> str:
+    case = entry["case"]
+    what = (
+        f"{case['name']}: {case['implementation']}, T={case['seq_len']} N={case['num_heads']} "
+        f"H={case['head_dim']}{' jax.grad' if case['grad'] else ' forward'}"
+    )
+    if "error" in entry:
+        return f"  {what}: FAILED {entry['error'][-200:]}"
+    plain = entry.get("plain_xla_temp_mib")
+    plain_text = "" if plain is None else f"; plain xla would need {plain / 1024:.1f} GiB temp"
+    verdict = "under" if entry["passed"] else "OVER"
+    return (
+        f"  {what}: peak {entry['peak_mib']:.0f} MiB ({entry['measure']}), {verdict} the "
+        f"{case['limit_mib']} MiB limit, {entry['seconds']:.1f} s{plain_text}"
+    )
+
+
+def plot_sweep(entries: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, tuple[list, list]] = {}
+    for entry in entries:
+        T = entry["case"]["seq_len"]
+        for name, r in entry["results"].items():
+            if "median_ms" in r:
+                xs, ys = series.setdefault(name, ([], []))
+                xs.append(T)
+                ys.append(r["median_ms"])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length T")
+    ax.set_ylabel("median time per call (ms)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def run_bench(
+    config: BenchConfig,
+    *,
+    output_dir: str | None = None,
+    note: str = "",
+    show_progress: bool = True,
+    skip_memory: bool = False,
+) -> dict:
+    from tqdm.auto import tqdm
+
+    info = device_info()
+    print(
+        f"jax-attn bench '{config.name}' on {info['platform']}: {info['device']} "
+        f"({info['cpu']}, {info['cpu_count']} CPUs), jax {info['jax']}"
+        + (
+            f", torch {info['torch']} ({info['torch_threads']} threads)"
+            if "torch" in info
+            else ", torch not installed"
+        ),
+        flush=True,
+    )
+    rate = matmul_gflops()
+    print(f"float32 matmul rate (2048^3): {rate:.0f} GFLOP/s", flush=True)
+    cases = list(config.cases)
+    sweep = sweep_cases(config.sweep) if config.sweep else []
+    total = sum(count_contestants(c, config) for c in cases + sweep)
+    total += 0 if skip_memory else len(config.memory)
+    bar = tqdm(total=total, desc="bench", unit="run", file=sys.stderr, disable=not show_progress)
+    report = {
+        "config": config.name,
+        "note": note,
+        "info": info,
+        "matmul_gflops": rate,
+        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "cases": [],
+        "sweep": [],
+        "memory": [],
+    }
+    out_dir = Path(output_dir or config.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    stem = f"bench-{_slug(config.name)}-{_slug(info['device'])}-{stamp}"
+    json_path = out_dir / f"{stem}.json"
+
+    def save():  # after every entry, so a run cut short still leaves its results
+        json_path.write_text(json.dumps(report, indent=1))
+
+    for case in cases:
+        entry = run_case(case, config, progress=bar.update)
+        entry["floor_ms"] = 1e3 * entry["gflop"] / rate
+        report["cases"].append(entry)
+        save()
+        bar.write(format_case(entry, entry["floor_ms"]))
+    for case in sweep:
+        report["sweep"].append(run_case(case, config, progress=bar.update))
+        save()
+    if sweep:
+        bar.write(format_sweep(report["sweep"]))
+        png = out_dir / f"{stem}.png"
+        sweep_cfg = config.sweep
+        plot_sweep(
+            report["sweep"],
+            png,
+            f"attention forward, B={sweep_cfg.batch} N={sweep_cfg.num_heads} "
+            f"H={sweep_cfg.head_dim} {sweep_cfg.dtype}"
+            f"{' causal' if sweep_cfg.causal else ''} — {info['device']}",
+        )
+        report["plot"] = str(png)
+        save()
+        bar.write(f"wrote {png}")
+    if not skip_memory:
+        if config.memory:
+            bar.write("\nlong context, peak memory of a fresh process:")
+        for case in config.memory:
+            entry = run_memory_case(case, timeout_s=config.memory_timeout_s)
+            report["memory"].append(entry)
+            save()
+            bar.update()
+            bar.write(format_memory(entry))
+    bar.close()
+    report["summary"] = summarize(report)
+    if report["summary"]:
+        print("\nsummary:\n" + "\n".join(f"  {line}" for line in report["summary"]))
+    save()
+    print(f"wrote {json_path}")
+    report["json"] = str(json_path)
+    return report
+
+
+def summarize(report: dict) -> list[str]:
+    """One line per headline ratio: the default path against flax / jax.nn and PyTorch,
+    and each long-context run against its memory limit."""
+    lines = []
+    for entry in report["cases"]:
+        ours = (
+            "jax_attn MultiHeadAttention"
+            if entry["case"]["kind"] == "module"
+            else "jax_attn (default)"
+        )
+        result = entry["results"].get(ours, {})
+        if "median_ms" not in result:
+            continue
+        parts = [f"{entry['case']['name']}: {ours} {result['median_ms']:.1f} ms"]
+        if "vs_baseline" in result:
+            parts.append(f"{result['vs_baseline']:.2f}x {entry['baseline']}")
+        if "vs_torch" in result:
+            parts.append(f"{result['vs_torch']:.2f}x PyTorch")
+        lines.append(", ".join(parts))
+    for entry in report["memory"]:
+        case = entry["case"]
+        if "peak_mib" in entry:
+            verdict = "under" if entry["passed"] else "OVER"
+            lines.append(
+                f"{case['name']} (T={case['seq_len']}): peak {entry['peak_mib']:.0f} MiB, "
+                f"{verdict} {case['limit_mib']} MiB"
+            )
+        else:
+            lines.append(f"{case['name']} (T={case['seq_len']}): failed")
+    return lines
+
+
+def format_sweep(entries: list[dict]) -> str:
+    names = []
+    for entry in entries:
+        names += [n for n in entry["results"] if n not in names]
+    lines = [
+        "\nsweep: median ms by sequence length",
+        "  " + f"{'T':>7} " + " ".join(f"{n[:18]:>18}" for n in names),
+    ]
+    for entry in entries:
+        cells = []
+        for name in names:
+            r = entry["results"].get(name, {})
+            cells.append(f"{r['median_ms']:>18.2f}" if "median_ms" in r else f"{'-':>18}")
+        lines.append("  " + f"{entry['case']['seq_len']:>7} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--memory-worker"]:
+        return _memory_worker(argv[1])
+    parser = argparse.ArgumentParser(
+        prog="jax-attn bench",
+        description="jax_attn and its peers (flax, jax.nn, PyTorch SDPA) side by side.",
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="bench TOML (default: configs/bench-gpu.toml on a GPU, else configs/bench-cpu.toml)",
+    )
+    parser.add_argument(
+        "--output-dir",
+        default=None,
+        help="where JSON and PNG go (default: the config's output_dir)",
+    )
+    parser.add_argument(
+        "--only", nargs="+", metavar="NAME", help="only the cases whose name contains one of these"
+    )
+    parser.add_argument("--no-sweep", action="store_true", help="skip the sequence-length sweep")
+    parser.add_argument("--no-memory", action="store_true", help="skip the long-context runs")
+    parser.add_argument("--note", default="", help="free text stored in the JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.config is None:
+        from jax_attn.apps.config import CONFIG_DIR
+
+        name = "bench-gpu.toml" if jax.default_backend() == "gpu" else "bench-cpu.toml"
+        args.config = str(CONFIG_DIR / name)
+    config = load_bench_config(args.config)
+    if args.only:
+        config = dataclasses.replace(
+            config, cases=tuple(c for c in config.cases if any(o in c.name for o in args.only))
+        )
+    if args.no_sweep:
+        config = dataclasses.replace(config, sweep=None)
+    run_bench(
+        config,
+        output_dir=args.output_dir,
+        note=args.note,
+        show_progress=not args.no_progress,
+        skip_memory=args.no_memory,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,50 @@
+"""``jax-attn`` command line: ``demo``, ``check``, ``bench``, ``plot``, ``train``.
+
+Each subcommand lives in its own module with a ``main(argv) -> int`` and its own
+argument parser; this file only routes to it (``jax-attn check --fuzz N`` goes to
+:mod:`jax_attn.apps.fuzz`, ``jax-attn bench --mesh ...`` to :mod:`jax_attn.apps.bench_mesh`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "demo": (
+        "jax_attn.apps.demo",
+        "walk chapter 3 on the book's sentence and check GPT-2 attention",
+    ),
+    "check": ("jax_attn.apps.check", "every implementation against the reference on this device"),
+    "bench": ("jax_attn.apps.bench", "this library and its peers side by side"),
+    "plot": ("jax_attn.apps.plots", "attention heatmaps for a sentence"),
+    "train": ("jax_attn.apps.train", "train a small decoder and generate with the KV cache"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: jax-attn COMMAND [options]   (jax-attn COMMAND --help for its options)", ""]
+    lines += [f"  {name:<7} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"jax-attn: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module_name = COMMANDS[command][0]
+    if command == "check" and any(a == "--fuzz" or a.startswith("--fuzz=") for a in rest):
+        module_name = "jax_attn.apps.fuzz"
+    if command == "bench" and any(a == "--mesh" or a.startswith("--mesh=") for a in rest):
+        module_name = "jax_attn.apps.bench_mesh"
+    module = importlib.import_module(module_name)
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,748 @@
+"""``jax-attn demo``: chapter 3 on "Your journey starts with one step", then GPT-2 attention.
+
+Part one walks the chapter (sections 3.3 to 3.6 and exercise 3.3) through the public
+API and prints each step's tensors next to the values the book prints, with a match
+mark (they agree to 4 decimals). Part two builds GPT-2 multi-head attention from a
+config (``configs/gpt2-small.toml`` by default), runs it jit-compiled on the default
+device, checks it against the einsum reference and prints compile and run times.
+When matplotlib is installed it writes a heatmap of the 6 x 6 attention weights.
+
+The exit code is 0 when every book value matches and the reference check passes,
+1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_attn as ja
+from jax_attn import functional as F
+from jax_attn.apps.config import ConfigError, load_config
+
+__all__ = ["BOOK", "INPUTS", "SENTENCE", "main", "reference_multi_head_attention"]
+
+SENTENCE = "Your journey starts with one step"
+TOKENS = tuple(SENTENCE.split())
+
+# The book's 3-d embeddings of the six tokens (section 3.3.1), x^(1) ... x^(6).
+INPUTS = (
+    (0.43, 0.15, 0.89),  # Your
+    (0.55, 0.87, 0.66),  # journey
+    (0.57, 0.85, 0.64),  # starts
+    (0.22, 0.58, 0.33),  # with
+    (0.77, 0.25, 0.10),  # one
+    (0.05, 0.80, 0.55),  # step
+)
+
+# What the book prints (PyTorch, 4 decimals), by section; the W matrices of 3.4.1 are the
+# ones torch.manual_seed(123); torch.rand(3, 2) draws, in full precision.
+BOOK = {
+    "3.3.1": {
+        "attn_scores_2": (0.9544, 1.4950, 1.4754, 0.8434, 0.7070, 1.0865),
+        "attn_weights_2_sum_normalized": (0.1455, 0.2278, 0.2249, 0.1285, 0.1077, 0.1656),
+        "attn_weights_2_softmax": (0.1385, 0.2379, 0.2333, 0.1240, 0.1082, 0.1581),
+        "context_vec_2": (0.4419, 0.6515, 0.5683),
+    },
+    "3.3.2": {
+        "attn_scores": (
+            (0.9995, 0.9544, 0.9422, 0.4753, 0.4576, 0.6310),
+            (0.9544, 1.4950, 1.4754, 0.8434, 0.7070, 1.0865),
+            (0.9422, 1.4754, 1.4570, 0.8296, 0.7154, 1.0605),
+            (0.4753, 0.8434, 0.8296, 0.4937, 0.3474, 0.6565),
+            (0.4576, 0.7070, 0.7154, 0.3474, 0.6654, 0.2935),
+            (0.6310, 1.0865, 1.0605, 0.6565, 0.2935, 0.9450),
+        ),
+        "attn_weights": (
+            (0.2098, 0.2006, 0.1981, 0.1242, 0.1220, 0.1452),
+            (0.1385, 0.2379, 0.2333, 0.1240, 0.1082, 0.1581),
+            (0.1390, 0.2369, 0.2326, 0.1242, 0.1108, 0.1565),
+            (0.1435, 0.2074, 0.2046, 0.1462, 0.1263, 0.1720),
+            (0.1526, 0.1958, 0.1975, 0.1367, 0.1879, 0.1295),
+            (0.1385, 0.2184, 0.2128, 0.1420, 0.0988, 0.1896),
+        ),
+        "all_context_vecs": (
+            (0.4421, 0.5931, 0.5790),
+            (0.4419, 0.6515, 0.5683),
+            (0.4431, 0.6496, 0.5671),
+            (0.4304, 0.6298, 0.5510),
+            (0.4671, 0.5910, 0.5266),
+            (0.4177, 0.6503, 0.5645),
+        ),
+    },
+    "3.4.1": {
+        "W_query": (
+            (0.29611194133758545, 0.516562283039093),
+            (0.2516707181930542, 0.6885567903518677),
+            (0.07397246360778809, 0.8665218949317932),
+        ),
+        "W_key": (
+            (0.13657987117767334, 0.10247904062271118),
+            (0.18405646085739136, 0.7264467477798462),
+            (0.3152539134025574, 0.6871066689491272),
+        ),
+        "W_value": (
+            (0.07563532143831253, 0.19663816690444946),
+            (0.31641197204589844, 0.4017401337623596),
+            (0.1185683012008667, 0.8273953795433044),
+        ),
+        "query_2": (0.4306, 1.4551),
+        "attn_score_22": 1.8524,
+        "attn_scores_2": (1.2705, 1.8524, 1.8111, 1.0795, 0.5577, 1.5440),
+        "attn_weights_2": (0.1500, 0.2264, 0.2199, 0.1311, 0.0906, 0.1820),
+        "context_vec_2": (0.3061, 0.8210),
+        "self_attention_v1_output": (
+            (0.2996, 0.8053),
+            (0.3061, 0.8210),
+            (0.3058, 0.8203),
+            (0.2948, 0.7939),
+            (0.2927, 0.7891),
+            (0.2990, 0.8040),
+        ),
+    },
+    "3.5.1": {
+        "mask_simple_tril": (
+            (1, 0, 0, 0, 0, 0),
+            (1, 1, 0, 0, 0, 0),
+            (1, 1, 1, 0, 0, 0),
+            (1, 1, 1, 1, 0, 0),
+            (1, 1, 1, 1, 1, 0),
+            (1, 1, 1, 1, 1, 1),
+        ),
+    },
+    # The shapes the book prints for its batch of two copies of the sentence.
+    "shapes": {"3.5.3": (2, 6, 2), "3.6.1": (2, 6, 4), "3.6.2": (2, 6, 2)},
+    "exercise_3.3": {"parameter_count": 2_360_064},
+}
+
+#: Printed values have 4 decimals: a correct result is within half a unit of the last one.
+BOOK_ATOL = 5e-5
+#: Same computation two ways in float32 (a module against the functional core).
+SAME_ATOL = 1e-6
+#: The reference check of part two, (rtol, atol) by dtype. GPUs and TPUs may run float32
+#: matmuls at reduced precision by default (TF32, bfloat16 passes), hence the wider bound.
+REFERENCE_TOLERANCE = {
+    ("float32", "cpu"): (1e-5, 1e-5),
+    ("float32", "other"): (2e-2, 2e-2),
+    ("bfloat16", "any"): (2e-2, 2e-2),
+    ("float16", "any"): (1e-2, 1e-2),
+}
+
+
+# --- printing and checking ---------------------------------------------------------------
+
+
+class Report:
+    """Prints steps and keeps count of checks and failures."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout
+        encoding = getattr(self.stream, "encoding", None) or "ascii"
+        try:
+            "✓✗".encode(encoding)
+            self.marks = ("✓", "✗")
+        except (UnicodeEncodeError, LookupError):
+            self.marks = ("ok", "XX")
+        self.checks = 0
+        self.failures: list[str] = []
+
+    def line(self, text: str = "") -> None:
+        print(text, file=self.stream)
+
+    def heading(self, text: str) -> None:
+        self.line()
+        self.line(text)
+        self.line("-" * len(text))
+
+    def check(self, label: str, ok: bool, detail: str = "") -> bool:
+        """One mark: ``ok`` or a recorded failure."""
+        self.checks += 1
+        if not ok:
+            self.failures.append(label)
+        mark = self.marks[0] if ok else self.marks[1]
+        self.line(f"  {mark} {label}" + (f"  ({detail})" if detail else ""))
+        return ok
+
+    def compare(self, label: str, ours, book, atol: float = BOOK_ATOL) -> bool:
+        """Prints ``ours`` next to the book's values (rows side by side) and checks them."""
+        integers = np.issubdtype(np.asarray(book).dtype, np.integer)
+        ours = np.asarray(ours, dtype=np.int64 if integers else np.float64)
+        book = np.asarray(book, dtype=np.int64 if integers else np.float64)
+        if ours.shape != book.shape:
+            self.line(f"  {label}: ours {list(ours.shape)}, book {list(book.shape)}")
+            return self.check(f"{label}: shape", False, "shapes differ")
+        diff = float(np.max(np.abs(ours - book))) if ours.size else 0.0
+        ok = diff <= atol
+        mark = self.marks[0] if ok else self.marks[1]
+        self.line(f"  {label}")
+        if ours.ndim <= 1:
+            self.line(f"    ours {_fmt(ours)}")
+            self.line(f"    book {_fmt(book)}  {mark} max |diff| {diff:.1e}")
+        else:
+            width = len(_fmt(ours[0]))
+            self.line(f"    {'ours':<{width}}   book")
+            for row_ours, row_book in zip(ours, book, strict=True):
+                row_ok = float(np.max(np.abs(row_ours - row_book))) <= atol
+                row_mark = self.marks[0] if row_ok else self.marks[1]
+                self.line(f"    {_fmt(row_ours)}   {_fmt(row_book)}  {row_mark}")
+            self.line(f"    max |diff| {diff:.1e}")
+        self.checks += 1
+        if not ok:
+            self.failures.append(label)
+        return ok
+
+    def show(self, label: str, values) -> None:
+        """Prints a tensor without a book value to compare with."""
+        values = np.asarray(values)
+        self.line(f"  {label}")
+        for row in np.atleast_2d(values):
+            self.line(f"    {_fmt(row)}")
+
+
+def _fmt(values) -> str:
+    values = np.asarray(values)
+    if values.ndim == 0:
+        return f"{float(values):.4f}"
+    if values.dtype == bool or np.issubdtype(values.dtype, np.integer):
+        return "[" + " ".join(str(int(v)) for v in values) + "]"
+    return (
+        "["
+        + " ".join(f"{float(v):7.4f}" if np.isfinite(v) else f"{float(v):>7}" for v in values)
+        + "]"
+    )
+
+
+def _max_diff(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+# --- part one: the chapter -----------------------------------------------------------------
+
+
+def section_3_3_1(report: Report, inputs):
+    report.heading("3.3.1  Attention for one query, x^(2) = 'journey', without trainable weights")
+    book = BOOK["3.3.1"]
+    query = inputs[1]
+    scores = F.attention_scores_for_query(query, inputs)
+    report.compare(
+        "scores w_2i = x^(2) . x^(i)   F.attention_scores_for_query", scores, book["attn_scores_2"]
+    )
+    by_sum = F.normalize_by_sum(scores)
+    report.compare(
+        "weights, normalised by the sum   F.normalize_by_sum",
+        by_sum,
+        book["attn_weights_2_sum_normalized"],
+    )
+    naive = F.naive_softmax(scores)
+    report.compare(
+        "weights, naive softmax exp(x)/sum(exp(x))   F.naive_softmax",
+        naive,
+        book["attn_weights_2_softmax"],
+    )
+    weights = F.softmax(scores)
+    report.compare(
+        "weights, stable softmax (max subtracted first)   F.softmax",
+        weights,
+        book["attn_weights_2_softmax"],
+    )
+
+    limit = math.log(float(np.finfo(np.float32).max))
+    large = scores * 100.0
+    naive_large, stable_large = F.naive_softmax(large), F.softmax(large)
+    report.line(
+        f"  the same scores x 100 (largest {float(large.max()):.1f}; exp overflows "
+        f"float32 above {limit:.2f}):"
+    )
+    report.line(f"    naive  {_fmt(naive_large)}")
+    report.line(f"    stable {_fmt(stable_large)}")
+    report.check(
+        "naive softmax overflows (inf/inf = nan), the stable one does not",
+        bool(np.isnan(naive_large).any())
+        and bool(np.isfinite(stable_large).all())
+        and abs(float(stable_large.sum()) - 1.0) < 1e-6,
+    )
+    context = F.context_vector(weights, inputs)
+    report.compare(
+        "context vector z^(2) = sum_i a_2i x^(i)   F.context_vector", context, book["context_vec_2"]
+    )
+    return context
+
+
+def section_3_3_2(report: Report, inputs, context_2):
+    report.heading("3.3.2  All tokens at once: one matrix product per step")
+    book = BOOK["3.3.2"]
+    scores = F.attention_scores(inputs, inputs)
+    report.compare("scores = inputs @ inputs.T   F.attention_scores", scores, book["attn_scores"])
+    weights = F.attention_weights(scores)
+    report.compare(
+        "weights = softmax(scores, rows)   F.attention_weights", weights, book["attn_weights"]
+    )
+    report.check(
+        "every row of the weights sums to 1", _max_diff(weights.sum(-1), np.ones(6)) < 1e-6
+    )
+    contexts = F.context_vectors(weights, inputs)
+    report.compare(
+        "context vectors = weights @ inputs   F.context_vectors", contexts, book["all_context_vecs"]
+    )
+    report.check("row 2 is 3.3.1's z^(2)", _max_diff(contexts[1], context_2) <= SAME_ATOL)
+    report.check(
+        "F.simplified_self_attention(inputs) gives the same in one call",
+        _max_diff(F.simplified_self_attention(inputs), contexts) <= SAME_ATOL,
+    )
+    return weights
+
+
+def section_3_4_1(report: Report, inputs):
+    report.heading("3.4.1  Self-attention with trainable weights (the book's W matrices)")
+    book = BOOK["3.4.1"]
+    params = {
+        name: jnp.asarray(book[name], jnp.float32) for name in ("W_query", "W_key", "W_value")
+    }
+    report.line("  W_query, W_key, W_value: the [3, 2] matrices torch.manual_seed(123) draws")
+    query_2 = F.dense(inputs[1], params["W_query"])
+    report.compare("query_2 = x^(2) @ W_query   F.dense", query_2, book["query_2"])
+    keys = F.dense(inputs, params["W_key"])
+    values = F.dense(inputs, params["W_value"])
+    report.line(f"  keys.shape {tuple(keys.shape)}, values.shape {tuple(values.shape)}")
+    scores_2 = F.attention_scores_for_query(query_2, keys)
+    report.compare("attn_score_22 = query_2 . keys[1]", scores_2[1], book["attn_score_22"])
+    report.compare("attn_scores_2 = query_2 @ keys.T", scores_2, book["attn_scores_2"])
+    d_k = keys.shape[-1]
+    weights_2 = F.softmax(scores_2 / d_k**0.5)
+    report.compare(
+        "attn_weights_2 = softmax(scores / sqrt(d_k)), d_k = 2", weights_2, book["attn_weights_2"]
+    )
+    context_2 = F.context_vector(weights_2, values)
+    report.compare("context_vec_2 = attn_weights_2 @ values", context_2, book["context_vec_2"])
+
+    functional_out = F.self_attention(inputs, params)
+    report.check(
+        "F.self_attention(inputs, W) row 2 is context_vec_2",
+        _max_diff(functional_out[1], context_2) <= SAME_ATOL,
+    )
+    module = ja.SelfAttentionV1(d_in=3, d_out=2)
+    module_out = module.apply({"params": params}, inputs)
+    report.compare(
+        "SelfAttentionV1(3, 2) with these W, all six tokens   (Flax module)",
+        module_out,
+        book["self_attention_v1_output"],
+    )
+    report.check(
+        "module output equals F.self_attention", _max_diff(module_out, functional_out) <= SAME_ATOL
+    )
+    return params
+
+
+def section_3_5_1(report: Report, inputs, params):
+    report.heading("3.5.1  Causal attention: hide the future, two ways")
+    mask = ja.make_causal_mask(6)
+    report.compare(
+        "mask = ja.make_causal_mask(6)   (book: torch.tril(torch.ones(6, 6)))",
+        mask.astype(np.int32),
+        BOOK["3.5.1"]["mask_simple_tril"],
+        atol=0,
+    )
+    queries = F.dense(inputs, params["W_query"])
+    keys = F.dense(inputs, params["W_key"])
+    scores = F.scaled_attention_scores(queries, keys)
+    report.line("  scores from 3.4.1's W, scaled by 1/sqrt(2) (the book uses SelfAttention_v2 with")
+    report.line("  torch.manual_seed(789) here: PyTorch's random weights, so its numbers differ)")
+    by_renormalizing = F.causal_weights_by_renormalizing(scores)
+    report.show(
+        "way 1: softmax, zero above the diagonal, divide rows by their sums   "
+        "F.causal_weights_by_renormalizing",
+        by_renormalizing,
+    )
+    by_masking = F.causal_weights_by_masking(scores)
+    report.show(
+        "way 2: large negative above the diagonal, then softmax   F.causal_weights_by_masking",
+        by_masking,
+    )
+    diff = _max_diff(by_renormalizing, by_masking)
+    report.check("the two ways agree", diff <= SAME_ATOL, f"max |diff| {diff:.1e}")
+    future = np.asarray(by_masking)[~np.asarray(mask)]
+    report.check(
+        "no weight on a future token, every row sums to 1",
+        bool((future == 0).all()) and _max_diff(by_masking.sum(-1), np.ones(6)) < 1e-6,
+    )
+    return by_masking
+
+
+def section_3_5_2(report: Report, causal_weights):
+    report.heading("3.5.2  Dropout on the attention weights, rate 0.5")
+    rate, key = 0.5, jax.random.key(123)
+    dropped_ones = F.dropout(jnp.ones((6, 6)), rate, key)
+    report.show("F.dropout(ones(6, 6), 0.5, jax.random.key(123))", dropped_ones)
+    values = np.unique(np.asarray(dropped_ones))
+    kept = int((np.asarray(dropped_ones) != 0).sum())
+    report.check(
+        "kept values are scaled to 1 / (1 - 0.5) = 2, the others are 0",
+        set(values.tolist()) <= {0.0, 2.0},
+        f"{kept} of 36 kept",
+    )
+    report.line("  The book's pattern comes from PyTorch's RNG (torch.manual_seed(123)); JAX's")
+    report.line("  counter-based RNG draws a different one, so the positions cannot match bitwise.")
+    dropped = F.dropout(causal_weights, rate, key)
+    report.show("the same key on 3.5.1's causal weights", dropped)
+    keep = np.asarray(dropped_ones) != 0
+    report.check(
+        "same key, same positions; kept weights doubled",
+        _max_diff(dropped, np.where(keep, 2 * np.asarray(causal_weights), 0)) <= SAME_ATOL,
+    )
+
+
+def _check_shape(report: Report, label: str, out, book_shape) -> None:
+    report.check(
+        f"{label} -> {tuple(out.shape)}  (book: torch.Size({list(book_shape)}))",
+        tuple(out.shape) == tuple(book_shape),
+    )
+
+
+# Each call compiled whole (much faster than op by op), once per process.
+@partial(jax.jit, static_argnums=0)
+def _init(module, key, x):
+    return module.init(key, x)["params"]
+
+
+@partial(jax.jit, static_argnums=0)
+def _apply(module, params, x):
+    return module.apply({"params": params}, x, deterministic=True)
+
+
+_single_head_attention = jax.jit(F.single_head_attention, static_argnames="is_causal")
+_multi_head_attention_stacked = jax.jit(F.multi_head_attention_stacked, static_argnames="is_causal")
+_multi_head_attention = jax.jit(F.multi_head_attention, static_argnames=("num_heads", "is_causal"))
+
+
+def section_3_5_3_and_3_6(report: Report, inputs, book_cfg):
+    report.heading("3.5.3 / 3.6  The Flax modules on a batch of two copies of the sentence")
+    a = book_cfg.attention
+    args = (a.d_in, a.d_out, a.context_length, a.dropout)
+    batch = jnp.stack([inputs, inputs])
+    report.line(
+        f"  batch.shape {tuple(batch.shape)}; configs/book.toml: d_in {a.d_in}, "
+        f"d_out {a.d_out}, context_length {a.context_length}, dropout {a.dropout}, "
+        f"num_heads {a.num_heads}"
+    )
+    key = jax.random.key(0)
+    shapes = BOOK["shapes"]
+
+    causal = ja.CausalAttention(*args, a.qkv_bias)
+    params = _init(causal, key, batch)
+    out = _apply(causal, params, batch)
+    _check_shape(report, "CausalAttention(3, 2, 6, 0.0)", out, shapes["3.5.3"])
+    functional_out = _single_head_attention(inputs, params, is_causal=True)
+    report.check(
+        "equals F.single_head_attention(..., is_causal=True) with its params",
+        _max_diff(out[0], functional_out) <= SAME_ATOL,
+    )
+
+    wrapper = ja.MultiHeadAttentionWrapper(*args, a.num_heads, a.qkv_bias)
+    params = _init(wrapper, key, batch)
+    out = _apply(wrapper, params, batch)
+    _check_shape(
+        report, "MultiHeadAttentionWrapper(3, 2, 6, 0.0, num_heads=2)", out, shapes["3.6.1"]
+    )
+    head_params = jax.tree.map(
+        lambda *leaves: jnp.stack(leaves), *(params[f"heads_{i}"] for i in range(a.num_heads))
+    )
+    functional_out = _multi_head_attention_stacked(inputs, head_params, is_causal=True)
+    report.check(
+        "equals F.multi_head_attention_stacked (heads lifted with jax.vmap)",
+        _max_diff(out[0], functional_out) <= SAME_ATOL,
+    )
+
+    mha = ja.MultiHeadAttention(*args, a.num_heads, a.qkv_bias)
+    params = _init(mha, key, batch)
+    out = _apply(mha, params, batch)
+    _check_shape(report, "MultiHeadAttention(3, 2, 6, 0.0, num_heads=2)", out, shapes["3.6.2"])
+    queries = F.split_heads(F.dense(batch, params["W_query"]), a.num_heads)
+    report.line(f"    queries split into heads: {tuple(queries.shape)} = [B, T, N, H]")
+    functional_out = _multi_head_attention(batch, params, num_heads=a.num_heads, is_causal=True)
+    report.check(
+        "equals F.multi_head_attention (one projection split into heads)",
+        _max_diff(out, functional_out) <= SAME_ATOL,
+    )
+
+
+def parameter_count(module, d_in: int) -> int:
+    """Number of parameters of ``module`` (shapes only: nothing is allocated)."""
+    shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 1, d_in)))
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes["params"]))
+
+
+def exercise_3_3(report: Report):
+    report.heading("Exercise 3.3  GPT-2-sized MultiHeadAttention(768, 768, 1024, 0.0, 12)")
+    count = parameter_count(ja.MultiHeadAttention(768, 768, 1024, 0.0, 12), 768)
+    book = BOOK["exercise_3.3"]["parameter_count"]
+    report.check(
+        f"{count:,} parameters (book: {book:,} = 3 * 768 * 768 + 768 * 768 + 768)", count == book
+    )
+
+
+def walk_the_chapter(report: Report, book_cfg):
+    """Part one; returns the 3.3.2 attention weights ``[6, 6]``."""
+    inputs = jnp.asarray(INPUTS, jnp.float32)
+    report.line(f'Inputs: "{SENTENCE}", six tokens embedded in 3 dimensions (section 3.3.1)')
+    for token, row in zip(TOKENS, INPUTS, strict=True):
+        report.line(f"  {token:<8} {_fmt(row)}")
+    # Full float32 matmuls: GPUs and TPUs may default to TF32 or bfloat16 passes.
+    with jax.default_matmul_precision("float32"):
+        context_2 = section_3_3_1(report, inputs)
+        weights = section_3_3_2(report, inputs, context_2)
+        params = section_3_4_1(report, inputs)
+        causal_weights = section_3_5_1(report, inputs, params)
+        section_3_5_2(report, causal_weights)
+        section_3_5_3_and_3_6(report, inputs, book_cfg)
+        exercise_3_3(report)
+    return weights
+
+
+# --- part two: GPT-2 attention, jit-compiled ------------------------------------------------
+
+
+def reference_multi_head_attention(params, x, num_heads: int):
+    """Causal multi-head attention ``[B, T, D]`` -> ``[B, T, D]`` through the einsum oracle.
+
+    Same projections as ``MultiHeadAttention`` (``params`` are its Flax params), attention
+    by :func:`jax_attn.reference.dot_product_attention`.
+    """
+    # [B, T, N, H]
+    queries = F.split_heads(F.dense(x, params["W_query"]), num_heads)
+    keys = F.split_heads(F.dense(x, params["W_key"]), num_heads)
+    values = F.split_heads(F.dense(x, params["W_value"]), num_heads)
+    context = ja.reference.dot_product_attention(queries, keys, values, is_causal=True)
+    return F.dense(F.merge_heads(context), params["out_proj"])
+
+
+def _tolerance(dtype: str, platform: str) -> tuple[float, float]:
+    if dtype == "float32":
+        return REFERENCE_TOLERANCE[("float32", "cpu" if platform == "cpu" else "other")]
+    return REFERENCE_TOLERANCE[(dtype, "any")]
+
+
+def _median_seconds(fn, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _fmt_seconds(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def run_gpt2(report: Report, cfg, runs: int) -> None:
+    """Part two: the config's multi-head attention, jit-compiled, against the reference."""
+    a, run = cfg.attention, cfg.run
+    device = jax.devices()[0]
+    report.heading(f"{a.name}: MultiHeadAttention jit-compiled on {device.platform.upper()}")
+    report.line(
+        f"  device: {device} ({device.device_kind}); "
+        f"{jax.device_count()} device(s) of backend {jax.default_backend()!r}"
+    )
+    report.line(
+        f"  config: d_in {a.d_in}, d_out {a.d_out}, {a.num_heads} heads of {a.head_dim}, "
+        f"context_length {a.context_length}, qkv_bias {a.qkv_bias}, dropout {a.dropout} "
+        "(eval mode: off)"
+    )
+    dtype = jnp.dtype(run.dtype)
+    B, T, D = run.batch, run.seq_len, a.d_in
+    module = a.multi_head_attention(deterministic=True)
+    param_key, input_key = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(input_key, (B, T, D), jnp.float32).astype(dtype)
+    params = module.init(param_key, x[:, :1])["params"]
+    params = jax.tree.map(lambda p: p.astype(dtype), params)
+    count = sum(p.size for p in jax.tree.leaves(params))
+    heads = jnp.zeros((B, T, a.num_heads, a.head_dim), dtype)
+    call = ja.validation.check_attention_args(heads, heads, heads, is_causal=True)
+    implementation = ja.dispatch.select_implementation(call)
+    report.line(
+        f"  input x [{B}, {T}, {D}] {run.dtype}; {count:,} parameters; attention "
+        f"implementation {implementation!r}"
+    )
+
+    forward = jax.jit(lambda params, x: module.apply({"params": params}, x))
+    start = time.perf_counter()
+    compiled = forward.lower(params, x).compile()
+    compile_s = time.perf_counter() - start
+    out = jax.block_until_ready(compiled(params, x))
+    run_s = _median_seconds(lambda: compiled(params, x), runs)
+
+    reference = jax.jit(reference_multi_head_attention, static_argnums=2)
+    with jax.default_matmul_precision("float32"):
+        expected = reference(params, x, a.num_heads)
+    ours, want = np.asarray(out, np.float32), np.asarray(expected, np.float32)
+    rtol, atol = _tolerance(run.dtype, device.platform)
+    diff = float(np.max(np.abs(ours - want)))
+    finite = bool(np.isfinite(ours).all())
+    report.check(
+        "output equals the einsum reference (ja.reference.dot_product_attention on the same "
+        "projections)",
+        finite and np.allclose(ours, want, rtol=rtol, atol=atol),
+        f"max |diff| {diff:.1e}, tolerance rtol {rtol:g} atol {atol:g}"
+        + ("" if finite else "; output is not finite"),
+    )
+    flops = 4 * 2 * B * T * D * a.d_out + 2 * 2 * B * a.num_heads * T * T * a.head_dim
+    report.line(f"  compile time: {_fmt_seconds(compile_s)} (jax.jit(...).lower().compile())")
+    rate = flops / run_s
+    rate_text = f"{rate / 1e9:.1f} GFLOP/s" if rate >= 1e9 else f"{rate / 1e6:.1f} MFLOP/s"
+    report.line(
+        f"  run time:     {_fmt_seconds(run_s)} (median of {runs} "
+        f"run{'s' if runs > 1 else ''} after one warm-up; {rate_text} counting the "
+        "full T x T)"
+    )
+
+
+# --- heatmap --------------------------------------------------------------------------------
+
+
+def _local_heatmap(weights, tokens, *, title=None):
+    """Used when :mod:`jax_attn.apps.plots` is not there."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    image = ax.imshow(np.asarray(weights), cmap="viridis", vmin=0.0)
+    ax.set_xticks(range(len(tokens)), tokens, rotation=45, ha="right")
+    ax.set_yticks(range(len(tokens)), tokens)
+    ax.set_xlabel("key")
+    ax.set_ylabel("query")
+    middle = float(np.max(weights)) / 2
+    for (i, j), w in np.ndenumerate(np.asarray(weights)):
+        ax.text(
+            j,
+            i,
+            f"{w:.2f}",
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="black" if w > middle else "white",
+        )
+    fig.colorbar(image, ax=ax, label="attention weight")
+    return fig
+
+
+def write_heatmap(report: Report, weights, out_dir: Path) -> Path | None:
+    """Writes ``attention_weights.png`` when matplotlib is installed; returns its path."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        report.line("  matplotlib is not installed: no heatmap (pip install 'jax_attn[plots]')")
+        return None
+    try:
+        from jax_attn.apps.plots import plot_attention
+    except ImportError:
+        plot_attention = _local_heatmap
+    fig = plot_attention(
+        np.asarray(weights),
+        list(TOKENS),
+        title="3.3.2 attention weights (simplified self-attention)",
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "attention_weights.png"
+    fig.savefig(path, dpi=120)
+    report.line(f"  heatmap of the 3.3.2 weights: {path}")
+    return path
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="jax-attn demo",
+        description="Walk chapter 3 on the book's sentence, then run GPT-2 attention "
+        "jit-compiled and check it against the einsum reference.",
+    )
+    parser.add_argument(
+        "--config",
+        default="configs/gpt2-small.toml",
+        help="config for the multi-head attention run: a file, or the name of "
+        "a shipped one (gpt2-small, gpt2-medium, gpt2-large, gpt2-xl, book); "
+        "default %(default)s",
+    )
+    parser.add_argument(
+        "--out",
+        default="out/demo",
+        type=Path,
+        help="folder for the heatmap PNG (default %(default)s)",
+    )
+    parser.add_argument("--batch", type=int, help="override the config's run.batch")
+    parser.add_argument("--seq-len", type=int, help="override the config's run.seq_len")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="override the config's run.dtype",
+    )
+    parser.add_argument(
+        "--runs", type=int, default=5, help="timed runs after the warm-up (default %(default)s)"
+    )
+    parser.add_argument("--no-plot", action="store_true", help="do not write the heatmap")
+    args = parser.parse_args(argv)
+    for name in ("batch", "seq_len", "runs"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args.config)
+        book_cfg = load_config("book")
+        overrides = {"batch": args.batch, "seq_len": args.seq_len, "dtype": args.dtype}
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if overrides:
+            cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **overrides))
+    except (ConfigError, ValueError) as e:
+        print(f"jax-attn demo: {e}", file=sys.stderr)
+        return 2
+
+    started = time.perf_counter()
+    report = Report()
+    report.line("jax-attn demo: chapter 3 of 'Build a Large Language Model (From Scratch)' in JAX")
+    report.line(
+        f"jax {jax.__version__}, default device {jax.devices()[0]} ({jax.devices()[0].device_kind})"
+    )
+    report.line(
+        f"{report.marks[0]} = matches the value the book prints (4 decimals: within "
+        f"{BOOK_ATOL:g}) or the check holds; {report.marks[1]} = it does not"
+    )
+    report.line()
+    weights = walk_the_chapter(report, book_cfg)
+    book_checks, book_failures = report.checks, len(report.failures)
+    if not args.no_plot:
+        report.heading("Heatmap")
+        write_heatmap(report, weights, args.out)
+    run_gpt2(report, cfg, args.runs)
+
+    report.line()
+    report.line(
+        f"book steps: {book_checks - book_failures} of {book_checks} checks passed; "
+        f"all checks: {report.checks - len(report.failures)} of {report.checks}; "
+        f"{time.perf_counter() - started:.1f} s in all"
+    )
+    if report.failures:
+        report.line("FAILED: " + "; ".join(report.failures))
+        return 1
+    report.line("everything matches")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,965 @@
+"""``jax-attn check --fuzz N``: random cases on this device, every implementation against
+the float64 reference, and random user mistakes that must be refused clearly.
+
+A *valid* case draws shapes from a small fixed set (so compiled kernels are reused),
+a dtype, masks (including all-false rows and whole all-false sequences), lengths
+(including 0), a window, a bias (with ``-inf`` entries), a scale and dropout. Each
+implementation that serves the case must agree with :func:`jax_attn.reference`
+evaluated in float64 within a dtype-aware tolerance, and never return NaN.
+
+A *bad-input* case takes a valid call and applies one :data:`MISTAKES` entry; the
+library must raise ``ValueError``/``TypeError`` whose message names the argument.
+
+``python -m jax_attn.apps.fuzz --error-table [PATH]`` writes the error table
+(``docs/errors.md``) by running every mistake, so the table cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "MISTAKES",
+    "Mistake",
+    "agrees",
+    "base_call",
+    "empty_rows",
+    "error_table",
+    "is_clear",
+    "load_kernels",
+    "module_mistakes",
+    "run_mistake",
+    "main",
+    "max_error",
+    "random_call",
+    "reference_float64",
+    "run_fuzz",
+    "tolerance",
+]
+
+# (B, T, S, N, K, H): few and small, so each compiles once and is reused.
+SHAPES = (
+    (1, 1, 1, 1, 1, 4),
+    (2, 4, 4, 2, 1, 8),
+    (2, 3, 5, 4, 2, 8),
+    (1, 6, 4, 2, 2, 4),
+    (3, 5, 7, 3, 1, 16),
+)
+DTYPES = ("float32", "bfloat16", "float16")
+
+# Largest allowed |implementation - reference64| as a fraction of max|value|.
+_TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+
+
+def load_kernels() -> list[str]:
+    """Imports the optional kernel modules (so they register) and returns
+    :func:`jax_attn.available_implementations`."""
+    import importlib
+
+    from jax_attn import dispatch
+
+    for name in _KERNEL_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    return dispatch.available_implementations()
+
+
+_KERNEL_MODULES = ("jax_attn.kernels.chunked", "jax_attn.pallas")
+
+
+def tolerance(dtype) -> float:
+    """Allowed error relative to ``max |value|`` for outputs in ``dtype``."""
+    return _TOLERANCE[np.dtype(dtype).name]
+
+
+def reference_float64(query, key, value, **kwargs) -> np.ndarray:
+    """The oracle evaluated in float64 on the given (already rounded) inputs."""
+    from jax_attn import reference
+
+    with jax.enable_x64(True):
+        q, k, v = (jnp.asarray(np.asarray(x, np.float64)) for x in (query, key, value))
+        if kwargs.get("bias") is not None:
+            kwargs = dict(kwargs, bias=jnp.asarray(np.asarray(kwargs["bias"], np.float64)))
+        return np.asarray(reference.dot_product_attention(q, k, v, **kwargs))
+
+
+def max_error(out, expected, value) -> float:
+    """``max |out - expected| / max(1, max |value|)``; ``inf`` if ``out`` has a NaN."""
+    out = np.asarray(out, np.float64)
+    if np.isnan(out).any():
+        return float("inf")
+    scale = max(1.0, float(np.abs(np.asarray(value, np.float64)).max(initial=0.0)))
+    return float(np.abs(out - expected).max(initial=0.0)) / scale
+
+
+def empty_rows(call: dict) -> np.ndarray:
+    """Bool ``[B, T, N]`` (or ``[T, N]`` unbatched): query rows with no key to attend.
+
+    Computed from the masks alone (``mask``, causal, window, lengths, ``-inf`` bias);
+    attention must give these rows exact zeros.
+    """
+    from jax_attn.masks import build_attention_mask
+
+    query = call["query"]
+    batched = query.ndim == 4
+    T, N = query.shape[-3], query.shape[-2]
+    S = call["key"].shape[-3]
+    B = query.shape[0] if batched else 1
+    allowed = build_attention_mask(
+        T,
+        S,
+        mask=call.get("mask"),
+        is_causal=call.get("is_causal", False),
+        query_seq_lengths=call.get("query_seq_lengths"),
+        key_value_seq_lengths=call.get("key_value_seq_lengths"),
+        local_window_size=call.get("local_window_size"),
+    )
+    allowed = np.ones((1, 1, T, S), bool) if allowed is None else np.asarray(allowed)
+    if call.get("bias") is not None:
+        bias = np.asarray(call["bias"], np.float32)
+        allowed = allowed & (bias.reshape((1,) * (4 - bias.ndim) + bias.shape) > -np.inf)
+    # [B, N, T] -> [B, T, N]
+    empty = np.broadcast_to(~allowed.any(axis=-1), (B, N, T)).transpose(0, 2, 1)
+    return empty if batched else empty[0]
+
+
+def agrees(out, expected, value, dtype) -> bool:
+    """Whether ``out`` matches the float64 ``expected`` within ``tolerance(dtype)``."""
+    return max_error(out, expected, value) <= tolerance(dtype)
+
+
+# --- random valid calls -------------------------------------------------------------------
+
+
+def _normal(rng: np.random.Generator, shape, dtype, scale=1.0):
+    return jnp.asarray((scale * rng.standard_normal(shape)).astype(np.float32)).astype(dtype)
+
+
+def _random_mask(rng: np.random.Generator, B, N, T, S):
+    shape = [(B, N, T, S), (B, 1, T, S), (T, S), (1, N, 1, S)][rng.integers(4)]
+    mask = rng.random(shape) < rng.uniform(0.3, 1.0)
+    if len(shape) == 4 and rng.random() < 0.5:
+        mask[..., rng.integers(shape[-2]), :] = False  # an all-false row
+    if shape[0] == B and B > 1 and rng.random() < 0.3:
+        mask[rng.integers(B)] = False  # a whole sequence with nothing to attend
+    return jnp.asarray(mask)
+
+
+def _random_bias(rng: np.random.Generator, B, N, T, S):
+    shape = [(B, N, T, S), (N, T, S), (T, S), (1, 1, 1, S)][rng.integers(4)]
+    bias = rng.standard_normal(shape).astype(np.float32) * rng.choice([0.1, 1.0, 5.0])
+    if rng.random() < 0.4:
+        bias[rng.random(shape) < 0.3] = -np.inf
+    return jnp.asarray(bias)
+
+
+def random_call(rng: np.random.Generator, shape=None, dtype=None) -> dict:
+    """Keyword arguments for one random valid ``dot_product_attention`` call."""
+    B, T, S, N, K, H = SHAPES[rng.integers(len(SHAPES))] if shape is None else shape
+    dtype = jnp.dtype(DTYPES[rng.integers(len(DTYPES))] if dtype is None else dtype)
+    H_v = H if rng.random() < 0.85 else H // 2
+    qk_scale = float(rng.choice([0.3, 1.0, 3.0]))
+    call = dict(
+        query=_normal(rng, (B, T, N, H), dtype, qk_scale),
+        key=_normal(rng, (B, S, K, H), dtype, qk_scale),
+        value=_normal(rng, (B, S, K, H_v), dtype),
+    )
+    if rng.random() < 0.4:
+        call["mask"] = _random_mask(rng, B, N, T, S)
+    if rng.random() < 0.3:
+        call["bias"] = _random_bias(rng, B, N, T, S)
+    if rng.random() < 0.4:
+        call["is_causal"] = True
+    if rng.random() < 0.25:
+        call["scale"] = float(rng.choice([0.05, 0.5, 2.0]))
+    if rng.random() < 0.3:
+        call["query_seq_lengths"] = jnp.asarray(rng.integers(0, T + 1, B), jnp.int32)
+    if rng.random() < 0.3:
+        call["key_value_seq_lengths"] = jnp.asarray(rng.integers(0, S + 1, B), jnp.int32)
+    if rng.random() < 0.2:  # few distinct windows: each one compiles anew
+        call["local_window_size"] = [0, 1, (0, 2), (2, 1), (S, 0)][rng.integers(5)]
+    if rng.random() < 0.2:
+        call["dropout_rate"] = float(rng.choice([0.1, 0.5]))
+        call["dropout_rng"] = jax.random.key(int(rng.integers(2**31)))
+    if B == 1 and rng.random() < 0.3 and not any("lengths" in name for name in call):
+        call = _unbatched(call)
+    return call
+
+
+def _unbatched(call: dict) -> dict:
+    call = dict(call)
+    for name in ("query", "key", "value"):
+        call[name] = call[name][0]
+    for name in ("mask", "bias"):
+        if name in call and call[name].ndim == 4:
+            call[name] = call[name][0]
+    return call
+
+
+# --- user mistakes ------------------------------------------------------------------------
+
+
+def base_call(dtype="float32") -> dict:
+    """A small valid batched call: B=2, T=4, S=5, N=4, K=2, H=8."""
+    return _plain(random_call(np.random.default_rng(0), (2, 4, 5, 4, 2, 8), dtype))
+
+
+def _plain(call: dict) -> dict:
+    """Only query, key and value of ``call`` (batched)."""
+    return {name: call[name] for name in ("query", "key", "value")}
+
+
+def _with(call: dict, **changes) -> dict:
+    return _plain(call) | changes
+
+
+def _dims(call: dict):
+    B, T, N, H = call["query"].shape
+    _, S, K, H_v = call["value"].shape
+    return B, T, S, N, K, H, H_v
+
+
+def _traced_scale(call: dict):
+    from jax_attn import dispatch
+
+    def attend(scale):
+        return dispatch.dot_product_attention(**_plain(call), scale=scale)
+
+    return lambda: jax.jit(attend)(0.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mistake:
+    """One thing a user can get wrong in ``dot_product_attention``.
+
+    ``change(call)`` returns the keyword arguments of the wrong call, built from a
+    valid batched ``call``; ``error`` is the exception the library must raise and
+    ``argument`` the name its message must contain.
+    """
+
+    argument: str
+    description: str
+    error: type[Exception]
+    change: Callable[[dict], dict]
+    weights_too: bool = False  # also applies to dot_product_attention_weights(q, k, ...)
+
+
+def _mistakes() -> tuple[Mistake, ...]:
+    def q(call):
+        return call["query"]
+
+    def k(call):
+        return call["key"]
+
+    def v(call):
+        return call["value"]
+
+    def ones(shape, dtype=jnp.float32):
+        return jnp.ones(shape, dtype)
+
+    m = Mistake
+    return (
+        m("query", "query has 5 dims", ValueError, lambda c: _with(c, query=q(c)[None]), True),
+        m("query", "query has 2 dims", ValueError, lambda c: _with(c, query=q(c)[0, 0]), True),
+        m(
+            "key",
+            "key rank differs from query's",
+            ValueError,
+            lambda c: _with(c, key=k(c)[0]),
+            True,
+        ),
+        m(
+            "key",
+            "key head dim H differs from query's",
+            ValueError,
+            lambda c: _with(c, key=jnp.concatenate([k(c), k(c)], -1)),
+            True,
+        ),
+        m(
+            "key",
+            "key batch B differs from query's",
+            ValueError,
+            lambda c: _with(
+                c, key=jnp.concatenate([k(c), k(c)]), value=jnp.concatenate([v(c), v(c)])
+            ),
+            True,
+        ),
+        m(
+            "key",
+            "query heads N not a multiple of key heads K",
+            ValueError,
+            lambda c: _with(
+                c,
+                key=jnp.repeat(k(c)[:, :, :1], q(c).shape[2] + 1, 2),
+                value=jnp.repeat(v(c)[:, :, :1], q(c).shape[2] + 1, 2),
+            ),
+            True,
+        ),
+        m(
+            "key",
+            "key has zero heads (K=0)",
+            ValueError,
+            lambda c: _with(c, key=k(c)[:, :, :0], value=v(c)[:, :, :0]),
+            True,
+        ),
+        m(
+            "query",
+            "query has zero heads (N=0)",
+            ValueError,
+            lambda c: _with(c, query=q(c)[:, :, :0]),
+            True,
+        ),
+        m(
+            "value",
+            "value length S differs from key's",
+            ValueError,
+            lambda c: _with(c, value=v(c)[:, :-1]),
+        ),
+        m("value", "value has 3 dims", ValueError, lambda c: _with(c, value=v(c)[0])),
+        m("value", "value is None", TypeError, lambda c: _with(c, value=None)),
+        m(
+            "query",
+            "query is a Python list",
+            TypeError,
+            lambda c: _with(c, query=np.asarray(q(c), np.float32).tolist()),
+            True,
+        ),
+        m("key", "key is None", TypeError, lambda c: _with(c, key=None), True),
+        m(
+            "query",
+            "query has an integer dtype",
+            TypeError,
+            lambda c: _with(c, query=q(c).astype(jnp.int32)),
+            True,
+        ),
+        m(
+            "key",
+            "key dtype differs from query's",
+            TypeError,
+            lambda c: _with(
+                c, key=k(c).astype(jnp.bfloat16 if k(c).dtype != jnp.bfloat16 else jnp.float32)
+            ),
+            True,
+        ),
+        m(
+            "value",
+            "value dtype differs from query's",
+            TypeError,
+            lambda c: _with(
+                c, value=v(c).astype(jnp.float16 if v(c).dtype != jnp.float16 else jnp.float32)
+            ),
+        ),
+        m(
+            "mask",
+            "mask is float (an additive mask)",
+            TypeError,
+            lambda c: _with(c, mask=ones(_dims(c)[1:3][::-1])),
+            True,
+        ),
+        m(
+            "mask",
+            "mask does not broadcast to [B, N, T, S]",
+            ValueError,
+            lambda c: _with(c, mask=jnp.ones((_dims(c)[1] + 1, _dims(c)[2]), bool)),
+            True,
+        ),
+        m(
+            "mask",
+            "mask has 5 dims",
+            ValueError,
+            lambda c: _with(c, mask=jnp.ones((1, 1, 1, 1, _dims(c)[2]), bool)),
+            True,
+        ),
+        m(
+            "mask",
+            "mask is a Python list",
+            TypeError,
+            lambda c: _with(c, mask=[[True] * _dims(c)[2]] * _dims(c)[1]),
+            True,
+        ),
+        m(
+            "bias",
+            "bias does not broadcast to [B, N, T, S]",
+            ValueError,
+            lambda c: _with(c, bias=ones((_dims(c)[3] + 1, _dims(c)[1], _dims(c)[2]))),
+            True,
+        ),
+        m(
+            "bias",
+            "bias has an integer dtype",
+            TypeError,
+            lambda c: _with(c, bias=jnp.zeros((_dims(c)[1], _dims(c)[2]), jnp.int32)),
+            True,
+        ),
+        m(
+            "is_causal",
+            "is_causal is a string",
+            TypeError,
+            lambda c: _with(c, is_causal="yes"),
+            True,
+        ),
+        m("scale", "scale is a string", TypeError, lambda c: _with(c, scale="0.5"), True),
+        m("scale", "scale is not finite", ValueError, lambda c: _with(c, scale=float("inf")), True),
+        m(
+            "scale",
+            "scale is traced inside jax.jit",
+            TypeError,
+            lambda c: {"_call": _traced_scale(c)},
+        ),
+        m(
+            "query_seq_lengths",
+            "query_seq_lengths has the wrong shape",
+            ValueError,
+            lambda c: _with(c, query_seq_lengths=jnp.ones((_dims(c)[0] + 1,), jnp.int32)),
+        ),
+        m(
+            "query_seq_lengths",
+            "query_seq_lengths is negative",
+            ValueError,
+            lambda c: _with(c, query_seq_lengths=-jnp.ones((_dims(c)[0],), jnp.int32)),
+        ),
+        m(
+            "query_seq_lengths",
+            "query_seq_lengths is a Python list",
+            TypeError,
+            lambda c: _with(c, query_seq_lengths=[1] * _dims(c)[0]),
+        ),
+        m(
+            "key_value_seq_lengths",
+            "key_value_seq_lengths exceeds S",
+            ValueError,
+            lambda c: _with(c, key_value_seq_lengths=jnp.full((_dims(c)[0],), _dims(c)[2] + 1)),
+        ),
+        m(
+            "key_value_seq_lengths",
+            "key_value_seq_lengths is float",
+            TypeError,
+            lambda c: _with(c, key_value_seq_lengths=jnp.ones((_dims(c)[0],))),
+        ),
+        m(
+            "key_value_seq_lengths",
+            "lengths with unbatched inputs [S, K, H]",
+            ValueError,
+            lambda c: (
+                {name: x[0] for name, x in _plain(c).items()}
+                | {"key_value_seq_lengths": jnp.ones((1,), jnp.int32)}
+            ),
+        ),
+        m(
+            "local_window_size",
+            "local_window_size is negative",
+            ValueError,
+            lambda c: _with(c, local_window_size=(-1, 2)),
+        ),
+        m(
+            "local_window_size",
+            "local_window_size is a float",
+            TypeError,
+            lambda c: _with(c, local_window_size=1.5),
+        ),
+        m(
+            "local_window_size",
+            "local_window_size has three entries",
+            TypeError,
+            lambda c: _with(c, local_window_size=(1, 2, 3)),
+        ),
+        m(
+            "dropout_rate",
+            "dropout_rate is 1",
+            ValueError,
+            lambda c: _with(c, dropout_rate=1.0, dropout_rng=jax.random.key(0)),
+        ),
+        m(
+            "dropout_rate",
+            "dropout_rate is negative",
+            ValueError,
+            lambda c: _with(c, dropout_rate=-0.1, dropout_rng=jax.random.key(0)),
+        ),
+        m(
+            "dropout_rate",
+            "dropout_rate is NaN",
+            ValueError,
+            lambda c: _with(c, dropout_rate=float("nan"), dropout_rng=jax.random.key(0)),
+        ),
+        m(
+            "dropout_rate",
+            "dropout_rate is a string",
+            TypeError,
+            lambda c: _with(c, dropout_rate="0.1", dropout_rng=jax.random.key(0)),
+        ),
+        m(
+            "dropout_rng",
+            "dropout_rate > 0 without dropout_rng",
+            ValueError,
+            lambda c: _with(c, dropout_rate=0.1),
+        ),
+        m(
+            "dropout_rng",
+            "dropout_rng is an int seed",
+            TypeError,
+            lambda c: _with(c, dropout_rate=0.1, dropout_rng=0),
+        ),
+        m(
+            "dropout_rng",
+            "dropout_rng is a batch of keys",
+            ValueError,
+            lambda c: _with(c, dropout_rate=0.1, dropout_rng=jax.random.split(jax.random.key(0))),
+        ),
+        m(
+            "implementation",
+            "implementation is unknown",
+            ValueError,
+            lambda c: _with(c, implementation="flash"),
+        ),
+        m(
+            "implementation",
+            "implementation cannot serve the call (xla with dropout)",
+            ValueError,
+            lambda c: _with(
+                c, implementation="xla", dropout_rate=0.1, dropout_rng=jax.random.key(0)
+            ),
+        ),
+    )
+
+
+MISTAKES: tuple[Mistake, ...] = _mistakes()
+
+
+def run_mistake(mistake: Mistake, call: dict, entry: str = "dot_product_attention"):
+    """Makes the wrong call; returns the exception raised, or ``None`` if none was."""
+    from jax_attn import dispatch, functional, reference
+
+    kwargs = mistake.change(call)
+    try:
+        if "_call" in kwargs:
+            kwargs["_call"]()
+        elif entry == "dot_product_attention":
+            dispatch.dot_product_attention(**kwargs)
+        elif entry == "reference":
+            reference.dot_product_attention(**kwargs)
+        elif entry == "dot_product_attention_weights":
+            kwargs.pop("value", None)
+            query, key = kwargs.pop("query"), kwargs.pop("key")
+            functional.dot_product_attention_weights(query, key, **kwargs)
+        else:
+            raise ValueError(f"unknown entry {entry!r}")
+    except Exception as error:  # noqa: BLE001 - classified by the caller
+        return error
+    return None
+
+
+def is_clear(error, mistake: Mistake) -> bool:
+    """A clear refusal: ``ValueError``/``TypeError`` whose message names the argument."""
+    return isinstance(error, ValueError | TypeError) and mistake.argument in str(error)
+
+
+# --- other entry points: masks and modules (for the error table and tests) ----------------
+
+
+def _module_mistakes() -> tuple[tuple[str, str, str, type, Callable[[], object]], ...]:
+    """``(entry, argument, description, error, call)`` for masks and the Flax modules."""
+    import jax_attn as ja
+
+    x = jnp.ones((2, 4, 8))
+    mha = ja.MultiHeadAttention(8, 8, 4, 0.1, 2)
+
+    def apply_mha(inputs, **kwargs):
+        params = mha.init(jax.random.key(0), x, deterministic=True)
+        return lambda: mha.apply(params, inputs, **kwargs)
+
+    return (
+        ("make_causal_mask", "T", "T is negative", ValueError, lambda: ja.make_causal_mask(-1)),
+        ("make_causal_mask", "T", "T is a float", TypeError, lambda: ja.make_causal_mask(2.5)),
+        (
+            "make_sliding_window_mask",
+            "local_window_size",
+            "window is negative",
+            ValueError,
+            lambda: ja.make_sliding_window_mask(4, -1),
+        ),
+        (
+            "make_padding_mask",
+            "q_lengths",
+            "no lengths at all",
+            ValueError,
+            lambda: ja.make_padding_mask(None, None, 4, 4),
+        ),
+        (
+            "make_padding_mask",
+            "q_lengths",
+            "lengths are float",
+            TypeError,
+            lambda: ja.make_padding_mask(jnp.ones(2), None, 4, 4),
+        ),
+        (
+            "make_padding_mask",
+            "kv_lengths",
+            "q and kv lengths differ in batch",
+            ValueError,
+            lambda: ja.make_padding_mask(jnp.ones(2, int), jnp.ones(3, int), 4, 4),
+        ),
+        (
+            "combine_masks",
+            "masks",
+            "a mask is not boolean",
+            TypeError,
+            lambda: ja.combine_masks(jnp.ones((2, 2))),
+        ),
+        (
+            "combine_masks",
+            "mask",
+            "masks do not broadcast",
+            ValueError,
+            lambda: ja.combine_masks(jnp.ones((2, 3), bool), jnp.ones((4, 3), bool)),
+        ),
+        (
+            "MultiHeadAttention",
+            "num_heads",
+            "d_out not divisible by num_heads",
+            ValueError,
+            lambda: ja.MultiHeadAttention(8, 9, 4, 0.0, 2),
+        ),
+        (
+            "MultiHeadAttention",
+            "num_heads",
+            "num_heads is 0",
+            ValueError,
+            lambda: ja.MultiHeadAttention(8, 8, 4, 0.0, 0),
+        ),
+        (
+            "MultiHeadAttention",
+            "dropout",
+            "dropout is 1",
+            ValueError,
+            lambda: ja.MultiHeadAttention(8, 8, 4, 1.0, 2),
+        ),
+        (
+            "CausalAttention",
+            "d_out",
+            "d_out is a float",
+            TypeError,
+            lambda: ja.CausalAttention(8, 2.0, 4, 0.0),
+        ),
+        ("SelfAttentionV1", "d_in", "d_in is 0", ValueError, lambda: ja.SelfAttentionV1(0, 2)),
+        (
+            "MultiHeadAttentionWrapper",
+            "num_heads",
+            "num_heads is 0",
+            ValueError,
+            lambda: ja.MultiHeadAttentionWrapper(8, 8, 4, 0.0, 0),
+        ),
+        (
+            "MultiHeadAttention.apply",
+            "d_in",
+            "x has the wrong width",
+            ValueError,
+            apply_mha(jnp.ones((2, 4, 7)), deterministic=True),
+        ),
+        (
+            "MultiHeadAttention.apply",
+            "context_length",
+            "x is longer than context_length",
+            ValueError,
+            apply_mha(jnp.ones((2, 5, 8)), deterministic=True),
+        ),
+        (
+            "MultiHeadAttention.apply",
+            "x",
+            "x has 4 dims",
+            ValueError,
+            apply_mha(jnp.ones((1, 2, 4, 8)), deterministic=True),
+        ),
+        (
+            "MultiHeadAttention.apply",
+            "deterministic",
+            "dropout > 0 and no deterministic flag",
+            ValueError,
+            apply_mha(x),
+        ),
+        (
+            "MultiHeadAttention.apply",
+            "rngs",
+            "deterministic=False without a dropout rng",
+            ValueError,
+            apply_mha(x, deterministic=False),
+        ),
+    )
+
+
+def module_mistakes():
+    return _module_mistakes()
+
+
+# --- error table ----------------------------------------------------------------------
+
+
+def _message(error) -> str:
+    if error is None:
+        return "(no error raised)"
+    return f"`{type(error).__name__}: {str(error).splitlines()[0]}`".replace("|", "\\|")
+
+
+def error_table() -> str:
+    """The Markdown error table, made by running every mistake."""
+    load_kernels()
+    call = base_call()
+    lines = [
+        "# Errors: each mistake and the message it gets",
+        "",
+        "Generated by `python -m jax_attn.apps.fuzz --error-table docs/errors.md` from the",
+        "mistake catalogue in `jax_attn/apps/fuzz.py` (`MISTAKES`, `module_mistakes()`); the test",
+        "suite regenerates it and fails if this file is stale. Every message below is the one",
+        "the code raises today. Attention calls start from a valid call with",
+        "q `[2, 4, 4, 8]` (B, T, N, H), k and v `[2, 5, 2, 8]` (B, S, K, H), float32.",
+        "",
+        "Every check runs in Python before tracing, so these errors also come out of",
+        "`jax.jit`/`jax.grad`-wrapped calls. Sequence lengths are range-checked only when",
+        "they are concrete (not traced).",
+        "",
+        "## `dot_product_attention` (and `reference.dot_product_attention`)",
+        "",
+        "| argument | mistake | message |",
+        "|---|---|---|",
+    ]
+    for mistake in MISTAKES:
+        error = run_mistake(mistake, call)
+        lines.append(f"| `{mistake.argument}` | {mistake.description} | {_message(error)} |")
+    lines += [
+        "",
+        "## Masks and Flax modules",
+        "",
+        "| call | argument | mistake | message |",
+        "|---|---|---|---|",
+    ]
+    for entry, argument, description, _, make in module_mistakes():
+        try:
+            make()
+            error = None
+        except Exception as caught:  # noqa: BLE001 - recorded in the table
+            error = caught
+        lines.append(f"| `{entry}` | `{argument}` | {description} | {_message(error)} |")
+    return "\n".join(lines) + "\n"
+
+
+# --- the fuzz run ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class FuzzReport:
+    cases: int = 0
+    valid: int = 0
+    comparisons: int = 0
+    agreed: int = 0
+    disagreed: int = 0
+    nans: int = 0
+    unsupported: int = 0
+    bad_inputs: int = 0
+    rejected_clearly: int = 0
+    unclear: int = 0
+    worst_error: dict = dataclasses.field(default_factory=dict)
+    per_implementation: dict = dataclasses.field(default_factory=dict)
+    failures: list = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.disagreed == 0 and self.nans == 0 and self.unclear == 0
+
+
+def _describe(call: dict) -> str:
+    parts = [
+        f"q{list(call['query'].shape)} k{list(call['key'].shape)} "
+        f"v{list(call['value'].shape)} {call['query'].dtype}"
+    ]
+    for name, value in call.items():
+        if name in ("query", "key", "value", "dropout_rng"):
+            continue
+        parts.append(f"{name}={list(value.shape) if hasattr(value, 'shape') else value}")
+    return " ".join(parts)
+
+
+def check_valid_call(call: dict, report: FuzzReport, implementations) -> None:
+    """Every implementation that serves ``call`` against the float64 reference."""
+    from jax_attn import dispatch
+    from jax_attn.validation import check_attention_args
+
+    args = {name: x for name, x in call.items() if name not in ("query", "key", "value")}
+    expected = reference_float64(call["query"], call["key"], call["value"], **args)
+    meta = check_attention_args(call["query"], call["key"], call["value"], **args)
+    empty = empty_rows(call)
+    dtype = np.dtype(call["query"].dtype).name
+    for name in implementations:
+        stats = report.per_implementation.setdefault(
+            name, dict(agreed=0, disagreed=0, nans=0, unsupported=0)
+        )
+        if dispatch.unsupported_reason(name, meta) is not None:
+            report.unsupported += 1
+            stats["unsupported"] += 1
+            continue
+        report.comparisons += 1
+        out = dispatch.dot_product_attention(
+            call["query"], call["key"], call["value"], implementation=name, **args
+        )
+        error = max_error(out, expected, call["value"])
+        key = f"{name}/{dtype}"
+        report.worst_error[key] = max(report.worst_error.get(key, 0.0), error)
+        if np.isnan(np.asarray(out, np.float32)).any():
+            report.nans += 1
+            stats["nans"] += 1
+            report.failures.append(f"NaN from {name}: {_describe(call)}")
+        elif np.any(np.asarray(out, np.float32)[empty] != 0.0):
+            report.disagreed += 1
+            stats["disagreed"] += 1
+            report.failures.append(f"{name}: nonzero output for an empty row: {_describe(call)}")
+        elif error <= tolerance(dtype):
+            report.agreed += 1
+            stats["agreed"] += 1
+        else:
+            report.disagreed += 1
+            stats["disagreed"] += 1
+            report.failures.append(
+                f"{name} off by {error:.2e} (> {tolerance(dtype):.1e}): {_describe(call)}"
+            )
+
+
+def run_fuzz(
+    num_cases: int,
+    seed: int = 0,
+    bad_fraction: float = 0.25,
+    implementations=None,
+    progress: bool = False,
+    shapes=SHAPES,
+    dtypes=DTYPES,
+) -> FuzzReport:
+    """``num_cases`` random cases; about ``bad_fraction`` of them are user mistakes.
+
+    ``shapes`` are ``(B, T, S, N, K, H)`` tuples and ``dtypes`` names, drawn uniformly.
+    """
+    implementations = list(implementations or load_kernels())
+    rng = np.random.default_rng(seed)
+    report = FuzzReport()
+
+    def draw():
+        shape = shapes[rng.integers(len(shapes))]
+        return random_call(rng, shape, dtypes[rng.integers(len(dtypes))])
+
+    for index in range(num_cases):
+        report.cases += 1
+        if rng.random() < bad_fraction:
+            mistake = MISTAKES[rng.integers(len(MISTAKES))]
+            call = draw()
+            while call["query"].ndim != 4:
+                call = draw()
+            entry = ["dot_product_attention", "reference", "dot_product_attention_weights"][
+                rng.integers(3 if mistake.weights_too else 2)
+            ]
+            report.bad_inputs += 1
+            error = run_mistake(mistake, call, entry)
+            if is_clear(error, mistake):
+                report.rejected_clearly += 1
+            else:
+                report.unclear += 1
+                got = "no error" if error is None else f"{type(error).__name__}: {error}"
+                report.failures.append(
+                    f"unclear rejection of '{mistake.description}' by {entry}: {got}"
+                )
+        else:
+            report.valid += 1
+            check_valid_call(draw(), report, implementations)
+        if progress and (index + 1) % 100 == 0:
+            print(f"  {index + 1}/{num_cases} cases", file=sys.stderr, flush=True)
+    return report
+
+
+def format_report(report: FuzzReport, seconds: float, seed: int) -> str:
+    device = jax.devices()[0]
+    lines = [
+        f"jax-attn check --fuzz {report.cases} --seed {seed} on {device.platform} "
+        f"({device.device_kind}), jax {jax.__version__}, {seconds:.1f} s",
+        "",
+        f"{'':<34}{'count':>8}",
+        f"{'cases':<34}{report.cases:>8}",
+        f"{'valid cases':<34}{report.valid:>8}",
+        f"{'  comparisons with reference64':<34}{report.comparisons:>8}",
+        f"{'  agreed':<34}{report.agreed:>8}",
+        f"{'  disagreed':<34}{report.disagreed:>8}",
+        f"{'  NaNs seen':<34}{report.nans:>8}",
+        f"{'  not served (skipped)':<34}{report.unsupported:>8}",
+        f"{'bad inputs':<34}{report.bad_inputs:>8}",
+        f"{'  rejected clearly':<34}{report.rejected_clearly:>8}",
+        f"{'  unclear or not rejected':<34}{report.unclear:>8}",
+        "",
+        f"{'implementation':<16}{'agreed':>8}{'disagreed':>11}{'NaNs':>6}{'skipped':>9}",
+    ]
+    for name, stats in report.per_implementation.items():
+        lines.append(
+            f"{name:<16}{stats['agreed']:>8}{stats['disagreed']:>11}"
+            f"{stats['nans']:>6}{stats['unsupported']:>9}"
+        )
+    lines += ["", f"{'worst error / max|v|':<24}{'':>4}{'tolerance':>10}"]
+    for key in sorted(report.worst_error):
+        dtype = key.split("/")[1]
+        lines.append(f"{key:<24}{report.worst_error[key]:>10.2e}{tolerance(dtype):>10.1e}")
+    lines.append("")
+    lines.append("OK" if report.ok else f"FAILED ({len(report.failures)} problems)")
+    lines += [f"  {failure}" for failure in report.failures[:20]]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="jax-attn check --fuzz",
+        description="Random cases: implementations vs the float64 reference, and bad inputs.",
+    )
+    parser.add_argument("--fuzz", type=int, default=None, metavar="N", help="number of cases")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--bad-fraction",
+        type=float,
+        default=0.25,
+        help="share of cases that are user mistakes (default 0.25)",
+    )
+    parser.add_argument(
+        "--implementations",
+        default=None,
+        help="comma-separated names (default: all available here)",
+    )
+    parser.add_argument(
+        "--error-table",
+        nargs="?",
+        const="-",
+        default=None,
+        metavar="PATH",
+        help="write the Markdown error table to PATH ('-': stdout) and exit",
+    )
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.error_table is not None:
+        table = error_table()
+        if args.error_table == "-":
+            print(table, end="")
+        else:
+            with open(args.error_table, "w") as f:
+                f.write(table)
+        return 0
+    if args.fuzz is None or args.fuzz < 0:
+        parser.error("--fuzz N needs a number of cases N >= 0")
+    if not 0.0 <= args.bad_fraction <= 1.0:
+        parser.error("--bad-fraction must be in [0, 1]")
+    names = args.implementations.split(",") if args.implementations else None
+    start = time.perf_counter()
+    report = run_fuzz(args.fuzz, args.seed, args.bad_fraction, names, progress=True)
+    print(format_report(report, time.perf_counter() - start, args.seed))
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,211 @@
+"""``dot_product_attention``: one call, several implementations, one semantics.
+
+Each implementation registers what it can serve (``unsupported(call, platform)``
+returns the reason it cannot, or ``None``). ``implementation=None`` walks the
+platform's preference list and takes the first that supports the call; naming an
+implementation that cannot serve the call raises a ``ValueError`` saying why.
+All implementations agree with :mod:`jax_attn.reference` (tested).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import jax
+
+from jax_attn import reference
+from jax_attn.kernels import chunked, cudnn, xla
+from jax_attn.kernels.base import Implementation
+from jax_attn.validation import AttentionCall, batched_inputs, check_attention_args
+
+if TYPE_CHECKING:  # shape annotations only; see jax_attn.shapes
+    from jax_attn.shapes import Array, Float, Keys, Lengths, Mask, Outputs, PRNGKey, Queries, Values
+
+__all__ = [
+    "Implementation",
+    "available_implementations",
+    "dot_product_attention",
+    "preference_order",
+    "register_implementation",
+    "select_implementation",
+    "unsupported_reason",
+]
+
+
+_REGISTRY: dict[str, Implementation] = {}
+# Preference order per platform for implementation=None (first supporting one wins);
+# :func:`preference_order` moves "xla" ahead of "chunked" for the calls below the
+# thresholds that follow.
+PREFERENCE: dict[str, list[str]] = {
+    "cpu": ["chunked", "xla", "reference"],
+    "gpu": ["cudnn", "xla", "chunked", "reference"],
+    "tpu": ["xla", "chunked", "reference"],
+}
+# "chunked" goes first only from this many queries T on: with fewer (decoding) it has no
+# block to skip and its loop costs more than "xla" (measured on CPU: T=1..4 against 64..1024
+# keys, chunked 1.3x slower; T >= 8 chunked faster; see docs/performance.md).
+CHUNKED_MIN_QUERIES: dict[str, int] = {"cpu": 8, "gpu": 8, "tpu": 8}
+# ... and, where "xla" is listed first (GPU, TPU), only from this many bytes of float32
+# logits [B, N, T, S] on, where materialising them costs memory the device may not have.
+# Not measured on a GPU yet: a memory bound, not a speed threshold.
+CHUNKED_MIN_LOGIT_BYTES: dict[str, int] = {"cpu": 0, "gpu": 2**30, "tpu": 2**30}
+
+
+def preference_order(call: AttentionCall, platform: str) -> list[str]:
+    """The platform's :data:`PREFERENCE` adjusted for the call's size."""
+    order = list(PREFERENCE.get(platform, ["reference"]))
+    if "chunked" not in order or "xla" not in order:
+        return order
+    logit_bytes = 4 * call.B * call.N * call.T * call.S
+    wants_chunked = call.T >= CHUNKED_MIN_QUERIES.get(
+        platform, 8
+    ) and logit_bytes >= CHUNKED_MIN_LOGIT_BYTES.get(platform, 0)
+    first, second = ("chunked", "xla") if wants_chunked else ("xla", "chunked")
+    i, j = sorted((order.index("chunked"), order.index("xla")))
+    order[i], order[j] = first, second
+    return order
+
+
+def register_implementation(impl: Implementation) -> None:
+    """Adds (or replaces) an implementation in the registry."""
+    _REGISTRY[impl.name] = impl
+
+
+def _platform() -> str:
+    return jax.default_backend()
+
+
+def unsupported_reason(name: str, call: AttentionCall, platform: str | None = None) -> str | None:
+    """Why implementation ``name`` cannot serve ``call`` on ``platform``, or ``None``."""
+    platform = platform or _platform()
+    impl = _REGISTRY[name]
+    if impl.platforms is not None and platform not in impl.platforms:
+        return f"runs on {', '.join(impl.platforms)} only, not on {platform}"
+    return impl.unsupported(call, platform)
+
+
+def available_implementations() -> list[str]:
+    """Names of the implementations usable on the default device, in preference order."""
+    platform = _platform()
+    ordered = PREFERENCE.get(platform, []) + sorted(_REGISTRY)
+    names = []
+    for name in ordered:
+        impl = _REGISTRY.get(name)
+        if impl is None or name in names:
+            continue
+        if impl.platforms is None or platform in impl.platforms:
+            names.append(name)
+    return names
+
+
+def select_implementation(call: AttentionCall, platform: str | None = None) -> str:
+    """The first implementation in the platform's preference order that supports ``call``."""
+    platform = platform or _platform()
+    reasons = {}
+    for name in preference_order(call, platform):
+        if name not in _REGISTRY:
+            continue
+        reason = unsupported_reason(name, call, platform)
+        if reason is None:
+            return name
+        reasons[name] = reason
+    raise ValueError(f"no implementation supports this call on {platform}: {reasons}")
+
+
+def dot_product_attention(
+    query: Queries,
+    key: Keys,
+    value: Values,
+    *,
+    mask: Mask | None = None,
+    bias: Float[Array, "*bias"] | None = None,
+    is_causal=False,
+    scale=None,
+    query_seq_lengths: Lengths | None = None,
+    key_value_seq_lengths: Lengths | None = None,
+    local_window_size=None,
+    dropout_rate=0.0,
+    dropout_rng: PRNGKey | None = None,
+    implementation=None,
+) -> Outputs:
+    """Scaled dot-product attention: ``softmax(q k^T * scale + bias, masked) v``.
+
+    Args:
+      query: ``[B, T, N, H]`` (or ``[T, N, H]``).
+      key: ``[B, S, K, H]`` with ``N % K == 0`` (GQA/MQA when ``K < N``).
+      value: ``[B, S, K, H_v]``.
+      mask: bool, True = may attend, broadcastable to ``[B, N, T, S]``.
+      bias: added to the logits, broadcastable to ``[B, N, T, S]``; ``-inf`` masks.
+      is_causal: query ``t`` attends keys ``<= t + S - T`` (bottom-right aligned).
+      scale: logit scale, default ``1 / sqrt(H)``.
+      query_seq_lengths, key_value_seq_lengths: int ``[B]``; padded positions are masked.
+      local_window_size: ``w`` or ``(left, right)``: attend keys within the window.
+      dropout_rate, dropout_rng: dropout on the attention weights (kept ones scaled).
+      implementation: ``None`` (fastest supporting one), or one of
+        :func:`available_implementations`.
+
+    Returns:
+      ``[B, T, N, H_v]`` in the input dtype. A query with nothing to attend gets zeros.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jax_attn import reference
+    >>> q = jax.random.normal(jax.random.key(0), (2, 5, 4, 8))      # [B, T, N, H]
+    >>> k = v = jax.random.normal(jax.random.key(1), (2, 5, 2, 8))  # [B, S, K, H], K=2: GQA
+    >>> out = dot_product_attention(q, k, v, is_causal=True)
+    >>> out.shape
+    (2, 5, 4, 8)
+    >>> expected = reference.dot_product_attention(q, k, v, is_causal=True)
+    >>> bool(jnp.allclose(out, expected, atol=1e-5))
+    True
+    """
+    call = check_attention_args(
+        query,
+        key,
+        value,
+        mask=mask,
+        bias=bias,
+        is_causal=is_causal,
+        scale=scale,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
+    )
+    platform = _platform()
+    if implementation is None:
+        name = select_implementation(call, platform)
+    else:
+        if not isinstance(implementation, str) or implementation not in _REGISTRY:
+            raise ValueError(
+                f"implementation must be None or one of {sorted(_REGISTRY)}, got {implementation!r}"
+            )
+        name = implementation
+        reason = unsupported_reason(name, call, platform)
+        if reason is not None:
+            raise ValueError(f"implementation={name!r} cannot serve this call: {reason}")
+    q, k, v = batched_inputs(call, query, key, value)
+    out = _REGISTRY[name].fn(
+        q,
+        k,
+        v,
+        call=call,
+        mask=mask,
+        bias=bias,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        dropout_rng=dropout_rng,
+    )
+    return out if call.batched else out[0]
+
+
+register_implementation(
+    Implementation(
+        name="reference",
+        fn=reference.reference_attention,
+        unsupported=lambda call, platform: None,
+        description="einsum -> mask -> softmax -> einsum; materialises [B, N, T, S]",
+    )
+)
+for _kernel in (xla, cudnn, chunked):
+    register_implementation(_kernel.IMPLEMENTATION)

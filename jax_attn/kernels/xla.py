@@ -1,0 +1,134 @@
+"""``"xla"``: ``jax.nn.dot_product_attention(implementation="xla")`` with this library's
+semantics (bottom-right causal alignment, zero output for an empty row).
+
+It materialises the ``[B, N, T, S]`` logits; fast for short sequences and decoding.
+The same adapter serves ``"cudnn"`` (:mod:`jax_attn.kernels.cudnn`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jax_attn.kernels.base import Implementation
+from jax_attn.masks import build_attention_mask
+from jax_attn.validation import AttentionCall
+
+
+def _xla_unsupported(call: AttentionCall, platform: str) -> str | None:
+    if call.dropout_rate > 0.0:
+        return "no dropout (jax.nn.dot_product_attention has none)"
+    if call.H_v != call.H:
+        return f"needs value head dim equal to H={call.H}, got {call.H_v}"
+    if call.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        return f"dtype {call.dtype} (float32, bfloat16 and float16 only)"
+    return None
+
+
+def jax_nn_attention(
+    q,
+    k,
+    v,
+    *,
+    call,
+    mask,
+    bias,
+    query_seq_lengths,
+    key_value_seq_lengths,
+    dropout_rng,
+    implementation="xla",
+):
+    del dropout_rng
+    T, S = call.T, call.S
+    # jax.nn aligns causal and window masks top-left; ours are bottom-right. They agree
+    # when T == S; otherwise the masks go in explicitly. cuDNN takes a left window only,
+    # and only with the causal mask (which makes the right side irrelevant).
+    native = T == S
+    native_window = call.window
+    if implementation == "cudnn" and call.window is not None:
+        native_window = (call.window[0], 0) if call.is_causal else None
+    native_window_ok = call.window is None or native_window is not None
+    if bias is not None:
+        bias = jnp.asarray(bias)
+        finite = bias > -jnp.inf
+        # float32 at least: a finite bias such as -1e9 must not round to -inf in float16.
+        bias = jnp.where(finite, bias, 0.0).astype(jnp.promote_types(q.dtype, jnp.float32))
+        mask = finite if mask is None else jnp.asarray(mask) & finite
+    explicit_window = call.window is not None and not (native and native_window_ok)
+    if (not native and call.is_causal) or explicit_window:
+        mask = build_attention_mask(
+            T,
+            S,
+            mask=mask,
+            is_causal=call.is_causal and not native,
+            local_window_size=call.window if explicit_window else None,
+        )
+    if implementation == "cudnn":
+        mask, bias = cudnn_mask_and_bias(mask, bias, T, S, q.dtype)
+    lengths = {}
+    if query_seq_lengths is not None:
+        lengths["query_seq_lengths"] = jnp.asarray(query_seq_lengths, jnp.int32)
+    if key_value_seq_lengths is not None:
+        lengths["key_value_seq_lengths"] = jnp.asarray(key_value_seq_lengths, jnp.int32)
+    out = jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        bias=None if bias is None else bias.reshape((1,) * (4 - bias.ndim) + bias.shape),
+        mask=None if mask is None else mask.reshape((1,) * (4 - mask.ndim) + mask.shape),
+        scale=call.scale,
+        is_causal=call.is_causal and native,
+        local_window_size=None if explicit_window else native_window,
+        implementation=implementation,
+        **lengths,
+    )
+    # jax.nn spreads a fully masked row uniformly; ours is zero.
+    can_empty = mask is not None or lengths or T > S
+    if can_empty:
+        allowed = build_attention_mask(
+            T,
+            S,
+            mask=mask,
+            is_causal=call.is_causal,
+            query_seq_lengths=query_seq_lengths,
+            key_value_seq_lengths=key_value_seq_lengths,
+            local_window_size=call.window,
+        )
+        if allowed is None:  # T > S, nothing masks: a row is empty only when S == 0
+            allowed = jnp.ones((1, 1, T, S), bool)
+        # [B, N, T] -> [B, T, N, 1]
+        row_has_keys = jnp.any(allowed, axis=-1)
+        row_has_keys = jnp.broadcast_to(row_has_keys, (call.B, call.N, T))
+        out = jnp.where(jnp.transpose(row_has_keys, (0, 2, 1))[..., None], out, 0)
+    return out
+
+
+def xla_attention(q, k, v, **kwargs):
+    if q.dtype == jnp.float16 and jax.default_backend() == "cpu":
+        # jax.nn asks dot_general for F16_F16_F32 precision, which XLA:CPU cannot compile
+        # under jax.jit; float32 inputs give the same float32 logits.
+        q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+        return jax_nn_attention(q, k, v, implementation="xla", **kwargs).astype(jnp.float16)
+    return jax_nn_attention(q, k, v, implementation="xla", **kwargs)
+
+
+IMPLEMENTATION = Implementation(
+    name="xla",
+    fn=xla_attention,
+    unsupported=_xla_unsupported,
+    description="jax.nn.dot_product_attention(implementation='xla')",
+)
+
+
+def cudnn_mask_and_bias(mask, bias, T, S, dtype):
+    """cuDNN takes a mask or bias with full ``T`` and ``S`` dims, in the input dtype."""
+    if bias is not None:
+        limit = float(jnp.finfo(dtype).max)
+        bias = jnp.clip(bias, -limit, limit).astype(dtype)
+        bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+        bias = jnp.broadcast_to(bias, (*bias.shape[:2], T, S))
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+        mask = jnp.broadcast_to(mask, (*mask.shape[:2], T, S))
+    return mask, bias

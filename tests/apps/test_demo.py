@@ -1,0 +1,147 @@
+"""``jax-attn demo`` end to end, with a small config for the jit-compiled part."""
+
+import copy
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_attn.apps import cli, config, demo
+
+TINY = """\
+[attention]
+name = "tiny"
+d_in = 32
+d_out = 32
+num_heads = 4
+context_length = 16
+dropout = 0.1
+qkv_bias = true
+
+[run]
+batch = 2
+seq_len = 16
+dtype = "float32"
+"""
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    return path
+
+
+def test_demo_through_the_cli_prints_book_values_device_and_times(tiny_config, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    code = cli.main(["demo", "--config", str(tiny_config), "--out", str(out_dir), "--runs", "2"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    # printed values of 3.3.1, 3.3.2, 3.4.1 and exercise 3.3, each next to its match mark
+    for printed in (
+        "0.9544  1.4950  1.4754  0.8434  0.7070  1.0865",
+        "0.2098  0.2006  0.1981  0.1242  0.1220  0.1452",
+        "0.3061  0.8210",
+        "2,360,064 parameters",
+    ):
+        assert printed in text
+    assert re.search(r"book steps: (\d+) of \1 checks passed; all checks: (\d+) of \2", text)
+    assert "FAILED" not in text
+    assert str(jax.devices()[0]) in text
+    assert "compile time:" in text and "run time:" in text
+    assert "equals the einsum reference" in text
+    assert "everything matches" in text
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in text
+    else:
+        png = out_dir / "attention_weights.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert str(png) in text
+
+
+def test_demo_fails_when_a_book_value_does_not_match(tiny_config, monkeypatch, capsys):
+    wrong = copy.deepcopy(demo.BOOK)
+    wrong["3.4.1"]["attn_score_22"] = 1.8534
+    monkeypatch.setattr(demo, "BOOK", wrong)
+    code = demo.main(["--config", str(tiny_config), "--no-plot", "--runs", "1", "--seq-len", "4"])
+    text = capsys.readouterr().out
+    assert code == 1
+    assert "FAILED: attn_score_22" in text
+
+
+def test_demo_fails_when_the_reference_check_fails(tiny_config, monkeypatch, capsys):
+    def wrong_reference(params, x, num_heads):
+        return demo.F.dense(x, params["out_proj"]) * 0.0
+
+    monkeypatch.setattr(demo, "reference_multi_head_attention", wrong_reference)
+    code = demo.main(["--config", str(tiny_config), "--no-plot", "--runs", "1", "--seq-len", "4"])
+    assert code == 1
+    assert "FAILED: output equals the einsum reference" in capsys.readouterr().out
+
+
+def test_demo_overrides_shape_and_dtype(tiny_config, capsys):
+    code = demo.main(
+        [
+            "--config",
+            str(tiny_config),
+            "--no-plot",
+            "--runs",
+            "1",
+            "--batch",
+            "1",
+            "--seq-len",
+            "8",
+            "--dtype",
+            "bfloat16",
+        ]
+    )
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "input x [1, 8, 32] bfloat16" in text
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--config", "no-such-config"], "not found"),
+        (["--config", "gpt2-small", "--seq-len", "2048"], "context_length"),
+    ],
+)
+def test_demo_bad_config_exits_2(argv, message, capsys):
+    assert demo.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_rejects_non_positive_overrides(capsys):
+    with pytest.raises(SystemExit):
+        demo.main(["--batch", "0"])
+    assert "--batch must be > 0" in capsys.readouterr().err
+
+
+def test_reference_multi_head_attention_equals_the_module():
+    cfg = config.from_dict(
+        config.AttentionConfig,
+        {
+            "name": "t",
+            "d_in": 12,
+            "d_out": 12,
+            "num_heads": 3,
+            "context_length": 8,
+            "dropout": 0.0,
+            "qkv_bias": True,
+        },
+    )
+    module = cfg.multi_head_attention()
+    x = jax.random.normal(jax.random.key(0), (2, 8, 12))
+    params = jax.jit(module.init)(jax.random.key(1), x)["params"]
+    reference = jax.jit(demo.reference_multi_head_attention, static_argnums=2)
+    ours = reference(params, x, cfg.num_heads)
+    np.testing.assert_allclose(jax.jit(module.apply)({"params": params}, x), ours, atol=1e-5)
+    # causal: the first token's output depends only on the first token
+    changed = reference(params, x.at[:, 1:].set(0.0), cfg.num_heads)
+    np.testing.assert_allclose(changed[:, 0], ours[:, 0], atol=1e-6)
+    assert not jnp.allclose(changed[:, -1], ours[:, -1])

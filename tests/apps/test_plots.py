@@ -1,0 +1,230 @@
+"""Attention heatmaps: sizes, tick labels, drawn values, the ``jax-attn plot`` command."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from jax_attn import functional, reference  # noqa: E402
+from jax_attn.apps import plots  # noqa: E402
+from jax_attn.apps.cli import main as cli_main  # noqa: E402
+
+TOKENS = ["Your", "journey", "starts", "with"]
+
+
+def reference_weights(q, k, **kwargs):
+    """Weights ``[B, N, T, S]`` from the reference: attention over one-hot values."""
+    B, S, K, _ = k.shape
+    # [B, S, K, S]
+    one_hot = jnp.broadcast_to(jnp.eye(S, dtype=q.dtype)[None, :, None, :], (B, S, K, S))
+    # [B, T, N, S] -> [B, N, T, S]
+    return jnp.einsum("BTNS->BNTS", reference.dot_product_attention(q, k, one_hot, **kwargs))
+
+
+def weights_for(tokens, heads=None, seed=0):
+    """Causal softmax weights ``[T, T]`` (or ``[N, T, T]``) of random scores, in numpy:
+    the drawing tests only need some weights to compare the drawn image with."""
+    T, N = len(tokens), heads or 1
+    scores = np.random.default_rng(seed).normal(size=(N, T, T))
+    scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights = (weights / weights.sum(-1, keepdims=True)).astype(np.float32)
+    return weights if heads else weights[0]
+
+
+def tick_texts(labels):
+    return [label.get_text() for label in labels]
+
+
+@pytest.mark.parametrize("figsize", [None, (6.0, 5.0)])
+def test_plot_attention_size_ticks_labels_and_values(figsize):
+    weights = weights_for(TOKENS)
+    fig = plots.plot_attention(weights, TOKENS, title="causal", figsize=figsize)
+    ax, colorbar = fig.axes
+    if figsize is not None:
+        np.testing.assert_allclose(fig.get_size_inches(), figsize)
+    else:
+        width, height = fig.get_size_inches()
+        assert 3.0 < width < 8.0 and 2.5 < height < 7.0
+    assert tick_texts(ax.get_xticklabels()) == TOKENS
+    assert tick_texts(ax.get_yticklabels()) == TOKENS
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == (
+        "key token",
+        "query token",
+        "causal",
+    )
+    assert colorbar.get_ylabel() == "attention weight"
+    np.testing.assert_array_equal(ax.images[0].get_array(), np.asarray(weights))
+    assert [t.get_text() for t in ax.texts] == [f"{w:.2f}" for w in np.asarray(weights).ravel()]
+
+
+def test_plot_attention_cross_attention_and_no_annotation():
+    weights = jnp.full((2, 3), 1 / 3)
+    fig = plots.plot_attention(weights, ["a", "b"], key_tokens=["x", "y", "z"], annotate=False)
+    ax = fig.axes[0]
+    assert tick_texts(ax.get_xticklabels()) == ["x", "y", "z"]
+    assert tick_texts(ax.get_yticklabels()) == ["a", "b"]
+    assert len(ax.texts) == 0
+
+
+def test_long_sequences_are_not_annotated():
+    tokens = [f"t{i}" for i in range(plots.ANNOTATE_UP_TO + 1)]
+    fig = plots.plot_attention(weights_for(tokens), tokens)
+    assert len(fig.axes[0].texts) == 0
+
+
+@pytest.mark.parametrize(("heads", "ncols", "grid"), [(4, None, (2, 2)), (3, 3, (1, 3))])
+def test_plot_heads_grid(heads, ncols, grid):
+    weights = weights_for(TOKENS, heads=heads)
+    fig = plots.plot_heads(weights, TOKENS, ncols=ncols, figsize=(8.0, 6.0))
+    np.testing.assert_allclose(fig.get_size_inches(), (8.0, 6.0))
+    panels = [ax for ax in fig.axes if ax.images]
+    assert [ax.get_title() for ax in panels] == [f"head {n}" for n in range(heads)]
+    for n, ax in enumerate(panels):
+        assert tick_texts(ax.get_xticklabels()) == TOKENS
+        np.testing.assert_array_equal(ax.images[0].get_array(), np.asarray(weights[n]))
+    rows, cols = grid
+    assert len(fig.axes) == rows * cols + 1  # the grid and one shared colorbar
+    assert panels[0].get_subplotspec().get_geometry()[:2] == grid
+
+
+def test_panels_share_one_color_scale():
+    causal = jnp.asarray(weights_for(TOKENS))
+    dropped = functional.dropout(causal, 0.5, jax.random.key(0))
+    fig = plots.plot_dropout(causal, dropped, TOKENS, 0.5)
+    limits = {ax.images[0].get_clim() for ax in fig.axes if ax.images}
+    assert limits == {(0.0, float(np.max(dropped)))}
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: plots.plot_attention(jnp.ones((3, 3)), ["a", "b"]), "tokens must have 3"),
+        (lambda: plots.plot_attention(jnp.ones((2, 3, 3)), ["a"] * 3), r"\[T, S\]"),
+        (lambda: plots.plot_heads(jnp.ones((3, 3)), ["a"] * 3), r"\[N, T, S\]"),
+        (lambda: plots.plot_panels({}, ["a"]), "at least one"),
+        (lambda: plots.plot_heads(jnp.ones((2, 3, 3)), ["a"] * 3, ncols=0), "ncols"),
+    ],
+)
+def test_bad_arguments_name_what_was_expected(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_embedding_is_fixed_per_word():
+    first = plots.embed_tokens(["one", "step", "one"], dim=8, seed=3)
+    again = plots.embed_tokens(["step"], dim=8, seed=3)
+    np.testing.assert_array_equal(first[0], first[2])
+    np.testing.assert_array_equal(first[1], again[0])
+    assert not np.allclose(first[0], first[1])
+
+
+def test_sentence_figures_for_the_book_sentence_show_the_books_weights():
+    figures = plots.sentence_figures(num_heads=2)
+    assert sorted(figures) == ["causal_vs_full", "dropout", "heads", "masks", "simplified"]
+    x = jnp.asarray(plots.BOOK_INPUTS)[None, :, None, :]
+    expected = reference_weights(x, x, scale=1.0)[0, 0]
+    drawn = figures["simplified"].axes[0].images[0].get_array()
+    np.testing.assert_allclose(drawn, expected, rtol=1e-5, atol=1e-6)
+    heads = [ax for ax in figures["heads"].axes if ax.images]
+    assert len(heads) == 2
+    for fig in figures.values():
+        for ax in (ax for ax in fig.axes if ax.images):
+            assert tick_texts(ax.get_xticklabels()) == plots.tokenize(plots.BOOK_SENTENCE)
+
+
+@pytest.mark.slow
+def test_cli_writes_pngs(tmp_path):
+    code = cli_main(["plot", "the cat sat", "--out", str(tmp_path), "--heads", "2", "--dim", "8"])
+    assert code == 0
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == [
+        "causal_vs_full.png",
+        "dropout.png",
+        "heads.png",
+        "masks.png",
+        "simplified.png",
+    ]
+    assert all((tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in written)
+
+
+@pytest.mark.parametrize(
+    "argv", [["", "--out", "x"], ["a b", "--heads", "0"], ["a", "--dropout", "1"]]
+)
+def test_cli_rejects_bad_arguments(argv, tmp_path, capsys):
+    assert plots.main(argv) == 2
+    assert "jax-attn plot:" in capsys.readouterr().err
+
+
+# --- a trained model's heads ----------------------------------------------------------------
+
+TINY_CONFIG = """
+output_dir = "unused"
+[task]
+name = "copy"
+length = 3
+vocab_size = 5
+[model]
+d_model = 8
+num_layers = 2
+num_heads = 2
+num_kv_heads = 1
+mlp_ratio = 2
+dropout = 0.0
+[train]
+steps = 2
+batch_size = 2
+learning_rate = 1e-3
+warmup_steps = 1
+weight_decay = 0.0
+seed = 0
+log_every = 1
+eval_examples = 2
+[generate]
+show = 1
+temperature = 0.0
+top_k = 0
+"""
+
+
+@pytest.mark.slow
+def test_decoder_attention_weights_reproduce_each_attention_layer(tmp_path):
+    train = pytest.importorskip("jax_attn.apps.train")
+    config_path = tmp_path / "tiny.toml"
+    config_path.write_text(TINY_CONFIG)
+    config = train.load_train_config(config_path)
+    decoder = train.build_decoder(config)
+    tokens, _ = train.make_batch(jax.random.key(1), config.task, 1)
+    params = decoder.init(jax.random.key(2), tokens)["params"]
+    weights = plots.decoder_attention_weights(decoder, params, tokens[0])
+    _, state = decoder.apply({"params": params}, tokens, capture_intermediates=True)
+    for i, layer_weights in enumerate(weights):
+        block = state["intermediates"][f"block_{i}"]
+        (attention_input,) = block["norm_1"]["__call__"]
+        (attention_output,) = block["attention"]["__call__"]
+        p = params[f"block_{i}"]["attention"]
+        # [T, K, H] -> [T, N, H]: query head n uses kv head n // (N // K)
+        values = functional.split_heads(functional.dense(attention_input[0], p["W_value"]), 1)
+        values = jnp.repeat(values, decoder.num_heads, axis=1)
+        # [T, N, H]
+        context = jnp.einsum("NTS,SNH->TNH", layer_weights, values)
+        out = functional.dense(functional.merge_heads(context), p["out_proj"])
+        np.testing.assert_allclose(out, attention_output[0], rtol=1e-5, atol=1e-6)
+    train.save_checkpoint(tmp_path / "checkpoint.msgpack", {"params": params, "step": 0})
+    code = plots.main(
+        [
+            "--checkpoint",
+            str(tmp_path / "checkpoint.msgpack"),
+            "--config",
+            str(config_path),
+            "--out",
+            str(tmp_path / "figures"),
+        ]
+    )
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
+        "trained_layer_0.png",
+        "trained_layer_1.png",
+    ]

@@ -1,0 +1,192 @@
+"""The training command's pieces on a tiny model: loss falls, checkpoints, generation."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_attn.apps import train as tr
+from jax_attn.apps.config import ConfigError
+
+TINY_TOML = """\
+output_dir = "{out}"
+
+[task]
+name = "copy"
+length = 3
+vocab_size = 4
+
+[model]
+d_model = 16
+num_layers = 1
+num_heads = 2
+num_kv_heads = 1
+mlp_ratio = 2
+dropout = 0.1
+
+[train]
+steps = 40
+batch_size = 16
+learning_rate = 1e-2
+warmup_steps = 5
+weight_decay = 0.0
+seed = 0
+log_every = 5
+eval_examples = 8
+
+[generate]
+show = 1
+temperature = 0.8
+top_k = 2
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    path = out / "tiny.toml"
+    path.write_text(TINY_TOML.format(out=out))
+    return tr.load_train_config(path)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_config):
+    model = tr.build_decoder(tiny_config)
+    state, losses, _ = tr.train(model, tiny_config.task, tiny_config.train, progress=False)
+    return state, losses
+
+
+def test_tiny_training_loss_falls(trained):
+    state, losses = trained
+    assert int(state["step"]) == 40
+    first, last = losses[0][1], losses[-1][1]
+    assert np.isfinite(last) and last < 0.7 * first, losses
+
+
+def test_checkpoint_round_trip_is_bit_exact(trained, tmp_path):
+    state, _ = trained
+    path = tmp_path / "ckpt.msgpack"
+    tr.save_checkpoint(path, state)
+    restored = tr.restore_checkpoint(path, jax.tree.map(jnp.zeros_like, state))
+    saved_leaves, restored_leaves = jax.tree.leaves(state), jax.tree.leaves(restored)
+    assert jax.tree.structure(state) == jax.tree.structure(restored)
+    for saved, back in zip(saved_leaves, restored_leaves, strict=True):
+        assert np.asarray(saved).dtype == np.asarray(back).dtype
+        np.testing.assert_array_equal(np.asarray(saved), np.asarray(back))
+
+
+def _greedy_by_recomputing(config, params, prompts, lengths, num_new, forced=None):
+    """Greedy tokens from full causal passes over a fixed-size buffer (no cache); where
+    ``forced >= 0`` that token is fed instead."""
+    model = tr.build_decoder(config)
+    forward = jax.jit(lambda tokens: model.apply({"params": params}, tokens))
+    buffer = np.zeros((prompts.shape[0], config.task.sequence_length), np.int32)
+    buffer[:, : prompts.shape[1]] = prompts
+    lengths = np.asarray(lengths)
+    rows = np.arange(len(lengths))
+    new = []
+    for i in range(num_new):
+        logits = np.asarray(forward(jnp.asarray(buffer)))
+        next_tokens = logits[rows, lengths + i - 1].argmax(-1)
+        if forced is not None:
+            next_tokens = np.where(forced[:, i] >= 0, forced[:, i], next_tokens)
+        buffer[rows, lengths + i] = next_tokens
+        new.append(next_tokens)
+    return np.stack(new, axis=1)
+
+
+# prompts of the tiny copy task (prompt_length 4); the second one in full, the first
+# one padded after 2 tokens when `lengths` say so
+PROMPTS = jnp.array([[1, 2, 0, 4], [3, 1, 2, 4]], jnp.int32)
+
+
+@pytest.mark.parametrize("lengths", [(4, 4), (2, 4)])
+def test_cached_greedy_generation_equals_recomputing(tiny_config, trained, lengths):
+    params = trained[0]["params"]
+    decoder = tr.build_decoder(tiny_config, decode=True)
+    cached = tr.generate(decoder, params, PROMPTS, 3, prompt_lengths=jnp.array(lengths))
+    expected = _greedy_by_recomputing(tiny_config, params, PROMPTS, lengths, 3)
+    np.testing.assert_array_equal(cached, expected)
+
+
+def test_forced_tokens_are_fed_instead_of_generated(tiny_config, trained):
+    params = trained[0]["params"]
+    decoder = tr.build_decoder(tiny_config, decode=True)
+    forced = np.array([[-1, 2, -1], [3, -1, 0]], np.int32)
+    cached = np.asarray(tr.generate(decoder, params, PROMPTS, 3, forced=forced))
+    np.testing.assert_array_equal(cached[forced >= 0], forced[forced >= 0])
+    expected = _greedy_by_recomputing(tiny_config, params, PROMPTS, (4, 4), 3, forced)
+    np.testing.assert_array_equal(cached, expected)
+
+
+def test_sampling_reproducible_with_key_and_respects_top_k(tiny_config, trained):
+    params = trained[0]["params"]
+    decoder = tr.build_decoder(tiny_config, decode=True)
+
+    def sample(seed):
+        return tr.generate(
+            decoder, params, PROMPTS, 3, jax.random.key(seed), temperature=2.0, top_k=2
+        )
+
+    np.testing.assert_array_equal(sample(1), sample(1))
+    logits = jnp.array([[0.0, 5.0, 4.0, -1.0, 3.0]] * 256)
+    draws = tr.sample_logits(jax.random.key(0), logits, temperature=5.0, top_k=2)
+    assert set(np.unique(draws).tolist()) == {1, 2}
+
+
+def test_generate_checks_context_length(tiny_config, trained):
+    decoder = tr.build_decoder(tiny_config, decode=True)
+    with pytest.raises(ValueError, match="needs 8 cache slots, but context_length=7"):
+        tr.generate(decoder, trained[0]["params"], jnp.zeros((1, 4), jnp.int32), 5)
+
+
+@pytest.mark.parametrize("task, length", [("copy", 3), ("recall", 2)])
+def test_batches_have_their_answers_in_place(task, length):
+    config = tr.TaskConfig(task, length, 4)
+    tokens, targets = jax.jit(tr.make_batch, static_argnums=(1, 2))(jax.random.key(0), config, 5)
+    tokens, targets = np.asarray(tokens), np.asarray(targets)
+    assert tokens.shape == targets.shape == (5, config.sequence_length)
+    assert (tokens[:, config.prompt_length - 1] == config.separator).all()
+    if task == "copy":
+        np.testing.assert_array_equal(tokens[:, :length], tokens[:, length + 1 :])
+        assert targets[0].sum() == length
+    else:
+        pairs = tokens[:, : 2 * length].reshape(5, length, 2)
+        queries = tokens[:, config.prompt_length :].reshape(5, length, 2)
+        for b in range(5):
+            assert dict(queries[b].tolist()) == dict(pairs[b].tolist())
+        np.testing.assert_array_equal(np.flatnonzero(targets[0]), [6, 8])
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (("length = 3", "length = 3\nwidth = 2"), "tiny.toml: unknown key 'task.width'"),
+        (("top_k = 2\n", ""), "tiny.toml: missing key 'generate.top_k'"),
+        (('name = "copy"', 'name = "sort"'), "name must be one of"),
+    ],
+)
+def test_config_errors_name_key_and_file(tmp_path, edit, match):
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_TOML.format(out=tmp_path).replace(*edit))
+    with pytest.raises(ConfigError, match=match):
+        tr.load_train_config(path)
+
+
+def test_rnn_baseline_shapes():
+    model = tr.RNNLanguageModel(5, 8, 12, "lstm")
+    tokens = jnp.zeros((2, 7), jnp.int32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), tokens)
+    assert jax.eval_shape(model.apply, variables, tokens).shape == (2, 7, 5)
+
+
+@pytest.mark.slow
+def test_train_command_end_to_end(tiny_config, capsys):
+    out = Path(tiny_config.output_dir)
+    assert tr.main(["--config", str(out / "tiny.toml"), "--steps", "10", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "restored: bit-exact" in printed and "token accuracy" in printed
+    for name in ("loss.png", "checkpoint.msgpack", "summary.json"):
+        assert (out / name).is_file(), name

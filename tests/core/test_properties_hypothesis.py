@@ -1,0 +1,149 @@
+"""Property tests: every implementation equals the float64 reference on random calls.
+
+Hypothesis draws the structure of a call — shape (from a small set, so kernels compile
+once), dtype, mask (with all-false rows and whole all-false sequences), lengths
+(0 included), window, bias (with ``-inf``), scale, causal, dropout, batched or not —
+and a seed for the values. Each implementation that serves the call must agree with
+``reference`` in float64 within ``fuzz.tolerance(dtype)`` x ``max|v|``, return no NaN,
+and give exact zeros on rows with nothing to attend.
+
+Quick run (default): a few derandomized examples, cheap enough for CI. Thorough run
+(opt-in, skipped otherwise; each new combination compiles, ~0.1-0.3 s per example on CPU):
+``HYPOTHESIS_PROFILE=thorough pytest tests/core/test_properties_hypothesis.py -m slow``
+draws ``JAX_ATTN_THOROUGH_EXAMPLES`` (default 2000) random examples over every shape.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from jax_attn import dispatch
+from jax_attn.apps import fuzz
+from jax_attn.validation import check_attention_args
+
+IMPLEMENTATIONS = fuzz.load_kernels()
+THOROUGH = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
+THOROUGH_EXAMPLES = int(os.environ.get("JAX_ATTN_THOROUGH_EXAMPLES", "2000"))
+QUICK_SHAPES = ((2, 3, 4, 2, 1, 4), (1, 4, 4, 2, 2, 8))  # (B, T, S, N, K, H)
+COMMON = dict(
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+@st.composite
+def attention_calls(draw, shapes, dtypes=fuzz.DTYPES):
+    """Keyword arguments of a valid ``dot_product_attention`` call."""
+    B, T, S, N, K, H = draw(st.sampled_from(shapes))
+    dtype = jnp.dtype(draw(st.sampled_from(dtypes)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    H_v = draw(st.sampled_from([H, max(1, H // 2)]))
+    size = draw(st.sampled_from([0.3, 1.0, 4.0]))
+
+    def normal(shape, scale=1.0):
+        return jnp.asarray((scale * rng.standard_normal(shape)).astype(np.float32)).astype(dtype)
+
+    call = dict(
+        query=normal((B, T, N, H), size),
+        key=normal((B, S, K, H), size),
+        value=normal((B, S, K, H_v)),
+    )
+    mask_kind = draw(st.sampled_from(["none", "random", "empty row", "empty sequence"]))
+    if mask_kind != "none":
+        shape = draw(st.sampled_from([(B, N, T, S), (B, 1, T, S), (T, S), (1, N, 1, S)]))
+        mask = rng.random(shape) < draw(st.sampled_from([0.2, 0.6, 0.9]))
+        if mask_kind == "empty row":
+            mask[..., draw(st.integers(0, shape[-2] - 1)), :] = False
+        if mask_kind == "empty sequence":
+            mask[..., draw(st.integers(0, shape[-1] - 1))] = False
+            if shape[0] == B:
+                mask[draw(st.integers(0, B - 1))] = False
+        call["mask"] = jnp.asarray(mask)
+    if draw(st.booleans()):
+        shape = draw(st.sampled_from([(B, N, T, S), (N, T, S), (T, S), (1, 1, 1, S)]))
+        bias = rng.standard_normal(shape).astype(np.float32) * draw(st.sampled_from([0.5, 5.0]))
+        bias[rng.random(shape) < draw(st.sampled_from([0.0, 0.3, 1.0]))] = -np.inf
+        call["bias"] = jnp.asarray(bias)
+    if draw(st.booleans()):
+        call["is_causal"] = True
+    scale = draw(st.sampled_from([None, 0.05, 0.7, 2.0]))
+    if scale is not None:
+        call["scale"] = scale
+    if draw(st.booleans()):
+        call["query_seq_lengths"] = jnp.asarray(
+            draw(st.lists(st.integers(0, T), min_size=B, max_size=B)), jnp.int32
+        )
+    if draw(st.booleans()):
+        call["key_value_seq_lengths"] = jnp.asarray(
+            draw(st.lists(st.integers(0, S), min_size=B, max_size=B)), jnp.int32
+        )
+    window = draw(st.sampled_from([None, 0, 1, (0, 2), (S, 0)]))
+    if window is not None:
+        call["local_window_size"] = window
+    rate = draw(st.sampled_from([0.0, 0.0, 0.2, 0.6]))
+    if rate:
+        call["dropout_rate"] = rate
+        call["dropout_rng"] = jax.random.key(draw(st.integers(0, 2**31 - 1)))
+    if B == 1 and not any("lengths" in name for name in call) and draw(st.booleans()):
+        call = fuzz._unbatched(call)
+    return call
+
+
+def check_against_reference64(call):
+    args = {name: x for name, x in call.items() if name not in ("query", "key", "value")}
+    q, k, v = call["query"], call["key"], call["value"]
+    expected = fuzz.reference_float64(q, k, v, **args)
+    empty = fuzz.empty_rows(call)
+    meta = check_attention_args(q, k, v, **args)
+    served = 0
+    for name in IMPLEMENTATIONS:
+        if dispatch.unsupported_reason(name, meta) is not None:
+            continue
+        served += 1
+        out = dispatch.dot_product_attention(q, k, v, implementation=name, **args)
+        assert out.dtype == q.dtype and out.shape == expected.shape
+        got = np.asarray(out, np.float64)
+        assert not np.isnan(got).any(), f"{name} returned NaN"
+        np.testing.assert_array_equal(got[empty], 0.0, err_msg=f"{name}: empty rows not zero")
+        error = fuzz.max_error(got, expected, v)
+        assert error <= fuzz.tolerance(q.dtype), f"{name}: error {error:.3e} / max|v|"
+    assert served >= 1  # the reference serves every call
+
+
+@settings(max_examples=3, derandomize=True, **COMMON)
+@given(call=attention_calls(QUICK_SHAPES))
+def test_every_implementation_matches_float64_reference(call):
+    check_against_reference64(call)
+
+
+@settings(max_examples=2, derandomize=True, **COMMON)
+@given(call=attention_calls(QUICK_SHAPES[:1], dtypes=("float32",)))
+def test_reference_in_float64_matches_itself_through_dispatch(call):
+    # the same call in float64: the dispatcher picks an implementation that serves it
+    with jax.enable_x64(True):
+        call = {
+            name: jnp.asarray(np.asarray(x), jnp.float64)
+            if name in ("query", "key", "value")
+            else x
+            for name, x in call.items()
+        }
+        args = {name: x for name, x in call.items() if name not in ("query", "key", "value")}
+        out = dispatch.dot_product_attention(call["query"], call["key"], call["value"], **args)
+        assert out.dtype == jnp.float64
+    expected = fuzz.reference_float64(call["query"], call["key"], call["value"], **args)
+    np.testing.assert_allclose(np.asarray(out), expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not THOROUGH, reason="opt-in: HYPOTHESIS_PROFILE=thorough")
+@settings(max_examples=THOROUGH_EXAMPLES, **COMMON)
+@given(call=attention_calls(fuzz.SHAPES))
+def test_thorough_every_shape_matches_float64_reference(call):
+    check_against_reference64(call)

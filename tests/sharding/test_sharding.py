@@ -1,0 +1,188 @@
+"""Meshes and tensor-parallel MultiHeadAttention on 8 virtual CPU devices."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jax_attn as ja
+from jax_attn import sharding
+
+pytestmark = pytest.mark.skipif(
+    len(jax.devices()) < 8,
+    reason=f"needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8 before jax "
+    f"is imported; tests/conftest.py sets it), found {len(jax.devices())}",
+)
+
+COLLECTIVE = re.compile(
+    r"= (\S+) (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
+    r"(?:-start)?\("
+)
+
+
+def test_eight_virtual_devices():
+    assert len(jax.devices()) == 8
+
+
+def test_make_mesh_axes_and_shape():
+    mesh = sharding.make_mesh(data=2, model=4)
+    assert mesh.axis_names == ("data", "model", "seq")
+    assert dict(mesh.shape) == {"data": 2, "model": 4, "seq": 1}
+    subset = sharding.make_mesh(seq=2, devices=jax.devices()[:2])
+    assert dict(subset.shape) == {"data": 1, "model": 1, "seq": 2}
+
+
+@pytest.mark.parametrize(
+    "sizes, error, match",
+    [
+        (dict(data=2, model=2), ValueError, r"data=2 \* model=2 \* seq=1 = 4 must equal .* 8"),
+        (dict(data=4, model=4), ValueError, r"= 16 must equal the number of devices, 8"),
+        (dict(seq=0), ValueError, "seq must be >= 1, got 0"),
+        (dict(model=2.0), TypeError, "model must be a positive int"),
+    ],
+)
+def test_make_mesh_rejects_sizes_that_do_not_match_the_devices(sizes, error, match):
+    with pytest.raises(error, match=match):
+        sharding.make_mesh(**sizes)
+
+
+MODULE = ja.MultiHeadAttention(16, 32, 16, 0.0, 8, qkv_bias=True)
+
+
+def loss(params, x):
+    return jnp.sum(MODULE.apply({"params": params}, x) ** 2)
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    """Params, input, and the unsharded output and gradients (computed once)."""
+    x = jax.random.normal(jax.random.key(0), (8, 16, 16))
+    params = jax.jit(MODULE.init)(jax.random.key(1), x)["params"]
+    out = jax.jit(MODULE.apply)({"params": params}, x)
+    grads = jax.jit(jax.grad(loss))(params, x)
+    return params, x, out, grads
+
+
+def test_shard_params_layout(single_device):
+    params = single_device[0]
+    mesh = sharding.make_mesh(data=2, model=4)
+    placed = sharding.shard_params({"params": params}, mesh, num_heads=8)["params"]
+    assert placed["W_query"]["kernel"].sharding.spec == P(None, "model")
+    assert placed["W_value"]["bias"].sharding.spec == P("model")
+    assert placed["out_proj"]["kernel"].sharding.spec == P("model", None)
+    assert placed["out_proj"]["bias"].sharding.spec == P()
+    # [d_in, d_out / model] per device
+    assert {s.data.shape for s in placed["W_key"]["kernel"].addressable_shards} == {(16, 8)}
+    assert jnp.array_equal(placed["W_key"]["kernel"], params["W_key"]["kernel"])
+
+
+def collectives(hlo: str) -> list[tuple[str, str]]:
+    return COLLECTIVE.findall(hlo)
+
+
+@pytest.mark.parametrize("data, model", [(2, 4), (8, 1)])
+def test_sharded_multi_head_attention_equals_single_device(single_device, data, model):
+    params, x, want, _ = single_device
+    mesh = sharding.make_mesh(data=data, model=model)
+    placed = sharding.shard_params(params, mesh, num_heads=8)
+    x_sharded = sharding.shard_batch(x, mesh)
+    apply = jax.jit(
+        lambda p, x: MODULE.apply({"params": p}, x),
+        out_shardings=sharding.batch_sharding(mesh),
+    )
+    got = apply(placed, x_sharded)
+    assert jnp.allclose(got, want, rtol=1e-5, atol=1e-6), jnp.abs(got - want).max()
+
+    ops = collectives(apply.lower(placed, x_sharded).compile().as_text())
+    assert not [op for op in ops if op[1] == "all-gather"], ops
+    if model == 1:
+        assert ops == []
+    else:
+        # out_proj's partial sums are reduced once over "model", on the local batch only.
+        assert [op[1] for op in ops] == ["all-reduce"], ops
+        assert ops[0][0].startswith(f"f32[{x.shape[0] // data},16,32]"), ops
+
+
+def test_sharded_multi_head_attention_gradients_equal_single_device(single_device):
+    params, x, _, want = single_device
+    mesh = sharding.make_mesh(data=2, model=4)
+    got = jax.jit(jax.grad(loss))(
+        sharding.shard_params(params, mesh), sharding.shard_batch(x, mesh)
+    )
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert jnp.allclose(g, w, rtol=1e-5, atol=1e-5)
+    assert got["W_query"]["kernel"].sharding.spec == P(None, "model")
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda p, mesh: sharding.shard_params({"W_query": {}}, mesh), "missing"),
+        (lambda p, mesh: sharding.shard_params(p, mesh, num_heads=6), "num_heads=6"),
+        (lambda p, mesh: sharding.shard_batch(jnp.zeros((3, 4, 16)), mesh), "batch dim"),
+    ],
+)
+def test_sharding_rejects_bad_layouts(single_device, call, match):
+    params = single_device[0]
+    mesh = sharding.make_mesh(data=2, model=4)
+    with pytest.raises(ValueError, match=match):
+        call(params, mesh)
+
+
+def test_shard_params_needs_width_divisible_by_model_axis():
+    # MultiHeadAttention(4, 12, 8, 0.0, num_heads=3)'s parameter shapes
+    params = {name: {"kernel": jnp.zeros((4, 12))} for name in ("W_query", "W_key", "W_value")}
+    params["out_proj"] = {"kernel": jnp.zeros((12, 12)), "bias": jnp.zeros((12,))}
+    with pytest.raises(ValueError, match="d_out=12 must be divisible by .* model axis size 8"):
+        sharding.shard_params(params, sharding.make_mesh(model=8))
+
+
+@pytest.mark.parametrize(
+    "spec, want",
+    [
+        ("data=2,model=4", {"data": 2, "model": 4, "seq": 1}),
+        ("seq=8", {"data": 1, "model": 1, "seq": 8}),
+    ],
+)
+def test_bench_mesh_parses_mesh_specs(spec, want):
+    from jax_attn.apps import bench_mesh
+
+    assert bench_mesh.parse_mesh(spec) == want
+
+
+@pytest.mark.parametrize("spec", ["tensor=2", "seq=0", "data=two", "model=2,seq=4"])
+def test_bench_mesh_rejects_bad_mesh_specs(spec):
+    from jax_attn.apps import bench_mesh
+
+    with pytest.raises(ValueError, match="--mesh"):
+        bench_mesh.parse_mesh(spec)
+
+
+def test_bench_mesh_ring_reports_memory_falling_with_devices(tmp_path):
+    import json
+
+    from jax_attn.apps import bench_mesh
+
+    out = tmp_path / "mesh.json"
+    argv = [
+        "--mesh",
+        "seq=2",
+        "--seq-len",
+        "64",
+        "--heads",
+        "2",
+        "--head-dim",
+        "8",
+        "--repeats",
+        "1",
+        "--out",
+        str(out),
+    ]
+    assert bench_mesh.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["mesh"] for row in rows] == ["1", "1", "seq=2"]
+    ring_1, ring_2 = (row["memory_bytes"]["total"] for row in rows[1:])
+    assert ring_2 < ring_1
+    assert rows[2]["collectives"].get("collective-permute", 0) > 0
