@@ -9,17 +9,14 @@ All implementations agree with :mod:`jax_attn.reference` (tested).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import jax
 
 from jax_attn import reference
 from jax_attn.kernels import chunked, cudnn, xla
 from jax_attn.kernels.base import Implementation
-from jax_attn.validation import AttentionCall, batched_inputs, check_attention_args
-
-if TYPE_CHECKING:  # shape annotations only; see jax_attn.shapes
-    from jax_attn.shapes import Array, Float, Keys, Lengths, Mask, Outputs, PRNGKey, Queries, Values
+from jax_attn.validation import AttentionCall, attention_entry
 
 __all__ = [
     "Implementation",
@@ -112,22 +109,25 @@ def select_implementation(call: AttentionCall, platform: str | None = None) -> s
     raise ValueError(f"no implementation supports this call on {platform}: {reasons}")
 
 
-def dot_product_attention(
-    query: Queries,
-    key: Keys,
-    value: Values,
-    *,
-    mask: Mask | None = None,
-    bias: Float[Array, "*bias"] | None = None,
-    is_causal=False,
-    scale=None,
-    query_seq_lengths: Lengths | None = None,
-    key_value_seq_lengths: Lengths | None = None,
-    local_window_size=None,
-    dropout_rate=0.0,
-    dropout_rng: PRNGKey | None = None,
-    implementation=None,
-) -> Outputs:
+def _named_or_selected(call: AttentionCall, implementation) -> Callable:
+    """The kernel for ``call``: the named implementation if it serves the call, else the
+    first supporting one in preference order."""
+    platform = _platform()
+    if implementation is None:
+        return _REGISTRY[select_implementation(call, platform)].fn
+    if not isinstance(implementation, str) or implementation not in _REGISTRY:
+        raise ValueError(
+            f"implementation must be None or one of {sorted(_REGISTRY)}, got {implementation!r}"
+        )
+    reason = unsupported_reason(implementation, call, platform)
+    if reason is not None:
+        raise ValueError(f"implementation={implementation!r} cannot serve this call: {reason}")
+    return _REGISTRY[implementation].fn
+
+
+dot_product_attention = attention_entry(
+    _named_or_selected,
+    __name__,
     """Scaled dot-product attention: ``softmax(q k^T * scale + bias, masked) v``.
 
     Args:
@@ -157,46 +157,8 @@ def dot_product_attention(
     >>> expected = reference.dot_product_attention(q, k, v, is_causal=True)
     >>> bool(jnp.allclose(out, expected, atol=1e-5))
     True
-    """
-    call = check_attention_args(
-        query,
-        key,
-        value,
-        mask=mask,
-        bias=bias,
-        is_causal=is_causal,
-        scale=scale,
-        query_seq_lengths=query_seq_lengths,
-        key_value_seq_lengths=key_value_seq_lengths,
-        local_window_size=local_window_size,
-        dropout_rate=dropout_rate,
-        dropout_rng=dropout_rng,
-    )
-    platform = _platform()
-    if implementation is None:
-        name = select_implementation(call, platform)
-    else:
-        if not isinstance(implementation, str) or implementation not in _REGISTRY:
-            raise ValueError(
-                f"implementation must be None or one of {sorted(_REGISTRY)}, got {implementation!r}"
-            )
-        name = implementation
-        reason = unsupported_reason(name, call, platform)
-        if reason is not None:
-            raise ValueError(f"implementation={name!r} cannot serve this call: {reason}")
-    q, k, v = batched_inputs(call, query, key, value)
-    out = _REGISTRY[name].fn(
-        q,
-        k,
-        v,
-        call=call,
-        mask=mask,
-        bias=bias,
-        query_seq_lengths=query_seq_lengths,
-        key_value_seq_lengths=key_value_seq_lengths,
-        dropout_rng=dropout_rng,
-    )
-    return out if call.batched else out[0]
+    """,
+)
 
 
 register_implementation(

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 
-from jax_attn.masks import build_attention_mask, make_causal_mask, make_dropout_mask
-from jax_attn.validation import check_attention_args
+from jax_attn.masks import as_4d, build_attention_mask, make_causal_mask, make_dropout_mask
+from jax_attn.validation import check_attention_args, compute_dtype
 
 if TYPE_CHECKING:  # shape annotations only; see jax_attn.shapes
     from jax_attn.shapes import Array, Bool, Float, Keys, Mask, PRNGKey, Queries, Weights
@@ -60,11 +60,6 @@ __all__ = [
 ]
 
 
-def _compute_dtype(dtype):
-    """float32, or float64 when the input is float64."""
-    return jnp.promote_types(dtype, jnp.float32)
-
-
 # --- 3.3.1 one query against every input ---------------------------------------------
 
 
@@ -97,7 +92,7 @@ def softmax(x: Float[Array, "*X"], axis: int = -1) -> Float[Array, "*X"]:
     >>> softmax(jnp.array([1000.0, 0.0])).tolist(), naive_softmax(jnp.array([1000.0, 0.0])).tolist()
     ([1.0, 0.0], [nan, 0.0])
     """
-    x = x.astype(_compute_dtype(x.dtype))
+    x = x.astype(compute_dtype(x.dtype))
     shifted = x - jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
     e = jnp.exp(shifted)
     return e / jnp.sum(e, axis=axis, keepdims=True)
@@ -147,7 +142,7 @@ def dense(x: Float[Array, "*R d_in"], params) -> Float[Array, "*R d_out"]:
     if isinstance(params, dict):
         y = x @ params["kernel"]
         bias = params.get("bias")
-        return y if bias is None else y + bias
+        return y if bias is None else y + jnp.broadcast_to(bias, y.shape)
     return x @ params
 
 
@@ -180,7 +175,8 @@ def large_negative(dtype):
 def causal_weights_by_renormalizing(scores: Float[Array, "*R T S"]) -> Float[Array, "*R T S"]:
     """3.5.1, first way: softmax, zero the future, divide each row by its new sum."""
     T, S = scores.shape[-2:]
-    weights = softmax(scores) * make_causal_mask(T, S)
+    causal = jnp.broadcast_to(make_causal_mask(T, S), scores.shape)
+    weights = jnp.where(causal, softmax(scores), 0.0)
     return weights / jnp.sum(weights, axis=-1, keepdims=True)
 
 
@@ -201,10 +197,12 @@ def masked_softmax(
     >>> masked_softmax(jnp.zeros((2, 2)), jnp.array([[True, True], [False, False]])).tolist()
     [[0.5, 0.5], [0.0, 0.0]]
     """
-    logits = logits.astype(_compute_dtype(logits.dtype))
+    logits = logits.astype(compute_dtype(logits.dtype))
     valid = logits > -jnp.inf
     if mask is not None:
-        valid = valid & mask
+        shape = jnp.broadcast_shapes(valid.shape, jnp.shape(mask))
+        valid = jnp.broadcast_to(valid, shape) & jnp.broadcast_to(mask, shape)
+        logits = jnp.broadcast_to(logits, shape)
     logits = jnp.where(valid, logits, large_negative(logits.dtype))
     return jnp.where(valid, jax.nn.softmax(logits, axis=-1), 0.0)
 
@@ -371,14 +369,13 @@ def dot_product_attention_weights(
         q, k = q[None], k[None]
     B, T, N, H = q.shape
     K, S = call.K, call.S
-    compute = _compute_dtype(q.dtype)
+    compute = call.compute_dtype
     q = q.reshape(B, T, K, N // K, H)
     # [B, K, G, T, S]
     logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=compute)
     logits = logits.reshape(B, N, T, S) * call.scale
     if bias is not None:
-        bias = jnp.asarray(bias).astype(compute)
-        logits = logits + bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+        logits = logits + as_4d(jnp.asarray(bias).astype(compute))
     full_mask = build_attention_mask(T, S, mask=mask, is_causal=is_causal)
     weights = masked_softmax(logits, full_mask).astype(q.dtype)
     return weights if call.batched else weights[0]

@@ -25,6 +25,7 @@ __all__ = [
     "normalize_window",
     "build_attention_mask",
     "make_dropout_mask",
+    "as_4d",
 ]
 
 
@@ -119,14 +120,16 @@ def make_padding_mask(
             f"q_lengths and kv_lengths must have the same batch size B, got shapes "
             f"{jnp.shape(q_lengths)} and {jnp.shape(kv_lengths)}"
         )
-    query_ok = jnp.ones((B, T), bool)
-    key_ok = jnp.ones((B, S), bool)
-    if q_lengths is not None:
-        query_ok = jnp.arange(T)[None, :] < jnp.asarray(q_lengths)[:, None]
-    if kv_lengths is not None:
-        key_ok = jnp.arange(S)[None, :] < jnp.asarray(kv_lengths)[:, None]
+    query_ok = jnp.ones((B, T), bool) if q_lengths is None else _below(q_lengths, T)
+    key_ok = jnp.ones((B, S), bool) if kv_lengths is None else _below(kv_lengths, S)
     # [B, 1, T, S]
     return query_ok[:, None, :, None] & key_ok[:, None, None, :]
+
+
+def _below(lengths, size: int) -> Bool[Array, "B L"]:
+    """``[B, size]``: position ``i`` of sequence ``b`` is before ``lengths[b]``."""
+    lengths = jnp.asarray(lengths)
+    return jnp.arange(size, dtype=lengths.dtype)[None, :] < lengths[:, None]
 
 
 def combine_masks(*masks: Mask | None) -> Mask | None:
@@ -144,7 +147,7 @@ def combine_masks(*masks: Mask | None) -> Mask | None:
         raise ValueError(f"combine_masks: mask shapes {shapes} do not broadcast") from error
     result = jnp.broadcast_to(present[0], shape)
     for m in present[1:]:
-        result = result & m
+        result = result & jnp.broadcast_to(m, shape)
     return result
 
 
@@ -174,8 +177,13 @@ def build_attention_mask(
     parts = [m for m in (user, causal, window, padding) if m is not None]
     if not parts:
         return None
-    combined = combine_masks(*parts)
-    return combined.reshape((1,) * (4 - combined.ndim) + combined.shape)
+    return as_4d(combine_masks(*parts))
+
+
+def as_4d(x: Array) -> Array:
+    """``x`` broadcastable to ``[B, N, T, S]`` with leading 1s added to rank 4 (no copy)."""
+    x = jnp.asarray(x)
+    return x.reshape((1,) * (4 - x.ndim) + x.shape)
 
 
 _GOLDEN = 0x9E3779B1

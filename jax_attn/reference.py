@@ -10,83 +10,38 @@ the library's semantics:
   ``t + S - T``);
 * a query row with nothing to attend gives zero weights and a zero output;
 * dropout drops weights with ``masks.make_dropout_mask`` and scales the kept ones.
+
+:func:`dot_product_attention` has the signature of
+:func:`jax_attn.dispatch.dot_product_attention` and shares its argument handling
+(:func:`jax_attn.validation.attention_entry`); :func:`reference_attention` is the core
+that runs on an already validated call.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-from jax_attn.masks import build_attention_mask, make_dropout_mask
-from jax_attn.validation import AttentionCall, batched_inputs, check_attention_args
+from jax_attn.masks import as_4d, build_attention_mask, make_dropout_mask
+from jax_attn.validation import AttentionCall, attention_entry
 
-if TYPE_CHECKING:  # shape annotations only; see jax_attn.shapes
-    from jax_attn.shapes import Array, Float, Keys, Lengths, Mask, Outputs, PRNGKey, Queries, Values
-
-__all__ = ["dot_product_attention", "reference_attention"]
+__all__ = ["call_mask", "dot_product_attention", "reference_attention"]
 
 
-def dot_product_attention(
-    query: Queries,
-    key: Keys,
-    value: Values,
-    *,
-    mask: Mask | None = None,
-    bias: Float[Array, "*bias"] | None = None,
-    is_causal=False,
-    scale=None,
-    query_seq_lengths: Lengths | None = None,
-    key_value_seq_lengths: Lengths | None = None,
-    local_window_size=None,
-    dropout_rate=0.0,
-    dropout_rng: PRNGKey | None = None,
-    implementation=None,
-) -> Outputs:
-    """Reference attention. q ``[B, T, N, H]``, k ``[B, S, K, H]``, v ``[B, S, K, H_v]``
-    (or unbatched without ``B``) -> ``[B, T, N, H_v]`` in q's dtype.
-
-    ``implementation`` is accepted for signature compatibility and must be None or
-    ``"reference"``.
-
-    >>> q = k = v = jnp.ones((1, 2, 1, 4))                 # [B, T, N, H]
-    >>> mask = jnp.array([[True, True], [False, False]])   # query 1 may attend nothing
-    >>> dot_product_attention(q, k, v, mask=mask)[0, :, 0, 0].tolist()
-    [1.0, 0.0]
-    """
-    if implementation not in (None, "reference"):
-        raise ValueError(
-            f"reference.dot_product_attention: implementation must be None or 'reference', "
-            f"got {implementation!r}"
-        )
-    call = check_attention_args(
-        query,
-        key,
-        value,
+def call_mask(call: AttentionCall, mask=None, query_seq_lengths=None, key_value_seq_lengths=None):
+    """Everything ``call`` masks (mask, causal, window, lengths) ANDed: bool broadcastable
+    to ``[B, N, T, S]``, True = may attend, or ``None`` when nothing masks."""
+    return build_attention_mask(
+        call.T,
+        call.S,
         mask=mask,
-        bias=bias,
-        is_causal=is_causal,
-        scale=scale,
+        is_causal=call.is_causal,
         query_seq_lengths=query_seq_lengths,
         key_value_seq_lengths=key_value_seq_lengths,
-        local_window_size=local_window_size,
-        dropout_rate=dropout_rate,
-        dropout_rng=dropout_rng,
+        local_window_size=call.window,
     )
-    q, k, v = batched_inputs(call, query, key, value)
-    out = reference_attention(
-        q,
-        k,
-        v,
-        call=call,
-        mask=mask,
-        bias=bias,
-        query_seq_lengths=query_seq_lengths,
-        key_value_seq_lengths=key_value_seq_lengths,
-        dropout_rng=dropout_rng,
-    )
-    return out if call.batched else out[0]
 
 
 def reference_attention(
@@ -102,27 +57,17 @@ def reference_attention(
     dropout_rng=None,
 ):
     """The oracle on batched q ``[B, T, N, H]``, k, v ``[B, S, K, H(_v)]`` for an
-    already validated ``call`` (what :func:`jax_attn.dispatch.dot_product_attention`
-    dispatches to; it does not check its arguments again)."""
+    already validated ``call`` -> ``[B, T, N, H_v]`` in ``call.dtype``."""
     B, T, N, H, S, K, G = call.B, call.T, call.N, call.H, call.S, call.K, call.G
-    compute = jnp.promote_types(q.dtype, jnp.float32)
+    compute = call.compute_dtype
     q, k, v = q.astype(compute), k.astype(compute), v.astype(compute)
 
     # [B, K, G, T, S]
     logits = jnp.einsum("BTKGH,BSKH->BKGTS", q.reshape(B, T, K, G, H), k)
     logits = logits.reshape(B, N, T, S) * jnp.asarray(call.scale, compute)
     if bias is not None:
-        bias = jnp.asarray(bias).astype(compute)
-        logits = logits + bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
-    allowed = build_attention_mask(
-        T,
-        S,
-        mask=mask,
-        is_causal=call.is_causal,
-        query_seq_lengths=query_seq_lengths,
-        key_value_seq_lengths=key_value_seq_lengths,
-        local_window_size=call.window,
-    )
+        logits = logits + as_4d(jnp.asarray(bias).astype(compute))
+    allowed = call_mask(call, mask, query_seq_lengths, key_value_seq_lengths)
     allowed = logits > -jnp.inf if allowed is None else allowed & (logits > -jnp.inf)
     masked_logits = jnp.where(allowed, logits, -0.7 * jnp.finfo(compute).max)
     weights = jnp.where(allowed, jax.nn.softmax(masked_logits, axis=-1), 0.0)
@@ -133,3 +78,30 @@ def reference_attention(
     # [B, T, K, G, H_v]
     out = jnp.einsum("BKGTS,BSKH->BTKGH", weights.reshape(B, K, G, T, S), v)
     return out.reshape(B, T, N, call.H_v).astype(call.dtype)
+
+
+def _reference_only(call: AttentionCall, implementation) -> Callable:
+    if implementation not in (None, "reference"):
+        raise ValueError(
+            f"reference.dot_product_attention: implementation must be None or 'reference', "
+            f"got {implementation!r}"
+        )
+    return reference_attention
+
+
+dot_product_attention = attention_entry(
+    _reference_only,
+    __name__,
+    """Reference attention. q ``[B, T, N, H]``, k ``[B, S, K, H]``, v ``[B, S, K, H_v]``
+    (or unbatched without ``B``) -> ``[B, T, N, H_v]`` in q's dtype.
+
+    The arguments are those of :func:`jax_attn.dispatch.dot_product_attention`;
+    ``implementation`` must be None or ``"reference"``.
+
+    >>> import jax.numpy as jnp
+    >>> q = k = v = jnp.ones((1, 2, 1, 4))                 # [B, T, N, H]
+    >>> mask = jnp.array([[True, True], [False, False]])   # query 1 may attend nothing
+    >>> dot_product_attention(q, k, v, mask=mask)[0, :, 0, 0].tolist()
+    [1.0, 0.0]
+    """,
+)

@@ -1,4 +1,4 @@
-"""Shape-annotated array types with DESIGN.md's letters, for signatures and docs.
+"""Shape-annotated array types with the shape letters of jax.nn, for signatures and docs.
 
 B batch, T query length, S key/value length, N query heads, K key/value heads,
 H head dim (``Hv`` for values), D model width. A leading ``*B`` means "batched or not":

@@ -7,7 +7,10 @@ expected and what was given, so a user mistake never surfaces as a raw XLA error
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import numbers
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +18,15 @@ import numpy as np
 
 from jax_attn.masks import normalize_window
 
+if TYPE_CHECKING:  # shape annotations only; see jax_attn.shapes
+    from jax_attn.shapes import Array, Float, Keys, Lengths, Mask, Outputs, PRNGKey, Queries, Values
+
 __all__ = [
     "batched_inputs",
     "AttentionCall",
+    "attention_entry",
+    "attention_signature",
+    "compute_dtype",
     "as_batch",
     "check_array",
     "check_attention_args",
@@ -35,7 +44,7 @@ _NO_VALUE = object()  # check_attention_args(q, k) checks attention weights: no 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionCall:
-    """What an attention call asks for, after validation. Shapes use DESIGN.md's letters."""
+    """What an attention call asks for, after validation. Shape letters as in jax.nn."""
 
     B: int
     T: int
@@ -58,6 +67,19 @@ class AttentionCall:
     @property
     def G(self) -> int:
         return self.N // self.K
+
+    @property
+    def compute_dtype(self) -> np.dtype:
+        return compute_dtype(self.dtype)
+
+
+def compute_dtype(dtype) -> np.dtype:
+    """The dtype logits and softmax are computed in: float64 for float64, else float32.
+
+    Explicit rather than ``jnp.promote_types(dtype, float32)``, which refuses half
+    precision under ``jax_numpy_dtype_promotion="strict"``.
+    """
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
 def _is_array(x) -> bool:
@@ -296,15 +318,72 @@ def check_attention_args(
     )
 
 
-# --- module hyper-parameters and inputs (flax modules) ----------------------------------
-
-
 def batched_inputs(call: AttentionCall, query, key, value):
     """q, k, v as arrays with a leading batch axis (added when ``call`` is unbatched)."""
     q, k, v = (jnp.asarray(x) for x in (query, key, value))
     if not call.batched:
         q, k, v = q[None], k[None], v[None]
     return q, k, v
+
+
+# --- the public attention entry: one signature, one argument handling ------------------
+
+
+def attention_signature(
+    query: Queries,
+    key: Keys,
+    value: Values,
+    *,
+    mask: Mask | None = None,
+    bias: Float[Array, "*bias"] | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    query_seq_lengths: Lengths | None = None,
+    key_value_seq_lengths: Lengths | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: PRNGKey | None = None,
+    implementation: str | None = None,
+) -> Outputs:
+    """The signature of ``dot_product_attention``, the dispatcher's and the reference's
+    (see :func:`attention_entry`); never called."""
+    raise NotImplementedError
+
+
+_SIGNATURE = inspect.signature(attention_signature)
+# What an implementation's ``fn`` receives besides q, k, v and the validated call.
+_KERNEL_ARGUMENTS = ("mask", "bias", "query_seq_lengths", "key_value_seq_lengths", "dropout_rng")
+
+
+def attention_entry(select: Callable[[AttentionCall, str | None], Callable], module: str, doc: str):
+    """A public ``dot_product_attention`` with :func:`attention_signature`'s signature.
+
+    It checks its arguments (:func:`check_attention_args`), asks
+    ``select(call, implementation)`` for the kernel, runs it on batched inputs
+    (``fn(q, k, v, *, call, mask, bias, query_seq_lengths, key_value_seq_lengths,
+    dropout_rng)``) and returns the output unbatched when the inputs were.
+    ``module`` and ``doc`` make it document (and doctest) as a function of ``module``.
+    """
+
+    def dot_product_attention(query, key, value, **options):
+        bound = _SIGNATURE.bind(query, key, value, **options)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        implementation = arguments.pop("implementation")
+        call = check_attention_args(**arguments)
+        kernel = select(call, implementation)
+        q, k, v = batched_inputs(call, query, key, value)
+        out = kernel(q, k, v, call=call, **{name: arguments[name] for name in _KERNEL_ARGUMENTS})
+        return out if call.batched else out[0]
+
+    dot_product_attention.__module__ = module
+    dot_product_attention.__doc__ = doc
+    dot_product_attention.__signature__ = _SIGNATURE
+    dot_product_attention.__annotations__ = dict(attention_signature.__annotations__)
+    return dot_product_attention
+
+
+# --- module hyper-parameters and inputs (flax modules) ----------------------------------
 
 
 def check_positive_int(owner: str, name: str, value) -> None:

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from jax_attn.kernels.base import Implementation
-from jax_attn.masks import build_attention_mask
+from jax_attn.masks import as_4d, build_attention_mask
+from jax_attn.reference import call_mask
 from jax_attn.validation import AttentionCall
 
 
@@ -52,8 +53,8 @@ def jax_nn_attention(
         bias = jnp.asarray(bias)
         finite = bias > -jnp.inf
         # float32 at least: a finite bias such as -1e9 must not round to -inf in float16.
-        bias = jnp.where(finite, bias, 0.0).astype(jnp.promote_types(q.dtype, jnp.float32))
-        mask = finite if mask is None else jnp.asarray(mask) & finite
+        bias = jnp.where(finite, bias, 0.0).astype(call.compute_dtype)
+        mask = finite if mask is None else as_4d(mask) & as_4d(finite)
     explicit_window = call.window is not None and not (native and native_window_ok)
     if (not native and call.is_causal) or explicit_window:
         mask = build_attention_mask(
@@ -70,30 +71,25 @@ def jax_nn_attention(
         lengths["query_seq_lengths"] = jnp.asarray(query_seq_lengths, jnp.int32)
     if key_value_seq_lengths is not None:
         lengths["key_value_seq_lengths"] = jnp.asarray(key_value_seq_lengths, jnp.int32)
-    out = jax.nn.dot_product_attention(
-        q,
-        k,
-        v,
-        bias=None if bias is None else bias.reshape((1,) * (4 - bias.ndim) + bias.shape),
-        mask=None if mask is None else mask.reshape((1,) * (4 - mask.ndim) + mask.shape),
-        scale=call.scale,
-        is_causal=call.is_causal and native,
-        local_window_size=None if explicit_window else native_window,
-        implementation=implementation,
-        **lengths,
-    )
+    # jax.nn mixes half precision with its float32 logits implicitly: allowed here even
+    # when the caller runs with jax_numpy_dtype_promotion="strict".
+    with jax.numpy_dtype_promotion("standard"):
+        out = jax.nn.dot_product_attention(
+            q,
+            k,
+            v,
+            bias=None if bias is None else as_4d(bias),
+            mask=None if mask is None else as_4d(mask),
+            scale=call.scale,
+            is_causal=call.is_causal and native,
+            local_window_size=None if explicit_window else native_window,
+            implementation=implementation,
+            **lengths,
+        )
     # jax.nn spreads a fully masked row uniformly; ours is zero.
     can_empty = mask is not None or lengths or T > S
     if can_empty:
-        allowed = build_attention_mask(
-            T,
-            S,
-            mask=mask,
-            is_causal=call.is_causal,
-            query_seq_lengths=query_seq_lengths,
-            key_value_seq_lengths=key_value_seq_lengths,
-            local_window_size=call.window,
-        )
+        allowed = call_mask(call, mask, query_seq_lengths, key_value_seq_lengths)
         if allowed is None:  # T > S, nothing masks: a row is empty only when S == 0
             allowed = jnp.ones((1, 1, T, S), bool)
         # [B, N, T] -> [B, T, N, 1]
@@ -124,11 +120,9 @@ def cudnn_mask_and_bias(mask, bias, T, S, dtype):
     """cuDNN takes a mask or bias with full ``T`` and ``S`` dims, in the input dtype."""
     if bias is not None:
         limit = float(jnp.finfo(dtype).max)
-        bias = jnp.clip(bias, -limit, limit).astype(dtype)
-        bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+        bias = as_4d(jnp.clip(bias, -limit, limit).astype(dtype))
         bias = jnp.broadcast_to(bias, (*bias.shape[:2], T, S))
     if mask is not None:
-        mask = jnp.asarray(mask)
-        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+        mask = as_4d(mask)
         mask = jnp.broadcast_to(mask, (*mask.shape[:2], T, S))
     return mask, bias
