@@ -14,7 +14,7 @@ from collections.abc import Callable
 import jax
 
 from jax_attn import reference
-from jax_attn.kernels import chunked, cudnn, xla
+from jax_attn.kernels import chunked, cudnn, pallas_gpu, pallas_tpu, xla
 from jax_attn.kernels.base import Implementation
 from jax_attn.validation import AttentionCall, attention_entry
 
@@ -35,8 +35,8 @@ _REGISTRY: dict[str, Implementation] = {}
 # thresholds that follow.
 PREFERENCE: dict[str, list[str]] = {
     "cpu": ["chunked", "xla", "reference"],
-    "gpu": ["cudnn", "xla", "chunked", "reference"],
-    "tpu": ["xla", "chunked", "reference"],
+    "gpu": ["cudnn", "pallas_gpu", "xla", "chunked", "reference"],
+    "tpu": ["pallas_tpu", "xla", "chunked", "reference"],
 }
 # "chunked" goes first only from this many queries T on: with fewer (decoding) it has no
 # block to skip and its loop costs more than "xla" (measured on CPU: T=1..4 against 64..1024
@@ -169,5 +169,5 @@ register_implementation(
         description="einsum -> mask -> softmax -> einsum; materialises [B, N, T, S]",
     )
 )
-for _kernel in (xla, cudnn, chunked):
+for _kernel in (xla, cudnn, chunked, pallas_gpu, pallas_tpu):
     register_implementation(_kernel.IMPLEMENTATION)

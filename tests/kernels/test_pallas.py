@@ -1,0 +1,184 @@
+"""The Pallas kernels ("pallas_gpu": Triton flash attention, "pallas_tpu": splash attention)
+against the reference, forward and gradients, in Pallas interpret mode on any machine
+(JAX_ATTN_PALLAS_INTERPRET=1), and what they decline."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_attn as ja
+from jax_attn import dispatch
+from jax_attn.kernels import pallas_gpu
+from jax_attn.validation import check_attention_args
+
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
+PALLAS = ["pallas_gpu", "pallas_tpu"]
+NATIVE = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv(pallas_gpu.INTERPRET_ENV, "1")
+
+
+def _qkv(B=1, T=256, S=256, N=4, K=2, H=32, dtype=jnp.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((B, T, N, H)), dtype)
+    k = jnp.asarray(rng.standard_normal((B, S, K, H)), dtype)
+    v = jnp.asarray(rng.standard_normal((B, S, K, H)), dtype)
+    cotangent = jnp.asarray(rng.standard_normal((B, T, N, H)), dtype)
+    return q, k, v, cotangent
+
+
+@functools.partial(jax.jit, static_argnames=("attention", "options"))
+def _forward_and_grads(q, k, v, cotangent, lengths, *, attention, options):
+    def f(q, k, v):
+        return attention(q, k, v, **dict(options), **lengths)
+
+    out, vjp = jax.vjp(f, q, k, v)
+    return out, vjp(cotangent)
+
+
+def _assert_matches_reference(implementation, q, k, v, cotangent, lengths=None, **options):
+    options = tuple(sorted(options.items()))
+    lengths = lengths or {}
+    got = _forward_and_grads(
+        q,
+        k,
+        v,
+        cotangent,
+        lengths,
+        attention=functools.partial(ja.dot_product_attention, implementation=implementation),
+        options=options,
+    )
+    want = _forward_and_grads(
+        q, k, v, cotangent, lengths, attention=ja.reference.dot_product_attention, options=options
+    )
+    tol = TOL[q.dtype.type]
+    for name, a, b in zip(["out", "dq", "dk", "dv"], jax.tree.leaves(got), jax.tree.leaves(want)):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert not np.isnan(a).any(), f"{implementation} {name}: NaN"
+        np.testing.assert_allclose(a, b, atol=tol, rtol=tol, err_msg=f"{implementation} {name}")
+
+
+# --- without the variable: not available off their platform --------------------------
+
+
+@pytest.mark.parametrize("implementation", PALLAS)
+def test_not_available_without_interpret_variable(implementation, monkeypatch):
+    monkeypatch.delenv(pallas_gpu.INTERPRET_ENV, raising=False)
+    platform = jax.default_backend()
+    if platform == NATIVE[implementation]:
+        pytest.skip(f"{implementation} is native on {platform}")
+    assert implementation not in ja.available_implementations()
+    q, k, v, _ = _qkv(T=16, S=16, H=16)
+    with pytest.raises(ValueError, match=f"implementation='{implementation}' cannot serve"):
+        ja.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+
+
+@pytest.mark.parametrize("implementation", PALLAS)
+def test_interpret_variable_makes_them_available_but_never_default(implementation, interpret):
+    assert implementation in ja.available_implementations()
+    call = check_attention_args(*_qkv(T=64, S=64)[:3], is_causal=True)
+    assert dispatch.select_implementation(call, "cpu") == "chunked"
+
+
+def test_preferred_on_their_platform():
+    call = check_attention_args(*_qkv(T=64, S=64)[:3], is_causal=True)
+    assert dispatch.preference_order(call, "gpu")[:2] == ["cudnn", "pallas_gpu"]
+    assert dispatch.preference_order(call, "tpu")[0] == "pallas_tpu"
+
+
+# --- against the reference in interpret mode ------------------------------------------
+
+
+@pytest.mark.parametrize("implementation", PALLAS)
+def test_causal_gqa(implementation, interpret):
+    _assert_matches_reference(implementation, *_qkv(), is_causal=True)
+
+
+def test_gpu_padding_query_lengths_mqa_scale(interpret):
+    # T = 100 pads to 128: non-causal padding is a segment of its own; H 8 pads to 16.
+    q, k, v, cotangent = _qkv(B=2, T=100, S=100, K=1, H=8)
+    lengths = {"query_seq_lengths": jnp.array([100, 37], jnp.int32)}
+    _assert_matches_reference("pallas_gpu", q, k, v, cotangent, lengths, scale=0.3)
+
+
+def test_gpu_bfloat16_causal_padding(interpret):
+    q, k, v, cotangent = _qkv(T=200, S=200, N=2, K=2, dtype=jnp.bfloat16)
+    _assert_matches_reference("pallas_gpu", q, k, v, cotangent, is_causal=True)
+
+
+def test_tpu_causal_window(interpret):
+    _assert_matches_reference("pallas_tpu", *_qkv(N=2, K=1), is_causal=True, local_window_size=(40, 0))
+
+
+def test_tpu_key_and_query_lengths_bottom_right_causal(interpret):
+    # T < S (bottom-right causal), both padded to 128 multiples, a zero key length.
+    q, k, v, cotangent = _qkv(B=2, T=100, S=200, N=2, K=2)
+    lengths = {
+        "query_seq_lengths": jnp.array([100, 60], jnp.int32),
+        "key_value_seq_lengths": jnp.array([150, 0], jnp.int32),
+    }
+    _assert_matches_reference("pallas_tpu", q, k, v, cotangent, lengths, is_causal=True)
+
+
+def test_tpu_window_key_lengths_bfloat16(interpret):
+    q, k, v, cotangent = _qkv(B=2, T=128, S=128, N=2, K=1, dtype=jnp.bfloat16)
+    lengths = {"key_value_seq_lengths": jnp.array([128, 70], jnp.int32)}
+    _assert_matches_reference("pallas_tpu", q, k, v, cotangent, lengths, local_window_size=(20, 10))
+
+
+def test_tpu_empty_rows_causal_t_greater_than_s(interpret):
+    # T > S, causal: the first T - S queries have no key (zero output, zero gradient).
+    _assert_matches_reference("pallas_tpu", *_qkv(T=256, S=96, N=2, K=2), is_causal=True)
+
+
+# --- what they decline, and why --------------------------------------------------------
+
+
+def _reason(implementation, T=64, S=64, K=2, H=32, dtype=jnp.float32, **kwargs):
+    q, k, v, _ = _qkv(T=T, S=S, K=K, H=H, dtype=dtype)
+    call = check_attention_args(q, k, v, **kwargs)
+    return dispatch.unsupported_reason(implementation, call, "cpu")
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        (dict(T=32, S=64, is_causal=True), "T == S"),
+        (dict(key_value_seq_lengths=jnp.array([3])), "key_value_seq_lengths"),
+        (dict(mask=jnp.ones((64, 64), bool)), "mask"),
+        (dict(local_window_size=(4, 0), is_causal=True), "window"),
+        (dict(H=256), "H <= 128"),
+        (dict(dtype=jnp.float16, dropout_rate=0.1, dropout_rng=jax.random.key(0)), "dropout"),
+    ],
+)
+def test_gpu_declines(kwargs, expected, interpret):
+    reason = _reason("pallas_gpu", **kwargs)
+    assert reason is not None and expected in reason
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        (dict(bias=jnp.zeros((64, 64))), "bias"),
+        (dict(dtype=jnp.float16), "float16"),
+        (dict(T=0), "empty"),
+    ],
+)
+def test_tpu_declines(kwargs, expected, interpret):
+    reason = _reason("pallas_tpu", **kwargs)
+    assert reason is not None and expected in reason
+
+
+def test_gpu_float32_precision_beyond_tf32_is_noticed():
+    # On a GPU, float32 is declined when full float32 matmuls are asked for: Triton's
+    # dots in this kernel use TF32.
+    with jax.default_matmul_precision("float32"):
+        assert pallas_gpu._full_float32_matmuls()
+    with jax.default_matmul_precision("tensorfloat32"):
+        assert not pallas_gpu._full_float32_matmuls()
