@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_attn import dispatch, reference
+from jax_attn.validation import check_attention_args
 
 __all__ = ["Case", "CaseResult", "default_cases", "run_check", "main"]
 
@@ -163,7 +164,7 @@ def run_check(
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
             q, k, v, cotangent, kwargs = _case_inputs(case, dtype)
-            call = dispatch.check_attention_args(q, k, v, **kwargs)
+            call = check_attention_args(q, k, v, **kwargs)
             expected = None
             for name in names:
                 tol = TOLERANCE[dtype_name]
