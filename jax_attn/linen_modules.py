@@ -5,7 +5,15 @@ Inputs are ``[T, d_in]`` or ``[B, T, d_in]``. Parameters are named as in the boo
 :mod:`jax_attn.interop` maps them to and from the PyTorch ``state_dict``. Dropout
 uses the ``"dropout"`` RNG stream and a ``deterministic`` flag given at construction
 or call (the call wins). The attention itself is :func:`jax_attn.dot_product_attention`;
-these modules hold parameters and shapes only.
+these modules hold parameters and shapes only. Fields, checks and the per-call glue are
+:mod:`jax_attn.module_spec`'s, shared with :mod:`jax_attn.nnx_modules`.
+
+Every class also takes, by keyword: ``is_causal``, ``dtype`` / ``param_dtype`` (as
+``nn.Dense``), ``implementation`` (passed to :func:`jax_attn.dot_product_attention`) and
+``model_axis`` (partition metadata: heads split over that mesh axis, read with
+``nn.get_partition_spec``); at call ``deterministic=``, ``mask=`` (bool, broadcastable to
+``[B, N, T, S]``, combined with ``is_causal``), ``x_kv=`` (keys and values from another
+sequence) and ``sow_weights=True`` (the weights ``[B, N, T, S]`` in ``"intermediates"``).
 
 >>> import jax, jax.numpy as jnp
 >>> mha = MultiHeadAttention(d_in=3, d_out=4, context_length=6, dropout=0.5, num_heads=2)
@@ -19,16 +27,14 @@ these modules hold parameters and shapes only.
 from __future__ import annotations
 
 import dataclasses
-import math
+from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from jax_attn import kv_cache
-from jax_attn.dispatch import dot_product_attention
-from jax_attn.functional import merge_heads, split_heads
-from jax_attn.validation import as_batch, check_dropout_rate, check_positive_int
+from jax_attn import module_spec as spec_lib
+from jax_attn.module_spec import AttentionSpec, torch_linear_init
 
 __all__ = [
     "SelfAttentionV1",
@@ -40,101 +46,137 @@ __all__ = [
 ]
 
 
-def torch_linear_init(fan_in: int):
-    """``nn.Linear``'s default: uniform in ``[-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
-    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
+def _kw(default):
+    return dataclasses.field(default=default, kw_only=True)
 
 
-def _linear(features: int, fan_in: int, use_bias: bool, name: str) -> nn.Dense:
-    init = torch_linear_init(fan_in)
-    return nn.Dense(features, use_bias=use_bias, kernel_init=init, bias_init=init, name=name)
+def _compute_dtype(module, x):
+    """``dtype``, or the promotion of ``x``'s and the params' dtypes (as ``nn.Dense``)."""
+    if module.dtype is not None:
+        return module.dtype
+    return jnp.promote_types(x.dtype, module.param_dtype)
 
 
-def resolve_deterministic(
-    owner: str, at_init: bool | None, at_call: bool | None, rate, initializing: bool = False
-) -> bool:
-    """The call's flag wins over the constructor's. With neither, ``init`` runs without
-    dropout and an ``apply`` with dropout > 0 is an error (say which mode you mean)."""
-    chosen = at_call if at_call is not None else at_init
-    if chosen is None:
-        if rate == 0.0 or initializing:
-            return True
-        raise ValueError(
-            f"{owner}: dropout={rate} needs deterministic=True (evaluation) or False "
-            "(training, with rngs={'dropout': key}), at construction or call"
+class _BookAttention(nn.Module):
+    """The keyword-only options and the Linen plumbing the five classes share."""
+
+    deterministic: bool | None = _kw(None)
+    is_causal: bool = _kw(True)
+    dtype: Any = _kw(None)
+    param_dtype: Any = _kw(jnp.float32)
+    implementation: str | None = _kw(None)
+    model_axis: str | None = _kw(None)
+
+    def __post_init__(self):
+        AttentionSpec.of(self)
+        super().__post_init__()
+
+    @property
+    def spec(self) -> AttentionSpec:
+        return AttentionSpec.of(self)
+
+    def _owner(self) -> str:
+        """``Class.init`` or ``Class.apply``: where an error comes from."""
+        return f"{type(self).__name__}.{'init' if self.is_initializing() else 'apply'}"
+
+    def _init(self, name: str, leaf: str, init):
+        names = spec_lib.partition_names(name, leaf, self.model_axis)
+        return init if names is None else nn.with_partitioning(init, names)
+
+    def _dense(self, spec: AttentionSpec, name: str) -> nn.Dense:
+        init = torch_linear_init(spec.fan_in(name))
+        return nn.Dense(
+            spec.features(name),
+            use_bias=spec.use_bias(name),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=self._init(name, "kernel", init),
+            bias_init=self._init(name, "bias", init),
+            name=name,
         )
-    return bool(chosen)
 
-
-def dropout_rng(module: nn.Module, rate: float):
-    """The next key of the ``"dropout"`` stream when ``rate > 0``; a clear error when
-    ``apply`` was given no such stream."""
-    if rate == 0.0:
-        return None
-    if not module.has_rng("dropout"):
-        raise ValueError(
-            f"{type(module).__name__}: dropout={rate} with deterministic=False needs "
-            "rngs={'dropout': key} in apply (or deterministic=True), got no 'dropout' rng"
+    def _dropout(self, owner: str, spec: AttentionSpec, deterministic: bool | None) -> dict:
+        """``rate`` and ``rng`` for :func:`module_spec.attend`. ``init`` given one key draws
+        dropout from the ``"params"`` stream, as Flax's ``make_rng`` does."""
+        initializing = self.is_initializing()
+        deterministic = spec_lib.resolve_deterministic(
+            owner, self.deterministic, deterministic, spec.dropout, initializing
         )
-    return module.make_rng("dropout")
+        if deterministic or spec.dropout == 0.0:
+            return {"rate": 0.0, "rng": None}
+        if not (self.has_rng("dropout") or (initializing and self.has_rng("params"))):
+            raise ValueError(
+                f"{owner}: dropout={spec.dropout} with deterministic=False needs "
+                "rngs={'dropout': key} (or deterministic=True), got no 'dropout' rng"
+            )
+        return {"rate": float(spec.dropout), "rng": self.make_rng("dropout")}
+
+    def _sow(self, sow_weights: bool):
+        if not isinstance(sow_weights, bool):
+            raise TypeError(f"{self._owner()}: sow_weights must be a bool, got {sow_weights!r}")
+        if not sow_weights:
+            return None
+        return lambda weights: self.sow("intermediates", "attention_weights", weights)
+
+    def _single_head(self, project, x, x_kv, mask, deterministic, sow_weights):
+        owner = self._owner()
+        spec = AttentionSpec.of(self, owner)
+        inputs = spec_lib.call_inputs(owner, spec, x, x_kv, mask)
+        return spec_lib.single_head(
+            spec,
+            project,
+            inputs,
+            **self._dropout(owner, spec, deterministic),
+            sow=self._sow(sow_weights),
+        )
 
 
-class SelfAttentionV1(nn.Module):
+class SelfAttentionV1(_BookAttention):
     """Section 3.4.1: ``W_query``, ``W_key``, ``W_value`` as ``[d_in, d_out]`` matrices,
     initialised uniform in ``[0, 1)`` like ``torch.rand``. Output ``[..., T, d_out]``."""
 
     d_in: int
     d_out: int
-
-    def __post_init__(self):
-        check_positive_int("SelfAttentionV1", "d_in", self.d_in)
-        check_positive_int("SelfAttentionV1", "d_out", self.d_out)
-        super().__post_init__()
+    is_causal: bool = _kw(False)
 
     @nn.compact
-    def __call__(self, x, deterministic: bool | None = None):
-        del deterministic  # no dropout here; accepted so every module takes it
-        x, unbatched = as_batch("SelfAttentionV1", x, self.d_in)
-        shape = (self.d_in, self.d_out)
+    def __call__(self, x, x_kv=None, *, mask=None, deterministic=None, sow_weights: bool = False):
         uniform01 = nn.initializers.uniform(scale=1.0)
-        # [B, T, 1, d_out]
-        queries = (x @ self.param("W_query", uniform01, shape))[:, :, None, :]
-        keys = (x @ self.param("W_key", uniform01, shape))[:, :, None, :]
-        values = (x @ self.param("W_value", uniform01, shape))[:, :, None, :]
-        out = dot_product_attention(queries, keys, values)[:, :, 0, :]
-        return out[0] if unbatched else out
+        shape = (self.d_in, self.d_out)
+        matrices = {
+            name: self.param(name, self._init(name, "", uniform01), shape, self.param_dtype)
+            for name in spec_lib.PROJECTIONS
+        }
+
+        def project(name, h):
+            dtype = _compute_dtype(self, h)
+            return h.astype(dtype) @ matrices[name].astype(dtype)
+
+        return self._single_head(project, x, x_kv, mask, deterministic, sow_weights)
 
 
-class SelfAttentionV2(nn.Module):
+class _DenseSingleHead(_BookAttention):
+    """One head from three ``nn.Dense`` projections (SelfAttentionV2, CausalAttention)."""
+
+    @nn.compact
+    def __call__(self, x, x_kv=None, *, mask=None, deterministic=None, sow_weights: bool = False):
+        spec = self.spec
+        layers = {name: self._dense(spec, name) for name in spec_lib.PROJECTIONS}
+        return self._single_head(
+            lambda name, h: layers[name](h), x, x_kv, mask, deterministic, sow_weights
+        )
+
+
+class SelfAttentionV2(_DenseSingleHead):
     """Section 3.4.2: ``nn.Linear``-style projections (kernel ``[d_in, d_out]``)."""
 
     d_in: int
     d_out: int
     qkv_bias: bool = False
-
-    def __post_init__(self):
-        check_positive_int(type(self).__name__, "d_in", self.d_in)
-        check_positive_int(type(self).__name__, "d_out", self.d_out)
-        super().__post_init__()
-
-    @nn.compact
-    def __call__(self, x, deterministic: bool | None = None):
-        del deterministic
-        x, unbatched = as_batch("SelfAttentionV2", x, self.d_in)
-        # [B, T, 1, d_out]
-        queries = _linear(self.d_out, self.d_in, self.qkv_bias, "W_query")(x)[:, :, None, :]
-        keys = _linear(self.d_out, self.d_in, self.qkv_bias, "W_key")(x)[:, :, None, :]
-        values = _linear(self.d_out, self.d_in, self.qkv_bias, "W_value")(x)[:, :, None, :]
-        out = dot_product_attention(queries, keys, values)[:, :, 0, :]
-        return out[0] if unbatched else out
+    is_causal: bool = _kw(False)
 
 
-class CausalAttention(nn.Module):
+class CausalAttention(_DenseSingleHead):
     """Section 3.5.3: single-head causal attention with dropout on the weights."""
 
     d_in: int
@@ -142,42 +184,9 @@ class CausalAttention(nn.Module):
     context_length: int
     dropout: float
     qkv_bias: bool = False
-    deterministic: bool | None = None
-    implementation: str | None = None
-
-    def __post_init__(self):
-        name = type(self).__name__
-        check_positive_int(name, "d_in", self.d_in)
-        check_positive_int(name, "d_out", self.d_out)
-        check_positive_int(name, "context_length", self.context_length)
-        check_dropout_rate(name, self.dropout)
-        super().__post_init__()
-
-    @nn.compact
-    def __call__(self, x, deterministic: bool | None = None):
-        name = type(self).__name__
-        x, unbatched = as_batch(name, x, self.d_in, self.context_length)
-        deterministic = resolve_deterministic(
-            name, self.deterministic, deterministic, self.dropout, self.is_initializing()
-        )
-        rate = 0.0 if deterministic else float(self.dropout)
-        # [B, T, 1, d_out]
-        queries = _linear(self.d_out, self.d_in, self.qkv_bias, "W_query")(x)[:, :, None, :]
-        keys = _linear(self.d_out, self.d_in, self.qkv_bias, "W_key")(x)[:, :, None, :]
-        values = _linear(self.d_out, self.d_in, self.qkv_bias, "W_value")(x)[:, :, None, :]
-        out = dot_product_attention(
-            queries,
-            keys,
-            values,
-            is_causal=True,
-            dropout_rate=rate,
-            dropout_rng=dropout_rng(self, rate),
-            implementation=self.implementation,
-        )[:, :, 0, :]
-        return out[0] if unbatched else out
 
 
-class MultiHeadAttentionWrapper(nn.Module):
+class MultiHeadAttentionWrapper(_BookAttention):
     """Section 3.6.1: ``num_heads`` independent :class:`CausalAttention` heads
     (``heads_0``, ``heads_1``...), outputs concatenated: ``[..., T, num_heads * d_out]``."""
 
@@ -187,42 +196,32 @@ class MultiHeadAttentionWrapper(nn.Module):
     dropout: float
     num_heads: int
     qkv_bias: bool = False
-    deterministic: bool | None = None
-    implementation: str | None = None
-
-    def __post_init__(self):
-        name = type(self).__name__
-        for field in ("d_in", "d_out", "context_length", "num_heads"):
-            check_positive_int(name, field, getattr(self, field))
-        check_dropout_rate(name, self.dropout)
-        super().__post_init__()
 
     def setup(self):
+        options = {name: getattr(self, name) for name in spec_lib.OPTIONS}
         self.heads = [
             CausalAttention(
-                self.d_in,
-                self.d_out,
-                self.context_length,
-                self.dropout,
-                self.qkv_bias,
-                deterministic=self.deterministic,
-                implementation=self.implementation,
+                self.d_in, self.d_out, self.context_length, self.dropout, self.qkv_bias, **options
             )
             for _ in range(self.num_heads)
         ]
 
-    def __call__(self, x, deterministic: bool | None = None):
-        return jnp.concatenate([head(x, deterministic) for head in self.heads], axis=-1)
+    def __call__(self, x, x_kv=None, *, mask=None, deterministic=None, sow_weights: bool = False):
+        outs = [
+            head(x, x_kv, mask=mask, deterministic=deterministic, sow_weights=sow_weights)
+            for head in self.heads
+        ]
+        return jnp.concatenate(outs, axis=-1)
 
 
-class MultiHeadAttention(nn.Module):
+class MultiHeadAttention(_BookAttention):
     """Section 3.6.2: one projection split into ``num_heads`` heads, causal attention
     with dropout, heads merged and mixed by ``out_proj`` (with bias).
 
     ``d_out`` must be divisible by ``num_heads``; head dim ``H = d_out // num_heads``.
     ``MultiHeadAttention(768, 768, 1024, 0.0, 12)`` has 2,360,064 parameters.
 
-    Keyword-only options:
+    Keyword-only options, besides those of every class:
 
     * ``num_kv_heads`` (default ``num_heads``): GQA/MQA. ``W_key`` and ``W_value``
       project to ``num_kv_heads * H`` features; query head ``n`` uses key/value head
@@ -233,8 +232,8 @@ class MultiHeadAttention(nn.Module):
       ``apply(variables, x, mutable=["cache"])`` writes any number of new tokens
       ``x [B, T, d_in]`` and attends causally over everything cached. ``lengths [B]``
       marks how many of the ``T`` tokens are real when prompts of different lengths
-      share a padded batch. Overflow past ``context_length`` raises (eagerly, or via
-      ``checkify`` under ``jit``: wrap with :func:`jax_attn.kv_cache.checked`).
+      share a padded batch. Overflow past ``context_length`` is
+      :mod:`jax_attn.kv_cache`'s to report.
     """
 
     d_in: int
@@ -243,83 +242,70 @@ class MultiHeadAttention(nn.Module):
     dropout: float
     num_heads: int
     qkv_bias: bool = False
-    deterministic: bool | None = dataclasses.field(default=None, kw_only=True)
-    implementation: str | None = dataclasses.field(default=None, kw_only=True)
-    decode: bool = dataclasses.field(default=False, kw_only=True)
-    num_kv_heads: int | None = dataclasses.field(default=None, kw_only=True)
-
-    def __post_init__(self):
-        name = type(self).__name__
-        for field in ("d_in", "d_out", "context_length", "num_heads"):
-            check_positive_int(name, field, getattr(self, field))
-        check_dropout_rate(name, self.dropout)
-        if self.d_out % self.num_heads:
-            raise ValueError(
-                f"{name}: d_out={self.d_out} must be divisible by num_heads={self.num_heads}"
-            )
-        if self.num_kv_heads is not None:
-            check_positive_int(name, "num_kv_heads", self.num_kv_heads)
-            if self.num_heads % self.num_kv_heads:
-                raise ValueError(
-                    f"{name}: num_heads={self.num_heads} must be divisible by "
-                    f"num_kv_heads={self.num_kv_heads}"
-                )
-        if not isinstance(self.decode, bool):
-            raise TypeError(f"{name}: decode must be a bool, got {self.decode!r}")
-        super().__post_init__()
+    decode: bool = _kw(False)
+    num_kv_heads: int | None = _kw(None)
 
     @property
     def kv_heads(self) -> int:
-        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+        return self.spec.kv_heads
 
     @nn.compact
-    def __call__(self, x, deterministic: bool | None = None, *, lengths=None):
-        name = type(self).__name__
-        if lengths is not None and not self.decode:
-            raise ValueError(f"{name}: lengths (real new tokens per sequence) needs decode=True")
-        x, unbatched = as_batch(name, x, self.d_in, self.context_length)
-        deterministic = resolve_deterministic(
-            name, self.deterministic, deterministic, self.dropout, self.is_initializing()
-        )
-        rate = 0.0 if deterministic else float(self.dropout)
-        head_dim = self.d_out // self.num_heads
-        K = self.kv_heads
-        # [B, T, N, H]
-        queries = split_heads(
-            _linear(self.d_out, self.d_in, self.qkv_bias, "W_query")(x), self.num_heads
-        )
-        # [B, T, K, H]
-        keys = split_heads(_linear(K * head_dim, self.d_in, self.qkv_bias, "W_key")(x), K)
-        values = split_heads(_linear(K * head_dim, self.d_in, self.qkv_bias, "W_value")(x), K)
-        attention_kwargs = dict(
-            dropout_rate=rate,
-            dropout_rng=dropout_rng(self, rate),
-            implementation=self.implementation,
-        )
+    def __call__(
+        self,
+        x,
+        x_kv=None,
+        *,
+        mask=None,
+        deterministic=None,
+        sow_weights: bool = False,
+        lengths=None,
+    ):
+        owner = self._owner()
+        spec = AttentionSpec.of(self, owner)
+        spec_lib.check_decode_call(owner, self.decode, x_kv, mask, lengths)
+        inputs = spec_lib.call_inputs(owner, spec, x, x_kv, mask)
+        dropout = self._dropout(owner, spec, deterministic)
+        layers = {name: self._dense(spec, name) for name in (*spec_lib.PROJECTIONS, "out_proj")}
+        attend_cached = None
         if self.decode and self.has_variable("cache", "cached_key"):
-            context = self._attend_cached(queries, keys, values, lengths, attention_kwargs)
-        else:
-            if self.decode:
-                self._allocate_cache(x.shape[0], head_dim, keys.dtype)
-            context = dot_product_attention(
-                queries, keys, values, is_causal=True, **attention_kwargs
-            )
-        out = _linear(self.d_out, self.d_out, True, "out_proj")(merge_heads(context))
-        return out[0] if unbatched else out
 
-    def _allocate_cache(self, batch_size: int, head_dim: int, dtype):
-        empty = kv_cache.init_cache(batch_size, self.context_length, self.kv_heads, head_dim, dtype)
+            def attend_cached(queries, keys, values):
+                return self._attend_cached(queries, keys, values, lengths, dropout)
+
+        elif self.decode:
+            dtype = _compute_dtype(self, inputs.x)
+            self._allocate_cache(inputs.x.shape[0], spec, dtype)
+        return spec_lib.multi_head(
+            spec,
+            lambda name, h: layers[name](h),
+            inputs,
+            attend_cached=attend_cached,
+            sow=self._sow(sow_weights),
+            **dropout,
+        )
+
+    def _allocate_cache(self, batch_size: int, spec: AttentionSpec, dtype):
+        empty = kv_cache.init_cache(
+            batch_size, self.context_length, spec.kv_heads, spec.head_dim, dtype
+        )
         self.variable("cache", "cached_key", lambda: empty.key)
         self.variable("cache", "cached_value", lambda: empty.value)
         self.variable("cache", "cache_index", lambda: empty.index)
 
-    def _attend_cached(self, queries, keys, values, lengths, attention_kwargs):
+    def _attend_cached(self, queries, keys, values, lengths, dropout):
         cached_key = self.variable("cache", "cached_key")
         cached_value = self.variable("cache", "cached_value")
         cache_index = self.variable("cache", "cache_index")
         cache = kv_cache.KVCache(cached_key.value, cached_value.value, cache_index.value)
         context, cache = kv_cache.decode_attention(
-            cache, queries, keys, values, lengths=lengths, **attention_kwargs
+            cache,
+            queries,
+            keys,
+            values,
+            lengths=lengths,
+            dropout_rate=dropout["rate"],
+            dropout_rng=dropout["rng"],
+            implementation=self.implementation,
         )
         cached_key.value, cached_value.value, cache_index.value = cache
         return context

@@ -1,10 +1,10 @@
-"""The book's attention classes as ``flax.nnx`` modules, on the Linen modules' core.
+"""The book's attention classes as ``flax.nnx`` modules, on the same spec as the Linen ones.
 
-Constructor arguments are the Linen modules' plus ``rngs=nnx.Rngs(params=..., dropout=...)``.
-Parameters carry the book's names (``W_query``, ``W_key``, ``W_value``, ``out_proj``; the
-wrapper's heads live in ``heads[0]``, ``heads[1]``...). The attention is
-:func:`jax_attn.dot_product_attention`; these modules hold parameters, the dropout RNG
-stream and shapes only.
+Constructor arguments are the Linen modules' plus ``rngs=nnx.Rngs(params=..., dropout=...)``;
+fields, checks and the per-call glue are :mod:`jax_attn.module_spec`'s. Parameters carry the
+book's names (``W_query``, ``W_key``, ``W_value``, ``out_proj``; the wrapper's heads live in
+``heads[0]``, ``heads[1]``...). The attention is :func:`jax_attn.dot_product_attention`;
+these modules hold parameters, the dropout RNG stream and shapes only.
 
 Dropout follows ``nnx.Dropout``'s conventions: ``deterministic`` at construction, at call,
 or through ``model.train()`` / ``model.eval()`` (the call wins); the key comes from the
@@ -12,6 +12,11 @@ or through ``model.train()`` / ``model.eval()`` (the call wins); the key comes f
 the ``dropout`` stream forked at construction. Given the same key, an NNX and a Linen
 module with the same parameters drop the same attention weights; :func:`linen_dropout_rng`
 gives the key a Linen module derives from its ``rngs={"dropout": root}``.
+
+The Flax options are the Linen modules' (``is_causal``, ``dtype``, ``param_dtype``,
+``implementation``, ``model_axis`` at construction; ``mask=``, ``x_kv=``,
+``sow_weights=True`` at call, the weights going to an ``nnx.Intermediate``). With
+``model_axis`` the parameters carry NNX sharding metadata (``nnx.get_partition_spec``).
 
 Linen parameters convert both ways with :func:`nnx_from_linen_params` and
 :func:`linen_params_from_nnx`, so :mod:`jax_attn.interop`'s PyTorch ``state_dict``
@@ -31,19 +36,19 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import flax.linen as flax_linen
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, traverse_util
+from flax.core import meta
 
 from jax_attn import kv_cache
 from jax_attn import linen_modules as linen
-from jax_attn.dispatch import dot_product_attention
-from jax_attn.functional import merge_heads, split_heads
-from jax_attn.linen_modules import resolve_deterministic, torch_linear_init
-from jax_attn.validation import as_batch, check_dropout_rate, check_positive_int
+from jax_attn import module_spec as spec_lib
+from jax_attn.module_spec import AttentionSpec, torch_linear_init
 
 if TYPE_CHECKING:
     from jax_attn.shapes import Array, Float, Int
@@ -62,12 +67,6 @@ __all__ = [
 RngsLike = nnx.Rngs | nnx.RngStream | jax.Array | None
 
 
-def _linear(d_in: int, d_out: int, use_bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
-    """``nn.Linear``-initialised projection, kernel ``[d_in, d_out]`` (Linen's layout)."""
-    init = torch_linear_init(d_in)
-    return nnx.Linear(d_in, d_out, use_bias=use_bias, kernel_init=init, bias_init=init, rngs=rngs)
-
-
 def _check_rngs(owner: str, rngs) -> nnx.Rngs:
     if not isinstance(rngs, nnx.Rngs):
         raise TypeError(
@@ -75,6 +74,21 @@ def _check_rngs(owner: str, rngs) -> nnx.Rngs:
             f"got {type(rngs).__name__}"
         )
     return rngs
+
+
+def _sharding_metadata(owner: str, name: str, leaf: str, model_axis: str | None) -> dict:
+    """NNX sharding metadata of parameter ``name/leaf``; placed at creation only when a
+    mesh is set (``jax.set_mesh``), else recorded for ``nnx.get_partition_spec``."""
+    names = spec_lib.partition_names(name, leaf, model_axis)
+    if names is None:
+        return {}
+    mesh = meta.get_global_mesh()
+    if mesh is not None and model_axis not in mesh.axis_names:
+        raise ValueError(
+            f"{owner}: model_axis={model_axis!r} must be an axis of the current mesh "
+            f"{tuple(mesh.axis_names)}"
+        )
+    return {"out_sharding": names, "eager_sharding": mesh is not None}
 
 
 def _dropout_stream(rngs: nnx.Rngs, rate: float) -> nnx.RngStream | None:
@@ -104,12 +118,73 @@ def _dropout_key(owner: str, at_call: RngsLike, stream: nnx.RngStream | None) ->
     )
 
 
-def _project_heads(module, x: Float[Array, "B T D"]) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Queries, keys, values ``[B, T, 1, d_out]`` (one head) from the three projections."""
-    return tuple(proj(x)[:, :, None, :] for proj in (module.W_query, module.W_key, module.W_value))
+class _BookAttention(nnx.Module):
+    """Configuration, projections and per-call plumbing the five NNX classes share."""
+
+    def _configure(self, arguments: dict, rngs) -> tuple[AttentionSpec, nnx.Rngs]:
+        """Checks the constructor's ``arguments`` (the class's fields, see
+        :mod:`jax_attn.module_spec`) and keeps them as attributes; returns the spec and the
+        checked ``rngs``."""
+        owner = type(self).__name__
+        for name in spec_lib.field_names(owner):
+            setattr(self, name, arguments[name])
+        spec = AttentionSpec.of(self, owner)
+        return spec, _check_rngs(owner, rngs)
+
+    def _linear(self, spec: AttentionSpec, name: str, rngs: nnx.Rngs) -> nnx.Linear:
+        """``nn.Linear``-initialised projection ``name``, kernel ``[fan_in, features]``."""
+        init = torch_linear_init(spec.fan_in(name))
+        owner = type(self).__name__
+        return nnx.Linear(
+            spec.fan_in(name),
+            spec.features(name),
+            use_bias=spec.use_bias(name),
+            dtype=spec.dtype,
+            param_dtype=spec.param_dtype,
+            kernel_init=init,
+            bias_init=init,
+            kernel_metadata=_sharding_metadata(owner, name, "kernel", spec.model_axis),
+            bias_metadata=_sharding_metadata(owner, name, "bias", spec.model_axis),
+            rngs=rngs,
+        )
+
+    def _call_spec(self) -> tuple[str, AttentionSpec]:
+        owner = f"{type(self).__name__}.__call__"
+        return owner, AttentionSpec.of(self, owner)
+
+    def _dropout(self, owner: str, spec: AttentionSpec, deterministic, rngs) -> dict:
+        """``rate`` and ``rng`` for :func:`module_spec.attend`."""
+        deterministic = spec_lib.resolve_deterministic(
+            owner, self.deterministic, deterministic, spec.dropout
+        )
+        if deterministic or spec.dropout == 0.0:
+            return {"rate": 0.0, "rng": None}
+        return {"rate": spec.dropout, "rng": _dropout_key(owner, rngs, self.rngs)}
+
+    def _sow(self, owner: str, sow_weights: bool):
+        if not isinstance(sow_weights, bool):
+            raise TypeError(f"{owner}: sow_weights must be a bool, got {sow_weights!r}")
+        if not sow_weights:
+            return None
+        return lambda weights: self.sow(nnx.Intermediate, "attention_weights", weights)
+
+    def _single_head(self, project, x, x_kv, mask, deterministic, rngs, sow_weights):
+        owner, spec = self._call_spec()
+        inputs = spec_lib.call_inputs(owner, spec, x, x_kv, mask)
+        return spec_lib.single_head(
+            spec,
+            project,
+            inputs,
+            **self._dropout(owner, spec, deterministic, rngs),
+            sow=self._sow(owner, sow_weights),
+        )
+
+    def linen_module(self) -> flax_linen.Module:
+        """The Linen module with the same configuration."""
+        return getattr(linen, type(self).__name__)(**spec_lib.class_config(self))
 
 
-class SelfAttentionV1(nnx.Module):
+class SelfAttentionV1(_BookAttention):
     """Section 3.4.1: ``W_query``, ``W_key``, ``W_value`` as ``[d_in, d_out]`` matrices,
     initialised uniform in ``[0, 1)`` like ``torch.rand``. ``x [T, d_in]`` or
     ``[B, T, d_in]`` -> ``[..., T, d_out]``.
@@ -119,59 +194,91 @@ class SelfAttentionV1(nnx.Module):
     (6, 2)
     """
 
-    def __init__(self, d_in: int, d_out: int, *, rngs: nnx.Rngs):
-        check_positive_int("SelfAttentionV1", "d_in", d_in)
-        check_positive_int("SelfAttentionV1", "d_out", d_out)
-        rngs = _check_rngs("SelfAttentionV1", rngs)
-        self.d_in, self.d_out = d_in, d_out
-        shape = (d_in, d_out)
-        self.W_query = nnx.Param(jax.random.uniform(rngs.params(), shape))
-        self.W_key = nnx.Param(jax.random.uniform(rngs.params(), shape))
-        self.W_value = nnx.Param(jax.random.uniform(rngs.params(), shape))
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        *,
+        deterministic: bool | None = None,
+        is_causal: bool = False,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        implementation: str | None = None,
+        model_axis: str | None = None,
+        rngs: nnx.Rngs,
+    ):
+        spec, rngs = self._configure(locals(), rngs)
+        owner = type(self).__name__
+        for name in spec_lib.PROJECTIONS:
+            value = jax.random.uniform(rngs.params(), (d_in, d_out), spec.param_dtype)
+            metadata = _sharding_metadata(owner, name, "", model_axis)
+            setattr(self, name, nnx.Param(value, **metadata))
 
     def __call__(
-        self, x: Float[Array, "*B T d_in"], *, deterministic: bool | None = None, rngs=None
+        self,
+        x: Float[Array, "*B T d_in"],
+        x_kv: Float[Array, "*B S d_in"] | None = None,
+        *,
+        mask=None,
+        deterministic: bool | None = None,
+        rngs=None,
+        sow_weights: bool = False,
     ) -> Float[Array, "*B T d_out"]:
-        del deterministic, rngs  # no dropout here; accepted so every module takes them
-        x, unbatched = as_batch("SelfAttentionV1", x, self.d_in)
-        # [B, T, 1, d_out]
-        queries, keys, values = (
-            (x @ w[...])[:, :, None, :] for w in (self.W_query, self.W_key, self.W_value)
-        )
-        out = dot_product_attention(queries, keys, values)[:, :, 0, :]
-        return out[0] if unbatched else out
+        def project(name, h):
+            dtype = self.dtype
+            if dtype is None:
+                dtype = jnp.promote_types(h.dtype, self.param_dtype)
+            return h.astype(dtype) @ getattr(self, name)[...].astype(dtype)
 
-    def linen_module(self) -> linen.SelfAttentionV1:
-        """The Linen module with the same configuration."""
-        return linen.SelfAttentionV1(self.d_in, self.d_out)
+        return self._single_head(project, x, x_kv, mask, deterministic, rngs, sow_weights)
 
 
-class SelfAttentionV2(nnx.Module):
+class _LinearSingleHead(_BookAttention):
+    """One head from three ``nnx.Linear`` projections (SelfAttentionV2, CausalAttention)."""
+
+    def _build(self, arguments: dict, rngs) -> None:
+        spec, rngs = self._configure(arguments, rngs)
+        for name in spec_lib.PROJECTIONS:
+            setattr(self, name, self._linear(spec, name, rngs))
+        self.rngs = nnx.data(_dropout_stream(rngs, spec.dropout))
+
+    def __call__(
+        self,
+        x: Float[Array, "*B T d_in"],
+        x_kv: Float[Array, "*B S d_in"] | None = None,
+        *,
+        mask=None,
+        deterministic: bool | None = None,
+        rngs: RngsLike = None,
+        sow_weights: bool = False,
+    ) -> Float[Array, "*B T d_out"]:
+        def project(name, h):
+            return getattr(self, name)(h)
+
+        return self._single_head(project, x, x_kv, mask, deterministic, rngs, sow_weights)
+
+
+class SelfAttentionV2(_LinearSingleHead):
     """Section 3.4.2: ``nn.Linear``-style projections (kernel ``[d_in, d_out]``)."""
 
-    def __init__(self, d_in: int, d_out: int, qkv_bias: bool = False, *, rngs: nnx.Rngs):
-        check_positive_int("SelfAttentionV2", "d_in", d_in)
-        check_positive_int("SelfAttentionV2", "d_out", d_out)
-        rngs = _check_rngs("SelfAttentionV2", rngs)
-        self.d_in, self.d_out, self.qkv_bias = d_in, d_out, bool(qkv_bias)
-        self.W_query = _linear(d_in, d_out, self.qkv_bias, rngs)
-        self.W_key = _linear(d_in, d_out, self.qkv_bias, rngs)
-        self.W_value = _linear(d_in, d_out, self.qkv_bias, rngs)
-
-    def __call__(
-        self, x: Float[Array, "*B T d_in"], *, deterministic: bool | None = None, rngs=None
-    ) -> Float[Array, "*B T d_out"]:
-        del deterministic, rngs
-        x, unbatched = as_batch("SelfAttentionV2", x, self.d_in)
-        out = dot_product_attention(*_project_heads(self, x))[:, :, 0, :]
-        return out[0] if unbatched else out
-
-    def linen_module(self) -> linen.SelfAttentionV2:
-        """The Linen module with the same configuration."""
-        return linen.SelfAttentionV2(self.d_in, self.d_out, self.qkv_bias)
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        qkv_bias: bool = False,
+        *,
+        deterministic: bool | None = None,
+        is_causal: bool = False,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        implementation: str | None = None,
+        model_axis: str | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self._build(locals(), rngs)
 
 
-class CausalAttention(nnx.Module):
+class CausalAttention(_LinearSingleHead):
     """Section 3.5.3: single-head causal attention with dropout on the weights.
 
     >>> m = CausalAttention(3, 2, context_length=6, dropout=0.5, rngs=nnx.Rngs(0))
@@ -190,57 +297,17 @@ class CausalAttention(nnx.Module):
         qkv_bias: bool = False,
         *,
         deterministic: bool | None = None,
+        is_causal: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
         implementation: str | None = None,
+        model_axis: str | None = None,
         rngs: nnx.Rngs,
     ):
-        name = type(self).__name__
-        check_positive_int(name, "d_in", d_in)
-        check_positive_int(name, "d_out", d_out)
-        check_positive_int(name, "context_length", context_length)
-        check_dropout_rate(name, dropout)
-        rngs = _check_rngs(name, rngs)
-        self.d_in, self.d_out, self.context_length = d_in, d_out, context_length
-        self.dropout, self.qkv_bias = float(dropout), bool(qkv_bias)
-        self.deterministic, self.implementation = deterministic, implementation
-        self.W_query = _linear(d_in, d_out, self.qkv_bias, rngs)
-        self.W_key = _linear(d_in, d_out, self.qkv_bias, rngs)
-        self.W_value = _linear(d_in, d_out, self.qkv_bias, rngs)
-        self.rngs = nnx.data(_dropout_stream(rngs, self.dropout))
-
-    def __call__(
-        self,
-        x: Float[Array, "*B T d_in"],
-        *,
-        deterministic: bool | None = None,
-        rngs: RngsLike = None,
-    ) -> Float[Array, "*B T d_out"]:
-        name = type(self).__name__
-        x, unbatched = as_batch(name, x, self.d_in, self.context_length)
-        deterministic = resolve_deterministic(name, self.deterministic, deterministic, self.dropout)
-        rate = 0.0 if deterministic else self.dropout
-        out = dot_product_attention(
-            *_project_heads(self, x),
-            is_causal=True,
-            dropout_rate=rate,
-            dropout_rng=_dropout_key(name, rngs, self.rngs) if rate > 0.0 else None,
-            implementation=self.implementation,
-        )[:, :, 0, :]
-        return out[0] if unbatched else out
-
-    def linen_module(self) -> linen.CausalAttention:
-        """The Linen module with the same configuration."""
-        return linen.CausalAttention(
-            self.d_in,
-            self.d_out,
-            self.context_length,
-            self.dropout,
-            self.qkv_bias,
-            deterministic=self.deterministic,
-            implementation=self.implementation,
-        )
+        self._build(locals(), rngs)
 
 
-class MultiHeadAttentionWrapper(nnx.Module):
+class MultiHeadAttentionWrapper(_BookAttention):
     """Section 3.6.1: ``num_heads`` independent :class:`CausalAttention` heads in
     ``heads``, outputs concatenated: ``[..., T, num_heads * d_out]``.
 
@@ -259,34 +326,29 @@ class MultiHeadAttentionWrapper(nnx.Module):
         qkv_bias: bool = False,
         *,
         deterministic: bool | None = None,
+        is_causal: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
         implementation: str | None = None,
+        model_axis: str | None = None,
         rngs: nnx.Rngs,
     ):
-        check_positive_int("MultiHeadAttentionWrapper", "num_heads", num_heads)
-        rngs = _check_rngs("MultiHeadAttentionWrapper", rngs)
+        spec, rngs = self._configure(locals(), rngs)
+        options = {name: getattr(self, name) for name in spec_lib.OPTIONS}
         self.heads = nnx.List(
-            CausalAttention(
-                d_in,
-                d_out,
-                context_length,
-                dropout,
-                qkv_bias,
-                deterministic=deterministic,
-                implementation=implementation,
-                rngs=rngs,
-            )
+            CausalAttention(d_in, d_out, context_length, dropout, qkv_bias, **options, rngs=rngs)
             for _ in range(num_heads)
         )
-        self.d_in, self.d_out, self.context_length = d_in, d_out, context_length
-        self.dropout, self.num_heads, self.qkv_bias = float(dropout), num_heads, bool(qkv_bias)
-        self.deterministic, self.implementation = deterministic, implementation
 
     def __call__(
         self,
         x: Float[Array, "*B T d_in"],
+        x_kv: Float[Array, "*B S d_in"] | None = None,
         *,
+        mask=None,
         deterministic: bool | None = None,
         rngs: RngsLike | list[jax.Array] = None,
+        sow_weights: bool = False,
     ) -> Float[Array, "*B T d_out"]:
         if deterministic is None:
             deterministic = self.deterministic
@@ -296,31 +358,25 @@ class MultiHeadAttentionWrapper(nnx.Module):
         elif isinstance(rngs, list | tuple):
             if len(rngs) != self.num_heads:
                 raise ValueError(
-                    f"MultiHeadAttentionWrapper: rngs as a list needs one key per head, "
-                    f"{self.num_heads}, got {len(rngs)}"
+                    f"MultiHeadAttentionWrapper.__call__: rngs as a list needs one key per "
+                    f"head, {self.num_heads}, got {len(rngs)}"
                 )
             head_rngs = list(rngs)
         outs = [
-            head(x, deterministic=deterministic, rngs=head_rng)
+            head(
+                x,
+                x_kv,
+                mask=mask,
+                deterministic=deterministic,
+                rngs=head_rng,
+                sow_weights=sow_weights,
+            )
             for head, head_rng in zip(self.heads, head_rngs, strict=True)
         ]
         return jnp.concatenate(outs, axis=-1)
 
-    def linen_module(self) -> linen.MultiHeadAttentionWrapper:
-        """The Linen module with the same configuration."""
-        return linen.MultiHeadAttentionWrapper(
-            self.d_in,
-            self.d_out,
-            self.context_length,
-            self.dropout,
-            self.num_heads,
-            self.qkv_bias,
-            deterministic=self.deterministic,
-            implementation=self.implementation,
-        )
 
-
-class MultiHeadAttention(nnx.Module):
+class MultiHeadAttention(_BookAttention):
     """Section 3.6.2: one projection split into ``num_heads`` heads, causal attention
     with dropout, heads merged and mixed by ``out_proj`` (with bias).
 
@@ -332,12 +388,11 @@ class MultiHeadAttention(nnx.Module):
       project to ``num_kv_heads * H`` features.
     * ``decode=True`` (or ``decode=`` at call): KV-cache decoding with the pure functions
       of :mod:`jax_attn.kv_cache`. :meth:`init_cache` allocates ``cached_key``,
-      ``cached_value`` ``[B, context_length, num_kv_heads, H]`` and ``cache_index [B]``
+      ``cached_value`` ``[B, S_max, num_kv_heads, H]`` and ``cache_index [B]``
       as ``nnx.Cache`` variables; each call then writes its ``T`` new tokens and attends
       causally over everything cached. ``lengths [B]`` marks how many of the ``T`` tokens
       are real when prompts of different lengths share a padded batch. Overflow past
-      ``context_length`` is a ``ValueError`` in eager code; under ``nnx.jit`` it is a
-      ``checkify`` check: run ``nnx.checkify(nnx.jit(step))`` and ``error.throw()``.
+      the cache is :mod:`jax_attn.kv_cache`'s to report.
 
     >>> mha = MultiHeadAttention(4, 4, 8, 0.0, 2, decode=True, rngs=nnx.Rngs(0))
     >>> mha.init_cache(batch_size=1)
@@ -357,43 +412,20 @@ class MultiHeadAttention(nnx.Module):
         qkv_bias: bool = False,
         *,
         deterministic: bool | None = None,
+        is_causal: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
         implementation: str | None = None,
+        model_axis: str | None = None,
         decode: bool = False,
         num_kv_heads: int | None = None,
         rngs: nnx.Rngs,
     ):
-        name = type(self).__name__
-        for field, value in (
-            ("d_in", d_in),
-            ("d_out", d_out),
-            ("context_length", context_length),
-            ("num_heads", num_heads),
-        ):
-            check_positive_int(name, field, value)
-        check_dropout_rate(name, dropout)
-        if d_out % num_heads:
-            raise ValueError(f"{name}: d_out={d_out} must be divisible by num_heads={num_heads}")
-        if num_kv_heads is not None:
-            check_positive_int(name, "num_kv_heads", num_kv_heads)
-            if num_heads % num_kv_heads:
-                raise ValueError(
-                    f"{name}: num_heads={num_heads} must be divisible by "
-                    f"num_kv_heads={num_kv_heads}"
-                )
-        if not isinstance(decode, bool):
-            raise TypeError(f"{name}: decode must be a bool, got {decode!r}")
-        rngs = _check_rngs(name, rngs)
-        self.d_in, self.d_out, self.context_length = d_in, d_out, context_length
-        self.dropout, self.num_heads, self.qkv_bias = float(dropout), num_heads, bool(qkv_bias)
-        self.num_kv_heads, self.decode = num_kv_heads, decode
-        self.deterministic, self.implementation = deterministic, implementation
-        self.head_dim = d_out // num_heads
-        kv_features = self.kv_heads * self.head_dim
-        self.W_query = _linear(d_in, d_out, self.qkv_bias, rngs)
-        self.W_key = _linear(d_in, kv_features, self.qkv_bias, rngs)
-        self.W_value = _linear(d_in, kv_features, self.qkv_bias, rngs)
-        self.out_proj = _linear(d_out, d_out, True, rngs)
-        self.rngs = nnx.data(_dropout_stream(rngs, self.dropout))
+        spec, rngs = self._configure(locals(), rngs)
+        self.head_dim = spec.head_dim
+        for name in (*spec_lib.PROJECTIONS, "out_proj"):
+            setattr(self, name, self._linear(spec, name, rngs))
+        self.rngs = nnx.data(_dropout_stream(rngs, spec.dropout))
         self.cached_key = nnx.data(None)
         self.cached_value = nnx.data(None)
         self.cache_index = nnx.data(None)
@@ -403,11 +435,37 @@ class MultiHeadAttention(nnx.Module):
         """``K``: ``num_kv_heads``, or ``num_heads`` when it is ``None``."""
         return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
-    def init_cache(self, batch_size: int, dtype=jnp.float32) -> None:
-        """Allocates an empty KV cache for ``batch_size`` sequences (replacing any old one)."""
-        empty = kv_cache.init_cache(
-            batch_size, self.context_length, self.kv_heads, self.head_dim, dtype
-        )
+    def init_cache(
+        self,
+        input_shape: int | Sequence[int] | None = None,
+        dtype=jnp.float32,
+        *,
+        batch_size: int | None = None,
+    ) -> None:
+        """Allocates an empty KV cache (replacing any old one).
+
+        ``init_cache(batch_size)`` holds ``context_length`` tokens per sequence;
+        ``init_cache((B, S_max, d_in), dtype)``, Flax's ``MultiHeadAttention.init_cache``
+        form, holds ``S_max <= context_length``.
+        """
+        owner = f"{type(self).__name__}.init_cache"
+        if (input_shape is None) == (batch_size is None):
+            raise TypeError(
+                f"{owner}: give batch_size or input_shape (B, S_max, d_in), exactly one; "
+                f"got batch_size={batch_size!r}, input_shape={input_shape!r}"
+            )
+        length = self.context_length
+        if batch_size is None and isinstance(input_shape, Sequence):
+            shape = tuple(input_shape)
+            if len(shape) != 3 or shape[-1] != self.d_in or not 0 < shape[1] <= length:
+                raise ValueError(
+                    f"{owner}: input_shape must be (B, S_max, d_in={self.d_in}) with "
+                    f"0 < S_max <= context_length={length}, got {shape}"
+                )
+            batch_size, length = shape[0], shape[1]
+        elif batch_size is None:
+            batch_size = input_shape
+        empty = kv_cache.init_cache(batch_size, length, self.kv_heads, self.head_dim, dtype)
         self.cached_key = nnx.Cache(empty.key)
         self.cached_value = nnx.Cache(empty.value)
         self.cache_index = nnx.Cache(empty.index)
@@ -415,73 +473,61 @@ class MultiHeadAttention(nnx.Module):
     def __call__(
         self,
         x: Float[Array, "*B T d_in"],
+        x_kv: Float[Array, "*B S d_in"] | None = None,
         *,
+        mask=None,
         deterministic: bool | None = None,
         rngs: RngsLike = None,
+        sow_weights: bool = False,
         decode: bool | None = None,
         lengths: Int[Array, " B"] | None = None,
     ) -> Float[Array, "*B T d_out"]:
-        name = type(self).__name__
-        x, unbatched = as_batch(name, x, self.d_in, self.context_length)
-        deterministic = resolve_deterministic(name, self.deterministic, deterministic, self.dropout)
-        rate = 0.0 if deterministic else self.dropout
+        owner, spec = self._call_spec()
         decode = self.decode if decode is None else decode
-        # [B, T, N, H]
-        queries = split_heads(self.W_query(x), self.num_heads)
-        # [B, T, K, H]
-        keys = split_heads(self.W_key(x), self.kv_heads)
-        values = split_heads(self.W_value(x), self.kv_heads)
-        attention_kwargs = dict(
-            dropout_rate=rate,
-            dropout_rng=_dropout_key(name, rngs, self.rngs) if rate > 0.0 else None,
-            implementation=self.implementation,
-        )
+        spec_lib.check_decode_call(owner, decode, x_kv, mask, lengths)
+        inputs = spec_lib.call_inputs(owner, spec, x, x_kv, mask)
+        dropout = self._dropout(owner, spec, deterministic, rngs)
+        attend_cached = None
         if decode:
-            context = self._attend_cached(queries, keys, values, lengths, attention_kwargs)
-        else:
-            if lengths is not None:
-                raise ValueError(f"{name}: lengths= is for decoding (decode=True), got lengths")
-            context = dot_product_attention(
-                queries, keys, values, is_causal=True, **attention_kwargs
-            )
-        out = self.out_proj(merge_heads(context))
-        return out[0] if unbatched else out
 
-    def _attend_cached(self, queries, keys, values, lengths, attention_kwargs):
-        name = type(self).__name__
+            def attend_cached(queries, keys, values):
+                return self._attend_cached(owner, queries, keys, values, lengths, dropout)
+
+        return spec_lib.multi_head(
+            spec,
+            lambda name, h: getattr(self, name)(h),
+            inputs,
+            attend_cached=attend_cached,
+            sow=self._sow(owner, sow_weights),
+            **dropout,
+        )
+
+    def _attend_cached(self, owner, queries, keys, values, lengths, dropout):
         if self.cached_key is None:
             raise ValueError(
-                f"{name}: decode=True needs a cache: call init_cache(batch_size) first"
+                f"{owner}: decode=True needs a cache: call init_cache(batch_size) first"
             )
         batch_size = self.cached_key.shape[0]
         if queries.shape[0] != batch_size:
             raise ValueError(
-                f"{name}: x has batch {queries.shape[0]}, but the cache was made by "
+                f"{owner}: x has batch {queries.shape[0]}, but the cache was made by "
                 f"init_cache(batch_size={batch_size})"
             )
         cache = kv_cache.KVCache(
             self.cached_key[...], self.cached_value[...], self.cache_index[...]
         )
         context, cache = kv_cache.decode_attention(
-            cache, queries, keys, values, lengths=lengths, **attention_kwargs
+            cache,
+            queries,
+            keys,
+            values,
+            lengths=lengths,
+            dropout_rate=dropout["rate"],
+            dropout_rng=dropout["rng"],
+            implementation=self.implementation,
         )
         self.cached_key[...], self.cached_value[...], self.cache_index[...] = cache
         return context
-
-    def linen_module(self) -> linen.MultiHeadAttention:
-        """The Linen module with the same configuration."""
-        return linen.MultiHeadAttention(
-            self.d_in,
-            self.d_out,
-            self.context_length,
-            self.dropout,
-            self.num_heads,
-            self.qkv_bias,
-            deterministic=self.deterministic,
-            implementation=self.implementation,
-            decode=self.decode,
-            num_kv_heads=self.num_kv_heads,
-        )
 
 
 def linen_dropout_rng(rng: jax.Array, *path: str) -> jax.Array:
@@ -517,67 +563,50 @@ def linen_dropout_rng(rng: jax.Array, *path: str) -> jax.Array:
 
 # --- Linen <-> NNX parameters -------------------------------------------------------------
 
-_MODULES = (
-    SelfAttentionV1,
-    SelfAttentionV2,
-    CausalAttention,
-    MultiHeadAttentionWrapper,
-    MultiHeadAttention,
-)
-
 
 def _check_module(owner: str, module) -> None:
-    if not isinstance(module, _MODULES):
-        names = ", ".join(cls.__name__ for cls in _MODULES)
+    if not isinstance(module, _BookAttention):
+        names = ", ".join(spec_lib.CLASS_FIELDS)
         raise TypeError(
             f"{owner}: module must be a jax_attn.nnx_modules module ({names}), "
             f"got {type(module).__name__}"
         )
 
 
-def _to_linen_layout(tree: dict) -> dict:
-    """``{"heads": {0: p, 1: q}}`` -> ``{"heads_0": p, "heads_1": q}``; the rest as is."""
-    out = {}
-    for name, value in tree.items():
-        if name == "heads":
-            out.update({f"heads_{i}": _to_linen_layout(head) for i, head in value.items()})
-        elif isinstance(value, dict):
-            out[name] = _to_linen_layout(value)
-        else:
-            out[name] = value
-    return out
+def _linen_path(path: tuple) -> tuple:
+    """``("heads", 0, "W_query", "kernel")`` -> ``("heads_0", "W_query", "kernel")``."""
+    if path[0] == "heads":
+        return (f"heads_{path[1]}", *path[2:])
+    return path
 
 
-def _flatten(tree, prefix: tuple = ()) -> dict[tuple, Any]:
-    if isinstance(tree, dict):
-        flat = {}
-        for name, value in tree.items():
-            flat.update(_flatten(value, (*prefix, name)))
-        return flat
-    return {prefix: tree}
+def _nnx_params(module) -> tuple[nnx.State, dict[tuple, jax.Array]]:
+    state = nnx.state(module, nnx.Param)
+    return state, traverse_util.flatten_dict(nnx.to_pure_dict(state))
 
 
 def linen_params_from_nnx(module) -> dict:
     """The module's parameters in the Linen layout: ``linen_module().apply({"params": p}, x)``
     gives the same output as ``module(x)``."""
     _check_module("linen_params_from_nnx", module)
-    return _to_linen_layout(nnx.to_pure_dict(nnx.state(module, nnx.Param)))
+    _, flat = _nnx_params(module)
+    return traverse_util.unflatten_dict({_linen_path(p): v for p, v in flat.items()})
 
 
 def nnx_from_linen_params(module, params: dict):
     """Loads Linen ``params`` (as from ``linen_module().init`` or
-    :func:`jax_attn.interop.params_from_torch`) into the NNX ``module``, in place, and
-    returns it. Names and shapes must match exactly; a mismatch is a ``ValueError``
-    naming the parameter."""
+    :func:`jax_attn.interop.params_from_torch`; partition boxes are unboxed) into the NNX
+    ``module``, in place, and returns it. Names and shapes must match exactly; a mismatch
+    is a ``ValueError`` naming the parameter."""
     _check_module("nnx_from_linen_params", module)
     if not hasattr(params, "items"):
         kind = type(params).__name__
         raise TypeError(f"nnx_from_linen_params: params must be a dict, got {kind}")
     if set(params) == {"params"}:
         params = params["params"]
-    state = nnx.state(module, nnx.Param)
-    expected = _flatten(_to_linen_layout(nnx.to_pure_dict(state)))
-    given = _flatten(_plain_dict(params))
+    given = traverse_util.flatten_dict(meta.unbox(params))
+    state, nnx_flat = _nnx_params(module)
+    expected = {_linen_path(p): p for p in nnx_flat}
     missing = sorted("/".join(map(str, p)) for p in expected.keys() - given.keys())
     extra = sorted("/".join(map(str, p)) for p in given.keys() - expected.keys())
     if missing or extra:
@@ -586,42 +615,14 @@ def nnx_from_linen_params(module, params: dict):
             f"{sorted('/'.join(map(str, p)) for p in expected)}; missing {missing}, "
             f"unexpected {extra}"
         )
-    for path, want in expected.items():
-        got = given[path]
+    for linen_path, nnx_path in expected.items():
+        want, got = nnx_flat[nnx_path], given[linen_path]
         if jnp.shape(got) != want.shape:
             raise ValueError(
-                f"nnx_from_linen_params: {'/'.join(map(str, path))} must have shape "
+                f"nnx_from_linen_params: {'/'.join(map(str, linen_path))} must have shape "
                 f"{list(want.shape)}, got {list(jnp.shape(got))}"
             )
-    nnx_tree = nnx.to_pure_dict(state)
-    nnx_flat = _flatten(nnx_tree)
-    linen_paths = _flatten(_to_linen_layout(_paths_tree(nnx_tree)))
-    for linen_path, nnx_path in linen_paths.items():
-        nnx_flat[nnx_path] = jnp.asarray(given[linen_path], nnx_flat[nnx_path].dtype)
-    nnx.replace_by_pure_dict(state, _unflatten(nnx_flat))
+        nnx_flat[nnx_path] = jnp.asarray(got, want.dtype)
+    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(nnx_flat))
     nnx.update(module, state)
     return module
-
-
-def _plain_dict(tree):
-    """Nested mappings (dict, FrozenDict) as plain dicts."""
-    if hasattr(tree, "items"):
-        return {name: _plain_dict(value) for name, value in tree.items()}
-    return tree
-
-
-def _paths_tree(tree, prefix: tuple = ()):
-    """The same nested dict with each leaf replaced by its own path."""
-    if isinstance(tree, dict):
-        return {name: _paths_tree(value, (*prefix, name)) for name, value in tree.items()}
-    return prefix
-
-
-def _unflatten(flat: dict[tuple, Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = value
-    return tree

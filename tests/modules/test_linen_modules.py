@@ -53,7 +53,10 @@ def project(x, params):
     """``x @ kernel + bias`` for a Dense, ``x @ W`` for a bare matrix."""
     if not isinstance(params, dict):
         return x @ params
-    return x @ params["kernel"] + params.get("bias", 0.0)
+    out = x @ params["kernel"]
+    if "bias" in params:
+        out = out + jnp.expand_dims(params["bias"], tuple(range(out.ndim - 1)))
+    return out
 
 
 def single_head(x, params, is_causal):

@@ -1,0 +1,362 @@
+"""What the Linen and NNX attention modules share, written once.
+
+:class:`AttentionSpec` holds the book's hyper-parameters and the Flax options of one of
+the five classes and checks them; :data:`CLASS_FIELDS` says which ones each class takes
+and in which order. The per-call logic that is not framework-specific lives here too:
+checking ``x``, ``x_kv`` and ``mask`` (:func:`call_inputs`), resolving ``deterministic``
+(:func:`resolve_deterministic`), and the glue from projections to attention
+(:func:`single_head`, :func:`multi_head`). A module passes its projections in as
+``project(name, x)``; the attention is :func:`jax_attn.dot_product_attention`, the sown
+weights :func:`jax_attn.functional.dot_product_attention_weights`.
+
+Partition metadata (tensor parallel over one mesh axis, ``model_axis``) is
+:func:`partition_names`: the query/key/value kernels split their output features (the
+heads), their biases too; ``out_proj`` splits its input features, its bias is replicated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_attn.dispatch import dot_product_attention
+from jax_attn.functional import dot_product_attention_weights, merge_heads, split_heads
+from jax_attn.validation import as_batch, check_dropout_rate, check_positive_int
+
+__all__ = [
+    "AttentionSpec",
+    "CLASS_FIELDS",
+    "OPTIONS",
+    "PROJECTIONS",
+    "CallInputs",
+    "call_inputs",
+    "class_config",
+    "multi_head",
+    "partition_names",
+    "resolve_deterministic",
+    "single_head",
+    "torch_linear_init",
+]
+
+PROJECTIONS = ("W_query", "W_key", "W_value")
+
+# The book's positional arguments, per class, in the book's order.
+CLASS_FIELDS = {
+    "SelfAttentionV1": ("d_in", "d_out"),
+    "SelfAttentionV2": ("d_in", "d_out", "qkv_bias"),
+    "CausalAttention": ("d_in", "d_out", "context_length", "dropout", "qkv_bias"),
+    "MultiHeadAttentionWrapper": (
+        "d_in",
+        "d_out",
+        "context_length",
+        "dropout",
+        "num_heads",
+        "qkv_bias",
+    ),
+    "MultiHeadAttention": ("d_in", "d_out", "context_length", "dropout", "num_heads", "qkv_bias"),
+}
+
+# Keyword-only options every class takes, and those only MultiHeadAttention takes.
+OPTIONS = ("deterministic", "is_causal", "dtype", "param_dtype", "implementation", "model_axis")
+MHA_OPTIONS = ("decode", "num_kv_heads")
+
+# is_causal's default: the book's first two classes attend everywhere, the rest causally.
+CAUSAL_BY_DEFAULT = {
+    "SelfAttentionV1": False,
+    "SelfAttentionV2": False,
+    "CausalAttention": True,
+    "MultiHeadAttentionWrapper": True,
+    "MultiHeadAttention": True,
+}
+
+
+def _check_dtype(owner: str, name: str, value, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    try:
+        dtype = np.dtype(value)
+    except TypeError as error:
+        raise TypeError(f"{owner}: {name} must be a floating dtype, got {value!r}") from error
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{owner}: {name} must be a floating dtype, got {dtype}")
+
+
+def _check_optional_bool(owner: str, name: str, value) -> None:
+    if value is not None and not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{owner}: {name} must be a bool or None, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AttentionSpec:
+    """The checked configuration of one of the book's classes, Linen or NNX alike."""
+
+    owner: str
+    d_in: int
+    d_out: int
+    context_length: int | None = None
+    dropout: float = 0.0
+    num_heads: int = 1
+    qkv_bias: bool = False
+    deterministic: bool | None = None
+    is_causal: bool = False
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    implementation: str | None = None
+    model_axis: str | None = None
+    decode: bool = False
+    num_kv_heads: int | None = None
+
+    def __post_init__(self):
+        owner = self.owner
+        for name in ("d_in", "d_out", "context_length", "num_heads"):
+            if name != "context_length" or self.context_length is not None:
+                check_positive_int(owner, name, getattr(self, name))
+        check_dropout_rate(owner, self.dropout)
+        for name in ("qkv_bias", "is_causal", "decode"):
+            if not isinstance(getattr(self, name), bool | np.bool_):
+                raise TypeError(f"{owner}: {name} must be a bool, got {getattr(self, name)!r}")
+        _check_optional_bool(owner, "deterministic", self.deterministic)
+        _check_dtype(owner, "dtype", self.dtype, allow_none=True)
+        _check_dtype(owner, "param_dtype", self.param_dtype, allow_none=False)
+        for name in ("implementation", "model_axis"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{owner}: {name} must be a str or None, got {value!r}")
+        if self.d_out % self.num_heads:
+            raise ValueError(
+                f"{owner}: d_out={self.d_out} must be divisible by num_heads={self.num_heads}"
+            )
+        if self.decode and not self.is_causal:
+            raise ValueError(f"{owner}: decode=True needs is_causal=True, got is_causal=False")
+        if self.num_kv_heads is not None:
+            check_positive_int(owner, "num_kv_heads", self.num_kv_heads)
+            if self.num_heads % self.num_kv_heads:
+                raise ValueError(
+                    f"{owner}: num_heads={self.num_heads} must be divisible by "
+                    f"num_kv_heads={self.num_kv_heads}"
+                )
+
+    @classmethod
+    def of(cls, module, owner: str | None = None) -> AttentionSpec:
+        """The spec of a Linen or NNX module (its fields of the same names)."""
+        given = class_config(module)
+        if type(module).__name__ == "MultiHeadAttentionWrapper":
+            given["num_heads"] = 1  # each head is a CausalAttention of width d_out
+        return cls(owner=owner or type(module).__name__, **given)
+
+    @property
+    def kv_heads(self) -> int:
+        """``K``: ``num_kv_heads``, or ``num_heads`` when it is ``None``."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_out // self.num_heads
+
+    def features(self, name: str) -> int:
+        """Output features of projection ``name``."""
+        if name in ("W_key", "W_value"):
+            return self.kv_heads * self.head_dim
+        return self.d_out
+
+    def fan_in(self, name: str) -> int:
+        return self.d_out if name == "out_proj" else self.d_in
+
+    def use_bias(self, name: str) -> bool:
+        return True if name == "out_proj" else bool(self.qkv_bias)
+
+
+def class_config(module) -> dict:
+    """The constructor keywords that rebuild ``module`` in the other Flax API."""
+    return {name: getattr(module, name) for name in field_names(type(module).__name__)}
+
+
+def field_names(kind: str) -> tuple[str, ...]:
+    """Every constructor field of class ``kind``, positional ones first."""
+    return (*CLASS_FIELDS[kind], *OPTIONS, *(MHA_OPTIONS if kind == "MultiHeadAttention" else ()))
+
+
+def torch_linear_init(fan_in: int):
+    """``nn.Linear``'s default: uniform in ``[-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def partition_names(name: str, leaf: str, model_axis: str | None) -> tuple | None:
+    """Mesh axis names of parameter ``name/leaf`` (``kernel``, ``bias`` or a bare matrix
+    ``""``), or ``None`` when ``model_axis`` is ``None`` (no metadata)."""
+    if model_axis is None:
+        return None
+    if name == "out_proj":
+        return (model_axis, None) if leaf == "kernel" else (None,)
+    return (model_axis,) if leaf == "bias" else (None, model_axis)
+
+
+def resolve_deterministic(
+    owner: str, at_init: bool | None, at_call: bool | None, rate: float, initializing: bool = False
+) -> bool:
+    """The call's flag wins over the constructor's. With neither, ``init`` runs without
+    dropout and a call with dropout > 0 is an error (say which mode you mean)."""
+    _check_optional_bool(owner, "deterministic", at_call)
+    chosen = at_call if at_call is not None else at_init
+    if chosen is None:
+        if rate == 0.0 or initializing:
+            return True
+        raise ValueError(
+            f"{owner}: dropout={rate} needs deterministic=True (evaluation) or False "
+            "(training, with a 'dropout' rng), at construction or call"
+        )
+    return bool(chosen)
+
+
+class CallInputs(NamedTuple):
+    """``x [B, T, d_in]``, ``x_kv [B, S, d_in]``, ``mask`` (4-d or ``None``), ``unbatched``."""
+
+    x: jax.Array
+    x_kv: jax.Array
+    mask: jax.Array | None
+    unbatched: bool
+
+
+def _check_x_kv(owner: str, x_kv, x) -> jax.Array:
+    try:
+        shape, dtype = jnp.shape(x_kv), jnp.result_type(x_kv)
+    except TypeError as error:
+        raise TypeError(f"{owner}: x_kv must be an array, got {type(x_kv).__name__}") from error
+    same_batch = len(shape) == 2 or shape[0] == x.shape[0]
+    if len(shape) != x.ndim or shape[-1] != x.shape[-1] or not same_batch:
+        raise ValueError(
+            f"{owner}: x_kv must have shape [S, d_in] or [B, S, d_in] like x "
+            f"{list(x.shape)} (same rank, batch and d_in), got {list(shape)}"
+        )
+    if dtype != x.dtype:
+        raise TypeError(f"{owner}: x_kv must have x's dtype {x.dtype}, got {dtype}")
+    return jnp.asarray(x_kv)
+
+
+def call_inputs(owner: str, spec: AttentionSpec, x, x_kv=None, mask=None) -> CallInputs:
+    """Checks the call's arrays and brings them to ``[B, T, d_in]``, ``[B, S, d_in]`` and a
+    4-d mask broadcastable to ``[B, N, T, S]`` (a ``[T, d_in]`` input takes a mask
+    broadcastable to ``[N, T, S]``)."""
+    if isinstance(x_kv, bool):
+        raise TypeError(
+            f"{owner}: x_kv must be an array, got a bool; deterministic is keyword-only "
+            "(deterministic=...)"
+        )
+    x_batched, unbatched = as_batch(owner, x, spec.d_in, spec.context_length)
+    if x_kv is None:
+        kv_batched = x_batched
+    else:
+        kv_batched = _check_x_kv(owner, x_kv, jnp.asarray(x))
+        kv_batched = kv_batched[None] if unbatched else kv_batched
+    if mask is not None:
+        B, T = x_batched.shape[:2]
+        target = (B, spec.num_heads, T, kv_batched.shape[1])
+        mask = _check_mask(owner, mask, target, unbatched)
+    return CallInputs(x_batched, kv_batched, mask, unbatched)
+
+
+def _check_mask(owner: str, mask, target: tuple[int, ...], unbatched: bool):
+    try:
+        shape, dtype = tuple(jnp.shape(mask)), jnp.result_type(mask)
+    except TypeError as error:
+        raise TypeError(f"{owner}: mask must be a bool array, got {type(mask).__name__}") from error
+    if dtype != jnp.bool_:
+        raise TypeError(f"{owner}: mask must be a bool array (True = may attend), got {dtype}")
+    letters = "[N, T, S]" if unbatched else "[B, N, T, S]"
+    target = target[1:] if unbatched else target
+    padded = (1,) * (len(target) - len(shape)) + shape
+    if len(shape) > len(target) or any(
+        given not in (1, want) for given, want in zip(padded, target, strict=True)
+    ):
+        raise ValueError(
+            f"{owner}: mask must broadcast to {letters} = {list(target)}, got shape {list(shape)}"
+        )
+    return jnp.reshape(mask, (1,) * (4 - len(shape)) + shape)
+
+
+def attend(
+    spec: AttentionSpec,
+    queries,
+    keys,
+    values,
+    *,
+    mask=None,
+    rate: float = 0.0,
+    rng=None,
+    sow: Callable | None = None,
+):
+    """``[B, T, N, H]`` attention of the projected heads; ``sow(weights [B, N, T, S])``
+    receives the weights (before dropout) when given."""
+    if sow is not None:
+        sow(dot_product_attention_weights(queries, keys, mask=mask, is_causal=spec.is_causal))
+    return dot_product_attention(
+        queries,
+        keys,
+        values,
+        mask=mask,
+        is_causal=spec.is_causal,
+        dropout_rate=rate,
+        dropout_rng=rng,
+        implementation=spec.implementation,
+    )
+
+
+def single_head(
+    spec: AttentionSpec, project: Callable, inputs: CallInputs, **attend_kwargs
+) -> jax.Array:
+    """SelfAttention and CausalAttention: ``[..., T, d_out]`` from the three projections."""
+    # [B, T, 1, d_out]
+    queries = jnp.expand_dims(project("W_query", inputs.x), 2)
+    # [B, S, 1, d_out]
+    keys = jnp.expand_dims(project("W_key", inputs.x_kv), 2)
+    values = jnp.expand_dims(project("W_value", inputs.x_kv), 2)
+    out = attend(spec, queries, keys, values, mask=inputs.mask, **attend_kwargs)[:, :, 0, :]
+    return out[0] if inputs.unbatched else out
+
+
+def multi_head(
+    spec: AttentionSpec,
+    project: Callable,
+    inputs: CallInputs,
+    *,
+    attend_cached: Callable | None = None,
+    **attend_kwargs,
+) -> jax.Array:
+    """MultiHeadAttention: heads split, attended (over the cache when ``attend_cached`` is
+    given), merged and mixed by ``out_proj``. ``[..., T, d_out]``."""
+    # [B, T, N, H]
+    queries = split_heads(project("W_query", inputs.x), spec.num_heads)
+    # [B, S, K, H]
+    keys = split_heads(project("W_key", inputs.x_kv), spec.kv_heads)
+    values = split_heads(project("W_value", inputs.x_kv), spec.kv_heads)
+    if attend_cached is not None:
+        context = attend_cached(queries, keys, values)
+    else:
+        context = attend(spec, queries, keys, values, mask=inputs.mask, **attend_kwargs)
+    out = project("out_proj", merge_heads(context))
+    return out[0] if inputs.unbatched else out
+
+
+def check_decode_call(owner: str, decode: bool, x_kv, mask, lengths) -> None:
+    """``lengths`` needs ``decode``; ``x_kv`` and ``mask`` do not go with it."""
+    if lengths is not None and not decode:
+        raise ValueError(
+            f"{owner}: lengths (real new tokens per sequence) needs decode=True, got lengths"
+        )
+    if decode and x_kv is not None:
+        raise ValueError(f"{owner}: x_kv (cross-attention) cannot be used with decode=True")
+    if decode and mask is not None:
+        raise ValueError(
+            f"{owner}: mask= cannot be used with decode=True; mark padded tokens with lengths="
+        )
