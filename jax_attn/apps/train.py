@@ -241,7 +241,7 @@ class Block(nn.Module):
             decode=self.decode,
             name="attention",
         )
-        h = attention(nn.LayerNorm(name="norm_1")(x), deterministic, lengths=lengths)
+        h = attention(nn.LayerNorm(name="norm_1")(x), deterministic=deterministic, lengths=lengths)
         x = x + nn.Dropout(self.dropout)(h, deterministic)
         h = nn.Dense(self.mlp_ratio * self.d_model, name="mlp_in")(nn.LayerNorm(name="norm_2")(x))
         h = nn.Dense(self.d_model, name="mlp_out")(nn.gelu(h))
