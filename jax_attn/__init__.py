@@ -8,6 +8,7 @@
 
 from jax_attn import functional, masks, reference
 from jax_attn.dispatch import available_implementations, dot_product_attention
+from jax_attn.flax_attention import flax_attention_fn
 from jax_attn.functional import dot_product_attention_weights
 from jax_attn.linen_modules import (
     CausalAttention,
@@ -35,6 +36,7 @@ __all__ = [
     "combine_masks",
     "dot_product_attention",
     "dot_product_attention_weights",
+    "flax_attention_fn",
     "functional",
     "make_causal_mask",
     "make_padding_mask",
