@@ -1,9 +1,15 @@
-"""Test-session setup.
+"""Test-session setup and shared fixtures.
 
 - Eight virtual CPU devices for the sharding tests: XLA reads this flag once, when jax
   first initialises its backends, so it is set here before any test imports jax.
 - JAX's strict settings, as JAX's own tests run: no implicit rank promotion, no implicit
   dtype promotion. The library must work under both.
+- Hypothesis profiles: ``default`` searches (random examples within a time budget),
+  ``thorough`` searches longer (``HYPOTHESIS_PROFILE=thorough``); the slow property test
+  sets its own example count.
+- Fixtures: ``make_qkv`` (random q, k, v drawn with numpy: no per-shape PRNG compile) and
+  ``attention_float64`` (attention written in numpy float64, independent of the library's
+  reference).
 """
 
 import os
@@ -17,3 +23,145 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
 os.environ.setdefault("JAX_NUMPY_DTYPE_PROMOTION", "strict")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_HYPOTHESIS = dict(
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("default", max_examples=30, **_HYPOTHESIS)
+settings.register_profile("thorough", max_examples=2000, **_HYPOTHESIS)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+def make_qkv(B=2, T=3, S=4, N=2, K=1, H=4, dtype="float32", seed=0, scale=1.0, H_v=None):
+    """q ``[B, T, N, H]``, k ``[B, S, K, H]``, v ``[B, S, K, H_v]`` as jax arrays of ``dtype``.
+
+    Standard normal values drawn with numpy (q and k times ``scale``), rounded once to
+    ``dtype``. ``B=None`` leaves the batch axis out. float64 needs x64 enabled.
+    """
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(seed)
+    lead = () if B is None else (B,)
+    shapes = [(*lead, T, N, H), (*lead, S, K, H), (*lead, S, K, H if H_v is None else H_v)]
+    scales = [scale, scale, 1.0]
+    return tuple(
+        jnp.asarray((s * rng.standard_normal(shape)).astype(np.float32)).astype(dtype)
+        for shape, s in zip(shapes, scales, strict=True)
+    )
+
+
+def attention_float64(
+    query,
+    key,
+    value,
+    *,
+    mask=None,
+    bias=None,
+    is_causal=False,
+    scale=None,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    local_window_size=None,
+    dropout_rate=0.0,
+    dropout_rng=None,
+):
+    """``dot_product_attention`` written in numpy float64, loops over nothing clever.
+
+    Independent of ``jax_attn.reference``; only the dropout keep-mask comes from the
+    library (``masks.make_dropout_mask`` defines which weights a key drops).
+    """
+    q, k, v = (np.asarray(x, np.float64) for x in (query, key, value))
+    batched = q.ndim == 4
+    if not batched:
+        q, k, v = q[None], k[None], v[None]
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    k, v = np.repeat(k, N // K, axis=2), np.repeat(v, N // K, axis=2)  # head n uses n // G
+    full = (B, N, T, S)
+
+    def broadcast(x, dtype):
+        x = np.asarray(x, dtype)
+        return np.broadcast_to(x if batched else x[None] if x.ndim == 3 else x, full)
+
+    logits = np.einsum("btnh,bsnh->bnts", q, k) * (1 / np.sqrt(H) if scale is None else scale)
+    allowed = np.ones(full, bool)
+    if bias is not None:
+        bias = broadcast(bias, np.float64)
+        allowed &= bias > -np.inf
+        logits = logits + np.where(allowed, bias, 0.0)
+    if mask is not None:
+        allowed &= broadcast(mask, bool)
+    query_pos = np.arange(T)[:, None] + S - T
+    key_pos = np.arange(S)[None, :]
+    if is_causal:
+        allowed &= key_pos <= query_pos
+    if local_window_size is not None:
+        w = local_window_size
+        left, right = (w, w) if isinstance(w, int) else w
+        allowed &= (key_pos >= query_pos - left) & (key_pos <= query_pos + right)
+    if query_seq_lengths is not None:
+        allowed &= (
+            np.arange(T)[None, None, :, None] < np.asarray(query_seq_lengths)[:, None, None, None]
+        )
+    if key_value_seq_lengths is not None:
+        allowed &= (
+            np.arange(S)[None, None, None, :]
+            < np.asarray(key_value_seq_lengths)[:, None, None, None]
+        )
+    logits = np.where(allowed, logits, -np.inf)
+    row_max = np.max(logits, axis=-1, keepdims=True, initial=-np.inf)
+    e = np.where(allowed, np.exp(logits - np.where(np.isfinite(row_max), row_max, 0.0)), 0.0)
+    total = e.sum(-1, keepdims=True)
+    weights = np.divide(e, total, out=np.zeros_like(e), where=total > 0)
+    if dropout_rate:
+        from jax_attn.masks import make_dropout_mask
+
+        keep = np.asarray(make_dropout_mask(dropout_rng, dropout_rate, full))
+        weights = np.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    out = np.einsum("bnts,bsnh->btnh", weights, v)
+    return out if batched else out[0]
+
+
+@pytest.fixture(name="make_qkv", scope="session")
+def _make_qkv_fixture():
+    return make_qkv
+
+
+@pytest.fixture(name="attention_float64", scope="session")
+def _attention_float64_fixture():
+    return attention_float64
+
+
+# In half precision an implementation may err by this multiple of the error the reference
+# makes in the same dtype on the same call: both round one float32 result to the dtype, so
+# a correct kernel lands near 1x; a kernel that rounds logits or weights early does not.
+HALF_ERROR_RATIO = 2.0
+FLOAT32_TOLERANCE = 1e-5  # of max(1, max|v|)
+
+
+def allowed_error(q, k, v, expected, **kwargs) -> float:
+    """Largest allowed ``max |out - expected|`` for an implementation's output on this call.
+
+    ``expected`` is float64 (``attention_float64``). float32: ``1e-5 * max(1, max|v|)``.
+    Half precision: ``HALF_ERROR_RATIO`` x the reference's own error in that dtype, and at
+    least the float32 bound.
+    """
+    from jax_attn import reference
+
+    floor = FLOAT32_TOLERANCE * max(1.0, float(np.abs(np.asarray(v, np.float64)).max(initial=0)))
+    if np.dtype(q.dtype).itemsize >= 4:
+        return floor
+    own = np.asarray(reference.dot_product_attention(q, k, v, **kwargs), np.float64)
+    return max(HALF_ERROR_RATIO * float(np.abs(own - expected).max(initial=0)), floor)
+
+
+@pytest.fixture(name="allowed_error", scope="session")
+def _allowed_error_fixture():
+    return allowed_error

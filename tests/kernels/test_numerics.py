@@ -1,14 +1,17 @@
 """Numerics in every dtype: float32 logits, finite masking, zero rows, huge logits, gradients.
 
-Every test runs over each registered implementation (``ja.available_implementations()``),
-so a newly registered kernel is checked without editing this file. Expected values
-come from the reference evaluated in float64.
+Every test is parametrized over each registered implementation
+(``ja.available_implementations()``), so a newly registered kernel is checked without
+editing this file, and a call one implementation cannot serve skips that implementation
+only. Expected values come from ``attention_float64`` (numpy); half-precision tolerances
+are a small multiple of the reference's own error in that dtype (``allowed_error``).
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import HALF_ERROR_RATIO, allowed_error, attention_float64, make_qkv
 from jax.test_util import check_grads
 
 import jax_attn as ja
@@ -17,29 +20,7 @@ from jax_attn.validation import check_attention_args
 
 IMPLEMENTATIONS = ja.available_implementations()
 HALF_DTYPES = [jnp.float16, jnp.bfloat16]
-DTYPES = [jnp.float32, *HALF_DTYPES]
 B, T, S, N, K, H = 2, 3, 4, 2, 1, 4
-
-
-def _rand(seed, shape, scale=1.0, dtype=jnp.float32):
-    return (scale * jax.random.normal(jax.random.key(seed), shape)).astype(dtype)
-
-
-def _qkv(dtype=jnp.float32, scale=1.0, seed=0, T=T, S=S):
-    return (
-        _rand(seed, (B, T, N, H), scale, dtype),
-        _rand(seed + 1, (B, S, K, H), scale, dtype),
-        _rand(seed + 2, (B, S, K, H), 1.0, dtype),
-    )
-
-
-def _reference64(q, k, v, **kwargs):
-    """The oracle in float64 on the same (already rounded) inputs, back as numpy float64."""
-    with jax.enable_x64(True):
-        q, k, v = (jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v))
-        if kwargs.get("bias") is not None:
-            kwargs["bias"] = jnp.asarray(np.asarray(kwargs["bias"], np.float64))
-        return np.asarray(ja.reference.dot_product_attention(q, k, v, **kwargs))
 
 
 def _supports(name, q, k, v, **kwargs):
@@ -53,7 +34,26 @@ def _run(name, q, k, v, **kwargs):
     return ja.dot_product_attention(q, k, v, implementation=name, **kwargs)
 
 
-TOLERANCE = {jnp.float32: 1e-5, jnp.float16: 2e-3, jnp.bfloat16: 2e-2}
+def _assert_matches_float64(out, q, k, v, **kwargs):
+    expected = attention_float64(q, k, v, **kwargs)
+    got = np.asarray(out, np.float64)
+    assert not np.isnan(got).any()
+    np.testing.assert_allclose(got, expected, atol=allowed_error(q, k, v, expected, **kwargs))
+    return got, expected
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_logits_are_float32_for_half_inputs(implementation, dtype):
+    # Logits 256 + O(1): float32 holds the O(1) part, bfloat16 (spacing 2 there) and
+    # float16 (spacing 0.25) do not, so a kernel that rounds the logits to the input
+    # dtype changes the softmax by O(1). q, k are exact in both dtypes.
+    q, k, v = make_qkv(B, T, S, N, K, H, dtype, seed=3, scale=0.5)
+    q = q.at[..., 0].set(16)
+    k = k.at[..., 0].set(16)
+    out = _run(implementation, q, k, v, scale=1.0, is_causal=True)
+    assert out.dtype == dtype
+    _assert_matches_float64(out, q, k, v, scale=1.0, is_causal=True)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -61,15 +61,13 @@ TOLERANCE = {jnp.float32: 1e-5, jnp.float16: 2e-3, jnp.bfloat16: 2e-2}
 def test_logits_accumulate_in_float32_for_half_inputs(implementation, dtype):
     # q.k ~ 2e5 overflows float16 (max 65504) although each input is representable;
     # the scale brings the logits back to O(1), so only a float16 dot product fails.
-    q, k, v = _qkv(dtype, seed=3)
+    q, k, v = make_qkv(B, T, S, N, K, H, dtype, seed=3)
     q, k = (x + jnp.asarray(220.0, dtype) for x in (q, k))
     scale = 1.0 / float(np.sum(np.asarray(q[0, 0, 0], np.float64) * np.asarray(k[0, 0, 0])))
     out = _run(implementation, q, k, v, scale=scale, is_causal=True)
     assert out.dtype == dtype
-    expected = _reference64(q, k, v, scale=scale, is_causal=True)
-    got = np.asarray(out, np.float64)
+    got, _ = _assert_matches_float64(out, q, k, v, scale=scale, is_causal=True)
     assert np.isfinite(got).all()
-    np.testing.assert_allclose(got, expected, atol=TOLERANCE[dtype] * 4, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64])
@@ -78,7 +76,7 @@ def test_masked_logit_is_finite_and_vanishes_after_softmax(dtype):
         assert np.isfinite(np.asarray(functional.large_negative(dtype), np.float64))
         logits = jnp.asarray([[0.0, 3.0], [1.0, 2.0]], dtype)
         weights = functional.masked_softmax(logits, jnp.asarray([[True, False], [False, False]]))
-        assert weights.dtype == jnp.promote_types(dtype, jnp.float32)
+        assert weights.dtype == (jnp.float64 if dtype == jnp.float64 else jnp.float32)
         np.testing.assert_array_equal(np.asarray(weights), [[1.0, 0.0], [0.0, 0.0]])
 
 
@@ -91,8 +89,9 @@ _EMPTY_ROW_WAYS = {
     "kv_lengths=0": lambda: dict(key_value_seq_lengths=jnp.asarray([S, 0])),
     "q_lengths=0": lambda: dict(query_seq_lengths=jnp.asarray([T, 0])),
     "bias=-inf": lambda: dict(
-        bias=jnp.where(jnp.arange(B)[:, None, None, None] == 1, -jnp.inf, 0.0)
-        * jnp.ones((B, 1, T, S))
+        bias=jnp.broadcast_to(
+            jnp.where(jnp.arange(B)[:, None, None, None] == 1, -jnp.inf, 0.0), (B, 1, T, S)
+        )
     ),
     "causal T>S": lambda: dict(is_causal=True),
     "window T>S": lambda: dict(local_window_size=(0, 0)),
@@ -100,7 +99,7 @@ _EMPTY_ROW_WAYS = {
 
 
 # float16 for every way (its range is where a -1e30-style mask overflows into NaN);
-# the other dtypes for a few ways (every dtype with a mask is also in test_attention.py).
+# the other dtypes for a few ways.
 _EMPTY_ROW_CASES = [(way, jnp.float16) for way in sorted(_EMPTY_ROW_WAYS)] + [
     ("bias=-inf", jnp.bfloat16),
     ("kv_lengths=0", jnp.float32),
@@ -112,56 +111,61 @@ _EMPTY_ROW_CASES = [(way, jnp.float16) for way in sorted(_EMPTY_ROW_WAYS)] + [
 def test_fully_masked_rows_give_exact_zeros(way, dtype, implementation):
     kwargs = _EMPTY_ROW_WAYS[way]()
     long_queries = way in ("causal T>S", "window T>S")
-    q, k, v = _qkv(dtype, T=S + 2 if long_queries else T)
-    out = np.asarray(_run(implementation, q, k, v, **kwargs), np.float64)
-    expected = _reference64(q, k, v, **kwargs)
+    q, k, v = make_qkv(B, S + 2 if long_queries else T, S, N, K, H, dtype)
+    out = _run(implementation, q, k, v, **kwargs)
+    got, expected = _assert_matches_float64(out, q, k, v, **kwargs)
     empty = np.all(expected == 0.0, axis=-1)
     assert empty.any(), "the case must contain an empty row"
-    assert not np.isnan(out).any()
-    np.testing.assert_array_equal(out[empty], 0.0)
-    np.testing.assert_allclose(out, expected, atol=TOLERANCE[dtype] * 4, rtol=0)
+    np.testing.assert_array_equal(got[empty], 0.0)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
 def test_huge_logits_do_not_overflow(implementation, dtype):
     # |q.k| ~ 1e5 with scale 1: the softmax is (nearly) one-hot, never inf or NaN.
-    q, k, v = _qkv(dtype, scale=80.0, seed=5)
+    q, k, v = make_qkv(B, T, S, N, K, H, dtype, seed=5, scale=100.0)
     logits = np.einsum("btnh,bsh->bnts", np.asarray(q, np.float64), np.asarray(k[:, :, 0]))
     assert np.abs(logits).max() > 3e4
-    out = _run(implementation, q, k, v, scale=1.0, mask=jnp.asarray([True, True, True, False]))
-    expected = _reference64(q, k, v, scale=1.0, mask=jnp.asarray([True, True, True, False]))
-    np.testing.assert_allclose(
-        np.asarray(out, np.float64), expected, atol=TOLERANCE[dtype] * 4, rtol=0
-    )
+    mask = jnp.asarray([True, True, True, False])
+    out = _run(implementation, q, k, v, scale=1.0, mask=mask)
+    _assert_matches_float64(out, q, k, v, scale=1.0, mask=mask)
 
 
-def test_large_finite_bias_in_float16_gives_no_nan():
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_large_finite_bias_in_float16_gives_no_nan(implementation):
     # Regression: the xla path cast a float32 bias to float16, so -1e5 became -inf and a
     # row masked only by it turned into NaN. A finite bias is not a mask.
-    q, k, v = _qkv(jnp.float16)
+    q, k, v = make_qkv(B, T, S, N, K, H, jnp.float16)
     bias = jnp.full((T, S), -1e5, jnp.float32)
-    for name in IMPLEMENTATIONS:
-        out = np.asarray(_run(name, q, k, v, bias=bias), np.float64)
-        np.testing.assert_allclose(out, _reference64(q, k, v, bias=bias), atol=1e-2, rtol=0)
+    _assert_matches_float64(_run(implementation, q, k, v, bias=bias), q, k, v, bias=bias)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_no_keys_at_all_gives_zeros(implementation):
     # Regression: S == 0 made the xla path call jnp.any(None).
-    q = _rand(0, (B, T, N, H))
+    q = make_qkv(B, T, S, N, K, H)[0]
     k = v = jnp.zeros((B, 0, K, H))
     out = _run(implementation, q, k, v)
     np.testing.assert_array_equal(np.asarray(out), np.zeros((B, T, N, H)))
 
 
-def _masked_setup():
-    q, k, v = _qkv()
+def _masked_setup(dtype=jnp.float32):
+    q, k, v = make_qkv(B, T, S, N, K, H, dtype)
     # key 3 is padding for both sequences; sequence 1 has its query 2 fully masked
     kv_lengths = jnp.asarray([3, 3])
     mask = jnp.ones((B, 1, T, S), bool).at[1, 0, 2].set(False)
-    bias = _rand(9, (B, N, T, S)).at[0, 1, 0, 1].set(-jnp.inf)
+    bias = jnp.asarray(np.random.default_rng(9).standard_normal((B, N, T, S)), jnp.float32)
+    bias = bias.at[0, 1, 0, 1].set(-jnp.inf)
     return q, k, v, dict(mask=mask, key_value_seq_lengths=kv_lengths), bias
+
+
+def _loss_fn(implementation, kwargs):
+    def loss(q, k, v, bias):
+        out = ja.dot_product_attention(q, k, v, bias=bias, implementation=implementation, **kwargs)
+        weights = jnp.cos(jnp.arange(out.shape[-1], dtype=jnp.float32))
+        return jnp.sum(out.astype(jnp.float32) * weights)
+
+    return loss
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -169,12 +173,9 @@ def test_gradients_exactly_zero_at_masked_positions_and_finite(implementation):
     q, k, v, kwargs, bias = _masked_setup()
     if not _supports(implementation, q, k, v, bias=bias, **kwargs):
         pytest.skip(f"{implementation} does not serve this call")
-
-    def loss(q, k, v, bias):
-        out = ja.dot_product_attention(q, k, v, bias=bias, implementation=implementation, **kwargs)
-        return jnp.sum(out * jnp.cos(jnp.arange(H)))
-
-    dq, dk, dv, dbias = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias)
+    dq, dk, dv, dbias = jax.grad(_loss_fn(implementation, kwargs), argnums=(0, 1, 2, 3))(
+        q, k, v, bias
+    )
     for name, grad in dict(dq=dq, dk=dk, dv=dv, dbias=dbias).items():
         assert np.isfinite(np.asarray(grad)).all(), name
     np.testing.assert_array_equal(np.asarray(dk[:, 3]), 0.0)  # padded key
@@ -186,9 +187,30 @@ def test_gradients_exactly_zero_at_masked_positions_and_finite(implementation):
     assert np.abs(np.asarray(dq)).sum() > 0 and np.abs(np.asarray(dv)).sum() > 0
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_precision_gradients_match_float32_reference(implementation, dtype):
+    """Gradients in half precision vs the float32 reference's on the same rounded inputs,
+    within ``HALF_ERROR_RATIO`` x the reference's own half-precision gradient error."""
+    q, k, v, kwargs, bias = _masked_setup(dtype)
+    kwargs = dict(kwargs, is_causal=True)
+    if not _supports(implementation, q, k, v, bias=bias, **kwargs):
+        pytest.skip(f"{implementation} does not serve this call")
+    argnums = (0, 1, 2)
+    wide = tuple(x.astype(jnp.float32) for x in (q, k, v))
+    expected = jax.grad(_loss_fn("reference", kwargs), argnums)(*wide, bias)
+    own = jax.grad(_loss_fn("reference", kwargs), argnums)(q, k, v, bias)
+    got = jax.grad(_loss_fn(implementation, kwargs), argnums)(q, k, v, bias)
+    for name, g, o, e in zip("qkv", got, own, expected, strict=True):
+        assert g.dtype == dtype, name
+        g, o, e = (np.asarray(x, np.float64) for x in (g, o, e))
+        budget = max(HALF_ERROR_RATIO * np.abs(o - e).max(), 1e-5 * np.abs(e).max())
+        np.testing.assert_allclose(g, e, atol=budget, rtol=0, err_msg=f"d{name}")
+
+
 def _grad_dtype(implementation):
     with jax.enable_x64(True):
-        q, k, v = (jnp.zeros(x.shape, jnp.float64) for x in _qkv())
+        q, k, v = (jnp.zeros(x.shape, jnp.float64) for x in make_qkv(B, T, S, N, K, H))
         return jnp.float64 if _supports(implementation, q, k, v) else jnp.float32
 
 
@@ -217,9 +239,9 @@ def test_check_grads(implementation, mode):
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("dtype", [*DTYPES, jnp.float64])
+@pytest.mark.parametrize("dtype", [jnp.float32, *HALF_DTYPES, jnp.float64])
 def test_output_keeps_input_dtype(implementation, dtype):
     with jax.enable_x64(dtype == jnp.float64):
-        q, k, v = (jnp.asarray(np.asarray(x), dtype) for x in _qkv())
+        q, k, v = (jnp.asarray(np.asarray(x), dtype) for x in make_qkv(B, T, S, N, K, H))
         out = _run(implementation, q, k, v, is_causal=True)
         assert out.dtype == dtype
