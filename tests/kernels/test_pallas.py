@@ -107,6 +107,7 @@ def test_gpu_padding_query_lengths_mqa_scale(interpret):
     _assert_matches_reference("pallas_gpu", q, k, v, cotangent, lengths, scale=0.3)
 
 
+@pytest.mark.slow
 def test_gpu_bfloat16_causal_padding(interpret):
     q, k, v, cotangent = _qkv(T=200, S=200, N=2, K=2, dtype=jnp.bfloat16)
     _assert_matches_reference("pallas_gpu", q, k, v, cotangent, is_causal=True)
@@ -126,12 +127,14 @@ def test_tpu_key_and_query_lengths_bottom_right_causal(interpret):
     _assert_matches_reference("pallas_tpu", q, k, v, cotangent, lengths, is_causal=True)
 
 
+@pytest.mark.slow
 def test_tpu_window_key_lengths_bfloat16(interpret):
     q, k, v, cotangent = _qkv(B=2, T=128, S=128, N=2, K=1, dtype=jnp.bfloat16)
     lengths = {"key_value_seq_lengths": jnp.array([128, 70], jnp.int32)}
     _assert_matches_reference("pallas_tpu", q, k, v, cotangent, lengths, local_window_size=(20, 10))
 
 
+@pytest.mark.slow
 def test_tpu_empty_rows_causal_t_greater_than_s(interpret):
     # T > S, causal: the first T - S queries have no key (zero output, zero gradient).
     _assert_matches_reference("pallas_tpu", *_qkv(T=256, S=96, N=2, K=2), is_causal=True)
@@ -182,3 +185,10 @@ def test_gpu_float32_precision_beyond_tf32_is_noticed():
         assert pallas_gpu._full_float32_matmuls()
     with jax.default_matmul_precision("tensorfloat32"):
         assert not pallas_gpu._full_float32_matmuls()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+def test_gpu_compiled_bfloat16_causal_gqa():
+    q, k, v, cotangent = _qkv(B=2, T=384, S=384, N=4, K=2, H=64, dtype=jnp.bfloat16)
+    _assert_matches_reference("pallas_gpu", q, k, v, cotangent, is_causal=True)
