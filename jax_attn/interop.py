@@ -34,8 +34,11 @@ import dataclasses
 from collections.abc import Callable, Mapping
 
 import numpy as np
+from flax import traverse_util
+from flax.core import meta
 
 from jax_attn import linen_modules as linen
+from jax_attn.module_spec import PROJECTIONS, AttentionSpec
 
 __all__ = [
     "TorchLayout",
@@ -45,8 +48,6 @@ __all__ = [
     "register_layout",
     "torch_layout",
 ]
-
-PROJECTIONS = ("W_query", "W_key", "W_value")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,19 +119,12 @@ def _linear(
     return tensors
 
 
-def _projections(
-    module, prefix: str = "", path: tuple[str, ...] = (), kv_features: int | None = None
-) -> list[TorchTensor]:
-    features = {
-        "W_query": module.d_out,
-        "W_key": kv_features or module.d_out,
-        "W_value": kv_features or module.d_out,
-    }
+def _projections(spec: AttentionSpec, prefix: str = "", path: tuple[str, ...] = ()):
     return [
         tensor
         for name in PROJECTIONS
         for tensor in _linear(
-            prefix + name, (*path, name), module.d_in, features[name], module.qkv_bias
+            prefix + name, (*path, name), spec.d_in, spec.features(name), spec.qkv_bias
         )
     ]
 
@@ -141,19 +135,20 @@ def _self_attention_v1_layout(module) -> TorchLayout:
 
 
 def _self_attention_v2_layout(module) -> TorchLayout:
-    return TorchLayout(tuple(_projections(module)))
+    return TorchLayout(tuple(_projections(AttentionSpec.of(module))))
 
 
 def _causal_attention_layout(module) -> TorchLayout:
     ctx = module.context_length
-    return TorchLayout(tuple(_projections(module)), {"mask": (ctx, ctx)})
+    return TorchLayout(tuple(_projections(AttentionSpec.of(module))), {"mask": (ctx, ctx)})
 
 
 def _wrapper_layout(module) -> TorchLayout:
     ctx = module.context_length
     tensors, buffers = [], {}
+    spec = AttentionSpec.of(module)
     for i in range(module.num_heads):
-        tensors += _projections(module, f"heads.{i}.", (f"heads_{i}",))
+        tensors += _projections(spec, f"heads.{i}.", (f"heads_{i}",))
         buffers[f"heads.{i}.mask"] = (ctx, ctx)
     return TorchLayout(tuple(tensors), buffers)
 
@@ -163,10 +158,8 @@ def _multi_head_attention_layout(module) -> TorchLayout:
     have) the names stay and ``W_key``/``W_value`` have ``K * head_dim`` outputs, as in
     the usual PyTorch GQA where query head ``n`` uses key/value head ``n // (N // K)``
     (``repeat_interleave`` over heads)."""
-    num_kv_heads = getattr(module, "num_kv_heads", None) or module.num_heads
-    kv_features = num_kv_heads * (module.d_out // module.num_heads)
     ctx = module.context_length
-    tensors = _projections(module, kv_features=kv_features) + _linear(
+    tensors = _projections(AttentionSpec.of(module)) + _linear(
         "out_proj", ("out_proj",), module.d_out, module.d_out, True
     )
     return TorchLayout(tuple(tensors), {"mask": (ctx, ctx)})
@@ -237,24 +230,19 @@ def params_from_torch(module, state_dict: Mapping) -> dict:
     arrays = {k: to_numpy(v) for k, v in state_dict.items() if k not in layout.buffers}
     expected = {t.torch_name: t.torch_shape for t in layout.tensors}
     _check("params_from_torch", module, expected, {k: a.shape for k, a in arrays.items()})
-    params: dict = {}
+    flat = {}
     for tensor in layout.tensors:
         array = arrays[tensor.torch_name]
-        node = params
-        for part in tensor.flax_path[:-1]:
-            node = node.setdefault(part, {})
-        node[tensor.flax_path[-1]] = np.array(array.T if tensor.transpose else array)
-    return params
+        flat[tensor.flax_path] = np.array(array.T if tensor.transpose else array)
+    return traverse_util.unflatten_dict(flat)
 
 
-def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, (*prefix, key)))
-        else:
-            flat[(*prefix, key)] = value
-    return flat
+def _plain(tree):
+    """Nested mappings as plain dicts, partition boxes (``nn.with_partitioning``) unboxed."""
+    tree = meta.unbox(tree)
+    if isinstance(tree, Mapping):
+        return {key: _plain(value) for key, value in tree.items()}
+    return tree
 
 
 def _flax_name(path: tuple[str, ...]) -> str:
@@ -266,7 +254,8 @@ def params_to_torch(
 ) -> dict[str, np.ndarray]:
     """Flax params of ``module`` as numpy arrays in PyTorch layout, keyed by the book's names.
 
-    ``params`` is the inner dict or ``{"params": ...}``. Without buffers, load with
+    ``params`` is the inner dict or ``{"params": ...}``, boxed with partition metadata
+    (``model_axis=``) or not. Without buffers, load with
     ``torch_module.load_state_dict({k: torch.from_numpy(v) ...}, strict=False)``; with
     ``include_buffers=True`` the causal ``mask`` buffers (``triu(ones, 1)``, float32) are
     added, so ``strict=True`` loading works.
@@ -278,7 +267,9 @@ def params_to_torch(
     layout = torch_layout(module)
     if set(params) == {"params"}:
         params = params["params"]
-    flat = {path: to_numpy(value) for path, value in _flatten(params).items()}
+    flat = {
+        path: to_numpy(value) for path, value in traverse_util.flatten_dict(_plain(params)).items()
+    }
     expected = {_flax_name(t.flax_path): t.flax_shape for t in layout.tensors}
     _check(
         "params_to_torch", module, expected, {_flax_name(path): a.shape for path, a in flat.items()}
