@@ -23,6 +23,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_attn.kernels.base import Implementation
 from jax_attn.kernels.pallas_gpu import (
@@ -124,13 +125,18 @@ def _splash_kernel(N, T_pad, S_pad, offset, is_causal, window, block_q, block_kv
         block_kv_dq=block_kv,
     )
     make = splash.make_splash_mqa if mqa else splash.make_splash_mha
-    return make(
-        splash.MultiHeadMask([mask] * N),
-        block_sizes=sizes,
-        head_shards=1,
-        q_seq_shards=1,
-        interpret=interpret,
-    )
+    # The kernel's block tables are built eagerly (not as tracers of the calling trace) and
+    # kept as numpy: cached jax arrays would enter later traces as captured constants,
+    # which ahead-of-time compiled calls (jit(...).lower().compile()) reject.
+    with jax.ensure_compile_time_eval():
+        kernel = make(
+            splash.MultiHeadMask([mask] * N),
+            block_sizes=sizes,
+            head_shards=1,
+            q_seq_shards=1,
+            interpret=interpret,
+        )
+    return jax.tree.map(np.asarray, kernel)
 
 
 def _pad_sequence(x, size: int):

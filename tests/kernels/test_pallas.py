@@ -58,7 +58,10 @@ def _assert_matches_reference(implementation, q, k, v, cotangent, lengths=None, 
         q, k, v, cotangent, lengths, attention=ja.reference.dot_product_attention, options=options
     )
     tol = TOL[q.dtype.type]
-    for name, a, b in zip(["out", "dq", "dk", "dv"], jax.tree.leaves(got), jax.tree.leaves(want)):
+    leaves = zip(
+        ["out", "dq", "dk", "dv"], jax.tree.leaves(got), jax.tree.leaves(want), strict=True
+    )
+    for name, a, b in leaves:
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         assert not np.isnan(a).any(), f"{implementation} {name}: NaN"
         np.testing.assert_allclose(a, b, atol=tol, rtol=tol, err_msg=f"{implementation} {name}")
@@ -114,7 +117,10 @@ def test_gpu_bfloat16_causal_padding(interpret):
 
 
 def test_tpu_causal_window(interpret):
-    _assert_matches_reference("pallas_tpu", *_qkv(N=2, K=1), is_causal=True, local_window_size=(40, 0))
+    q, k, v, cotangent = _qkv(N=2, K=1)
+    _assert_matches_reference(
+        "pallas_tpu", q, k, v, cotangent, is_causal=True, local_window_size=(40, 0)
+    )
 
 
 def test_tpu_key_and_query_lengths_bottom_right_causal(interpret):
@@ -138,6 +144,19 @@ def test_tpu_window_key_lengths_bfloat16(interpret):
 def test_tpu_empty_rows_causal_t_greater_than_s(interpret):
     # T > S, causal: the first T - S queries have no key (zero output, zero gradient).
     _assert_matches_reference("pallas_tpu", *_qkv(T=256, S=96, N=2, K=2), is_causal=True)
+
+
+def test_tpu_kernel_cache_leaks_nothing_into_later_traces(interpret):
+    # The splash kernel is cached per shape: a second trace (here the gradient, compiled
+    # ahead of time as jax-attn bench does) must not capture the first one's arrays.
+    q, k, v, _ = _qkv(T=128, S=128, N=2, K=1, H=16)
+
+    def f(q, k, v):
+        return ja.dot_product_attention(q, k, v, is_causal=True, implementation="pallas_tpu")
+
+    jax.jit(f)(q, k, v)
+    grads = jax.jit(jax.grad(lambda q, k, v: f(q, k, v).sum(), argnums=(0, 1, 2)))
+    jax.block_until_ready(grads.lower(q, k, v).compile()(q, k, v))
 
 
 # --- what they decline, and why --------------------------------------------------------
