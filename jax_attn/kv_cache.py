@@ -12,19 +12,23 @@ Prompts of different lengths share a batch through ``lengths [B]``: the ``T`` ne
 tokens are a padded block, only the first ``lengths[b]`` count, ``index[b]`` advances
 by ``lengths[b]``, and the padded queries get zero output.
 
-Overflow is an error, never a silent overwrite. Writing a block of ``T`` tokens
-(padding included) needs ``index[b] + T <= S_max`` for every ``b``:
+Everything works eagerly and under a plain ``jax.jit``, ``nnx.jit``, ``lax.scan``,
+``nnx.scan``, ``fori_loop`` and ``while_loop``, with no wrapper of ours.
+
+Overflow is never silent and never overwrites. Writing a block of ``T`` tokens
+(padding included) needs ``index[b] + T <= S_max``:
 
 * with a concrete ``index`` (eager code) a ``ValueError`` names the sizes;
-* under ``jax.jit`` / ``lax.scan`` the check is a ``jax.experimental.checkify`` check.
-  Run the traced function through :func:`checked` (or ``checkify.checkify`` yourself)
-  and overflow raises at run time; staging it without ``checkify`` fails at trace time
-  ("Cannot abstractly evaluate a checkify.check which was not functionalized"), so the
-  check cannot be skipped by accident.
+* traced (under ``jit``/``scan``), a sequence whose block does not fit keeps its
+  cached keys, values and ``index`` unchanged and gets NaN outputs; the other
+  sequences of the batch decode as usual. Invalid traced ``lengths`` (outside
+  ``[0, T]``) are treated the same way;
+* :func:`checked` (or ``checkify.checkify`` yourself) turns either into an exception
+  (``checkify.JaxRuntimeError``, a ``ValueError``) naming the sizes.
 
 Everything here is module-free: Flax linen (:class:`jax_attn.linen_modules.MultiHeadAttention`
-with ``decode=True``) and NNX modules keep the three arrays as variables and call these
-functions.
+with ``decode=True``) and NNX (:class:`jax_attn.nnx_modules.MultiHeadAttention`) modules
+keep the three arrays as variables and call these functions.
 """
 
 from __future__ import annotations
@@ -99,9 +103,11 @@ def _concrete(x):
 
 
 def check_capacity(cache: KVCache, num_new: int) -> None:
-    """Raises unless a block of ``num_new`` tokens fits at ``cache.index`` in every sequence.
+    """Checks that a block of ``num_new`` tokens fits at ``cache.index`` in every sequence.
 
-    Eager ``ValueError`` for a concrete index; a ``checkify`` check when traced.
+    ``ValueError`` for a concrete index or ``num_new > context_length``; when traced, a
+    ``checkify`` check that only :func:`checked` (or ``checkify.checkify``) turns into an
+    error; plain ``jit`` leaves it to :func:`update_cache` (no write, NaN outputs).
     """
     S_max = cache.context_length
     if num_new > S_max:
@@ -117,16 +123,21 @@ def check_capacity(cache: KVCache, num_new: int) -> None:
                 f"{filled + num_new} slots, but context_length={S_max}"
             )
         return
-    filled = jnp.max(cache.index)
-    checkify.check(
-        filled + num_new <= S_max,
+    checkify.debug_check(
+        jnp.all(_fits(cache.index, num_new, S_max)),
         f"KV cache overflow: writing {num_new} new tokens at index {{filled}} needs more "
         f"than context_length={S_max} slots",
-        filled=filled,
+        filled=jnp.max(cache.index),
     )
 
 
+def _fits(index, T: int, S_max: int):
+    """``[B]`` bool: a block of ``T`` tokens fits at ``index [B]``."""
+    return (index >= 0) & (index <= S_max - T)
+
+
 def _check_lengths(lengths, B: int, T: int):
+    """``lengths`` as an array (``None`` stays ``None``); raises for bad concrete values."""
     if lengths is None:
         return None
     if jnp.shape(lengths) != (B,):
@@ -135,20 +146,32 @@ def _check_lengths(lengths, B: int, T: int):
         raise TypeError(f"lengths must be integers, got dtype {jnp.result_type(lengths)}")
     values = _concrete(lengths)
     if values is None:
-        checkify.check(
-            jnp.all((lengths >= 0) & (lengths <= T)),
+        checkify.debug_check(
+            jnp.all(_lengths_ok(lengths, T)),
             f"lengths must lie in [0, T={T}], got a value outside",
         )
     elif values.size and (values.min() < 0 or values.max() > T):
         raise ValueError(f"lengths must lie in [0, T={T}], got {values.tolist()}")
-    return jnp.asarray(lengths, jnp.int32)
+    return jnp.asarray(lengths)
+
+
+def _lengths_ok(lengths, T: int):
+    return (lengths >= 0) & (lengths <= T)
+
+
+def _valid(start, T: int, S_max: int, lengths):
+    """``[B]`` bool: the block fits at ``start`` and ``lengths`` (if any) lie in ``[0, T]``."""
+    ok = _fits(start, T, S_max)
+    return ok if lengths is None else ok & _lengths_ok(lengths, T)
 
 
 def update_cache(cache: KVCache, new_key, new_value, lengths=None) -> KVCache:
     """Writes ``new_key [B, T, K, H]`` / ``new_value [B, T, K, H_v]`` at ``cache.index``.
 
     Each sequence's block goes in with ``lax.dynamic_update_slice`` at its own index;
-    ``index`` advances by ``T``, or by ``lengths [B]`` for padded blocks.
+    ``index`` advances by ``T``, or by ``lengths [B]`` for padded blocks. A sequence whose
+    block does not fit (``index[b] + T > context_length``, traced; eagerly it raises) or
+    whose traced ``lengths[b]`` lies outside ``[0, T]`` is left unchanged.
     """
     key_shape, value_shape = jnp.shape(new_key), jnp.shape(new_value)
     B, S_max, K, H = cache.key.shape
@@ -165,15 +188,26 @@ def update_cache(cache: KVCache, new_key, new_value, lengths=None) -> KVCache:
         )
     lengths = _check_lengths(lengths, B, T)
     check_capacity(cache, T)
+    return _write(cache, new_key, new_value, lengths, _valid(cache.index, T, S_max, lengths))
 
-    def write(buffer, block, start):
-        return lax.dynamic_update_slice(buffer, block.astype(buffer.dtype), (start, 0, 0))
 
-    start = cache.index
-    key = jax.vmap(write)(cache.key, new_key, start)
-    value = jax.vmap(write)(cache.value, new_value, start)
-    advance = T if lengths is None else lengths
-    return KVCache(key, value, start + advance)
+def _write(cache: KVCache, new_key, new_value, lengths, valid) -> KVCache:
+    """The block written where ``valid [B]``; elsewhere the old slots are written back."""
+    T = new_key.shape[1]
+    last = cache.context_length - T
+
+    def write(buffer, block, start, ok):
+        start = jnp.clip(start, 0, last)
+        zero = jnp.zeros_like(start)
+        old = lax.dynamic_slice(buffer, (start, zero, zero), block.shape)
+        block = jnp.where(ok, block.astype(buffer.dtype), old)
+        return lax.dynamic_update_slice(buffer, block, (start, zero, zero))
+
+    index = cache.index
+    key = jax.vmap(write)(cache.key, new_key, index, valid)
+    value = jax.vmap(write)(cache.value, new_value, index, valid)
+    advance = T if lengths is None else lengths.astype(index.dtype)
+    return KVCache(key, value, jnp.where(valid, index + advance, index))
 
 
 def decode_mask(start, T: int, S_max: int, lengths=None):
@@ -183,11 +217,16 @@ def decode_mask(start, T: int, S_max: int, lengths=None):
     queries ``t >= lengths[b]`` see nothing.
     """
     # [B, T]
-    query_pos = jnp.asarray(start, jnp.int32)[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    query_pos = jnp.expand_dims(jnp.asarray(start).astype(jnp.int32), 1) + jnp.arange(
+        T, dtype=jnp.int32
+    ).reshape(1, T)
     # [B, T, S]
-    allowed = jnp.arange(S_max, dtype=jnp.int32)[None, None, :] <= query_pos[:, :, None]
+    allowed = jnp.arange(S_max, dtype=jnp.int32).reshape(1, 1, S_max) <= query_pos[:, :, None]
     if lengths is not None:
-        query_ok = jnp.arange(T)[None, :] < jnp.asarray(lengths)[:, None]
+        # [B, T]
+        query_ok = jnp.arange(T, dtype=jnp.int32).reshape(1, T) < jnp.expand_dims(
+            jnp.asarray(lengths).astype(jnp.int32), 1
+        )
         allowed = allowed & query_ok[:, :, None]
     return allowed[:, None, :, :]
 
@@ -206,26 +245,52 @@ def attend_cache(
     """Attention of ``query [B, T, N, H]`` (written at ``start [B]``) over the cache.
 
     Returns ``[B, T, N, H_v]``. The queries' own keys must already be in the cache.
+    Sequences whose block did not fit (``start[b] + T > context_length``) or whose
+    ``lengths[b]`` lies outside ``[0, T]`` get NaN outputs.
     """
     B, T = jnp.shape(query)[:2]
-    mask = decode_mask(start, T, cache.context_length, _check_lengths(lengths, B, T))
-    return dot_product_attention(
+    lengths = _check_lengths(lengths, B, T)
+    start = jnp.asarray(start)
+    valid = _valid(start, T, cache.context_length, lengths)
+    return _attend(
+        cache, query, start, lengths, valid, scale, dropout_rate, dropout_rng, implementation
+    )
+
+
+def _attend(cache, query, start, lengths, valid, scale, dropout_rate, dropout_rng, implementation):
+    T = query.shape[1]
+    out = dot_product_attention(
         query,
         cache.key,
         cache.value,
-        mask=mask,
+        mask=decode_mask(start, T, cache.context_length, lengths),
         scale=scale,
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,
         implementation=implementation,
     )
+    # [B, 1, 1, 1]
+    valid = valid.reshape(-1, 1, 1, 1)
+    return jnp.where(valid, out, jnp.asarray(jnp.nan, out.dtype))
 
 
-def decode_attention(cache: KVCache, query, key, value, *, lengths=None, **attention_kwargs):
+def decode_attention(
+    cache: KVCache,
+    query,
+    key,
+    value,
+    *,
+    lengths=None,
+    scale=None,
+    dropout_rate: float = 0.0,
+    dropout_rng=None,
+    implementation: str | None = None,
+):
     """Writes ``key``/``value [B, T, K, H]`` into the cache and attends ``query [B, T, N, H]``
     causally over everything cached. Returns ``(output [B, T, N, H_v], new_cache)``.
 
-    ``attention_kwargs``: ``scale``, ``dropout_rate``, ``dropout_rng``, ``implementation``.
+    Overflow (``index[b] + T > context_length``) raises eagerly; traced, that sequence's
+    cache stays unchanged and its outputs are NaN (:func:`checked` raises instead).
     """
     q_shape = jnp.shape(query)
     if len(q_shape) != 4 or q_shape[:2] != jnp.shape(key)[:2]:
@@ -234,9 +299,13 @@ def decode_attention(cache: KVCache, query, key, value, *, lengths=None, **atten
             f"{list(jnp.shape(key)[:2])}, got {list(q_shape)}"
         )
     start = cache.index
-    cache = update_cache(cache, key, value, lengths)
-    out = attend_cache(cache, query, start=start, lengths=lengths, **attention_kwargs)
-    return out, cache
+    new_cache = update_cache(cache, key, value, lengths)
+    lengths = None if lengths is None else jnp.asarray(lengths)
+    valid = _valid(start, q_shape[1], cache.context_length, lengths)
+    out = _attend(
+        new_cache, query, start, lengths, valid, scale, dropout_rate, dropout_rng, implementation
+    )
+    return out, new_cache
 
 
 def positions(cache: KVCache, T: int):
