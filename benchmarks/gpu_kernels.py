@@ -1,7 +1,9 @@
 """Time the GPU attention kernels side by side in one process: JAX's Pallas GPU flash
-attention, cuDNN (through jax.nn), XLA (jax.nn), and jax_attn's default and chunked paths.
+attention (raw, at three block sizes, and through jax_attn's dispatcher as "pallas_gpu"),
+cuDNN (through jax.nn), XLA (jax.nn), and jax_attn's default and chunked paths.
 
     OUT=results python benchmarks/gpu_kernels.py
+    OUT=results ONLY=f32 python benchmarks/gpu_kernels.py      # cases whose name has "f32"
 
 Each case checks every contestant's output against jax_attn's reference (float32 logits)
 before timing it; a contestant that fails to compile or disagrees is recorded with its error.
@@ -21,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 import jax_attn as ja
+from jax_attn import dispatch, validation
 
 CASES = [
     # name, B, T, N, H, dtype, causal, grad
@@ -53,6 +56,9 @@ def contestants(causal):
         "jax_attn default": lambda q, k, v: ja.dot_product_attention(q, k, v, is_causal=causal),
         "jax_attn chunked": lambda q, k, v: ja.dot_product_attention(
             q, k, v, is_causal=causal, implementation="chunked"
+        ),
+        "jax_attn pallas_gpu": lambda q, k, v: ja.dot_product_attention(
+            q, k, v, is_causal=causal, implementation="pallas_gpu"
         ),
         "jax.nn xla": lambda q, k, v: jax.nn.dot_product_attention(
             q, k, v, is_causal=causal, implementation="xla"
@@ -94,10 +100,17 @@ def main():
         "cases": [],
     }
     print(record["device"], record["jax"], flush=True)
+    record["default_by_case"] = {}
+    only = os.environ.get("ONLY", "")
     for name, B, T, N, H, dtype, causal, grad in CASES:
+        if only not in name:
+            continue
         dt = jnp.dtype(dtype)
         keys = jax.random.split(jax.random.key(0), 3)
         q, k, v = (jax.random.normal(kk, (B, T, N, H), dt) for kk in keys)
+        call = validation.check_attention_args(q, k, v, is_causal=causal)
+        record["default_by_case"][name] = dispatch.select_implementation(call)
+        print(name, "default:", record["default_by_case"][name], flush=True)
         ref = None
         if not grad and T <= 4096:
             ref = jax.jit(functools.partial(ja.reference.dot_product_attention, is_causal=causal))(
