@@ -10,8 +10,11 @@ Contestants, per case kind:
 * ``memory``: a fresh subprocess runs one long-context call and reports its peak RSS
   (CPU) or the device's peak bytes in use (GPU).
 
-Times are medians after warm-up, the contestants of a case timed in turn, round after
-round (so that load from other processes falls on all alike); compile time is apart.
+Times are min / median / max after warm-up, the contestants of a case timed in turn,
+round after round (so that load from other processes falls on all alike); a case whose
+spread ``(max - min) / median`` is over 20% is flagged. Contestants that lower to the same
+program (the default dispatch and the implementation it resolves to, ``jax_attn xla`` and
+``jax.nn xla``) are timed once; the other row is reported as its alias. Compile time is apart.
 Writes JSON (and a PNG of time against sequence length) under ``benchmarks/results/``
 with the device named.
 """
@@ -28,11 +31,14 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jax_attn.apps import timing
 
 __all__ = ["BenchCase", "BenchConfig", "MemoryCase", "SweepConfig", "load_bench_config", "main"]
 
@@ -186,6 +192,9 @@ def _torch_device():
 
 
 # --- contestants ----------------------------------------------------------------------------
+#: The rows that call the default dispatch: when one runs the same program as a named
+#: implementation, the named row is timed and the default row points to it.
+DEFAULT_ROWS = frozenset({"jax_attn (default)", "jax_attn MultiHeadAttention"})
 # Each builder returns (kind, fn, args): kind "jax" (fn is jitted here) or "torch".
 
 
@@ -209,7 +218,7 @@ def _with_grad(fn):
     return jax.value_and_grad(loss, argnums=tuple(range(3)))
 
 
-def attention_contestants(case: BenchCase) -> dict:
+def attention_contestants(case: BenchCase, torch: bool = True) -> dict:
     """name -> zero-argument builder of ("jax" | "torch", fn, args)."""
     import jax_attn as ja
     from jax_attn import dispatch
@@ -246,7 +255,7 @@ def attention_contestants(case: BenchCase) -> dict:
         contestants["jax.nn xla"] = jax_nn("xla")
         if "cudnn" in dispatch.available_implementations():
             contestants["jax.nn cudnn"] = jax_nn("cudnn")
-    device = _torch_device()
+    device = _torch_device() if torch else None
     if device is not None and (same_length or not causal):
         contestants["torch sdpa"] = lambda: _torch_sdpa(case, device)
     return contestants
@@ -281,7 +290,7 @@ def _torch_sdpa(case: BenchCase, device):
     return "torch", fn, ()
 
 
-def module_contestants(case: BenchCase) -> dict:
+def module_contestants(case: BenchCase, torch: bool = True) -> dict:
     """``MultiHeadAttention`` (default dispatch and each implementation) vs flax and torch."""
     import flax.linen as nn
 
@@ -326,7 +335,7 @@ def module_contestants(case: BenchCase) -> dict:
         if name != "reference":
             contestants[f"jax_attn MultiHeadAttention {name}"] = ours(name)
     contestants["flax MultiHeadDotProductAttention"] = flax_module
-    device = _torch_device()
+    device = _torch_device() if torch else None
     if device is not None:
         contestants["torch MHA (sdpa)"] = lambda: _torch_module(case, x, device)
     return contestants
@@ -384,22 +393,60 @@ def _sync_torch():
         torch.cuda.synchronize()
 
 
-def prepare_contestant(build) -> tuple[dict, callable]:
-    """Builds and compiles a contestant: its compile time and the compiled program's
-    temporary memory (jax), and a zero-argument function that runs it to completion."""
+@dataclasses.dataclass
+class Built:
+    """A contestant ready to compile: ``program`` is its lowered text (jax) or ``None``."""
+
+    kind: str
+    fn: Callable
+    args: tuple
+    lowered: object = None
+    program: str | None = None
+
+
+def build_contestant(build) -> Built:
+    """Builds a contestant and, for jax, lowers it (not compiled yet)."""
     kind, fn, args = build()
+    if kind != "jax":
+        return Built(kind, fn, args)
+    lowered = jax.jit(fn).lower(*args)
+    return Built(kind, fn, args, lowered, re.sub(r"module @\S+", "module", lowered.as_text()))
+
+
+def find_aliases(programs: dict[str, str | None]) -> dict[str, str]:
+    """name -> the row it repeats, for contestants whose lowered programs are identical
+    (e.g. the default dispatch and the implementation it resolves to). The named row
+    is timed; the default rows are the aliases."""
+    first_with: dict[str, str] = {}
+    aliases = {}
+    for name in sorted(programs, key=lambda n: n in DEFAULT_ROWS):
+        program = programs[name]
+        if program is None:
+            continue
+        if program in first_with:
+            aliases[name] = first_with[program]
+        else:
+            first_with[program] = name
+    return aliases
+
+
+def prepare_contestant(built: Built) -> tuple[dict, Callable]:
+    """Compiles a built contestant: its compile time and the compiled program's temporary
+    memory (jax), and a zero-argument function that runs it to completion."""
     result = {}
-    if kind == "jax":
+    if built.kind == "jax":
         start = time.perf_counter()
-        compiled = jax.jit(fn).lower(*args).compile()
+        compiled = built.lowered.compile()
         result["compile_s"] = time.perf_counter() - start
         try:
             analysis = compiled.memory_analysis()
             result["temp_bytes"] = int(analysis.temp_size_in_bytes)
         except Exception:  # noqa: BLE001 - not every backend reports it
             result["temp_bytes"] = None
+        args = built.args
         run = lambda: jax.block_until_ready(compiled(*args))  # noqa: E731
     else:
+        fn = built.fn
         run = lambda: (fn(), _sync_torch())  # noqa: E731
         start = time.perf_counter()
         run()
@@ -408,7 +455,9 @@ def prepare_contestant(build) -> tuple[dict, callable]:
     return result, run
 
 
-def time_interleaved(runs: dict, warmup: int, repeats: int) -> dict:
+def time_interleaved(
+    runs: dict, warmup: int, repeats: int, clock: Callable[[], float] = time.perf_counter
+) -> dict:
     """Times every contestant once per round, ``repeats`` rounds after ``warmup`` runs each,
     so that load from other processes falls on all of them alike. name -> seconds."""
     for run in runs.values():
@@ -417,9 +466,7 @@ def time_interleaved(runs: dict, warmup: int, repeats: int) -> dict:
     times = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
+            times[name] += timing.time_runs(run, 1, warmup=0, clock=clock)
     return times
 
 
@@ -427,13 +474,8 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
     """Measured float32 matrix-product rate of this device (GFLOP/s)."""
     a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
     f = jax.jit(lambda a: a @ a)
-    jax.block_until_ready(f(a))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(f(a))
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / float(np.median(times)) / 1e9
+    seconds = timing.median_seconds(lambda: jax.block_until_ready(f(a)), repeats)
+    return 2 * size**3 / seconds / 1e9
 
 
 def case_gflop(case: BenchCase) -> float:
@@ -462,25 +504,50 @@ def _ratios(results: dict, baseline: str | None, peer: str | None) -> None:
                 result[key] = result["median_ms"] / other["median_ms"]
 
 
-def run_case(case: BenchCase, config: BenchConfig, progress=None) -> dict:
-    contestants = (attention_contestants if case.kind == "attention" else module_contestants)(case)
-    if not config.torch:
-        contestants = {n: b for n, b in contestants.items() if not n.startswith("torch")}
+TIMING_KEYS = ("min_ms", "median_ms", "max_ms", "spread", "noisy", "times_ms")
+
+
+def _contestants(case: BenchCase, config: BenchConfig) -> dict:
+    make = attention_contestants if case.kind == "attention" else module_contestants
+    contestants = make(case, torch=config.torch)
     if case.contestants:
         contestants = {n: b for n, b in contestants.items() if n in case.contestants}
-    repeats = case.repeats or config.repeats
-    results, runs = {}, {}
-    for name, build in contestants.items():
+    return contestants
+
+
+def _error(error: Exception) -> dict:
+    return {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+
+
+def run_case(case: BenchCase, config: BenchConfig, progress=None, clock=time.perf_counter) -> dict:
+    """Times the case's contestants in turn; identical programs are timed once (the other
+    rows say ``alias_of``); a row whose spread is over 20% is listed in ``noisy``."""
+    results, built = {}, {}
+    for name, build in _contestants(case, config).items():
         try:
-            results[name], runs[name] = prepare_contestant(build)
+            built[name] = build_contestant(build)
         except Exception as error:  # noqa: BLE001 - e.g. out of memory: report, go on
-            results[name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+            results[name] = _error(error)
+    aliases = find_aliases({name: b.program for name, b in built.items()})
+    runs = {}
+    for name, contestant in built.items():
+        if name in aliases:
+            results[name] = {"alias_of": aliases[name]}
+        else:
+            try:
+                results[name], runs[name] = prepare_contestant(contestant)
+            except Exception as error:  # noqa: BLE001 - e.g. out of memory: report, go on
+                results[name] = _error(error)
         if progress is not None:
             progress()
-    for name, times in time_interleaved(runs, config.warmup, repeats).items():
-        results[name]["median_ms"] = 1e3 * float(np.median(times))
-        results[name]["min_ms"] = 1e3 * float(np.min(times))
-        results[name]["times_ms"] = [round(1e3 * t, 3) for t in times]
+    repeats = case.repeats or config.repeats
+    for name, times in time_interleaved(runs, config.warmup, repeats, clock).items():
+        results[name].update(timing.summary_ms(times))
+    for name, target in aliases.items():
+        timed = results[target]
+        results[name].update({key: timed[key] for key in TIMING_KEYS if key in timed})
+    if case.kind == "attention" and "jax_attn (default)" in results:
+        results["jax_attn (default)"]["resolves_to"] = default_implementation(case)
     baseline = "flax MultiHeadDotProductAttention" if case.kind == "module" else "jax.nn xla"
     peer = "torch MHA (sdpa)" if case.kind == "module" else "torch sdpa"
     _ratios(results, baseline if baseline in results else None, peer)
@@ -489,14 +556,30 @@ def run_case(case: BenchCase, config: BenchConfig, progress=None) -> dict:
         "gflop": case_gflop(case),
         "baseline": baseline,
         "results": results,
+        "noisy": [n for n, r in results.items() if r.get("noisy") and "alias_of" not in r],
     }
+
+
+def default_implementation(case: BenchCase) -> str:
+    """The implementation ``implementation=None`` picks for the case on this device
+    (found by tracing shapes only: nothing is allocated)."""
+    from jax_attn import dispatch
+    from jax_attn.validation import check_attention_args
+
+    picked = []
+
+    def probe(q, k, v):
+        call = check_attention_args(q, k, v, is_causal=case.causal)
+        picked.append(dispatch.select_implementation(call))
+        return q
+
+    jax.eval_shape(probe, *jax.eval_shape(lambda: _attention_inputs(case)))
+    return picked[0]
 
 
 def count_contestants(case: BenchCase, config: BenchConfig) -> int:
     """How many contestants :func:`run_case` will time (for the progress bar)."""
-    contestants = (attention_contestants if case.kind == "attention" else module_contestants)(case)
-    names = [n for n in contestants if config.torch or not n.startswith("torch")]
-    return len([n for n in names if not case.contestants or n in case.contestants])
+    return len(_contestants(case, config))
 
 
 def sweep_cases(sweep: SweepConfig) -> list[BenchCase]:
@@ -623,6 +706,8 @@ def _fmt(x, spec):
 
 
 def format_case(entry: dict, floor_ms: float | None) -> str:
+    """The case's table: min / median / max per contestant, its spread (``!`` over 20%),
+    alias rows pointing to the row that ran the same program."""
     case = entry["case"]
     shape = (
         f"B={case['batch']} T={case['seq_len']} N={case['num_heads']} "
@@ -633,22 +718,34 @@ def format_case(entry: dict, floor_ms: float | None) -> str:
         f"\n{case['name']} [{case['kind']}] {shape}; {entry['gflop']:.1f} GFLOP"
         + (f", matmul floor {floor_ms:.0f} ms" if floor_ms else "")
     ]
-    header = (
-        f"  {'contestant':<40} {'median ms':>10} {'min ms':>9} {'compile s':>9} "
-        f"{'temp MiB':>9} {'x base':>7} {'x torch':>8}"
+    lines.append(
+        f"  {'contestant':<40} {'min ms':>9} {'median ms':>10} {'max ms':>9} {'spread':>7} "
+        f"{'compile s':>9} {'temp MiB':>9} {'x base':>7} {'x torch':>8}"
     )
-    lines.append(header)
-    for name, r in entry["results"].items():
-        if "error" in r:
-            lines.append(f"  {name:<40} error: {r['error'][:70]}")
-            continue
-        temp = None if r.get("temp_bytes") is None else r["temp_bytes"] / 2**20
+    lines += [_format_row(name, r) for name, r in entry["results"].items()]
+    if entry.get("noisy"):
         lines.append(
-            f"  {name:<40} {r['median_ms']:>10.2f} {r['min_ms']:>9.2f} "
-            f"{_fmt(r.get('compile_s'), '9.2f'):>9} {_fmt(temp, '9.1f'):>9} "
-            f"{_fmt(r.get('vs_baseline'), '7.2f'):>7} {_fmt(r.get('vs_torch'), '8.2f'):>8}"
+            f"  ! spread (max - min) / median over {timing.NOISY_SPREAD:.0%}: "
+            + ", ".join(entry["noisy"])
+            + " (a busy machine: rerun when it is idle)"
         )
     return "\n".join(lines)
+
+
+def _format_row(name: str, r: dict) -> str:
+    if "error" in r:
+        return f"  {name:<40} error: {r['error'][:70]}"
+    if "alias_of" in r:
+        return f"  {name:<40} = {r['alias_of']} (the same program, timed once)"
+    temp = None if r.get("temp_bytes") is None else r["temp_bytes"] / 2**20
+    spread = f"{r['spread']:.0%}" + ("!" if r["noisy"] else " ")
+    resolved = f" -> {r['resolves_to']}" if "resolves_to" in r else ""
+    return (
+        f"  {name + resolved:<40} {r['min_ms']:>9.2f} {r['median_ms']:>10.2f} "
+        f"{r['max_ms']:>9.2f} {spread:>7} "
+        f"{_fmt(r.get('compile_s'), '9.2f'):>9} {_fmt(temp, '9.1f'):>9} "
+        f"{_fmt(r.get('vs_baseline'), '7.2f'):>7} {_fmt(r.get('vs_torch'), '8.2f'):>8}"
+    )
 
 
 def format_memory(entry: dict) -> str:
@@ -678,7 +775,7 @@ def plot_sweep(entries: list[dict], path: Path, title: str) -> None:
     for entry in entries:
         T = entry["case"]["seq_len"]
         for name, r in entry["results"].items():
-            if "median_ms" in r:
+            if "median_ms" in r and "alias_of" not in r:
                 xs, ys = series.setdefault(name, ([], []))
                 xs.append(T)
                 ys.append(r["median_ms"])
@@ -808,6 +905,8 @@ def summarize(report: dict) -> list[str]:
             parts.append(f"{result['vs_baseline']:.2f}x {entry['baseline']}")
         if "vs_torch" in result:
             parts.append(f"{result['vs_torch']:.2f}x PyTorch")
+        if entry.get("noisy"):
+            parts.append(f"noisy ({', '.join(entry['noisy'])})")
         lines.append(", ".join(parts))
     for entry in report["memory"]:
         case = entry["case"]
@@ -827,16 +926,22 @@ def format_sweep(entries: list[dict]) -> str:
     for entry in entries:
         names += [n for n in entry["results"] if n not in names]
     lines = [
-        "\nsweep: median ms by sequence length",
+        "\nsweep: median ms by sequence length (! spread over 20%)",
         "  " + f"{'T':>7} " + " ".join(f"{n[:18]:>18}" for n in names),
     ]
     for entry in entries:
         cells = []
         for name in names:
             r = entry["results"].get(name, {})
-            cells.append(f"{r['median_ms']:>18.2f}" if "median_ms" in r else f"{'-':>18}")
+            cells.append(_sweep_cell(r))
         lines.append("  " + f"{entry['case']['seq_len']:>7} " + " ".join(cells))
     return "\n".join(lines)
+
+
+def _sweep_cell(r: dict) -> str:
+    if "median_ms" not in r:
+        return f"{'-':>18}"
+    return f"{r['median_ms']:>17.2f}" + ("!" if r["noisy"] else " ")
 
 
 def main(argv: list[str] | None = None) -> int:

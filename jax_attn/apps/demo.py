@@ -29,101 +29,17 @@ import numpy as np
 import jax_attn as ja
 from jax_attn import functional as F
 from jax_attn.apps.config import ConfigError, load_config
+from jax_attn.data import book_values
 
 __all__ = ["BOOK", "INPUTS", "SENTENCE", "main", "reference_multi_head_attention"]
 
-SENTENCE = "Your journey starts with one step"
-TOKENS = tuple(SENTENCE.split())
-
+#: What the book prints in chapter 3 (one copy, package data): inputs, values by section,
+#: the W matrices of 3.4.1 in full precision, the shapes of 3.5.3 and 3.6.
+BOOK = book_values()
+SENTENCE = BOOK["sentence"]
+TOKENS = tuple(BOOK["tokens"])
 # The book's 3-d embeddings of the six tokens (section 3.3.1), x^(1) ... x^(6).
-INPUTS = (
-    (0.43, 0.15, 0.89),  # Your
-    (0.55, 0.87, 0.66),  # journey
-    (0.57, 0.85, 0.64),  # starts
-    (0.22, 0.58, 0.33),  # with
-    (0.77, 0.25, 0.10),  # one
-    (0.05, 0.80, 0.55),  # step
-)
-
-# What the book prints (PyTorch, 4 decimals), by section; the W matrices of 3.4.1 are the
-# ones torch.manual_seed(123); torch.rand(3, 2) draws, in full precision.
-BOOK = {
-    "3.3.1": {
-        "attn_scores_2": (0.9544, 1.4950, 1.4754, 0.8434, 0.7070, 1.0865),
-        "attn_weights_2_sum_normalized": (0.1455, 0.2278, 0.2249, 0.1285, 0.1077, 0.1656),
-        "attn_weights_2_softmax": (0.1385, 0.2379, 0.2333, 0.1240, 0.1082, 0.1581),
-        "context_vec_2": (0.4419, 0.6515, 0.5683),
-    },
-    "3.3.2": {
-        "attn_scores": (
-            (0.9995, 0.9544, 0.9422, 0.4753, 0.4576, 0.6310),
-            (0.9544, 1.4950, 1.4754, 0.8434, 0.7070, 1.0865),
-            (0.9422, 1.4754, 1.4570, 0.8296, 0.7154, 1.0605),
-            (0.4753, 0.8434, 0.8296, 0.4937, 0.3474, 0.6565),
-            (0.4576, 0.7070, 0.7154, 0.3474, 0.6654, 0.2935),
-            (0.6310, 1.0865, 1.0605, 0.6565, 0.2935, 0.9450),
-        ),
-        "attn_weights": (
-            (0.2098, 0.2006, 0.1981, 0.1242, 0.1220, 0.1452),
-            (0.1385, 0.2379, 0.2333, 0.1240, 0.1082, 0.1581),
-            (0.1390, 0.2369, 0.2326, 0.1242, 0.1108, 0.1565),
-            (0.1435, 0.2074, 0.2046, 0.1462, 0.1263, 0.1720),
-            (0.1526, 0.1958, 0.1975, 0.1367, 0.1879, 0.1295),
-            (0.1385, 0.2184, 0.2128, 0.1420, 0.0988, 0.1896),
-        ),
-        "all_context_vecs": (
-            (0.4421, 0.5931, 0.5790),
-            (0.4419, 0.6515, 0.5683),
-            (0.4431, 0.6496, 0.5671),
-            (0.4304, 0.6298, 0.5510),
-            (0.4671, 0.5910, 0.5266),
-            (0.4177, 0.6503, 0.5645),
-        ),
-    },
-    "3.4.1": {
-        "W_query": (
-            (0.29611194133758545, 0.516562283039093),
-            (0.2516707181930542, 0.6885567903518677),
-            (0.07397246360778809, 0.8665218949317932),
-        ),
-        "W_key": (
-            (0.13657987117767334, 0.10247904062271118),
-            (0.18405646085739136, 0.7264467477798462),
-            (0.3152539134025574, 0.6871066689491272),
-        ),
-        "W_value": (
-            (0.07563532143831253, 0.19663816690444946),
-            (0.31641197204589844, 0.4017401337623596),
-            (0.1185683012008667, 0.8273953795433044),
-        ),
-        "query_2": (0.4306, 1.4551),
-        "attn_score_22": 1.8524,
-        "attn_scores_2": (1.2705, 1.8524, 1.8111, 1.0795, 0.5577, 1.5440),
-        "attn_weights_2": (0.1500, 0.2264, 0.2199, 0.1311, 0.0906, 0.1820),
-        "context_vec_2": (0.3061, 0.8210),
-        "self_attention_v1_output": (
-            (0.2996, 0.8053),
-            (0.3061, 0.8210),
-            (0.3058, 0.8203),
-            (0.2948, 0.7939),
-            (0.2927, 0.7891),
-            (0.2990, 0.8040),
-        ),
-    },
-    "3.5.1": {
-        "mask_simple_tril": (
-            (1, 0, 0, 0, 0, 0),
-            (1, 1, 0, 0, 0, 0),
-            (1, 1, 1, 0, 0, 0),
-            (1, 1, 1, 1, 0, 0),
-            (1, 1, 1, 1, 1, 0),
-            (1, 1, 1, 1, 1, 1),
-        ),
-    },
-    # The shapes the book prints for its batch of two copies of the sentence.
-    "shapes": {"3.5.3": (2, 6, 2), "3.6.1": (2, 6, 4), "3.6.2": (2, 6, 2)},
-    "exercise_3.3": {"parameter_count": 2_360_064},
-}
+INPUTS = tuple(tuple(row) for row in BOOK["inputs"])
 
 #: Printed values have 4 decimals: a correct result is within half a unit of the last one.
 BOOK_ATOL = 5e-5

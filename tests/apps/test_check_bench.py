@@ -92,6 +92,76 @@ def test_bench_writes_json_and_plot(tmp_path):
     assert (tmp_path / report["plot"].split("/")[-1]).stat().st_size > 0
 
 
+class FakeClock:
+    """A clock whose every timed call lasts the next of ``seconds`` (start, stop pairs)."""
+
+    def __init__(self, seconds):
+        self.readings = iter([t for s in seconds for t in (0.0, s)])
+
+    def __call__(self):
+        return next(self.readings)
+
+
+def test_time_interleaved_gives_every_run_to_its_contestant():
+    runs = {"a": lambda: None, "b": lambda: None}
+    clock = FakeClock([0.010, 0.020, 0.011, 0.021, 0.014, 0.022])
+    times = bench.time_interleaved(runs, warmup=1, repeats=3, clock=clock)
+    assert times == {"a": [0.010, 0.011, 0.014], "b": [0.020, 0.021, 0.022]}
+
+
+def test_bench_reports_min_median_max_and_flags_a_noisy_case(monkeypatch):
+    def contestant(fn):
+        return lambda: ("jax", fn, (jnp.ones(2),))
+
+    steady, jumpy = contestant(lambda x: x + 1), contestant(lambda x: x * 2)
+    monkeypatch.setattr(
+        bench, "attention_contestants", lambda case, torch: {"steady": steady, "jumpy": jumpy}
+    )
+    case = bench.BenchCase("noisy", "attention", batch=1, seq_len=8, num_heads=2, head_dim=4)
+    config = bench.BenchConfig(name="fake", warmup=0, repeats=3, torch=False)
+    # rounds time steady then jumpy: steady within 10%, jumpy off by 50% once
+    clock = FakeClock([0.010, 0.020, 0.010, 0.030, 0.011, 0.020])
+    entry = bench.run_case(case, config, clock=clock)
+    steady, noisy = entry["results"]["steady"], entry["results"]["jumpy"]
+    assert (steady["min_ms"], steady["median_ms"], steady["max_ms"]) == pytest.approx((10, 10, 11))
+    assert (noisy["min_ms"], noisy["median_ms"], noisy["max_ms"]) == pytest.approx((20, 20, 30))
+    assert noisy["spread"] == pytest.approx(0.5) and noisy["noisy"]
+    assert steady["spread"] == pytest.approx(0.1) and not steady["noisy"]
+    assert entry["noisy"] == ["jumpy"]
+    table = bench.format_case(entry, None)
+    assert "min ms" in table and "max ms" in table and "50%!" in table and "10% " in table
+    assert "over 20%: jumpy" in table
+
+
+def test_default_dispatch_and_jax_nn_lower_to_the_program_of_the_row_they_alias():
+    case = bench.BenchCase("alias", "attention", batch=1, seq_len=8, num_heads=2, head_dim=4)
+    names = ("jax_attn (default)", "jax_attn chunked", "jax_attn xla", "jax.nn xla")
+    contestants = bench.attention_contestants(case, torch=False)
+    built = {name: bench.build_contestant(contestants[name]) for name in names}
+    aliases = bench.find_aliases({name: b.program for name, b in built.items()})
+    default = bench.default_implementation(case)
+    assert aliases == {"jax_attn (default)": f"jax_attn {default}", "jax.nn xla": "jax_attn xla"}
+
+
+def test_an_alias_is_not_timed_and_shows_its_rows_times(monkeypatch):
+    def add_one(x):
+        return x + 1
+
+    contestants = {
+        "jax_attn (default)": lambda: ("jax", add_one, (jnp.ones(2),)),
+        "jax_attn named": lambda: ("jax", add_one, (jnp.ones(2),)),
+    }
+    monkeypatch.setattr(bench, "attention_contestants", lambda case, torch: contestants)
+    case = bench.BenchCase("alias", "attention", batch=1, seq_len=8, num_heads=2, head_dim=4)
+    config = bench.BenchConfig(name="fake", warmup=0, repeats=2, torch=False)
+    entry = bench.run_case(case, config, clock=FakeClock([0.010, 0.012]))
+    alias, timed = entry["results"]["jax_attn (default)"], entry["results"]["jax_attn named"]
+    assert alias["alias_of"] == "jax_attn named" and "compile_s" not in alias
+    assert alias["times_ms"] == timed["times_ms"] == [10.0, 12.0]
+    table = bench.format_case(entry, None)
+    assert "= jax_attn named (the same program, timed once)" in table
+
+
 def test_bench_config_file_reads_and_checks_kind(tmp_path):
     config = bench.load_bench_config("configs/bench-cpu.toml")
     assert any(c.kind == "module" and c.seq_len == 1024 for c in config.cases)
