@@ -14,7 +14,7 @@ from collections.abc import Callable
 import jax
 
 from jax_attn import reference
-from jax_attn.kernels import chunked, cudnn, pallas_gpu, pallas_tpu, xla
+from jax_attn.kernels import chunked, cudnn, pallas_gpu, pallas_tpu, ring, xla
 from jax_attn.kernels.base import Implementation
 from jax_attn.validation import AttentionCall, attention_entry
 
@@ -169,5 +169,5 @@ register_implementation(
         description="einsum -> mask -> softmax -> einsum; materialises [B, N, T, S]",
     )
 )
-for _kernel in (xla, cudnn, chunked, pallas_gpu, pallas_tpu):
+for _kernel in (xla, cudnn, chunked, pallas_gpu, pallas_tpu, ring):
     register_implementation(_kernel.IMPLEMENTATION)

@@ -1,132 +1,41 @@
-"""Online-softmax building blocks (and, built on them, the chunked implementation).
+"""The chunked implementation: flash attention in pure JAX, O(T) memory.
 
-Attention over a long key sequence can be computed block by block: each block of
-keys gives a *partial* result — an unnormalised accumulator, the running row maximum
-and the row sum of exponentials — and partials combine exactly (maxtext's
-``normalize_attention``; flash attention). The chunked kernel and ring attention
-(:mod:`jax_attn.sharding`) both use :func:`attend_block`, :func:`combine_partials`
-and :func:`finalize_partial`; there is one combine in the library.
+Query chunks form the outer loop, key chunks the inner one; each block is folded into
+the running result by the online softmax of :mod:`jax_attn.kernels.online_softmax`, and
+the gradient is its flash-attention backward (a ``custom_vjp`` that recomputes each
+block). Key chunks that the causal mask, the window or the key lengths leave empty are
+never visited.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jax_attn.kernels.base import Implementation
+from jax_attn.kernels.online_softmax import (
+    MASKED_LOGIT,
+    PartialAttention,
+    attend_block,
+    block_gradients,
+    block_logits,
+    combine_partials,
+    finalize,
+)
 from jax_attn.masks import make_dropout_mask
-from jax_attn.validation import AttentionCall, batched_inputs, check_attention_args
+from jax_attn.validation import AttentionCall
 
 __all__ = [
-    "PartialAttention",
-    "attend_block",
-    "combine_partials",
-    "empty_partial",
-    "finalize_partial",
     "MASKED_LOGIT",
     "CHUNK_BUDGET",
+    "IMPLEMENTATION",
     "chunked_attention",
     "default_chunk_sizes",
-    "dot_product_attention",
 ]
-
-# Finite "minus infinity" for float32 logits: exp(MASKED_LOGIT - m) underflows to 0
-# and a block with nothing to attend never produces NaN.
-MASKED_LOGIT = -0.7 * float(jnp.finfo(jnp.float32).max)
-
-
-class PartialAttention(NamedTuple):
-    """Attention of queries over a subset of keys, not yet normalised.
-
-    acc ``[B, T, N, H_v]``: ``sum_s exp(logit_s - row_max) * v_s`` (float32);
-    row_max ``[B, T, N]``: max valid logit (``MASKED_LOGIT`` if none);
-    row_sum ``[B, T, N]``: ``sum_s exp(logit_s - row_max)`` over valid keys (0 if none).
-    """
-
-    acc: jnp.ndarray
-    row_max: jnp.ndarray
-    row_sum: jnp.ndarray
-
-
-def empty_partial(B: int, T: int, N: int, H_v: int, dtype=jnp.float32) -> PartialAttention:
-    """The identity of :func:`combine_partials`: attention over no keys."""
-    return PartialAttention(
-        acc=jnp.zeros((B, T, N, H_v), dtype),
-        row_max=jnp.full((B, T, N), MASKED_LOGIT, dtype),
-        row_sum=jnp.zeros((B, T, N), dtype),
-    )
-
-
-def attend_block(q, k, v, *, scale: float, mask=None, bias=None, keep=None, dropout_rate=0.0):
-    """Partial attention of ``q [B, T, N, H]`` over one block ``k, v [B, S, K, H(_v)]``.
-
-    ``mask`` (bool) and ``bias`` broadcast to ``[B, N, T, S]``; ``-inf`` bias counts as
-    masked. ``keep`` (bool ``[B, N, T, S]``) is this block's slice of the dropout mask:
-    dropped weights leave the accumulator but still count in the row sum, so the
-    result equals dropout applied after the softmax, as in the book.
-    """
-    B, T, N, H = q.shape
-    _, S, K, H_v = v.shape
-    G = N // K
-    compute = jnp.promote_types(q.dtype, jnp.float32)
-    # [B, K, G, T, S]
-    logits = jnp.einsum(
-        "BTKGH,BSKH->BKGTS", q.reshape(B, T, K, G, H), k, preferred_element_type=compute
-    )
-    logits = logits.reshape(B, N, T, S) * jnp.asarray(scale, compute)
-    valid = None
-    if bias is not None:
-        bias = jnp.asarray(bias).astype(compute)
-        logits = logits + bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
-        valid = logits > -jnp.inf
-    if mask is not None:
-        mask = jnp.asarray(mask)
-        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-        valid = mask if valid is None else valid & mask
-    if valid is not None:
-        logits = jnp.where(valid, logits, MASKED_LOGIT)
-    # [B, N, T]
-    row_max = jnp.max(logits, axis=-1)
-    probs = jnp.exp(logits - row_max[..., None])
-    if valid is not None:
-        probs = jnp.where(valid, probs, 0.0)
-    row_sum = jnp.sum(probs, axis=-1)
-    if keep is not None:
-        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-    # [B, T, K, G, H_v]
-    acc = jnp.einsum(
-        "BKGTS,BSKH->BTKGH", probs.reshape(B, K, G, T, S).astype(compute), v.astype(compute)
-    )
-    return PartialAttention(
-        acc=acc.reshape(B, T, N, H_v),
-        row_max=jnp.transpose(row_max, (0, 2, 1)),
-        row_sum=jnp.transpose(row_sum, (0, 2, 1)),
-    )
-
-
-def combine_partials(a: PartialAttention, b: PartialAttention) -> PartialAttention:
-    """Exact merge of two partials over disjoint key sets (associative, commutative)."""
-    row_max = jnp.maximum(a.row_max, b.row_max)
-    scale_a = jnp.exp(a.row_max - row_max)
-    scale_b = jnp.exp(b.row_max - row_max)
-    return PartialAttention(
-        acc=a.acc * scale_a[..., None] + b.acc * scale_b[..., None],
-        row_max=row_max,
-        row_sum=a.row_sum * scale_a + b.row_sum * scale_b,
-    )
-
-
-def finalize_partial(partial: PartialAttention, dtype) -> jnp.ndarray:
-    """``acc / row_sum`` in ``dtype``; rows that saw no valid key give zeros."""
-    has_keys = partial.row_sum > 0
-    denominator = jnp.where(has_keys, partial.row_sum, 1.0)
-    out = jnp.where(has_keys[..., None], partial.acc / denominator[..., None], 0.0)
-    return out.astype(dtype)
 
 
 # --- The chunked implementation -----------------------------------------------------------
@@ -237,18 +146,19 @@ def _block_logits(plan: _Plan, q_blk, k, mask, bias, kv_lengths, q_index, k_inde
     ``-inf`` stay ``-inf`` (they count as masked)."""
     Tq, Sk = plan.q_chunk, plan.k_chunk
     k_blk = jax.lax.dynamic_slice_in_dim(k, k_index * Sk, Sk, axis=2)
-    # [B, K, G, Tq, Sk]
-    logits = jnp.einsum("BKGTH,BKSH->BKGTS", q_blk, k_blk, preferred_element_type=jnp.float32)
-    if plan.scale != 1.0:
-        logits = logits * jnp.float32(plan.scale)
+    logits = block_logits(q_blk, k_blk, plan.scale)
     if bias is not None:
         logits = logits + _slice_broadcast(bias, q_index, k_index, plan)
-    key_pos = k_index * Sk + jnp.arange(Sk, dtype=jnp.int32)
+    # [1, 1, 1, 1, Sk]
+    key_pos = (k_index * Sk + jnp.arange(Sk, dtype=jnp.int32)).reshape(1, 1, 1, 1, Sk)
     valid = None
     if plan.is_causal or plan.window is not None or plan.S_padded != plan.S:
-        query_pos = q_index * Tq + jnp.arange(Tq, dtype=jnp.int32)[:, None] + plan.S - plan.T
-        # [Tq, Sk]; a select that XLA fuses into the reductions that read the logits
-        inside = jnp.broadcast_to(key_pos < plan.S, (Tq, Sk))
+        # [1, 1, 1, Tq, 1]
+        query_pos = (q_index * Tq + jnp.arange(Tq, dtype=jnp.int32) + (plan.S - plan.T)).reshape(
+            1, 1, 1, Tq, 1
+        )
+        # [1, 1, 1, Tq, Sk]; a select that XLA fuses into the reductions that read the logits
+        inside = jnp.broadcast_to(key_pos < plan.S, (1, 1, 1, Tq, Sk))
         if plan.is_causal:
             inside = inside & (key_pos <= query_pos)
         if plan.window is not None:
@@ -260,7 +170,7 @@ def _block_logits(plan: _Plan, q_blk, k, mask, bias, kv_lengths, q_index, k_inde
         valid = block_mask if valid is None else valid & block_mask
     if kv_lengths is not None:
         # [B, 1, 1, 1, Sk]
-        key_ok = key_pos < kv_lengths[:, None, None, None, None]
+        key_ok = key_pos < kv_lengths.reshape(-1, 1, 1, 1, 1)
         valid = key_ok if valid is None else valid & key_ok
     if valid is not None:
         logits = jnp.where(valid, logits, MASKED_LOGIT)
@@ -286,6 +196,18 @@ def _visit(lo, full_lo, full_hi, hi, step, carry):
     )
 
 
+def _zeros_like(ref, *others, shape=None, fill=0.0):
+    """float32 zeros (or ``fill``) with ``ref``'s sharding: under Explicit mesh axes the
+    loop carries must match the blocks added to them, and inside ``shard_map`` they must
+    vary over the manual axes that any of the inputs ``ref, *others`` varies over."""
+    x = jnp.full_like(ref, fill, jnp.float32)
+    if shape is not None:
+        x = jnp.broadcast_to(x, shape)
+    axes = frozenset().union(*(jax.typeof(r).mat.varying for r in (ref, *others) if r is not None))
+    axes = tuple(sorted(axes - jax.typeof(x).mat.varying))
+    return jax.lax.pcast(x, axes, to="varying") if axes else x
+
+
 def _forward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng):
     """Output ``[B, K, G, T', H_v]`` (float32) and log-sum-exp ``[B, K, G, T']``; rows that
     attend nothing get a zero output and ``lse = -MASKED_LOGIT`` (so their weights are 0)."""
@@ -293,47 +215,34 @@ def _forward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng):
     H_v = v.shape[-1]
     Tq, Sk = plan.q_chunk, plan.k_chunk
     kv_limit = jnp.int32(plan.S) if kv_lengths is None else jnp.max(kv_lengths)
+    inputs = (k, v, mask, bias, kv_lengths)
 
     def one_query_chunk(_, q_index):
         q_blk = jax.lax.dynamic_slice_in_dim(q, q_index * Tq, Tq, axis=3)
 
-        def step(k_index, position_masked, state):
-            acc, row_max, row_sum = state
+        def step(k_index, position_masked, partial):
             logits = _block_logits(
                 plan, q_blk, k, mask, bias, kv_lengths, q_index, k_index, position_masked
             )
-            new_max = jnp.maximum(row_max, jnp.max(logits, axis=-1))
-            probs = jnp.exp(logits - new_max[..., None])
-            correction = jnp.exp(row_max - new_max)
-            row_sum = row_sum * correction + jnp.sum(probs, axis=-1)
+            keep = None
             if plan.dropout_rate > 0.0:
                 keep = _block_keep(plan, rng, B, K, G, q_index, k_index)
-                probs = jnp.where(keep, probs * (1.0 / (1.0 - plan.dropout_rate)), 0.0)
             v_blk = jax.lax.dynamic_slice_in_dim(v, k_index * Sk, Sk, axis=2)
-            # [B, K, G, Tq, H_v]
-            update = jnp.einsum(
-                "BKGTS,BKSH->BKGTH",
-                probs.astype(v.dtype),
-                v_blk,
-                preferred_element_type=jnp.float32,
-            )
-            return acc * correction[..., None] + update, new_max, row_sum
+            block = attend_block(logits, v_blk, keep=keep, dropout_rate=plan.dropout_rate)
+            return combine_partials(partial, block)
 
-        state = (
-            jnp.zeros((B, K, G, Tq, H_v), jnp.float32),
-            jnp.full((B, K, G, Tq), MASKED_LOGIT, jnp.float32),
-            jnp.zeros((B, K, G, Tq), jnp.float32),
+        # [B, K, G, Tq]
+        row = q_blk[..., 0]
+        empty = PartialAttention(
+            acc=_zeros_like(q_blk[..., :1], *inputs, shape=(B, K, G, Tq, H_v)),
+            row_max=_zeros_like(row, *inputs, fill=MASKED_LOGIT),
+            row_sum=_zeros_like(row, *inputs),
         )
-        acc, row_max, row_sum = _visit(*_key_chunk_ranges(plan, q_index, kv_limit), step, state)
-        # A row that met no valid key keeps row_max == MASKED_LOGIT (its masked entries were
-        # counted with weight exp(0) = 1 and are discarded here).
-        has_keys = row_max > MASKED_LOGIT
-        safe_sum = jnp.where(has_keys, row_sum, 1.0)
-        out = jnp.where(has_keys[..., None], acc / safe_sum[..., None], 0.0)
-        lse = jnp.where(has_keys, row_max + jnp.log(safe_sum), -MASKED_LOGIT)
-        return None, (out, lse)
+        partial = _visit(*_key_chunk_ranges(plan, q_index, kv_limit), step, empty)
+        return None, finalize(partial)
 
-    _, (out, lse) = jax.lax.scan(one_query_chunk, None, jnp.arange(plan.num_q_chunks))
+    q_indices = jnp.arange(plan.num_q_chunks, dtype=jnp.int32)
+    _, (out, lse) = jax.lax.scan(one_query_chunk, None, q_indices)
     # [nq, B, K, G, Tq, H_v] -> [B, K, G, T', H_v]
     out = jnp.moveaxis(out, 0, 3).reshape(B, K, G, plan.T_padded, H_v)
     lse = jnp.moveaxis(lse, 0, 3).reshape(B, K, G, plan.T_padded)
@@ -342,9 +251,10 @@ def _forward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng):
 
 def _backward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, out, lse, d_out):
     """Flash-attention backward: recomputes each block's weights from ``lse``."""
-    B, K, G, _, H = q.shape
+    B, K, G, _, _ = q.shape
     Tq, Sk = plan.q_chunk, plan.k_chunk
     kv_limit = jnp.int32(plan.S) if kv_lengths is None else jnp.max(kv_lengths)
+    inputs = (q, k, v, mask, bias, kv_lengths, d_out)
     # [B, K, G, T']
     delta = jnp.sum(d_out.astype(jnp.float32) * out, axis=-1)
 
@@ -359,56 +269,37 @@ def _backward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, out, lse, d_out
             logits = _block_logits(
                 plan, q_blk, k, mask, bias, kv_lengths, q_index, k_index, position_masked
             )
-            # [B, K, G, Tq, Sk]
-            probs = jnp.exp(logits - lse_blk[..., None])
-            v_blk = jax.lax.dynamic_slice_in_dim(v, k_index * Sk, Sk, axis=2)
-            k_blk = jax.lax.dynamic_slice_in_dim(k, k_index * Sk, Sk, axis=2)
-            # [B, K, G, Tq, Sk]
-            d_probs = jnp.einsum(
-                "BKGTH,BKSH->BKGTS", do_blk, v_blk, preferred_element_type=jnp.float32
-            )
-            dropped = probs
+            keep = None
             if plan.dropout_rate > 0.0:
                 keep = _block_keep(plan, rng, B, K, G, q_index, k_index)
-                factor = jnp.where(keep, jnp.float32(1.0 / (1.0 - plan.dropout_rate)), 0.0)
-                dropped = probs * factor
-                d_probs = d_probs * factor
-            d_logits = probs * (d_probs - delta_blk[..., None])
-            # [B, K, S, H_v]
-            dv_blk = jnp.einsum(
-                "BKGTS,BKGTH->BKSH",
-                dropped.astype(d_out.dtype),
-                do_blk,
-                preferred_element_type=jnp.float32,
-            )
-            # [B, K, S, H]
-            dk_blk = jnp.einsum(
-                "BKGTS,BKGTH->BKSH",
-                d_logits.astype(q.dtype),
+            k_blk = jax.lax.dynamic_slice_in_dim(k, k_index * Sk, Sk, axis=2)
+            v_blk = jax.lax.dynamic_slice_in_dim(v, k_index * Sk, Sk, axis=2)
+            grads = block_gradients(
+                logits,
+                lse_blk,
+                delta_blk,
                 q_blk,
-                preferred_element_type=jnp.float32,
-            )
-            # [B, K, G, Tq, H]
-            dq = dq + jnp.einsum(
-                "BKGTS,BKSH->BKGTH",
-                d_logits.astype(k.dtype),
                 k_blk,
-                preferred_element_type=jnp.float32,
+                v_blk,
+                do_blk,
+                keep=keep,
+                dropout_rate=plan.dropout_rate,
             )
-            dk = _add_block(dk, dk_blk, (0, 0, k_index * Sk, 0))
-            dv = _add_block(dv, dv_blk, (0, 0, k_index * Sk, 0))
+            dk = _add_block(dk, grads.dk, (0, 0, k_index * Sk, 0))
+            dv = _add_block(dv, grads.dv, (0, 0, k_index * Sk, 0))
             if dbias is not None:
-                dbias = _add_bias_block(dbias, d_logits, q_index, k_index, plan)
-            return dq, dk, dv, dbias
+                dbias = _add_bias_block(dbias, grads.d_logits, q_index, k_index, plan)
+            return dq + grads.dq, dk, dv, dbias
 
         dk, dv, dbias = carry
-        state = (jnp.zeros(q_blk.shape, jnp.float32), dk, dv, dbias)
+        state = (_zeros_like(q_blk, *inputs), dk, dv, dbias)
         dq, dk, dv, dbias = _visit(*_key_chunk_ranges(plan, q_index, kv_limit), step, state)
         return (dk, dv, dbias), dq
 
-    dbias0 = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
-    carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32), dbias0)
-    (dk, dv, dbias), dq = jax.lax.scan(one_query_chunk, carry, jnp.arange(plan.num_q_chunks))
+    dbias0 = None if bias is None else _zeros_like(bias, *inputs)
+    carry = (_zeros_like(k, *inputs), _zeros_like(v, *inputs), dbias0)
+    q_indices = jnp.arange(plan.num_q_chunks, dtype=jnp.int32)
+    (dk, dv, dbias), dq = jax.lax.scan(one_query_chunk, carry, q_indices)
     dq = jnp.moveaxis(dq, 0, 3).reshape(q.shape)
     if plan.scale != 1.0:
         dq, dk = dq * plan.scale, dk * plan.scale
@@ -478,69 +369,6 @@ def _as_blocks(x, B, N, K, T_pad, S_pad, pad_value):
     x = jnp.pad(x, pads, constant_values=pad_value)
     heads = (K, N // K) if N_x > 1 else (1, 1)
     return x.reshape(B_x, *heads, x.shape[2], x.shape[3])
-
-
-def dot_product_attention(
-    query,
-    key,
-    value,
-    *,
-    mask=None,
-    bias=None,
-    is_causal=False,
-    scale=None,
-    query_seq_lengths=None,
-    key_value_seq_lengths=None,
-    local_window_size=None,
-    dropout_rate=0.0,
-    dropout_rng=None,
-    implementation=None,
-    query_chunk_size: int | None = None,
-    key_chunk_size: int | None = None,
-):
-    """Chunked attention with O(T) memory; same semantics as :mod:`jax_attn.reference`.
-
-    q ``[B, T, N, H]``, k ``[B, S, K, H]``, v ``[B, S, K, H_v]`` (or unbatched) ->
-    ``[B, T, N, H_v]`` in q's dtype. Key chunks that the causal mask or the window leave
-    empty are skipped; the gradient recomputes each block (flash-attention backward), so
-    neither pass holds a ``[T, S]`` array (a full-size ``mask`` or ``bias`` argument is, of
-    course, its own size). ``query_chunk_size``/``key_chunk_size`` default to
-    :func:`default_chunk_sizes` for ``B * N``; ``implementation`` must be None or ``"chunked"``.
-    """
-    if implementation not in (None, "chunked"):
-        raise ValueError(
-            f"chunked.dot_product_attention: implementation must be None or 'chunked', "
-            f"got {implementation!r}"
-        )
-    call = check_attention_args(
-        query,
-        key,
-        value,
-        mask=mask,
-        bias=bias,
-        is_causal=is_causal,
-        scale=scale,
-        query_seq_lengths=query_seq_lengths,
-        key_value_seq_lengths=key_value_seq_lengths,
-        local_window_size=local_window_size,
-        dropout_rate=dropout_rate,
-        dropout_rng=dropout_rng,
-    )
-    q, k, v = batched_inputs(call, query, key, value)
-    out = chunked_attention(
-        q,
-        k,
-        v,
-        call=call,
-        mask=mask,
-        bias=bias,
-        query_seq_lengths=query_seq_lengths,
-        key_value_seq_lengths=key_value_seq_lengths,
-        dropout_rng=dropout_rng,
-        query_chunk_size=query_chunk_size,
-        key_chunk_size=key_chunk_size,
-    )
-    return out if call.batched else out[0]
 
 
 def chunked_attention(
@@ -627,7 +455,11 @@ def _chunked_jit(
     # [B, K, G, T', H_v] -> [B, T, N, H_v]
     out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, T_pad, N, H_v)[:, :T]
     if query_seq_lengths is not None:
-        query_ok = jnp.arange(T)[None, :] < jnp.asarray(query_seq_lengths)[:, None]
+        # [B, T]
+        query_ok = (
+            jnp.arange(T, dtype=jnp.int32)[None, :]
+            < jnp.asarray(query_seq_lengths, jnp.int32)[:, None]
+        )
         out = jnp.where(query_ok[:, :, None, None], out, 0.0)
     return out.astype(q.dtype)
 

@@ -5,8 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jax_attn as ja
 from jax_attn import reference
 from jax_attn.kernels import chunked
+from jax_attn.validation import check_attention_args
+
+_ARRAYS = ("mask", "bias", "query_seq_lengths", "key_value_seq_lengths", "dropout_rng")
 
 B, N, H = 2, 4, 8
 
@@ -37,6 +41,21 @@ def _extras(name, T, S):
             "dropout_rng": jax.random.key(3),
         }
     return {}
+
+
+def _chunked(q, k, v, *, query_chunk_size=None, key_chunk_size=None, **kwargs):
+    """The registered kernel with chosen chunk sizes, called the way the dispatcher calls it."""
+    call = check_attention_args(q, k, v, **kwargs)
+    arrays = {name: kwargs.get(name) for name in _ARRAYS}
+    return chunked.chunked_attention(
+        q,
+        k,
+        v,
+        call=call,
+        query_chunk_size=query_chunk_size,
+        key_chunk_size=key_chunk_size,
+        **arrays,
+    )
 
 
 def _loss(fn, **kwargs):
@@ -83,7 +102,7 @@ def test_forward_and_gradients_match_reference(T, S, K, H_v, chunks, options, ex
         bias = _normal((1, N, T, S), 5)
         bias = bias.at[0, 1, 2, :].set(-jnp.inf).at[0, 0, :, 3].set(-jnp.inf)
     fast = _loss(
-        chunked.dot_product_attention,
+        _chunked,
         query_chunk_size=chunks[0],
         key_chunk_size=chunks[1],
         **kwargs,
@@ -100,9 +119,7 @@ def test_forward_and_gradients_match_reference(T, S, K, H_v, chunks, options, ex
 @pytest.mark.parametrize("chunks", [(1, 1), (3, 7), (64, 64)])
 def test_any_chunk_size_gives_the_reference(chunks):
     q, k, v = _inputs(13, 17)
-    out = chunked.dot_product_attention(
-        q, k, v, is_causal=True, query_chunk_size=chunks[0], key_chunk_size=chunks[1]
-    )
+    out = _chunked(q, k, v, is_causal=True, query_chunk_size=chunks[0], key_chunk_size=chunks[1])
     _assert_close(out, _reference(q, k, v, is_causal=True), 1e-5)
 
 
@@ -110,7 +127,7 @@ def test_broadcast_bias_and_mask():
     q, k, v = _inputs(9, 11)
     bias = _normal((B, 1, 1, 11), 1)
     mask = _bernoulli((1, N, 9, 1), 0.8, 2)
-    fast = _loss(chunked.dot_product_attention, mask=mask, query_chunk_size=4, key_chunk_size=3)
+    fast = _loss(_chunked, mask=mask, query_chunk_size=4, key_chunk_size=3)
     slow = _loss(reference.dot_product_attention, mask=mask)
     grads_fast = jax.jit(jax.grad(fast, (0, 3)))(q, k, v, bias)
     grads_slow = jax.jit(jax.grad(slow, (0, 3)))(q, k, v, bias)
@@ -123,9 +140,9 @@ def test_fully_masked_rows_and_chunks_give_zeros_not_nan():
     q, k, v = _inputs(T, S)
     # Rows 0..3 see nothing (a whole query chunk); keys 4..7 are masked for every row.
     mask = jnp.zeros((T, S), bool).at[4:, :4].set(True)
-    out = chunked.dot_product_attention(q, k, v, mask=mask, query_chunk_size=4, key_chunk_size=4)
+    out = _chunked(q, k, v, mask=mask, query_chunk_size=4, key_chunk_size=4)
     np.testing.assert_array_equal(np.asarray(out[:, :4]), 0.0)
-    fast = _loss(chunked.dot_product_attention, mask=mask, query_chunk_size=4, key_chunk_size=4)
+    fast = _loss(_chunked, mask=mask, query_chunk_size=4, key_chunk_size=4)
     slow = _loss(reference.dot_product_attention, mask=mask)
     value_fast, grads_fast = jax.jit(jax.value_and_grad(fast, (0, 1, 2)))(q, k, v, None)
     value_slow, grads_slow = jax.jit(jax.value_and_grad(slow, (0, 1, 2)))(q, k, v, None)
@@ -147,14 +164,12 @@ def test_empty_blocks_are_not_computed(options, poisoned_keys, clean_rows):
     """NaN values in the skipped key chunk would reach the output (0 * NaN) if it were read."""
     q, k, v = _inputs(12, 12)
     v = v.at[:, poisoned_keys].set(jnp.nan)
-    out = chunked.dot_product_attention(q, k, v, query_chunk_size=4, key_chunk_size=4, **options)
+    out = _chunked(q, k, v, query_chunk_size=4, key_chunk_size=4, **options)
     assert np.all(np.isfinite(np.asarray(out[:, clean_rows])))
     grad_q = jax.jit(
         jax.grad(
             lambda q: jnp.sum(
-                chunked.dot_product_attention(
-                    q, k, v, query_chunk_size=4, key_chunk_size=4, **options
-                )[:, clean_rows]
+                _chunked(q, k, v, query_chunk_size=4, key_chunk_size=4, **options)[:, clean_rows]
             )
         )
     )(q)
@@ -208,16 +223,14 @@ def test_key_chunk_ranges_cover_exactly_the_band(T, S, chunks, options):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision_inputs(dtype):
     q, k, v = _inputs(13, 17, dtype=dtype)
-    out = chunked.dot_product_attention(
-        q, k, v, is_causal=True, query_chunk_size=4, key_chunk_size=8
-    )
+    out = _chunked(q, k, v, is_causal=True, query_chunk_size=4, key_chunk_size=8)
     assert out.dtype == dtype
     _assert_close(out, _reference(q, k, v, is_causal=True), 2e-2)
 
 
-def test_unbatched_inputs_and_default_chunks():
+def test_public_entry_unbatched_inputs_and_default_chunks():
     q, k, v = _inputs(5, 7)
-    out = chunked.dot_product_attention(q[0], k[0], v[0], is_causal=True)
+    out = ja.dot_product_attention(q[0], k[0], v[0], is_causal=True, implementation="chunked")
     _assert_close(out, _reference(q[0], k[0], v[0], is_causal=True), 1e-5)
     assert chunked.default_chunk_sizes(96, "cpu") == (128, 64)
     assert chunked.default_chunk_sizes(4, "cpu") == (512, 256)
@@ -225,15 +238,67 @@ def test_unbatched_inputs_and_default_chunks():
     assert chunked.default_chunk_sizes(16, "gpu") == (1024, 1024)
 
 
+def test_public_entry_with_every_feature_under_jit_and_grad():
+    T, S = 13, 17
+    q, k, v = _inputs(T, S)
+    kwargs = {
+        "is_causal": True,
+        "local_window_size": (6, 0),
+        **_extras("mask_lengths_dropout", T, S),
+    }
+    bias = _normal((B, 1, T, S), 4)
+    fast = _loss(ja.dot_product_attention, implementation="chunked", **kwargs)
+    slow = _loss(reference.dot_product_attention, **kwargs)
+    value_fast, grads_fast = jax.jit(jax.value_and_grad(fast, (0, 1, 2, 3)))(q, k, v, bias)
+    value_slow, grads_slow = jax.jit(jax.value_and_grad(slow, (0, 1, 2, 3)))(q, k, v, bias)
+    _assert_close(value_fast, value_slow, 1e-4)
+    for fast_grad, slow_grad in zip(grads_fast, grads_slow, strict=True):
+        _assert_close(fast_grad, slow_grad, 1e-4)
+
+
+def test_inside_scan_and_vmap():
+    """A user's scan over layers and vmap over a batch of sequences."""
+    q, k, v = _inputs(8, 8)
+
+    def layer(x, _):
+        return _chunked(x, k, v, is_causal=True, query_chunk_size=4, key_chunk_size=4), None
+
+    got, _ = jax.jit(lambda x: jax.lax.scan(layer, x, None, length=2))(q)
+    want = _reference(_reference(q, k, v, is_causal=True), k, v, is_causal=True)
+    _assert_close(got, want, 1e-5)
+    per_sequence = jax.vmap(
+        lambda q, k, v: ja.dot_product_attention(q, k, v, is_causal=True, implementation="chunked")
+    )
+    _assert_close(jax.jit(per_sequence)(q, k, v), _reference(q, k, v, is_causal=True), 1e-5)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
         ({"query_chunk_size": 0}, "query_chunk_size"),
         ({"key_chunk_size": 2.5}, "key_chunk_size"),
-        ({"implementation": "xla"}, "implementation"),
     ],
 )
 def test_bad_arguments_raise(kwargs, match):
     q, k, v = _inputs(4, 4)
     with pytest.raises(ValueError, match=match):
-        chunked.dot_product_attention(q, k, v, **kwargs)
+        _chunked(q, k, v, **kwargs)
+
+
+def test_float64_inputs_are_declined_with_a_reason():
+    with jax.enable_x64(True):
+        q = jnp.zeros((1, 4, 2, 8), jnp.float64)
+        with pytest.raises(ValueError, match="float64"):
+            ja.dot_product_attention(q, q, q, implementation="chunked")
+        # x64 on, float32 inputs: served.
+        q, k, v = _inputs(6, 6)
+        out = ja.dot_product_attention(
+            q,
+            k,
+            v,
+            is_causal=True,
+            key_value_seq_lengths=jnp.array([6, 3]),
+            implementation="chunked",
+        )
+        want = _reference(q, k, v, is_causal=True, key_value_seq_lengths=jnp.array([6, 3]))
+    _assert_close(out, want, 1e-5)

@@ -1,0 +1,166 @@
+"""The online softmax: attention over key blocks as partial results that combine exactly.
+
+Each block of keys gives a *partial* result (maxtext's ``normalize_attention``; flash
+attention): the unnormalised output, the row maximum of the logits and the row sum of
+their exponentials. Partials over disjoint key sets combine exactly
+(:func:`combine_partials`), and :func:`finalize` normalises. :func:`block_gradients` is
+the matching flash-attention backward of one block, recomputing its weights from the
+log-sum-exp. The chunked kernel and ring attention both run on these functions.
+
+Layout (the kernels' own, every block a batched matrix product): q ``[B, K, G, T, H]``,
+k ``[B, K, S, H]``, v ``[B, K, S, H_v]``, logits ``[B, K, G, T, S]``, row statistics
+``[B, K, G, T]``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from jax_attn.validation import compute_dtype
+
+__all__ = [
+    "MASKED_LOGIT",
+    "BlockGradients",
+    "PartialAttention",
+    "attend_block",
+    "block_gradients",
+    "block_logits",
+    "combine_partials",
+    "empty_partial",
+    "finalize",
+    "to_kernel_layout",
+]
+
+# Finite "minus infinity" for masked logits: exp(MASKED_LOGIT - m) underflows to 0 and a
+# block with nothing to attend never produces NaN.
+MASKED_LOGIT = -0.7 * float(np.finfo(np.float32).max)
+
+
+class PartialAttention(NamedTuple):
+    """Attention of queries over a subset of keys, not yet normalised.
+
+    acc ``[B, K, G, T, H_v]``: ``sum_s exp(logit_s - row_max) * v_s``;
+    row_max ``[B, K, G, T]``: max logit, never below ``MASKED_LOGIT`` (a row that met no
+    valid key keeps exactly ``MASKED_LOGIT``, and its acc and row_sum are discarded);
+    row_sum ``[B, K, G, T]``: ``sum_s exp(logit_s - row_max)``.
+    """
+
+    acc: jnp.ndarray
+    row_max: jnp.ndarray
+    row_sum: jnp.ndarray
+
+
+class BlockGradients(NamedTuple):
+    """Gradients of one block with respect to q ``[B, K, G, T, H]``, k ``[B, K, S, H]``,
+    v ``[B, K, S, H_v]`` and the logits ``[B, K, G, T, S]`` (float32 or float64)."""
+
+    dq: jnp.ndarray
+    dk: jnp.ndarray
+    dv: jnp.ndarray
+    d_logits: jnp.ndarray
+
+
+def to_kernel_layout(q, k, v):
+    """q ``[B, T, N, H]``, k, v ``[B, S, K, H(_v)]`` -> the kernel layout (see module doc)."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    q = jnp.transpose(q.reshape(B, T, K, N // K, H), (0, 2, 3, 1, 4))
+    return q, jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))
+
+
+def empty_partial(B: int, K: int, G: int, T: int, H_v: int, dtype=jnp.float32):
+    """The identity of :func:`combine_partials`: attention over no keys."""
+    return PartialAttention(
+        acc=jnp.zeros((B, K, G, T, H_v), dtype),
+        row_max=jnp.full((B, K, G, T), MASKED_LOGIT, dtype),
+        row_sum=jnp.zeros((B, K, G, T), dtype),
+    )
+
+
+def block_logits(q, k, scale: float = 1.0):
+    """Logits ``[B, K, G, T, S]`` of q ``[B, K, G, T, H]`` against k ``[B, K, S, H]``, in
+    float32 (float64 for float64 inputs)."""
+    dtype = compute_dtype(q.dtype)
+    # [B, K, G, T, S]
+    logits = jnp.einsum("BKGTH,BKSH->BKGTS", q, k, preferred_element_type=dtype)
+    if scale != 1.0:
+        logits = logits * jnp.asarray(scale, dtype)
+    return logits
+
+
+def attend_block(logits, v, *, keep=None, dropout_rate: float = 0.0) -> PartialAttention:
+    """Partial attention of one block: ``logits [B, K, G, T, S]`` (masked entries at
+    ``MASKED_LOGIT`` or ``-inf``) over ``v [B, K, S, H_v]``.
+
+    ``keep`` (bool, broadcastable to the logits) is the block's slice of the dropout
+    mask: dropped weights leave the output but still count in the row sum, so the
+    result equals dropout applied after the softmax, as in the book.
+    """
+    row_max = jnp.maximum(jnp.max(logits, axis=-1), jnp.asarray(MASKED_LOGIT, logits.dtype))
+    probs = jnp.exp(logits - jnp.expand_dims(row_max, -1))
+    row_sum = jnp.sum(probs, axis=-1)
+    if keep is not None:
+        probs = jnp.where(keep, probs * jnp.asarray(1.0 / (1.0 - dropout_rate), probs.dtype), 0.0)
+    # [B, K, G, T, H_v]
+    acc = jnp.einsum(
+        "BKGTS,BKSH->BKGTH", probs.astype(v.dtype), v, preferred_element_type=logits.dtype
+    )
+    return PartialAttention(acc, row_max, row_sum)
+
+
+def combine_partials(a: PartialAttention, b: PartialAttention) -> PartialAttention:
+    """Exact merge of two partials over disjoint key sets (associative, commutative)."""
+    row_max = jnp.maximum(a.row_max, b.row_max)
+    scale_a = jnp.exp(a.row_max - row_max)
+    scale_b = jnp.exp(b.row_max - row_max)
+    return PartialAttention(
+        acc=a.acc * jnp.expand_dims(scale_a, -1) + b.acc * jnp.expand_dims(scale_b, -1),
+        row_max=row_max,
+        row_sum=a.row_sum * scale_a + b.row_sum * scale_b,
+    )
+
+
+def finalize(partial: PartialAttention):
+    """``(out [B, K, G, T, H_v], lse [B, K, G, T])``: ``acc / row_sum`` and the
+    log-sum-exp. A row that met no valid key gets a zero output and
+    ``lse = -MASKED_LOGIT``, so the backward gives it zero weights."""
+    has_keys = partial.row_max > MASKED_LOGIT
+    safe_sum = jnp.where(has_keys, partial.row_sum, 1.0)
+    out = jnp.where(jnp.expand_dims(has_keys, -1), partial.acc / jnp.expand_dims(safe_sum, -1), 0.0)
+    lse = jnp.where(has_keys, partial.row_max + jnp.log(safe_sum), -MASKED_LOGIT)
+    return out, lse
+
+
+def block_gradients(
+    logits, lse, delta, q, k, v, d_out, *, keep=None, dropout_rate: float = 0.0
+) -> BlockGradients:
+    """Flash-attention backward of one block: its weights recomputed from ``lse``.
+
+    ``logits [B, K, G, T, S]`` as in the forward (scaled, masked); ``lse`` and
+    ``delta = sum(d_out * out, -1)`` ``[B, K, G, T]``; q, k, v, d_out in the kernel
+    layout. ``dq`` and ``dk`` are with respect to the scaled logits' inputs before the
+    scale: multiply them by the logit scale.
+    """
+    dtype = logits.dtype
+    # [B, K, G, T, S]
+    probs = jnp.exp(logits - jnp.expand_dims(lse, -1))
+    # [B, K, G, T, S]
+    d_probs = jnp.einsum("BKGTH,BKSH->BKGTS", d_out, v, preferred_element_type=dtype)
+    dropped = probs
+    if keep is not None:
+        factor = jnp.where(keep, jnp.asarray(1.0 / (1.0 - dropout_rate), dtype), 0.0)
+        dropped = probs * factor
+        d_probs = d_probs * factor
+    d_logits = probs * (d_probs - jnp.expand_dims(delta, -1))
+    # [B, K, S, H_v]
+    dv = jnp.einsum(
+        "BKGTS,BKGTH->BKSH", dropped.astype(d_out.dtype), d_out, preferred_element_type=dtype
+    )
+    # [B, K, S, H]
+    dk = jnp.einsum("BKGTS,BKGTH->BKSH", d_logits.astype(q.dtype), q, preferred_element_type=dtype)
+    # [B, K, G, T, H]
+    dq = jnp.einsum("BKGTS,BKSH->BKGTH", d_logits.astype(k.dtype), k, preferred_element_type=dtype)
+    return BlockGradients(dq, dk, dv, d_logits)

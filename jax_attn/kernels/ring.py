@@ -1,0 +1,591 @@
+"""Ring attention: sequence-parallel attention over one mesh axis (``shard_map`` +
+``ppermute``), and the ``"ring"`` implementation of the dispatcher.
+
+q, k and v are split along the sequence over the mesh axis; the key/value blocks travel
+round the ring with ``jax.lax.ppermute`` (a collective-permute) and each device folds
+them into its queries' partial results with the online softmax of
+:mod:`jax_attn.kernels.online_softmax`. Causal attention uses the zig-zag layout (device
+``i`` holds sequence chunks ``i`` and ``2P - 1 - i`` of ``2P``) so every device does the
+same work and blocks entirely in the future are skipped. Gradients come from a custom
+VJP that runs a second ring pass (the online softmax's block backward), passing dK/dV
+round with the blocks; no device ever holds anything of size ``T`` or ``T x S``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import numbers
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jax_attn.kernels.base import Implementation
+from jax_attn.kernels.online_softmax import (
+    MASKED_LOGIT,
+    PartialAttention,
+    attend_block,
+    block_gradients,
+    block_logits,
+    combine_partials,
+    empty_partial,
+    finalize,
+    to_kernel_layout,
+)
+from jax_attn.validation import AttentionCall, compute_dtype
+
+__all__ = [
+    "DEFAULT_MAX_BLOCK_SIZE",
+    "IMPLEMENTATION",
+    "RING_AXIS",
+    "default_block_size",
+    "ring_attention_core",
+    "ring_kernel",
+]
+
+# The mesh axis the "ring" implementation runs over; "data" and "model" (when the mesh
+# has them and they divide the batch and the heads) split the batch and the heads.
+RING_AXIS = "seq"
+BATCH_AXIS = "data"
+HEAD_AXIS = "model"
+DEFAULT_MAX_BLOCK_SIZE = 512
+
+
+def default_block_size(keys: int, largest: int = DEFAULT_MAX_BLOCK_SIZE) -> int:
+    """The largest divisor of ``keys`` up to ``largest``; ``keys`` itself if that divisor
+    is below ``largest // 8`` (a prime-ish chunk: one block beats thousands of tiny ones)."""
+    if keys <= largest:
+        return keys
+    best = max(d for d in range(1, largest + 1) if keys % d == 0)
+    return best if best >= largest // 8 else keys
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ring:
+    """Static description of one ring-attention call (hashable: a custom_vjp nondiff arg)."""
+
+    mesh: object  # jax.sharding.Mesh or AbstractMesh
+    axis_name: str
+    devices: int
+    is_causal: bool
+    scale: float
+    block_size: int
+    query_block_size: int
+    batch_axis_name: str | None = None
+    head_axis_name: str | None = None
+
+    @property
+    def zigzag(self) -> bool:
+        return self.is_causal and self.devices > 1
+
+    @property
+    def spec(self) -> P:
+        """``[B, T, N, ...]`` arrays: batch, sequence and heads over their mesh axes."""
+        return P(self.batch_axis_name, self.axis_name, self.head_axis_name)
+
+    def shift(self, x):
+        """Sends ``x`` from device ``i`` to device ``i + 1`` round the ring."""
+        n = self.devices
+        if n == 1:
+            return x
+        return lax.ppermute(x, self.axis_name, [(i, (i + 1) % n) for i in range(n)])
+
+
+# --- zig-zag layout: the sequence in 2P chunks; in natural order device s holds chunks 2s
+# and 2s+1, in zig-zag order device d holds chunks d and 2P-1-d. Arrays are [B, T, ...].
+
+
+def _zigzag_home(chunk: int, n: int) -> int:
+    return chunk if chunk < n else 2 * n - 1 - chunk
+
+
+def _to_zigzag(ring: _Ring, x):
+    """Local ``[B, 2c, ...]`` in natural order -> the device's zig-zag chunks."""
+    n = ring.devices
+    c = x.shape[1] // 2
+    even, odd = x[:, :c], x[:, c:]
+    got_even = lax.ppermute(even, ring.axis_name, [(s, _zigzag_home(2 * s, n)) for s in range(n)])
+    got_odd = lax.ppermute(odd, ring.axis_name, [(s, _zigzag_home(2 * s + 1, n)) for s in range(n)])
+    device_is_even = lax.axis_index(ring.axis_name) % 2 == 0
+    first = jnp.where(device_is_even, got_even, got_odd)
+    second = jnp.where(device_is_even, got_odd, got_even)
+    return jnp.concatenate([first, second], axis=1)
+
+
+def _from_zigzag(ring: _Ring, x):
+    """Inverse of :func:`_to_zigzag`."""
+    n = ring.devices
+    c = x.shape[1] // 2
+    device_is_even = lax.axis_index(ring.axis_name) % 2 == 0
+    even = jnp.where(device_is_even, x[:, :c], x[:, c:])
+    odd = jnp.where(device_is_even, x[:, c:], x[:, :c])
+    even_chunk = [d if d % 2 == 0 else 2 * n - 1 - d for d in range(n)]
+    odd_chunk = [2 * n - 1 - d if d % 2 == 0 else d for d in range(n)]
+    got_even = lax.ppermute(even, ring.axis_name, [(d, even_chunk[d] // 2) for d in range(n)])
+    got_odd = lax.ppermute(odd, ring.axis_name, [(d, odd_chunk[d] // 2) for d in range(n)])
+    return jnp.concatenate([got_even, got_odd], axis=1)
+
+
+def _positions(ring: _Ring, device, length: int):
+    """Global sequence positions ``[length]`` of the rows device ``device`` holds."""
+    if not ring.zigzag:
+        return device * length + jnp.arange(length, dtype=jnp.int32)
+    c = length // 2
+    rows = jnp.arange(c, dtype=jnp.int32)
+    return jnp.concatenate([device * c + rows, (2 * ring.devices - 1 - device) * c + rows])
+
+
+# --- blocks, in the kernel layout of online_softmax: q [B, K, G, T, H], k [B, K, S, H]
+
+
+def _split_blocks(x, blocks: int, axis: int):
+    """Splits ``axis`` into ``blocks`` and moves the block index first (to scan over)."""
+    shape = x.shape[:axis] + (blocks, x.shape[axis] // blocks) + x.shape[axis + 1 :]
+    return jnp.moveaxis(x.reshape(shape), axis, 0)
+
+
+def _merge_blocks(x, axis: int):
+    """Inverse of :func:`_split_blocks`."""
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2 :])
+
+
+def _pad(x, axis: int, before: int = 0, after: int = 0):
+    return jnp.pad(x, [(before, after) if i == axis else (0, 0) for i in range(x.ndim)])
+
+
+def _masked_logits(ring: _Ring, q, k, q_pos, k_pos, kv_lengths, causal: bool):
+    """Logits ``[B, K, G, T, S]``; keys after the query (``causal``) or past the key
+    length at ``MASKED_LOGIT``."""
+    T, S = q.shape[3], k.shape[2]
+    logits = block_logits(q, k, ring.scale)
+    # [1, 1, 1, 1, S]
+    key_pos = k_pos.reshape(1, 1, 1, 1, S)
+    valid = None
+    if causal:
+        valid = key_pos <= q_pos.reshape(1, 1, 1, T, 1)
+    if kv_lengths is not None:
+        # [B, 1, 1, 1, S]
+        key_ok = key_pos < kv_lengths.reshape(-1, 1, 1, 1, 1)
+        valid = key_ok if valid is None else valid & key_ok
+    return logits if valid is None else jnp.where(valid, logits, MASKED_LOGIT)
+
+
+def _attend(ring: _Ring, q, k, v, q_pos, k_pos, kv_lengths, causal: bool) -> PartialAttention:
+    """Partial attention of local ``q`` over ``k, v`` in ``[query_block_size,
+    block_size]`` blocks."""
+    blocks = max(1, q.shape[3] // ring.query_block_size)
+    attend = functools.partial(
+        _attend_keys, ring, k=k, v=v, k_pos=k_pos, kv_lengths=kv_lengths, causal=causal
+    )
+    if blocks == 1:
+        return attend(q, q_pos)
+    partials = lax.map(
+        lambda xs: attend(*xs), (_split_blocks(q, blocks, 3), _split_blocks(q_pos, blocks, 0))
+    )
+    return PartialAttention(*(_merge_blocks(x, 3) for x in partials))
+
+
+def _attend_keys(ring: _Ring, q, q_pos, *, k, v, k_pos, kv_lengths, causal) -> PartialAttention:
+    """Partial attention of ``q`` over ``k, v``, ``block_size`` keys at a time."""
+    blocks = max(1, k.shape[2] // ring.block_size)
+
+    def one_block(partial, kv):
+        k_b, v_b, k_pos_b = kv
+        logits = _masked_logits(ring, q, k_b, q_pos, k_pos_b, kv_lengths, causal)
+        return combine_partials(partial, attend_block(logits, v_b)), None
+
+    if blocks == 1:
+        return attend_block(_masked_logits(ring, q, k, q_pos, k_pos, kv_lengths, causal), v)
+    B, K, G, T, _ = q.shape
+    empty = empty_partial(B, K, G, T, v.shape[-1], compute_dtype(q.dtype))
+    xs = (_split_blocks(k, blocks, 2), _split_blocks(v, blocks, 2), _split_blocks(k_pos, blocks, 0))
+    return lax.scan(one_block, empty, xs)[0]
+
+
+def _concat_partials(first: PartialAttention, second: PartialAttention) -> PartialAttention:
+    """Partials of two query ranges -> the partial of both (along T)."""
+    pairs = zip(first, second, strict=True)
+    return PartialAttention(*(jnp.concatenate(pair, axis=3) for pair in pairs))
+
+
+def _ring_forward_local(ring: _Ring, q, k, v, kv_lengths):
+    """Per-device forward on zig-zag (or contiguous) local blocks -> (out, lse)."""
+    B, K, G, T, _ = q.shape
+    S, H_v = k.shape[2], v.shape[-1]
+    c, S_c = T // 2, S // 2
+    index = lax.axis_index(ring.axis_name)
+    q_pos = _positions(ring, index, T)
+    attend = functools.partial(_attend, ring, kv_lengths=kv_lengths, causal=False)
+    partial = _attend(ring, q, k, v, q_pos, _positions(ring, index, S), kv_lengths, ring.is_causal)
+
+    def earlier_keys(q, k, v, k_pos):
+        # The block's chunks j < i: every local query sees its first chunk only.
+        return attend(q, k[:, :, :S_c], v[:, :, :S_c], q_pos, k_pos[:S_c])
+
+    def later_keys(q, k, v, k_pos):
+        # j > i: only the late query chunk sees it, and sees all of it.
+        late = attend(q[:, :, :, c:], k, v, q_pos[c:], k_pos)
+        empty = empty_partial(B, K, G, c, H_v, late.acc.dtype)
+        return _concat_partials(empty, late)
+
+    def step(s, carry):
+        # k, v came from device (index - s); the next block's transfer starts before this
+        # block's compute and does not depend on it, so the two can overlap.
+        partial, k, v = carry
+        k_next, v_next = ring.shift(k), ring.shift(v)
+        source = (index - s) % ring.devices
+        k_pos = _positions(ring, source, S)
+        if ring.is_causal:
+            block = lax.cond(source < index, earlier_keys, later_keys, q, k, v, k_pos)
+        else:
+            block = attend(q, k, v, q_pos, k_pos)
+        return combine_partials(partial, block), k_next, v_next
+
+    partial = lax.fori_loop(1, ring.devices, step, (partial, ring.shift(k), ring.shift(v)))[0]
+    return finalize(partial)
+
+
+def _grads(ring: _Ring, q, k, v, d_out, lse, delta, q_pos, k_pos, kv_lengths, causal):
+    """Block gradients ``(dq, dk, dv)`` of local ``q`` against ``k, v`` in
+    ``[query_block_size, block_size]`` blocks."""
+    blocks = max(1, q.shape[3] // ring.query_block_size)
+    keys = functools.partial(
+        _grads_keys, ring, k=k, v=v, k_pos=k_pos, kv_lengths=kv_lengths, causal=causal
+    )
+    if blocks == 1:
+        return keys(q, d_out, lse, delta, q_pos)
+
+    def one_query_block(d_kv, xs):
+        d_q, d_k, d_v = keys(*xs)
+        return (d_kv[0] + d_k, d_kv[1] + d_v), d_q
+
+    dtype = compute_dtype(q.dtype)
+    d_kv0 = (jnp.zeros(k.shape, dtype), jnp.zeros(v.shape, dtype))
+    xs = tuple(_split_blocks(x, blocks, 3) for x in (q, d_out, lse, delta))
+    (d_k, d_v), d_q = lax.scan(one_query_block, d_kv0, (*xs, _split_blocks(q_pos, blocks, 0)))
+    return _merge_blocks(d_q, 3), d_k, d_v
+
+
+def _grads_keys(ring: _Ring, q, d_out, lse, delta, q_pos, *, k, v, k_pos, kv_lengths, causal):
+    """:func:`_grads` over ``block_size`` keys at a time."""
+    blocks = max(1, k.shape[2] // ring.block_size)
+
+    def block(k, v, k_pos):
+        logits = _masked_logits(ring, q, k, q_pos, k_pos, kv_lengths, causal)
+        return block_gradients(logits, lse, delta, q, k, v, d_out)[:3]
+
+    if blocks == 1:
+        return block(k, v, k_pos)
+
+    def one_block(d_q, kv):
+        d_q_b, d_k_b, d_v_b = block(*kv)
+        return d_q + d_q_b, (d_k_b, d_v_b)
+
+    xs = (_split_blocks(k, blocks, 2), _split_blocks(v, blocks, 2), _split_blocks(k_pos, blocks, 0))
+    d_q0 = jnp.zeros(q.shape, compute_dtype(q.dtype))
+    d_q, (d_k, d_v) = lax.scan(one_block, d_q0, xs)
+    return d_q, _merge_blocks(d_k, 2), _merge_blocks(d_v, 2)
+
+
+def _ring_backward_local(ring: _Ring, q, k, v, out, lse, d_out, kv_lengths):
+    """Per-device backward: K/V and their gradient accumulators travel round the ring."""
+    T, S = q.shape[3], k.shape[2]
+    c, S_c = T // 2, S // 2
+    index = lax.axis_index(ring.axis_name)
+    q_pos = _positions(ring, index, T)
+    # [B, K, G, T]
+    delta = jnp.sum(d_out.astype(lse.dtype) * out.astype(lse.dtype), axis=-1)
+    grads = functools.partial(_grads, ring, kv_lengths=kv_lengths, causal=False)
+    d_q, d_k, d_v = _grads(
+        ring, q, k, v, d_out, lse, delta, q_pos, _positions(ring, index, S), kv_lengths,
+        ring.is_causal,
+    )  # fmt: skip
+
+    def earlier_keys(q, k, v, k_pos):
+        d_q, d_k, d_v = grads(
+            q, k[:, :, :S_c], v[:, :, :S_c], d_out, lse, delta, q_pos, k_pos[:S_c]
+        )
+        return d_q, _pad(d_k, 2, after=S - S_c), _pad(d_v, 2, after=S - S_c)
+
+    def later_keys(q, k, v, k_pos):
+        late = slice(c, None)
+        d_q, d_k, d_v = grads(
+            q[:, :, :, late],
+            k,
+            v,
+            d_out[:, :, :, late],
+            lse[..., late],
+            delta[..., late],
+            q_pos[late],
+            k_pos,
+        )
+        return _pad(d_q, 3, before=c), d_k, d_v
+
+    def step(s, carry):
+        # k, v came from device (index - s) with d_k, d_v: their gradients from the devices
+        # they visited so far. Add this device's share and pass them on with the block.
+        d_q, k, v, d_k, d_v = carry
+        k_next, v_next = ring.shift(k), ring.shift(v)
+        source = (index - s) % ring.devices
+        k_pos = _positions(ring, source, S)
+        if ring.is_causal:
+            block = lax.cond(source < index, earlier_keys, later_keys, q, k, v, k_pos)
+        else:
+            block = grads(q, k, v, d_out, lse, delta, q_pos, k_pos)
+        d_k, d_v = ring.shift(d_k + block[1]), ring.shift(d_v + block[2])
+        return d_q + block[0], k_next, v_next, d_k, d_v
+
+    # After the last step each dK/dV has gone round the ring and is home.
+    carry = (d_q, ring.shift(k), ring.shift(v), ring.shift(d_k), ring.shift(d_v))
+    d_q, _, _, d_k, d_v = lax.fori_loop(1, ring.devices, step, carry)
+    return d_q * ring.scale, d_k * ring.scale, d_v
+
+
+# --- layouts at the shard_map boundary: [B, T, N, H] (sequence on axis 1)
+
+
+def _from_kernel_layout(x):
+    """``[B, K, G, T, ...]`` -> ``[B, T, N, ...]``."""
+    B, K, G, T = x.shape[:4]
+    x = jnp.moveaxis(x, 3, 1)
+    return x.reshape(B, T, K * G, *x.shape[4:])
+
+
+def _to_heads_last(x, K: int):
+    """``[B, T, N, ...]`` -> ``[B, K, G, T, ...]``."""
+    B, T, N = x.shape[:3]
+    return jnp.moveaxis(x.reshape(B, T, K, N // K, *x.shape[3:]), 1, 3)
+
+
+def _shard_map(ring: _Ring, fn, in_specs, out_specs):
+    return jax.shard_map(
+        fn, mesh=ring.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+    )
+
+
+def _ring_forward(ring: _Ring, q, k, v, kv_lengths):
+    def local(q, k, v, *kv_lengths):
+        lengths = kv_lengths[0] if kv_lengths else None
+        if ring.zigzag:
+            q, k, v = (_to_zigzag(ring, x) for x in (q, k, v))
+        out, lse = _ring_forward_local(ring, *to_kernel_layout(q, k, v), lengths)
+        out, lse = _from_kernel_layout(out).astype(q.dtype), _from_kernel_layout(lse)
+        natural_out = _from_zigzag(ring, out) if ring.zigzag else out
+        return natural_out, (q, k, v, out, lse)
+
+    spec = ring.spec
+    lengths = () if kv_lengths is None else (kv_lengths,)
+    in_specs = (spec, spec, spec) + (P(ring.batch_axis_name),) * len(lengths)
+    return _shard_map(ring, local, in_specs, (spec, (spec,) * 5))(q, k, v, *lengths)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring_attention(ring: _Ring, q, k, v, kv_lengths):
+    return _ring_forward(ring, q, k, v, kv_lengths)[0]
+
+
+def _ring_attention_fwd(ring: _Ring, q, k, v, kv_lengths):
+    out, residuals = _ring_forward(ring, q, k, v, kv_lengths)
+    return out, (residuals, kv_lengths)
+
+
+def _ring_attention_bwd(ring: _Ring, residuals, d_out):
+    residuals, kv_lengths = residuals
+
+    def local(q, k, v, out, lse, d_out, *kv_lengths):
+        lengths = kv_lengths[0] if kv_lengths else None
+        if ring.zigzag:
+            d_out = _to_zigzag(ring, d_out)
+        K = k.shape[2]
+        q_k, k_k, v_k = to_kernel_layout(q, k, v)
+        d_q, d_k, d_v = _ring_backward_local(
+            ring, q_k, k_k, v_k, _to_heads_last(out, K), _to_heads_last(lse, K),
+            _to_heads_last(d_out, K), lengths,
+        )  # fmt: skip
+        grads = (
+            _from_kernel_layout(d_q).astype(q.dtype),
+            jnp.swapaxes(d_k, 1, 2).astype(k.dtype),
+            jnp.swapaxes(d_v, 1, 2).astype(v.dtype),
+        )
+        if ring.zigzag:
+            grads = tuple(_from_zigzag(ring, g) for g in grads)
+        return grads
+
+    spec = ring.spec
+    lengths = () if kv_lengths is None else (kv_lengths,)
+    in_specs = (spec,) * 6 + (P(ring.batch_axis_name),) * len(lengths)
+    grads = _shard_map(ring, local, in_specs, (spec,) * 3)(*residuals, d_out, *lengths)
+    return (*grads, None)
+
+
+_ring_attention.defvjp(_ring_attention_fwd, _ring_attention_bwd)
+
+
+# --- entry points -----------------------------------------------------------------------
+
+
+def _axis_sizes(mesh) -> dict[str, int]:
+    return dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+
+
+def _splits(call: AttentionCall, devices: int) -> int:
+    """How many sequence chunks the ring cuts T and S into."""
+    return 2 * devices if call.is_causal and devices > 1 else devices
+
+
+def ring_unsupported(call: AttentionCall, mesh, axis_name: str) -> str | None:
+    """Why ring attention over ``mesh``'s axis ``axis_name`` cannot serve ``call``."""
+    if mesh is None or mesh.empty:
+        return f"needs a mesh with a {axis_name!r} axis set with jax.set_mesh(mesh); none is set"
+    sizes = _axis_sizes(mesh)
+    if axis_name not in sizes:
+        return (
+            f"needs a {axis_name!r} axis in the mesh set with jax.set_mesh, "
+            f"got axes {list(mesh.axis_names)}"
+        )
+    declined = [
+        name
+        for name, present in (
+            ("mask", call.has_mask),
+            ("bias", call.has_bias),
+            ("local_window_size", call.window is not None),
+            ("dropout", call.dropout_rate > 0.0),
+        )
+        if present
+    ]
+    if declined:
+        return f"no {', '.join(declined)} (causal, key/query lengths and GQA only)"
+    if call.is_causal and call.T != call.S:
+        return f"is_causal=True needs T == S (self-attention), got T={call.T}, S={call.S}"
+    devices = sizes[axis_name]
+    chunks = _splits(call, devices)
+    for letter, length in (("T", call.T), ("S", call.S)):
+        if length % chunks or length == 0:
+            layout = " (causal zig-zag: 2 chunks per device)" if chunks != devices else ""
+            return (
+                f"sequence length {letter}={length} must be divisible by {chunks} (and > 0), "
+                f"for mesh axis {axis_name!r} of size {devices}{layout}"
+            )
+    return None
+
+
+def _optional_axis(mesh, name: str | None, *sizes: int) -> str | None:
+    """``name`` if the mesh has it with a size > 1 that divides every one of ``sizes``."""
+    size = _axis_sizes(mesh).get(name, 1)
+    return name if size > 1 and all(n % size == 0 for n in sizes) else None
+
+
+def _explicit(mesh, axes) -> bool:
+    types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+    return any(types.get(a) == AxisType.Explicit for a in axes if a is not None)
+
+
+def ring_attention_core(
+    q,
+    k,
+    v,
+    *,
+    call: AttentionCall,
+    mesh,
+    axis_name: str,
+    kv_lengths=None,
+    block_size: int | None = None,
+    batch_axis_name: str | None = None,
+    head_axis_name: str | None = None,
+):
+    """Ring attention on validated, batched inputs (``ring_unsupported`` is ``None``).
+
+    ``block_size`` (``None``: :func:`default_block_size` of each device's chunk)
+    splits every ring step into blocks of queries and keys.
+    """
+    devices = _axis_sizes(mesh)[axis_name]
+    chunks = _splits(call, devices)
+    key_chunk, query_chunk = call.S // chunks, call.T // chunks
+    if block_size is None:
+        block_size, query_block_size = (
+            default_block_size(key_chunk),
+            default_block_size(query_chunk),
+        )
+    else:
+        if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral):
+            raise TypeError(f"block_size must be an int or None, got {block_size!r}")
+        if block_size < 1 or key_chunk % block_size or query_chunk % block_size:
+            raise ValueError(
+                f"block_size must divide the keys and queries per chunk, "
+                f"S / {chunks} = {key_chunk} and T / {chunks} = {query_chunk}, got {block_size}"
+            )
+        query_block_size = block_size
+    ring = _Ring(
+        mesh=mesh,
+        axis_name=axis_name,
+        devices=devices,
+        is_causal=call.is_causal,
+        scale=call.scale,
+        block_size=int(block_size),
+        query_block_size=int(query_block_size),
+        batch_axis_name=batch_axis_name,
+        head_axis_name=head_axis_name,
+    )
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    if kv_lengths is not None:
+        kv_lengths = jnp.asarray(kv_lengths).astype(jnp.int32)
+    if _explicit(mesh, (axis_name, batch_axis_name, head_axis_name)):
+        # shard_map takes Explicit-axis inputs only in the layout its in_specs name.
+        q, k, v = (jax.sharding.reshard(x, NamedSharding(mesh, ring.spec)) for x in (q, k, v))
+        if kv_lengths is not None:
+            kv_lengths = jax.sharding.reshard(kv_lengths, NamedSharding(mesh, P(batch_axis_name)))
+    return _ring_attention(ring, q, k, v, kv_lengths)
+
+
+def ring_kernel(
+    q,
+    k,
+    v,
+    *,
+    call: AttentionCall,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    axis_name: str = RING_AXIS,
+    **unused,
+):
+    """The registry's ``"ring"`` entry: ring attention over the ``axis_name`` axis of the
+    mesh set with ``jax.set_mesh``; the batch goes over ``"data"`` and the heads over
+    ``"model"`` when the mesh has those axes and they divide ``B`` and ``K``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    reason = ring_unsupported(call, mesh, axis_name)
+    if reason is not None:
+        raise ValueError(f"implementation='ring' cannot serve this call: {reason}")
+    out = ring_attention_core(
+        q,
+        k,
+        v,
+        call=call,
+        mesh=mesh,
+        axis_name=axis_name,
+        kv_lengths=key_value_seq_lengths,
+        batch_axis_name=_optional_axis(mesh, BATCH_AXIS, call.B),
+        head_axis_name=_optional_axis(mesh, HEAD_AXIS, call.K),
+    )
+    if query_seq_lengths is not None:
+        # [B, T]
+        query_ok = (
+            jnp.arange(call.T, dtype=jnp.int32)[None, :]
+            < jnp.asarray(query_seq_lengths).astype(jnp.int32)[:, None]
+        )
+        out = jnp.where(query_ok[:, :, None, None], out, jnp.zeros((), out.dtype))
+    return out
+
+
+IMPLEMENTATION = Implementation(
+    name="ring",
+    fn=ring_kernel,
+    unsupported=lambda call, platform: ring_unsupported(
+        call, jax.sharding.get_abstract_mesh(), RING_AXIS
+    ),
+    description="sequence-parallel over the 'seq' axis of the jax.set_mesh mesh "
+    "(shard_map + collective-permute), online softmax, O(T / devices) memory per device",
+)
