@@ -54,7 +54,7 @@ def _compute_dtype(module, x):
     """``dtype``, or the promotion of ``x``'s and the params' dtypes (as ``nn.Dense``)."""
     if module.dtype is not None:
         return module.dtype
-    return jnp.promote_types(x.dtype, module.param_dtype)
+    return spec_lib.compute_dtype(x.dtype, module.param_dtype)
 
 
 class _BookAttention(nn.Module):
@@ -90,26 +90,32 @@ class _BookAttention(nn.Module):
             use_bias=spec.use_bias(name),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            promote_dtype=spec_lib.promote_dtype_linen,
             kernel_init=self._init(name, "kernel", init),
             bias_init=self._init(name, "bias", init),
             name=name,
         )
 
-    def _dropout(self, owner: str, spec: AttentionSpec, deterministic: bool | None) -> dict:
-        """``rate`` and ``rng`` for :func:`module_spec.attend`. ``init`` given one key draws
-        dropout from the ``"params"`` stream, as Flax's ``make_rng`` does."""
+    def _dropout_rate(self, owner: str, spec: AttentionSpec, deterministic: bool | None):
+        """The dropout rate this call applies; an error when it needs a missing rng.
+        ``init`` given one key draws dropout from ``"params"``, as ``make_rng`` does."""
         initializing = self.is_initializing()
         deterministic = spec_lib.resolve_deterministic(
             owner, self.deterministic, deterministic, spec.dropout, initializing
         )
         if deterministic or spec.dropout == 0.0:
-            return {"rate": 0.0, "rng": None}
+            return 0.0
         if not (self.has_rng("dropout") or (initializing and self.has_rng("params"))):
             raise ValueError(
                 f"{owner}: dropout={spec.dropout} with deterministic=False needs "
                 "rngs={'dropout': key} (or deterministic=True), got no 'dropout' rng"
             )
-        return {"rate": float(spec.dropout), "rng": self.make_rng("dropout")}
+        return float(spec.dropout)
+
+    def _dropout(self, owner: str, spec: AttentionSpec, deterministic: bool | None) -> dict:
+        """``rate`` and ``rng`` for :func:`module_spec.attend`."""
+        rate = self._dropout_rate(owner, spec, deterministic)
+        return {"rate": rate, "rng": self.make_rng("dropout") if rate else None}
 
     def _sow(self, sow_weights: bool):
         if not isinstance(sow_weights, bool):
@@ -207,6 +213,8 @@ class MultiHeadAttentionWrapper(_BookAttention):
         ]
 
     def __call__(self, x, x_kv=None, *, mask=None, deterministic=None, sow_weights: bool = False):
+        owner = self._owner()
+        self._dropout_rate(owner, AttentionSpec.of(self, owner), deterministic)
         outs = [
             head(x, x_kv, mask=mask, deterministic=deterministic, sow_weights=sow_weights)
             for head in self.heads

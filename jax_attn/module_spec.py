@@ -192,6 +192,31 @@ def torch_linear_init(fan_in: int):
     return init
 
 
+def compute_dtype(*dtypes) -> np.dtype:
+    """The widest floating dtype among ``dtypes`` (integers ignored; float32 when there
+    is none, or for bfloat16 with float16), chosen explicitly: strict promotion allows
+    no implicit mixing."""
+    floats = {np.dtype(d) for d in dtypes if jnp.issubdtype(d, jnp.floating)}
+    widest = max((d.itemsize for d in floats), default=0)
+    candidates = [d for d in floats if d.itemsize == widest]
+    return candidates[0] if len(candidates) == 1 else np.dtype(jnp.float32)
+
+
+def promote_dtype(args, /, *, dtype=None, inexact=True):
+    """Flax's ``promote_dtype`` (NNX form) through :func:`compute_dtype`: ``args`` cast to
+    ``dtype``, else to their promoted dtype, explicitly, so float32 inputs meet bfloat16
+    params under ``jax_numpy_dtype_promotion="strict"``."""
+    del inexact  # the promoted dtype is always floating
+    if dtype is None:
+        dtype = compute_dtype(*(jnp.result_type(x) for x in args if x is not None))
+    return tuple(None if x is None else jnp.asarray(x, dtype) for x in args)
+
+
+def promote_dtype_linen(*args, dtype=None, inexact=True):
+    """:func:`promote_dtype` in ``flax.linen``'s variadic form."""
+    return promote_dtype(args, dtype=dtype, inexact=inexact)
+
+
 def partition_names(name: str, leaf: str, model_axis: str | None) -> tuple | None:
     """Mesh axis names of parameter ``name/leaf`` (``kernel``, ``bias`` or a bare matrix
     ``""``), or ``None`` when ``model_axis`` is ``None`` (no metadata)."""

@@ -141,6 +141,7 @@ class _BookAttention(nnx.Module):
             use_bias=spec.use_bias(name),
             dtype=spec.dtype,
             param_dtype=spec.param_dtype,
+            promote_dtype=spec_lib.promote_dtype,
             kernel_init=init,
             bias_init=init,
             kernel_metadata=_sharding_metadata(owner, name, "kernel", spec.model_axis),
@@ -227,7 +228,7 @@ class SelfAttentionV1(_BookAttention):
         def project(name, h):
             dtype = self.dtype
             if dtype is None:
-                dtype = jnp.promote_types(h.dtype, self.param_dtype)
+                dtype = spec_lib.compute_dtype(h.dtype, self.param_dtype)
             return h.astype(dtype) @ getattr(self, name)[...].astype(dtype)
 
         return self._single_head(project, x, x_kv, mask, deterministic, rngs, sow_weights)
