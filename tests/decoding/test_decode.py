@@ -1,24 +1,39 @@
-"""MultiHeadAttention(decode=True, num_kv_heads=...) against the reference full pass."""
+"""Linen MultiHeadAttention(decode=True) under jax.jit, lax.scan, fori_loop and while_loop,
+against the reference's full causal pass."""
 
+import functools
+
+import chex
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 from jax_attn import kv_cache, reference
 from jax_attn.functional import merge_heads, split_heads
 from jax_attn.linen_modules import MultiHeadAttention
 
-B, T, D, CONTEXT, N = 2, 6, 16, 8, 4
+B, D, CONTEXT, N = 2, 16, 8, 4
 
 
 def _module(K=None, **kwargs):
     return MultiHeadAttention(D, D, CONTEXT, 0.0, N, num_kv_heads=K, **kwargs)
 
 
+def _inputs(T=CONTEXT, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal((B, T, D)), jnp.float32)
+
+
+def _keys(params, x, K):
+    """The keys the module caches for ``x``: ``[B, T, K, H]``."""
+    return split_heads(x @ params["W_key"]["kernel"], K)
+
+
+@functools.partial(jax.jit, static_argnums=2)
 def _reference_forward(params, x, K):
-    """The module's computation written out with the reference attention."""
+    """The module's computation written out with the reference attention, causal."""
 
     def project(name):
         return x @ params[name]["kernel"]
@@ -26,32 +41,186 @@ def _reference_forward(params, x, K):
     q = split_heads(project("W_query"), N)
     k, v = split_heads(project("W_key"), K), split_heads(project("W_value"), K)
     context = reference.dot_product_attention(q, k, v, is_causal=True)
-    return merge_heads(context) @ params["out_proj"]["kernel"] + params["out_proj"]["bias"]
+    bias = params["out_proj"]["bias"].reshape(1, 1, -1)
+    return merge_heads(context) @ params["out_proj"]["kernel"] + bias
+
+
+@functools.cache
+def _init(K):
+    return jax.jit(_module(K, decode=True).init)
 
 
 def _setup(K, seed=0):
-    x = jnp.asarray(np.random.default_rng(seed).standard_normal((B, T, D)), jnp.float32)
-    init = jax.jit(_module(K, decode=True).init)
-    variables = init(jax.random.key(seed), jnp.zeros((B, CONTEXT, D)))
-    return x, variables["params"], variables["cache"]
+    variables = _init(K)(jax.random.key(seed), jnp.zeros((B, CONTEXT, D), jnp.float32))
+    return _inputs(seed=seed), variables["params"], variables["cache"]
 
 
-def _apply_decode(module):
-    def apply(variables, x):
-        return module.apply(variables, x, mutable=["cache"])
+@functools.cache
+def _decode_step(K):
+    """A user's jitted decode step: any number of new tokens ``x [B, T, D]``."""
+    model = _module(K, decode=True)
 
-    return apply
+    @jax.jit
+    def decode_step(params, cache, x, lengths=None):
+        y, updated = model.apply(
+            {"params": params, "cache": cache}, x, lengths=lengths, mutable=["cache"]
+        )
+        return y, updated["cache"]
+
+    return decode_step
 
 
-def _decode(params, cache, x, chunks, K, apply=None):
-    apply = apply or kv_cache.checked(_apply_decode(_module(K, decode=True)))
+def _decode_chunks(params, cache, x, chunks, step):
     outs, start = [], 0
     for size in chunks:
-        y, updated = apply({"params": params, "cache": cache}, x[:, start : start + size])
-        cache = updated["cache"]
+        y, cache = step(params, cache, x[:, start : start + size])
         outs.append(y)
         start += size
     return jnp.concatenate(outs, axis=1), cache
+
+
+@pytest.mark.parametrize("K, chunks", [(4, (3, 1, 4)), (1, (1,) * 5)])
+def test_jitted_step_equals_full_causal_pass(K, chunks):
+    x, params, cache = _setup(K)
+    out, cache = _decode_chunks(params, cache, x, chunks, _decode_step(K))
+    T = sum(chunks)
+    expected = _reference_forward(params, x, K)[:, :T]
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(cache["cache_index"], [T, T])
+
+
+def test_full_pass_equals_reference():
+    K = 2
+    x, params, _ = _setup(K)
+    full = jax.jit(_module(K).apply)({"params": params}, x)
+    np.testing.assert_allclose(full, _reference_forward(params, x, K), rtol=1e-5, atol=1e-5)
+
+
+@jax.jit
+def _generate(params, cache, x):
+    """Feeds ``x [B, T, D]`` one token at a time through the jitted step in ``lax.scan``."""
+    decode_step = _decode_step(2)
+
+    def body(cache, x_t):
+        y, cache = decode_step(params, cache, x_t[:, None])
+        return cache, y[:, 0]
+
+    # scan over T: [T, B, D]
+    cache, ys = lax.scan(body, cache, jnp.swapaxes(x, 0, 1))
+    return jnp.swapaxes(ys, 0, 1), cache
+
+
+def test_scan_past_the_end_never_overwrites_and_gives_nan():
+    K = 2
+    x, params, cache = _setup(K)
+    extra = jnp.concatenate([x, x[:, :2]], axis=1)
+    out, cache = _generate(params, cache, extra)
+    expected = _reference_forward(params, x, K)
+    np.testing.assert_allclose(out[:, :CONTEXT], expected, rtol=1e-5, atol=1e-5)
+    assert np.isnan(out[:, CONTEXT:]).all()
+    np.testing.assert_array_equal(cache["cache_index"], [CONTEXT, CONTEXT])
+    np.testing.assert_allclose(cache["cached_key"], _keys(params, x, K), rtol=1e-6, atol=1e-6)
+    # One more step on the full cache: NaN out, the cache bit for bit as it was.
+    y, after = _decode_step(K)(params, cache, x[:, :1])
+    assert np.isnan(y).all()
+    chex.assert_trees_all_equal(after, cache)
+
+
+def test_overflow_only_touches_the_overflowing_sequence():
+    K = 2
+    x, params, cache = _setup(K)
+    step = _decode_step(K)
+    _, cache = step(params, cache, x[:, :3], jnp.array([3, 2]))
+    _, cache = step(params, cache, x[:, 3:], jnp.array([5, 5]))  # fills sequence 0
+    np.testing.assert_array_equal(cache["cache_index"], [CONTEXT, CONTEXT - 1])
+    y, after = step(params, cache, x[:, :1])
+    assert np.isnan(y[0]).all() and np.isfinite(y[1]).all()
+    np.testing.assert_array_equal(after["cache_index"], [CONTEXT, CONTEXT])
+    np.testing.assert_array_equal(after["cached_key"][0], cache["cached_key"][0])
+    np.testing.assert_array_equal(after["cached_value"][0], cache["cached_value"][0])
+
+
+def _decode_fori_loop(params, cache, x):
+    decode_step = _decode_step(2)
+
+    def body(t, carry):
+        cache, ys = carry
+        x_t = lax.dynamic_slice_in_dim(x, t, 1, axis=1)
+        y, cache = decode_step(params, cache, x_t)
+        return cache, lax.dynamic_update_slice_in_dim(ys, y, t, axis=1)
+
+    return lax.fori_loop(0, x.shape[1], body, (cache, jnp.zeros_like(x)))
+
+
+def _decode_while_loop(params, cache, x):
+    decode_step = _decode_step(2)
+
+    def cond(carry):
+        return carry[0] < x.shape[1]
+
+    def body(carry):
+        t, cache, ys = carry
+        x_t = lax.dynamic_slice_in_dim(x, t, 1, axis=1)
+        y, cache = decode_step(params, cache, x_t)
+        return t + 1, cache, lax.dynamic_update_slice_in_dim(ys, y, t, axis=1)
+
+    _, cache, ys = lax.while_loop(cond, body, (jnp.int32(0), cache, jnp.zeros_like(x)))
+    return cache, ys
+
+
+@pytest.mark.parametrize("loop", [_decode_fori_loop, _decode_while_loop])
+def test_jitted_step_inside_fori_and_while_loop(loop):
+    K = 2
+    x, params, cache = _setup(K)
+    cache, out = jax.jit(loop)(params, cache, x[:, :6])
+    np.testing.assert_allclose(out, _reference_forward(params, x, K)[:, :6], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(cache["cache_index"], [6, 6])
+
+
+def test_overflow_raises_eagerly_and_through_checked():
+    K = 2
+    x, params, cache = _setup(K)
+    _, cache = _decode_step(K)(params, cache, x[:, :3])
+    _, cache = _decode_step(K)(params, cache, x[:, 3:6])
+    module = _module(K, decode=True)
+    with pytest.raises(ValueError, match="writing 3 new tokens at index 6 needs 9 slots"):
+        module.apply({"params": params, "cache": cache}, x[:, :3], mutable=["cache"])
+    with pytest.raises(ValueError, match="more than context_length=8"):
+        module.apply({"params": params, "cache": cache}, jnp.zeros((B, 9, D)), mutable=["cache"])
+
+    @kv_cache.checked
+    def checked_step(params, cache, x):
+        return module.apply({"params": params, "cache": cache}, x, mutable=["cache"])
+
+    with pytest.raises(ValueError, match="KV cache overflow: writing 3 new tokens at index 6"):
+        checked_step(params, cache, x[:, :3])
+
+
+def test_mixed_prompt_lengths_under_jit():
+    K = 2
+    x, params, cache = _setup(K, seed=3)
+    step = _decode_step(K)
+    lengths = [2, 3]
+    # One padded prompt block of 3, then each sequence continues with its own next token.
+    prompt, cache = step(params, cache, x[:, :3], jnp.array(lengths))
+    np.testing.assert_array_equal(cache["cache_index"], lengths)
+    next_tokens = jnp.stack([x[b, lengths[b]] for b in range(B)])[:, None]
+    y, _ = step(params, cache, next_tokens)
+    full = _reference_forward(params, x, K)
+    for b in range(B):
+        np.testing.assert_allclose(prompt[b, : lengths[b]], full[b, : lengths[b]], atol=1e-5)
+        np.testing.assert_allclose(y[b, 0], full[b, lengths[b]], atol=1e-5)
+
+
+def test_jitted_step_with_x64_enabled():
+    K = 2
+    with jax.enable_x64(True):
+        x, params, cache = _setup(K)
+        assert cache["cache_index"].dtype == jnp.int32
+        out, cache = _decode_chunks(params, cache, x, (3, 1), _decode_step(K))
+        expected = _reference_forward(params, x, K)[:, :4]
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(cache["cache_index"], [4, 4])
 
 
 @pytest.mark.parametrize("K", [4, 2, 1])
@@ -75,78 +244,6 @@ def test_book_parameter_count_unchanged():
         jnp.zeros((1, 4, 768)),
     )
     assert sum(x.size for x in jax.tree.leaves(shapes)) == 2_360_064
-
-
-@pytest.mark.parametrize("K, chunks", [(4, (1,) * 6), (2, (3, 1, 2)), (1, (2, 1, 3))])
-def test_decoding_equals_full_causal_pass(K, chunks):
-    x, params, cache = _setup(K)
-    out, cache = _decode(params, cache, x, chunks, K)
-    expected = jax.jit(_reference_forward, static_argnums=2)(params, x, K)
-    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(cache["cache_index"], [T, T])
-
-
-def test_gqa_full_pass_equals_reference():
-    K = 2
-    x, params, _ = _setup(K)
-    full = jax.jit(_module(K).apply)({"params": params}, x)
-    np.testing.assert_allclose(full, _reference_forward(params, x, K), rtol=1e-5, atol=1e-5)
-
-
-def test_one_token_steps_inside_scan_equal_full_pass():
-    K = 2
-    x, params, cache = _setup(K)
-    module = _module(K, decode=True)
-
-    def one_token_at_a_time(params, cache, x):
-        def step(cache, x_t):
-            y, updated = module.apply(
-                {"params": params, "cache": cache}, x_t[:, None], mutable=["cache"]
-            )
-            return updated["cache"], y[:, 0]
-
-        cache, ys = jax.lax.scan(step, cache, jnp.swapaxes(x, 0, 1))
-        return jnp.swapaxes(ys, 0, 1)
-
-    out = kv_cache.checked(one_token_at_a_time)(params, cache, x)
-    expected = jax.jit(_reference_forward, static_argnums=2)(params, x, K)
-    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
-
-
-def test_overflow_raises():
-    K = 2
-    x, params, cache = _setup(K)
-    _, cache = _decode(params, cache, x, (T,), K)
-    module = _module(K, decode=True)
-    with pytest.raises(ValueError, match="writing 3 new tokens at index 6 needs 9 slots"):
-        module.apply({"params": params, "cache": cache}, x[:, :3], mutable=["cache"])
-    apply = kv_cache.checked(_apply_decode(module))
-    with pytest.raises(ValueError, match="KV cache overflow"):
-        apply({"params": params, "cache": cache}, x[:, :3])
-    with pytest.raises(ValueError, match="more than context_length=8"):
-        module.apply({"params": params, "cache": cache}, jnp.zeros((B, 9, D)), mutable=["cache"])
-
-
-def test_mixed_prompt_lengths_through_lengths():
-    K = 2
-    x, params, cache = _setup(K, seed=3)
-    module = _module(K, decode=True)
-
-    @kv_cache.checked
-    def apply(variables, x, lengths=None):
-        return module.apply(variables, x, lengths=lengths, mutable=["cache"])
-
-    lengths = [2, 3]
-    # One padded prompt block of 3, then each sequence continues with its own next token.
-    prompt, updated = apply({"params": params, "cache": cache}, x[:, :3], jnp.array(lengths))
-    np.testing.assert_array_equal(updated["cache"]["cache_index"], lengths)
-    next_tokens = jnp.stack([x[b, lengths[b]] for b in range(B)])[:, None]
-    step, _ = apply({"params": params, **updated}, next_tokens)
-    reference_forward = jax.jit(_reference_forward, static_argnums=2)
-    for b in range(B):
-        expected = reference_forward(params, x[b : b + 1, : lengths[b] + 1], K)[0]
-        np.testing.assert_allclose(prompt[b, : lengths[b]], expected[:-1], atol=1e-5)
-        np.testing.assert_allclose(step[b, 0], expected[-1], atol=1e-5)
 
 
 def test_decode_needs_mutable_cache():
