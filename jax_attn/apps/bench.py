@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_attn.apps import timing
+from jax_attn.apps.extras import require
 
 __all__ = ["BenchCase", "BenchConfig", "MemoryCase", "SweepConfig", "load_bench_config", "main"]
 
@@ -766,10 +767,8 @@ def format_memory(entry: dict) -> str:
 
 
 def plot_sweep(entries: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    require("matplotlib").use("Agg")
+    plt = require("matplotlib.pyplot")
 
     series: dict[str, tuple[list, list]] = {}
     for entry in entries:
@@ -806,8 +805,7 @@ def run_bench(
     show_progress: bool = True,
     skip_memory: bool = False,
 ) -> dict:
-    from tqdm.auto import tqdm
-
+    tqdm = require("tqdm.auto").tqdm
     info = device_info()
     print(
         f"jax-attn bench '{config.name}' on {info['platform']}: {info['device']} "

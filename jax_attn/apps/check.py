@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_attn import dispatch, reference
+from jax_attn.apps.extras import require
 from jax_attn.validation import check_attention_args
 
 __all__ = ["Case", "CaseResult", "default_cases", "run_check", "main"]
@@ -325,8 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     bar = None
     if not args.no_progress:
-        from tqdm.auto import tqdm
-
+        tqdm = require("tqdm.auto").tqdm
         bar = tqdm(total=len(cases) * len(dtypes), desc="check", unit="case", file=sys.stderr)
     write = print if bar is None else bar.write
     write(format_row())

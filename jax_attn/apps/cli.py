@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from jax_attn.apps.extras import MissingExtra
+
 COMMANDS = {
     "demo": (
         "jax_attn.apps.demo",
@@ -42,8 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         module_name = "jax_attn.apps.fuzz"
     if command == "bench" and any(a == "--mesh" or a.startswith("--mesh=") for a in rest):
         module_name = "jax_attn.apps.bench_mesh"
-    module = importlib.import_module(module_name)
-    return int(module.main(rest) or 0)
+    try:
+        module = importlib.import_module(module_name)
+        return int(module.main(rest) or 0)
+    except MissingExtra as error:
+        print(f"jax-attn {command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import statistics
 import sys
 import time
 from functools import partial
@@ -29,6 +28,7 @@ import numpy as np
 import jax_attn as ja
 from jax_attn import functional as F
 from jax_attn.apps.config import ConfigError, load_config
+from jax_attn.apps.timing import format_seconds, median_seconds
 from jax_attn.data import book_values
 
 __all__ = ["BOOK", "INPUTS", "SENTENCE", "main", "reference_multi_head_attention"]
@@ -148,7 +148,7 @@ def _max_diff(a, b) -> float:
 def section_3_3_1(report: Report, inputs):
     report.heading("3.3.1  Attention for one query, x^(2) = 'journey', without trainable weights")
     book = BOOK["3.3.1"]
-    query = inputs[1]
+    query = inputs[book["query_index"]]
     scores = F.attention_scores_for_query(query, inputs)
     report.compare(
         "scores w_2i = x^(2) . x^(i)   F.attention_scores_for_query", scores, book["attn_scores_2"]
@@ -447,19 +447,6 @@ def _tolerance(dtype: str, platform: str) -> tuple[float, float]:
     return REFERENCE_TOLERANCE[(dtype, "any")]
 
 
-def _median_seconds(fn, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _fmt_seconds(seconds: float) -> str:
-    return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
-
-
 def run_gpt2(report: Report, cfg, runs: int) -> None:
     """Part two: the config's multi-head attention, jit-compiled, against the reference."""
     a, run = cfg.attention, cfg.run
@@ -495,7 +482,7 @@ def run_gpt2(report: Report, cfg, runs: int) -> None:
     compiled = forward.lower(params, x).compile()
     compile_s = time.perf_counter() - start
     out = jax.block_until_ready(compiled(params, x))
-    run_s = _median_seconds(lambda: compiled(params, x), runs)
+    run_s = median_seconds(lambda: jax.block_until_ready(compiled(params, x)), runs, warmup=0)
 
     reference = jax.jit(reference_multi_head_attention, static_argnums=2)
     with jax.default_matmul_precision("float32"):
@@ -512,11 +499,11 @@ def run_gpt2(report: Report, cfg, runs: int) -> None:
         + ("" if finite else "; output is not finite"),
     )
     flops = 4 * 2 * B * T * D * a.d_out + 2 * 2 * B * a.num_heads * T * T * a.head_dim
-    report.line(f"  compile time: {_fmt_seconds(compile_s)} (jax.jit(...).lower().compile())")
+    report.line(f"  compile time: {format_seconds(compile_s)} (jax.jit(...).lower().compile())")
     rate = flops / run_s
     rate_text = f"{rate / 1e9:.1f} GFLOP/s" if rate >= 1e9 else f"{rate / 1e6:.1f} MFLOP/s"
     report.line(
-        f"  run time:     {_fmt_seconds(run_s)} (median of {runs} "
+        f"  run time:     {format_seconds(run_s)} (median of {runs} "
         f"run{'s' if runs > 1 else ''} after one warm-up; {rate_text} counting the "
         "full T x T)"
     )
@@ -525,49 +512,20 @@ def run_gpt2(report: Report, cfg, runs: int) -> None:
 # --- heatmap --------------------------------------------------------------------------------
 
 
-def _local_heatmap(weights, tokens, *, title=None):
-    """Used when :mod:`jax_attn.apps.plots` is not there."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5.5, 4.8), layout="constrained")
-    ax = fig.add_subplot()
-    ax.set_title(title)
-    image = ax.imshow(np.asarray(weights), cmap="viridis", vmin=0.0)
-    ax.set_xticks(range(len(tokens)), tokens, rotation=45, ha="right")
-    ax.set_yticks(range(len(tokens)), tokens)
-    ax.set_xlabel("key")
-    ax.set_ylabel("query")
-    middle = float(np.max(weights)) / 2
-    for (i, j), w in np.ndenumerate(np.asarray(weights)):
-        ax.text(
-            j,
-            i,
-            f"{w:.2f}",
-            ha="center",
-            va="center",
-            fontsize=8,
-            color="black" if w > middle else "white",
-        )
-    fig.colorbar(image, ax=ax, label="attention weight")
-    return fig
-
-
 def write_heatmap(report: Report, weights, out_dir: Path) -> Path | None:
     """Writes ``attention_weights.png`` when matplotlib is installed; returns its path."""
+    from jax_attn.apps.extras import MissingExtra
+    from jax_attn.apps.plots import plot_attention
+
     try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        report.line("  matplotlib is not installed: no heatmap (pip install 'jax_attn[plots]')")
+        fig = plot_attention(
+            np.asarray(weights),
+            list(TOKENS),
+            title="3.3.2 attention weights (simplified self-attention)",
+        )
+    except MissingExtra as error:
+        report.line(f"  no heatmap: {error}")
         return None
-    try:
-        from jax_attn.apps.plots import plot_attention
-    except ImportError:
-        plot_attention = _local_heatmap
-    fig = plot_attention(
-        np.asarray(weights),
-        list(TOKENS),
-        title="3.3.2 attention weights (simplified self-attention)",
-    )
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "attention_weights.png"
     fig.savefig(path, dpi=120)

@@ -3,7 +3,7 @@
 Every function returns a ``matplotlib.figure.Figure`` built without ``pyplot``, so it
 works headless, in scripts and in notebooks (a returned figure displays inline); save it
 with ``fig.savefig(path)``. matplotlib is imported only when a function draws
-(``pip install jax_attn[plots]``).
+(``pip install "jax_attn[apps]"``).
 
 >>> import jax.numpy as jnp
 >>> from jax_attn.functional import causal_weights_by_masking
@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_attn import functional, masks
+from jax_attn.apps.extras import require
+from jax_attn.data import book_values
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -52,22 +54,13 @@ __all__ = [
     "tokenize",
     "embed_tokens",
     "sentence_figures",
-    "decoder_attention_weights",
-    "trained_figures",
     "save_figures",
     "main",
 ]
 
-BOOK_SENTENCE = "Your journey starts with one step"
+BOOK_SENTENCE = book_values()["sentence"]
 # The book's 3-dimensional embeddings of BOOK_SENTENCE (section 3.3, the ``inputs`` tensor).
-BOOK_INPUTS = (
-    (0.43, 0.15, 0.89),
-    (0.55, 0.87, 0.66),
-    (0.57, 0.85, 0.64),
-    (0.22, 0.58, 0.33),
-    (0.77, 0.25, 0.10),
-    (0.05, 0.80, 0.55),
-)
+BOOK_INPUTS = tuple(tuple(row) for row in book_values()["inputs"])
 ANNOTATE_UP_TO = 12  # annotate cell values when T and S are at most this
 FIGURES_DIR = Path(__file__).resolve().parents[2] / "docs" / "figures"
 
@@ -96,9 +89,7 @@ def _top(weights: np.ndarray) -> float:
 
 
 def _new_figure(width: float, height: float) -> Figure:
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), layout="constrained")
+    return require("matplotlib.figure").Figure(figsize=(width, height), layout="constrained")
 
 
 def _cell_size(T: int, S: int) -> float:
@@ -474,71 +465,6 @@ def _sentence_weights(
     }
 
 
-# --- a trained model ------------------------------------------------------------------------
-
-
-def decoder_attention_weights(decoder, params, tokens) -> list[jax.Array]:
-    """Causal attention weights ``[N, T, T]`` of every layer of a
-    :class:`jax_attn.apps.train.Decoder` on one sequence ``tokens [T]``.
-
-    The input of each block's attention (the output of its ``norm_1``) is captured with
-    ``capture_intermediates``; the weights are then those of
-    :func:`jax_attn.functional.dot_product_attention_weights` on the block's own
-    ``W_query`` / ``W_key`` projections, i.e. what its ``MultiHeadAttention`` computes.
-    """
-    tokens = jnp.asarray(tokens, jnp.int32)
-    if tokens.ndim != 1:
-        raise ValueError(f"tokens must have shape [T], got {list(tokens.shape)}")
-    _, state = decoder.apply(
-        {"params": params}, tokens[None], deterministic=True, capture_intermediates=True
-    )
-    intermediates = state["intermediates"]
-    weights = []
-    for i in range(decoder.num_layers):
-        block = f"block_{i}"
-        (attention_input,) = intermediates[block]["norm_1"]["__call__"]
-        projections = params[block]["attention"]
-        # [1, T, N, H] and [1, T, K, H]
-        queries = functional.split_heads(
-            functional.dense(attention_input, projections["W_query"]), decoder.num_heads
-        )
-        keys = functional.split_heads(
-            functional.dense(attention_input, projections["W_key"]), decoder.num_kv_heads
-        )
-        weights.append(functional.dot_product_attention_weights(queries, keys, is_causal=True)[0])
-    return weights
-
-
-def trained_figures(config_path, checkpoint_path, *, seed: int = 0) -> dict[str, Figure]:
-    """Every head of every layer of the model ``jax-attn train --config CONFIG`` saved in
-    ``checkpoint_path``, on one fresh example of its task: ``{"trained_layer_<i>": figure}``.
-
-    In a model trained on ``copy`` (``configs/copy.toml``), the first layer's heads, from
-    the separator on, put most of their weight on the token ``length`` positions back:
-    the symbol the model writes next.
-    """
-    from flax import serialization
-
-    from jax_attn.apps import train
-
-    config = train.load_train_config(config_path)
-    state = serialization.msgpack_restore(Path(checkpoint_path).read_bytes())
-    decoder = train.build_decoder(config)
-    tokens, _ = train.make_batch(jax.random.key(seed), config.task, 1)
-    labels = train.format_tokens(tokens[0], config.task).split()
-    weights = decoder_attention_weights(decoder, state["params"], tokens[0])
-    task = config.task
-    return {
-        f"trained_layer_{i}": plot_heads(
-            layer_weights,
-            labels,
-            title=f"Trained decoder ({task.name}, length {task.length}), layer {i}: "
-            f"every head (query token down, key token across)",
-        )
-        for i, layer_weights in enumerate(weights)
-    }
-
-
 def save_figures(figures: Mapping[str, Figure], out_dir, dpi: int = 110) -> list[Path]:
     """Writes ``out_dir/<name>.png`` for each figure; returns the paths."""
     out_dir = Path(out_dir)
@@ -564,11 +490,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dim", type=int, default=16, help="random embedding width")
     parser.add_argument("--seed", type=int, default=0, help="embedding and weight seed")
     parser.add_argument(
-        "--checkpoint",
-        help="a jax-attn train checkpoint (with --config): plot the trained model's heads",
-    )
-    parser.add_argument("--config", help="the configs/<name>.toml the checkpoint was trained with")
-    parser.add_argument(
         "--all",
         action="store_true",
         help=f"regenerate the documentation figures in {FIGURES_DIR} (ignores the others)",
@@ -588,13 +509,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 2
         paths = save_figures(sentence_figures(), FIGURES_DIR)
-    elif args.checkpoint or args.config:
-        if not (args.checkpoint and args.config):
-            print("jax-attn plot: --checkpoint and --config go together", file=sys.stderr)
-            return 2
-        paths = save_figures(
-            trained_figures(args.config, args.checkpoint, seed=args.seed), args.out
-        )
     else:
         if args.heads <= 0:
             print(f"jax-attn plot: --heads must be > 0, got {args.heads}", file=sys.stderr)

@@ -38,12 +38,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import serialization
 
-from jax_attn import kv_cache
+from jax_attn import functional, kv_cache
+from jax_attn.apps import timing
 from jax_attn.apps.config import ConfigError, load_dataclass, resolve_config_path
+from jax_attn.apps.extras import require
 from jax_attn.linen_modules import MultiHeadAttention
+
+optax = require("optax")
 
 __all__ = [
     "TaskConfig",
@@ -63,6 +66,8 @@ __all__ = [
     "save_checkpoint",
     "restore_checkpoint",
     "decode_benchmark",
+    "attention_weights_by_layer",
+    "head_figures",
     "main",
 ]
 
@@ -399,7 +404,7 @@ def train(
     progress: bool = True,
 ):
     """Trains ``model`` on ``task``; returns ``(state, losses [(step, loss)], seconds)``."""
-    from tqdm.auto import tqdm
+    tqdm = require("tqdm.auto").tqdm
 
     optimizer = make_optimizer(train_config, learning_rate)
     state = init_state(model, task, train_config, optimizer)
@@ -588,12 +593,14 @@ def format_tokens(tokens, task: TaskConfig) -> str:
 # --- plots ----------------------------------------------------------------------------------
 
 
+def _pyplot():
+    require("matplotlib").use("Agg")
+    return require("matplotlib.pyplot")
+
+
 def plot_losses(curves: dict, path) -> None:
     """Loss curves ``{label: [(step, loss)]}`` to a PNG (matplotlib imported here)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, points in curves.items():
@@ -610,10 +617,7 @@ def plot_losses(curves: dict, path) -> None:
 
 
 def plot_accuracy_vs_length(rows: list[dict], task_name: str, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     lengths = [r["length"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -630,6 +634,70 @@ def plot_accuracy_vs_length(rows: list[dict], task_name: str, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# --- what the attention layers look at -------------------------------------------------------
+
+
+def attention_weights_by_layer(decoder: Decoder, params, tokens) -> list[jax.Array]:
+    """Causal attention weights ``[N, T, T]`` of every layer of ``decoder`` on one
+    sequence ``tokens [T]``.
+
+    The input of each block's attention (the output of its ``norm_1``) is captured with
+    ``capture_intermediates``; the weights are then those of
+    :func:`jax_attn.functional.dot_product_attention_weights` on the block's own
+    ``W_query`` / ``W_key`` projections, i.e. what its ``MultiHeadAttention`` computes.
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens must have shape [T], got {list(tokens.shape)}")
+    _, state = decoder.apply(
+        {"params": params}, tokens[None], deterministic=True, capture_intermediates=True
+    )
+    weights = []
+    for i in range(decoder.num_layers):
+        block = f"block_{i}"
+        (attention_input,) = state["intermediates"][block]["norm_1"]["__call__"]
+        projections = params[block]["attention"]
+        # [1, T, N, H] and [1, T, K, H]
+        queries = functional.split_heads(
+            functional.dense(attention_input, projections["W_query"]), decoder.num_heads
+        )
+        keys = functional.split_heads(
+            functional.dense(attention_input, projections["W_key"]), decoder.num_kv_heads
+        )
+        weights.append(functional.dot_product_attention_weights(queries, keys, is_causal=True)[0])
+    return weights
+
+
+def head_figures(config: TrainRunConfig, params, *, seed: int = 0) -> dict:
+    """Every head of every layer of a trained decoder on one fresh example of its task:
+    ``{"trained_layer_<i>": figure}`` (:func:`jax_attn.apps.plots.plot_heads`).
+
+    In a model trained on ``copy`` (``configs/copy.toml``), the first layer's heads, from
+    the separator on, put most of their weight on the token ``length`` positions back:
+    the symbol the model writes next.
+    """
+    from jax_attn.apps import plots
+
+    task = config.task
+    tokens, _ = make_batch(jax.random.key(seed), task, 1)
+    labels = format_tokens(tokens[0], task).split()
+    weights = attention_weights_by_layer(build_decoder(config), params, tokens[0])
+    return {
+        f"trained_layer_{i}": plots.plot_heads(
+            layer_weights,
+            labels,
+            title=f"Trained decoder ({task.name}, length {task.length}), layer {i}: "
+            f"every head (query token down, key token across)",
+        )
+        for i, layer_weights in enumerate(weights)
+    }
+
+
+def checkpoint_params(path):
+    """The ``params`` of a checkpoint :func:`save_checkpoint` wrote (no template needed)."""
+    return serialization.msgpack_restore(Path(path).read_bytes())["params"]
 
 
 # --- commands -------------------------------------------------------------------------------
@@ -814,13 +882,7 @@ def decode_benchmark(
     recompute = jax.jit(lambda x_seq: full.apply({"params": params}, x_seq)[:, -1])
 
     def median_seconds(fn, *args):
-        jax.block_until_ready(fn(*args))  # compile + warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times.append(time.perf_counter() - start)
-        return float(np.median(times))
+        return timing.median_seconds(lambda: jax.block_until_ready(fn(*args)), repeats)
 
     _, prefilled = prefill(variables["cache"], x[:, :prompt])
     cache = prefilled["cache"]
@@ -879,6 +941,12 @@ def main(argv=None) -> int:
         help="time a cached decode step against a full recompute (GPT-2 small)",
     )
     parser.add_argument(
+        "--heads-of",
+        metavar="CHECKPOINT",
+        help="draw every head of every layer of the model in CHECKPOINT (trained with "
+        "--config) as trained_layer_<i>.png in --out, and exit",
+    )
+    parser.add_argument(
         "--bench-out",
         default="benchmarks/results/decode.json",
         help="JSON written by --decode-bench",
@@ -907,6 +975,13 @@ def main(argv=None) -> int:
             config, train=dataclasses.replace(config.train, steps=args.steps, warmup_steps=warmup)
         )
     out_dir = Path(args.out or config.output_dir)
+    if args.heads_of:
+        from jax_attn.apps.plots import save_figures
+
+        figures = head_figures(config, checkpoint_params(args.heads_of))
+        for path in save_figures(figures, out_dir):
+            print(path)
+        return 0
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if config.compare is not None:

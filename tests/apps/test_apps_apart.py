@@ -1,0 +1,80 @@
+"""The library stands without the apps: no import of ``jax_attn.apps`` from outside it, and
+``import jax_attn`` (with every library layer) loads nothing beyond jax and flax."""
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jax_attn.apps import extras
+
+PACKAGE = Path(__file__).resolve().parents[2] / "jax_attn"
+APP_ONLY = ("optax", "matplotlib", "tqdm", "torch", "orbax", "hypothesis")
+LIBRARY_IMPORT = (
+    "import jax_attn, jax_attn.linen_modules, jax_attn.nnx_modules, jax_attn.kv_cache, "
+    "jax_attn.sharding, jax_attn.interop"
+)
+# What jax and flax load by themselves (flax.nnx brings optax, say) is theirs, not ours.
+DEPENDENCIES_IMPORT = "import jax, flax.linen, flax.nnx"
+
+
+def modules_loaded_by(statement: str, after: str) -> set[str]:
+    """Modules that ``statement`` adds to ``sys.modules`` in a fresh interpreter
+    that has run ``after`` first."""
+    code = (
+        f"{after}; import sys, json; before = set(sys.modules); {statement}; "
+        "print(json.dumps(sorted(set(sys.modules) - before)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    return set(json.loads(out.splitlines()[-1]))
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports, at any depth of its code."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+def test_importing_the_library_loads_no_app_dependency():
+    loaded = modules_loaded_by(LIBRARY_IMPORT, after=DEPENDENCIES_IMPORT)
+    assert "jax_attn.nnx_modules" in loaded
+    top_level = {name.split(".")[0] for name in loaded}
+    assert sorted(top_level & set(APP_ONLY)) == []
+    assert sorted(name for name in loaded if name.startswith("jax_attn.apps")) == []
+
+
+def test_nothing_outside_apps_imports_the_apps():
+    library_files = [
+        path
+        for path in PACKAGE.rglob("*.py")
+        if "apps" not in path.relative_to(PACKAGE).parts and path.name != "__main__.py"
+    ]
+    assert len(library_files) > 10
+    offenders = {
+        str(path.relative_to(PACKAGE)): sorted(
+            name for name in imported_modules(path) if name.startswith("jax_attn.apps")
+        )
+        for path in library_files
+    }
+    assert {path: names for path, names in offenders.items() if names} == {}
+
+
+def test_plots_does_not_depend_on_train():
+    imports = imported_modules(PACKAGE / "apps" / "plots.py")
+    assert not {name for name in imports if "train" in name or name in ("optax", "tqdm")}
+
+
+def test_a_missing_extra_names_the_pip_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "optax", None)  # what an uninstalled module looks like
+    with pytest.raises(extras.MissingExtra, match=r'optax.*pip install "jax_attn\[apps\]"'):
+        extras.require("optax")
