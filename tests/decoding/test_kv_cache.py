@@ -1,29 +1,31 @@
 """The pure KV-cache functions against the reference's full causal pass."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 from jax_attn import kv_cache, reference
 
 B, S_MAX, N, H = 2, 8, 4, 8
 
 
-def _qkv(T, K, seed=0):
+def _qkv(T, K, seed=0, dtype=jnp.float32):
     rng = np.random.default_rng(seed)
     return tuple(
-        jnp.asarray(rng.standard_normal(shape), jnp.float32)
+        jnp.asarray(rng.standard_normal(shape), dtype)
         for shape in ((B, T, N, H), (B, T, K, H), (B, T, K, H))
     )
 
 
-# One jitted, checkified step shared by the tests, so each (T, K) compiles once.
-CHECKED_DECODE = kv_cache.checked(kv_cache.decode_attention)
+# The user's jitted decode step, shared by the tests so each shape compiles once.
+decode_step = jax.jit(kv_cache.decode_attention)
 
 
-def _decode_in_chunks(q, k, v, chunks, step=CHECKED_DECODE):
-    cache = kv_cache.init_cache(B, S_MAX, k.shape[2], H)
+def _decode_in_chunks(q, k, v, chunks, step=decode_step):
+    cache = kv_cache.init_cache(B, S_MAX, k.shape[2], H, k.dtype)
     outs, start = [], 0
     for size in chunks:
         end = start + size
@@ -44,90 +46,118 @@ def test_decode_in_chunks_equals_full_causal_pass(K, chunks):
 
 
 def test_eager_decode_equals_full_pass():
-    q, k, v = _qkv(4, 2)
-    out, _ = _decode_in_chunks(q, k, v, (3, 1), step=kv_cache.decode_attention)
+    q, k, v = _qkv(3, 1)
+    out, _ = _decode_in_chunks(q, k, v, (3,), step=kv_cache.decode_attention)
     expected = reference.dot_product_attention(q, k, v, is_causal=True)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_one_token_steps_inside_scan_equal_full_pass():
-    q, k, v = _qkv(8, 2)
+@jax.jit
+def _generate(cache, q, k, v):
+    """One token at a time through the jitted step inside ``lax.scan``."""
 
-    def run(q, k, v):
-        cache = kv_cache.init_cache(B, S_MAX, 2, H)
+    def body(cache, qkv):
+        out, cache = decode_step(cache, *(x[:, None] for x in qkv))
+        return cache, out[:, 0]
 
-        def body(cache, qkv):
-            q_t, k_t, v_t = (x[:, None] for x in qkv)
-            out, cache = kv_cache.decode_attention(cache, q_t, k_t, v_t)
-            return cache, out[:, 0]
+    # scan over T: [T, B, ...]
+    cache, outs = lax.scan(body, cache, tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v)))
+    return jnp.swapaxes(outs, 0, 1), cache
 
-        # scan over T: [T, B, ...]
-        cache, outs = jax.lax.scan(body, cache, tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v)))
-        return jnp.swapaxes(outs, 0, 1), cache.index
 
-    out, index = kv_cache.checked(run)(q, k, v)
-    expected = reference.dot_product_attention(q, k, v, is_causal=True)
-    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(index, [8, 8])
+def test_scan_equals_full_pass_and_overflow_never_overwrites():
+    q, k, v = _qkv(S_MAX + 2, 2)
+    out, cache = _generate(kv_cache.init_cache(B, S_MAX, 2, H), q, k, v)
+    fits = slice(None, S_MAX)
+    expected = reference.dot_product_attention(q[:, fits], k[:, fits], v[:, fits], is_causal=True)
+    np.testing.assert_allclose(out[:, fits], expected, rtol=1e-5, atol=1e-5)
+    # The two steps past the end: NaN outputs, the first S_MAX tokens' keys kept.
+    assert np.isnan(out[:, S_MAX:]).all()
+    np.testing.assert_array_equal(cache.key, k[:, fits])
+    np.testing.assert_array_equal(cache.value, v[:, fits])
+    np.testing.assert_array_equal(cache.index, [S_MAX, S_MAX])
+
+
+def test_overflow_under_jit_touches_only_that_sequence():
+    q, k, v = _qkv(1, 2)
+    _, k_old, v_old = _qkv(S_MAX, 2, seed=1)
+    cache = kv_cache.KVCache(k_old, v_old, jnp.array([S_MAX - 1, S_MAX], jnp.int32))
+    out, new = decode_step(cache, q, k, v)
+    # Sequence 1 is full: NaN, nothing written.
+    assert np.isnan(out[1]).all()
+    np.testing.assert_array_equal(new.key[1], k_old[1])
+    np.testing.assert_array_equal(new.value[1], v_old[1])
+    # Sequence 0 writes its last slot and attends over all of them.
+    k_all, v_all = k_old.at[0, -1].set(k[0, 0]), v_old.at[0, -1].set(v[0, 0])
+    expected = reference.dot_product_attention(q[:1], k_all[:1], v_all[:1])
+    np.testing.assert_allclose(out[:1], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(new.key[0], k_all[0])
+    np.testing.assert_array_equal(new.index, [S_MAX, S_MAX])
+
+
+def test_traced_bad_lengths_give_nan_and_keep_the_cache():
+    q, k, v = _qkv(3, 2)
+    cache = kv_cache.init_cache(B, S_MAX, 2, H)
+    out, new = decode_step(cache, q, k, v, lengths=jnp.array([2, 4]))
+    assert np.isfinite(out[0]).all() and np.isnan(out[1]).all()
+    np.testing.assert_array_equal(new.index, [2, 0])
+    np.testing.assert_array_equal(new.key[1], cache.key[1])
+
+
+def test_checked_turns_overflow_into_an_error():
+    q, k, v = _qkv(3, 2)
+    full = kv_cache.init_cache(B, S_MAX, 2, H)._replace(index=jnp.array([5, 7], jnp.int32))
+    with pytest.raises(ValueError, match="writing 3 new tokens at index 7"):
+        kv_cache.checked(kv_cache.decode_attention)(full, q, k, v)
+    with pytest.raises(ValueError, match="KV cache overflow"):
+        kv_cache.checked(_generate)(full, q, k, v)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, T=3\]"):
+        kv_cache.checked(kv_cache.update_cache)(
+            kv_cache.init_cache(B, S_MAX, 2, H), k, v, jnp.array([1, 4])
+        )
 
 
 def test_overflow_raises_eagerly_with_sizes():
     q, k, v = _qkv(3, 2)
     cache = kv_cache.init_cache(B, S_MAX, 2, H)._replace(index=jnp.array([6, 4], jnp.int32))
     with pytest.raises(ValueError, match="writing 3 new tokens at index 6 needs 9 slots.*=8"):
-        kv_cache.decode_attention(cache, q[:, :3], k[:, :3], v[:, :3])
+        kv_cache.decode_attention(cache, q, k, v)
     with pytest.raises(ValueError, match="do not fit in context_length=8"):
         kv_cache.update_cache(kv_cache.init_cache(B, 8, 2, H), *_qkv(9, 2)[1:])
 
 
-def test_overflow_raises_under_jit_and_scan():
-    q, k, v = _qkv(3, 2)
-    full = kv_cache.init_cache(B, S_MAX, 2, H)._replace(index=jnp.array([5, 7], jnp.int32))
-    with pytest.raises(ValueError, match="writing 3 new tokens at index 7"):
-        CHECKED_DECODE(full, q, k, v)
-
-    def scan_steps(cache, k_steps):
-        def body(cache, k_t):
-            return kv_cache.update_cache(cache, k_t[:, None], k_t[:, None]), None
-
-        return jax.lax.scan(body, cache, k_steps)[0]
-
-    steps = jnp.zeros((4, B, 2, H))
-    with pytest.raises(ValueError, match="KV cache overflow"):
-        kv_cache.checked(scan_steps)(full, steps)
-    with pytest.raises(ValueError, match=r"lengths must lie in \[0, T=3\]"):
-        kv_cache.checked(kv_cache.update_cache)(
-            kv_cache.init_cache(B, S_MAX, 2, H), k, v, jnp.array([1, 4])
-        )
-    # Staged without checkify, the check refuses to trace instead of passing silently.
-    with pytest.raises(ValueError, match="checkify"):
-        jax.jit(kv_cache.decode_attention)(full, q, k, v)
-
-
-def test_mixed_prompt_lengths_match_each_sequence_alone():
+def test_mixed_prompt_lengths_under_jit_match_each_sequence_alone():
     lengths = np.array([1, 3])
     q, k, v = _qkv(6, 2, seed=1)
     cache = kv_cache.init_cache(B, S_MAX, 2, H)
     # Prompt block of 3 (sequence 0 padded after 1 token), then one token per step.
-    prompt, cache = kv_cache.decode_attention(
-        cache, q[:, :3], k[:, :3], v[:, :3], lengths=jnp.asarray(lengths)
-    )
+    prompt, cache = decode_step(cache, q[:, :3], k[:, :3], v[:, :3], lengths=jnp.asarray(lengths))
     np.testing.assert_array_equal(cache.index, lengths)
     np.testing.assert_array_equal(prompt[0, 1:], 0.0)
     steps = []
     for t in range(3):
         # sequence b's next token is its own token lengths[b] + t
         pick = [jnp.stack([x[b, lengths[b] + t] for b in range(B)])[:, None] for x in (q, k, v)]
-        out, cache = kv_cache.decode_attention(cache, *pick)
+        out, cache = decode_step(cache, *pick)
         steps.append(out)
     steps = jnp.concatenate(steps, axis=1)
+    expected = reference.dot_product_attention(q, k, v, is_causal=True)
     for b in range(B):
         T_b = lengths[b] + 3
-        expected = reference.dot_product_attention(
-            q[b : b + 1, :T_b], k[b : b + 1, :T_b], v[b : b + 1, :T_b], is_causal=True
-        )[0]
-        np.testing.assert_allclose(prompt[b, : lengths[b]], expected[: lengths[b]], atol=1e-5)
-        np.testing.assert_allclose(steps[b], expected[lengths[b] :], atol=1e-5)
+        np.testing.assert_allclose(prompt[b, : lengths[b]], expected[b, : lengths[b]], atol=1e-5)
+        np.testing.assert_allclose(steps[b], expected[b, lengths[b] : T_b], atol=1e-5)
+
+
+def test_x64_float64_cache_under_jit_and_scan():
+    with jax.enable_x64(True):
+        q, k, v = _qkv(4, 2, dtype=jnp.float64)
+        out, cache = _decode_in_chunks(q, k, v, (3, 1))
+        expected = reference.dot_product_attention(q, k, v, is_causal=True)
+        np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
+        assert out.dtype == jnp.float64 and cache.index.dtype == jnp.int32
+        out, _ = _generate(kv_cache.init_cache(B, S_MAX, 2, H, jnp.float64), q, k, v)
+        np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
+        chex.assert_trees_all_equal_dtypes(cache, kv_cache.init_cache(B, S_MAX, 2, H, q.dtype))
 
 
 def test_positions_and_gqa_shapes():
