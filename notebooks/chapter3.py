@@ -31,6 +31,7 @@ __all__ = [
     "compare",
     "kernel",
     "show",
+    "state_dict",
 ]
 
 BOOK = book_values()
@@ -210,6 +211,11 @@ PRINTED = {
 def kernel(torch_weight) -> np.ndarray:
     """An ``nn.Linear.weight [d_out, d_in]`` as a Flax kernel ``[d_in, d_out]``."""
     return np.asarray(torch_weight, np.float32).T
+
+
+def state_dict(name: str) -> dict[str, np.ndarray]:
+    """``TORCH_WEIGHTS[name]`` as float32 arrays: the book's ``state_dict()`` for that class."""
+    return {key: np.asarray(value, np.float32) for key, value in TORCH_WEIGHTS[name].items()}
 
 
 def compare(label: str, ours, book, atol: float = BOOK_ATOL) -> None:
