@@ -27,10 +27,12 @@ sequence) and ``sow_weights=True`` (the weights ``[B, N, T, S]`` in ``"intermedi
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
 
 from jax_attn import kv_cache
 from jax_attn import module_spec as spec_lib
@@ -83,14 +85,18 @@ class _BookAttention(nn.Module):
         names = spec_lib.partition_names(name, leaf, self.model_axis)
         return init if names is None else nn.with_partitioning(init, names)
 
-    def _dense(self, spec: AttentionSpec, name: str) -> nn.Dense:
+    def _dense(self, spec: AttentionSpec, name: str, out_sharding=None) -> nn.Dense:
         init = torch_linear_init(spec.fan_in(name))
+        dot_general = None
+        if out_sharding is not None:
+            dot_general = functools.partial(lax.dot_general, out_sharding=out_sharding)
         return nn.Dense(
             spec.features(name),
             use_bias=spec.use_bias(name),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             promote_dtype=spec_lib.promote_dtype_linen,
+            dot_general=dot_general,
             kernel_init=self._init(name, "kernel", init),
             bias_init=self._init(name, "bias", init),
             name=name,
@@ -273,7 +279,13 @@ class MultiHeadAttention(_BookAttention):
         spec_lib.check_decode_call(owner, self.decode, x_kv, mask, lengths)
         inputs = spec_lib.call_inputs(owner, spec, x, x_kv, mask)
         dropout = self._dropout(owner, spec, deterministic)
-        layers = {name: self._dense(spec, name) for name in (*spec_lib.PROJECTIONS, "out_proj")}
+        layers = {name: self._dense(spec, name) for name in spec_lib.PROJECTIONS}
+
+        def project(name, h, out_sharding=None):
+            if name == "out_proj":
+                return self._dense(spec, name, out_sharding)(h)
+            return layers[name](h)
+
         attend_cached = None
         if self.decode and self.has_variable("cache", "cached_key"):
 
@@ -285,7 +297,7 @@ class MultiHeadAttention(_BookAttention):
             self._allocate_cache(inputs.x.shape[0], spec, dtype)
         return spec_lib.multi_head(
             spec,
-            lambda name, h: layers[name](h),
+            project,
             inputs,
             attend_cached=attend_cached,
             sow=self._sow(sow_weights),

@@ -369,8 +369,20 @@ def multi_head(
         context = attend_cached(queries, keys, values)
     else:
         context = attend(spec, queries, keys, values, mask=inputs.mask, **attend_kwargs)
-    out = project("out_proj", merge_heads(context))
+    merged = merge_heads(context)
+    out = project("out_proj", merged, out_sharding=_summed_over_features(merged))
     return out[0] if inputs.unbatched else out
+
+
+def _summed_over_features(x):
+    """Under Explicit mesh axes with ``x``'s features sharded (heads split over
+    ``model_axis``), ``out_proj``'s output sharding: ``x``'s, features replicated (summed
+    across the shards); ``None`` otherwise."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if not spec or len(spec) != x.ndim or spec[-1] is None:
+        return None
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[:-1], None))
 
 
 def check_decode_call(owner: str, decode: bool, x_kv, mask, lengths) -> None:

@@ -496,7 +496,7 @@ class MultiHeadAttention(_BookAttention):
 
         return spec_lib.multi_head(
             spec,
-            lambda name, h: getattr(self, name)(h),
+            lambda name, h, **kw: getattr(self, name)(h, **kw),
             inputs,
             attend_cached=attend_cached,
             sow=self._sow(owner, sow_weights),
