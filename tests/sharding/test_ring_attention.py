@@ -4,7 +4,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import jax_attn as ja
 from jax_attn import reference, sharding
+from jax_attn.validation import check_attention_args
 
 pytestmark = pytest.mark.skipif(
     len(jax.devices()) < 8,
@@ -185,3 +187,66 @@ def test_ring_attention_causal_needs_self_attention_lengths():
     q, kv = jnp.zeros((1, 8, 2, 4)), jnp.zeros((1, 16, 2, 4))
     with pytest.raises(ValueError, match="T == S"):
         sharding.ring_attention(q, kv, kv, mesh=mesh, axis_name="seq", is_causal=True)
+
+
+# --- implementation="ring": the dispatcher's entry, mesh from jax.set_mesh ---------------
+
+
+def ring_loss(implementation, **options):
+    def loss(q, k, v):
+        out = ja.dot_product_attention(q, k, v, implementation=implementation, **options)
+        return jnp.sum(jnp.sin(out)), out
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_ring_implementation_equals_one_device_and_passes_kv_by_collective_permute(is_causal):
+    """GQA, key padding and query padding; inputs arrive unsharded."""
+    q, k, v, _ = random_qkv(B=2, T=16, N=4, K=2, H=8, seed=7)
+    options = {
+        "is_causal": is_causal,
+        "key_value_seq_lengths": jnp.array([16, 9]),
+        "query_seq_lengths": jnp.array([16, 11]),
+    }
+    (loss, out), grads = ring_loss("reference", **options)(q, k, v)
+    ring = ring_loss("ring", **options)
+    with jax.set_mesh(seq_mesh(4)):
+        (got_loss, got_out), got_grads = ring(q, k, v)
+        hlo = ring.lower(q, k, v).compile().as_text()
+    assert jnp.allclose(got_loss, loss, rtol=1e-5, atol=1e-5)
+    names = ("out", "dq", "dk", "dv")
+    for name, got, want in zip(names, (got_out, *got_grads), (out, *grads), strict=True):
+        assert jnp.allclose(got, want, rtol=1e-5, atol=1e-5), (name, jnp.abs(got - want).max())
+    assert "collective-permute" in hlo
+    assert "all-gather" not in hlo
+
+
+def test_ring_implementation_needs_a_mesh_with_a_seq_axis():
+    q = jnp.zeros((1, 8, 2, 4))
+    with pytest.raises(ValueError, match=r"implementation='ring'.*jax.set_mesh"):
+        ja.dot_product_attention(q, q, q, implementation="ring")
+    with jax.set_mesh(jax.make_mesh((8,), ("data",))):
+        with pytest.raises(ValueError, match=r"'seq' axis .* got axes \['data'\]"):
+            ja.dot_product_attention(q, q, q, implementation="ring")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"mask": jnp.ones((8, 8), bool)}, "no mask"),
+        ({"local_window_size": 2}, "no local_window_size"),
+        ({"is_causal": True, "key": jnp.zeros((1, 16, 2, 4))}, "T == S"),
+    ],
+)
+def test_ring_implementation_says_what_it_declines(kwargs, match):
+    q = jnp.zeros((1, 8, 2, 4))
+    kv = kwargs.pop("key", q)
+    with jax.set_mesh(seq_mesh(2)):
+        with pytest.raises(ValueError, match=match):
+            ja.dot_product_attention(q, kv, kv, implementation="ring", **kwargs)
+        # Never picked unless named.
+        assert (
+            ja.dispatch.select_implementation(check_attention_args(q, q, q, is_causal=True))
+            != "ring"
+        )
