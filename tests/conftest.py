@@ -142,7 +142,7 @@ def _attention_float64_fixture():
 # In half precision an implementation may err by this multiple of the error the reference
 # makes in the same dtype on the same call: both round one float32 result to the dtype, so
 # a correct kernel lands near 1x; a kernel that rounds logits or weights early does not.
-HALF_ERROR_RATIO = 2.0
+HALF_ERROR_RATIO = 3.0
 FLOAT32_TOLERANCE = 1e-5  # of max(1, max|v|)
 
 

@@ -99,12 +99,22 @@ def jax_nn_attention(
     return out
 
 
+def _half_as_float32(dtype) -> bool:
+    """Whether half-precision inputs go to jax.nn as float32 (same float32 logits).
+
+    On CPU: jax.nn asks dot_general for F16_F16_F32 precision, which XLA:CPU cannot
+    compile under jax.jit (and it has no faster half matmul). Under strict dtype
+    promotion: jax.nn's backward pass mixes the half inputs with its float32 logits.
+    """
+    half = dtype in (jnp.bfloat16, jnp.float16)
+    strict = jax.config.jax_numpy_dtype_promotion == "strict"
+    return half and (jax.default_backend() == "cpu" or strict)
+
+
 def xla_attention(q, k, v, **kwargs):
-    if q.dtype == jnp.float16 and jax.default_backend() == "cpu":
-        # jax.nn asks dot_general for F16_F16_F32 precision, which XLA:CPU cannot compile
-        # under jax.jit; float32 inputs give the same float32 logits.
-        q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-        return jax_nn_attention(q, k, v, implementation="xla", **kwargs).astype(jnp.float16)
+    if _half_as_float32(q.dtype):
+        wide = (x.astype(jnp.float32) for x in (q, k, v))
+        return jax_nn_attention(*wide, implementation="xla", **kwargs).astype(q.dtype)
     return jax_nn_attention(q, k, v, implementation="xla", **kwargs)
 
 

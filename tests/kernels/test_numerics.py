@@ -44,16 +44,18 @@ def _assert_matches_float64(out, q, k, v, **kwargs):
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
-def test_logits_are_float32_for_half_inputs(implementation, dtype):
-    # Logits 256 + O(1): float32 holds the O(1) part, bfloat16 (spacing 2 there) and
-    # float16 (spacing 0.25) do not, so a kernel that rounds the logits to the input
-    # dtype changes the softmax by O(1). q, k are exact in both dtypes.
+@pytest.mark.parametrize("scale", [1.0, 1 / 3])
+def test_logits_are_float32_for_half_inputs(implementation, dtype, scale):
+    # q.k = 256 + O(1): float32 holds the O(1) part, bfloat16 (spacing 2 there) and
+    # float16 (spacing 0.25) do not, so a kernel that rounds the logits (or q * scale,
+    # with a scale that is not a power of 2) to the input dtype changes the softmax by
+    # O(1). q, k are exact in both dtypes.
     q, k, v = make_qkv(B, T, S, N, K, H, dtype, seed=3, scale=0.5)
     q = q.at[..., 0].set(16)
     k = k.at[..., 0].set(16)
-    out = _run(implementation, q, k, v, scale=1.0, is_causal=True)
+    out = _run(implementation, q, k, v, scale=scale, is_causal=True)
     assert out.dtype == dtype
-    _assert_matches_float64(out, q, k, v, scale=1.0, is_causal=True)
+    _assert_matches_float64(out, q, k, v, scale=scale, is_causal=True)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -162,7 +164,7 @@ def _masked_setup(dtype=jnp.float32):
 def _loss_fn(implementation, kwargs):
     def loss(q, k, v, bias):
         out = ja.dot_product_attention(q, k, v, bias=bias, implementation=implementation, **kwargs)
-        weights = jnp.cos(jnp.arange(out.shape[-1], dtype=jnp.float32))
+        weights = jnp.broadcast_to(jnp.cos(jnp.arange(out.shape[-1], dtype=jnp.float32)), out.shape)
         return jnp.sum(out.astype(jnp.float32) * weights)
 
     return loss
