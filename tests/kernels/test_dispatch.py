@@ -90,9 +90,9 @@ def test_named_implementation_that_cannot_serve_raises(implementation, kwargs, m
 
 def test_gpu_preference_puts_cudnn_first_and_chunked_before_xla_for_huge_logits():
     small = _call(16)
-    assert dispatch.preference_order(small, "gpu")[:3] == ["cudnn", "xla", "chunked"]
+    assert dispatch.preference_order(small, "gpu")[:4] == ["cudnn", "pallas_gpu", "xla", "chunked"]
     huge = dataclasses.replace(small, B=1, N=16, T=65536, S=65536)
-    assert dispatch.preference_order(huge, "gpu")[:3] == ["cudnn", "chunked", "xla"]
+    assert dispatch.preference_order(huge, "gpu")[:4] == ["cudnn", "pallas_gpu", "chunked", "xla"]
 
 
 @pytest.mark.parametrize(
