@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.experimental import checkify
 
 from jax_attn import nnx_modules as ja_nnx
@@ -36,6 +36,15 @@ WITH_DROPOUT = ["CausalAttention", "MultiHeadAttentionWrapper", "MultiHeadAttent
 def inputs(batched=True, seed=0):
     shape = (B, T, D_IN) if batched else (T, D_IN)
     return jax.random.normal(jax.random.key(seed), shape)
+
+
+def oracle(p, x):
+    """MultiHeadAttention (no qkv bias) rebuilt from Linen-layout params and the reference."""
+    # [B, T, N, H]
+    q, k, v = (split_heads(x @ p[n]["kernel"], HEADS) for n in ("W_query", "W_key", "W_value"))
+    context = reference.dot_product_attention(q, k, v, is_causal=True)
+    out = merge_heads(context) @ p["out_proj"]["kernel"]
+    return out + jnp.expand_dims(p["out_proj"]["bias"], (0, 1))
 
 
 class _KeyProbe(nn.Module):
@@ -91,10 +100,7 @@ def test_multi_head_attention_matches_reference():
     module = MODULES["MultiHeadAttention"](nnx.Rngs(params=3))
     x = inputs()
     p = ja_nnx.linen_params_from_nnx(module)
-    q, k, v = (split_heads(x @ p[n]["kernel"], HEADS) for n in ("W_query", "W_key", "W_value"))
-    context = reference.dot_product_attention(q, k, v, is_causal=True)
-    expected = merge_heads(context) @ p["out_proj"]["kernel"] + p["out_proj"]["bias"]
-    np.testing.assert_allclose(module(x, deterministic=True), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(module(x, deterministic=True), oracle(p, x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["CausalAttention", "MultiHeadAttention"])
@@ -194,18 +200,56 @@ def test_dropout_without_mode_or_key_is_an_error():
         module(x, deterministic=False, rngs=3)
 
 
-def test_jit_and_grad_through_nnx():
+def test_nnx_jit_grads_equal_linen_and_reference_grads():
     module = MODULES["MultiHeadAttention"](nnx.Rngs(params=0, dropout=1), dropout=0.5)
     x = inputs()
+    target = jax.random.normal(jax.random.key(8), (B, T, D_OUT))
 
     @nnx.jit
     def forward(model, x):
         return model(x, deterministic=True)
 
     np.testing.assert_allclose(forward(module, x), module(x, deterministic=True), rtol=1e-6)
-    grads = nnx.jit(nnx.grad(lambda model: jnp.sum(model(x, deterministic=True) ** 2)))(module)
-    assert grads["W_query"]["kernel"][...].shape == (D_IN, D_OUT)
-    assert np.all(np.isfinite(grads["W_query"]["kernel"][...]))
+
+    def loss(out):
+        return jnp.mean((out - target) ** 2)
+
+    grads = nnx.jit(nnx.grad(lambda model: loss(model(x, deterministic=True))))(module)
+    grads = nnx.to_pure_dict(grads)  # the same tree as the Linen params (no heads list)
+    params = ja_nnx.linen_params_from_nnx(module)
+    linen_module = module.linen_module()
+    linen_grads = jax.jit(
+        jax.grad(lambda p: loss(linen_module.apply({"params": p}, x, deterministic=True)))
+    )(params)
+    oracle_grads = jax.grad(lambda p: loss(oracle(p, x)))(params)
+    for want in (linen_grads, oracle_grads):
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, want
+        )
+    assert np.all(np.abs(grads["W_query"]["kernel"]) > 0)
+
+
+@pytest.mark.parametrize(
+    "name", ["SelfAttentionV1", "MultiHeadAttentionWrapper", "MultiHeadAttention-MQA"]
+)
+def test_nnx_grads_equal_linen_grads(name):
+    module = MODULES[name](nnx.Rngs(params=2))
+    x = inputs()
+    grads = nnx.jit(nnx.grad(lambda m: jnp.sum(jnp.sin(m(x, deterministic=True)))))(module)
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(grads))
+    # NNX keeps the wrapper's heads in a list: ("heads", 0, ...) is Linen's ("heads_0", ...)
+    as_linen = {
+        ((f"heads_{path[1]}", *path[2:]) if path[0] == "heads" else path): g
+        for path, g in flat.items()
+    }
+    linen_module, params = module.linen_module(), ja_nnx.linen_params_from_nnx(module)
+    linen_grads = jax.jit(
+        jax.grad(lambda p: jnp.sum(jnp.sin(linen_module.apply({"params": p}, x))))
+    )(params)
+    want = traverse_util.flatten_dict(linen_grads)
+    assert as_linen.keys() == want.keys()
+    for path, g in want.items():
+        np.testing.assert_allclose(as_linen[path], g, rtol=1e-5, atol=1e-7, err_msg=str(path))
 
 
 def test_dropout_stream_under_nnx_jit_matches_eager():
