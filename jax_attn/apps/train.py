@@ -387,7 +387,9 @@ def make_train_step(model: nn.Module, task: TaskConfig, train_config: TrainConfi
         )
         rng = jax.random.fold_in(dropout_key, state["step"])
         loss, grads = jax.value_and_grad(loss_fn)(state["params"], tokens, targets, rng)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        # optax mixes Python floats with its int32 step count: standard promotion, here only
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, loss
 

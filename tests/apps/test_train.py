@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax_attn import functional as F
 from jax_attn.apps import train as tr
 from jax_attn.apps.config import ConfigError
 
@@ -134,6 +135,38 @@ def test_sampling_reproducible_with_key_and_respects_top_k(tiny_config, trained)
     logits = jnp.array([[0.0, 5.0, 4.0, -1.0, 3.0]] * 256)
     draws = tr.sample_logits(jax.random.key(0), logits, temperature=5.0, top_k=2)
     assert set(np.unique(draws).tolist()) == {1, 2}
+
+
+def test_attention_weights_by_layer_reproduce_each_attention_layer(tiny_config, trained):
+    params = trained[0]["params"]
+    decoder = tr.build_decoder(tiny_config)
+    tokens = PROMPTS[1]
+    weights = tr.attention_weights_by_layer(decoder, params, tokens)
+    assert len(weights) == tiny_config.model.num_layers
+    _, state = decoder.apply({"params": params}, tokens[None], capture_intermediates=True)
+    for i, layer_weights in enumerate(weights):
+        block = state["intermediates"][f"block_{i}"]
+        (attention_input,) = block["norm_1"]["__call__"]
+        (attention_output,) = block["attention"]["__call__"]
+        p = params[f"block_{i}"]["attention"]
+        # [T, K=1, H] -> [T, N, H]: every query head uses the one kv head
+        values = F.split_heads(F.dense(attention_input[0], p["W_value"]), 1)
+        values = jnp.repeat(values, decoder.num_heads, axis=1)
+        # [T, N, H]
+        context = jnp.einsum("NTS,SNH->TNH", layer_weights, values)
+        out = F.dense(F.merge_heads(context), p["out_proj"])
+        np.testing.assert_allclose(out, attention_output[0], rtol=1e-5, atol=1e-6)
+
+
+def test_heads_of_a_checkpoint_are_drawn_one_figure_per_layer(tiny_config, trained, tmp_path):
+    pytest.importorskip("matplotlib")
+    checkpoint = tmp_path / "checkpoint.msgpack"
+    tr.save_checkpoint(checkpoint, trained[0])
+    config_path = Path(tiny_config.output_dir) / "tiny.toml"
+    argv = ["--config", str(config_path), "--heads-of", str(checkpoint), "--out", str(tmp_path)]
+    assert tr.main(argv) == 0
+    assert (tmp_path / "trained_layer_0.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "trained_layer_1.png").exists()
 
 
 def test_generate_checks_context_length(tiny_config, trained):
