@@ -188,13 +188,15 @@ def update_cache(cache: KVCache, new_key, new_value, lengths=None) -> KVCache:
         )
     lengths = _check_lengths(lengths, B, T)
     check_capacity(cache, T)
-    return _write(cache, new_key, new_value, lengths, _valid(cache.index, T, S_max, lengths))
+    return _write(cache, new_key, new_value, lengths)
 
 
-def _write(cache: KVCache, new_key, new_value, lengths, valid) -> KVCache:
-    """The block written where ``valid [B]``; elsewhere the old slots are written back."""
+@jax.jit
+def _write(cache: KVCache, new_key, new_value, lengths) -> KVCache:
+    """The block written where it is valid; elsewhere the old slots are written back."""
     T = new_key.shape[1]
     last = cache.context_length - T
+    valid = _valid(cache.index, T, cache.context_length, lengths)
 
     def write(buffer, block, start, ok):
         start = jnp.clip(start, 0, last)
@@ -250,14 +252,18 @@ def attend_cache(
     """
     B, T = jnp.shape(query)[:2]
     lengths = _check_lengths(lengths, B, T)
-    start = jnp.asarray(start)
-    valid = _valid(start, T, cache.context_length, lengths)
-    return _attend(
-        cache, query, start, lengths, valid, scale, dropout_rate, dropout_rng, implementation
-    )
+    statics = dict(scale=scale, dropout_rate=dropout_rate, implementation=implementation)
+    return _attend(cache, query, jnp.asarray(start), lengths, dropout_rng, **statics)
 
 
-def _attend(cache, query, start, lengths, valid, scale, dropout_rate, dropout_rng, implementation):
+def _attend(cache, query, start, lengths, dropout_rng, **statics):
+    """Jitted for Python-scalar options, so an eager call compiles once per shape."""
+    if all(isinstance(option, int | float | str | None) for option in statics.values()):
+        return _attend_jit(cache, query, start, lengths, dropout_rng, **statics)
+    return _attend_body(cache, query, start, lengths, dropout_rng, **statics)
+
+
+def _attend_body(cache, query, start, lengths, dropout_rng, *, scale, dropout_rate, implementation):
     T = query.shape[1]
     out = dot_product_attention(
         query,
@@ -270,8 +276,11 @@ def _attend(cache, query, start, lengths, valid, scale, dropout_rate, dropout_rn
         implementation=implementation,
     )
     # [B, 1, 1, 1]
-    valid = valid.reshape(-1, 1, 1, 1)
+    valid = _valid(start, T, cache.context_length, lengths).reshape(-1, 1, 1, 1)
     return jnp.where(valid, out, jnp.asarray(jnp.nan, out.dtype))
+
+
+_attend_jit = jax.jit(_attend_body, static_argnames=("scale", "dropout_rate", "implementation"))
 
 
 def decode_attention(
@@ -298,13 +307,10 @@ def decode_attention(
             f"query must have shape [B, T, N, H] with the key's B, T = "
             f"{list(jnp.shape(key)[:2])}, got {list(q_shape)}"
         )
-    start = cache.index
     new_cache = update_cache(cache, key, value, lengths)
     lengths = None if lengths is None else jnp.asarray(lengths)
-    valid = _valid(start, q_shape[1], cache.context_length, lengths)
-    out = _attend(
-        new_cache, query, start, lengths, valid, scale, dropout_rate, dropout_rng, implementation
-    )
+    statics = dict(scale=scale, dropout_rate=dropout_rate, implementation=implementation)
+    out = _attend(new_cache, query, cache.index, lengths, dropout_rng, **statics)
     return out, new_cache
 
 
