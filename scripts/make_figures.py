@@ -5,7 +5,8 @@
 
 The sentence figures come from :func:`jax_attn.apps.plots.sentence_figures` on the book's
 sentence (fixed seeds). ``trained_copy_layer_0.png`` shows the heads of the decoder that
-``jax-attn train --config configs/copy.toml`` trains; the checkpoint is kept in
+``jax-attn train --config configs/copy.toml`` trains (:func:`jax_attn.apps.train.head_figures`,
+drawn by :mod:`jax_attn.apps.plots`); the checkpoint is kept in
 ``runs/copy/`` (git-ignored) and trained first when it is missing (about 1.5 minutes on
 a shared 2-core CPU).
 """
@@ -32,7 +33,9 @@ def main(argv: list[str]) -> int:
         code = train.main(["--config", str(config), "--out", str(run_dir), "--no-progress"])
         if code:
             return code
-    figures = plots.trained_figures(config, checkpoint)
+    figures = train.head_figures(
+        train.load_train_config(config), train.checkpoint_params(checkpoint)
+    )
     paths = plots.save_figures(
         {"trained_copy_layer_0": figures["trained_layer_0"]}, plots.FIGURES_DIR
     )
