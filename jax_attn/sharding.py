@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core import meta
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -109,63 +111,126 @@ def _check_mesh(owner: str, mesh) -> None:
 # --- tensor-parallel multi-head attention --------------------------------------------------
 
 
-def _unwrap_params(params) -> tuple[dict, bool]:
-    if not hasattr(params, "keys"):
-        raise TypeError(f"shard_params: params must be a dict, got {type(params).__name__}")
-    wrapped = "params" in params and len(params) == 1
-    inner = params["params"] if wrapped else params
-    missing = [name for name in (*_PROJECTIONS, "out_proj") if name not in inner]
-    if missing:
-        raise ValueError(
-            "shard_params: params must be MultiHeadAttention's (W_query, W_key, W_value, "
-            f"out_proj), missing {missing}; got keys {sorted(inner)}"
-        )
-    return inner, wrapped
+_ATTENTION_LAYERS = (*_PROJECTIONS, "out_proj")
 
 
-def param_specs(params, model_axis: str = "model") -> dict:
-    """PartitionSpecs of :class:`~jax_attn.MultiHeadAttention` params, same tree.
+def _is_box(x) -> bool:
+    """A Flax partition-metadata box (``nn.with_partitioning``'s ``nn.Partitioned``)."""
+    return isinstance(x, meta.AxisMetadata)
 
-    Projection kernels ``[d_in, d_out]`` split their output (heads) over ``model_axis``,
-    their biases too; ``out_proj`` kernel ``[d_out, d_out]`` splits its input, its bias
-    is replicated.
-    """
-    inner, wrapped = _unwrap_params(params)
+
+def _is_attention(node) -> bool:
+    """A :class:`~jax_attn.MultiHeadAttention` subtree: its four dense layers."""
+    return isinstance(node, Mapping) and all(
+        isinstance(node.get(name), Mapping) for name in _ATTENTION_LAYERS
+    )
+
+
+def _box_spec(box) -> P:
+    return P(*box.names) if hasattr(box, "names") else P()
+
+
+def _attention_specs(module, model_axis: str | None) -> dict:
+    """Megatron layout of one attention module: q/k/v kernels ``[d_in, d_out]`` and
+    biases split on the output (heads), ``out_proj`` kernel on its input, its bias whole."""
     specs = {}
-    for name, layer in inner.items():
-        if name in _PROJECTIONS:
-            specs[name] = {
-                leaf: P(None, model_axis) if leaf == "kernel" else P(model_axis) for leaf in layer
-            }
-        elif name == "out_proj":
-            specs[name] = {leaf: P(model_axis, None) if leaf == "kernel" else P() for leaf in layer}
-        else:
-            specs[name] = jax.tree.map(lambda _: P(), layer)
-    return {"params": specs} if wrapped else specs
+    for name, layer in module.items():
+        if name not in _ATTENTION_LAYERS:
+            specs[name] = _tree_specs(layer, model_axis)
+            continue
+        split = {
+            "kernel": P(model_axis, None) if name == "out_proj" else P(None, model_axis),
+            "bias": P() if name == "out_proj" else P(model_axis),
+        }
+        specs[name] = {
+            leaf: _box_spec(x) if _is_box(x) else split.get(leaf, P()) for leaf, x in layer.items()
+        }
+    return specs
 
 
-def shard_params(params, mesh: Mesh, *, num_heads: int | None = None):
-    """``MultiHeadAttention`` params placed tensor-parallel over the mesh's ``"model"`` axis.
+def _tree_specs(node, model_axis: str | None):
+    if _is_box(node):
+        return _box_spec(node)
+    if _is_attention(node):
+        return _attention_specs(node, model_axis)
+    if isinstance(node, Mapping):
+        return {key: _tree_specs(child, model_axis) for key, child in node.items()}
+    if isinstance(node, list | tuple):
+        return type(node)(_tree_specs(child, model_axis) for child in node)
+    return P()
 
-    Accepts the inner params dict or ``{"params": ...}`` and returns the same tree of
-    sharded arrays. With ``num_heads`` it also checks that heads split evenly.
+
+def param_specs(params, model_axis: str | None = "model"):
+    """PartitionSpecs for a params tree (same tree, a spec per array).
+
+    Flax partition metadata (``nn.with_partitioning`` boxes, as
+    ``nn.get_partition_spec`` reads them) wins where present. Otherwise every
+    :class:`~jax_attn.MultiHeadAttention` subtree found is laid out tensor-parallel:
+    query/key/value kernels ``[d_in, d_out]`` and their biases split their output
+    (heads) over ``model_axis``; ``out_proj``'s kernel splits its input, its bias is
+    whole. Everything else is replicated.
     """
-    _check_mesh("shard_params", mesh)
-    inner, _ = _unwrap_params(params)
+    if not isinstance(params, Mapping):
+        raise TypeError(f"param_specs: params must be a dict, got {type(params).__name__}")
+    return _tree_specs(params, model_axis)
+
+
+def _attention_modules(node):
+    """Every MultiHeadAttention subtree of ``node`` (boxes unboxed)."""
+    if _is_attention(node):
+        yield node
+    elif isinstance(node, Mapping):
+        for child in node.values():
+            yield from _attention_modules(child)
+
+
+def _check_divisible(params, mesh: Mesh, num_heads: int | None) -> None:
     model = _axis_size(mesh, "model")
-    d_out = int(jnp.shape(inner["W_query"]["kernel"])[-1])
-    if d_out % model:
-        raise ValueError(
-            f"shard_params: d_out={d_out} must be divisible by the mesh's model axis size {model}"
-        )
     if num_heads is not None and num_heads % model:
         raise ValueError(
             f"shard_params: num_heads={num_heads} must be divisible by the mesh's model axis "
             f"size {model} so that every device holds whole heads"
         )
+    for module in _attention_modules(params):
+        kernel = module["W_query"].get("kernel")
+        kernel = kernel.unbox() if _is_box(kernel) else kernel
+        d_out = int(jnp.shape(kernel)[-1]) if kernel is not None else 0
+        if d_out % model:
+            raise ValueError(
+                f"shard_params: d_out={d_out} must be divisible by the mesh's model axis "
+                f"size {model}"
+            )
+
+
+def shard_params(params, mesh: Mesh, *, num_heads: int | None = None):
+    """``params`` (any tree: a module's, a whole model's, with or without ``{"params":
+    ...}``) placed on ``mesh`` by :func:`param_specs`: attention modules tensor-parallel
+    over ``"model"``, partition metadata honoured, the rest replicated.
+
+    Returns the same tree (metadata boxes kept, their values placed). Axes a spec names
+    that the mesh lacks are dropped (replicated). With ``num_heads`` it also checks that
+    heads split evenly over ``"model"``.
+    """
+    _check_mesh("shard_params", mesh)
+    if not isinstance(params, Mapping):
+        raise TypeError(f"shard_params: params must be a dict, got {type(params).__name__}")
+    _check_divisible(params, mesh, num_heads)
     model_axis = "model" if "model" in mesh.axis_names else None
     specs = param_specs(params, model_axis)
-    return jax.tree.map(lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec)), params, specs)
+
+    def on_mesh(axis):
+        if isinstance(axis, tuple):
+            kept = tuple(a for a in axis if a in mesh.axis_names)
+            return kept or None
+        return axis if axis in mesh.axis_names else None
+
+    def place(x, spec):
+        spec = P(*(on_mesh(axis) for axis in spec))
+        if _is_box(x):
+            return x.replace_boxed(jax.device_put(x.unbox(), NamedSharding(mesh, spec)))
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    return jax.tree.map(place, params, specs, is_leaf=_is_box)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 3) -> NamedSharding:

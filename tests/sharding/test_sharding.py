@@ -119,7 +119,6 @@ def test_sharded_multi_head_attention_gradients_equal_single_device(single_devic
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda p, mesh: sharding.shard_params({"W_query": {}}, mesh), "missing"),
         (lambda p, mesh: sharding.shard_params(p, mesh, num_heads=6), "num_heads=6"),
         (lambda p, mesh: sharding.shard_batch(jnp.zeros((3, 4, 16)), mesh), "batch dim"),
     ],
@@ -129,6 +128,59 @@ def test_sharding_rejects_bad_layouts(single_device, call, match):
     mesh = sharding.make_mesh(data=2, model=4)
     with pytest.raises(ValueError, match=match):
         call(params, mesh)
+
+
+def test_shard_params_lays_out_every_attention_module_of_any_tree(single_device):
+    """A model's tree: two attention blocks found wherever they are, the rest replicated."""
+    params = single_device[0]
+    tree = {
+        "params": {
+            "embed": {"embedding": jnp.ones((10, 16))},
+            "block_0": {"attn": params, "norm": {"scale": jnp.ones((16,))}},
+            "block_1": {"attn": params},
+            "wrapper": {"W_query": {"kernel": jnp.ones((16, 4))}},  # no out_proj: not MHA
+        }
+    }
+    placed = sharding.shard_params(tree, sharding.make_mesh(data=2, model=4))["params"]
+    for block in ("block_0", "block_1"):
+        assert placed[block]["attn"]["W_query"]["kernel"].sharding.spec == P(None, "model")
+        assert placed[block]["attn"]["W_key"]["bias"].sharding.spec == P("model")
+        assert placed[block]["attn"]["out_proj"]["kernel"].sharding.spec == P("model", None)
+    for leaf in (
+        placed["embed"]["embedding"],
+        placed["block_0"]["norm"]["scale"],
+        placed["wrapper"]["W_query"]["kernel"],
+        placed["block_1"]["attn"]["out_proj"]["bias"],
+    ):
+        assert leaf.sharding.is_fully_replicated
+    same = jax.tree.map(jnp.array_equal, placed, tree["params"])
+    assert all(jax.tree.leaves(same))
+
+
+def test_shard_params_honours_partition_metadata(single_device):
+    """Boxes from nn.with_partitioning win, stay boxed, and name only the mesh's axes."""
+    import flax.linen as nn
+
+    params, x, want, _ = single_device
+    module = ja.MultiHeadAttention(16, 32, 16, 0.0, 8, qkv_bias=True, model_axis="model")
+    boxed = jax.jit(module.init)(jax.random.key(1), x)
+    boxed = jax.tree.map(
+        lambda box, value: box.replace_boxed(value),
+        boxed,
+        {"params": params},
+        is_leaf=lambda leaf: isinstance(leaf, nn.Partitioned),
+    )
+    boxed["params"]["mlp"] = {"kernel": nn.Partitioned(jnp.ones((32, 8)), ("embed", "model"))}
+    placed = sharding.shard_params(boxed, sharding.make_mesh(data=2, model=4))
+    assert isinstance(placed["params"]["mlp"]["kernel"], nn.Partitioned)
+    assert placed["params"]["mlp"]["kernel"].value.sharding.spec == P(None, "model")
+    specs = nn.get_partition_spec(placed)["params"]
+    for name in ("W_query", "W_key", "W_value", "out_proj"):
+        kernel = placed["params"][name]["kernel"].value
+        assert kernel.sharding.spec == specs[name]["kernel"], name
+    del placed["params"]["mlp"]
+    got = jax.jit(module.apply)(placed, x)
+    assert jnp.allclose(got, want, rtol=1e-5, atol=1e-6), jnp.abs(got - want).max()
 
 
 def test_shard_params_needs_width_divisible_by_model_axis():
