@@ -48,6 +48,9 @@ __all__ = [
 ]
 
 
+_CACHE = ("cached_key", "cached_value", "cache_index")
+
+
 def _kw(default):
     return dataclasses.field(default=default, kw_only=True)
 
@@ -290,7 +293,7 @@ class MultiHeadAttention(_BookAttention):
         if self.decode and self.has_variable("cache", "cached_key"):
 
             def attend_cached(queries, keys, values):
-                return self._attend_cached(queries, keys, values, lengths, dropout)
+                return self._attend_cached(spec, queries, keys, values, lengths, dropout)
 
         elif self.decode:
             dtype = _compute_dtype(self, inputs.x)
@@ -308,24 +311,14 @@ class MultiHeadAttention(_BookAttention):
         empty = kv_cache.init_cache(
             batch_size, self.context_length, spec.kv_heads, spec.head_dim, dtype
         )
-        self.variable("cache", "cached_key", lambda: empty.key)
-        self.variable("cache", "cached_value", lambda: empty.value)
-        self.variable("cache", "cache_index", lambda: empty.index)
+        for name, value in zip(_CACHE, empty, strict=True):
+            self.variable("cache", name, lambda value=value: value)
 
-    def _attend_cached(self, queries, keys, values, lengths, dropout):
-        cached_key = self.variable("cache", "cached_key")
-        cached_value = self.variable("cache", "cached_value")
-        cache_index = self.variable("cache", "cache_index")
-        cache = kv_cache.KVCache(cached_key.value, cached_value.value, cache_index.value)
-        context, cache = kv_cache.decode_attention(
-            cache,
-            queries,
-            keys,
-            values,
-            lengths=lengths,
-            dropout_rate=dropout["rate"],
-            dropout_rng=dropout["rng"],
-            implementation=self.implementation,
+    def _attend_cached(self, spec, queries, keys, values, lengths, dropout):
+        cache = [self.variable("cache", name) for name in _CACHE]
+        context, new = spec_lib.decode_step(
+            spec, [v.value for v in cache], queries, keys, values, lengths=lengths, **dropout
         )
-        cached_key.value, cached_value.value, cache_index.value = cache
+        for variable, value in zip(cache, new, strict=True):
+            variable.value = value
         return context

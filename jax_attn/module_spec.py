@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_attn import kv_cache
 from jax_attn.dispatch import dot_product_attention
 from jax_attn.functional import dot_product_attention_weights, merge_heads, split_heads
 from jax_attn.validation import as_batch, check_dropout_rate, check_positive_int
@@ -372,6 +373,21 @@ def multi_head(
     merged = merge_heads(context)
     out = project("out_proj", merged, out_sharding=_summed_over_features(merged))
     return out[0] if inputs.unbatched else out
+
+
+def decode_step(spec: AttentionSpec, cache, queries, keys, values, *, lengths, rate, rng):
+    """Writes ``keys``/``values [B, T, K, H]`` into ``cache`` (a :class:`kv_cache.KVCache`)
+    and attends ``queries`` over it: ``(context [B, T, N, H], new cache)``."""
+    return kv_cache.decode_attention(
+        kv_cache.KVCache(*cache),
+        queries,
+        keys,
+        values,
+        lengths=lengths,
+        dropout_rate=rate,
+        dropout_rng=rng,
+        implementation=spec.implementation,
+    )
 
 
 def _summed_over_features(x):

@@ -492,7 +492,7 @@ class MultiHeadAttention(_BookAttention):
         if decode:
 
             def attend_cached(queries, keys, values):
-                return self._attend_cached(owner, queries, keys, values, lengths, dropout)
+                return self._attend_cached(owner, spec, queries, keys, values, lengths, dropout)
 
         return spec_lib.multi_head(
             spec,
@@ -503,7 +503,7 @@ class MultiHeadAttention(_BookAttention):
             **dropout,
         )
 
-    def _attend_cached(self, owner, queries, keys, values, lengths, dropout):
+    def _attend_cached(self, owner, spec, queries, keys, values, lengths, dropout):
         if self.cached_key is None:
             raise ValueError(
                 f"{owner}: decode=True needs a cache: call init_cache(batch_size) first"
@@ -514,18 +514,9 @@ class MultiHeadAttention(_BookAttention):
                 f"{owner}: x has batch {queries.shape[0]}, but the cache was made by "
                 f"init_cache(batch_size={batch_size})"
             )
-        cache = kv_cache.KVCache(
-            self.cached_key[...], self.cached_value[...], self.cache_index[...]
-        )
-        context, cache = kv_cache.decode_attention(
-            cache,
-            queries,
-            keys,
-            values,
-            lengths=lengths,
-            dropout_rate=dropout["rate"],
-            dropout_rng=dropout["rng"],
-            implementation=self.implementation,
+        cache = (self.cached_key[...], self.cached_value[...], self.cache_index[...])
+        context, cache = spec_lib.decode_step(
+            spec, cache, queries, keys, values, lengths=lengths, **dropout
         )
         self.cached_key[...], self.cached_value[...], self.cache_index[...] = cache
         return context
