@@ -105,6 +105,21 @@ def test_partial_with_implementation(implementation):
     )
 
 
+@pytest.mark.slow
+def test_linen_gradients_equal_flax():
+    flax_mha, ours, params = _linen_pair()
+    x = _inputs()
+    mask = nn.make_causal_mask(jnp.ones((B, T)))
+
+    def grads(module):
+        def loss(p, x):
+            return jnp.sum(module.apply({"params": p}, x, mask=mask) ** 2)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+
+    chex.assert_trees_all_close(grads(ours), grads(flax_mha), rtol=1e-5, atol=1e-5)
+
+
 def test_linen_decode_token_by_token_equals_full_pass():
     flax_mha, ours, params = _linen_pair()
     x = _inputs()
@@ -250,8 +265,7 @@ def _temp_bytes(module, params, x, mask, grad):
     return compiled.memory_analysis().temp_size_in_bytes
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("grad", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_temporary_memory_ten_times_below_flax_default(grad):
     # B 1, T 4096, D 256, 4 heads, Flax's causal mask passed as Flax users pass it
     flax_mha = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=256)
