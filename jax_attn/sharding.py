@@ -2,19 +2,15 @@
 sequence-parallel ring attention.
 
 * :func:`make_mesh` builds a ``jax.sharding.Mesh`` with axes ``("data", "model", "seq")``.
-* :func:`shard_params` lays out :class:`jax_attn.MultiHeadAttention` parameters
-  tensor-parallel over ``"model"`` (Megatron style): the query/key/value projections are
-  split by heads (their output dim), ``out_proj`` on its input dim, so each device runs
-  its own heads and the output is reduced once. :func:`shard_batch` puts activations
-  batch-parallel over ``"data"``. ``jax.jit``'s SPMD partitioner does the rest.
-* :func:`ring_attention` shards q, k and v along the sequence with ``shard_map``; the
-  key/value blocks travel round the ring with ``jax.lax.ppermute`` and each device
-  combines partial results with the online softmax of :mod:`jax_attn.kernels.chunked`. Causal
-  attention uses the zig-zag layout (device ``i`` holds sequence chunks ``i`` and
-  ``2P - 1 - i`` of ``2P``) so every device does the same work and blocks entirely in
-  the future are skipped. Gradients come from a custom VJP that runs a second ring
-  pass, passing dK/dV round with the blocks; nothing of size ``T`` or ``T x T`` is ever
-  held by one device.
+* :func:`shard_params` places any params tree: every :class:`jax_attn.MultiHeadAttention`
+  subtree tensor-parallel over ``"model"`` (Megatron style: the query/key/value
+  projections split by heads, ``out_proj`` on its input dim, so each device runs its own
+  heads and the output is reduced once), Flax partition metadata honoured where present,
+  the rest replicated. :func:`shard_batch` puts activations batch-parallel over
+  ``"data"``. ``jax.jit``'s SPMD partitioner does the rest.
+* :func:`ring_attention` is sequence-parallel attention over a named mesh axis; the kernel
+  lives in :mod:`jax_attn.kernels.ring` (also ``dot_product_attention(...,
+  implementation="ring")`` under ``jax.set_mesh``).
 """
 
 from __future__ import annotations
