@@ -250,7 +250,8 @@ def test_nnx_init_cache_flax_form_decodes_like_the_full_pass():
     full = model(x, decode=False)
     model.init_cache((B, T, D_IN), jnp.float32)
     assert model.cached_key.shape == (B, T, HEADS, D_OUT // HEADS)
-    steps = [model(x[:, :2])] + [model(x[:, t : t + 1]) for t in range(2, T)]
+    step = nnx.jit(lambda m, chunk: m(chunk))
+    steps = [step(model, x[:, :2])] + [step(model, x[:, t : t + 1]) for t in range(2, T)]
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"input_shape must be \(B, S_max, d_in=6\)"):
         model.init_cache((B, CONTEXT + 1, D_IN))
