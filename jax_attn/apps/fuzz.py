@@ -18,13 +18,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 import time
+import tomllib
 from collections.abc import Callable
+from importlib import resources
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+_TABLES_FILE = "data/fuzz_cases.toml"
 
 __all__ = [
     "MISTAKES",
@@ -45,18 +50,16 @@ __all__ = [
     "tolerance",
 ]
 
+#: The case tables (``jax_attn/apps/data/fuzz_cases.toml``): shapes, dtypes, windows,
+#: probabilities, tolerances and the mistakes.
+TABLES = tomllib.loads(resources.files(__package__).joinpath(_TABLES_FILE).read_text())
+_RANDOM = TABLES["random"]
+_P = _RANDOM["probability"]
 # (B, T, S, N, K, H): few and small, so each compiles once and is reused.
-SHAPES = (
-    (1, 1, 1, 1, 1, 4),
-    (2, 4, 4, 2, 1, 8),
-    (2, 3, 5, 4, 2, 8),
-    (1, 6, 4, 2, 2, 4),
-    (3, 5, 7, 3, 1, 16),
-)
-DTYPES = ("float32", "bfloat16", "float16")
-
+SHAPES = tuple(tuple(shape) for shape in _RANDOM["shapes"])
+DTYPES = tuple(_RANDOM["dtypes"])
 # Largest allowed |implementation - reference64| as a fraction of max|value|.
-_TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+_TOLERANCE = TABLES["tolerance"]
 
 
 def load_kernels() -> list[str]:
@@ -146,20 +149,22 @@ def _normal(rng: np.random.Generator, shape, dtype, scale=1.0):
 
 
 def _random_mask(rng: np.random.Generator, B, N, T, S):
-    shape = [(B, N, T, S), (B, 1, T, S), (T, S), (1, N, 1, S)][rng.integers(4)]
-    mask = rng.random(shape) < rng.uniform(0.3, 1.0)
-    if len(shape) == 4 and rng.random() < 0.5:
+    dims = dict(B=B, N=N, T=T, S=S)
+    shape = sizes(_RANDOM["mask_shapes"][rng.integers(len(_RANDOM["mask_shapes"]))], dims)
+    mask = rng.random(shape) < rng.uniform(*_RANDOM["mask_density"])
+    if len(shape) == 4 and rng.random() < _P["mask_empty_row"]:
         mask[..., rng.integers(shape[-2]), :] = False  # an all-false row
-    if shape[0] == B and B > 1 and rng.random() < 0.3:
+    if shape[0] == B and B > 1 and rng.random() < _P["mask_empty_sequence"]:
         mask[rng.integers(B)] = False  # a whole sequence with nothing to attend
     return jnp.asarray(mask)
 
 
 def _random_bias(rng: np.random.Generator, B, N, T, S):
-    shape = [(B, N, T, S), (N, T, S), (T, S), (1, 1, 1, S)][rng.integers(4)]
-    bias = rng.standard_normal(shape).astype(np.float32) * rng.choice([0.1, 1.0, 5.0])
-    if rng.random() < 0.4:
-        bias[rng.random(shape) < 0.3] = -np.inf
+    dims = dict(B=B, N=N, T=T, S=S)
+    shape = sizes(_RANDOM["bias_shapes"][rng.integers(len(_RANDOM["bias_shapes"]))], dims)
+    bias = rng.standard_normal(shape).astype(np.float32) * rng.choice(_RANDOM["bias_scales"])
+    if rng.random() < _P["bias_minus_inf"]:
+        bias[rng.random(shape) < _P["bias_minus_inf_share"]] = -np.inf
     return jnp.asarray(bias)
 
 
@@ -167,33 +172,52 @@ def random_call(rng: np.random.Generator, shape=None, dtype=None) -> dict:
     """Keyword arguments for one random valid ``dot_product_attention`` call."""
     B, T, S, N, K, H = SHAPES[rng.integers(len(SHAPES))] if shape is None else shape
     dtype = jnp.dtype(DTYPES[rng.integers(len(DTYPES))] if dtype is None else dtype)
-    H_v = H if rng.random() < 0.85 else H // 2
-    qk_scale = float(rng.choice([0.3, 1.0, 3.0]))
+    H_v = H if rng.random() < 1.0 - _P["half_value_dim"] else H // 2
+    qk_scale = float(rng.choice(_RANDOM["qk_scales"]))
     call = dict(
         query=_normal(rng, (B, T, N, H), dtype, qk_scale),
         key=_normal(rng, (B, S, K, H), dtype, qk_scale),
         value=_normal(rng, (B, S, K, H_v), dtype),
     )
-    if rng.random() < 0.4:
+    if rng.random() < _P["mask"]:
         call["mask"] = _random_mask(rng, B, N, T, S)
-    if rng.random() < 0.3:
+    if rng.random() < _P["bias"]:
         call["bias"] = _random_bias(rng, B, N, T, S)
-    if rng.random() < 0.4:
+    if rng.random() < _P["is_causal"]:
         call["is_causal"] = True
-    if rng.random() < 0.25:
-        call["scale"] = float(rng.choice([0.05, 0.5, 2.0]))
-    if rng.random() < 0.3:
+    if rng.random() < _P["scale"]:
+        call["scale"] = float(rng.choice(_RANDOM["scales"]))
+    if rng.random() < _P["query_seq_lengths"]:
         call["query_seq_lengths"] = jnp.asarray(rng.integers(0, T + 1, B), jnp.int32)
-    if rng.random() < 0.3:
+    if rng.random() < _P["key_value_seq_lengths"]:
         call["key_value_seq_lengths"] = jnp.asarray(rng.integers(0, S + 1, B), jnp.int32)
-    if rng.random() < 0.2:  # few distinct windows: each one compiles anew
-        call["local_window_size"] = [0, 1, (0, 2), (2, 1), (S, 0)][rng.integers(5)]
-    if rng.random() < 0.2:
-        call["dropout_rate"] = float(rng.choice([0.1, 0.5]))
+    if rng.random() < _P["local_window_size"]:
+        window = _RANDOM["windows"][rng.integers(len(_RANDOM["windows"]))]
+        call["local_window_size"] = sizes(window, dict(S=S)) if isinstance(window, list) else window
+    if rng.random() < _P["dropout"]:
+        call["dropout_rate"] = float(rng.choice(_RANDOM["dropout_rates"]))
         call["dropout_rng"] = jax.random.key(int(rng.integers(2**31)))
-    if B == 1 and rng.random() < 0.3 and not any("lengths" in name for name in call):
+    if B == 1 and rng.random() < _P["unbatched"] and not any("lengths" in n for n in call):
         call = _unbatched(call)
     return call
+
+
+def size(expression, dims: dict) -> int:
+    """A size of the tables: an int, or a dimension letter with an optional offset
+    (``"N+1"``, ``"S-1"``) looked up in ``dims``."""
+    if isinstance(expression, int):
+        return expression
+    match = re.fullmatch(r"([A-Za-z_]+)([+-]\d+)?", expression)
+    if match is None or match.group(1) not in dims:
+        raise ValueError(
+            f"size must be an int or one of {sorted(dims)} with an optional +/- offset, "
+            f"got {expression!r}"
+        )
+    return dims[match.group(1)] + int(match.group(2) or 0)
+
+
+def sizes(expressions, dims: dict) -> tuple[int, ...]:
+    return tuple(size(e, dims) for e in expressions)
 
 
 def _unbatched(call: dict) -> dict:
@@ -219,16 +243,6 @@ def _plain(call: dict) -> dict:
     return {name: call[name] for name in ("query", "key", "value")}
 
 
-def _with(call: dict, **changes) -> dict:
-    return _plain(call) | changes
-
-
-def _dims(call: dict):
-    B, T, N, H = call["query"].shape
-    _, S, K, H_v = call["value"].shape
-    return B, T, S, N, K, H, H_v
-
-
 def _traced_scale(call: dict):
     from jax_attn import dispatch
 
@@ -240,7 +254,8 @@ def _traced_scale(call: dict):
 
 @dataclasses.dataclass(frozen=True)
 class Mistake:
-    """One thing a user can get wrong in ``dot_product_attention``.
+    """One thing a user can get wrong in ``dot_product_attention`` (a ``[[mistake]]`` of
+    the tables).
 
     ``change(call)`` returns the keyword arguments of the wrong call, built from a
     valid batched ``call``; ``error`` is the exception the library must raise and
@@ -254,285 +269,88 @@ class Mistake:
     weights_too: bool = False  # also applies to dot_product_attention_weights(q, k, ...)
 
 
-def _mistakes() -> tuple[Mistake, ...]:
-    def q(call):
-        return call["query"]
+_ERRORS = {"ValueError": ValueError, "TypeError": TypeError}
+_SPECIAL_CALLS = {"traced_scale": _traced_scale}
 
-    def k(call):
-        return call["key"]
 
-    def v(call):
-        return call["value"]
+def _array_op(x, spec: dict, dims: dict):
+    """The ``{like = ..., op = ...}`` values of the tables, applied to the array ``x``."""
+    op = spec["op"]
+    if op == "expand":
+        return x[None]
+    if op == "index":
+        return x[tuple(spec["index"])]
+    if op == "double":
+        return jnp.concatenate([x, x], spec["axis"])
+    if op == "heads":
+        return jnp.repeat(x[:, :, :1], size(spec["count"], dims), 2)
+    if op == "shorten":
+        return jax.lax.slice_in_dim(x, 0, x.shape[spec["axis"]] - 1, axis=spec["axis"])
+    if op == "to_list":
+        return np.asarray(x, np.float32).tolist()
+    if op == "astype":
+        return x.astype(spec["dtype"])
+    if op == "other_dtype":
+        return x.astype(next(d for d in spec["dtypes"] if jnp.dtype(d) != x.dtype))
+    raise ValueError(f"op must be one of the ops listed in {_TABLES_FILE}, got {op!r}")
 
-    def ones(shape, dtype=jnp.float32):
-        return jnp.ones(shape, dtype)
 
-    m = Mistake
-    return (
-        m("query", "query has 5 dims", ValueError, lambda c: _with(c, query=q(c)[None]), True),
-        m("query", "query has 2 dims", ValueError, lambda c: _with(c, query=q(c)[0, 0]), True),
-        m(
-            "key",
-            "key rank differs from query's",
-            ValueError,
-            lambda c: _with(c, key=k(c)[0]),
-            True,
-        ),
-        m(
-            "key",
-            "key head dim H differs from query's",
-            ValueError,
-            lambda c: _with(c, key=jnp.concatenate([k(c), k(c)], -1)),
-            True,
-        ),
-        m(
-            "key",
-            "key batch B differs from query's",
-            ValueError,
-            lambda c: _with(
-                c, key=jnp.concatenate([k(c), k(c)]), value=jnp.concatenate([v(c), v(c)])
-            ),
-            True,
-        ),
-        m(
-            "key",
-            "query heads N not a multiple of key heads K",
-            ValueError,
-            lambda c: _with(
-                c,
-                key=jnp.repeat(k(c)[:, :, :1], q(c).shape[2] + 1, 2),
-                value=jnp.repeat(v(c)[:, :, :1], q(c).shape[2] + 1, 2),
-            ),
-            True,
-        ),
-        m(
-            "key",
-            "key has zero heads (K=0)",
-            ValueError,
-            lambda c: _with(c, key=k(c)[:, :, :0], value=v(c)[:, :, :0]),
-            True,
-        ),
-        m(
-            "query",
-            "query has zero heads (N=0)",
-            ValueError,
-            lambda c: _with(c, query=q(c)[:, :, :0]),
-            True,
-        ),
-        m(
-            "value",
-            "value length S differs from key's",
-            ValueError,
-            lambda c: _with(c, value=v(c)[:, :-1]),
-        ),
-        m("value", "value has 3 dims", ValueError, lambda c: _with(c, value=v(c)[0])),
-        m("value", "value is None", TypeError, lambda c: _with(c, value=None)),
-        m(
-            "query",
-            "query is a Python list",
-            TypeError,
-            lambda c: _with(c, query=np.asarray(q(c), np.float32).tolist()),
-            True,
-        ),
-        m("key", "key is None", TypeError, lambda c: _with(c, key=None), True),
-        m(
-            "query",
-            "query has an integer dtype",
-            TypeError,
-            lambda c: _with(c, query=q(c).astype(jnp.int32)),
-            True,
-        ),
-        m(
-            "key",
-            "key dtype differs from query's",
-            TypeError,
-            lambda c: _with(
-                c, key=k(c).astype(jnp.bfloat16 if k(c).dtype != jnp.bfloat16 else jnp.float32)
-            ),
-            True,
-        ),
-        m(
-            "value",
-            "value dtype differs from query's",
-            TypeError,
-            lambda c: _with(
-                c, value=v(c).astype(jnp.float16 if v(c).dtype != jnp.float16 else jnp.float32)
-            ),
-        ),
-        m(
-            "mask",
-            "mask is float (an additive mask)",
-            TypeError,
-            lambda c: _with(c, mask=ones(_dims(c)[1:3][::-1])),
-            True,
-        ),
-        m(
-            "mask",
-            "mask does not broadcast to [B, N, T, S]",
-            ValueError,
-            lambda c: _with(c, mask=jnp.ones((_dims(c)[1] + 1, _dims(c)[2]), bool)),
-            True,
-        ),
-        m(
-            "mask",
-            "mask has 5 dims",
-            ValueError,
-            lambda c: _with(c, mask=jnp.ones((1, 1, 1, 1, _dims(c)[2]), bool)),
-            True,
-        ),
-        m(
-            "mask",
-            "mask is a Python list",
-            TypeError,
-            lambda c: _with(c, mask=[[True] * _dims(c)[2]] * _dims(c)[1]),
-            True,
-        ),
-        m(
-            "bias",
-            "bias does not broadcast to [B, N, T, S]",
-            ValueError,
-            lambda c: _with(c, bias=ones((_dims(c)[3] + 1, _dims(c)[1], _dims(c)[2]))),
-            True,
-        ),
-        m(
-            "bias",
-            "bias has an integer dtype",
-            TypeError,
-            lambda c: _with(c, bias=jnp.zeros((_dims(c)[1], _dims(c)[2]), jnp.int32)),
-            True,
-        ),
-        m(
-            "is_causal",
-            "is_causal is a string",
-            TypeError,
-            lambda c: _with(c, is_causal="yes"),
-            True,
-        ),
-        m("scale", "scale is a string", TypeError, lambda c: _with(c, scale="0.5"), True),
-        m("scale", "scale is not finite", ValueError, lambda c: _with(c, scale=float("inf")), True),
-        m(
-            "scale",
-            "scale is traced inside jax.jit",
-            TypeError,
-            lambda c: {"_call": _traced_scale(c)},
-        ),
-        m(
-            "query_seq_lengths",
-            "query_seq_lengths has the wrong shape",
-            ValueError,
-            lambda c: _with(c, query_seq_lengths=jnp.ones((_dims(c)[0] + 1,), jnp.int32)),
-        ),
-        m(
-            "query_seq_lengths",
-            "query_seq_lengths is negative",
-            ValueError,
-            lambda c: _with(c, query_seq_lengths=-jnp.ones((_dims(c)[0],), jnp.int32)),
-        ),
-        m(
-            "query_seq_lengths",
-            "query_seq_lengths is a Python list",
-            TypeError,
-            lambda c: _with(c, query_seq_lengths=[1] * _dims(c)[0]),
-        ),
-        m(
-            "key_value_seq_lengths",
-            "key_value_seq_lengths exceeds S",
-            ValueError,
-            lambda c: _with(c, key_value_seq_lengths=jnp.full((_dims(c)[0],), _dims(c)[2] + 1)),
-        ),
-        m(
-            "key_value_seq_lengths",
-            "key_value_seq_lengths is float",
-            TypeError,
-            lambda c: _with(c, key_value_seq_lengths=jnp.ones((_dims(c)[0],))),
-        ),
-        m(
-            "key_value_seq_lengths",
-            "lengths with unbatched inputs [S, K, H]",
-            ValueError,
-            lambda c: (
-                {name: x[0] for name, x in _plain(c).items()}
-                | {"key_value_seq_lengths": jnp.ones((1,), jnp.int32)}
-            ),
-        ),
-        m(
-            "local_window_size",
-            "local_window_size is negative",
-            ValueError,
-            lambda c: _with(c, local_window_size=(-1, 2)),
-        ),
-        m(
-            "local_window_size",
-            "local_window_size is a float",
-            TypeError,
-            lambda c: _with(c, local_window_size=1.5),
-        ),
-        m(
-            "local_window_size",
-            "local_window_size has three entries",
-            TypeError,
-            lambda c: _with(c, local_window_size=(1, 2, 3)),
-        ),
-        m(
-            "dropout_rate",
-            "dropout_rate is 1",
-            ValueError,
-            lambda c: _with(c, dropout_rate=1.0, dropout_rng=jax.random.key(0)),
-        ),
-        m(
-            "dropout_rate",
-            "dropout_rate is negative",
-            ValueError,
-            lambda c: _with(c, dropout_rate=-0.1, dropout_rng=jax.random.key(0)),
-        ),
-        m(
-            "dropout_rate",
-            "dropout_rate is NaN",
-            ValueError,
-            lambda c: _with(c, dropout_rate=float("nan"), dropout_rng=jax.random.key(0)),
-        ),
-        m(
-            "dropout_rate",
-            "dropout_rate is a string",
-            TypeError,
-            lambda c: _with(c, dropout_rate="0.1", dropout_rng=jax.random.key(0)),
-        ),
-        m(
-            "dropout_rng",
-            "dropout_rate > 0 without dropout_rng",
-            ValueError,
-            lambda c: _with(c, dropout_rate=0.1),
-        ),
-        m(
-            "dropout_rng",
-            "dropout_rng is an int seed",
-            TypeError,
-            lambda c: _with(c, dropout_rate=0.1, dropout_rng=0),
-        ),
-        m(
-            "dropout_rng",
-            "dropout_rng is a batch of keys",
-            ValueError,
-            lambda c: _with(c, dropout_rate=0.1, dropout_rng=jax.random.split(jax.random.key(0))),
-        ),
-        m(
-            "implementation",
-            "implementation is unknown",
-            ValueError,
-            lambda c: _with(c, implementation="flash"),
-        ),
-        m(
-            "implementation",
-            "implementation cannot serve the call (xla with dropout)",
-            ValueError,
-            lambda c: _with(
-                c, implementation="xla", dropout_rate=0.1, dropout_rng=jax.random.key(0)
-            ),
-        ),
+def table_value(spec, dims: dict, call: dict | None = None):
+    """A value of the tables (see the head of ``fuzz_cases.toml``) made concrete."""
+    if isinstance(spec, list):
+        return tuple(spec)
+    if not isinstance(spec, dict):
+        return spec
+    if "like" in spec:
+        return _array_op(call[spec["like"]], spec, dims)
+    for fill_name, fill in (("ones", 1), ("zeros", 0), ("full", spec.get("fill"))):
+        if fill_name in spec:
+            fill = size(fill, dims) if isinstance(fill, str) else fill
+            return jnp.full(sizes(spec[fill_name], dims), fill, spec["dtype"])
+    if "list" in spec:
+        value = spec["fill"]
+        for n in reversed(sizes(spec["list"], dims)):
+            value = [value] * n
+        return value
+    if "key" in spec:
+        return jax.random.key(spec["key"])
+    if "keys" in spec:
+        return jax.random.split(jax.random.key(0), spec["keys"])
+    if spec.get("none"):
+        return None
+    raise ValueError(f"unknown value {spec!r} in {_TABLES_FILE}")
+
+
+def _call_dims(call: dict) -> dict:
+    B, T, N, H = call["query"].shape
+    _, S, K, H_v = call["value"].shape
+    return dict(B=B, T=T, S=S, N=N, K=K, H=H, H_v=H_v)
+
+
+def _mistake_change(row: dict) -> Callable[[dict], dict]:
+    if "call" in row:
+        special = _SPECIAL_CALLS[row["call"]]
+        return lambda call: {"_call": special(call)}
+
+    def change(call: dict) -> dict:
+        dims = _call_dims(call)
+        changes = {name: table_value(v, dims, call) for name, v in row["set"].items()}
+        return _plain(call) | changes
+
+    return change
+
+
+def _mistake(row: dict) -> Mistake:
+    return Mistake(
+        row["argument"],
+        row["description"],
+        _ERRORS[row["error"]],
+        _mistake_change(row),
+        row.get("weights_too", False),
     )
 
 
-MISTAKES: tuple[Mistake, ...] = _mistakes()
+MISTAKES: tuple[Mistake, ...] = tuple(_mistake(row) for row in TABLES["mistake"])
 
 
 def run_mistake(mistake: Mistake, call: dict, entry: str = "dot_product_attention"):
@@ -566,138 +384,36 @@ def is_clear(error, mistake: Mistake) -> bool:
 # --- other entry points: masks and modules (for the error table and tests) ----------------
 
 
-def _module_mistakes() -> tuple[tuple[str, str, str, type, Callable[[], object]], ...]:
-    """``(entry, argument, description, error, call)`` for masks and the Flax modules."""
+def _module_call(row: dict) -> Callable[[], object]:
     import jax_attn as ja
 
-    x = jnp.ones((2, 4, 8))
-    mha = ja.MultiHeadAttention(8, 8, 4, 0.1, 2)
+    def arg(spec):
+        return table_value(spec, {})
 
-    def apply_mha(inputs, **kwargs):
-        params = mha.init(jax.random.key(0), x, deterministic=True)
-        return lambda: mha.apply(params, inputs, **kwargs)
+    if not row["entry"].endswith(".apply"):
+        entry = getattr(ja, row["entry"])
+        return lambda: entry(*map(arg, row["args"]))
+    module = getattr(ja, row["entry"].removesuffix(".apply"))(*row["module"])
 
-    return (
-        ("make_causal_mask", "T", "T is negative", ValueError, lambda: ja.make_causal_mask(-1)),
-        ("make_causal_mask", "T", "T is a float", TypeError, lambda: ja.make_causal_mask(2.5)),
+    def apply():
+        params = module.init(jax.random.key(0), arg(row["init"]), deterministic=True)
+        return module.apply(params, arg(row["x"]), **row["kwargs"])
+
+    return apply
+
+
+def module_mistakes() -> tuple[tuple[str, str, str, type, Callable[[], object]], ...]:
+    """``(entry, argument, description, error, call)`` for masks and the Flax modules."""
+    return tuple(
         (
-            "make_sliding_window_mask",
-            "local_window_size",
-            "window is negative",
-            ValueError,
-            lambda: ja.make_sliding_window_mask(4, -1),
-        ),
-        (
-            "make_padding_mask",
-            "q_lengths",
-            "no lengths at all",
-            ValueError,
-            lambda: ja.make_padding_mask(None, None, 4, 4),
-        ),
-        (
-            "make_padding_mask",
-            "q_lengths",
-            "lengths are float",
-            TypeError,
-            lambda: ja.make_padding_mask(jnp.ones(2), None, 4, 4),
-        ),
-        (
-            "make_padding_mask",
-            "kv_lengths",
-            "q and kv lengths differ in batch",
-            ValueError,
-            lambda: ja.make_padding_mask(jnp.ones(2, int), jnp.ones(3, int), 4, 4),
-        ),
-        (
-            "combine_masks",
-            "masks",
-            "a mask is not boolean",
-            TypeError,
-            lambda: ja.combine_masks(jnp.ones((2, 2))),
-        ),
-        (
-            "combine_masks",
-            "mask",
-            "masks do not broadcast",
-            ValueError,
-            lambda: ja.combine_masks(jnp.ones((2, 3), bool), jnp.ones((4, 3), bool)),
-        ),
-        (
-            "MultiHeadAttention",
-            "num_heads",
-            "d_out not divisible by num_heads",
-            ValueError,
-            lambda: ja.MultiHeadAttention(8, 9, 4, 0.0, 2),
-        ),
-        (
-            "MultiHeadAttention",
-            "num_heads",
-            "num_heads is 0",
-            ValueError,
-            lambda: ja.MultiHeadAttention(8, 8, 4, 0.0, 0),
-        ),
-        (
-            "MultiHeadAttention",
-            "dropout",
-            "dropout is 1",
-            ValueError,
-            lambda: ja.MultiHeadAttention(8, 8, 4, 1.0, 2),
-        ),
-        (
-            "CausalAttention",
-            "d_out",
-            "d_out is a float",
-            TypeError,
-            lambda: ja.CausalAttention(8, 2.0, 4, 0.0),
-        ),
-        ("SelfAttentionV1", "d_in", "d_in is 0", ValueError, lambda: ja.SelfAttentionV1(0, 2)),
-        (
-            "MultiHeadAttentionWrapper",
-            "num_heads",
-            "num_heads is 0",
-            ValueError,
-            lambda: ja.MultiHeadAttentionWrapper(8, 8, 4, 0.0, 0),
-        ),
-        (
-            "MultiHeadAttention.apply",
-            "d_in",
-            "x has the wrong width",
-            ValueError,
-            apply_mha(jnp.ones((2, 4, 7)), deterministic=True),
-        ),
-        (
-            "MultiHeadAttention.apply",
-            "context_length",
-            "x is longer than context_length",
-            ValueError,
-            apply_mha(jnp.ones((2, 5, 8)), deterministic=True),
-        ),
-        (
-            "MultiHeadAttention.apply",
-            "x",
-            "x has 4 dims",
-            ValueError,
-            apply_mha(jnp.ones((1, 2, 4, 8)), deterministic=True),
-        ),
-        (
-            "MultiHeadAttention.apply",
-            "deterministic",
-            "dropout > 0 and no deterministic flag",
-            ValueError,
-            apply_mha(x),
-        ),
-        (
-            "MultiHeadAttention.apply",
-            "rngs",
-            "deterministic=False without a dropout rng",
-            ValueError,
-            apply_mha(x, deterministic=False),
-        ),
+            row["entry"],
+            row["argument"],
+            row["description"],
+            _ERRORS[row["error"]],
+            _module_call(row),
+        )
+        for row in TABLES["module_mistake"]
     )
-
-
-def module_mistakes():
-    return _module_mistakes()
 
 
 # --- error table ----------------------------------------------------------------------
@@ -717,8 +433,8 @@ def error_table() -> str:
         "# Errors: each mistake and the message it gets",
         "",
         "Generated by `python -m jax_attn.apps.fuzz --error-table docs/errors.md` from the",
-        "mistake catalogue in `jax_attn/apps/fuzz.py` (`MISTAKES`, `module_mistakes()`); the test",
-        "suite regenerates it and fails if this file is stale. Every message below is the one",
+        "mistake tables in `jax_attn/apps/data/fuzz_cases.toml`; the test suite regenerates",
+        "it and fails if this file is stale. Every message below is the one",
         "the code raises today. Attention calls start from a valid call with",
         "q `[2, 4, 4, 8]` (B, T, N, H), k and v `[2, 5, 2, 8]` (B, S, K, H), float32.",
         "",
