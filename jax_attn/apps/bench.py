@@ -113,6 +113,7 @@ class BenchConfig:
     output_dir: str = "benchmarks/results"
     torch: bool = True
     memory_timeout_s: int = 900
+    matmul_size: int = 2048
     cases: tuple[BenchCase, ...] = ()
     sweep: SweepConfig | None = None
     memory: tuple[MemoryCase, ...] = ()
@@ -817,8 +818,8 @@ def run_bench(
         ),
         flush=True,
     )
-    rate = matmul_gflops()
-    print(f"float32 matmul rate (2048^3): {rate:.0f} GFLOP/s", flush=True)
+    rate = matmul_gflops(config.matmul_size)
+    print(f"float32 matmul rate ({config.matmul_size}^3): {rate:.0f} GFLOP/s", flush=True)
     cases = list(config.cases)
     sweep = sweep_cases(config.sweep) if config.sweep else []
     total = sum(count_contestants(c, config) for c in cases + sweep)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 from jax_attn import dispatch
-from jax_attn.apps import bench, check, cli
+from jax_attn.apps import bench, check, cli, fuzz
 
 TINY = check.Case("tiny causal GQA", T=6, S=10, N=4, K=2, H=8, is_causal=True, mask=True)
 
@@ -62,6 +62,7 @@ def test_bench_writes_json_and_plot(tmp_path):
         repeats=2,
         output_dir=str(tmp_path),
         torch=True,
+        matmul_size=128,
         cases=(
             bench.BenchCase(
                 "mha",
@@ -88,6 +89,10 @@ def test_bench_writes_json_and_plot(tmp_path):
     assert set(results) == {"jax_attn MultiHeadAttention", "flax MultiHeadDotProductAttention"}
     baseline = results["flax MultiHeadDotProductAttention"]
     assert baseline["median_ms"] > 0 and baseline["vs_baseline"] == 1.0
+    for result in results.values():
+        assert result["min_ms"] <= result["median_ms"] <= result["max_ms"]
+        assert len(result["times_ms"]) == 2 and isinstance(result["noisy"], bool)
+    assert isinstance(saved["cases"][0]["noisy"], list)
     assert [e["case"]["seq_len"] for e in saved["sweep"]] == [8, 16]
     assert (tmp_path / report["plot"].split("/")[-1]).stat().st_size > 0
 
@@ -160,6 +165,14 @@ def test_an_alias_is_not_timed_and_shows_its_rows_times(monkeypatch):
     assert alias["times_ms"] == timed["times_ms"] == [10.0, 12.0]
     table = bench.format_case(entry, None)
     assert "= jax_attn named (the same program, timed once)" in table
+
+
+def test_fuzz_tables_are_data_the_runner_reads():
+    assert len(fuzz.MISTAKES) == len(fuzz.TABLES["mistake"]) > 40
+    assert len(fuzz.module_mistakes()) == len(fuzz.TABLES["module_mistake"])
+    assert fuzz.sizes(["N+1", "S", 2], {"N": 4, "S": 3}) == (5, 3, 2)
+    with pytest.raises(ValueError, match="size must be an int or one of"):
+        fuzz.size("Q+1", {"N": 4})
 
 
 def test_bench_config_file_reads_and_checks_kind(tmp_path):
