@@ -54,6 +54,7 @@ def _run_here() -> dict:
     return scope["result"]
 
 
+@pytest.mark.slow
 def test_same_seeds_bit_identical_across_processes():
     here = _run_here()
     program = RUN + "\nprint(repr(result))\n"

@@ -38,7 +38,15 @@ DOCTESTED_PAGES = {
 }
 
 
-@pytest.mark.parametrize("module_name", sorted(DOCTESTED))
+# Examples that build and compile whole Flax modules: checked in the slow step.
+HEAVY = {"jax_attn.nnx_modules", "jax_attn.linen_modules", "modules.md"}
+
+
+def _params(names):
+    return [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in sorted(names)]
+
+
+@pytest.mark.parametrize("module_name", _params(DOCTESTED))
 def test_docstring_examples(module_name):
     for dependency in DOCTESTED[module_name]:
         pytest.importorskip(dependency)
@@ -53,7 +61,7 @@ def test_docstring_examples(module_name):
     assert results.failed == 0, f"{results.failed} of {results.attempted} examples failed"
 
 
-@pytest.mark.parametrize("page", sorted(DOCTESTED_PAGES))
+@pytest.mark.parametrize("page", _params(DOCTESTED_PAGES))
 def test_docs_page_examples(page):
     """The ``>>>`` examples in the Markdown pages (code fences read as blank lines)."""
     for dependency in DOCTESTED_PAGES[page]:
