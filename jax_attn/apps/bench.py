@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_attn.apps import timing
+from jax_attn.apps.config import CONFIG_DIR, check_choice, load_dataclass
 from jax_attn.apps.extras import require
 
 __all__ = ["BenchCase", "BenchConfig", "MemoryCase", "SweepConfig", "load_bench_config", "main"]
@@ -67,10 +68,7 @@ class BenchCase:
     repeats: int | None = None
 
     def __post_init__(self):
-        if self.kind not in ("attention", "module"):
-            raise ValueError(
-                f"case {self.name!r}: kind must be 'attention' or 'module', got {self.kind!r}"
-            )
+        check_choice(f"case {self.name!r}: kind", self.kind, ("attention", "module"))
         if self.kind == "module" and (self.kv_len or self.num_kv_heads):
             raise ValueError(f"case {self.name!r}: a module case has no kv_len/num_kv_heads")
 
@@ -120,8 +118,6 @@ class BenchConfig:
 
 
 def load_bench_config(path) -> BenchConfig:
-    from jax_attn.apps.config import load_dataclass
-
     return load_dataclass(path, BenchConfig)
 
 
@@ -970,8 +966,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.config is None:
-        from jax_attn.apps.config import CONFIG_DIR
-
         name = "bench-gpu.toml" if jax.default_backend() == "gpu" else "bench-cpu.toml"
         args.config = str(CONFIG_DIR / name)
     config = load_bench_config(args.config)

@@ -29,6 +29,7 @@ __all__ = [
     "ConfigError",
     "RunConfig",
     "available_configs",
+    "check_choice",
     "from_dict",
     "load_config",
     "load_dataclass",
@@ -49,6 +50,12 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config file that does not match its dataclass; the message names key and file."""
+
+
+def check_choice(key: str, value, choices) -> None:
+    """``ValueError`` naming ``key`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {tuple(choices)}, got {value!r}")
 
 
 # --- the configs of this project --------------------------------------------------------
@@ -112,10 +119,7 @@ class RunConfig:
         for key in ("batch", "seq_len"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(
-                f"dtype must be one of 'float32', 'bfloat16', 'float16', got {self.dtype!r}"
-            )
+        check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
 
 
 @dataclasses.dataclass(frozen=True)

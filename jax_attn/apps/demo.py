@@ -351,44 +351,45 @@ def section_3_5_3_and_3_6(report: Report, inputs, book_cfg):
         f"num_heads {a.num_heads}"
     )
     key = jax.random.key(0)
-    shapes = BOOK["shapes"]
 
-    causal = ja.CausalAttention(*args, a.qkv_bias)
-    params = _init(causal, key, batch)
-    out = _apply(causal, params, batch)
-    _check_shape(report, "CausalAttention(3, 2, 6, 0.0)", out, shapes["3.5.3"])
-    functional_out = _single_head_attention(inputs, params, is_causal=True)
-    report.check(
-        "equals F.single_head_attention(..., is_causal=True) with its params",
-        _max_diff(out[0], functional_out) <= SAME_ATOL,
-    )
+    signature = ", ".join(map(str, args))
 
-    wrapper = ja.MultiHeadAttentionWrapper(*args, a.num_heads, a.qkv_bias)
-    params = _init(wrapper, key, batch)
-    out = _apply(wrapper, params, batch)
-    _check_shape(
-        report, "MultiHeadAttentionWrapper(3, 2, 6, 0.0, num_heads=2)", out, shapes["3.6.1"]
-    )
-    head_params = jax.tree.map(
-        lambda *leaves: jnp.stack(leaves), *(params[f"heads_{i}"] for i in range(a.num_heads))
-    )
-    functional_out = _multi_head_attention_stacked(inputs, head_params, is_causal=True)
-    report.check(
-        "equals F.multi_head_attention_stacked (heads lifted with jax.vmap)",
-        _max_diff(out[0], functional_out) <= SAME_ATOL,
-    )
+    def stacked_heads(params):
+        heads = (params[f"heads_{i}"] for i in range(a.num_heads))
+        return jax.tree.map(lambda *leaves: jnp.stack(leaves), *heads)
 
-    mha = ja.MultiHeadAttention(*args, a.num_heads, a.qkv_bias)
-    params = _init(mha, key, batch)
-    out = _apply(mha, params, batch)
-    _check_shape(report, "MultiHeadAttention(3, 2, 6, 0.0, num_heads=2)", out, shapes["3.6.2"])
-    queries = F.split_heads(F.dense(batch, params["W_query"]), a.num_heads)
-    report.line(f"    queries split into heads: {tuple(queries.shape)} = [B, T, N, H]")
-    functional_out = _multi_head_attention(batch, params, num_heads=a.num_heads, is_causal=True)
-    report.check(
-        "equals F.multi_head_attention (one projection split into heads)",
-        _max_diff(out, functional_out) <= SAME_ATOL,
+    # (module, its label, book section of the shape, functional equivalent, its name);
+    # the single-sequence functions are compared with the batch's first row
+    steps = (
+        (
+            ja.CausalAttention(*args, a.qkv_bias),
+            f"CausalAttention({signature})",
+            "3.5.3",
+            lambda p: _single_head_attention(inputs, p, is_causal=True),
+            "F.single_head_attention(..., is_causal=True) with its params",
+        ),
+        (
+            ja.MultiHeadAttentionWrapper(*args, a.num_heads, a.qkv_bias),
+            f"MultiHeadAttentionWrapper({signature}, num_heads={a.num_heads})",
+            "3.6.1",
+            lambda p: _multi_head_attention_stacked(inputs, stacked_heads(p), is_causal=True),
+            "F.multi_head_attention_stacked (heads lifted with jax.vmap)",
+        ),
+        (
+            ja.MultiHeadAttention(*args, a.num_heads, a.qkv_bias),
+            f"MultiHeadAttention({signature}, num_heads={a.num_heads})",
+            "3.6.2",
+            lambda p: _multi_head_attention(batch, p, num_heads=a.num_heads, is_causal=True),
+            "F.multi_head_attention (one projection split into heads)",
+        ),
     )
+    for module, label, section, functional_fn, functional_name in steps:
+        params = _init(module, key, batch)
+        out = _apply(module, params, batch)
+        _check_shape(report, label, out, BOOK["shapes"][section])
+        functional_out = functional_fn(params)
+        ours = out if functional_out.ndim == out.ndim else out[0]
+        report.check(f"equals {functional_name}", _max_diff(ours, functional_out) <= SAME_ATOL)
 
 
 def parameter_count(module, d_in: int) -> int:

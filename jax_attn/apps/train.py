@@ -42,7 +42,7 @@ from flax import serialization
 
 from jax_attn import functional, kv_cache
 from jax_attn.apps import timing
-from jax_attn.apps.config import ConfigError, load_dataclass, resolve_config_path
+from jax_attn.apps.config import ConfigError, check_choice, load_dataclass, resolve_config_path
 from jax_attn.apps.extras import require
 from jax_attn.linen_modules import MultiHeadAttention
 
@@ -88,8 +88,7 @@ class TaskConfig:
     vocab_size: int
 
     def __post_init__(self):
-        if self.name not in TASKS:
-            raise ValueError(f"name must be one of {TASKS}, got {self.name!r}")
+        check_choice("name", self.name, TASKS)
         if self.length <= 0 or self.vocab_size <= 1:
             raise ValueError(
                 f"length must be > 0 and vocab_size > 1, got {self.length}, {self.vocab_size}"
@@ -165,8 +164,7 @@ class CompareConfig:
     rnn_learning_rate: float
 
     def __post_init__(self):
-        if self.rnn_cell not in CELLS:
-            raise ValueError(f"rnn_cell must be one of {CELLS}, got {self.rnn_cell!r}")
+        check_choice("rnn_cell", self.rnn_cell, CELLS)
         if not self.lengths:
             raise ValueError("lengths must not be empty")
 
