@@ -314,16 +314,11 @@ class RNNLanguageModel(nn.Module):
 
 
 def build_decoder(config: TrainRunConfig, decode: bool = False) -> Decoder:
-    m = config.model
+    """The config's decoder: its task's vocabulary and sequence length, its ``[model]``."""
     return Decoder(
         config.task.tokens,
         config.task.sequence_length,
-        m.d_model,
-        m.num_layers,
-        m.num_heads,
-        m.num_kv_heads,
-        m.mlp_ratio,
-        m.dropout,
+        **dataclasses.asdict(config.model),
         decode=decode,
     )
 
@@ -639,6 +634,14 @@ def plot_accuracy_vs_length(rows: list[dict], task_name: str, path) -> None:
 # --- what the attention layers look at -------------------------------------------------------
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _captured_intermediates(decoder: Decoder, params, tokens):
+    _, state = decoder.apply(
+        {"params": params}, tokens, deterministic=True, capture_intermediates=True
+    )
+    return state["intermediates"]
+
+
 def attention_weights_by_layer(decoder: Decoder, params, tokens) -> list[jax.Array]:
     """Causal attention weights ``[N, T, T]`` of every layer of ``decoder`` on one
     sequence ``tokens [T]``.
@@ -651,13 +654,11 @@ def attention_weights_by_layer(decoder: Decoder, params, tokens) -> list[jax.Arr
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 1:
         raise ValueError(f"tokens must have shape [T], got {list(tokens.shape)}")
-    _, state = decoder.apply(
-        {"params": params}, tokens[None], deterministic=True, capture_intermediates=True
-    )
+    state = _captured_intermediates(decoder, params, tokens[None])
     weights = []
     for i in range(decoder.num_layers):
         block = f"block_{i}"
-        (attention_input,) = state["intermediates"][block]["norm_1"]["__call__"]
+        (attention_input,) = state[block]["norm_1"]["__call__"]
         projections = params[block]["attention"]
         # [1, T, N, H] and [1, T, K, H]
         queries = functional.split_heads(
