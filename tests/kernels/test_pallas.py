@@ -156,7 +156,7 @@ def test_tpu_kernel_cache_leaks_nothing_into_later_traces(interpret):
     def f(q, k, v):
         return ja.dot_product_attention(q, k, v, is_causal=True, implementation="pallas_tpu")
 
-    jax.jit(f)(q, k, v)
+    jax.eval_shape(f, q, k, v)
     grads = jax.jit(jax.grad(lambda q, k, v: f(q, k, v).sum(), argnums=(0, 1, 2)))
     jax.block_until_ready(grads.lower(q, k, v).compile()(q, k, v))
 
