@@ -194,8 +194,8 @@ def flax_attention_fn(
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
     if is_causal and T != S:
         # jax_attn aligns causal masks bottom-right; Flax (jnp.tril) aligns them top-left.
-        # [T, S]
-        top_left = jnp.tril(jnp.ones((T, S), jnp.bool_))
+        # [1, 1, T, S]
+        top_left = jnp.tril(jnp.ones((T, S), jnp.bool_)).reshape(1, 1, T, S)
         mask = top_left if mask is None else mask & top_left
         is_causal = False
 

@@ -82,6 +82,19 @@ def test_linen_bias_and_cross_attention_direct_call():
     chex.assert_trees_all_close(np.asarray(got)[rows], np.asarray(want)[rows], **TOL)
 
 
+@pytest.mark.parametrize("S", [6, 11])
+def test_is_causal_top_left_as_flax_when_lengths_differ(S):
+    q = _inputs((B, 8, N, 4), seed=1)
+    k = _inputs((B, S, N, 4), seed=2)
+    v = _inputs((B, S, N, 4), seed=3)
+    # key 0 stays visible: no query row is left with nothing to attend
+    mask = (_inputs((B, 1, 8, S), seed=4) > -1.0).at[..., 0].set(True)
+    for kwargs in ({}, {"mask": mask}):
+        got = ja.flax_attention_fn(q, k, v, is_causal=True, **kwargs)
+        want = nnx.dot_product_attention(q, k, v, is_causal=True, **kwargs)
+        chex.assert_trees_all_close(got, want, **TOL)
+
+
 def test_linen_dropout_module_deterministic_equals_flax():
     flax_mha, ours, params = _linen_pair(dropout_rate=0.3)
     x = _inputs()
