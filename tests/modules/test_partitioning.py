@@ -144,7 +144,7 @@ def test_nnx_grads_on_the_mesh_equal_linen_grads(mesh):
     )
 
 
-def test_boxed_params_go_through_interop_and_the_converters():
+def test_boxed_params_go_through_interop_and_the_converters(mesh):
     module = linen_mha(model_axis="model")
     boxed = module.init(jax.random.key(0), inputs())
     plain = nn.unbox(boxed)
@@ -153,6 +153,9 @@ def test_boxed_params_go_through_interop_and_the_converters():
     model = ja_nnx.nnx_from_linen_params(nnx_mha(seed=3, model_axis="model"), boxed)
     np.testing.assert_allclose(model(inputs()), module.apply(boxed, inputs()), **CLOSE)
     round_trip = interop.params_from_torch(module, state_dict)
+    abstract = jax.eval_shape(module.init, jax.random.key(0), inputs())
+    placed = jax.device_put(round_trip, nn.get_sharding(abstract, mesh)["params"])
+    assert placed["out_proj"]["kernel"].sharding.spec == P("model", None)
     np.testing.assert_allclose(
         module.apply({"params": round_trip}, inputs()), module.apply(plain, inputs()), **CLOSE
     )
