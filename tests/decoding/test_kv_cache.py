@@ -1,5 +1,7 @@
 """The pure KV-cache functions against the reference's full causal pass."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -12,16 +14,18 @@ from jax_attn import kv_cache, reference
 B, S_MAX, N, H = 2, 8, 4, 8
 
 
-def _qkv(T, K, seed=0, dtype=jnp.float32):
+def _qkv(T, K, seed=0, dtype=np.float32):
+    """numpy q, k, v (slicing them compiles nothing)."""
     rng = np.random.default_rng(seed)
     return tuple(
-        jnp.asarray(rng.standard_normal(shape), dtype)
+        rng.standard_normal(shape).astype(dtype)
         for shape in ((B, T, N, H), (B, T, K, H), (B, T, K, H))
     )
 
 
 # The user's jitted decode step, shared by the tests so each shape compiles once.
 decode_step = jax.jit(kv_cache.decode_attention)
+full_causal_pass = jax.jit(functools.partial(reference.dot_product_attention, is_causal=True))
 
 
 def _decode_in_chunks(q, k, v, chunks, step=decode_step):
@@ -32,23 +36,23 @@ def _decode_in_chunks(q, k, v, chunks, step=decode_step):
         out, cache = step(cache, q[:, start:end], k[:, start:end], v[:, start:end])
         outs.append(out)
         start = end
-    return jnp.concatenate(outs, axis=1), cache
+    return np.concatenate(outs, axis=1), cache
 
 
-@pytest.mark.parametrize("K, chunks", [(2, (1,) * 7), (2, (3, 1, 2, 1)), (1, (3, 4))])
+@pytest.mark.parametrize("K, chunks", [(2, (1,) * S_MAX), (2, (3, 1, 3, 1)), (1, (4, 4))])
 def test_decode_in_chunks_equals_full_causal_pass(K, chunks):
-    q, k, v = _qkv(7, K)
+    q, k, v = _qkv(S_MAX, K)
     out, cache = _decode_in_chunks(q, k, v, chunks)
-    expected = reference.dot_product_attention(q, k, v, is_causal=True)
+    expected = full_causal_pass(q, k, v)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(cache.index, [7, 7])
+    np.testing.assert_array_equal(cache.index, [S_MAX, S_MAX])
     assert cache.key.shape == (B, S_MAX, K, H)
 
 
 def test_eager_decode_equals_full_pass():
-    q, k, v = _qkv(3, 1)
-    out, _ = _decode_in_chunks(q, k, v, (3,), step=kv_cache.decode_attention)
-    expected = reference.dot_product_attention(q, k, v, is_causal=True)
+    q, k, v = _qkv(S_MAX, 1)
+    out, _ = _decode_in_chunks(q, k, v, (4, 4), step=kv_cache.decode_attention)
+    expected = full_causal_pass(q, k, v)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -69,7 +73,7 @@ def test_scan_equals_full_pass_and_overflow_never_overwrites():
     q, k, v = _qkv(S_MAX + 2, 2)
     out, cache = _generate(kv_cache.init_cache(B, S_MAX, 2, H), q, k, v)
     fits = slice(None, S_MAX)
-    expected = reference.dot_product_attention(q[:, fits], k[:, fits], v[:, fits], is_causal=True)
+    expected = full_causal_pass(q[:, fits], k[:, fits], v[:, fits])
     np.testing.assert_allclose(out[:, fits], expected, rtol=1e-5, atol=1e-5)
     # The two steps past the end: NaN outputs, the first S_MAX tokens' keys kept.
     assert np.isnan(out[:, S_MAX:]).all()
@@ -88,8 +92,9 @@ def test_overflow_under_jit_touches_only_that_sequence():
     np.testing.assert_array_equal(new.key[1], k_old[1])
     np.testing.assert_array_equal(new.value[1], v_old[1])
     # Sequence 0 writes its last slot and attends over all of them.
-    k_all, v_all = k_old.at[0, -1].set(k[0, 0]), v_old.at[0, -1].set(v[0, 0])
-    expected = reference.dot_product_attention(q[:1], k_all[:1], v_all[:1])
+    k_all, v_all = k_old.copy(), v_old.copy()
+    k_all[0, -1], v_all[0, -1] = k[0, 0], v[0, 0]
+    expected = full_causal_pass(q[:1], k_all[:1], v_all[:1])
     np.testing.assert_allclose(out[:1], expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(new.key[0], k_all[0])
     np.testing.assert_array_equal(new.index, [S_MAX, S_MAX])
@@ -128,7 +133,7 @@ def test_overflow_raises_eagerly_with_sizes():
 
 def test_mixed_prompt_lengths_under_jit_match_each_sequence_alone():
     lengths = np.array([1, 3])
-    q, k, v = _qkv(6, 2, seed=1)
+    q, k, v = _qkv(S_MAX, 2)
     cache = kv_cache.init_cache(B, S_MAX, 2, H)
     # Prompt block of 3 (sequence 0 padded after 1 token), then one token per step.
     prompt, cache = decode_step(cache, q[:, :3], k[:, :3], v[:, :3], lengths=jnp.asarray(lengths))
@@ -137,11 +142,11 @@ def test_mixed_prompt_lengths_under_jit_match_each_sequence_alone():
     steps = []
     for t in range(3):
         # sequence b's next token is its own token lengths[b] + t
-        pick = [jnp.stack([x[b, lengths[b] + t] for b in range(B)])[:, None] for x in (q, k, v)]
+        pick = [np.stack([x[b, lengths[b] + t] for b in range(B)])[:, None] for x in (q, k, v)]
         out, cache = decode_step(cache, *pick)
         steps.append(out)
-    steps = jnp.concatenate(steps, axis=1)
-    expected = reference.dot_product_attention(q, k, v, is_causal=True)
+    steps = np.concatenate(steps, axis=1)
+    expected = full_causal_pass(q, k, v)
     for b in range(B):
         T_b = lengths[b] + 3
         np.testing.assert_allclose(prompt[b, : lengths[b]], expected[b, : lengths[b]], atol=1e-5)
@@ -150,14 +155,14 @@ def test_mixed_prompt_lengths_under_jit_match_each_sequence_alone():
 
 def test_x64_float64_cache_under_jit_and_scan():
     with jax.enable_x64(True):
-        q, k, v = _qkv(4, 2, dtype=jnp.float64)
-        out, cache = _decode_in_chunks(q, k, v, (3, 1))
-        expected = reference.dot_product_attention(q, k, v, is_causal=True)
+        q, k, v = _qkv(4, 2, dtype=np.float64)
+        empty = kv_cache.init_cache(B, S_MAX, 2, H, jnp.float64)
+        out, cache = _generate(empty, q, k, v)
+        expected = full_causal_pass(q, k, v)
         np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
-        assert out.dtype == jnp.float64 and cache.index.dtype == jnp.int32
-        out, _ = _generate(kv_cache.init_cache(B, S_MAX, 2, H, jnp.float64), q, k, v)
-        np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
-        chex.assert_trees_all_equal_dtypes(cache, kv_cache.init_cache(B, S_MAX, 2, H, q.dtype))
+        assert out.dtype == jnp.float64
+        chex.assert_trees_all_equal_dtypes(cache, empty)
+        np.testing.assert_array_equal(cache.index, [4, 4])
 
 
 def test_positions_and_gqa_shapes():
