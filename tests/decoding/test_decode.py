@@ -129,7 +129,7 @@ def test_scan_past_the_end_never_overwrites_and_gives_nan():
 def test_overflow_only_touches_the_overflowing_sequence():
     K = 2
     x, params, cache = _setup(K)
-    _, cache = _generate(params, cache, x)
+    _, cache = _generate(params, cache, np.concatenate([x, x[:, :2]], axis=1))
     # Sequence 0 is full; sequence 1 has room for its last token again.
     cache = {**cache, "cache_index": jnp.array([CONTEXT, CONTEXT - 1], jnp.int32)}
     y, after = _decode_step(K)(params, cache, x[:, -1:])
