@@ -82,10 +82,8 @@ def rows_with_keys(call: AttentionCall, query_seq_lengths=None, key_value_seq_le
     """bool ``[B, T]``: the query rows that have at least one key to attend (the same for
     every head), or ``None`` when every row has one. Masks and bias are not looked at."""
     T, S = call.T, call.S
-    may_be_empty = (
-        call.is_causal or call.window is not None or call.has_query_lengths or call.has_kv_lengths
-    )
-    if not may_be_empty:
+    # With T <= S each query's own aligned position is a key its causal mask and window keep.
+    if T <= S and not (call.has_query_lengths or call.has_kv_lengths):
         return None
     # Query t sits at key position t + S - T (bottom-right alignment).
     position = jnp.arange(T, dtype=jnp.int32) + (S - T)
