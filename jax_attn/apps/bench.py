@@ -306,7 +306,7 @@ def module_contestants(case: BenchCase, torch: bool = True) -> dict:
             module = ja.MultiHeadAttention(
                 D, D, T, 0.0, N, implementation=implementation, deterministic=True
             )
-            params = module.init(jax.random.key(1), x)
+            params = jax.jit(module.init)(jax.random.key(1), x)
             params = jax.tree.map(lambda p: p.astype(dtype), params)
             fn = lambda params, x: module.apply(params, x)  # noqa: E731
             return "jax", _module_grad(fn) if case.grad else fn, (params, x)
@@ -324,7 +324,7 @@ def module_contestants(case: BenchCase, torch: bool = True) -> dict:
         )
         # The mask is an argument, as in a model that builds it once per batch.
         mask = nn.make_causal_mask(jnp.ones((B, T))) if case.causal else None
-        params = module.init(jax.random.key(1), x, mask=mask)
+        params = jax.jit(module.init)(jax.random.key(1), x, mask=mask)
         fn = lambda params, x, mask: module.apply(params, x, mask=mask)  # noqa: E731
         return "jax", _module_grad(fn) if case.grad else fn, (params, x, mask)
 

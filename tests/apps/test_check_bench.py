@@ -79,7 +79,7 @@ def test_bench_writes_json_and_plot(tmp_path):
             num_heads=2,
             head_dim=8,
             seq_lens=(8, 16),
-            contestants=("jax_attn (default)", "torch sdpa"),
+            contestants=("jax.nn xla", "torch sdpa"),
         ),
     )
     report = bench.run_bench(config, show_progress=False, skip_memory=True)
