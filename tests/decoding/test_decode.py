@@ -90,6 +90,7 @@ def test_jitted_step_equals_full_causal_pass(K, chunks):
     np.testing.assert_array_equal(cache["cache_index"], [T, T])
 
 
+@pytest.mark.slow
 def test_full_pass_equals_reference():
     K = 2
     x, params, _ = _setup(K)
@@ -168,7 +169,9 @@ def _decode_while_loop(params, cache, x):
     return cache, ys
 
 
-@pytest.mark.parametrize("loop", [_decode_fori_loop, _decode_while_loop])
+@pytest.mark.parametrize(
+    "loop", [_decode_fori_loop, pytest.param(_decode_while_loop, marks=pytest.mark.slow)]
+)
 def test_jitted_step_inside_fori_and_while_loop(loop):
     K = 2
     x, params, cache = _setup(K)
@@ -211,6 +214,7 @@ def test_mixed_prompt_lengths_under_jit():
         np.testing.assert_allclose(y[b, 0], full[b, lengths[b]], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_jitted_step_in_scan_with_x64_enabled():
     K = 2
     x, params, cache = _setup(K)

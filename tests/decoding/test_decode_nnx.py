@@ -98,7 +98,7 @@ def _while_loop(model, x):
     return nnx.while_loop(lambda carry: carry[0] < x.shape[1], body, init)[2]
 
 
-@pytest.mark.parametrize("loop", [_fori_loop, _while_loop])
+@pytest.mark.parametrize("loop", [_fori_loop, pytest.param(_while_loop, marks=pytest.mark.slow)])
 def test_nnx_jit_step_inside_fori_and_while_loop(loop):
     model, x = _model(), _inputs()
     out = nnx.jit(loop)(model, x)
@@ -145,6 +145,7 @@ def test_nnx_checkify_turns_overflow_into_an_error():
         error.throw()
 
 
+@pytest.mark.slow
 def test_nnx_scan_with_x64_enabled():
     model, x = _model(), _inputs()
     with jax.enable_x64(True):

@@ -114,6 +114,12 @@ def test_checked_turns_overflow_into_an_error():
     full = kv_cache.init_cache(B, S_MAX, 2, H)._replace(index=jnp.array([5, 7], jnp.int32))
     with pytest.raises(ValueError, match="writing 3 new tokens at index 7"):
         kv_cache.checked(kv_cache.decode_attention)(full, q, k, v)
+
+
+@pytest.mark.slow
+def test_checked_scan_and_lengths():
+    q, k, v = _qkv(3, 2)
+    full = kv_cache.init_cache(B, S_MAX, 2, H)._replace(index=jnp.array([5, 7], jnp.int32))
     with pytest.raises(ValueError, match="KV cache overflow"):
         kv_cache.checked(_generate)(full, q, k, v)
     with pytest.raises(ValueError, match=r"lengths must lie in \[0, T=3\]"):
