@@ -76,7 +76,7 @@ def test_masked_softmax_zero_rows_and_gradients_finite():
     mask = jnp.array([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], bool)
     w = F.masked_softmax(logits, mask)
     assert (w[1] == 0).all() and (w[0, 2:] == 0).all()
-    grad = jax.grad(lambda x: (F.masked_softmax(x, mask) * jnp.arange(4.0)).sum())(logits)
+    grad = jax.grad(lambda x: (F.masked_softmax(x, mask) * jnp.arange(4.0)[None, :]).sum())(logits)
     assert jnp.isfinite(grad).all()
     assert (grad[~mask] == 0).all()
 
