@@ -34,7 +34,7 @@ _HYPOTHESIS = dict(
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-settings.register_profile("default", max_examples=30, **_HYPOTHESIS)
+settings.register_profile("default", max_examples=15, **_HYPOTHESIS)
 settings.register_profile("thorough", max_examples=2000, **_HYPOTHESIS)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 

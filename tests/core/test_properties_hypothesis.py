@@ -136,7 +136,7 @@ def test_every_implementation_matches_float64(attention_float64, call):
     check_against_float64(call, attention_float64)
 
 
-@settings(max_examples=10)
+@settings(max_examples=4)
 @given(call=attention_calls(QUICK_SHAPES[:1], dtypes=("float32",)))
 def test_float64_calls_match_numpy_float64(attention_float64, call):
     # the same call in float64, through the dispatcher and every implementation serving it
