@@ -320,8 +320,9 @@ def positions(cache: KVCache, T: int):
 
 
 def checked(fn=None, *, jit: bool = True, **jit_kwargs):
-    """``fn`` with its overflow checks functionalised by ``checkify``: a failed check raises
-    ``checkify.JaxRuntimeError`` after the call. Jitted unless ``jit=False``; ``jit_kwargs``
+    """``fn`` with its overflow and ``lengths`` checks functionalised by ``checkify``: where a
+    plain ``jit`` gives NaN outputs, a failed check raises ``checkify.JaxRuntimeError`` (a
+    ``ValueError``) after the call. Jitted unless ``jit=False``; ``jit_kwargs``
     (e.g. ``static_argnames``) go to ``jax.jit``. Usable as a decorator.
     """
     if fn is None:
