@@ -358,10 +358,15 @@ def masked_loss_and_accuracy(model, params, tokens, targets, **apply_kwargs):
 
 
 def init_state(model: nn.Module, task: TaskConfig, train_config: TrainConfig, optimizer):
-    key = jax.random.key(train_config.seed)
     tokens = jnp.zeros((1, task.sequence_length - 1), jnp.int32)
-    params = model.init(key, tokens)["params"]
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
+
+    @jax.jit
+    def init(key):
+        params = model.init(key, tokens)["params"]
+        step = jnp.zeros((), jnp.int32)
+        return {"step": step, "params": params, "opt_state": optimizer.init(params)}
+
+    return init(jax.random.key(train_config.seed))
 
 
 def make_train_step(model: nn.Module, task: TaskConfig, train_config: TrainConfig, optimizer):
