@@ -78,3 +78,12 @@ def test_a_missing_extra_names_the_pip_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "optax", None)  # what an uninstalled module looks like
     with pytest.raises(extras.MissingExtra, match=r'optax.*pip install "jax_attn\[apps\]"'):
         extras.require("optax")
+
+
+def test_a_command_without_its_extra_exits_2_naming_it(monkeypatch, capsys):
+    from jax_attn.apps import cli
+
+    monkeypatch.setitem(sys.modules, "optax", None)
+    monkeypatch.delitem(sys.modules, "jax_attn.apps.train", raising=False)
+    assert cli.main(["train", "--help"]) == 2
+    assert "jax-attn train: this command needs optax" in capsys.readouterr().err
