@@ -193,6 +193,9 @@ def _torch_device():
 #: The rows that call the default dispatch: when one runs the same program as a named
 #: implementation, the named row is timed and the default row points to it.
 DEFAULT_ROWS = frozenset({"jax_attn (default)", "jax_attn MultiHeadAttention"})
+#: Implementations this command does not time: the oracle, and ring attention, which needs
+#: a mesh (``jax-attn bench --mesh`` times it).
+NOT_TIMED = frozenset({"reference", "ring"})
 # Each builder returns (kind, fn, args): kind "jax" (fn is jitted here) or "torch".
 
 
@@ -246,7 +249,7 @@ def attention_contestants(case: BenchCase, torch: bool = True) -> dict:
 
     contestants["jax_attn (default)"] = ours(None)
     for name in dispatch.available_implementations():
-        if name != "reference":
+        if name not in NOT_TIMED:
             contestants[f"jax_attn {name}"] = ours(name)
     same_length = (case.kv_len or case.seq_len) == case.seq_len
     if same_length or not causal:  # jax.nn aligns causal masks top-left
@@ -330,7 +333,7 @@ def module_contestants(case: BenchCase, torch: bool = True) -> dict:
 
     contestants["jax_attn MultiHeadAttention"] = ours(None)
     for name in dispatch.available_implementations():
-        if name != "reference":
+        if name not in NOT_TIMED:
             contestants[f"jax_attn MultiHeadAttention {name}"] = ours(name)
     contestants["flax MultiHeadDotProductAttention"] = flax_module
     device = _torch_device() if torch else None
