@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jax_attn.apps import cli, config, demo
+from jax_attn.data import book_values
 
 TINY = """\
 [attention]
@@ -64,7 +65,7 @@ def test_demo_through_the_cli_prints_book_values_device_and_times(tiny_config, t
 
 
 def test_demo_fails_when_a_book_value_does_not_match(tiny_config, monkeypatch, capsys):
-    wrong = copy.deepcopy(demo.BOOK)
+    wrong = copy.deepcopy(book_values())
     wrong["3.4.1"]["attn_score_22"] = 1.8534
     monkeypatch.setattr(demo, "BOOK", wrong)
     code = demo.main(["--config", str(tiny_config), "--no-plot", "--runs", "1", "--seq-len", "4"])

@@ -10,6 +10,7 @@ pytest.importorskip("matplotlib")
 from jax_attn import functional, reference  # noqa: E402
 from jax_attn.apps import plots  # noqa: E402
 from jax_attn.apps.cli import main as cli_main  # noqa: E402
+from jax_attn.data import book_values  # noqa: E402
 
 TOKENS = ["Your", "journey", "starts", "with"]
 
@@ -124,7 +125,7 @@ def test_embedding_is_fixed_per_word():
 def test_sentence_figures_for_the_book_sentence_show_the_books_weights():
     figures = plots.sentence_figures(num_heads=2)
     assert sorted(figures) == ["causal_vs_full", "dropout", "heads", "masks", "simplified"]
-    x = jnp.asarray(plots.BOOK_INPUTS)[None, :, None, :]
+    x = jnp.asarray(book_values()["inputs"], jnp.float32)[None, :, None, :]
     expected = reference_weights(x, x, scale=1.0)[0, 0]
     drawn = figures["simplified"].axes[0].images[0].get_array()
     np.testing.assert_allclose(drawn, expected, rtol=1e-5, atol=1e-6)
@@ -132,7 +133,7 @@ def test_sentence_figures_for_the_book_sentence_show_the_books_weights():
     assert len(heads) == 2
     for fig in figures.values():
         for ax in (ax for ax in fig.axes if ax.images):
-            assert tick_texts(ax.get_xticklabels()) == plots.tokenize(plots.BOOK_SENTENCE)
+            assert tick_texts(ax.get_xticklabels()) == book_values()["tokens"]
 
 
 @pytest.mark.slow
