@@ -257,3 +257,45 @@ def test_nnx_init_cache_flax_form_decodes_like_the_full_pass():
         model.init_cache((B, CONTEXT + 1, D_IN))
     with pytest.raises(TypeError, match="exactly one"):
         model.init_cache()
+
+
+# --- inside a user's model: nn.scan over blocks ---------------------------------------------
+
+
+class Block(nn.Module):
+    """A residual attention block, scanned over layers the way Flax users stack blocks."""
+
+    @nn.compact
+    def __call__(self, x, mask):
+        attention = ja.MultiHeadAttention(D_IN, D_IN, CONTEXT, 0.5, HEADS, name="attention")
+        return x + attention(x, mask=mask, deterministic=True), None
+
+
+def test_nn_scan_over_blocks_equals_the_blocks_one_by_one():
+    layers = 3
+    Stack = nn.scan(
+        Block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=nn.broadcast,
+        length=layers,
+    )
+    x, mask = inputs(), padding_mask()
+    variables = Stack().init(jax.random.key(0), x, mask)
+    out, _ = jax.jit(Stack().apply)(variables, x, mask)
+    stacked = variables["params"]["attention"]
+    assert stacked["W_query"]["kernel"].shape == (layers, D_IN, D_IN)
+    h = x
+    for i in range(layers):
+        p = jax.tree.map(lambda leaf, i=i: leaf[i], stacked)
+        h = h + oracle_square(p, h, mask)
+    np.testing.assert_allclose(out, h, rtol=1e-5, atol=1e-5)
+
+
+def oracle_square(params, x, mask):
+    """``oracle`` for a ``d_out = d_in`` block (no qkv bias)."""
+    q, k, v = (
+        split_heads(x @ params[name]["kernel"], HEADS) for name in ("W_query", "W_key", "W_value")
+    )
+    context = reference.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+    return dense(merge_heads(context), params["out_proj"])
