@@ -279,7 +279,7 @@ class MultiHeadAttention(_BookAttention):
     ):
         owner = self._owner()
         spec = AttentionSpec.of(self, owner)
-        spec_lib.check_decode_call(owner, self.decode, x_kv, mask, lengths)
+        spec_lib.check_decode_call(owner, self.decode, x_kv, mask, lengths, sow_weights)
         inputs = spec_lib.call_inputs(owner, spec, x, x_kv, mask)
         dropout = self._dropout(owner, spec, deterministic)
         layers = {name: self._dense(spec, name) for name in spec_lib.PROJECTIONS}

@@ -401,14 +401,16 @@ def _summed_over_features(x):
     return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[:-1], None))
 
 
-def check_decode_call(owner: str, decode: bool, x_kv, mask, lengths) -> None:
-    """``lengths`` needs ``decode``; ``x_kv`` and ``mask`` do not go with it."""
+def check_decode_call(owner: str, decode: bool, x_kv, mask, lengths, sow_weights) -> None:
+    """``lengths`` needs ``decode``; ``x_kv``, ``mask`` and ``sow_weights`` do not go with it."""
     if lengths is not None and not decode:
         raise ValueError(
             f"{owner}: lengths (real new tokens per sequence) needs decode=True, got lengths"
         )
     if decode and x_kv is not None:
         raise ValueError(f"{owner}: x_kv (cross-attention) cannot be used with decode=True")
+    if decode and sow_weights:
+        raise ValueError(f"{owner}: sow_weights=True cannot be used with decode=True")
     if decode and mask is not None:
         raise ValueError(
             f"{owner}: mask= cannot be used with decode=True; mark padded tokens with lengths="

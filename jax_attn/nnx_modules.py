@@ -485,7 +485,7 @@ class MultiHeadAttention(_BookAttention):
     ) -> Float[Array, "*B T d_out"]:
         owner, spec = self._call_spec()
         decode = self.decode if decode is None else decode
-        spec_lib.check_decode_call(owner, decode, x_kv, mask, lengths)
+        spec_lib.check_decode_call(owner, decode, x_kv, mask, lengths, sow_weights)
         inputs = spec_lib.call_inputs(owner, spec, x, x_kv, mask)
         dropout = self._dropout(owner, spec, deterministic, rngs)
         attend_cached = None

@@ -299,3 +299,20 @@ def oracle_square(params, x, mask):
     )
     context = reference.dot_product_attention(q, k, v, mask=mask, is_causal=True)
     return dense(merge_heads(context), params["out_proj"])
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"x_kv": jnp.ones((B, S, D_IN))}, "x_kv .* cannot be used with decode=True"),
+        ({"mask": jnp.ones((B, 1, 1, CONTEXT), bool)}, "mask= cannot be used with decode=True"),
+        ({"sow_weights": True}, "sow_weights=True cannot be used with decode=True"),
+    ],
+)
+def test_decoding_refuses_options_it_cannot_honour(options, match):
+    model = nnx_mha(decode=True)
+    model.init_cache(B)
+    with pytest.raises(ValueError, match=rf"MultiHeadAttention\.__call__: {match}"):
+        model(inputs((B, 1, D_IN)), **options)
+    with pytest.raises(ValueError, match=rf"MultiHeadAttention\.init: {match}"):
+        linen_mha(decode=True).init(jax.random.key(0), inputs((B, 1, D_IN)), **options)
