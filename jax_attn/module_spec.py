@@ -33,13 +33,21 @@ from jax_attn.validation import as_batch, check_dropout_rate, check_positive_int
 __all__ = [
     "AttentionSpec",
     "CLASS_FIELDS",
+    "MHA_OPTIONS",
     "OPTIONS",
     "PROJECTIONS",
     "CallInputs",
+    "attend",
     "call_inputs",
+    "check_decode_call",
     "class_config",
+    "compute_dtype",
+    "decode_step",
+    "field_names",
     "multi_head",
     "partition_names",
+    "promote_dtype",
+    "promote_dtype_linen",
     "resolve_deterministic",
     "single_head",
     "torch_linear_init",
@@ -66,15 +74,6 @@ CLASS_FIELDS = {
 # Keyword-only options every class takes, and those only MultiHeadAttention takes.
 OPTIONS = ("deterministic", "is_causal", "dtype", "param_dtype", "implementation", "model_axis")
 MHA_OPTIONS = ("decode", "num_kv_heads")
-
-# is_causal's default: the book's first two classes attend everywhere, the rest causally.
-CAUSAL_BY_DEFAULT = {
-    "SelfAttentionV1": False,
-    "SelfAttentionV2": False,
-    "CausalAttention": True,
-    "MultiHeadAttentionWrapper": True,
-    "MultiHeadAttention": True,
-}
 
 
 def _check_dtype(owner: str, name: str, value, allow_none: bool) -> None:
