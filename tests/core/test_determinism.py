@@ -134,6 +134,7 @@ def test_jit_and_eager_with_bias_equal_up_to_last_bits(implementation):
     _assert_last_bits(eager, jitted)
 
 
+@pytest.mark.slow
 def test_module_init_and_apply_bit_identical_under_jit():
     module = ja.MultiHeadAttention(16, 16, 8, 0.2, 4)
     x = jax.random.normal(jax.random.key(0), (2, 8, 16))

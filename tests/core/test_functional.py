@@ -4,13 +4,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import make_qkv
 
 import jax_attn as ja
 from jax_attn import functional as F
 
 
 def _inputs(T=6, D=3, seed=0):
-    return jax.random.uniform(jax.random.key(seed), (T, D))
+    return jnp.asarray(np.random.default_rng(seed).random((T, D)), jnp.float32)
 
 
 def test_softmax_stable_where_naive_overflows():
@@ -39,12 +40,12 @@ def test_simplified_self_attention_equals_reference_with_unit_scale():
 
 
 def _head_params(d_in, d_out, seed, bias=False):
-    keys = jax.random.split(jax.random.key(seed), 6)
+    rng = np.random.default_rng(seed)
     params = {}
-    for i, name in enumerate(["W_query", "W_key", "W_value"]):
-        p = {"kernel": jax.random.normal(keys[i], (d_in, d_out))}
+    for name in ["W_query", "W_key", "W_value"]:
+        p = {"kernel": jnp.asarray(rng.standard_normal((d_in, d_out)), jnp.float32)}
         if bias:
-            p["bias"] = jax.random.normal(keys[i + 3], (d_out,))
+            p["bias"] = jnp.asarray(rng.standard_normal(d_out), jnp.float32)
         params[name] = p
     return params
 
@@ -72,7 +73,7 @@ def test_two_causal_mask_ways_agree():
 
 
 def test_masked_softmax_zero_rows_and_gradients_finite():
-    logits = jax.random.normal(jax.random.key(0), (3, 4))
+    logits = jnp.asarray(np.random.default_rng(0).standard_normal((3, 4)), jnp.float32)
     mask = jnp.array([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], bool)
     w = F.masked_softmax(logits, mask)
     assert (w[1] == 0).all() and (w[0, 2:] == 0).all()
@@ -91,7 +92,7 @@ def test_dropout_on_weights_scales_kept_values():
 
 
 def test_split_and_merge_heads_round_trip():
-    x = jax.random.normal(jax.random.key(0), (2, 5, 12))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 12)), jnp.float32)
     heads = F.split_heads(x, 3)
     assert heads.shape == (2, 5, 3, 4)
     np.testing.assert_array_equal(F.merge_heads(heads), x)
@@ -126,8 +127,7 @@ def test_stacked_heads_equal_vmapped_single_heads_and_split_projection():
 def test_vmapped_single_head_equals_batched_einsum():
     """The single-sequence, single-head function lifted with vmap over batch and heads."""
     B, T, N, H = 2, 5, 3, 4
-    kq, kk, kv = jax.random.split(jax.random.key(3), 3)
-    q, k, v = (jax.random.normal(key, (B, T, N, H)) for key in (kq, kk, kv))
+    q, k, v = make_qkv(B, T, T, N, N, H, seed=3)
 
     def one_head(q1, k1, v1):  # [T, H] each
         weights = F.causal_weights_by_masking(F.scaled_attention_scores(q1, k1))
