@@ -300,10 +300,10 @@ def _ring_backward_local(ring: _Ring, q, k, v, out, lse, d_out, kv_lengths):
     # [B, K, G, T]
     delta = jnp.sum(d_out.astype(lse.dtype) * out.astype(lse.dtype), axis=-1)
     grads = functools.partial(_grads, ring, kv_lengths=kv_lengths, causal=False)
+    own_keys = _positions(ring, index, S)
     d_q, d_k, d_v = _grads(
-        ring, q, k, v, d_out, lse, delta, q_pos, _positions(ring, index, S), kv_lengths,
-        ring.is_causal,
-    )  # fmt: skip
+        ring, q, k, v, d_out, lse, delta, q_pos, own_keys, kv_lengths, ring.is_causal
+    )
 
     def earlier_keys(q, k, v, k_pos):
         d_q, d_k, d_v = grads(
@@ -401,11 +401,8 @@ def _ring_attention_bwd(ring: _Ring, residuals, d_out):
         if ring.zigzag:
             d_out = _to_zigzag(ring, d_out)
         K = k.shape[2]
-        q_k, k_k, v_k = to_kernel_layout(q, k, v)
-        d_q, d_k, d_v = _ring_backward_local(
-            ring, q_k, k_k, v_k, _to_heads_last(out, K), _to_heads_last(lse, K),
-            _to_heads_last(d_out, K), lengths,
-        )  # fmt: skip
+        residuals = (*to_kernel_layout(q, k, v), *(_to_heads_last(x, K) for x in (out, lse)))
+        d_q, d_k, d_v = _ring_backward_local(ring, *residuals, _to_heads_last(d_out, K), lengths)
         grads = (
             _from_kernel_layout(d_q).astype(q.dtype),
             jnp.swapaxes(d_k, 1, 2).astype(k.dtype),
