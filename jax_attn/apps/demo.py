@@ -326,13 +326,9 @@ def _check_shape(report: Report, label: str, out, book_shape) -> None:
 
 # Each call compiled whole (much faster than op by op), once per process.
 @partial(jax.jit, static_argnums=0)
-def _init(module, key, x):
-    return module.init(key, x)["params"]
-
-
-@partial(jax.jit, static_argnums=0)
-def _apply(module, params, x):
-    return module.apply({"params": params}, x, deterministic=True)
+def _init_and_apply(module, key, x):
+    params = module.init(key, x)["params"]
+    return params, module.apply({"params": params}, x, deterministic=True)
 
 
 _single_head_attention = jax.jit(F.single_head_attention, static_argnames="is_causal")
@@ -384,8 +380,7 @@ def section_3_5_3_and_3_6(report: Report, inputs, book_cfg):
         ),
     )
     for module, label, section, functional_fn, functional_name in steps:
-        params = _init(module, key, batch)
-        out = _apply(module, params, batch)
+        params, out = _init_and_apply(module, key, batch)
         _check_shape(report, label, out, BOOK["shapes"][section])
         functional_out = functional_fn(params)
         ours = out if functional_out.ndim == out.ndim else out[0]
@@ -467,7 +462,7 @@ def run_gpt2(report: Report, cfg, runs: int) -> None:
     module = a.multi_head_attention(deterministic=True)
     param_key, input_key = jax.random.split(jax.random.key(0))
     x = jax.random.normal(input_key, (B, T, D), jnp.float32).astype(dtype)
-    params = module.init(param_key, x[:, :1])["params"]
+    params = jax.jit(module.init)(param_key, x[:, :1])["params"]
     params = jax.tree.map(lambda p: p.astype(dtype), params)
     count = sum(p.size for p in jax.tree.leaves(params))
     heads = jnp.zeros((B, T, a.num_heads, a.head_dim), dtype)
