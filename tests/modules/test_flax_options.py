@@ -209,9 +209,10 @@ def test_linen_sow_weights_equal_flax_weights(params):
 def test_nnx_sow_weights_equal_flax_weights(params):
     x, mask = inputs(), padding_mask()
     model = ja_nnx.nnx_from_linen_params(nnx_mha(), params)
-    nnx.jit(lambda m, x: m(x, mask=mask, sow_weights=True))(model, x)
-    intermediates = nnx.pop(model, nnx.Intermediate)
+    forward = nnx.jit(nnx.capture(lambda m, x: m(x, mask=mask, sow_weights=True), nnx.Intermediate))
+    out, intermediates = forward(model, x)
     (weights,) = intermediates["attention_weights"].get_value()
+    np.testing.assert_allclose(out, oracle(params, x, mask=mask), **CLOSE)
     np.testing.assert_allclose(weights, flax_weights(params, x, mask), **CLOSE)
 
 
