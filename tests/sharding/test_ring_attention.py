@@ -50,7 +50,10 @@ ORACLE = {
 }
 
 
-@pytest.mark.parametrize("devices", [1, 2, 4, 8])
+@pytest.mark.parametrize(
+    "devices",
+    [pytest.param(1, marks=pytest.mark.slow), 2, 4, pytest.param(8, marks=pytest.mark.slow)],
+)
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_ring_attention_matches_reference_forward_and_gradients(devices, is_causal):
     mesh = seq_mesh(devices)
@@ -77,6 +80,7 @@ def test_ring_attention_output_is_sequence_sharded():
     assert shard_shapes == {(1, 4, 2, 4)}
 
 
+@pytest.mark.slow
 def test_ring_attention_inner_blocks_and_batch_axis():
     """block_size splits each ring step into query and key blocks; batch_axis_name adds
     data parallelism."""
@@ -100,6 +104,7 @@ def test_ring_attention_inner_blocks_and_batch_axis():
         assert jnp.allclose(got, want, rtol=1e-5, atol=2e-5), jnp.abs(got - want).max()
 
 
+@pytest.mark.slow
 def test_ring_attention_cross_attention_lengths_in_blocks():
     """Not causal, T != S: queries and keys each split over the ring, then in blocks."""
     mesh = seq_mesh(4)
@@ -113,6 +118,7 @@ def test_ring_attention_cross_attention_lengths_in_blocks():
         assert jnp.allclose(got, want, rtol=1e-5, atol=2e-5), jnp.abs(got - want).max()
 
 
+@pytest.mark.slow
 def test_ring_attention_bfloat16_keeps_dtype():
     mesh = seq_mesh(2)
     q, k, v, _ = random_qkv(B=1, T=16, N=2, K=2, H=8, dtype=jnp.bfloat16)
@@ -136,6 +142,7 @@ def per_device_bytes(compiled) -> int:
     )
 
 
+@pytest.mark.slow
 def test_ring_attention_per_device_memory_falls_with_devices():
     shape = jax.ShapeDtypeStruct((1, 256, 2, 16), jnp.float32)
     footprints = []
