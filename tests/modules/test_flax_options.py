@@ -317,3 +317,29 @@ def test_decoding_refuses_options_it_cannot_honour(options, match):
         model(inputs((B, 1, D_IN)), **options)
     with pytest.raises(ValueError, match=rf"MultiHeadAttention\.init: {match}"):
         linen_mha(decode=True).init(jax.random.key(0), inputs((B, 1, D_IN)), **options)
+
+
+def test_nnx_scan_over_vmapped_layers_equals_the_layers_one_by_one():
+    layers = 3
+
+    @nnx.split_rngs(splits=layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs):
+        return ja_nnx.MultiHeadAttention(D_IN, D_IN, CONTEXT, 0.0, HEADS, rngs=rngs)
+
+    @nnx.jit
+    def forward(stack, x, mask):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(h, layer):
+            return h + layer(h, mask=mask)
+
+        return body(x, stack)
+
+    stack = create(nnx.Rngs(0))
+    x, mask = inputs(), padding_mask()
+    stacked = ja_nnx.linen_params_from_nnx(stack)
+    assert stacked["W_query"]["kernel"].shape == (layers, D_IN, D_IN)
+    h = x
+    for i in range(layers):
+        h = h + oracle_square(jax.tree.map(lambda leaf, i=i: leaf[i], stacked), h, mask)
+    np.testing.assert_allclose(forward(stack, x, mask), h, rtol=1e-5, atol=1e-5)
