@@ -1,12 +1,13 @@
 """``jax-attn check`` finds mismatches and ``jax-attn bench`` writes its report (tiny shapes)."""
 
+import doctest
 import json
 
 import jax.numpy as jnp
 import pytest
 
 from jax_attn import dispatch
-from jax_attn.apps import bench, check, cli, fuzz
+from jax_attn.apps import bench, check, cli, fuzz, timing
 
 TINY = check.Case("tiny causal GQA", T=6, S=10, N=4, K=2, H=8, is_causal=True, mask=True)
 
@@ -95,6 +96,13 @@ def test_bench_writes_json_and_plot(tmp_path):
     assert isinstance(saved["cases"][0]["noisy"], list)
     assert [e["case"]["seq_len"] for e in saved["sweep"]] == [8, 16]
     assert (tmp_path / report["plot"].split("/")[-1]).stat().st_size > 0
+
+
+def test_timing_summary_examples_and_empty_runs():
+    results = doctest.testmod(timing)
+    assert results.attempted > 0 and results.failed == 0
+    with pytest.raises(ValueError, match="times must hold at least one run"):
+        timing.summary_ms([])
 
 
 class FakeClock:
