@@ -135,7 +135,7 @@ def _slice_broadcast(x, q_index, k_index, plan: _Plan):
         k_index * plan.k_chunk if S_x > 1 else 0,
     )
     sizes = (*lead, plan.q_chunk if T_x > 1 else 1, plan.k_chunk if S_x > 1 else 1)
-    return jax.lax.dynamic_slice(x, starts, sizes)
+    return jax.lax.dynamic_slice(x, _indices(starts), sizes)
 
 
 def _block_logits(plan: _Plan, q_blk, k, mask, bias, kv_lengths, q_index, k_index, position_masked):
@@ -306,7 +306,13 @@ def _backward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, out, lse, d_out
     return dq, dk, dv, dbias
 
 
+def _indices(starts):
+    """int32 start indices (Python ints would be int64 under ``jax_enable_x64``)."""
+    return tuple(jnp.asarray(start, jnp.int32) for start in starts)
+
+
 def _add_block(x, block, starts):
+    starts = _indices(starts)
     current = jax.lax.dynamic_slice(x, starts, block.shape)
     return jax.lax.dynamic_update_slice(x, current + block, starts)
 

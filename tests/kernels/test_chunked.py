@@ -285,20 +285,23 @@ def test_bad_arguments_raise(kwargs, match):
         _chunked(q, k, v, **kwargs)
 
 
-def test_float64_inputs_are_declined_with_a_reason():
+def test_float64_inputs_are_declined_and_x64_mode_works():
+    """With jax_enable_x64 on: float64 is declined with a reason; float32 inputs with int64
+    lengths, a mask and a bias run forward and backward over several chunks."""
     with jax.enable_x64(True):
         q = jnp.zeros((1, 4, 2, 8), jnp.float64)
         with pytest.raises(ValueError, match="float64"):
             ja.dot_product_attention(q, q, q, implementation="chunked")
-        # x64 on, float32 inputs: served.
         q, k, v = _inputs(6, 6)
-        out = ja.dot_product_attention(
-            q,
-            k,
-            v,
-            is_causal=True,
-            key_value_seq_lengths=jnp.array([6, 3]),
-            implementation="chunked",
-        )
-        want = _reference(q, k, v, is_causal=True, key_value_seq_lengths=jnp.array([6, 3]))
-    _assert_close(out, want, 1e-5)
+        kwargs = {
+            "is_causal": True,
+            "key_value_seq_lengths": jnp.array([6, 3]),
+            "mask": _bernoulli((B, 1, 6, 6), 0.8, 9),
+        }
+        bias = _normal((1, N, 6, 6), 10)
+        fast = _loss(_chunked, query_chunk_size=4, key_chunk_size=2, **kwargs)
+        slow = _loss(reference.dot_product_attention, **kwargs)
+        grads_fast = jax.jit(jax.grad(fast, (0, 1, 2, 3)))(q, k, v, bias)
+        grads_slow = jax.jit(jax.grad(slow, (0, 1, 2, 3)))(q, k, v, bias)
+    for fast_grad, slow_grad in zip(grads_fast, grads_slow, strict=True):
+        _assert_close(fast_grad, slow_grad, 1e-4)
