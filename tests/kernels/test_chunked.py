@@ -84,10 +84,12 @@ def _assert_close(actual, expected, tol):
 
 CASES = [
     # (T, S, K, H_v, chunks, options, extras)
-    (13, 17, 2, H, (4, 5), {}, None),
+    pytest.param(13, 17, 2, H, (4, 5), {}, None, marks=pytest.mark.slow),
     (17, 13, 2, H, (3, 4), {"is_causal": True}, None),  # first rows see no key
     (13, 17, 1, 6, (16, 4), {"is_causal": True, "local_window_size": (3, 1)}, None),
-    (13, 13, 4, H, (5, 3), {"local_window_size": 2, "scale": 0.3}, None),
+    pytest.param(
+        13, 13, 4, H, (5, 3), {"local_window_size": 2, "scale": 0.3}, None, marks=pytest.mark.slow
+    ),
     (13, 17, 2, H, (4, 5), {"is_causal": True}, "mask_lengths_dropout"),
     (13, 17, 2, H, (5, 4), {}, "bias"),
 ]
@@ -116,7 +118,7 @@ def test_forward_and_gradients_match_reference(T, S, K, H_v, chunks, options, ex
         _assert_close(fast_grad, slow_grad, 1e-4)
 
 
-@pytest.mark.parametrize("chunks", [(1, 1), (3, 7), (64, 64)])
+@pytest.mark.parametrize("chunks", [(1, 1), (3, 7), pytest.param((64, 64), marks=pytest.mark.slow)])
 def test_any_chunk_size_gives_the_reference(chunks):
     q, k, v = _inputs(13, 17)
     out = _chunked(q, k, v, is_causal=True, query_chunk_size=chunks[0], key_chunk_size=chunks[1])
@@ -220,6 +222,7 @@ def test_key_chunk_ranges_cover_exactly_the_band(T, S, chunks, options):
                 assert block.all(), (i, j)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision_inputs(dtype):
     q, k, v = _inputs(13, 17, dtype=dtype)

@@ -84,7 +84,9 @@ def test_default_implementation_on_explicit_axes_is_the_chunked_kernel():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
+@pytest.mark.parametrize(
+    "axis_type", [AxisType.Explicit, pytest.param(AxisType.Auto, marks=pytest.mark.slow)]
+)
 def test_default_implementation_inside_shard_map(one_device, axis_type):
     mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
     inputs = _batch_sharded(mesh, *_inputs())
@@ -102,6 +104,7 @@ def test_default_implementation_inside_shard_map(one_device, axis_type):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow
 def test_chunked_kernel_inside_shard_map_with_every_option():
     """Window, bias, mask, lengths and dropout inside shard_map (manual axes), against
     the oracle run per device with the same arguments."""
@@ -142,7 +145,9 @@ def test_chunked_kernel_inside_shard_map_with_every_option():
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
+@pytest.mark.parametrize(
+    "axis_type", [AxisType.Explicit, pytest.param(AxisType.Auto, marks=pytest.mark.slow)]
+)
 def test_ring_implementation_on_explicit_and_auto_axes(one_device, axis_type):
     """implementation="ring" over a (data=2, seq=4) mesh, inputs arriving batch-sharded."""
     mesh = jax.make_mesh((2, 4), ("data", "seq"), axis_types=(axis_type,) * 2)

@@ -70,6 +70,7 @@ def test_ring_attention_matches_reference_forward_and_gradients(devices, is_caus
         assert jnp.allclose(got, want, rtol=1e-5, atol=2e-5), (name, jnp.abs(got - want).max())
 
 
+@pytest.mark.slow
 def test_ring_attention_output_is_sequence_sharded():
     mesh = seq_mesh(4)
     q, k, v, _ = random_qkv(B=1, T=16, N=2, K=2, H=4)
