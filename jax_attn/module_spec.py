@@ -147,6 +147,8 @@ class AttentionSpec:
         """The spec of a Linen or NNX module (its fields of the same names)."""
         given = class_config(module)
         if type(module).__name__ == "MultiHeadAttentionWrapper":
+            owner = owner or type(module).__name__
+            check_positive_int(owner, "num_heads", given["num_heads"])
             given["num_heads"] = 1  # each head is a CausalAttention of width d_out
         return cls(owner=owner or type(module).__name__, **given)
 
