@@ -166,6 +166,31 @@ CASES = [("SelfAttentionV1", False)] + [
     for qkv_bias in (False, True)
 ]
 CASE_IDS = [f"{name}-bias{int(bias)}" for name, bias in CASES]
+# The fast set: each class once, qkv_bias both ways. The other cases run in the slow set
+# (CI's `-m slow` step); they take the same conversion path with another bias flag.
+FAST_CASES = {
+    ("SelfAttentionV1", False),
+    ("SelfAttentionV2", True),
+    ("CausalAttention", False),
+    ("MultiHeadAttentionWrapper", True),
+    ("MultiHeadAttention", True),
+}
+
+
+def sweep(fast=FAST_CASES, batched=None):
+    """``CASES`` as params (times ``batched`` when given); those outside ``fast`` are slow.
+
+    With ``batched``, the unbatched path runs fast for one class (``MultiHeadAttention``,
+    the only one that reshapes heads) and slow for the rest."""
+    params = []
+    for case, case_id in zip(CASES, CASE_IDS, strict=True):
+        for b in [None] if batched is None else batched:
+            values = case if b is None else (*case, b)
+            fast_case = case in fast and (b in (None, True) or case[0] == "MultiHeadAttention")
+            marks = () if fast_case else (pytest.mark.slow,)
+            suffix = "" if b is None else ("-batched" if b else "-unbatched")
+            params.append(pytest.param(*values, marks=marks, id=case_id + suffix))
+    return params
 
 
 def inputs(batched: bool, seed: int = 0):
@@ -182,8 +207,7 @@ def torch_output(torch, torch_module, x):
     return out if x.ndim == 3 else out[0]
 
 
-@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
-@pytest.mark.parametrize(("name", "qkv_bias"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize(("name", "qkv_bias", "batched"), sweep(batched=[True, False]))
 def test_torch_to_flax_outputs_match(book, name, qkv_bias, batched):
     torch, classes = book
     args, module = constructor_args(name, qkv_bias)
@@ -195,8 +219,7 @@ def test_torch_to_flax_outputs_match(book, name, qkv_bias, batched):
     np.testing.assert_allclose(np.asarray(ours), torch_output(torch, torch_module, x), **TOLERANCE)
 
 
-@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
-@pytest.mark.parametrize(("name", "qkv_bias"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize(("name", "qkv_bias", "batched"), sweep(batched=[True, False]))
 def test_flax_to_torch_outputs_match(book, name, qkv_bias, batched):
     torch, classes = book
     args, module = constructor_args(name, qkv_bias)
@@ -213,7 +236,7 @@ def test_flax_to_torch_outputs_match(book, name, qkv_bias, batched):
     np.testing.assert_allclose(np.asarray(ours), torch_output(torch, torch_module, x), **TOLERANCE)
 
 
-@pytest.mark.parametrize(("name", "qkv_bias"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize(("name", "qkv_bias"), sweep())
 def test_include_buffers_loads_strictly_and_equals_book_mask(book, name, qkv_bias):
     torch, classes = book
     args, module = constructor_args(name, qkv_bias)
@@ -227,7 +250,7 @@ def test_include_buffers_loads_strictly_and_equals_book_mask(book, name, qkv_bia
     torch_module.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
 
 
-@pytest.mark.parametrize(("name", "qkv_bias"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize(("name", "qkv_bias"), sweep())
 def test_round_trip_is_exact(book, name, qkv_bias):
     torch, classes = book
     args, module = constructor_args(name, qkv_bias)
@@ -392,8 +415,9 @@ def grouped_query_attention_class(torch):
     return GroupedQueryAttention
 
 
-@pytest.mark.parametrize("num_kv_heads", [1, 2])
-@pytest.mark.parametrize("qkv_bias", [False, True])
+# fast: one kv head and qkv bias; (2 kv heads, no bias) take the same path, in the slow set
+@pytest.mark.parametrize("num_kv_heads", [1, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("qkv_bias", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_grouped_kv_heads_match_torch_both_ways(book, num_kv_heads, qkv_bias):
     torch, _ = book
     if "num_kv_heads" not in {f.name for f in dataclasses.fields(ja.MultiHeadAttention)}:
@@ -478,7 +502,15 @@ def test_registered_layout_by_class_does_not_replace_the_linen_one(monkeypatch):
     }
 
 
-@pytest.mark.parametrize("name", sorted({name for name, _ in CASES}))
+# fast: the two multi-head classes; the single-head ones (slow set) take the same converter,
+# and test_nnx.py's state-dict round trip converts every NNX class through interop
+@pytest.mark.parametrize(
+    "name",
+    [
+        n if n.startswith("MultiHead") else pytest.param(n, marks=pytest.mark.slow)
+        for n in sorted({name for name, _ in CASES})
+    ],
+)
 def test_nnx_modules_match_torch_through_their_linen_layout(book, name):
     from flax import nnx
 
