@@ -47,13 +47,22 @@ def _reference_forward(params, x, K):
 
 
 @functools.cache
-def _init(K):
-    return jax.jit(_module(K, decode=True).init)
+def _variables(K, seed=0):
+    """Numpy-drawn params and the empty cache, in the shapes ``init`` gives (a random
+    init costs more compile time than all the decoding below)."""
+    x = jax.ShapeDtypeStruct((B, CONTEXT, D), jnp.float32)
+    shapes = jax.eval_shape(_module(K, decode=True).init, jax.random.key(seed), x)
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(
+        lambda s: jnp.asarray(rng.standard_normal(s.shape, np.float32) / np.sqrt(s.shape[0])),
+        shapes["params"],
+    )
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
+    return params, cache
 
 
 def _setup(K, seed=0):
-    variables = _init(K)(jax.random.key(seed), jnp.zeros((B, CONTEXT, D), jnp.float32))
-    return _inputs(seed=seed), variables["params"], variables["cache"]
+    return _inputs(seed=seed), *_variables(K, seed)
 
 
 @functools.cache
@@ -80,7 +89,15 @@ def _decode_chunks(params, cache, x, chunks, step):
     return np.concatenate(outs, axis=1), cache
 
 
-@pytest.mark.parametrize("K, chunks", [(None, (3, 1, 4)), (2, (1,) * 5)])
+@pytest.mark.parametrize(
+    "K, chunks",
+    [
+        # default heads, in chunks: tests/modules/test_nnx.py's
+        # test_nnx_decode_equals_full_pass_and_linen_decode[None] decodes them in chunks
+        pytest.param(None, (3, 1, 4), marks=pytest.mark.slow),
+        (2, (1,) * 5),
+    ],
+)
 def test_jitted_step_equals_full_causal_pass(K, chunks):
     x, params, cache = _setup(K)
     out, cache = _decode_chunks(params, cache, x, chunks, _decode_step(K))
@@ -170,7 +187,13 @@ def _decode_while_loop(params, cache, x):
 
 
 @pytest.mark.parametrize(
-    "loop", [_decode_fori_loop, pytest.param(_decode_while_loop, marks=pytest.mark.slow)]
+    "loop",
+    [
+        # the same jitted step in a traced loop: test_scan_past_the_end_... (lax.scan) and
+        # test_decode_nnx's fori_loop case stay fast
+        pytest.param(_decode_fori_loop, marks=pytest.mark.slow),
+        pytest.param(_decode_while_loop, marks=pytest.mark.slow),
+    ],
 )
 def test_jitted_step_inside_fori_and_while_loop(loop):
     K = 2
