@@ -35,11 +35,21 @@ DOCTESTED_PAGES = {
     "attention.md": (),
     "modules.md": (),
     "plots.md": ("matplotlib",),
+    "flax_attention.md": (),
 }
 
 
-# Examples that build and compile whole Flax modules: checked in the slow step.
-HEAVY = {"jax_attn.nnx_modules", "jax_attn.linen_modules", "modules.md"}
+# Checked in the slow step: examples that build and compile whole Flax modules, and
+# dispatch's example, whose two jax.random.normal draws compile ~3 s each on CPU (its path,
+# the default implementation against the reference on a GQA causal call, stays in the fast
+# set: tests/kernels/test_dispatch.py::test_default_picks_a_supporting_implementation...).
+HEAVY = {
+    "jax_attn.nnx_modules",
+    "jax_attn.linen_modules",
+    "modules.md",
+    "flax_attention.md",
+    "jax_attn.dispatch",
+}
 
 
 def _params(names):

@@ -9,10 +9,13 @@ give exact zeros on rows with nothing to attend. The allowed error (``allowed_er
 ``tests/conftest.py``) is float32's 1e-5 x max(1, max|v|), or in half precision
 ``HALF_ERROR_RATIO`` x the error the reference itself makes in that dtype on the call.
 
-Default profile (the README's test command): tens of random examples over two shapes.
+Default profile (the README's test command): a few random examples (``FAST_EXAMPLES``,
+new ones every run) over two shapes; another profile (``HYPOTHESIS_PROFILE``) sets its own.
 Thorough (``-m slow``, CI's slow step): the ``thorough`` profile's examples over every
 shape of ``jax_attn.apps.fuzz``.
 """
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +30,11 @@ from jax_attn.validation import check_attention_args
 
 IMPLEMENTATIONS = fuzz.load_kernels()
 QUICK_SHAPES = ((2, 3, 4, 2, 1, 4), (1, 4, 4, 2, 2, 8))  # (B, T, S, N, K, H)
+# Each example compiles a few programs per implementation (~2 s CPU): under the default
+# profile the fast tests draw this many random examples; the thorough one draws its own.
+_DEFAULT_PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "default") == "default"
+FAST_EXAMPLES = 6 if _DEFAULT_PROFILE else settings.default.max_examples
+FLOAT64_EXAMPLES = 2 if _DEFAULT_PROFILE else 4
 
 
 @st.composite
@@ -113,12 +121,13 @@ def check_against_float64(call, attention_float64, allowed_error):
     assert "reference" in served
 
 
+@settings(max_examples=FAST_EXAMPLES)
 @given(call=attention_calls(QUICK_SHAPES))
 def test_every_implementation_matches_float64(attention_float64, allowed_error, call):
     check_against_float64(call, attention_float64, allowed_error)
 
 
-@settings(max_examples=4)
+@settings(max_examples=FLOAT64_EXAMPLES)
 @given(call=attention_calls(QUICK_SHAPES[:1], dtypes=("float32",)))
 def test_float64_calls_match_numpy_float64(attention_float64, call):
     # the same call in float64, through the dispatcher and every implementation serving it
