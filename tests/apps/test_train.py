@@ -1,5 +1,6 @@
 """The training command's pieces on a tiny model: loss falls, checkpoints, generation."""
 
+import functools
 from pathlib import Path
 
 import jax
@@ -78,11 +79,24 @@ def test_checkpoint_round_trip_is_bit_exact(trained, tmp_path):
         np.testing.assert_array_equal(np.asarray(saved), np.asarray(back))
 
 
+_FORWARDS = {}
+
+
+def _full_forward(config):
+    """One jitted full causal pass ``(params, tokens) -> logits`` per config, shared by the
+    tests (a fresh jit per call would compile it again)."""
+    if id(config) not in _FORWARDS:
+        model = tr.build_decoder(config)
+        _FORWARDS[id(config)] = jax.jit(
+            lambda params, tokens: model.apply({"params": params}, tokens)
+        )
+    return _FORWARDS[id(config)]
+
+
 def _greedy_by_recomputing(config, params, prompts, lengths, num_new, forced=None):
     """Greedy tokens from full causal passes over a fixed-size buffer (no cache); where
     ``forced >= 0`` that token is fed instead."""
-    model = tr.build_decoder(config)
-    forward = jax.jit(lambda tokens: model.apply({"params": params}, tokens))
+    forward = functools.partial(_full_forward(config), params)
     buffer = np.zeros((prompts.shape[0], config.task.sequence_length), np.int32)
     buffer[:, : prompts.shape[1]] = prompts
     lengths = np.asarray(lengths)
@@ -143,7 +157,10 @@ def test_attention_weights_by_layer_reproduce_each_attention_layer(tiny_config, 
     tokens = PROMPTS[1]
     weights = tr.attention_weights_by_layer(decoder, params, tokens)
     assert len(weights) == tiny_config.model.num_layers
-    _, state = decoder.apply({"params": params}, tokens[None], capture_intermediates=True)
+    capture = jax.jit(
+        lambda params, tokens: decoder.apply({"params": params}, tokens, capture_intermediates=True)
+    )
+    _, state = capture(params, tokens[None])
     for i, layer_weights in enumerate(weights):
         block = state["intermediates"][f"block_{i}"]
         (attention_input,) = block["norm_1"]["__call__"]
