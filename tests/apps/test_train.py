@@ -175,6 +175,10 @@ def test_attention_weights_by_layer_reproduce_each_attention_layer(tiny_config, 
         np.testing.assert_allclose(out, attention_output[0], rtol=1e-5, atol=1e-6)
 
 
+# the train command end to end on a checkpoint; fast: the weights it draws
+# (test_attention_weights_by_layer_reproduce_each_attention_layer) and the drawing
+# (tests/apps/test_plots.py test_plot_heads_grid)
+@pytest.mark.slow
 def test_heads_of_a_checkpoint_are_drawn_one_figure_per_layer(tiny_config, trained, tmp_path):
     pytest.importorskip("matplotlib")
     checkpoint = tmp_path / "checkpoint.msgpack"
