@@ -4,6 +4,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -56,17 +57,28 @@ def loss(params, x):
 
 
 @pytest.fixture(scope="module")
-def single_device():
+def module_params():
+    """MODULE's parameters, their shapes from eval_shape and values from numpy (no compile)."""
+    x = jax.ShapeDtypeStruct((8, 16, 16), jnp.float32)
+    shapes = jax.eval_shape(MODULE.init, jax.random.key(1), x)["params"]
+    rng = np.random.default_rng(1)
+    return jax.tree.map(
+        lambda s: jnp.asarray(rng.standard_normal(s.shape) / np.sqrt(s.shape[0]), s.dtype), shapes
+    )
+
+
+@pytest.fixture(scope="module")
+def single_device(module_params):
     """Params, input, and the unsharded output and gradients (computed once)."""
-    x = jax.random.normal(jax.random.key(0), (8, 16, 16))
-    params = jax.jit(MODULE.init)(jax.random.key(1), x)["params"]
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 16, 16)), jnp.float32)
+    params = module_params
     out = jax.jit(MODULE.apply)({"params": params}, x)
     grads = jax.jit(jax.grad(loss))(params, x)
     return params, x, out, grads
 
 
-def test_shard_params_layout(single_device):
-    params = single_device[0]
+def test_shard_params_layout(module_params):
+    params = module_params
     mesh = sharding.make_mesh(data=2, model=4)
     placed = sharding.shard_params({"params": params}, mesh, num_heads=8)["params"]
     assert placed["W_query"]["kernel"].sharding.spec == P(None, "model")
@@ -82,6 +94,9 @@ def collectives(hlo: str) -> list[tuple[str, str]]:
     return COLLECTIVE.findall(hlo)
 
 
+# Slow (with the gradient, metadata and bench_mesh tests below): compiles of the sharded
+# module; the fast shard_params tests check the layouts they rely on.
+@pytest.mark.slow
 @pytest.mark.parametrize("data, model", [(2, 4), (8, 1)])
 def test_sharded_multi_head_attention_equals_single_device(single_device, data, model):
     params, x, want, _ = single_device
@@ -105,6 +120,7 @@ def test_sharded_multi_head_attention_equals_single_device(single_device, data, 
         assert ops[0][0].startswith(f"f32[{x.shape[0] // data},16,32]"), ops
 
 
+@pytest.mark.slow
 def test_sharded_multi_head_attention_gradients_equal_single_device(single_device):
     params, x, _, want = single_device
     mesh = sharding.make_mesh(data=2, model=4)
@@ -123,16 +139,16 @@ def test_sharded_multi_head_attention_gradients_equal_single_device(single_devic
         (lambda p, mesh: sharding.shard_batch(jnp.zeros((3, 4, 16)), mesh), "batch dim"),
     ],
 )
-def test_sharding_rejects_bad_layouts(single_device, call, match):
-    params = single_device[0]
+def test_sharding_rejects_bad_layouts(module_params, call, match):
+    params = module_params
     mesh = sharding.make_mesh(data=2, model=4)
     with pytest.raises(ValueError, match=match):
         call(params, mesh)
 
 
-def test_shard_params_lays_out_every_attention_module_of_any_tree(single_device):
+def test_shard_params_lays_out_every_attention_module_of_any_tree(module_params):
     """A model's tree: two attention blocks found wherever they are, the rest replicated."""
-    params = single_device[0]
+    params = module_params
     tree = {
         "params": {
             "embed": {"embedding": jnp.ones((10, 16))},
@@ -157,6 +173,7 @@ def test_shard_params_lays_out_every_attention_module_of_any_tree(single_device)
     assert all(jax.tree.leaves(same))
 
 
+@pytest.mark.slow
 def test_shard_params_honours_partition_metadata(single_device):
     """Boxes from nn.with_partitioning win, stay boxed, and name only the mesh's axes."""
     import flax.linen as nn
@@ -212,6 +229,8 @@ def test_bench_mesh_rejects_bad_mesh_specs(spec):
         bench_mesh.parse_mesh(spec)
 
 
+# Slow: a ring compile; test_ring_attention.py's fast ring test checks collective-permute.
+@pytest.mark.slow
 def test_bench_mesh_ring_reports_memory_falling_with_devices(tmp_path):
     import json
 
