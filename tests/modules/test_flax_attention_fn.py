@@ -38,7 +38,11 @@ def test_linen_no_mask_with_extra_batch_dims():
     chex.assert_trees_all_close(_apply(ours, params, x), _apply(flax_mha, params, x), **TOL)
 
 
-@pytest.mark.parametrize("mask_dtype", [jnp.float32, jnp.bool_])
+# float32 (Flax's default mask dtype) fast; a bool mask (slow here) runs fast in
+# test_linen_bias_and_cross_attention_direct_call
+@pytest.mark.parametrize(
+    "mask_dtype", [jnp.float32, pytest.param(jnp.bool_, marks=pytest.mark.slow)]
+)
 def test_linen_causal_mask_as_flax_makes_it(mask_dtype):
     flax_mha, ours, params = _linen_pair()
     x = _inputs()
@@ -48,6 +52,10 @@ def test_linen_causal_mask_as_flax_makes_it(mask_dtype):
     )
 
 
+# slow: is_causal=True through flax_attention_fn runs fast in
+# test_nnx_gqa_causal_mask_and_is_causal, and a functools.partial of it inside the Linen
+# module in test_partial_with_implementation
+@pytest.mark.slow
 def test_linen_is_causal_through_partial_equals_flax_causal_mask():
     flax_mha, _, params = _linen_pair()
     ours = flax_mha.clone(attention_fn=functools.partial(ja.flax_attention_fn, is_causal=True))
@@ -89,12 +97,16 @@ def test_is_causal_top_left_as_flax_when_lengths_differ(S):
     v = _inputs((B, S, N, 4), seed=3)
     # key 0 stays visible: no query row is left with nothing to attend
     mask = (_inputs((B, 1, 8, S), seed=4) > -1.0).at[..., 0].set(True)
+    # both sides jitted: one compile each instead of op-by-op dispatch
+    ours = jax.jit(lambda q, k, v, kw: ja.flax_attention_fn(q, k, v, is_causal=True, **kw))
+    flax = jax.jit(lambda q, k, v, kw: nnx.dot_product_attention(q, k, v, is_causal=True, **kw))
     for kwargs in ({}, {"mask": mask}):
-        got = ja.flax_attention_fn(q, k, v, is_causal=True, **kwargs)
-        want = nnx.dot_product_attention(q, k, v, is_causal=True, **kwargs)
-        chex.assert_trees_all_close(got, want, **TOL)
+        chex.assert_trees_all_close(ours(q, k, v, kwargs), flax(q, k, v, kwargs), **TOL)
 
 
+# slow: test_nnx_dropout_deterministic_and_sow_weights runs a dropout_rate=0.3 module with
+# deterministic=True and a causal mask through flax_attention_fn in the fast set
+@pytest.mark.slow
 def test_linen_dropout_module_deterministic_equals_flax():
     flax_mha, ours, params = _linen_pair(dropout_rate=0.3)
     x = _inputs()
@@ -133,6 +145,9 @@ def test_linen_gradients_equal_flax():
     chex.assert_trees_all_close(grads(ours), grads(flax_mha), rtol=1e-5, atol=1e-5)
 
 
+# slow: test_nnx_decode_token_by_token_equals_full_pass decodes through flax_attention_fn
+# token by token in the fast set (the same function on the same cached keys/values)
+@pytest.mark.slow
 def test_linen_decode_token_by_token_equals_full_pass():
     flax_mha, ours, params = _linen_pair()
     x = _inputs()
@@ -151,6 +166,9 @@ def test_linen_decode_token_by_token_equals_full_pass():
     chex.assert_trees_all_close(jnp.swapaxes(ys, 0, 1), full, **TOL)
 
 
+# slow: test_nnx_dropout_deterministic_and_sow_weights checks the sown weights of
+# flax_attention_fn against Flax's in the fast set
+@pytest.mark.slow
 def test_linen_sow_weights():
     flax_mha, ours, params = _linen_pair()
     x = _inputs()
