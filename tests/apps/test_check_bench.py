@@ -25,6 +25,9 @@ def broken_implementation(monkeypatch):
     return "broken"
 
 
+# the real kernels through run_check; fast: test_check_reports_a_mismatch_and_exits_non_zero
+# (the same run_check through check.main) and tests/kernels (the kernels themselves)
+@pytest.mark.slow
 def test_check_passes_the_real_implementations():
     results = check.run_check([TINY], ["bfloat16"], ["chunked", "xla"])
     assert [(r.implementation, r.dtype) for r in results] == [

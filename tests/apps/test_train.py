@@ -136,7 +136,10 @@ def test_forced_tokens_are_fed_instead_of_generated(tiny_config, trained):
     np.testing.assert_array_equal(cached, expected)
 
 
-def test_sampling_reproducible_with_key_and_respects_top_k(tiny_config, trained):
+# a second generation program (sampling instead of greedy); fast: the greedy generate
+# tests (the same loop) and test_sampling_respects_top_k (the sampler it calls)
+@pytest.mark.slow
+def test_sampling_reproducible_with_key(tiny_config, trained):
     params = trained[0]["params"]
     decoder = tr.build_decoder(tiny_config, decode=True)
 
@@ -146,6 +149,9 @@ def test_sampling_reproducible_with_key_and_respects_top_k(tiny_config, trained)
         )
 
     np.testing.assert_array_equal(sample(1), sample(1))
+
+
+def test_sampling_respects_top_k():
     logits = jnp.array([[0.0, 5.0, 4.0, -1.0, 3.0]] * 256)
     draws = tr.sample_logits(jax.random.key(0), logits, temperature=5.0, top_k=2)
     assert set(np.unique(draws).tolist()) == {1, 2}
