@@ -67,7 +67,9 @@ def test_cli_routes_check_and_bench(capsys):
         pytest.param(True, marks=pytest.mark.slow),
     ],
 )
-def test_bench_writes_json_and_plot(tmp_path, torch):
+def test_bench_writes_json_and_plot(tmp_path, monkeypatch, torch):
+    if not torch:  # as without torch installed: its import is not paid for here
+        monkeypatch.setattr(bench, "_TORCH", None)
     config = bench.BenchConfig(
         name="tiny",
         warmup=1,
