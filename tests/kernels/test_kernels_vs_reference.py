@@ -234,19 +234,28 @@ def test_no_future_leakage(implementation):
 def test_dropout_same_key_same_output_and_mean_preserved():
     q, k, v = _qkv()
     key = jax.random.key(11)
-    a = ja.dot_product_attention(q, k, v, dropout_rate=0.4, dropout_rng=key)
-    b = ja.dot_product_attention(q, k, v, dropout_rate=0.4, dropout_rng=key)
-    c = ja.dot_product_attention(q, k, v, dropout_rate=0.4, dropout_rng=jax.random.key(12))
+    n, p = 200, 0.4
+
+    # jitted: one compiled program each, not one per eager op; a and b are separate calls
+    @jax.jit
+    def attend(key):
+        return ja.dot_product_attention(q, k, v, dropout_rate=0.4, dropout_rng=key)
+
+    @jax.jit
+    def drop(key):
+        weights = ja.dot_product_attention_weights(q, k)
+        dropped = F.dropout(weights, 0.4, key)
+        draws = jax.vmap(lambda key: F.dropout(weights, p, key))(jax.random.split(key, n))
+        return weights, dropped, draws
+
+    a, b, c = attend(key), attend(key), attend(jax.random.key(12))
+    weights, dropped, draws = drop(key)
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
-    weights = ja.dot_product_attention_weights(q, k)
-    dropped = F.dropout(weights, 0.4, key)
     kept = np.asarray(dropped) != 0
     np.testing.assert_allclose(
         np.asarray(dropped)[kept], np.asarray(weights)[kept] / 0.6, rtol=1e-6
     )
-    n, p = 200, 0.4
-    draws = jax.vmap(lambda key: F.dropout(weights, p, key))(jax.random.split(key, n))
     # each draw is w / (1 - p) with probability 1 - p, else 0: mean w, sd w sqrt(p / (1 - p))
     sigma = np.asarray(weights) * np.sqrt(p / (1 - p) / n)
     assert (np.abs(np.asarray(draws.mean(0)) - np.asarray(weights)) <= 5 * sigma + 1e-7).all()

@@ -177,7 +177,8 @@ def test_gradients_exactly_zero_at_masked_positions_and_finite(implementation):
     q, k, v, kwargs, bias = _masked_setup()
     if not _supports(implementation, q, k, v, bias=bias, **kwargs):
         pytest.skip(f"{implementation} does not serve this call")
-    dq, dk, dv, dbias = jax.grad(_loss_fn(implementation, kwargs), argnums=(0, 1, 2, 3))(
+    # under one jax.jit: one compiled program, not one per eager op of the backward pass
+    dq, dk, dv, dbias = jax.jit(jax.grad(_loss_fn(implementation, kwargs), argnums=(0, 1, 2, 3)))(
         q, k, v, bias
     )
     for name, grad in dict(dq=dq, dk=dk, dv=dv, dbias=dbias).items():
@@ -203,9 +204,10 @@ def test_half_precision_gradients_match_float32_reference(implementation, dtype)
         pytest.skip(f"{implementation} does not serve this call")
     argnums = (0, 1, 2)
     wide = tuple(x.astype(jnp.float32) for x in (q, k, v))
-    expected = jax.grad(_loss_fn("reference", kwargs), argnums)(*wide, bias)
-    own = jax.grad(_loss_fn("reference", kwargs), argnums)(q, k, v, bias)
-    got = jax.grad(_loss_fn(implementation, kwargs), argnums)(q, k, v, bias)
+    reference_grad = jax.jit(jax.grad(_loss_fn("reference", kwargs), argnums))
+    expected = reference_grad(*wide, bias)
+    own = reference_grad(q, k, v, bias)
+    got = jax.jit(jax.grad(_loss_fn(implementation, kwargs), argnums))(q, k, v, bias)
     for name, g, o, e in zip("qkv", got, own, expected, strict=True):
         assert g.dtype == dtype, name
         g, o, e = (np.asarray(x, np.float64) for x in (g, o, e))
