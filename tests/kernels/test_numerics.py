@@ -247,6 +247,10 @@ def test_check_grads(implementation, mode):
             raise
 
 
+# Slow step: every fast test that runs an implementation also checks its output dtype
+# (half dtypes: test_logits_are_float32_for_half_inputs; float32: test_kernels_vs_reference.py::
+# test_fully_masked_rows_are_zero_in_every_dtype; float64: tests/core/test_x64.py).
+@pytest.mark.slow
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", [jnp.float32, *HALF_DTYPES, jnp.float64])
 def test_output_keeps_input_dtype(implementation, dtype):
