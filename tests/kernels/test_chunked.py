@@ -32,7 +32,7 @@ def _inputs(T, S, K=2, H_v=H, dtype=jnp.float32, seed=0):
 
 
 def _extras(name, T, S):
-    if name == "mask_lengths_dropout":
+    if name in ("mask_lengths_dropout", "all"):
         return {
             "mask": _bernoulli((B, 1, T, S), 0.7, 7),
             "query_seq_lengths": jnp.array([T, T // 2]),
@@ -85,13 +85,32 @@ def _assert_close(actual, expected, tol):
 CASES = [
     # (T, S, K, H_v, chunks, options, extras)
     pytest.param(13, 17, 2, H, (4, 5), {}, None, marks=pytest.mark.slow),
-    (17, 13, 2, H, (3, 4), {"is_causal": True}, None),  # first rows see no key
-    (13, 17, 1, 6, (16, 4), {"is_causal": True, "local_window_size": (3, 1)}, None),
+    # Slow: the causal "all" case runs the causal multi-chunk backward and
+    # test_fully_masked_rows_and_chunks_give_zeros_not_nan the rows that see no key.
+    pytest.param(
+        17, 13, 2, H, (3, 4), {"is_causal": True}, None, marks=pytest.mark.slow
+    ),  # first rows see no key
+    # Slow: the "all" case runs the same K, H_v and window, forward and gradients.
+    pytest.param(
+        13,
+        17,
+        1,
+        6,
+        (16, 4),
+        {"is_causal": True, "local_window_size": (3, 1)},
+        None,
+        marks=pytest.mark.slow,
+    ),
     pytest.param(
         13, 13, 4, H, (5, 3), {"local_window_size": 2, "scale": 0.3}, None, marks=pytest.mark.slow
     ),
-    (13, 17, 2, H, (4, 5), {"is_causal": True}, "mask_lengths_dropout"),
-    (13, 17, 2, H, (5, 4), {}, "bias"),
+    # Fast: MQA, H_v != H, causal + window, mask, both lengths, dropout and a bias with
+    # -inf rows and columns in one compile; the three cases it merges stay as slow tests.
+    (13, 17, 1, 6, (4, 5), {"is_causal": True, "local_window_size": (3, 1)}, "all"),
+    pytest.param(
+        13, 17, 2, H, (4, 5), {"is_causal": True}, "mask_lengths_dropout", marks=pytest.mark.slow
+    ),
+    pytest.param(13, 17, 2, H, (5, 4), {}, "bias", marks=pytest.mark.slow),
 ]
 
 
@@ -100,7 +119,7 @@ def test_forward_and_gradients_match_reference(T, S, K, H_v, chunks, options, ex
     q, k, v = _inputs(T, S, K, H_v)
     kwargs = {**options, **_extras(extra, T, S)}
     bias = None
-    if extra == "bias":
+    if extra in ("bias", "all"):
         bias = _normal((1, N, T, S), 5)
         bias = bias.at[0, 1, 2, :].set(-jnp.inf).at[0, 0, :, 3].set(-jnp.inf)
     fast = _loss(
@@ -118,13 +137,24 @@ def test_forward_and_gradients_match_reference(T, S, K, H_v, chunks, options, ex
         _assert_close(fast_grad, slow_grad, 1e-4)
 
 
-@pytest.mark.parametrize("chunks", [(1, 1), (3, 7), pytest.param((64, 64), marks=pytest.mark.slow)])
+# (1, 1) slow: (3, 7) runs the same loop over several query and key chunks.
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        pytest.param((1, 1), marks=pytest.mark.slow),
+        (3, 7),
+        pytest.param((64, 64), marks=pytest.mark.slow),
+    ],
+)
 def test_any_chunk_size_gives_the_reference(chunks):
     q, k, v = _inputs(13, 17)
     out = _chunked(q, k, v, is_causal=True, query_chunk_size=chunks[0], key_chunk_size=chunks[1])
     _assert_close(out, _reference(q, k, v, is_causal=True), 1e-5)
 
 
+# Slow: test_forward_and_gradients_match_reference[all] takes a bias broadcast over the
+# batch and its gradient, and a mask broadcast over heads.
+@pytest.mark.slow
 def test_broadcast_bias_and_mask():
     q, k, v = _inputs(9, 11)
     bias = _normal((B, 1, 1, 11), 1)
@@ -137,6 +167,9 @@ def test_broadcast_bias_and_mask():
         _assert_close(fast_grad, slow_grad, 1e-4)
 
 
+# Slow: test_forward_and_gradients_match_reference[all]'s query lengths
+# leave a whole query chunk (rows 8..11) with no key, forward and gradients checked finite.
+@pytest.mark.slow
 def test_fully_masked_rows_and_chunks_give_zeros_not_nan():
     T = S = 8
     q, k, v = _inputs(T, S)
@@ -166,15 +199,16 @@ def test_empty_blocks_are_not_computed(options, poisoned_keys, clean_rows):
     """NaN values in the skipped key chunk would reach the output (0 * NaN) if it were read."""
     q, k, v = _inputs(12, 12)
     v = v.at[:, poisoned_keys].set(jnp.nan)
-    out = _chunked(q, k, v, query_chunk_size=4, key_chunk_size=4, **options)
-    assert np.all(np.isfinite(np.asarray(out[:, clean_rows])))
-    grad_q = jax.jit(
-        jax.grad(
-            lambda q: jnp.sum(
-                _chunked(q, k, v, query_chunk_size=4, key_chunk_size=4, **options)[:, clean_rows]
-            )
+
+    def run(q):
+        """The output and the gradient of ``sum(out[:, clean_rows])`` in one compile."""
+        out, vjp = jax.vjp(
+            lambda q: _chunked(q, k, v, query_chunk_size=4, key_chunk_size=4, **options), q
         )
-    )(q)
+        return out, vjp(jnp.zeros_like(out).at[:, clean_rows].set(1.0))[0]
+
+    out, grad_q = jax.jit(run)(q)
+    assert np.all(np.isfinite(np.asarray(out[:, clean_rows])))
     assert np.all(np.isfinite(np.asarray(grad_q[:, clean_rows])))
 
 
@@ -241,6 +275,9 @@ def test_public_entry_unbatched_inputs_and_default_chunks():
     assert chunked.default_chunk_sizes(16, "gpu") == (1024, 1024)
 
 
+# Slow: test_forward_and_gradients_match_reference[all] runs causal, window, mask, lengths,
+# dropout and bias gradients over several chunks; test_public_entry_unbatched_... the entry.
+@pytest.mark.slow
 def test_public_entry_with_every_feature_under_jit_and_grad():
     T, S = 13, 17
     q, k, v = _inputs(T, S)
