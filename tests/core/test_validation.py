@@ -64,7 +64,8 @@ def test_mask_and_module_mistakes_raise_clear_errors(entry, argument, descriptio
     assert argument in str(info.value)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+# bfloat16 fast, float16 slow: the same checks, another half dtype
+@pytest.mark.parametrize("dtype", ["bfloat16", pytest.param("float16", marks=pytest.mark.slow)])
 def test_mistakes_refused_in_half_precision_too(dtype):
     call = fuzz.base_call(dtype)
     for mistake in fuzz.MISTAKES:
