@@ -1,5 +1,7 @@
 """The chunked implementation equals the reference: forward and gradients, every feature."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,14 +68,16 @@ def _loss(fn, **kwargs):
     return loss
 
 
+@functools.partial(jax.jit, static_argnames="static")
+def _reference_jit(q, k, v, arrays, static):
+    return reference.dot_product_attention(q, k, v, **arrays, **dict(static))
+
+
 def _reference(q, k, v, **kwargs):
-    """The oracle, jitted (one compile instead of one per eager op)."""
+    """The oracle, jitted once per shape and options (cached across calls and tests)."""
     arrays = {name: x for name, x in kwargs.items() if isinstance(x, jax.Array)}
-    static = {name: x for name, x in kwargs.items() if name not in arrays}
-    run = jax.jit(
-        lambda q, k, v, arrays: reference.dot_product_attention(q, k, v, **arrays, **static)
-    )
-    return run(q, k, v, arrays)
+    static = tuple(sorted((name, x) for name, x in kwargs.items() if name not in arrays))
+    return _reference_jit(q, k, v, arrays, static=static)
 
 
 def _assert_close(actual, expected, tol):
@@ -137,15 +141,10 @@ def test_forward_and_gradients_match_reference(T, S, K, H_v, chunks, options, ex
         _assert_close(fast_grad, slow_grad, 1e-4)
 
 
-# (1, 1) slow: (3, 7) runs the same loop over several query and key chunks.
-@pytest.mark.parametrize(
-    "chunks",
-    [
-        pytest.param((1, 1), marks=pytest.mark.slow),
-        (3, 7),
-        pytest.param((64, 64), marks=pytest.mark.slow),
-    ],
-)
+# Slow: test_forward_and_gradients_match_reference[all] runs the forward over chunks
+# (4, 5) that divide neither T=13 nor S=17, against the reference.
+@pytest.mark.slow
+@pytest.mark.parametrize("chunks", [(1, 1), (3, 7), (64, 64)])
 def test_any_chunk_size_gives_the_reference(chunks):
     q, k, v = _inputs(13, 17)
     out = _chunked(q, k, v, is_causal=True, query_chunk_size=chunks[0], key_chunk_size=chunks[1])
@@ -265,10 +264,16 @@ def test_low_precision_inputs(dtype):
     _assert_close(out, _reference(q, k, v, is_causal=True), 2e-2)
 
 
-def test_public_entry_unbatched_inputs_and_default_chunks():
+# Slow: test_inside_scan_and_vmap's vmap hands the public entry unbatched inputs with the
+# default chunks, against the reference.
+@pytest.mark.slow
+def test_public_entry_unbatched_inputs():
     q, k, v = _inputs(5, 7)
     out = ja.dot_product_attention(q[0], k[0], v[0], is_causal=True, implementation="chunked")
     _assert_close(out, _reference(q[0], k[0], v[0], is_causal=True), 1e-5)
+
+
+def test_default_chunk_sizes():
     assert chunked.default_chunk_sizes(96, "cpu") == (128, 64)
     assert chunked.default_chunk_sizes(4, "cpu") == (512, 256)
     assert chunked.default_chunk_sizes(10**6, "cpu") == (64, 32)
@@ -276,7 +281,7 @@ def test_public_entry_unbatched_inputs_and_default_chunks():
 
 
 # Slow: test_forward_and_gradients_match_reference[all] runs causal, window, mask, lengths,
-# dropout and bias gradients over several chunks; test_public_entry_unbatched_... the entry.
+# dropout and bias gradients over several chunks; test_inside_scan_and_vmap the entry.
 @pytest.mark.slow
 def test_public_entry_with_every_feature_under_jit_and_grad():
     T, S = 13, 17
