@@ -68,10 +68,10 @@ def module_params():
 
 
 @pytest.fixture(scope="module")
-def single_device(module_params):
-    """Params, input, and the unsharded output and gradients (computed once)."""
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 16, 16)), jnp.float32)
-    params = module_params
+def single_device():
+    """Params, input, and the unsharded output and gradients (computed once; slow tests)."""
+    x = jax.random.normal(jax.random.key(0), (8, 16, 16))
+    params = jax.jit(MODULE.init)(jax.random.key(1), x)["params"]
     out = jax.jit(MODULE.apply)({"params": params}, x)
     grads = jax.jit(jax.grad(loss))(params, x)
     return params, x, out, grads
