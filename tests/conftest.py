@@ -142,7 +142,11 @@ def _attention_float64_fixture():
 # In half precision an implementation may err by this multiple of the error the reference
 # makes in the same dtype on the same call: both round one float32 result to the dtype, so
 # a correct kernel lands near 1x; a kernel that rounds logits or weights early does not.
-HALF_ERROR_RATIO = 3.0
+# Measured: 120 random calls gave up to 2.3x (xla); the thorough hypothesis search (2000
+# examples) found the correct chunked kernel at 3.02x (float16, dropout 0.6, whose 1/(1-p)
+# scaling magnifies rounding), so 3x was below what correct kernels do. The deterministic
+# float32-logit tests in tests/kernels/test_numerics.py catch early logit rounding.
+HALF_ERROR_RATIO = 4.0
 FLOAT32_TOLERANCE = 1e-5  # of max(1, max|v|)
 
 
