@@ -43,6 +43,25 @@ def _assert_matches_float64(out, q, k, v, **kwargs):
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_half_outputs_are_rounded_once(implementation):
+    # Two keys per row with far-apart values: rounding the probabilities to bfloat16
+    # before they multiply v moves the output by up to an ulp; computing in float32 and
+    # rounding the output once stays within half an ulp (+ float32 error) of float64.
+    dtype = jnp.bfloat16
+    q, k, v = make_qkv(1, 64, 8, 1, 1, 4, dtype, seed=5)
+    v = v.at[:, ::2].multiply(4)
+    rows = np.arange(64)[:, None]
+    mask = (np.arange(8)[None, :] == rows % 8) | (np.arange(8)[None, :] == (rows + 3) % 8)
+    kwargs = dict(mask=jnp.asarray(mask), scale=0.3)
+    out = _run(implementation, q, k, v, **kwargs)
+    expected = attention_float64(q, k, v, **kwargs)
+    half_ulp = np.spacing(np.abs(expected).astype(np.float32)) * 2.0**15
+    float32_error = 1e-5 * np.abs(np.asarray(v, np.float64)).max()
+    error = np.abs(np.asarray(out, np.float64) - expected)
+    assert (error <= half_ulp + float32_error).all(), float((error - half_ulp).max())
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 # scale 1/3 checks both roundings (the logits and q * scale); scale 1.0, the logits alone
 # (the same code path), runs in the slow step.
