@@ -16,7 +16,7 @@ import jax
 from jax_attn import reference
 from jax_attn.kernels import chunked, cudnn, pallas_gpu, pallas_tpu, ring, xla
 from jax_attn.kernels.base import Implementation
-from jax_attn.validation import AttentionCall, attention_entry
+from jax_attn.validation import FUNCTION_ARGUMENTS, AttentionCall, attention_entry
 
 __all__ = [
     "Implementation",
@@ -78,6 +78,10 @@ def unsupported_reason(name: str, call: AttentionCall, platform: str | None = No
     impl = _REGISTRY[name]
     if impl.platforms is not None and platform not in impl.platforms:
         return f"runs on {', '.join(impl.platforms)} only, not on {platform}"
+    missing = [name for name in call.functions if name not in impl.functions]
+    if missing:
+        served = [other.name for other in _REGISTRY.values() if set(missing) <= other.functions]
+        return f"takes no {' or '.join(missing)} (implementations that do: {', '.join(served)})"
     return impl.unsupported(call, platform)
 
 
@@ -143,6 +147,12 @@ dot_product_attention = attention_entry(
       dropout_rate, dropout_rng: dropout on the attention weights (kept ones scaled).
       implementation: ``None`` (fastest supporting one), or one of
         :func:`available_implementations`.
+      mask_fn: ``mask_fn(b, h, q_idx, kv_idx) -> bool`` on int32 scalars (``h`` the query
+        head), ANDed with every other mask; vmapped by the library (docs/masks.md).
+      score_fn: ``score_fn(score, b, h, q_idx, kv_idx) -> score`` on each scaled logit
+        (float32 for half-precision inputs) before ``bias`` is added and masks apply.
+      block_mask: a :func:`jax_attn.make_block_mask` result for ``mask_fn`` (which may
+        then be left out): the chunked kernel skips the blocks it marks empty.
 
     Returns:
       ``[B, T, N, H_v]`` in the input dtype. A query with nothing to attend gets zeros.
@@ -167,6 +177,7 @@ register_implementation(
         fn=reference.reference_attention,
         unsupported=lambda call, platform: None,
         description="einsum -> mask -> softmax -> einsum; materialises [B, N, T, S]",
+        functions=frozenset(FUNCTION_ARGUMENTS),
     )
 )
 for _kernel in (xla, cudnn, chunked, pallas_gpu, pallas_tpu, ring):

@@ -9,7 +9,9 @@ the library's semantics:
 * causal and window masks are bottom-right aligned (query ``t`` sits at key position
   ``t + S - T``);
 * a query row with nothing to attend gives zero weights and a zero output;
-* dropout drops weights with ``masks.make_dropout_mask`` and scales the kept ones.
+* dropout drops weights with ``masks.make_dropout_mask`` and scales the kept ones;
+* ``score_fn`` rewrites the scaled logits before ``bias`` is added; ``mask_fn`` is one
+  more mask, evaluated on the full grid here (a ``block_mask`` changes nothing here).
 
 :func:`dot_product_attention` has the signature of
 :func:`jax_attn.dispatch.dot_product_attention` and shares its argument handling
@@ -24,6 +26,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from jax_attn.mask_functions import evaluate_mask, evaluate_score
 from jax_attn.masks import as_4d, build_attention_mask, make_dropout_mask
 from jax_attn.validation import AttentionCall, attention_entry
 
@@ -55,9 +58,13 @@ def reference_attention(
     query_seq_lengths=None,
     key_value_seq_lengths=None,
     dropout_rng=None,
+    mask_fn=None,
+    score_fn=None,
+    block_mask=None,
 ):
     """The oracle on batched q ``[B, T, N, H]``, k, v ``[B, S, K, H(_v)]`` for an
     already validated ``call`` -> ``[B, T, N, H_v]`` in ``call.dtype``."""
+    del block_mask  # a plan for skipping blocks; mask_fn alone says what is masked
     B, T, N, H, S, K, G = call.B, call.T, call.N, call.H, call.S, call.K, call.G
     compute = call.compute_dtype
     q, k, v = q.astype(compute), k.astype(compute), v.astype(compute)
@@ -65,9 +72,15 @@ def reference_attention(
     # [B, K, G, T, S]
     logits = jnp.einsum("BTKGH,BSKH->BKGTS", q.reshape(B, T, K, G, H), k)
     logits = logits.reshape(B, N, T, S) * jnp.asarray(call.scale, compute)
+    q_idx, kv_idx = jnp.arange(T, dtype=jnp.int32), jnp.arange(S, dtype=jnp.int32)
+    if score_fn is not None:
+        logits = evaluate_score(score_fn, logits, q_idx, kv_idx)
     if bias is not None:
         logits = logits + as_4d(jnp.asarray(bias).astype(compute))
     allowed = call_mask(call, mask, query_seq_lengths, key_value_seq_lengths)
+    if mask_fn is not None:
+        by_fn = evaluate_mask(mask_fn, B, N, q_idx, kv_idx)
+        allowed = by_fn if allowed is None else allowed & by_fn
     allowed = logits > -jnp.inf if allowed is None else allowed & (logits > -jnp.inf)
     masked_logits = jnp.where(allowed, logits, -0.7 * jnp.finfo(compute).max)
     weights = jnp.where(allowed, jax.nn.softmax(masked_logits, axis=-1), 0.0)

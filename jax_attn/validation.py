@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_attn.mask_functions import BlockMask
 from jax_attn.masks import normalize_window
 
 if TYPE_CHECKING:  # shape annotations only; see jax_attn.shapes
@@ -30,14 +31,19 @@ __all__ = [
     "as_batch",
     "check_array",
     "check_attention_args",
+    "check_block_mask",
     "check_broadcast",
     "check_dropout",
     "check_dropout_rate",
+    "check_function",
     "check_lengths",
     "check_positive_int",
     "check_rng",
     "check_scale",
 ]
+
+# The keyword arguments that pass functions (or their block mask) to a kernel.
+FUNCTION_ARGUMENTS = ("mask_fn", "score_fn", "block_mask")
 
 _NO_VALUE = object()  # check_attention_args(q, k) checks attention weights: no value at all
 
@@ -63,10 +69,19 @@ class AttentionCall:
     window: tuple[int, int] | None
     dropout_rate: float
     scale: float
+    has_mask_fn: bool = False
+    has_score_fn: bool = False
+    has_block_mask: bool = False
 
     @property
     def G(self) -> int:
         return self.N // self.K
+
+    @property
+    def functions(self) -> tuple[str, ...]:
+        """Which of ``mask_fn``, ``score_fn``, ``block_mask`` the call passes."""
+        flags = (self.has_mask_fn, self.has_score_fn, self.has_block_mask)
+        return tuple(name for name, flag in zip(FUNCTION_ARGUMENTS, flags, strict=True) if flag)
 
     @property
     def compute_dtype(self) -> np.dtype:
@@ -202,6 +217,59 @@ def check_lengths(name: str, lengths, B: int, limit: int, limit_name: str) -> No
             )
 
 
+_MASK_FN = "mask_fn(b, h, q_idx, kv_idx) -> bool"
+_SCORE_FN = "score_fn(score, b, h, q_idx, kv_idx) -> score"
+
+
+def check_function(name: str, fn, score_dtype=None) -> None:
+    """``mask_fn`` (``score_dtype`` None) or ``score_fn`` must be a function of int32 scalar
+    indices (and a ``score_dtype`` scalar score) returning one bool / floating scalar."""
+    signature = _MASK_FN if score_dtype is None else _SCORE_FN
+    if not callable(fn):
+        raise TypeError(f"{name} must be a function {signature}, got {type(fn).__name__}")
+    index = jax.ShapeDtypeStruct((), jnp.int32)
+    args = (index,) * 4
+    if score_dtype is not None:
+        args = (jax.ShapeDtypeStruct((), score_dtype), *args)
+    try:
+        out = jax.eval_shape(fn, *args)
+    except Exception as error:
+        score = "" if score_dtype is None else f" and a {np.dtype(score_dtype)} score"
+        raise TypeError(
+            f"{name} must be a function {signature} of int32 scalar indices{score}; "
+            f"calling it so raised {type(error).__name__}: {error}"
+        ) from error
+    dtype = getattr(out, "dtype", None)
+    if score_dtype is None:
+        ok, want = dtype == jnp.bool_, "one bool"
+    else:
+        ok, want = dtype is not None and jnp.issubdtype(dtype, jnp.floating), "one float"
+    if not ok or getattr(out, "shape", None) != ():
+        raise TypeError(f"{name} must return {want} (a scalar), got {out}")
+
+
+def check_block_mask(block_mask, mask_fn, shape: tuple[int, int, int, int]) -> None:
+    """``block_mask`` must come from ``make_block_mask`` for this call's ``(B, N, T, S)``
+    (``B`` and ``N`` may be 1) and from ``mask_fn`` when that is passed too."""
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(
+            f"block_mask must be a BlockMask from jax_attn.make_block_mask, "
+            f"got {type(block_mask).__name__}"
+        )
+    B, N, T, S = shape
+    B_m, N_m, T_m, S_m = block_mask.shape
+    if (T_m, S_m) != (T, S) or B_m not in (1, B) or N_m not in (1, N):
+        raise ValueError(
+            f"block_mask must be made for (B, N, T, S) = {shape} (B and N may be 1), "
+            f"got one made for {block_mask.shape}"
+        )
+    if mask_fn is not None and mask_fn is not block_mask.mask_fn:
+        raise ValueError(
+            "mask_fn must be the function block_mask was made from (or None to use it), "
+            f"got a different function {mask_fn!r}"
+        )
+
+
 def check_attention_args(
     query,
     key,
@@ -216,6 +284,9 @@ def check_attention_args(
     local_window_size=None,
     dropout_rate=0.0,
     dropout_rng=None,
+    mask_fn=None,
+    score_fn=None,
+    block_mask=None,
 ) -> AttentionCall:
     """Checks an attention call and returns its :class:`AttentionCall` summary.
 
@@ -297,6 +368,13 @@ def check_attention_args(
         check_lengths("key_value_seq_lengths", key_value_seq_lengths, B, S, "S")
     window = None if local_window_size is None else normalize_window(local_window_size)
     rate = check_dropout(dropout_rate, dropout_rng)
+    if block_mask is not None:
+        check_block_mask(block_mask, mask_fn, (B, N, T, S))
+        mask_fn = block_mask.mask_fn
+    if mask_fn is not None:
+        check_function("mask_fn", mask_fn)
+    if score_fn is not None:
+        check_function("score_fn", score_fn, compute_dtype(dtype))
     return AttentionCall(
         B=B,
         T=T,
@@ -315,6 +393,9 @@ def check_attention_args(
         window=window,
         dropout_rate=rate,
         scale=scale_value,
+        has_mask_fn=mask_fn is not None,
+        has_score_fn=score_fn is not None,
+        has_block_mask=block_mask is not None,
     )
 
 
@@ -344,6 +425,9 @@ def attention_signature(
     dropout_rate: float = 0.0,
     dropout_rng: PRNGKey | None = None,
     implementation: str | None = None,
+    mask_fn: Callable | None = None,
+    score_fn: Callable | None = None,
+    block_mask: BlockMask | None = None,
 ) -> Outputs:
     """The signature of ``dot_product_attention``, the dispatcher's and the reference's
     (see :func:`attention_entry`); never called."""
@@ -361,7 +445,9 @@ def attention_entry(select: Callable[[AttentionCall, str | None], Callable], mod
     It checks its arguments (:func:`check_attention_args`), asks
     ``select(call, implementation)`` for the kernel, runs it on batched inputs
     (``fn(q, k, v, *, call, mask, bias, query_seq_lengths, key_value_seq_lengths,
-    dropout_rng)``) and returns the output unbatched when the inputs were.
+    dropout_rng)`` and those of ``mask_fn``, ``score_fn``, ``block_mask`` that were passed,
+    ``mask_fn`` taken from ``block_mask`` when left out) and returns the output unbatched
+    when the inputs were.
     ``module`` and ``doc`` make it document (and doctest) as a function of ``module``.
     """
 
@@ -373,7 +459,10 @@ def attention_entry(select: Callable[[AttentionCall, str | None], Callable], mod
         call = check_attention_args(**arguments)
         kernel = select(call, implementation)
         q, k, v = batched_inputs(call, query, key, value)
-        out = kernel(q, k, v, call=call, **{name: arguments[name] for name in _KERNEL_ARGUMENTS})
+        if arguments["block_mask"] is not None and arguments["mask_fn"] is None:
+            arguments["mask_fn"] = arguments["block_mask"].mask_fn
+        names = _KERNEL_ARGUMENTS + tuple(n for n in FUNCTION_ARGUMENTS if arguments[n] is not None)
+        out = kernel(q, k, v, call=call, **{name: arguments[name] for name in names})
         return out if call.batched else out[0]
 
     dot_product_attention.__module__ = module

@@ -15,7 +15,9 @@ class Implementation:
     ``fn(query, key, value, *, call, **attention_kwargs)`` takes batched inputs and the
     validated :class:`~jax_attn.validation.AttentionCall`; ``unsupported(call, platform)``
     returns a human-readable reason it cannot serve the call, or ``None``;
-    ``platforms`` lists the backends it runs on (``None``: all).
+    ``platforms`` lists the backends it runs on (``None``: all); ``functions`` names
+    which of ``mask_fn``, ``score_fn``, ``block_mask`` it takes (the dispatcher declines
+    the others for it, see :func:`jax_attn.dispatch.unsupported_reason`).
     """
 
     name: str
@@ -23,3 +25,4 @@ class Implementation:
     unsupported: Callable[[AttentionCall, str], str | None]
     platforms: tuple[str, ...] | None = None
     description: str = ""
+    functions: frozenset[str] = frozenset()

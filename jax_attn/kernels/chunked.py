@@ -4,13 +4,17 @@ Query chunks form the outer loop, key chunks the inner one; each block is folded
 the running result by the online softmax of :mod:`jax_attn.kernels.online_softmax`, and
 the gradient is its flash-attention backward (a ``custom_vjp`` that recomputes each
 block). Key chunks that the causal mask, the window or the key lengths leave empty are
-never visited.
+never visited. With a ``mask_fn`` the visited key chunks come from its block mask
+(:mod:`jax_attn.mask_functions`): the chunks it leaves empty are skipped, forward and
+backward, and ``mask_fn`` is evaluated element-wise only on chunks it leaves partly
+masked.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +29,13 @@ from jax_attn.kernels.online_softmax import (
     block_logits,
     combine_partials,
     finalize,
+)
+from jax_attn.mask_functions import (
+    block_mask_arrays,
+    block_sizes,
+    evaluate_mask,
+    evaluate_score,
+    uses_batch_and_head,
 )
 from jax_attn.masks import make_dropout_mask
 from jax_attn.validation import AttentionCall
@@ -84,6 +95,12 @@ class _Plan:
     dropout_rate: float
     mask_shape: tuple[int, ...] | None  # [B', K', G', T', S'], padded, each dim 1 or full
     bias_shape: tuple[int, ...] | None
+    # mask_fn(b, h, q_idx, kv_idx, *mask_consts), score_fn(score, b, h, q, kv, *score_consts):
+    # the caller's functions closure-converted (jax.closure_convert), so the arrays they
+    # close over are arguments of the custom_vjp and score_fn's get gradients.
+    mask_fn: Callable | None = None
+    mask_dims: tuple[bool, bool] = (True, True)  # whether mask_fn reads b, h
+    score_fn: Callable | None = None
 
     @property
     def T_padded(self) -> int:
@@ -138,21 +155,63 @@ def _slice_broadcast(x, q_index, k_index, plan: _Plan):
     return jax.lax.dynamic_slice(x, _indices(starts), sizes)
 
 
-def _block_logits(plan: _Plan, q_blk, k, mask, bias, kv_lengths, q_index, k_index, position_masked):
-    """float32 logits ``[B, K, G, Tq, Sk]`` of one block, masked entries at ``MASKED_LOGIT``.
+def _block_indices(plan: _Plan, q_index, k_index):
+    """int32 query indices ``[Tq]`` and key indices ``[Sk]`` of one block."""
+    q_idx = q_index * plan.q_chunk + jnp.arange(plan.q_chunk, dtype=jnp.int32)
+    return q_idx, k_index * plan.k_chunk + jnp.arange(plan.k_chunk, dtype=jnp.int32)
 
-    The causal/window/key-range masks matter only when the traced bool
+
+def _apply_score(plan: _Plan, scores, q_index, k_index, score_consts):
+    """``score_fn`` on one block's scaled logits ``[B, K, G, Tq, Sk]``."""
+    B, K, G, Tq, Sk = scores.shape
+
+    def score_fn(score, b, h, q_idx, kv_idx):
+        return plan.score_fn(score, b, h, q_idx, kv_idx, *score_consts)
+
+    flat = scores.reshape(B, K * G, Tq, Sk)
+    indices = _block_indices(plan, q_index, k_index)
+    return evaluate_score(score_fn, flat, *indices).reshape(scores.shape)
+
+
+def _block_scores(plan: _Plan, q_blk, k, q_index, k_index, score_consts):
+    """float32 scaled logits ``[B, K, G, Tq, Sk]`` of one block, ``score_fn`` applied."""
+    k_blk = jax.lax.dynamic_slice_in_dim(k, k_index * plan.k_chunk, plan.k_chunk, axis=2)
+    scores = block_logits(q_blk, k_blk, plan.scale)
+    if plan.score_fn is None:
+        return scores
+    return _apply_score(plan, scores, q_index, k_index, score_consts)
+
+
+def _block_mask_fn(plan: _Plan, B, K, G, q_index, k_index, mask_consts):
+    """bool ``[B|1, K|1, G|1, Tq, Sk]``: ``mask_fn`` on one block."""
+
+    def mask_fn(b, h, q_idx, kv_idx):
+        return plan.mask_fn(b, h, q_idx, kv_idx, *mask_consts)
+
+    indices = _block_indices(plan, q_index, k_index)
+    allowed = evaluate_mask(mask_fn, B, K * G, *indices, dims=plan.mask_dims)
+    heads = (K, G) if allowed.shape[1] == K * G else (1, 1)
+    return allowed.reshape(allowed.shape[0], *heads, *allowed.shape[2:])
+
+
+def _block_logits(
+    plan: _Plan, scores, mask, bias, kv_lengths, q_index, k_index, position_masked, mask_consts
+):
+    """float32 logits ``[B, K, G, Tq, Sk]`` of one block from its ``scores``
+    (:func:`_block_scores`), masked entries at ``MASKED_LOGIT``.
+
+    The causal/window/key-range masks and ``mask_fn`` matter only when the traced bool
     ``position_masked`` says the block crosses their boundary. Entries whose bias is
     ``-inf`` stay ``-inf`` (they count as masked)."""
     Tq, Sk = plan.q_chunk, plan.k_chunk
-    k_blk = jax.lax.dynamic_slice_in_dim(k, k_index * Sk, Sk, axis=2)
-    logits = block_logits(q_blk, k_blk, plan.scale)
+    logits = scores
     if bias is not None:
         logits = logits + _slice_broadcast(bias, q_index, k_index, plan)
     # [1, 1, 1, 1, Sk]
     key_pos = (k_index * Sk + jnp.arange(Sk, dtype=jnp.int32)).reshape(1, 1, 1, 1, Sk)
     valid = None
-    if plan.is_causal or plan.window is not None or plan.S_padded != plan.S:
+    position_masks = plan.is_causal or plan.window is not None or plan.S_padded != plan.S
+    if position_masks or plan.mask_fn is not None:
         # [1, 1, 1, Tq, 1]
         query_pos = (q_index * Tq + jnp.arange(Tq, dtype=jnp.int32) + (plan.S - plan.T)).reshape(
             1, 1, 1, Tq, 1
@@ -164,6 +223,9 @@ def _block_logits(plan: _Plan, q_blk, k, mask, bias, kv_lengths, q_index, k_inde
         if plan.window is not None:
             left, right = plan.window
             inside = inside & (key_pos >= query_pos - left) & (key_pos <= query_pos + right)
+        if plan.mask_fn is not None:
+            B, K, G = scores.shape[:3]
+            inside = inside & _block_mask_fn(plan, B, K, G, q_index, k_index, mask_consts)
         valid = inside | jnp.logical_not(position_masked)
     if mask is not None:
         block_mask = _slice_broadcast(mask, q_index, k_index, plan)
@@ -196,6 +258,36 @@ def _visit(lo, full_lo, full_hi, hi, step, carry):
     )
 
 
+def _block_table(plan: _Plan, any_blocks, full_blocks, kv_limit):
+    """Which key chunks each query chunk visits, from a block mask ``[B', N', nq, nk]``
+    and the position masks: ``(order [nq, nk], counts [nq], full [nq, nk])``, query
+    chunk ``i`` visits ``order[i, :counts[i]]``; ``full`` marks chunks needing no mask."""
+    nq, nk = plan.num_q_chunks, plan.S_padded // plan.k_chunk
+    # [nq, 1] each
+    ranges = _key_chunk_ranges(plan, jnp.arange(nq, dtype=jnp.int32), kv_limit)
+    lo, full_lo, full_hi, hi = (jnp.broadcast_to(x, (nq,))[:, None] for x in ranges)
+    # [1, nk]
+    j = jnp.arange(nk, dtype=jnp.int32)[None, :]
+    visit = jnp.any(any_blocks, axis=(0, 1)) & (j >= lo) & (j < hi)
+    full = jnp.all(full_blocks, axis=(0, 1)) & (j >= full_lo) & (j < full_hi)
+    order = jnp.argsort(jnp.logical_not(visit), axis=1, stable=True).astype(jnp.int32)
+    return order, jnp.sum(visit, axis=1, dtype=jnp.int32), full
+
+
+def _visit_chunks(plan: _Plan, table, q_index, kv_limit, step, carry):
+    """Runs ``step(k_index, masked, carry)`` over the key chunks query chunk ``q_index``
+    visits: those of its ``table`` row (:func:`_block_table`) or of the position band."""
+    if table is None:
+        return _visit(*_key_chunk_ranges(plan, q_index, kv_limit), step, carry)
+    order, counts, full = table
+
+    def body(j, state):
+        k_index = order[q_index, j]
+        return step(k_index, jnp.logical_not(full[q_index, k_index]), state)
+
+    return jax.lax.fori_loop(0, counts[q_index], body, carry)
+
+
 def _zeros_like(ref, *others, shape=None, fill=0.0):
     """float32 zeros (or ``fill``) with ``ref``'s sharding: under Explicit mesh axes the
     loop carries must match the blocks added to them, and inside ``shard_map`` they must
@@ -208,7 +300,7 @@ def _zeros_like(ref, *others, shape=None, fill=0.0):
     return jax.lax.pcast(x, axes, to="varying") if axes else x
 
 
-def _forward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng):
+def _forward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, table, mask_consts, score_consts):
     """Output ``[B, K, G, T', H_v]`` (float32) and log-sum-exp ``[B, K, G, T']``; rows that
     attend nothing get a zero output and ``lse = -MASKED_LOGIT`` (so their weights are 0)."""
     B, K, G, _, _ = q.shape
@@ -221,8 +313,9 @@ def _forward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng):
         q_blk = jax.lax.dynamic_slice_in_dim(q, q_index * Tq, Tq, axis=3)
 
         def step(k_index, position_masked, partial):
+            scores = _block_scores(plan, q_blk, k, q_index, k_index, score_consts)
             logits = _block_logits(
-                plan, q_blk, k, mask, bias, kv_lengths, q_index, k_index, position_masked
+                plan, scores, mask, bias, kv_lengths, q_index, k_index, position_masked, mask_consts
             )
             keep = None
             if plan.dropout_rate > 0.0:
@@ -238,7 +331,7 @@ def _forward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng):
             row_max=_zeros_like(row, *inputs, fill=MASKED_LOGIT),
             row_sum=_zeros_like(row, *inputs),
         )
-        partial = _visit(*_key_chunk_ranges(plan, q_index, kv_limit), step, empty)
+        partial = _visit_chunks(plan, table, q_index, kv_limit, step, empty)
         return None, finalize(partial)
 
     q_indices = jnp.arange(plan.num_q_chunks, dtype=jnp.int32)
@@ -249,8 +342,11 @@ def _forward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng):
     return out, lse
 
 
-def _backward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, out, lse, d_out):
-    """Flash-attention backward: recomputes each block's weights from ``lse``."""
+def _backward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, fns, out, lse, d_out):
+    """Flash-attention backward: recomputes each block's weights from ``lse``.
+    ``fns = (table, mask_consts, score_consts)`` as for :func:`_forward`; the gradients
+    of ``score_consts`` come last."""
+    table, mask_consts, score_consts = fns
     B, K, G, _, _ = q.shape
     Tq, Sk = plan.q_chunk, plan.k_chunk
     kv_limit = jnp.int32(plan.S) if kv_lengths is None else jnp.max(kv_lengths)
@@ -265,14 +361,19 @@ def _backward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, out, lse, d_out
         delta_blk = jax.lax.dynamic_slice_in_dim(delta, q_index * Tq, Tq, axis=3)
 
         def step(k_index, position_masked, state):
-            dq, dk, dv, dbias = state
+            dq, dk, dv, dbias, d_consts = state
+            k_blk = jax.lax.dynamic_slice_in_dim(k, k_index * Sk, Sk, axis=2)
+            scores, score_vjp = block_logits(q_blk, k_blk, plan.scale), None
+            if plan.score_fn is not None:
+                scores, score_vjp = jax.vjp(
+                    lambda s, c: _apply_score(plan, s, q_index, k_index, c), scores, score_consts
+                )
             logits = _block_logits(
-                plan, q_blk, k, mask, bias, kv_lengths, q_index, k_index, position_masked
+                plan, scores, mask, bias, kv_lengths, q_index, k_index, position_masked, mask_consts
             )
             keep = None
             if plan.dropout_rate > 0.0:
                 keep = _block_keep(plan, rng, B, K, G, q_index, k_index)
-            k_blk = jax.lax.dynamic_slice_in_dim(k, k_index * Sk, Sk, axis=2)
             v_blk = jax.lax.dynamic_slice_in_dim(v, k_index * Sk, Sk, axis=2)
             grads = block_gradients(
                 logits,
@@ -284,26 +385,29 @@ def _backward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, out, lse, d_out
                 do_blk,
                 keep=keep,
                 dropout_rate=plan.dropout_rate,
+                score_vjp=score_vjp,
             )
+            d_consts = tuple(a + b for a, b in zip(d_consts, grads.d_closure, strict=True))
             dk = _add_block(dk, grads.dk, (0, 0, k_index * Sk, 0))
             dv = _add_block(dv, grads.dv, (0, 0, k_index * Sk, 0))
             if dbias is not None:
                 dbias = _add_bias_block(dbias, grads.d_logits, q_index, k_index, plan)
-            return dq + grads.dq, dk, dv, dbias
+            return dq + grads.dq, dk, dv, dbias, d_consts
 
-        dk, dv, dbias = carry
-        state = (_zeros_like(q_blk, *inputs), dk, dv, dbias)
-        dq, dk, dv, dbias = _visit(*_key_chunk_ranges(plan, q_index, kv_limit), step, state)
-        return (dk, dv, dbias), dq
+        dk, dv, dbias, d_consts = carry
+        state = (_zeros_like(q_blk, *inputs), dk, dv, dbias, d_consts)
+        dq, dk, dv, dbias, d_consts = _visit_chunks(plan, table, q_index, kv_limit, step, state)
+        return (dk, dv, dbias, d_consts), dq
 
     dbias0 = None if bias is None else _zeros_like(bias, *inputs)
-    carry = (_zeros_like(k, *inputs), _zeros_like(v, *inputs), dbias0)
+    d_consts0 = tuple(jnp.zeros_like(c) for c in score_consts)
+    carry = (_zeros_like(k, *inputs), _zeros_like(v, *inputs), dbias0, d_consts0)
     q_indices = jnp.arange(plan.num_q_chunks, dtype=jnp.int32)
-    (dk, dv, dbias), dq = jax.lax.scan(one_query_chunk, carry, q_indices)
+    (dk, dv, dbias, d_consts), dq = jax.lax.scan(one_query_chunk, carry, q_indices)
     dq = jnp.moveaxis(dq, 0, 3).reshape(q.shape)
     if plan.scale != 1.0:
         dq, dk = dq * plan.scale, dk * plan.scale
-    return dq, dk, dv, dbias
+    return dq, dk, dv, dbias, d_consts
 
 
 def _indices(starts):
@@ -332,19 +436,25 @@ def _add_bias_block(dbias, d_logits, q_index, k_index, plan: _Plan):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _chunked_core(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng):
-    out, _ = _forward(plan, q, k, v, mask, bias, kv_lengths, rng)
+def _chunked_core(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, fns):
+    """``fns = (table, mask_consts, score_consts)``: the block table (or ``None``) and the
+    arrays ``plan.mask_fn`` and ``plan.score_fn`` close over (tuples)."""
+    out, _ = _forward(plan, q, k, v, mask, bias, kv_lengths, rng, *fns)
     return out
 
 
-def _chunked_core_fwd(plan, q, k, v, mask, bias, kv_lengths, rng):
-    out, lse = _forward(plan, q, k, v, mask, bias, kv_lengths, rng)
-    return out, (q, k, v, mask, bias, kv_lengths, rng, out, lse)
+def _chunked_core_fwd(plan, q, k, v, mask, bias, kv_lengths, rng, fns):
+    out, lse = _forward(plan, q, k, v, mask, bias, kv_lengths, rng, *fns)
+    return out, (q, k, v, mask, bias, kv_lengths, rng, fns, out, lse)
 
 
 def _chunked_core_bwd(plan, residuals, d_out):
-    q, k, v, mask, bias, kv_lengths, rng, out, lse = residuals
-    dq, dk, dv, dbias = _backward(plan, q, k, v, mask, bias, kv_lengths, rng, out, lse, d_out)
+    q, k, v, mask, bias, kv_lengths, rng, fns, out, lse = residuals
+    dq, dk, dv, dbias, d_score_consts = _backward(
+        plan, q, k, v, mask, bias, kv_lengths, rng, fns, out, lse, d_out
+    )
+    table, mask_consts, _ = fns
+    d_fns = (None, tuple(jnp.zeros_like(c) for c in mask_consts), d_score_consts)
     return (
         dq.astype(q.dtype),
         dk.astype(k.dtype),
@@ -353,6 +463,7 @@ def _chunked_core_bwd(plan, residuals, d_out):
         None if bias is None else dbias.astype(bias.dtype),
         None,
         None,
+        d_fns,
     )
 
 
@@ -377,6 +488,44 @@ def _as_blocks(x, B, N, K, T_pad, S_pad, pad_value):
     return x.reshape(B_x, *heads, x.shape[2], x.shape[3])
 
 
+def _closure_converted(mask_fn, score_fn, score_dtype):
+    """``(mask_fn, mask_consts, score_fn, score_consts)``: the functions with the arrays
+    they close over hoisted into arguments (``jax.closure_convert``; cached per function)."""
+    index = jnp.zeros((), jnp.int32)
+    mask_consts, score_consts = (), ()
+    if mask_fn is not None:
+        mask_fn, mask_consts = jax.closure_convert(mask_fn, index, index, index, index)
+    if score_fn is not None:
+        score = jnp.zeros((), score_dtype)
+        score_fn, score_consts = jax.closure_convert(score_fn, score, index, index, index, index)
+    return mask_fn, tuple(mask_consts), score_fn, tuple(score_consts)
+
+
+def _chunk_sizes(call: AttentionCall, query_chunk_size, key_chunk_size, block_mask):
+    """``(query chunk, key chunk)``: the block mask's blocks, else those asked for, else the
+    defaults (:data:`jax_attn.mask_functions.MASK_FN_BLOCK_SIZE` with a ``mask_fn``)."""
+    if block_mask is not None:
+        asked = (query_chunk_size, key_chunk_size)
+        pairs = zip(asked, block_mask.block_size, strict=True)
+        if any(size not in (None, own) for size, own in pairs):
+            raise ValueError(
+                f"query_chunk_size, key_chunk_size must be None or block_mask's block_size "
+                f"{block_mask.block_size}, got {asked}"
+            )
+        return block_mask.block_size
+    if call.has_mask_fn:
+        default_q, default_k = block_sizes(call.T, call.S)
+    else:
+        default_q, default_k = default_chunk_sizes(call.B * call.N)
+    q_chunk = _check_chunk(
+        "query_chunk_size", default_q if query_chunk_size is None else query_chunk_size
+    )
+    k_chunk = _check_chunk(
+        "key_chunk_size", default_k if key_chunk_size is None else key_chunk_size
+    )
+    return min(q_chunk, call.T), min(k_chunk, call.S)
+
+
 def chunked_attention(
     q,
     k,
@@ -388,23 +537,23 @@ def chunked_attention(
     query_seq_lengths=None,
     key_value_seq_lengths=None,
     dropout_rng=None,
+    mask_fn=None,
+    score_fn=None,
+    block_mask=None,
     query_chunk_size=None,
     key_chunk_size=None,
 ):
     """The kernel on validated, batched inputs (the registry's ``"chunked"`` entry)."""
-    default_q, default_k = default_chunk_sizes(call.B * call.N)
-    q_chunk = _check_chunk(
-        "query_chunk_size", default_q if query_chunk_size is None else query_chunk_size
-    )
-    k_chunk = _check_chunk(
-        "key_chunk_size", default_k if key_chunk_size is None else key_chunk_size
-    )
+    q_chunk, k_chunk = _chunk_sizes(call, query_chunk_size, key_chunk_size, block_mask)
     if call.T == 0 or call.S == 0:
         return jnp.zeros((call.B, call.T, call.N, call.H_v), call.dtype)
-    q_chunk, k_chunk = min(q_chunk, call.T), min(k_chunk, call.S)
     # The scale goes into q once (not into every block of logits) where that is exact
     # enough: float32 inputs, or a power-of-two scale.
     prescale = call.dtype == np.float32 or float(np.log2(abs(call.scale) or 1.0)).is_integer()
+    mask_dims = (True, True) if mask_fn is None else uses_batch_and_head(mask_fn)
+    mask_fn, mask_consts, score_fn, score_consts = _closure_converted(
+        mask_fn, score_fn, call.compute_dtype
+    )
     plan = _Plan(
         T=call.T,
         S=call.S,
@@ -416,8 +565,12 @@ def chunked_attention(
         dropout_rate=call.dropout_rate,
         mask_shape=None if mask is None else jnp.shape(mask),
         bias_shape=None if bias is None else jnp.shape(bias),
+        mask_fn=mask_fn,
+        mask_dims=mask_dims,
+        score_fn=score_fn,
     )
     rng = dropout_rng if call.dropout_rate > 0.0 else None
+    blocks = None if block_mask is None else (block_mask.any_blocks, block_mask.full_blocks)
     return _chunked_jit(
         plan,
         call.N,
@@ -431,14 +584,17 @@ def chunked_attention(
         query_seq_lengths,
         key_value_seq_lengths,
         rng,
+        (blocks, mask_consts, score_consts),
     )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _chunked_jit(
-    plan: _Plan, N, K, q_scale, q, k, v, mask, bias, query_seq_lengths, kv_seq_lengths, rng
+    plan: _Plan, N, K, q_scale, q, k, v, mask, bias, query_seq_lengths, kv_seq_lengths, rng, fns
 ):
-    """Pads and lays out the inputs for :func:`_chunked_core` (jitted: eager calls are cached)."""
+    """Pads and lays out the inputs for :func:`_chunked_core` (jitted: eager calls are cached).
+    ``fns = (blocks, mask_consts, score_consts)``: a block mask's ``(any_blocks,
+    full_blocks)`` or ``None`` (computed here from ``plan.mask_fn``), and the closures."""
     B, T, _, H = q.shape
     if q_scale != 1.0:
         q = (q.astype(jnp.float32) * q_scale).astype(q.dtype)
@@ -455,8 +611,27 @@ def _chunked_jit(
     k_blocks = jnp.transpose(jnp.pad(k, [(0, 0), (0, S_pad - S), (0, 0), (0, 0)]), (0, 2, 1, 3))
     v_blocks = jnp.transpose(jnp.pad(v, [(0, 0), (0, S_pad - S), (0, 0), (0, 0)]), (0, 2, 1, 3))
     kv_lengths = None if kv_seq_lengths is None else jnp.asarray(kv_seq_lengths, jnp.int32)
+    blocks, mask_consts, score_consts = fns
+    table = None
+    if plan.mask_fn is not None:
+        if blocks is None:
+
+            def mask_fn(b, h, q_idx, kv_idx):
+                return plan.mask_fn(b, h, q_idx, kv_idx, *mask_consts)
+
+            blocks = block_mask_arrays(mask_fn, B, N, T, S, plan.q_chunk, plan.k_chunk)
+        kv_limit = jnp.int32(S) if kv_lengths is None else jnp.max(kv_lengths)
+        table = _block_table(plan, *blocks, kv_limit)
     out = _chunked_core(
-        plan, q_blocks, k_blocks, v_blocks, mask_blocks, bias_blocks, kv_lengths, rng
+        plan,
+        q_blocks,
+        k_blocks,
+        v_blocks,
+        mask_blocks,
+        bias_blocks,
+        kv_lengths,
+        rng,
+        (table, mask_consts, score_consts),
     )
     # [B, K, G, T', H_v] -> [B, T, N, H_v]
     out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, T_pad, N, H_v)[:, :T]
@@ -481,4 +656,5 @@ IMPLEMENTATION = Implementation(
     fn=chunked_attention,
     unsupported=_chunked_unsupported,
     description="online softmax over query/key chunks, skips empty blocks, O(T) memory",
+    functions=frozenset({"mask_fn", "score_fn", "block_mask"}),
 )

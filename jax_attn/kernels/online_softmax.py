@@ -55,12 +55,14 @@ class PartialAttention(NamedTuple):
 
 class BlockGradients(NamedTuple):
     """Gradients of one block with respect to q ``[B, K, G, T, H]``, k ``[B, K, S, H]``,
-    v ``[B, K, S, H_v]`` and the logits ``[B, K, G, T, S]`` (float32 or float64)."""
+    v ``[B, K, S, H_v]`` and the logits ``[B, K, G, T, S]`` (float32 or float64), and
+    ``d_closure``: those ``score_vjp`` returns for the arrays a score function closes over."""
 
     dq: jnp.ndarray
     dk: jnp.ndarray
     dv: jnp.ndarray
     d_logits: jnp.ndarray
+    d_closure: tuple = ()
 
 
 def to_kernel_layout(q, k, v):
@@ -135,14 +137,15 @@ def finalize(partial: PartialAttention):
 
 
 def block_gradients(
-    logits, lse, delta, q, k, v, d_out, *, keep=None, dropout_rate: float = 0.0
+    logits, lse, delta, q, k, v, d_out, *, keep=None, dropout_rate: float = 0.0, score_vjp=None
 ) -> BlockGradients:
     """Flash-attention backward of one block: its weights recomputed from ``lse``.
 
     ``logits [B, K, G, T, S]`` as in the forward (scaled, masked); ``lse`` and
     ``delta = sum(d_out * out, -1)`` ``[B, K, G, T]``; q, k, v, d_out in the kernel
     layout. ``dq`` and ``dk`` are with respect to the scaled logits' inputs before the
-    scale: multiply them by the logit scale.
+    scale: multiply them by the logit scale. When a score function made the logits from
+    the scores ``q k^T``, ``score_vjp(d_logits) -> (d_scores, d_closure)`` is its VJP.
     """
     dtype = logits.dtype
     # [B, K, G, T, S]
@@ -155,13 +158,14 @@ def block_gradients(
         dropped = probs * factor
         d_probs = d_probs * factor
     d_logits = probs * (d_probs - jnp.expand_dims(delta, -1))
+    d_scores, d_closure = (d_logits, ()) if score_vjp is None else score_vjp(d_logits)
     # The weights and d_logits stay in float32 (float64) for the dq/dk/dv products:
     # rounding them to a half-precision input dtype first costs about twice the error the
     # reference makes in that dtype. The half-precision operand is widened instead (exact).
     # [B, K, S, H_v]
     dv = jnp.einsum("BKGTS,BKGTH->BKSH", dropped, d_out.astype(dtype), preferred_element_type=dtype)
     # [B, K, S, H]
-    dk = jnp.einsum("BKGTS,BKGTH->BKSH", d_logits, q.astype(dtype), preferred_element_type=dtype)
+    dk = jnp.einsum("BKGTS,BKGTH->BKSH", d_scores, q.astype(dtype), preferred_element_type=dtype)
     # [B, K, G, T, H]
-    dq = jnp.einsum("BKGTS,BKSH->BKGTH", d_logits, k.astype(dtype), preferred_element_type=dtype)
-    return BlockGradients(dq, dk, dv, d_logits)
+    dq = jnp.einsum("BKGTS,BKSH->BKGTH", d_scores, k.astype(dtype), preferred_element_type=dtype)
+    return BlockGradients(dq, dk, dv, d_logits, tuple(d_closure))

@@ -1,7 +1,10 @@
 """``"xla"``: ``jax.nn.dot_product_attention(implementation="xla")`` with this library's
 semantics (bottom-right causal alignment, zero output for an empty row).
 
-It materialises the ``[B, N, T, S]`` logits; fast for short sequences and decoding.
+It materialises the ``[B, N, T, S]`` logits; fast for short sequences and decoding. A
+``mask_fn`` is materialised beside them as one more mask; ``score_fn`` and
+``block_mask`` it declines (``jax.nn`` takes no score function, and it visits every
+block anyway).
 The same adapter serves ``"cudnn"`` (:mod:`jax_attn.kernels.cudnn`).
 """
 
@@ -11,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_attn.kernels.base import Implementation
+from jax_attn.mask_functions import evaluate_mask
 from jax_attn.masks import as_4d, build_attention_mask
 from jax_attn.reference import call_mask
 from jax_attn.validation import AttentionCall
@@ -37,10 +41,15 @@ def jax_nn_attention(
     query_seq_lengths,
     key_value_seq_lengths,
     dropout_rng,
+    mask_fn=None,
     implementation="xla",
 ):
     del dropout_rng
     T, S = call.T, call.S
+    if mask_fn is not None:
+        index = (jnp.arange(T, dtype=jnp.int32), jnp.arange(S, dtype=jnp.int32))
+        by_fn = evaluate_mask(mask_fn, call.B, call.N, *index)
+        mask = by_fn if mask is None else as_4d(mask) & by_fn
     # jax.nn aligns causal and window masks top-left; ours are bottom-right. They agree
     # when T == S; otherwise the masks go in explicitly. cuDNN takes a left window only,
     # and only with the causal mask (which makes the right side irrelevant).
@@ -123,6 +132,7 @@ IMPLEMENTATION = Implementation(
     fn=xla_attention,
     unsupported=_xla_unsupported,
     description="jax.nn.dot_product_attention(implementation='xla')",
+    functions=frozenset({"mask_fn"}),
 )
 
 

@@ -1,0 +1,201 @@
+"""Masks and scores as functions (FlexAttention's ``mask_mod`` / ``score_mod`` in JAX).
+
+``mask_fn(b, h, q_idx, kv_idx) -> bool`` says whether query ``q_idx`` of batch ``b``,
+query head ``h`` may attend key ``kv_idx``; ``score_fn(score, b, h, q_idx, kv_idx) ->
+score`` rewrites one scaled logit. Indices are int32 scalars (``q_idx`` counts queries
+from 0, not aligned to the keys) and the library vmaps the functions over the grid, so
+they are written for one element with ``jnp`` and may close over arrays.
+
+:func:`make_block_mask` evaluates a ``mask_fn`` block by block (never the whole
+``[T, S]`` at once) into a :class:`BlockMask`: which ``(query block, key block)`` pairs
+hold any allowed element, and which hold only allowed ones. The chunked kernel visits
+only the first kind and evaluates ``mask_fn`` element-wise only on blocks not of the
+second kind. One block mask serves every layer that shares the mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "MASK_FN_BLOCK_SIZE",
+    "BlockMask",
+    "block_mask_arrays",
+    "evaluate_mask",
+    "evaluate_score",
+    "make_block_mask",
+    "uses_batch_and_head",
+]
+
+# (query block, key block) for calls with a mask_fn: small enough that a 256-wide window
+# or a document of a few hundred tokens leaves most blocks empty (docs/masks.md).
+MASK_FN_BLOCK_SIZE = (128, 128)
+# Elements of mask_fn evaluated per step of make_block_mask ([B', N', Tq, S'] per step).
+_ELEMENTS_PER_STEP = 2**24
+
+_INDEX = jax.ShapeDtypeStruct((), jnp.int32)
+
+
+def _grid(fn: Callable, with_score: bool) -> Callable:
+    """``fn`` vmapped over index vectors b, h, q, kv (and a score ``[B, N, Tq, Sk]``)."""
+    offset = 1 if with_score else 0
+    for axis in (3, 2, 1, 0):  # kv innermost, b outermost
+        in_axes = [0 if with_score and i == 0 else None for i in range(4 + offset)]
+        in_axes[offset + axis] = 0
+        fn = jax.vmap(fn, in_axes=tuple(in_axes))
+    return fn
+
+
+def uses_batch_and_head(mask_fn: Callable) -> tuple[bool, bool]:
+    """Whether ``mask_fn``'s value can depend on ``b`` and on ``h`` (read from its jaxpr;
+    ``True`` when in doubt). A mask that ignores them is evaluated once for all."""
+    try:
+        jaxpr = jax.make_jaxpr(mask_fn)(_INDEX, _INDEX, _INDEX, _INDEX).jaxpr
+    except Exception:  # noqa: BLE001 - any tracing trouble: assume dependence
+        return True, True
+    read = {id(var) for eqn in jaxpr.eqns for var in eqn.invars}
+    read |= {id(var) for var in jaxpr.outvars}
+    return id(jaxpr.invars[0]) in read, id(jaxpr.invars[1]) in read
+
+
+def evaluate_mask(mask_fn: Callable, B: int, N: int, q_idx, kv_idx, dims=None):
+    """bool ``[B|1, N|1, Tq, Sk]``: ``mask_fn`` at every ``(b, h, q_idx, kv_idx)``.
+
+    ``q_idx [Tq]``, ``kv_idx [Sk]`` int32; the ``B`` and ``N`` dims are 1 where
+    ``mask_fn`` ignores ``b`` or ``h`` (``dims`` = :func:`uses_batch_and_head`'s answer).
+    """
+    uses_b, uses_h = uses_batch_and_head(mask_fn) if dims is None else dims
+    b = jnp.arange(B if uses_b else 1, dtype=jnp.int32)
+    h = jnp.arange(N if uses_h else 1, dtype=jnp.int32)
+    allowed = _grid(mask_fn, with_score=False)(b, h, q_idx, kv_idx)
+    return jnp.asarray(allowed).astype(jnp.bool_)
+
+
+def evaluate_score(score_fn: Callable, scores, q_idx, kv_idx):
+    """``score_fn`` on every element of ``scores [B, N, Tq, Sk]`` (float32 or float64)
+    with its indices; ``q_idx [Tq]``, ``kv_idx [Sk]`` int32. Same dtype as ``scores``."""
+    B, N = scores.shape[:2]
+    b = jnp.arange(B, dtype=jnp.int32)
+    h = jnp.arange(N, dtype=jnp.int32)
+    out = _grid(score_fn, with_score=True)(scores, b, h, q_idx, kv_idx)
+    return jnp.asarray(out).astype(scores.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockMask:
+    """Block sparsity of a ``mask_fn`` for calls of shape ``(B, N, T, S)``.
+
+    any_blocks, full_blocks: bool ``[B|1, N|1, T / Tq, S / Sk]`` (rounded up): the
+    block holds at least one allowed element / only allowed elements (a block reaching
+    past ``T`` or ``S`` is never full). ``block_size = (Tq, Sk)``. A pytree: pass it
+    through ``jax.jit`` like an array (``mask_fn``, sizes and shape are static).
+    """
+
+    any_blocks: jax.Array
+    full_blocks: jax.Array
+    mask_fn: Callable = dataclasses.field(metadata={"static": True})
+    shape: tuple[int, int, int, int] = dataclasses.field(metadata={"static": True})
+    block_size: tuple[int, int] = dataclasses.field(metadata={"static": True})
+
+    @property
+    def kv_num_blocks(self):
+        """int32 ``[B|1, N|1, T / Tq]``: key blocks each query block visits."""
+        return jnp.sum(self.any_blocks, axis=-1, dtype=jnp.int32)
+
+
+jax.tree_util.register_dataclass(
+    BlockMask,
+    data_fields=["any_blocks", "full_blocks"],
+    meta_fields=["mask_fn", "shape", "block_size"],
+)
+
+
+def _check_size(name: str, value, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"make_block_mask: {name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"make_block_mask: {name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def block_sizes(T: int, S: int, block_size=None) -> tuple[int, int]:
+    """``(Tq, Sk)`` clipped to the sequence lengths (at least 1)."""
+    Tq, Sk = MASK_FN_BLOCK_SIZE if block_size is None else block_size
+    return max(1, min(Tq, T)), max(1, min(Sk, S))
+
+
+def block_mask_arrays(mask_fn: Callable, B: int, N: int, T: int, S: int, Tq: int, Sk: int):
+    """``(any_blocks, full_blocks)`` bool ``[B|1, N|1, nq, nk]`` of ``mask_fn``: one query
+    block (and a bounded slice of keys) per step of a ``lax.map``, so memory stays
+    ``O(Tq * S)`` however long the sequences."""
+    dims = uses_batch_and_head(mask_fn)
+    nq, nk = -(-T // Tq), -(-S // Sk)
+    rows = (B if dims[0] else 1) * (N if dims[1] else 1) * Tq
+    k_blocks_per_step = max(1, min(nk, _ELEMENTS_PER_STEP // max(1, rows * Sk)))
+    steps = -(-nk // k_blocks_per_step)
+
+    def one_block_row(q_block):
+        q_idx = q_block * Tq + jnp.arange(Tq, dtype=jnp.int32)
+
+        def some_key_blocks(step):
+            kv_idx = step * k_blocks_per_step * Sk + jnp.arange(k_blocks_per_step * Sk)
+            kv_idx = kv_idx.astype(jnp.int32)
+            # [B', N', Tq, Sk']
+            inside = (q_idx < T)[None, None, :, None] & (kv_idx < S)[None, None, None, :]
+            allowed = evaluate_mask(mask_fn, B, N, q_idx, kv_idx, dims) & inside
+            allowed = allowed.reshape(*allowed.shape[:3], k_blocks_per_step, Sk)
+            return jnp.any(allowed, axis=(2, 4)), jnp.all(allowed, axis=(2, 4))
+
+        any_, full = jax.lax.map(some_key_blocks, jnp.arange(steps, dtype=jnp.int32))
+        # [steps, B', N', kps] -> [B', N', nk]
+        any_, full = (
+            jnp.moveaxis(x, 0, 2).reshape(*x.shape[1:3], -1)[..., :nk] for x in (any_, full)
+        )
+        return any_, full
+
+    any_, full = jax.lax.map(one_block_row, jnp.arange(nq, dtype=jnp.int32))
+    # [nq, B', N', nk] -> [B', N', nq, nk]
+    return jnp.moveaxis(any_, 0, 2), jnp.moveaxis(full, 0, 2)
+
+
+def make_block_mask(
+    mask_fn: Callable, B: int, N: int, T: int, S: int, *, block_size=None
+) -> BlockMask:
+    """The block sparsity of ``mask_fn`` for calls with batch ``B``, ``N`` query heads,
+    ``T`` queries and ``S`` keys (FlexAttention's ``create_block_mask``).
+
+    Pass the result as ``block_mask=`` to ``dot_product_attention`` (``mask_fn`` may then
+    be left out); one block mask serves every layer with the same mask. ``B`` or ``N``
+    may be 1 to serve any batch or head count when ``mask_fn`` ignores ``b`` or ``h``.
+    ``block_size = (Tq, Sk)`` defaults to :data:`MASK_FN_BLOCK_SIZE`.
+
+    >>> import jax.numpy as jnp
+    >>> causal = lambda b, h, q_idx, kv_idx: q_idx >= kv_idx
+    >>> bm = make_block_mask(causal, 1, 1, 4, 4, block_size=(2, 2))
+    >>> bm.any_blocks[0, 0].astype(int).tolist(), bm.full_blocks[0, 0].astype(int).tolist()
+    ([[1, 0], [1, 1]], [[0, 0], [1, 0]])
+    """
+    if not callable(mask_fn):
+        raise TypeError(
+            f"make_block_mask: mask_fn must be a function (b, h, q_idx, kv_idx) -> bool, "
+            f"got {type(mask_fn).__name__}"
+        )
+    B, N = _check_size("B", B, 1), _check_size("N", N, 1)
+    T, S = _check_size("T", T), _check_size("S", S)
+    if block_size is not None and not (
+        isinstance(block_size, tuple | list)
+        and len(block_size) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in block_size)
+    ):
+        raise ValueError(
+            f"make_block_mask: block_size must be a pair of positive ints (Tq, Sk), "
+            f"got {block_size!r}"
+        )
+    Tq, Sk = block_sizes(T, S, block_size)
+    any_, full = block_mask_arrays(mask_fn, B, N, T, S, Tq, Sk)
+    return BlockMask(any_, full, mask_fn, (B, N, T, S), (Tq, Sk))
