@@ -17,6 +17,7 @@ from jax_attn.linen_modules import (
     SelfAttentionV1,
     SelfAttentionV2,
 )
+from jax_attn.mask_functions import BlockMask, make_block_mask
 from jax_attn.masks import (
     combine_masks,
     make_causal_mask,
@@ -27,6 +28,7 @@ from jax_attn.masks import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockMask",
     "CausalAttention",
     "MultiHeadAttention",
     "MultiHeadAttentionWrapper",
@@ -38,6 +40,7 @@ __all__ = [
     "dot_product_attention_weights",
     "flax_attention_fn",
     "functional",
+    "make_block_mask",
     "make_causal_mask",
     "make_padding_mask",
     "make_sliding_window_mask",
