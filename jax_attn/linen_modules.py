@@ -38,14 +38,7 @@ from jax_attn import kv_cache
 from jax_attn import module_spec as spec_lib
 from jax_attn.module_spec import AttentionSpec, torch_linear_init
 
-__all__ = [
-    "SelfAttentionV1",
-    "SelfAttentionV2",
-    "CausalAttention",
-    "MultiHeadAttentionWrapper",
-    "MultiHeadAttention",
-    "torch_linear_init",
-]
+__all__ = [*spec_lib.CLASS_FIELDS, "torch_linear_init"]
 
 
 _CACHE = ("cached_key", "cached_value", "cache_index")
@@ -95,14 +88,12 @@ class _BookAttention(nn.Module):
             dot_general = functools.partial(lax.dot_general, out_sharding=out_sharding)
         return nn.Dense(
             spec.features(name),
-            use_bias=spec.use_bias(name),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
             promote_dtype=spec_lib.promote_dtype_linen,
             dot_general=dot_general,
             kernel_init=self._init(name, "kernel", init),
             bias_init=self._init(name, "bias", init),
             name=name,
+            **spec_lib.projection_options(spec, name),
         )
 
     def _dropout_rate(self, owner: str, spec: AttentionSpec, deterministic: bool | None):
@@ -201,9 +192,8 @@ class CausalAttention(_DenseSingleHead):
     qkv_bias: bool = False
 
 
-class MultiHeadAttentionWrapper(_BookAttention):
-    """Section 3.6.1: ``num_heads`` independent :class:`CausalAttention` heads
-    (``heads_0``, ``heads_1``...), outputs concatenated: ``[..., T, num_heads * d_out]``."""
+class _MultiHead(_BookAttention):
+    """The book's arguments of MultiHeadAttentionWrapper and MultiHeadAttention."""
 
     d_in: int
     d_out: int
@@ -211,6 +201,11 @@ class MultiHeadAttentionWrapper(_BookAttention):
     dropout: float
     num_heads: int
     qkv_bias: bool = False
+
+
+class MultiHeadAttentionWrapper(_MultiHead):
+    """Section 3.6.1: ``num_heads`` independent :class:`CausalAttention` heads
+    (``heads_0``, ``heads_1``...), outputs concatenated: ``[..., T, num_heads * d_out]``."""
 
     def setup(self):
         options = {name: getattr(self, name) for name in spec_lib.OPTIONS}
@@ -231,7 +226,7 @@ class MultiHeadAttentionWrapper(_BookAttention):
         return jnp.concatenate(outs, axis=-1)
 
 
-class MultiHeadAttention(_BookAttention):
+class MultiHeadAttention(_MultiHead):
     """Section 3.6.2: one projection split into ``num_heads`` heads, causal attention
     with dropout, heads merged and mixed by ``out_proj`` (with bias).
 
@@ -253,12 +248,6 @@ class MultiHeadAttention(_BookAttention):
       :mod:`jax_attn.kv_cache`'s to report.
     """
 
-    d_in: int
-    d_out: int
-    context_length: int
-    dropout: float
-    num_heads: int
-    qkv_bias: bool = False
     decode: bool = _kw(False)
     num_kv_heads: int | None = _kw(None)
 

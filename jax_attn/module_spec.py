@@ -46,6 +46,7 @@ __all__ = [
     "field_names",
     "multi_head",
     "partition_names",
+    "projection_options",
     "promote_dtype",
     "promote_dtype_linen",
     "resolve_deterministic",
@@ -192,6 +193,12 @@ def torch_linear_init(fan_in: int):
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
     return init
+
+
+def projection_options(spec: AttentionSpec, name: str) -> dict:
+    """``use_bias``, ``dtype`` and ``param_dtype`` of projection ``name``, as ``nn.Dense``
+    and ``nnx.Linear`` take them."""
+    return {"use_bias": spec.use_bias(name), "dtype": spec.dtype, "param_dtype": spec.param_dtype}
 
 
 def compute_dtype(*dtypes) -> np.dtype:

@@ -36,8 +36,9 @@ True
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import flax.linen as flax_linen
 import jax
@@ -54,11 +55,7 @@ if TYPE_CHECKING:
     from jax_attn.shapes import Array, Float, Int
 
 __all__ = [
-    "SelfAttentionV1",
-    "SelfAttentionV2",
-    "CausalAttention",
-    "MultiHeadAttentionWrapper",
-    "MultiHeadAttention",
+    *spec_lib.CLASS_FIELDS,
     "nnx_from_linen_params",
     "linen_params_from_nnx",
     "linen_dropout_rng",
@@ -118,18 +115,46 @@ def _dropout_key(owner: str, at_call: RngsLike, stream: nnx.RngStream | None) ->
     )
 
 
+def _constructor(cls):
+    """Gives NNX class ``cls`` its Linen namesake's constructor arguments plus ``rngs``:
+    ``__init__(self, <book arguments>, *, <options>, rngs)`` keeps the checked fields and
+    calls ``cls._build(spec, rngs)``. ``inspect.signature`` and ``help()`` show them."""
+    fields = inspect.signature(getattr(linen, cls.__name__)).parameters.values()
+    signature = inspect.Signature(
+        [
+            inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+            *(p for p in fields if p.name not in ("parent", "name")),
+            inspect.Parameter("rngs", inspect.Parameter.KEYWORD_ONLY, annotation="nnx.Rngs"),
+        ]
+    )
+
+    def __init__(self, *args, **kwargs):
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError as error:
+            raise TypeError(f"{cls.__name__}: {error}") from None
+        bound.apply_defaults()
+        self._build(*self._configure(bound.arguments))
+
+    __init__.__signature__ = signature
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    __init__.__doc__ = f"The fields of :class:`jax_attn.linen_modules.{cls.__name__}`, and rngs."
+    cls.__init__ = __init__
+    return cls
+
+
 class _BookAttention(nnx.Module):
     """Configuration, projections and per-call plumbing the five NNX classes share."""
 
-    def _configure(self, arguments: dict, rngs) -> tuple[AttentionSpec, nnx.Rngs]:
+    def _configure(self, arguments: dict) -> tuple[AttentionSpec, nnx.Rngs]:
         """Checks the constructor's ``arguments`` (the class's fields, see
-        :mod:`jax_attn.module_spec`) and keeps them as attributes; returns the spec and the
-        checked ``rngs``."""
+        :mod:`jax_attn.module_spec`, and ``rngs``) and keeps the fields as attributes;
+        returns the spec and the checked ``rngs``."""
         owner = type(self).__name__
         for name in spec_lib.field_names(owner):
             setattr(self, name, arguments[name])
         spec = AttentionSpec.of(self, owner)
-        return spec, _check_rngs(owner, rngs)
+        return spec, _check_rngs(owner, arguments["rngs"])
 
     def _linear(self, spec: AttentionSpec, name: str, rngs: nnx.Rngs) -> nnx.Linear:
         """``nn.Linear``-initialised projection ``name``, kernel ``[fan_in, features]``."""
@@ -138,15 +163,13 @@ class _BookAttention(nnx.Module):
         return nnx.Linear(
             spec.fan_in(name),
             spec.features(name),
-            use_bias=spec.use_bias(name),
-            dtype=spec.dtype,
-            param_dtype=spec.param_dtype,
             promote_dtype=spec_lib.promote_dtype,
             kernel_init=init,
             bias_init=init,
             kernel_metadata=_sharding_metadata(owner, name, "kernel", spec.model_axis),
             bias_metadata=_sharding_metadata(owner, name, "bias", spec.model_axis),
             rngs=rngs,
+            **spec_lib.projection_options(spec, name),
         )
 
     def _call_spec(self) -> tuple[str, AttentionSpec]:
@@ -169,79 +192,26 @@ class _BookAttention(nnx.Module):
             return None
         return lambda weights: self.sow(nnx.Intermediate, "attention_weights", weights)
 
-    def _single_head(self, project, x, x_kv, mask, deterministic, rngs, sow_weights):
-        owner, spec = self._call_spec()
-        inputs = spec_lib.call_inputs(owner, spec, x, x_kv, mask)
-        return spec_lib.single_head(
-            spec,
-            project,
-            inputs,
-            **self._dropout(owner, spec, deterministic, rngs),
-            sow=self._sow(owner, sow_weights),
-        )
+    def _projections(self, spec: AttentionSpec, names: tuple[str, ...], rngs: nnx.Rngs) -> None:
+        """The projections ``names`` and the forked dropout stream ``self.rngs``."""
+        for name in names:
+            setattr(self, name, self._linear(spec, name, rngs))
+        self.rngs = nnx.data(_dropout_stream(rngs, spec.dropout))
 
     def linen_module(self) -> flax_linen.Module:
         """The Linen module with the same configuration."""
         return getattr(linen, type(self).__name__)(**spec_lib.class_config(self))
 
 
-class SelfAttentionV1(_BookAttention):
-    """Section 3.4.1: ``W_query``, ``W_key``, ``W_value`` as ``[d_in, d_out]`` matrices,
-    initialised uniform in ``[0, 1)`` like ``torch.rand``. ``x [T, d_in]`` or
-    ``[B, T, d_in]`` -> ``[..., T, d_out]``.
+class _SingleHead(_BookAttention):
+    """One head from the projections of :data:`module_spec.PROJECTIONS`
+    (SelfAttentionV1, SelfAttentionV2, CausalAttention)."""
 
-    >>> m = SelfAttentionV1(3, 2, rngs=nnx.Rngs(0))
-    >>> m(jnp.ones((6, 3))).shape
-    (6, 2)
-    """
+    def _build(self, spec: AttentionSpec, rngs: nnx.Rngs) -> None:
+        self._projections(spec, spec_lib.PROJECTIONS, rngs)
 
-    def __init__(
-        self,
-        d_in: int,
-        d_out: int,
-        *,
-        deterministic: bool | None = None,
-        is_causal: bool = False,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
-        implementation: str | None = None,
-        model_axis: str | None = None,
-        rngs: nnx.Rngs,
-    ):
-        spec, rngs = self._configure(locals(), rngs)
-        owner = type(self).__name__
-        for name in spec_lib.PROJECTIONS:
-            value = jax.random.uniform(rngs.params(), (d_in, d_out), spec.param_dtype)
-            metadata = _sharding_metadata(owner, name, "", model_axis)
-            setattr(self, name, nnx.Param(value, **metadata))
-
-    def __call__(
-        self,
-        x: Float[Array, "*B T d_in"],
-        x_kv: Float[Array, "*B S d_in"] | None = None,
-        *,
-        mask=None,
-        deterministic: bool | None = None,
-        rngs=None,
-        sow_weights: bool = False,
-    ) -> Float[Array, "*B T d_out"]:
-        def project(name, h):
-            dtype = self.dtype
-            if dtype is None:
-                dtype = spec_lib.compute_dtype(h.dtype, self.param_dtype)
-            return h.astype(dtype) @ getattr(self, name)[...].astype(dtype)
-
-        return self._single_head(project, x, x_kv, mask, deterministic, rngs, sow_weights)
-
-
-class _LinearSingleHead(_BookAttention):
-    """One head from three ``nnx.Linear`` projections (SelfAttentionV2, CausalAttention)."""
-
-    def _build(self, arguments: dict, rngs) -> None:
-        spec, rngs = self._configure(arguments, rngs)
-        for name in spec_lib.PROJECTIONS:
-            setattr(self, name, self._linear(spec, name, rngs))
-        self.rngs = nnx.data(_dropout_stream(rngs, spec.dropout))
+    def _project(self, name: str, h: jax.Array) -> jax.Array:
+        return getattr(self, name)(h)
 
     def __call__(
         self,
@@ -253,33 +223,49 @@ class _LinearSingleHead(_BookAttention):
         rngs: RngsLike = None,
         sow_weights: bool = False,
     ) -> Float[Array, "*B T d_out"]:
-        def project(name, h):
-            return getattr(self, name)(h)
+        owner, spec = self._call_spec()
+        inputs = spec_lib.call_inputs(owner, spec, x, x_kv, mask)
+        return spec_lib.single_head(
+            spec,
+            self._project,
+            inputs,
+            **self._dropout(owner, spec, deterministic, rngs),
+            sow=self._sow(owner, sow_weights),
+        )
 
-        return self._single_head(project, x, x_kv, mask, deterministic, rngs, sow_weights)
+
+@_constructor
+class SelfAttentionV1(_SingleHead):
+    """Section 3.4.1: ``W_query``, ``W_key``, ``W_value`` as ``[d_in, d_out]`` matrices,
+    initialised uniform in ``[0, 1)`` like ``torch.rand``. ``x [T, d_in]`` or
+    ``[B, T, d_in]`` -> ``[..., T, d_out]``.
+
+    >>> m = SelfAttentionV1(3, 2, rngs=nnx.Rngs(0))
+    >>> m(jnp.ones((6, 3))).shape
+    (6, 2)
+    """
+
+    def _build(self, spec: AttentionSpec, rngs: nnx.Rngs) -> None:
+        owner = type(self).__name__
+        for name in spec_lib.PROJECTIONS:
+            value = jax.random.uniform(rngs.params(), (spec.d_in, spec.d_out), spec.param_dtype)
+            metadata = _sharding_metadata(owner, name, "", spec.model_axis)
+            setattr(self, name, nnx.Param(value, **metadata))
+
+    def _project(self, name: str, h: jax.Array) -> jax.Array:
+        dtype = self.dtype
+        if dtype is None:
+            dtype = spec_lib.compute_dtype(h.dtype, self.param_dtype)
+        return h.astype(dtype) @ getattr(self, name)[...].astype(dtype)
 
 
-class SelfAttentionV2(_LinearSingleHead):
+@_constructor
+class SelfAttentionV2(_SingleHead):
     """Section 3.4.2: ``nn.Linear``-style projections (kernel ``[d_in, d_out]``)."""
 
-    def __init__(
-        self,
-        d_in: int,
-        d_out: int,
-        qkv_bias: bool = False,
-        *,
-        deterministic: bool | None = None,
-        is_causal: bool = False,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
-        implementation: str | None = None,
-        model_axis: str | None = None,
-        rngs: nnx.Rngs,
-    ):
-        self._build(locals(), rngs)
 
-
-class CausalAttention(_LinearSingleHead):
+@_constructor
+class CausalAttention(_SingleHead):
     """Section 3.5.3: single-head causal attention with dropout on the weights.
 
     >>> m = CausalAttention(3, 2, context_length=6, dropout=0.5, rngs=nnx.Rngs(0))
@@ -289,25 +275,8 @@ class CausalAttention(_LinearSingleHead):
     (6, 2)
     """
 
-    def __init__(
-        self,
-        d_in: int,
-        d_out: int,
-        context_length: int,
-        dropout: float,
-        qkv_bias: bool = False,
-        *,
-        deterministic: bool | None = None,
-        is_causal: bool = True,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
-        implementation: str | None = None,
-        model_axis: str | None = None,
-        rngs: nnx.Rngs,
-    ):
-        self._build(locals(), rngs)
 
-
+@_constructor
 class MultiHeadAttentionWrapper(_BookAttention):
     """Section 3.6.1: ``num_heads`` independent :class:`CausalAttention` heads in
     ``heads``, outputs concatenated: ``[..., T, num_heads * d_out]``.
@@ -317,29 +286,10 @@ class MultiHeadAttentionWrapper(_BookAttention):
     ``num_heads`` keys, one per head.
     """
 
-    def __init__(
-        self,
-        d_in: int,
-        d_out: int,
-        context_length: int,
-        dropout: float,
-        num_heads: int,
-        qkv_bias: bool = False,
-        *,
-        deterministic: bool | None = None,
-        is_causal: bool = True,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
-        implementation: str | None = None,
-        model_axis: str | None = None,
-        rngs: nnx.Rngs,
-    ):
-        spec, rngs = self._configure(locals(), rngs)
-        options = {name: getattr(self, name) for name in spec_lib.OPTIONS}
-        self.heads = nnx.List(
-            CausalAttention(d_in, d_out, context_length, dropout, qkv_bias, **options, rngs=rngs)
-            for _ in range(num_heads)
-        )
+    def _build(self, spec: AttentionSpec, rngs: nnx.Rngs) -> None:
+        del spec  # checked by _configure; each head builds its own
+        config = {name: getattr(self, name) for name in spec_lib.field_names("CausalAttention")}
+        self.heads = nnx.List(CausalAttention(**config, rngs=rngs) for _ in range(self.num_heads))
 
     def __call__(
         self,
@@ -377,6 +327,7 @@ class MultiHeadAttentionWrapper(_BookAttention):
         return jnp.concatenate(outs, axis=-1)
 
 
+@_constructor
 class MultiHeadAttention(_BookAttention):
     """Section 3.6.2: one projection split into ``num_heads`` heads, causal attention
     with dropout, heads merged and mixed by ``out_proj`` (with bias).
@@ -403,30 +354,9 @@ class MultiHeadAttention(_BookAttention):
     [4]
     """
 
-    def __init__(
-        self,
-        d_in: int,
-        d_out: int,
-        context_length: int,
-        dropout: float,
-        num_heads: int,
-        qkv_bias: bool = False,
-        *,
-        deterministic: bool | None = None,
-        is_causal: bool = True,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
-        implementation: str | None = None,
-        model_axis: str | None = None,
-        decode: bool = False,
-        num_kv_heads: int | None = None,
-        rngs: nnx.Rngs,
-    ):
-        spec, rngs = self._configure(locals(), rngs)
+    def _build(self, spec: AttentionSpec, rngs: nnx.Rngs) -> None:
         self.head_dim = spec.head_dim
-        for name in (*spec_lib.PROJECTIONS, "out_proj"):
-            setattr(self, name, self._linear(spec, name, rngs))
-        self.rngs = nnx.data(_dropout_stream(rngs, spec.dropout))
+        self._projections(spec, (*spec_lib.PROJECTIONS, "out_proj"), rngs)
         self.cached_key = nnx.data(None)
         self.cached_value = nnx.data(None)
         self.cache_index = nnx.data(None)
