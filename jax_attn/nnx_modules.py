@@ -143,6 +143,44 @@ def _constructor(cls):
     return cls
 
 
+def _call_parameters(
+    self,
+    x: Float[Array, "*B T d_in"],
+    x_kv: Float[Array, "*B S d_in"] | None = None,
+    *,
+    mask=None,
+    deterministic: bool | None = None,
+    rngs: RngsLike = None,
+    sow_weights: bool = False,
+    decode: bool | None = None,
+    lengths: Int[Array, " B"] | None = None,
+) -> Float[Array, "*B T d_out"]:
+    """Every parameter of the NNX classes' ``__call__``, in order; ``decode`` and
+    ``lengths`` are MultiHeadAttention's only (see :func:`_call`)."""
+
+
+def _call(forward, *, multi_head: bool = False, rngs: str = "RngsLike"):
+    """``__call__`` with :func:`_call_parameters`' signature (``rngs`` annotated ``rngs``),
+    seen by ``inspect.signature`` and ``help()``: ``forward`` receives every parameter
+    positionally, defaults filled in."""
+    prototype = inspect.signature(_call_parameters)
+    signature = prototype.replace(
+        parameters=[
+            parameter.replace(annotation=rngs) if parameter.name == "rngs" else parameter
+            for parameter in prototype.parameters.values()
+            if multi_head or parameter.name not in ("decode", "lengths")
+        ]
+    )
+
+    def __call__(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        return forward(*bound.arguments.values())
+
+    __call__.__signature__ = signature
+    return __call__
+
+
 class _BookAttention(nnx.Module):
     """Configuration, projections and per-call plumbing the five NNX classes share."""
 
@@ -213,16 +251,7 @@ class _SingleHead(_BookAttention):
     def _project(self, name: str, h: jax.Array) -> jax.Array:
         return getattr(self, name)(h)
 
-    def __call__(
-        self,
-        x: Float[Array, "*B T d_in"],
-        x_kv: Float[Array, "*B S d_in"] | None = None,
-        *,
-        mask=None,
-        deterministic: bool | None = None,
-        rngs: RngsLike = None,
-        sow_weights: bool = False,
-    ) -> Float[Array, "*B T d_out"]:
+    def _forward(self, x, x_kv, mask, deterministic, rngs, sow_weights):
         owner, spec = self._call_spec()
         inputs = spec_lib.call_inputs(owner, spec, x, x_kv, mask)
         return spec_lib.single_head(
@@ -232,6 +261,8 @@ class _SingleHead(_BookAttention):
             **self._dropout(owner, spec, deterministic, rngs),
             sow=self._sow(owner, sow_weights),
         )
+
+    __call__ = _call(_forward)
 
 
 @_constructor
@@ -291,16 +322,7 @@ class MultiHeadAttentionWrapper(_BookAttention):
         config = {name: getattr(self, name) for name in spec_lib.field_names("CausalAttention")}
         self.heads = nnx.List(CausalAttention(**config, rngs=rngs) for _ in range(self.num_heads))
 
-    def __call__(
-        self,
-        x: Float[Array, "*B T d_in"],
-        x_kv: Float[Array, "*B S d_in"] | None = None,
-        *,
-        mask=None,
-        deterministic: bool | None = None,
-        rngs: RngsLike | list[jax.Array] = None,
-        sow_weights: bool = False,
-    ) -> Float[Array, "*B T d_out"]:
+    def _forward(self, x, x_kv, mask, deterministic, rngs, sow_weights):
         if deterministic is None:
             deterministic = self.deterministic
         head_rngs = [rngs] * self.num_heads
@@ -325,6 +347,8 @@ class MultiHeadAttentionWrapper(_BookAttention):
             for head, head_rng in zip(self.heads, head_rngs, strict=True)
         ]
         return jnp.concatenate(outs, axis=-1)
+
+    __call__ = _call(_forward, rngs="RngsLike | list[jax.Array]")
 
 
 @_constructor
@@ -401,18 +425,7 @@ class MultiHeadAttention(_BookAttention):
         self.cached_value = nnx.Cache(empty.value)
         self.cache_index = nnx.Cache(empty.index)
 
-    def __call__(
-        self,
-        x: Float[Array, "*B T d_in"],
-        x_kv: Float[Array, "*B S d_in"] | None = None,
-        *,
-        mask=None,
-        deterministic: bool | None = None,
-        rngs: RngsLike = None,
-        sow_weights: bool = False,
-        decode: bool | None = None,
-        lengths: Int[Array, " B"] | None = None,
-    ) -> Float[Array, "*B T d_out"]:
+    def _forward(self, x, x_kv, mask, deterministic, rngs, sow_weights, decode, lengths):
         owner, spec = self._call_spec()
         decode = self.decode if decode is None else decode
         spec_lib.check_decode_call(owner, decode, x_kv, mask, lengths, sow_weights)
@@ -432,6 +445,8 @@ class MultiHeadAttention(_BookAttention):
             sow=self._sow(owner, sow_weights),
             **dropout,
         )
+
+    __call__ = _call(_forward, multi_head=True)
 
     def _attend_cached(self, owner, spec, queries, keys, values, lengths, dropout):
         if self.cached_key is None:
