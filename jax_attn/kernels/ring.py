@@ -212,6 +212,19 @@ def _concat_partials(first: PartialAttention, second: PartialAttention) -> Parti
     return PartialAttention(*(jnp.concatenate(pair, axis=3) for pair in pairs))
 
 
+def _visiting(ring: _Ring, index, s, kernels: tuple, q, k, v):
+    """Step ``s`` of the ring: ``kernels = (earlier, later, every)``, each
+    ``(q, k, v, k_pos) -> block``, applied to the keys ``k, v`` that came from device
+    ``(index - s)``: ``earlier`` or ``later`` (its chunks before or after ours) when
+    causal, else ``every``."""
+    earlier, later, every = kernels
+    source = (index - s) % ring.devices
+    k_pos = _positions(ring, source, k.shape[2])
+    if ring.is_causal:
+        return lax.cond(source < index, earlier, later, q, k, v, k_pos)
+    return every(q, k, v, k_pos)
+
+
 def _ring_forward_local(ring: _Ring, q, k, v, kv_lengths):
     """Per-device forward on zig-zag (or contiguous) local blocks -> (out, lse)."""
     B, K, G, T, _ = q.shape
@@ -232,17 +245,15 @@ def _ring_forward_local(ring: _Ring, q, k, v, kv_lengths):
         empty = empty_partial(B, K, G, c, H_v, late.acc.dtype)
         return _concat_partials(empty, late)
 
+    def all_keys(q, k, v, k_pos):
+        return attend(q, k, v, q_pos, k_pos)
+
     def step(s, carry):
         # k, v came from device (index - s); the next block's transfer starts before this
         # block's compute and does not depend on it, so the two can overlap.
         partial, k, v = carry
         k_next, v_next = ring.shift(k), ring.shift(v)
-        source = (index - s) % ring.devices
-        k_pos = _positions(ring, source, S)
-        if ring.is_causal:
-            block = lax.cond(source < index, earlier_keys, later_keys, q, k, v, k_pos)
-        else:
-            block = attend(q, k, v, q_pos, k_pos)
+        block = _visiting(ring, index, s, (earlier_keys, later_keys, all_keys), q, k, v)
         return combine_partials(partial, block), k_next, v_next
 
     partial = lax.fori_loop(1, ring.devices, step, (partial, ring.shift(k), ring.shift(v)))[0]
@@ -325,17 +336,15 @@ def _ring_backward_local(ring: _Ring, q, k, v, out, lse, d_out, kv_lengths):
         )
         return _pad(d_q, 3, before=c), d_k, d_v
 
+    def all_keys(q, k, v, k_pos):
+        return grads(q, k, v, d_out, lse, delta, q_pos, k_pos)
+
     def step(s, carry):
         # k, v came from device (index - s) with d_k, d_v: their gradients from the devices
         # they visited so far. Add this device's share and pass them on with the block.
         d_q, k, v, d_k, d_v = carry
         k_next, v_next = ring.shift(k), ring.shift(v)
-        source = (index - s) % ring.devices
-        k_pos = _positions(ring, source, S)
-        if ring.is_causal:
-            block = lax.cond(source < index, earlier_keys, later_keys, q, k, v, k_pos)
-        else:
-            block = grads(q, k, v, d_out, lse, delta, q_pos, k_pos)
+        block = _visiting(ring, index, s, (earlier_keys, later_keys, all_keys), q, k, v)
         d_k, d_v = ring.shift(d_k + block[1]), ring.shift(d_v + block[2])
         return d_q + block[0], k_next, v_next, d_k, d_v
 
