@@ -41,6 +41,7 @@ __all__ = [
     "interpret_requested",
     "padded_length",
     "pallas_gpu_attention",
+    "pallas_implementation",
     "rows_with_keys",
 ]
 
@@ -52,6 +53,7 @@ INTERPRET_ENV = "JAX_ATTN_PALLAS_INTERPRET"
 FORWARD_BLOCKS = {"float32": (128, 64), "bfloat16": (128, 128), "float16": (128, 128)}
 # Backward blocks (dq and dk/dv kernels), the kernel's defaults.
 BACKWARD_BLOCK = 32
+_BACKWARD_BLOCK_FIELDS = ("block_q_dkv", "block_kv_dkv", "block_q_dq", "block_kv_dq")
 MIN_HEAD_DIM = 16
 MAX_HEAD_DIM = 128
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -69,6 +71,18 @@ class InterpretPlatforms(tuple):
 
     def __contains__(self, platform) -> bool:
         return tuple.__contains__(self, platform) or interpret_requested()
+
+
+def pallas_implementation(platform: str, fn, unsupported, description: str) -> Implementation:
+    """The :class:`Implementation` ``pallas_<platform>`` of a Pallas kernel compiled for
+    ``platform`` (any platform in interpret mode)."""
+    return Implementation(
+        name=f"pallas_{platform}",
+        fn=fn,
+        unsupported=unsupported,
+        platforms=InterpretPlatforms((platform,)),
+        description=description,
+    )
 
 
 def padded_length(T: int, block: int) -> int:
@@ -214,14 +228,8 @@ def pallas_gpu_attention(
     if T_pad > T and not call.is_causal:
         # [B, T_pad]: the padding is a segment of its own, unseen by the real queries.
         segment_ids = jnp.broadcast_to((jnp.arange(T_pad) >= T).astype(jnp.int32), (B, T_pad))
-    sizes = attention.BlockSizes(
-        block_q=block_q,
-        block_k=block_k,
-        block_q_dkv=BACKWARD_BLOCK,
-        block_kv_dkv=BACKWARD_BLOCK,
-        block_q_dq=BACKWARD_BLOCK,
-        block_kv_dq=BACKWARD_BLOCK,
-    )
+    backward = dict.fromkeys(_BACKWARD_BLOCK_FIELDS, BACKWARD_BLOCK)
+    sizes = attention.BlockSizes(block_q=block_q, block_k=block_k, **backward)
     out = attention.mha(
         q,
         k,
@@ -236,10 +244,9 @@ def pallas_gpu_attention(
     return zero_empty_rows(out, rows_with_keys(call, query_seq_lengths=query_seq_lengths))
 
 
-IMPLEMENTATION = Implementation(
-    name="pallas_gpu",
-    fn=pallas_gpu_attention,
-    unsupported=_pallas_gpu_unsupported,
-    platforms=InterpretPlatforms(("gpu",)),
-    description="jax.experimental.pallas.ops.gpu.attention.mha: Triton flash attention",
+IMPLEMENTATION = pallas_implementation(
+    "gpu",
+    pallas_gpu_attention,
+    _pallas_gpu_unsupported,
+    "jax.experimental.pallas.ops.gpu.attention.mha: Triton flash attention",
 )

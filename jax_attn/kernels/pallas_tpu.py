@@ -25,11 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_attn.kernels.base import Implementation
 from jax_attn.kernels.pallas_gpu import (
     INTERPRET_ENV,
-    InterpretPlatforms,
     interpret_requested,
+    pallas_implementation,
     rows_with_keys,
     zero_empty_rows,
 )
@@ -114,15 +113,9 @@ def _splash_kernel(N, T_pad, S_pad, offset, is_causal, window, block_q, block_kv
         mask = splash.CausalMask(shape, offset)
     else:
         mask = splash.FullMask(shape)
+    # Forward and backward tiles alike: block_q for the query fields, block_kv for the rest.
     sizes = splash.BlockSizes(
-        block_q=block_q,
-        block_kv=block_kv,
-        block_kv_compute=block_kv,
-        block_q_dkv=block_q,
-        block_kv_dkv=block_kv,
-        block_kv_dkv_compute=block_kv,
-        block_q_dq=block_q,
-        block_kv_dq=block_kv,
+        **{name: block_q if name.startswith("block_q") else block_kv for name in _BLOCK_FIELDS}
     )
     make = splash.make_splash_mqa if mqa else splash.make_splash_mha
     # The kernel's block tables are built eagerly (not as tracers of the calling trace) and
@@ -193,10 +186,9 @@ def pallas_tpu_attention(
     return zero_empty_rows(out, has_keys)
 
 
-IMPLEMENTATION = Implementation(
-    name="pallas_tpu",
-    fn=pallas_tpu_attention,
-    unsupported=_pallas_tpu_unsupported,
-    platforms=InterpretPlatforms(("tpu",)),
-    description="jax.experimental.pallas.ops.tpu.splash_attention: splash (flash) attention",
+IMPLEMENTATION = pallas_implementation(
+    "tpu",
+    pallas_tpu_attention,
+    _pallas_tpu_unsupported,
+    "jax.experimental.pallas.ops.tpu.splash_attention: splash (flash) attention",
 )
