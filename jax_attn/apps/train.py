@@ -120,16 +120,6 @@ class TaskConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    d_model: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    mlp_ratio: int
-    dropout: float
-
-
-@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int
     batch_size: int
@@ -293,6 +283,23 @@ class Decoder(nn.Module):
                 name=f"block_{i}",
             )(x, deterministic, lengths)
         return nn.Dense(self.vocab_size, name="head")(nn.LayerNorm(name="final_norm")(x))
+
+
+ModelConfig = dataclasses.make_dataclass(
+    "ModelConfig",
+    [
+        (field.name, field.type)
+        for field in dataclasses.fields(Decoder)
+        if field.name not in ("vocab_size", "context_length", "decode", "parent", "name")
+    ],
+    namespace={
+        "__module__": __name__,
+        "__doc__": "A config's ``[model]`` table: the :class:`Decoder`'s fields less those "
+        "the task (``vocab_size``, ``context_length``), the caller (``decode``) and Flax "
+        "(``parent``, ``name``) give.",
+    },
+    frozen=True,
+)
 
 
 class RNNLanguageModel(nn.Module):
