@@ -245,7 +245,8 @@ def check_function(name: str, fn, score_dtype=None) -> None:
     else:
         ok, want = dtype is not None and jnp.issubdtype(dtype, jnp.floating), "one float"
     if not ok or getattr(out, "shape", None) != ():
-        raise TypeError(f"{name} must return {want} (a scalar), got {out}")
+        got = f"{dtype}{list(getattr(out, 'shape', ()))}" if dtype is not None else repr(out)
+        raise TypeError(f"{name} must return {want} (shape []), got {got}")
 
 
 def check_block_mask(block_mask, mask_fn, shape: tuple[int, int, int, int]) -> None:

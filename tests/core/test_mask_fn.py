@@ -195,12 +195,16 @@ def test_default_dispatch_serves_functions_and_others_decline():
     [
         ({"mask_fn": 3}, TypeError, r"mask_fn must be a function mask_fn\(b, h, q_idx, kv_idx\)"),
         ({"mask_fn": lambda b, h, q: q > 0}, TypeError, "mask_fn must be a function .* raised"),
-        ({"mask_fn": lambda b, h, q, kv: q - kv}, TypeError, "mask_fn must return one bool"),
+        (
+            {"mask_fn": lambda b, h, q, kv: q - kv},
+            TypeError,
+            r"mask_fn must return one bool .*got int32\[\]",
+        ),
         ({"score_fn": "tanh"}, TypeError, r"score_fn must be a function score_fn\(score"),
         (
             {"score_fn": lambda s, b, h, q, kv: jnp.stack([s, s])},
             TypeError,
-            r"score_fn must return one float \(a scalar\), got .*float32\[2\]",
+            r"score_fn must return one float \(shape \[\]\), got float32\[2\]",
         ),
         ({"block_mask": np.ones((1, 1, 1, 1), bool)}, TypeError, "block_mask must be a BlockMask"),
     ],

@@ -6,6 +6,7 @@ backward (NaN there would show); a block mask made inside ``jit`` or passed thro
 works; a document mask at T = 32768 runs in a fresh process under 1 GiB.
 """
 
+import doctest
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 import jax_attn as ja
-from jax_attn import reference
+from jax_attn import mask_functions, reference
 from jax_attn.kernels import chunked
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -50,6 +51,11 @@ def _numpy_document(T):
     q_idx, kv_idx = np.arange(T)[:, None], np.arange(T)[None, :]
     same = SEGMENT_IDS[:, None, :, None] == SEGMENT_IDS[:, None, None, :]
     return same & (q_idx >= kv_idx)
+
+
+def test_docstring_examples():
+    results = doctest.testmod(mask_functions, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert results.attempted > 0 and results.failed == 0, results
 
 
 @pytest.mark.parametrize("block_size", [(4, 5), (13, 2)])
