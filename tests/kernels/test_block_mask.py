@@ -81,37 +81,39 @@ def test_make_block_mask_matches_numpy(block_size):
 
 
 def test_the_kernel_visits_exactly_the_non_empty_blocks():
-    """Its table = blocks with any allowed element after the position masks and lengths;
-    blocks it runs without masks hold only allowed elements."""
-    T, (Tq, Sk) = SEGMENT_IDS.shape[1], (4, 3)
-    bm = ja.make_block_mask(
-        document_mask(jnp.asarray(SEGMENT_IDS)), 2, 1, T, T, block_size=(Tq, Sk)
-    )
+    """Its table = blocks with any allowed element after the window and key lengths; the
+    blocks it runs without position masks and mask_fn hold only allowed elements (the key
+    lengths mask every block)."""
+    segment_ids = np.array([[0] * 8 + [1] * 5], np.int32)
+    T, (Tq, Sk), left, kv_limit = 13, (4, 3), 7, 11
+    document = document_mask(jnp.asarray(segment_ids))
+    bm = ja.make_block_mask(document, 1, 1, T, T, block_size=(Tq, Sk))
     plan = chunked._Plan(
         T=T,
         S=T,
         q_chunk=Tq,
         k_chunk=Sk,
         is_causal=False,
-        window=(3, 0),
+        window=(left, 0),
         scale=1.0,
         dropout_rate=0.0,
         mask_shape=None,
         bias_shape=None,
         mask_fn=bm.mask_fn,
     )
-    kv_limit = 11
     order, counts, full = chunked._block_table(plan, bm.any_blocks, bm.full_blocks, kv_limit)
     q_idx, kv_idx = np.arange(T)[:, None], np.arange(T)[None, :]
-    allowed = _numpy_document(T) & (kv_idx >= q_idx - 3) & (kv_idx < kv_limit)
-    any_, all_ = _numpy_blocks(allowed, Tq, Sk)
-    any_, all_ = any_.any(axis=(0, 1)), all_.all(axis=(0, 1))
+    same = segment_ids[0][:, None] == segment_ids[0][None, :]
+    allowed = same & (q_idx >= kv_idx) & (kv_idx >= q_idx - left)
+    any_, all_ = (
+        x[0, 0] for x in _numpy_blocks((allowed & (kv_idx < kv_limit))[None, None], Tq, Sk)
+    )
+    _, all_ = (x[0, 0] for x in _numpy_blocks(allowed[None, None], Tq, Sk))
     for i in range(plan.num_q_chunks):
         visited = sorted(int(j) for j in order[i, : int(counts[i])])
         assert visited == list(np.flatnonzero(any_[i])), i
-        for j in visited:
-            assert not full[i, j] or all_[i, j], (i, j)
-    assert int(counts.sum()) < any_.size  # something is skipped
+    np.testing.assert_array_equal(np.asarray(full) & any_, all_ & any_)
+    assert 0 < int(counts.sum()) < any_.size  # something is skipped
     assert bool(np.asarray(full).any())  # some blocks need no mask
 
 
