@@ -105,10 +105,8 @@ def test_the_kernel_visits_exactly_the_non_empty_blocks():
     q_idx, kv_idx = np.arange(T)[:, None], np.arange(T)[None, :]
     same = segment_ids[0][:, None] == segment_ids[0][None, :]
     allowed = same & (q_idx >= kv_idx) & (kv_idx >= q_idx - left)
-    any_, all_ = (
-        x[0, 0] for x in _numpy_blocks((allowed & (kv_idx < kv_limit))[None, None], Tq, Sk)
-    )
-    _, all_ = (x[0, 0] for x in _numpy_blocks(allowed[None, None], Tq, Sk))
+    any_ = _numpy_blocks((allowed & (kv_idx < kv_limit))[None, None], Tq, Sk)[0][0, 0]
+    all_ = _numpy_blocks(allowed[None, None], Tq, Sk)[1][0, 0]
     for i in range(plan.num_q_chunks):
         visited = sorted(int(j) for j in order[i, : int(counts[i])])
         assert visited == list(np.flatnonzero(any_[i])), i
