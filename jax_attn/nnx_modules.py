@@ -115,6 +115,17 @@ def _dropout_key(owner: str, at_call: RngsLike, stream: nnx.RngStream | None) ->
     )
 
 
+def _bind(owner: str, signature: inspect.Signature, *args, **kwargs) -> dict:
+    """The arguments but ``self`` bound to ``signature``, defaults filled in; a mismatch is
+    a ``TypeError`` naming ``owner``."""
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as error:
+        raise TypeError(f"{owner}: {error}") from None
+    bound.apply_defaults()
+    return {name: value for name, value in bound.arguments.items() if name != "self"}
+
+
 def _constructor(cls):
     """Gives NNX class ``cls`` its Linen namesake's constructor arguments plus ``rngs``:
     ``__init__(self, <book arguments>, *, <options>, rngs)`` keeps the checked fields and
@@ -129,12 +140,7 @@ def _constructor(cls):
     )
 
     def __init__(self, *args, **kwargs):
-        try:
-            bound = signature.bind(self, *args, **kwargs)
-        except TypeError as error:
-            raise TypeError(f"{cls.__name__}: {error}") from None
-        bound.apply_defaults()
-        self._build(*self._configure(bound.arguments))
+        self._build(*self._configure(_bind(cls.__name__, signature, self, *args, **kwargs)))
 
     __init__.__signature__ = signature
     __init__.__qualname__ = f"{cls.__qualname__}.__init__"
@@ -159,23 +165,21 @@ def _call_parameters(
     ``lengths`` are MultiHeadAttention's only (see :func:`_call`)."""
 
 
-def _call(forward, *, multi_head: bool = False, rngs: str = "RngsLike"):
-    """``__call__`` with :func:`_call_parameters`' signature (``rngs`` annotated ``rngs``),
-    seen by ``inspect.signature`` and ``help()``: ``forward`` receives every parameter
-    positionally, defaults filled in."""
+def _call(*, multi_head: bool = False, rngs_annotation: str = "RngsLike"):
+    """``__call__`` with :func:`_call_parameters`' signature, seen by ``inspect.signature``
+    and ``help()``: it passes every parameter, defaults filled in, to ``self._forward``."""
     prototype = inspect.signature(_call_parameters)
     signature = prototype.replace(
         parameters=[
-            parameter.replace(annotation=rngs) if parameter.name == "rngs" else parameter
+            parameter.replace(annotation=rngs_annotation) if parameter.name == "rngs" else parameter
             for parameter in prototype.parameters.values()
             if multi_head or parameter.name not in ("decode", "lengths")
         ]
     )
 
     def __call__(self, *args, **kwargs):
-        bound = signature.bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        return forward(*bound.arguments.values())
+        owner = f"{type(self).__name__}.__call__"
+        return self._forward(**_bind(owner, signature, self, *args, **kwargs))
 
     __call__.__signature__ = signature
     return __call__
@@ -262,7 +266,7 @@ class _SingleHead(_BookAttention):
             sow=self._sow(owner, sow_weights),
         )
 
-    __call__ = _call(_forward)
+    __call__ = _call()
 
 
 @_constructor
@@ -348,7 +352,7 @@ class MultiHeadAttentionWrapper(_BookAttention):
         ]
         return jnp.concatenate(outs, axis=-1)
 
-    __call__ = _call(_forward, rngs="RngsLike | list[jax.Array]")
+    __call__ = _call(rngs_annotation="RngsLike | list[jax.Array]")
 
 
 @_constructor
@@ -446,7 +450,7 @@ class MultiHeadAttention(_BookAttention):
             **dropout,
         )
 
-    __call__ = _call(_forward, multi_head=True)
+    __call__ = _call(multi_head=True)
 
     def _attend_cached(self, owner, spec, queries, keys, values, lengths, dropout):
         if self.cached_key is None:
