@@ -24,7 +24,7 @@ import functools
 import math
 import sys
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +35,7 @@ import numpy as np
 from jax_attn import functional, masks
 from jax_attn.apps.extras import require
 from jax_attn.data import book_values
+from jax_attn.mask_functions import evaluate_mask
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -51,6 +52,7 @@ __all__ = [
     "plot_causal_vs_full",
     "plot_dropout",
     "plot_masks",
+    "plot_mask_fns",
     "tokenize",
     "embed_tokens",
     "sentence_figures",
@@ -322,6 +324,24 @@ def plot_masks(
         colorbar_label="may attend",
         annotate=False,
     )
+
+
+def plot_mask_fns(
+    panels: Mapping[str, Callable],
+    T: int,
+    *,
+    b: int = 0,
+    h: int = 0,
+    title: str | None = "Masks as functions (1 = may attend)",
+) -> Figure:
+    """``mask_fn(b, h, q_idx, kv_idx) -> bool`` functions drawn as their ``[T, T]`` masks
+    for batch ``b`` and query head ``h`` (see docs/masks.md)."""
+    q_idx = kv_idx = jnp.arange(T, dtype=jnp.int32)
+    drawn = {
+        name: np.asarray(evaluate_mask(fn, b + 1, h + 1, q_idx, kv_idx, dims=(True, True)))[b, h]
+        for name, fn in panels.items()
+    }
+    return plot_masks(drawn, [str(t) for t in range(T)], title=title)
 
 
 # --- a sentence's attention -----------------------------------------------------------------
