@@ -331,15 +331,15 @@ def attend(
     sow: Callable | None = None,
 ):
     """``[B, T, N, H]`` attention of the projected heads; ``sow(weights [B, N, T, S])``
-    receives the weights (before dropout) when given."""
+    receives the weights (same masking, before dropout) when given."""
+    masking = {"mask": mask, "is_causal": spec.is_causal}
     if sow is not None:
-        sow(dot_product_attention_weights(queries, keys, mask=mask, is_causal=spec.is_causal))
+        sow(dot_product_attention_weights(queries, keys, **masking))
     return dot_product_attention(
         queries,
         keys,
         values,
-        mask=mask,
-        is_causal=spec.is_causal,
+        **masking,
         dropout_rate=rate,
         dropout_rng=rng,
         implementation=spec.implementation,
