@@ -138,6 +138,7 @@ def block_mask_arrays(mask_fn: Callable, B: int, N: int, T: int, S: int, Tq: int
     rows = (B if dims[0] else 1) * (N if dims[1] else 1) * Tq
     k_blocks_per_step = max(1, min(nk, _ELEMENTS_PER_STEP // max(1, rows * Sk)))
     steps = -(-nk // k_blocks_per_step)
+    padded = nq * Tq != T or steps * k_blocks_per_step * Sk != S
 
     def one_block_row(q_block):
         q_idx = q_block * Tq + jnp.arange(Tq, dtype=jnp.int32)
@@ -146,10 +147,15 @@ def block_mask_arrays(mask_fn: Callable, B: int, N: int, T: int, S: int, Tq: int
             kv_idx = step * k_blocks_per_step * Sk + jnp.arange(k_blocks_per_step * Sk)
             kv_idx = kv_idx.astype(jnp.int32)
             # [B', N', Tq, Sk']
-            inside = (q_idx < T)[None, None, :, None] & (kv_idx < S)[None, None, None, :]
-            allowed = evaluate_mask(mask_fn, B, N, q_idx, kv_idx, dims) & inside
-            allowed = allowed.reshape(*allowed.shape[:3], k_blocks_per_step, Sk)
-            return jnp.any(allowed, axis=(2, 4)), jnp.all(allowed, axis=(2, 4))
+            allowed = evaluate_mask(mask_fn, B, N, q_idx, kv_idx, dims)
+            if padded:
+                allowed = (
+                    allowed & (q_idx < T)[None, None, :, None] & (kv_idx < S)[None, None, None, :]
+                )
+            # int8 max/min, one axis at a time: 4-10x faster on CPU than any/all over both
+            allowed = allowed.astype(jnp.int8).reshape(*allowed.shape[:3], k_blocks_per_step, Sk)
+            any_ = jnp.max(jnp.max(allowed, axis=4), axis=2) > 0
+            return any_, jnp.min(jnp.min(allowed, axis=4), axis=2) > 0
 
         any_, full = jax.lax.map(some_key_blocks, jnp.arange(steps, dtype=jnp.int32))
         # [steps, B', N', kps] -> [B', N', nk]
