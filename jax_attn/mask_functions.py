@@ -129,11 +129,13 @@ def block_sizes(T: int, S: int, block_size=None) -> tuple[int, int]:
     return max(1, min(Tq, T)), max(1, min(Sk, S))
 
 
-def block_mask_arrays(mask_fn: Callable, B: int, N: int, T: int, S: int, Tq: int, Sk: int):
+def block_mask_arrays(
+    mask_fn: Callable, B: int, N: int, T: int, S: int, Tq: int, Sk: int, dims=None
+):
     """``(any_blocks, full_blocks)`` bool ``[B|1, N|1, nq, nk]`` of ``mask_fn``: one query
     block (and a bounded slice of keys) per step of a ``lax.map``, so memory stays
-    ``O(Tq * S)`` however long the sequences."""
-    dims = uses_batch_and_head(mask_fn)
+    ``O(Tq * S)`` however long the sequences. ``dims`` as for :func:`evaluate_mask`."""
+    dims = uses_batch_and_head(mask_fn) if dims is None else dims
     nq, nk = -(-T // Tq), -(-S // Sk)
     rows = (B if dims[0] else 1) * (N if dims[1] else 1) * Tq
     k_blocks_per_step = max(1, min(nk, _ELEMENTS_PER_STEP // max(1, rows * Sk)))

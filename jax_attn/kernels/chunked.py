@@ -619,7 +619,8 @@ def _chunked_jit(
             def mask_fn(b, h, q_idx, kv_idx):
                 return plan.mask_fn(b, h, q_idx, kv_idx, *mask_consts)
 
-            blocks = block_mask_arrays(mask_fn, B, N, T, S, plan.q_chunk, plan.k_chunk)
+            Tq, Sk = plan.q_chunk, plan.k_chunk
+            blocks = block_mask_arrays(mask_fn, B, N, T, S, Tq, Sk, plan.mask_dims)
         kv_limit = jnp.int32(S) if kv_lengths is None else jnp.max(kv_lengths)
         table = _block_table(plan, *blocks, kv_limit)
     out = _chunked_core(

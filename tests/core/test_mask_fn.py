@@ -94,6 +94,19 @@ def test_gallery_score_fns_equal_the_explicit_bias_and_numpy_soft_cap(
     _compare(q, k, v, expected, allowed_error, {}, score_fn=GALLERY["soft_cap"], is_causal=True)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_scores_are_float32(dtype, make_qkv, attention_float64, allowed_error):
+    q, k, v = make_qkv(B=B, T=T, S=T, N=N, K=K, H=H, seed=6, dtype=dtype)
+    bias = GALLERY["explicit_alibi_bias"](SLOPES, T)
+    mask = EXPLICIT["document"]
+    expected = attention_float64(q, k, v, mask=mask, bias=bias)
+    options = dict(
+        mask_fn=MASK_FNS["document"], score_fn=GALLERY["alibi_bias"](jnp.asarray(SLOPES))
+    )
+    served = _compare(q, k, v, expected, allowed_error, {"mask": mask, "bias": bias}, **options)
+    assert sorted(served) == ["chunked", "reference"]
+
+
 def test_the_docs_example_with_a_shared_block_mask(make_qkv, attention_float64):
     q, k, v = make_qkv(B=B, T=T, S=T, N=N, K=K, H=H, seed=3)
     out = GALLERY["attend"](q, k, v, jnp.asarray(SEGMENT_IDS), jnp.asarray(SLOPES))
