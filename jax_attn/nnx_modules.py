@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as flax_linen
 import jax
@@ -115,7 +115,7 @@ def _dropout_key(owner: str, at_call: RngsLike, stream: nnx.RngStream | None) ->
     )
 
 
-def _bind(owner: str, signature: inspect.Signature, *args, **kwargs) -> dict:
+def _bind(owner: str, signature: inspect.Signature, *args, **kwargs) -> dict[str, Any]:
     """The arguments but ``self`` bound to ``signature``, defaults filled in; a mismatch is
     a ``TypeError`` naming ``owner``."""
     try:
@@ -124,6 +124,20 @@ def _bind(owner: str, signature: inspect.Signature, *args, **kwargs) -> dict:
         raise TypeError(f"{owner}: {error}") from None
     bound.apply_defaults()
     return {name: value for name, value in bound.arguments.items() if name != "self"}
+
+
+def _signed(fn, signature: inspect.Signature):
+    """``fn`` showing ``signature`` to ``inspect.signature`` and ``help()``, and its
+    annotations to ``typing.get_type_hints`` (strings, resolved in this module)."""
+    fn.__signature__ = signature
+    fn.__annotations__ = {
+        name: parameter.annotation
+        for name, parameter in signature.parameters.items()
+        if parameter.annotation is not inspect.Parameter.empty
+    }
+    if signature.return_annotation is not inspect.Signature.empty:
+        fn.__annotations__["return"] = signature.return_annotation
+    return fn
 
 
 def _constructor(cls):
@@ -142,7 +156,7 @@ def _constructor(cls):
     def __init__(self, *args, **kwargs):
         self._build(*self._configure(_bind(cls.__name__, signature, self, *args, **kwargs)))
 
-    __init__.__signature__ = signature
+    _signed(__init__, signature)
     __init__.__qualname__ = f"{cls.__qualname__}.__init__"
     __init__.__doc__ = f"The fields of :class:`jax_attn.linen_modules.{cls.__name__}`, and rngs."
     cls.__init__ = __init__
@@ -181,8 +195,7 @@ def _call(*, multi_head: bool = False, rngs_annotation: str = "RngsLike"):
         owner = f"{type(self).__name__}.__call__"
         return self._forward(**_bind(owner, signature, self, *args, **kwargs))
 
-    __call__.__signature__ = signature
-    return __call__
+    return _signed(__call__, signature)
 
 
 class _BookAttention(nnx.Module):
