@@ -194,44 +194,63 @@ def _block_mask_fn(plan: _Plan, B, K, G, q_index, k_index, mask_consts):
     return allowed.reshape(allowed.shape[0], *heads, *allowed.shape[2:])
 
 
+def _inside(plan: _Plan, scores, q_index, k_index, mask_consts):
+    """bool ``[B|1, K|1, G|1, Tq, Sk]``: the causal/window/key-range masks and ``mask_fn``
+    of one block."""
+    Tq, Sk = plan.q_chunk, plan.k_chunk
+    # [1, 1, 1, 1, Sk]
+    key_pos = (k_index * Sk + jnp.arange(Sk, dtype=jnp.int32)).reshape(1, 1, 1, 1, Sk)
+    # [1, 1, 1, Tq, 1]
+    query_pos = (q_index * Tq + jnp.arange(Tq, dtype=jnp.int32) + (plan.S - plan.T)).reshape(
+        1, 1, 1, Tq, 1
+    )
+    # [1, 1, 1, Tq, Sk]
+    inside = jnp.broadcast_to(key_pos < plan.S, (1, 1, 1, Tq, Sk))
+    if plan.is_causal:
+        inside = inside & (key_pos <= query_pos)
+    if plan.window is not None:
+        left, right = plan.window
+        inside = inside & (key_pos >= query_pos - left) & (key_pos <= query_pos + right)
+    if plan.mask_fn is not None:
+        B, K, G = scores.shape[:3]
+        inside = inside & _block_mask_fn(plan, B, K, G, q_index, k_index, mask_consts)
+    return inside
+
+
 def _block_logits(
     plan: _Plan, scores, mask, bias, kv_lengths, q_index, k_index, position_masked, mask_consts
 ):
     """float32 logits ``[B, K, G, Tq, Sk]`` of one block from its ``scores``
     (:func:`_block_scores`), masked entries at ``MASKED_LOGIT``.
 
-    The causal/window/key-range masks and ``mask_fn`` matter only when the traced bool
-    ``position_masked`` says the block crosses their boundary. Entries whose bias is
-    ``-inf`` stay ``-inf`` (they count as masked)."""
-    Tq, Sk = plan.q_chunk, plan.k_chunk
+    The causal/window/key-range masks and ``mask_fn`` (:func:`_inside`) matter only when
+    the traced bool ``position_masked`` says the block crosses their boundary; ``mask_fn``
+    then runs in a ``lax.cond`` branch, so blocks it fills entirely never evaluate it.
+    Entries whose bias is ``-inf`` stay ``-inf`` (they count as masked)."""
+    Sk = plan.k_chunk
     logits = scores
     if bias is not None:
         logits = logits + _slice_broadcast(bias, q_index, k_index, plan)
-    # [1, 1, 1, 1, Sk]
-    key_pos = (k_index * Sk + jnp.arange(Sk, dtype=jnp.int32)).reshape(1, 1, 1, 1, Sk)
     valid = None
-    position_masks = plan.is_causal or plan.window is not None or plan.S_padded != plan.S
-    if position_masks or plan.mask_fn is not None:
-        # [1, 1, 1, Tq, 1]
-        query_pos = (q_index * Tq + jnp.arange(Tq, dtype=jnp.int32) + (plan.S - plan.T)).reshape(
-            1, 1, 1, Tq, 1
+    if plan.mask_fn is not None:
+        logits = jax.lax.cond(
+            position_masked,
+            lambda x: jnp.where(
+                _inside(plan, scores, q_index, k_index, mask_consts), x, MASKED_LOGIT
+            ),
+            lambda x: x,
+            logits,
         )
-        # [1, 1, 1, Tq, Sk]; a select that XLA fuses into the reductions that read the logits
-        inside = jnp.broadcast_to(key_pos < plan.S, (1, 1, 1, Tq, Sk))
-        if plan.is_causal:
-            inside = inside & (key_pos <= query_pos)
-        if plan.window is not None:
-            left, right = plan.window
-            inside = inside & (key_pos >= query_pos - left) & (key_pos <= query_pos + right)
-        if plan.mask_fn is not None:
-            B, K, G = scores.shape[:3]
-            inside = inside & _block_mask_fn(plan, B, K, G, q_index, k_index, mask_consts)
+    elif plan.is_causal or plan.window is not None or plan.S_padded != plan.S:
+        # a select that XLA fuses into the reductions that read the logits
+        inside = _inside(plan, scores, q_index, k_index, mask_consts)
         valid = inside | jnp.logical_not(position_masked)
     if mask is not None:
         block_mask = _slice_broadcast(mask, q_index, k_index, plan)
         valid = block_mask if valid is None else valid & block_mask
     if kv_lengths is not None:
         # [B, 1, 1, 1, Sk]
+        key_pos = (k_index * Sk + jnp.arange(Sk, dtype=jnp.int32)).reshape(1, 1, 1, 1, Sk)
         key_ok = key_pos < kv_lengths.reshape(-1, 1, 1, 1, 1)
         valid = key_ok if valid is None else valid & key_ok
     if valid is not None:
