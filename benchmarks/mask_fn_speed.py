@@ -2,6 +2,7 @@
 
     python benchmarks/mask_fn_speed.py                 # B 1, N 4, H 64, float32, T 16384
     T=4096 REPEATS=3 python benchmarks/mask_fn_speed.py
+    GRAD=1 python benchmarks/mask_fn_speed.py          # forward + grad of sum(out**2)
 
 Issue 12's target: a 256-wide causal sliding window and a 16-document causal mask, each
 given as a ``mask_fn``, at least 5x faster than ``is_causal=True`` (forward). Contestants,
@@ -32,6 +33,7 @@ import jax_attn as ja
 B, N, H = 1, 4, 64
 T = int(os.environ.get("T", 16384))
 REPEATS = int(os.environ.get("REPEATS", 5))
+GRAD = os.environ.get("GRAD", "0") == "1"
 WINDOW = 256
 DOCUMENTS = 16
 
@@ -60,7 +62,12 @@ def contestants():
 
 
 def make_fn(options):
-    return jax.jit(lambda q, k, v: ja.dot_product_attention(q, k, v, **options))
+    def forward(q, k, v):
+        return ja.dot_product_attention(q, k, v, **options)
+
+    if not GRAD:
+        return jax.jit(forward)
+    return jax.jit(jax.grad(lambda q, k, v: jnp.sum(forward(q, k, v) ** 2), argnums=(0, 1, 2)))
 
 
 def main():
@@ -103,7 +110,8 @@ def main():
         "window": WINDOW,
         "documents": DOCUMENTS,
         "repeats": REPEATS,
-        "method": "forward only, jitted, interleaved rounds, medians after one warm-up call",
+        "method": f"{'forward+grad' if GRAD else 'forward only'}, jitted, interleaved rounds, "
+        "medians after one warm-up call",
         "load": "machine shared with other jobs (other sessions compiling and testing)",
         "make_block_mask_s (window, document; first call, includes compile)": [
             round(x, 3) for x in make_block_mask_s
@@ -113,7 +121,8 @@ def main():
     print(json.dumps(result, indent=2))
     folder = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    path = os.path.join(folder, f"mask_fn_speed-cpu-T{T}-{stamp}.json")
+    kind = "grad-" if GRAD else ""
+    path = os.path.join(folder, f"mask_fn_speed-cpu-{kind}T{T}-{stamp}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {path}", file=sys.stderr)
