@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -173,13 +174,42 @@ def _apply_score(plan: _Plan, scores, q_index, k_index, score_consts):
     return evaluate_score(score_fn, flat, *indices).reshape(scores.shape)
 
 
-def _block_scores(plan: _Plan, q_blk, k, q_index, k_index, score_consts):
-    """float32 scaled logits ``[B, K, G, Tq, Sk]`` of one block, ``score_fn`` applied."""
+class _Block(NamedTuple):
+    """One (query chunk, key chunk) block: its k, v slices, float32 logits (scored and
+    masked), dropout keep-mask (or ``None``) and the ``score_fn``'s vjp (or ``None``)."""
+
+    k: jax.Array
+    v: jax.Array
+    logits: jax.Array
+    keep: jax.Array | None
+    score_vjp: Callable | None
+
+
+def _block(plan: _Plan, q_blk, k, v, mask, bias, kv_lengths, rng, at, consts, with_vjp=False):
+    """The :class:`_Block` at ``at = (q_index, k_index, position_masked)``;
+    ``consts = (mask_consts, score_consts)``, the arrays the functions close over."""
+    q_index, k_index, position_masked = at
+    mask_consts, score_consts = consts
+    B, K, G = q_blk.shape[:3]
     k_blk = jax.lax.dynamic_slice_in_dim(k, k_index * plan.k_chunk, plan.k_chunk, axis=2)
-    scores = block_logits(q_blk, k_blk, plan.scale)
-    if plan.score_fn is None:
-        return scores
-    return _apply_score(plan, scores, q_index, k_index, score_consts)
+    v_blk = jax.lax.dynamic_slice_in_dim(v, k_index * plan.k_chunk, plan.k_chunk, axis=2)
+    scores, score_vjp = block_logits(q_blk, k_blk, plan.scale), None
+    if plan.score_fn is not None:
+
+        def score(s, c):
+            return _apply_score(plan, s, q_index, k_index, c)
+
+        if with_vjp:
+            scores, score_vjp = jax.vjp(score, scores, score_consts)
+        else:
+            scores = score(scores, score_consts)
+    logits = _block_logits(
+        plan, scores, mask, bias, kv_lengths, q_index, k_index, position_masked, mask_consts
+    )
+    keep = None
+    if plan.dropout_rate > 0.0:
+        keep = _block_keep(plan, rng, B, K, G, q_index, k_index)
+    return _Block(k_blk, v_blk, logits, keep, score_vjp)
 
 
 def _block_mask_fn(plan: _Plan, B, K, G, q_index, k_index, mask_consts):
@@ -221,7 +251,7 @@ def _block_logits(
     plan: _Plan, scores, mask, bias, kv_lengths, q_index, k_index, position_masked, mask_consts
 ):
     """float32 logits ``[B, K, G, Tq, Sk]`` of one block from its ``scores``
-    (:func:`_block_scores`), masked entries at ``MASKED_LOGIT``.
+    (:func:`_block`), masked entries at ``MASKED_LOGIT``.
 
     The causal/window/key-range masks and ``mask_fn`` (:func:`_inside`) matter only when
     the traced bool ``position_masked`` says the block crosses their boundary; ``mask_fn``
@@ -324,7 +354,7 @@ def _forward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, table, mask_cons
     attend nothing get a zero output and ``lse = -MASKED_LOGIT`` (so their weights are 0)."""
     B, K, G, _, _ = q.shape
     H_v = v.shape[-1]
-    Tq, Sk = plan.q_chunk, plan.k_chunk
+    Tq = plan.q_chunk
     kv_limit = jnp.int32(plan.S) if kv_lengths is None else jnp.max(kv_lengths)
     inputs = (k, v, mask, bias, kv_lengths)
 
@@ -332,15 +362,9 @@ def _forward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, table, mask_cons
         q_blk = jax.lax.dynamic_slice_in_dim(q, q_index * Tq, Tq, axis=3)
 
         def step(k_index, position_masked, partial):
-            scores = _block_scores(plan, q_blk, k, q_index, k_index, score_consts)
-            logits = _block_logits(
-                plan, scores, mask, bias, kv_lengths, q_index, k_index, position_masked, mask_consts
-            )
-            keep = None
-            if plan.dropout_rate > 0.0:
-                keep = _block_keep(plan, rng, B, K, G, q_index, k_index)
-            v_blk = jax.lax.dynamic_slice_in_dim(v, k_index * Sk, Sk, axis=2)
-            block = attend_block(logits, v_blk, keep=keep, dropout_rate=plan.dropout_rate)
+            at, consts = (q_index, k_index, position_masked), (mask_consts, score_consts)
+            blk = _block(plan, q_blk, k, v, mask, bias, kv_lengths, rng, at, consts)
+            block = attend_block(blk.logits, blk.v, keep=blk.keep, dropout_rate=plan.dropout_rate)
             return combine_partials(partial, block)
 
         # [B, K, G, Tq]
@@ -381,30 +405,19 @@ def _backward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, fns, out, lse, 
 
         def step(k_index, position_masked, state):
             dq, dk, dv, dbias, d_consts = state
-            k_blk = jax.lax.dynamic_slice_in_dim(k, k_index * Sk, Sk, axis=2)
-            scores, score_vjp = block_logits(q_blk, k_blk, plan.scale), None
-            if plan.score_fn is not None:
-                scores, score_vjp = jax.vjp(
-                    lambda s, c: _apply_score(plan, s, q_index, k_index, c), scores, score_consts
-                )
-            logits = _block_logits(
-                plan, scores, mask, bias, kv_lengths, q_index, k_index, position_masked, mask_consts
-            )
-            keep = None
-            if plan.dropout_rate > 0.0:
-                keep = _block_keep(plan, rng, B, K, G, q_index, k_index)
-            v_blk = jax.lax.dynamic_slice_in_dim(v, k_index * Sk, Sk, axis=2)
+            at, consts = (q_index, k_index, position_masked), (mask_consts, score_consts)
+            blk = _block(plan, q_blk, k, v, mask, bias, kv_lengths, rng, at, consts, with_vjp=True)
             grads = block_gradients(
-                logits,
+                blk.logits,
                 lse_blk,
                 delta_blk,
                 q_blk,
-                k_blk,
-                v_blk,
+                blk.k,
+                blk.v,
                 do_blk,
-                keep=keep,
+                keep=blk.keep,
                 dropout_rate=plan.dropout_rate,
-                score_vjp=score_vjp,
+                score_vjp=blk.score_vjp,
             )
             d_consts = tuple(a + b for a, b in zip(d_consts, grads.d_closure, strict=True))
             dk = _add_block(dk, grads.dk, (0, 0, k_index * Sk, 0))
