@@ -4,11 +4,13 @@
   first initialises its backends, so it is set here before any test imports jax.
 - JAX's strict settings, as JAX's own tests run: no implicit rank promotion, no implicit
   dtype promotion. The library must work under both.
-- The README's fast command (``-m 'not slow'``) compiles with most of XLA's backend (LLVM)
-  optimisation off (``jax_disable_most_optimizations``): the tests' programs are tiny, so
-  compiling them is most of the suite's time, and LLVM's optimisation levels change how
-  fast the machine code runs, not what it computes. The slow step (``-m slow``) compiles
-  as users do; ``JAX_DISABLE_MOST_OPTIMIZATIONS=0`` (or ``=1``) sets it for any run.
+- The README's fast command (``-m 'not slow'``) compiles cheaply: XLA's backend (LLVM)
+  optimisation off (``jax_disable_most_optimizations``) and XLA:CPU's older fused-loop
+  emitters (``--xla_cpu_use_fusion_emitters=false``). The tests' programs are tiny, so
+  compiling them is most of the suite's time; these settings change how fast the machine
+  code runs, not what the program computes (HLO optimisation, fusion and buffer assignment
+  are as usual). The slow step (``-m slow``) compiles as users do.
+  ``JAX_ATTN_FAST_COMPILES=1`` or ``=0`` sets it for any run.
 - Hypothesis profiles: ``default`` searches (random examples within a time budget),
   ``thorough`` searches longer (``HYPOTHESIS_PROFILE=thorough``); the slow property test
   sets its own example count.
@@ -43,20 +45,30 @@ settings.register_profile("default", max_examples=15, **_HYPOTHESIS)
 settings.register_profile("thorough", max_examples=2000, **_HYPOTHESIS)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
-_FAST_COMPILES = "JAX_DISABLE_MOST_OPTIMIZATIONS"
+_FAST_COMPILES = "JAX_ATTN_FAST_COMPILES"
 
 
 def pytest_configure(config):
-    # XLA's backend at -O0 (and without LLVM's expensive passes) for the fast set: about a
-    # third less CPU time (measured: tests/modules 125 -> 84 s; one training-step program
-    # 8.3 -> 3.8 s to compile). HLO optimisation, fusion and buffer assignment are as usual.
-    # The env variable also reaches the subprocesses some tests start.
-    if _FAST_COMPILES not in os.environ and config.getoption("markexpr") == "not slow":
-        os.environ[_FAST_COMPILES] = "1"
-    if os.environ.get(_FAST_COMPILES, "0") not in ("", "0", "false", "False"):
-        import jax
+    # Measured on tests/modules (CPU seconds, same machine and load): 125 as users compile,
+    # 83 with the backend at -O0, 51 with the older emitters too (their compile time
+    # 52 -> 20 s over 891 programs). Set through the environment, so the subprocesses some
+    # tests start compile the same way; XLA reads XLA_FLAGS when its backend starts, which
+    # no test has done yet.
+    fast = os.environ.get(_FAST_COMPILES)
+    if fast is None:
+        fast = "1" if config.getoption("markexpr") == "not slow" else "0"
+    if fast in ("", "0"):
+        return
+    import jax
+    from jax._src import xla_bridge
 
-        jax.config.update("jax_disable_most_optimizations", True)
+    if xla_bridge.backends_are_initialized():
+        raise pytest.UsageError(f"{_FAST_COMPILES}: XLA started before tests/conftest.py")
+    os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+    emitters = "--xla_cpu_use_fusion_emitters=false"
+    if emitters not in os.environ["XLA_FLAGS"]:
+        os.environ["XLA_FLAGS"] += " " + emitters
+    jax.config.update("jax_disable_most_optimizations", True)
 
 
 def make_qkv(B=2, T=3, S=4, N=2, K=1, H=4, dtype="float32", seed=0, scale=1.0, H_v=None):
