@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -145,27 +146,46 @@ def _max_diff(a, b) -> float:
 # --- part one: the chapter -----------------------------------------------------------------
 
 
+# Part one's functions, each jit-compiled on first use: one program per function and shape
+# instead of one per eager op (a few dozen fewer compiles per run). What they compute is
+# the same; the printed values (4 decimals) and checks do not change.
+@functools.cache
+def _compiled(name: str):
+    return jax.jit(getattr(F, name), static_argnames=("rate",) if name == "dropout" else ())
+
+
+class _CompiledFunctional:
+    """``_F.softmax`` is ``F.softmax`` under :func:`jax.jit` (cached per function)."""
+
+    def __getattr__(self, name: str):
+        return _compiled(name)
+
+
+_F = _CompiledFunctional()
+_apply = jax.jit(lambda module, variables, x: module.apply(variables, x), static_argnums=0)
+
+
 def section_3_3_1(report: Report, inputs):
     report.heading("3.3.1  Attention for one query, x^(2) = 'journey', without trainable weights")
     book = BOOK["3.3.1"]
     query = inputs[book["query_index"]]
-    scores = F.attention_scores_for_query(query, inputs)
+    scores = _F.attention_scores_for_query(query, inputs)
     report.compare(
         "scores w_2i = x^(2) . x^(i)   F.attention_scores_for_query", scores, book["attn_scores_2"]
     )
-    by_sum = F.normalize_by_sum(scores)
+    by_sum = _F.normalize_by_sum(scores)
     report.compare(
         "weights, normalised by the sum   F.normalize_by_sum",
         by_sum,
         book["attn_weights_2_sum_normalized"],
     )
-    naive = F.naive_softmax(scores)
+    naive = _F.naive_softmax(scores)
     report.compare(
         "weights, naive softmax exp(x)/sum(exp(x))   F.naive_softmax",
         naive,
         book["attn_weights_2_softmax"],
     )
-    weights = F.softmax(scores)
+    weights = _F.softmax(scores)
     report.compare(
         "weights, stable softmax (max subtracted first)   F.softmax",
         weights,
@@ -174,7 +194,7 @@ def section_3_3_1(report: Report, inputs):
 
     limit = math.log(float(np.finfo(np.float32).max))
     large = scores * 100.0
-    naive_large, stable_large = F.naive_softmax(large), F.softmax(large)
+    naive_large, stable_large = _F.naive_softmax(large), _F.softmax(large)
     report.line(
         f"  the same scores x 100 (largest {float(large.max()):.1f}; exp overflows "
         f"float32 above {limit:.2f}):"
@@ -187,7 +207,7 @@ def section_3_3_1(report: Report, inputs):
         and bool(np.isfinite(stable_large).all())
         and abs(float(stable_large.sum()) - 1.0) < 1e-6,
     )
-    context = F.context_vector(weights, inputs)
+    context = _F.context_vector(weights, inputs)
     report.compare(
         "context vector z^(2) = sum_i a_2i x^(i)   F.context_vector", context, book["context_vec_2"]
     )
@@ -197,23 +217,23 @@ def section_3_3_1(report: Report, inputs):
 def section_3_3_2(report: Report, inputs, context_2):
     report.heading("3.3.2  All tokens at once: one matrix product per step")
     book = BOOK["3.3.2"]
-    scores = F.attention_scores(inputs, inputs)
+    scores = _F.attention_scores(inputs, inputs)
     report.compare("scores = inputs @ inputs.T   F.attention_scores", scores, book["attn_scores"])
-    weights = F.attention_weights(scores)
+    weights = _F.attention_weights(scores)
     report.compare(
         "weights = softmax(scores, rows)   F.attention_weights", weights, book["attn_weights"]
     )
     report.check(
         "every row of the weights sums to 1", _max_diff(weights.sum(-1), np.ones(6)) < 1e-6
     )
-    contexts = F.context_vectors(weights, inputs)
+    contexts = _F.context_vectors(weights, inputs)
     report.compare(
         "context vectors = weights @ inputs   F.context_vectors", contexts, book["all_context_vecs"]
     )
     report.check("row 2 is 3.3.1's z^(2)", _max_diff(contexts[1], context_2) <= SAME_ATOL)
     report.check(
         "F.simplified_self_attention(inputs) gives the same in one call",
-        _max_diff(F.simplified_self_attention(inputs), contexts) <= SAME_ATOL,
+        _max_diff(_F.simplified_self_attention(inputs), contexts) <= SAME_ATOL,
     )
     return weights
 
@@ -225,29 +245,29 @@ def section_3_4_1(report: Report, inputs):
         name: jnp.asarray(book[name], jnp.float32) for name in ("W_query", "W_key", "W_value")
     }
     report.line("  W_query, W_key, W_value: the [3, 2] matrices torch.manual_seed(123) draws")
-    query_2 = F.dense(inputs[1], params["W_query"])
+    query_2 = _F.dense(inputs[1], params["W_query"])
     report.compare("query_2 = x^(2) @ W_query   F.dense", query_2, book["query_2"])
-    keys = F.dense(inputs, params["W_key"])
-    values = F.dense(inputs, params["W_value"])
+    keys = _F.dense(inputs, params["W_key"])
+    values = _F.dense(inputs, params["W_value"])
     report.line(f"  keys.shape {tuple(keys.shape)}, values.shape {tuple(values.shape)}")
-    scores_2 = F.attention_scores_for_query(query_2, keys)
+    scores_2 = _F.attention_scores_for_query(query_2, keys)
     report.compare("attn_score_22 = query_2 . keys[1]", scores_2[1], book["attn_score_22"])
     report.compare("attn_scores_2 = query_2 @ keys.T", scores_2, book["attn_scores_2"])
     d_k = keys.shape[-1]
-    weights_2 = F.softmax(scores_2 / d_k**0.5)
+    weights_2 = _F.softmax(scores_2 / d_k**0.5)
     report.compare(
         "attn_weights_2 = softmax(scores / sqrt(d_k)), d_k = 2", weights_2, book["attn_weights_2"]
     )
-    context_2 = F.context_vector(weights_2, values)
+    context_2 = _F.context_vector(weights_2, values)
     report.compare("context_vec_2 = attn_weights_2 @ values", context_2, book["context_vec_2"])
 
-    functional_out = F.self_attention(inputs, params)
+    functional_out = _F.self_attention(inputs, params)
     report.check(
         "F.self_attention(inputs, W) row 2 is context_vec_2",
         _max_diff(functional_out[1], context_2) <= SAME_ATOL,
     )
     module = ja.SelfAttentionV1(d_in=3, d_out=2)
-    module_out = module.apply({"params": params}, inputs)
+    module_out = _apply(module, {"params": params}, inputs)
     report.compare(
         "SelfAttentionV1(3, 2) with these W, all six tokens   (Flax module)",
         module_out,
@@ -268,18 +288,18 @@ def section_3_5_1(report: Report, inputs, params):
         BOOK["3.5.1"]["mask_simple_tril"],
         atol=0,
     )
-    queries = F.dense(inputs, params["W_query"])
-    keys = F.dense(inputs, params["W_key"])
-    scores = F.scaled_attention_scores(queries, keys)
+    queries = _F.dense(inputs, params["W_query"])
+    keys = _F.dense(inputs, params["W_key"])
+    scores = _F.scaled_attention_scores(queries, keys)
     report.line("  scores from 3.4.1's W, scaled by 1/sqrt(2) (the book uses SelfAttention_v2 with")
     report.line("  torch.manual_seed(789) here: PyTorch's random weights, so its numbers differ)")
-    by_renormalizing = F.causal_weights_by_renormalizing(scores)
+    by_renormalizing = _F.causal_weights_by_renormalizing(scores)
     report.show(
         "way 1: softmax, zero above the diagonal, divide rows by their sums   "
         "F.causal_weights_by_renormalizing",
         by_renormalizing,
     )
-    by_masking = F.causal_weights_by_masking(scores)
+    by_masking = _F.causal_weights_by_masking(scores)
     report.show(
         "way 2: large negative above the diagonal, then softmax   F.causal_weights_by_masking",
         by_masking,
@@ -297,7 +317,7 @@ def section_3_5_1(report: Report, inputs, params):
 def section_3_5_2(report: Report, causal_weights):
     report.heading("3.5.2  Dropout on the attention weights, rate 0.5")
     rate, key = 0.5, jax.random.key(123)
-    dropped_ones = F.dropout(jnp.ones((6, 6)), rate, key)
+    dropped_ones = _F.dropout(jnp.ones((6, 6)), rate, key)
     report.show("F.dropout(ones(6, 6), 0.5, jax.random.key(123))", dropped_ones)
     values = np.unique(np.asarray(dropped_ones))
     kept = int((np.asarray(dropped_ones) != 0).sum())
@@ -308,7 +328,7 @@ def section_3_5_2(report: Report, causal_weights):
     )
     report.line("  The book's pattern comes from PyTorch's RNG (torch.manual_seed(123)); JAX's")
     report.line("  counter-based RNG draws a different one, so the positions cannot match bitwise.")
-    dropped = F.dropout(causal_weights, rate, key)
+    dropped = _F.dropout(causal_weights, rate, key)
     report.show("the same key on 3.5.1's causal weights", dropped)
     keep = np.asarray(dropped_ones) != 0
     report.check(
