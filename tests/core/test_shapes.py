@@ -14,6 +14,7 @@ import typing
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 jaxtyping = pytest.importorskip("jaxtyping")
@@ -57,86 +58,144 @@ def shape_checked(fn):
 
 
 B, T, S, N, K, H, D = 2, 3, 5, 4, 2, 8, 6
-ks = jax.random.split(jax.random.key(0), 8)
-x = jax.random.normal(ks[0], (T, D))
-q = jax.random.normal(ks[1], (B, T, N, H))
-k = jax.random.normal(ks[2], (B, S, K, H))
-v = jax.random.normal(ks[3], (B, S, K, 2 * H))
-params = {
-    name: {"kernel": jax.random.normal(ks[4], (D, D))}
-    for name in ("W_query", "W_key", "W_value", "out_proj")
-}
+_rng = np.random.default_rng(0)
 
-CALLS = {
-    "attention_scores_for_query": (functional.attention_scores_for_query, (x[1], x), {}),
-    "normalize_by_sum": (functional.normalize_by_sum, (jnp.ones((T, S)),), {}),
-    "naive_softmax": (functional.naive_softmax, (x,), {}),
-    "softmax": (functional.softmax, (q,), {}),
-    "context_vector": (functional.context_vector, (jnp.ones(T) / T, x), {}),
-    "attention_scores": (functional.attention_scores, (x, x[:2]), {}),
-    "attention_weights": (functional.attention_weights, (jnp.ones((N, T, S)),), {}),
-    "context_vectors": (functional.context_vectors, (jnp.ones((T, 2)) / 2, x[:2]), {}),
-    "simplified_self_attention": (functional.simplified_self_attention, (x,), {}),
-    "dense": (functional.dense, (q[..., :D], params["W_query"]), {}),
-    "scaled_attention_scores": (functional.scaled_attention_scores, (x, x), {}),
-    "self_attention": (functional.self_attention, (x, params), {}),
-    "causal_weights_by_renormalizing": (
-        functional.causal_weights_by_renormalizing,
-        (jnp.ones((T, T)),),
-        {},
-    ),
-    "causal_weights_by_masking": (functional.causal_weights_by_masking, (jnp.ones((T, S)),), {}),
-    "masked_softmax": (
-        functional.masked_softmax,
-        (jnp.ones((B, N, T, S)), masks.make_causal_mask(T, S)),
-        {},
-    ),
-    "dropout": (functional.dropout, (jnp.ones((B, N, T, S)), 0.5, ks[5]), {}),
-    "split_heads": (functional.split_heads, (q[..., :D], 2), {}),
-    "merge_heads": (functional.merge_heads, (q,), {}),
-    "single_head_attention": (functional.single_head_attention, (x, params), {"is_causal": True}),
-    "multi_head_attention_stacked": (
-        functional.multi_head_attention_stacked,
-        (
-            x,
-            jax.tree.map(
-                lambda a: jnp.stack([a, a]), {n: params[n] for n in ("W_query", "W_key", "W_value")}
-            ),
+
+def _normal(*shape):
+    """Standard normal values drawn with numpy (no per-shape PRNG compile)."""
+    return jnp.asarray(_rng.standard_normal(shape).astype(np.float32))
+
+
+x = _normal(T, D)
+q = _normal(B, T, N, H)
+k = _normal(B, S, K, H)
+v = _normal(B, S, K, 2 * H)
+_kernel = _normal(D, D)
+params = {name: {"kernel": _kernel} for name in ("W_query", "W_key", "W_value", "out_proj")}
+
+
+@functools.cache
+def calls():
+    """name -> ``(fn, args, kwargs)``: built on first use, not while pytest collects (every
+    xdist worker collects; only those that run these tests build them)."""
+    return {
+        "attention_scores_for_query": (functional.attention_scores_for_query, (x[1], x), {}),
+        "normalize_by_sum": (functional.normalize_by_sum, (jnp.ones((T, S)),), {}),
+        "naive_softmax": (functional.naive_softmax, (x,), {}),
+        "softmax": (functional.softmax, (q,), {}),
+        "context_vector": (functional.context_vector, (jnp.ones(T) / T, x), {}),
+        "attention_scores": (functional.attention_scores, (x, x[:2]), {}),
+        "attention_weights": (functional.attention_weights, (jnp.ones((N, T, S)),), {}),
+        "context_vectors": (functional.context_vectors, (jnp.ones((T, 2)) / 2, x[:2]), {}),
+        "simplified_self_attention": (functional.simplified_self_attention, (x,), {}),
+        "dense": (functional.dense, (q[..., :D], params["W_query"]), {}),
+        "scaled_attention_scores": (functional.scaled_attention_scores, (x, x), {}),
+        "self_attention": (functional.self_attention, (x, params), {}),
+        "causal_weights_by_renormalizing": (
+            functional.causal_weights_by_renormalizing,
+            (jnp.ones((T, T)),),
+            {},
         ),
-        {},
-    ),
-    "multi_head_attention": (functional.multi_head_attention, (x[None], params, 2), {}),
-    "dot_product_attention_weights": (
-        functional.dot_product_attention_weights,
-        (q, k),
-        {"mask": masks.make_causal_mask(T, S)},
-    ),
-    "dot_product_attention_weights[unbatched]": (
-        functional.dot_product_attention_weights,
-        (q[0], k[0]),
-        {"bias": jnp.zeros((T, S))},
-    ),
-    "dot_product_attention": (dispatch.dot_product_attention, (q, k, v), {"is_causal": True}),
-    "dot_product_attention[unbatched]": (dispatch.dot_product_attention, (q[0], k[0], v[0]), {}),
-    "reference.dot_product_attention": (reference.dot_product_attention, (q, k, v), {}),
-    "nnx.MultiHeadAttention": (
-        ja_nnx.MultiHeadAttention.__call__,
-        (ja_nnx.MultiHeadAttention(D, 4, T, 0.0, 2, rngs=nnx.Rngs(0)), x),
-        {"deterministic": True},
-    ),
-    "nnx.MultiHeadAttentionWrapper[batched]": (
-        ja_nnx.MultiHeadAttentionWrapper.__call__,
-        (ja_nnx.MultiHeadAttentionWrapper(D, 4, T, 0.0, 1, rngs=nnx.Rngs(0)), x[None]),
-        {"deterministic": True},
-    ),
-    "make_causal_mask": (masks.make_causal_mask, (T, S), {}),
-    "make_sliding_window_mask": (masks.make_sliding_window_mask, (T, 1, S), {}),
-    "make_padding_mask": (
-        masks.make_padding_mask,
-        (jnp.array([1, 3]), jnp.array([5, 2]), T, S),
-        {},
-    ),
-}
+        "causal_weights_by_masking": (
+            functional.causal_weights_by_masking,
+            (jnp.ones((T, S)),),
+            {},
+        ),
+        "masked_softmax": (
+            functional.masked_softmax,
+            (jnp.ones((B, N, T, S)), masks.make_causal_mask(T, S)),
+            {},
+        ),
+        "dropout": (functional.dropout, (jnp.ones((B, N, T, S)), 0.5, jax.random.key(5)), {}),
+        "split_heads": (functional.split_heads, (q[..., :D], 2), {}),
+        "merge_heads": (functional.merge_heads, (q,), {}),
+        "single_head_attention": (
+            functional.single_head_attention,
+            (x, params),
+            {"is_causal": True},
+        ),
+        "multi_head_attention_stacked": (
+            functional.multi_head_attention_stacked,
+            (
+                x,
+                jax.tree.map(
+                    lambda a: jnp.stack([a, a]),
+                    {n: params[n] for n in ("W_query", "W_key", "W_value")},
+                ),
+            ),
+            {},
+        ),
+        "multi_head_attention": (functional.multi_head_attention, (x[None], params, 2), {}),
+        "dot_product_attention_weights": (
+            functional.dot_product_attention_weights,
+            (q, k),
+            {"mask": masks.make_causal_mask(T, S)},
+        ),
+        "dot_product_attention_weights[unbatched]": (
+            functional.dot_product_attention_weights,
+            (q[0], k[0]),
+            {"bias": jnp.zeros((T, S))},
+        ),
+        "dot_product_attention": (dispatch.dot_product_attention, (q, k, v), {"is_causal": True}),
+        "dot_product_attention[unbatched]": (
+            dispatch.dot_product_attention,
+            (q[0], k[0], v[0]),
+            {},
+        ),
+        "reference.dot_product_attention": (reference.dot_product_attention, (q, k, v), {}),
+        "nnx.MultiHeadAttention": (
+            ja_nnx.MultiHeadAttention.__call__,
+            (ja_nnx.MultiHeadAttention(D, 4, T, 0.0, 2, rngs=nnx.Rngs(0)), x),
+            {"deterministic": True},
+        ),
+        "nnx.MultiHeadAttentionWrapper[batched]": (
+            ja_nnx.MultiHeadAttentionWrapper.__call__,
+            (ja_nnx.MultiHeadAttentionWrapper(D, 4, T, 0.0, 1, rngs=nnx.Rngs(0)), x[None]),
+            {"deterministic": True},
+        ),
+        "make_causal_mask": (masks.make_causal_mask, (T, S), {}),
+        "make_sliding_window_mask": (masks.make_sliding_window_mask, (T, 1, S), {}),
+        "make_padding_mask": (
+            masks.make_padding_mask,
+            (jnp.array([1, 3]), jnp.array([5, 2]), T, S),
+            {},
+        ),
+    }
+
+
+CALL_NAMES = (
+    "attention_scores_for_query",
+    "normalize_by_sum",
+    "naive_softmax",
+    "softmax",
+    "context_vector",
+    "attention_scores",
+    "attention_weights",
+    "context_vectors",
+    "simplified_self_attention",
+    "dense",
+    "scaled_attention_scores",
+    "self_attention",
+    "causal_weights_by_renormalizing",
+    "causal_weights_by_masking",
+    "masked_softmax",
+    "dropout",
+    "split_heads",
+    "merge_heads",
+    "single_head_attention",
+    "multi_head_attention_stacked",
+    "multi_head_attention",
+    "dot_product_attention_weights",
+    "dot_product_attention_weights[unbatched]",
+    "dot_product_attention",
+    "dot_product_attention[unbatched]",
+    "reference.dot_product_attention",
+    "nnx.MultiHeadAttention",
+    "nnx.MultiHeadAttentionWrapper[batched]",
+    "make_causal_mask",
+    "make_sliding_window_mask",
+    "make_padding_mask",
+)
 
 
 def abstract_call(fn, args, kwargs):
@@ -155,9 +214,13 @@ def abstract_call(fn, args, kwargs):
     return jax.eval_shape(call, arrays, array_kwargs)
 
 
-@pytest.mark.parametrize("name", list(CALLS))
+def test_every_call_is_named():
+    assert tuple(calls()) == CALL_NAMES
+
+
+@pytest.mark.parametrize("name", CALL_NAMES)
 def test_annotations_match_calls(name):
-    fn, args, kwargs = CALLS[name]
+    fn, args, kwargs = calls()[name]
     hints = resolve_hints(fn)
     assert any(_array_types(h) for h in hints.values()), f"{name} has no shape annotations"
     abstract_call(shape_checked(fn), args, kwargs)
