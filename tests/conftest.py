@@ -42,7 +42,9 @@ _HYPOTHESIS = dict(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile("default", max_examples=15, **_HYPOTHESIS)
-settings.register_profile("thorough", max_examples=2000, **_HYPOTHESIS)
+# derandomize: CI reruns the same 2000 examples, so a run that passed here passes there;
+# the default profile draws new examples every run.
+settings.register_profile("thorough", max_examples=2000, derandomize=True, **_HYPOTHESIS)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 _FAST_COMPILES = "JAX_ATTN_FAST_COMPILES"
@@ -174,11 +176,14 @@ def _attention_float64_fixture():
 # In half precision an implementation may err by this multiple of the error the reference
 # makes in the same dtype on the same call: both round one float32 result to the dtype, so
 # a correct kernel lands near 1x; a kernel that rounds logits or weights early does not.
-# Measured: 120 random calls gave up to 2.3x (xla); the thorough hypothesis search (2000
-# examples) found the correct chunked kernel at 3.02x (float16, dropout 0.6, whose 1/(1-p)
-# scaling magnifies rounding), so 3x was below what correct kernels do. The deterministic
-# float32-logit tests in tests/kernels/test_numerics.py catch early logit rounding.
-HALF_ERROR_RATIO = 4.0
+# Measured: 120 random calls gave up to 2.3x (xla). The thorough search once found chunked
+# at 3.02x (float16, dropout 0.6) and then at 4.6x (bfloat16): chunked rounded its
+# probabilities to the input dtype before multiplying v, up to an ulp of the output. Since
+# they stay float32 (kernels/online_softmax.attend_block) and
+# test_half_outputs_are_rounded_once in tests/kernels/test_numerics.py holds every kernel
+# to half an ulp, 3x stands. The deterministic float32-logit tests there catch early
+# logit rounding.
+HALF_ERROR_RATIO = 3.0
 FLOAT32_TOLERANCE = 1e-5  # of max(1, max|v|)
 
 
