@@ -267,7 +267,7 @@ def check_block_mask(block_mask, mask_fn, shape: tuple[int, int, int, int]) -> N
     if mask_fn is not None and mask_fn is not block_mask.mask_fn:
         raise ValueError(
             "mask_fn must be the function block_mask was made from (or None to use it), "
-            f"got a different function {mask_fn!r}"
+            f"got a different function {getattr(mask_fn, '__qualname__', type(mask_fn).__name__)}"
         )
 
 

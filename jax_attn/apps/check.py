@@ -1,10 +1,11 @@
 """``jax-attn check``: every available implementation against the reference, on this device.
 
 For each case of a small grid (shapes with ``T != S``, masks, sequence lengths, GQA/MQA,
-causal, sliding window, bias, fully masked rows) and each dtype (float32, bfloat16,
-float16), every implementation that supports the call is run forward and backward
-(``jax.vjp``) and compared with :func:`jax_attn.reference.dot_product_attention` computed
-in float32 from the same inputs. Prints a table; the exit status is 1 on any mismatch.
+causal, sliding window, bias, fully masked rows, mask and score functions with a block mask)
+and each dtype (float32, bfloat16, float16), every implementation that supports the call is
+run forward and backward (``jax.vjp``) and compared with
+:func:`jax_attn.reference.dot_product_attention` computed in float32 from the same inputs.
+Prints a table; the exit status is 1 on any mismatch.
 ``--full`` adds dropout, ``H_v != H`` and multi-chunk shapes.
 """
 
@@ -21,7 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_attn import dispatch, reference
+from jax_attn.apps import mask_gallery
 from jax_attn.apps.extras import require
+from jax_attn.mask_functions import make_block_mask
 from jax_attn.validation import check_attention_args
 
 __all__ = ["Case", "CaseResult", "default_cases", "run_check", "main"]
@@ -50,6 +53,9 @@ class Case:
     bias: bool = False
     lengths: bool = False
     dropout: float = 0.0
+    mask_fn: str | None = None  # a name of jax_attn.apps.mask_gallery, e.g. "document:3"
+    score_fn: str | None = None
+    block_mask: bool = False  # the mask_fn passed as ja.make_block_mask(mask_fn, ...)
     seed: int = 0
 
 
@@ -74,6 +80,16 @@ def default_cases(full: bool = False) -> list[Case]:
         Case("window (5,0), causal", T=24, S=24, is_causal=True, window=(5, 0)),
         Case("bias (-inf), T<S", T=12, S=20, bias=True),
         Case("2 chunks, lengths", T=300, S=300, N=2, K=1, is_causal=True, lengths=True),
+        Case("mask_fn document, alibi", T=20, S=20, mask_fn="document:3", score_fn="alibi"),
+        Case(
+            "block_mask window, 2 chunks",
+            T=300,
+            S=300,
+            N=2,
+            K=1,
+            mask_fn="window:40",
+            block_mask=True,
+        ),
     ]
     if full:
         cases += [
@@ -92,6 +108,14 @@ def default_cases(full: bool = False) -> list[Case]:
                 lengths=True,
             ),
             Case("H 64, GQA", T=130, S=130, N=8, K=2, H=64, is_causal=True),
+            Case(
+                "prefix_lm + soft_cap, lengths",
+                T=24,
+                S=24,
+                mask_fn="prefix_lm:5",
+                score_fn="soft_cap:5",
+                lengths=True,
+            ),
         ]
     return cases
 
@@ -118,6 +142,14 @@ def _case_inputs(case: Case, dtype):
     if case.dropout:
         kwargs["dropout_rate"] = case.dropout
         kwargs["dropout_rng"] = jax.random.key(case.seed)
+    if case.mask_fn is not None:
+        mask_fn = mask_gallery.mask_fn(case.mask_fn, case.S)
+        if case.block_mask:
+            kwargs["block_mask"] = make_block_mask(mask_fn, 1, 1, case.T, case.S)
+        else:
+            kwargs["mask_fn"] = mask_fn
+    if case.score_fn is not None:
+        kwargs["score_fn"] = mask_gallery.score_fn(case.score_fn, case.N)
     cotangent = normal((case.B, case.T, case.N, H_v))
     cast = lambda x: x.astype(dtype)  # noqa: E731
     if "bias" in kwargs:

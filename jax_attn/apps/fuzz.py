@@ -270,6 +270,14 @@ class Mistake:
 
 
 _ERRORS = {"ValueError": ValueError, "TypeError": TypeError}
+# Mask and score functions the tables name ({ function = NAME }), right and wrong.
+FUNCTIONS: dict[str, Callable] = {
+    "causal": lambda b, h, q_idx, kv_idx: q_idx >= kv_idx,
+    "causal_copy": lambda b, h, q_idx, kv_idx: q_idx >= kv_idx,
+    "three_indices": lambda b, q_idx, kv_idx: q_idx >= kv_idx,
+    "distance": lambda b, h, q_idx, kv_idx: q_idx - kv_idx,
+    "positive_score": lambda score, b, h, q_idx, kv_idx: score > 0,
+}
 _SPECIAL_CALLS = {"traced_scale": _traced_scale}
 
 
@@ -316,6 +324,12 @@ def table_value(spec, dims: dict, call: dict | None = None):
         return jax.random.key(spec["key"])
     if "keys" in spec:
         return jax.random.split(jax.random.key(0), spec["keys"])
+    if "block_mask" in spec:
+        from jax_attn.mask_functions import make_block_mask
+
+        return make_block_mask(FUNCTIONS[spec["function"]], *sizes(spec["block_mask"], dims))
+    if "function" in spec:
+        return FUNCTIONS[spec["function"]]
     if spec.get("none"):
         return None
     raise ValueError(f"unknown value {spec!r} in {_TABLES_FILE}")

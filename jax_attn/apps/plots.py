@@ -14,7 +14,8 @@ with ``fig.savefig(path)``. matplotlib is imported only when a function draws
 
 On the command line, ``jax-attn plot "Your journey starts with one step" --out DIR``
 writes the figures of :func:`sentence_figures` as PNG files, and ``jax-attn plot --all``
-regenerates the figures committed under ``docs/figures``.
+regenerates the figures committed under ``docs/figures``; ``jax-attn plot --mask-fn
+window:4 --mask-fn document:3 --length 12`` draws mask functions of the gallery instead.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_attn import functional, masks
+from jax_attn.apps import mask_gallery
 from jax_attn.apps.extras import require
 from jax_attn.data import book_values
 from jax_attn.mask_functions import evaluate_mask
@@ -510,6 +512,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dim", type=int, default=16, help="random embedding width")
     parser.add_argument("--seed", type=int, default=0, help="embedding and weight seed")
     parser.add_argument(
+        "--mask-fn",
+        action="append",
+        metavar="NAME[:INT]",
+        help="draw this mask function instead (repeatable): causal, window:W, document:D, "
+        "prefix_lm:P (docs/masks.md); writes mask_fns.png",
+    )
+    parser.add_argument("--length", type=int, default=12, help="tokens for --mask-fn (default 12)")
+    parser.add_argument(
         "--all",
         action="store_true",
         help=f"regenerate the documentation figures in {FIGURES_DIR} (ignores the others)",
@@ -529,6 +539,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 2
         paths = save_figures(sentence_figures(), FIGURES_DIR)
+    elif args.mask_fn:
+        if args.length <= 0:
+            print(f"jax-attn plot: --length must be > 0, got {args.length}", file=sys.stderr)
+            return 2
+        try:
+            panels = {spec: mask_gallery.mask_fn(spec, args.length) for spec in args.mask_fn}
+        except ValueError as error:
+            print(f"jax-attn plot: --mask-fn: {error}", file=sys.stderr)
+            return 2
+        paths = save_figures({"mask_fns": plot_mask_fns(panels, args.length)}, args.out)
     else:
         if args.heads <= 0:
             print(f"jax-attn plot: --heads must be > 0, got {args.heads}", file=sys.stderr)

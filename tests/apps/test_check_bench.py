@@ -51,6 +51,23 @@ def test_check_skips_unsupported_calls_with_the_reason():
     assert result.status == "skip" and "dropout" in result.note
 
 
+def test_check_runs_mask_and_score_functions():
+    functions = check.Case(
+        "document + alibi", T=6, S=6, N=2, K=1, H=8, mask_fn="document:2", score_fn="alibi"
+    )
+    blocks = check.Case(
+        "window block mask", T=6, S=6, N=2, K=1, H=8, mask_fn="window:2", block_mask=True
+    )
+    results = check.run_check([functions, blocks], ["float32"], ["chunked", "xla"])
+    status = {(r.case, r.implementation): r.status for r in results}
+    assert status == {
+        ("document + alibi", "chunked"): "ok",
+        ("document + alibi", "xla"): "skip",  # xla takes a mask_fn but no score_fn
+        ("window block mask", "chunked"): "ok",
+        ("window block mask", "xla"): "skip",
+    }, check.format_table(results)
+
+
 def test_cli_routes_check_and_bench(capsys):
     for command in ("check", "bench"):
         with pytest.raises(SystemExit) as exit_info:

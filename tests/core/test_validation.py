@@ -5,6 +5,7 @@ entry points, ``module_mistakes()`` for masks and Flax modules): the same catalo
 ``docs/errors.md`` and the bad-input cases of ``jax-attn check --fuzz``.
 """
 
+import inspect
 import pathlib
 
 import jax
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 import jax_attn as ja
+from jax_attn import dispatch
 from jax_attn.apps import fuzz
 from jax_attn.validation import AttentionCall, check_attention_args
 
@@ -30,21 +32,7 @@ CASES = [
 
 def test_catalogue_covers_every_argument():
     arguments = {mistake.argument for mistake in fuzz.MISTAKES}
-    assert arguments == {
-        "query",
-        "key",
-        "value",
-        "mask",
-        "bias",
-        "is_causal",
-        "scale",
-        "query_seq_lengths",
-        "key_value_seq_lengths",
-        "local_window_size",
-        "dropout_rate",
-        "dropout_rng",
-        "implementation",
-    }
+    assert arguments == set(inspect.signature(dispatch.dot_product_attention).parameters)
 
 
 @pytest.mark.parametrize("mistake, entry", CASES)
