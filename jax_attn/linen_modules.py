@@ -118,9 +118,7 @@ class _BookAttention(nn.Module):
         return {"rate": rate, "rng": self.make_rng("dropout") if rate else None}
 
     def _sow(self, sow_weights: bool):
-        if not isinstance(sow_weights, bool):
-            raise TypeError(f"{self._owner()}: sow_weights must be a bool, got {sow_weights!r}")
-        if not sow_weights:
+        if not spec_lib.check_sow_weights(self._owner(), sow_weights):
             return None
         return lambda weights: self.sow("intermediates", "attention_weights", weights)
 

@@ -40,6 +40,7 @@ __all__ = [
     "attend",
     "call_inputs",
     "check_decode_call",
+    "check_sow_weights",
     "class_config",
     "compute_dtype",
     "decode_step",
@@ -385,17 +386,37 @@ def multi_head(
 
 def decode_step(spec: AttentionSpec, cache, queries, keys, values, *, lengths, rate, rng):
     """Writes ``keys``/``values [B, T, K, H]`` into ``cache`` (a :class:`kv_cache.KVCache`)
-    and attends ``queries`` over it: ``(context [B, T, N, H], new cache)``."""
-    return kv_cache.decode_attention(
-        kv_cache.KVCache(*cache),
-        queries,
-        keys,
-        values,
-        lengths=lengths,
-        dropout_rate=rate,
-        dropout_rng=rng,
-        implementation=spec.implementation,
-    )
+    and attends ``queries`` over it: ``(context [B, T, N, H], new cache)``. Errors name
+    ``spec.owner`` (the module's entry point), not :mod:`jax_attn.kv_cache`'s arguments."""
+    cache = kv_cache.KVCache(*cache)
+    batch, cached_batch = queries.shape[0], cache.key.shape[0]
+    if batch != cached_batch:
+        raise ValueError(
+            f"{spec.owner}: x has batch {batch}, but the cache was initialised with "
+            f"batch {cached_batch}"
+        )
+    try:
+        return kv_cache.decode_attention(
+            cache,
+            queries,
+            keys,
+            values,
+            lengths=lengths,
+            dropout_rate=rate,
+            dropout_rng=rng,
+            implementation=spec.implementation,
+        )
+    except (ValueError, TypeError) as error:
+        if type(error) not in (ValueError, TypeError):  # JAX's own errors pass unchanged
+            raise
+        raise type(error)(f"{spec.owner}: {error}") from error
+
+
+def check_sow_weights(owner: str, sow_weights) -> bool:
+    """``sow_weights``, checked to be a bool."""
+    if not isinstance(sow_weights, bool):
+        raise TypeError(f"{owner}: sow_weights must be a bool, got {sow_weights!r}")
+    return sow_weights
 
 
 def _summed_over_features(x):

@@ -241,9 +241,7 @@ class _BookAttention(nnx.Module):
         return {"rate": spec.dropout, "rng": _dropout_key(owner, rngs, self.rngs)}
 
     def _sow(self, owner: str, sow_weights: bool):
-        if not isinstance(sow_weights, bool):
-            raise TypeError(f"{owner}: sow_weights must be a bool, got {sow_weights!r}")
-        if not sow_weights:
+        if not spec_lib.check_sow_weights(owner, sow_weights):
             return None
         return lambda weights: self.sow(nnx.Intermediate, "attention_weights", weights)
 

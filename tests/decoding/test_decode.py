@@ -208,10 +208,19 @@ def test_overflow_raises_eagerly_and_through_checked():
     x, params, cache = _setup(K)
     cache = {**cache, "cache_index": jnp.full((B,), 6, jnp.int32)}
     module = _module(K, decode=True)
-    with pytest.raises(ValueError, match="writing 3 new tokens at index 6 needs 9 slots"):
-        module.apply({"params": params, "cache": cache}, x[:, :3], mutable=["cache"])
-    with pytest.raises(ValueError, match="more than context_length=8"):
-        module.apply({"params": params, "cache": cache}, jnp.zeros((B, 9, D)), mutable=["cache"])
+    variables = {"params": params, "cache": cache}
+    overflow = r"MultiHeadAttention.apply: KV cache overflow: writing 3 new tokens at index 6 "
+    with pytest.raises(ValueError, match=overflow + "needs 9 slots"):
+        module.apply(variables, x[:, :3], mutable=["cache"])
+    with pytest.raises(ValueError, match="apply: x has 9 tokens, more than context_length=8"):
+        module.apply(variables, jnp.zeros((B, 9, D)), mutable=["cache"])
+    # Errors of a module decode name the module's entry point and its own argument x.
+    batch = "MultiHeadAttention.apply: x has batch 3, but the cache was initialised with batch 2"
+    with pytest.raises(ValueError, match=batch):
+        module.apply(variables, jnp.zeros((3, 1, D)), mutable=["cache"])
+    bad_lengths = r"MultiHeadAttention.apply: lengths must lie in \[0, T=2\], got \[3, 1\]"
+    with pytest.raises(ValueError, match=bad_lengths):
+        module.apply(variables, x[:, :2], lengths=jnp.array([3, 1]), mutable=["cache"])
 
     @kv_cache.checked
     def checked_step(params, cache, x):

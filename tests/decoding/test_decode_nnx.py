@@ -156,6 +156,21 @@ def test_mixed_prompt_lengths_under_nnx_jit():
         np.testing.assert_allclose(y[b, 0], full[b, lengths[b]], atol=1e-5)
 
 
+def test_eager_decode_errors_name_the_call():
+    model, x = _model(), _inputs()
+    model.cache_index[...] = jnp.full((B,), CONTEXT - 2, jnp.int32)
+    overflow = "MultiHeadAttention.__call__: KV cache overflow: writing 3 new tokens at index 6"
+    with pytest.raises(ValueError, match=overflow):
+        model(x[:, :3])
+    batch = r"MultiHeadAttention.__call__: x has batch 3, .* init_cache\(batch_size=2\)"
+    with pytest.raises(ValueError, match=batch):
+        model(np.zeros((3, 1, D), np.float32))
+    bad_lengths = r"MultiHeadAttention.__call__: lengths must lie in \[0, T=2\], got \[3, 1\]"
+    with pytest.raises(ValueError, match=bad_lengths):
+        model(x[:, :2], lengths=jnp.array([3, 1]))
+    np.testing.assert_array_equal(model.cache_index[...], [CONTEXT - 2] * B)
+
+
 def test_nnx_checkify_turns_overflow_into_an_error():
     model, x = _model(), _inputs()
     model.cache_index[...] = jnp.full((B,), CONTEXT - 2, jnp.int32)

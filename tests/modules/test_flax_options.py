@@ -218,6 +218,14 @@ def test_nnx_sow_weights_equal_flax_weights(params):
     np.testing.assert_allclose(weights, flax_weights(params, x, mask), **CLOSE)
 
 
+def test_sow_weights_must_be_a_bool(params):
+    x = inputs()
+    with pytest.raises(TypeError, match=r"MultiHeadAttention\.apply: sow_weights must be a bool"):
+        linen_mha().apply({"params": params}, x, sow_weights=1)
+    with pytest.raises(TypeError, match=r"MultiHeadAttention\.__call__: sow_weights must be a"):
+        nnx_mha()(x, sow_weights="yes")
+
+
 # --- init with a single key; errors say init or apply ------------------------------------
 
 
