@@ -21,16 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_attn.kernels import online_softmax
 from jax_attn.kernels.base import Implementation
-from jax_attn.kernels.online_softmax import (
-    MASKED_LOGIT,
-    PartialAttention,
-    attend_block,
-    block_gradients,
-    block_logits,
-    combine_partials,
-    finalize,
-)
+from jax_attn.kernels.online_softmax import MASKED_LOGIT
 from jax_attn.mask_functions import (
     block_mask_arrays,
     block_sizes,
@@ -193,7 +186,7 @@ def _block(plan: _Plan, q_blk, k, v, mask, bias, kv_lengths, rng, at, consts, wi
     B, K, G = q_blk.shape[:3]
     k_blk = jax.lax.dynamic_slice_in_dim(k, k_index * plan.k_chunk, plan.k_chunk, axis=2)
     v_blk = jax.lax.dynamic_slice_in_dim(v, k_index * plan.k_chunk, plan.k_chunk, axis=2)
-    scores, score_vjp = block_logits(q_blk, k_blk, plan.scale), None
+    scores, score_vjp = online_softmax.block_logits(q_blk, k_blk, plan.scale), None
     if plan.score_fn is not None:
 
         def score(s, c):
@@ -364,18 +357,20 @@ def _forward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, table, mask_cons
         def step(k_index, position_masked, partial):
             at, consts = (q_index, k_index, position_masked), (mask_consts, score_consts)
             blk = _block(plan, q_blk, k, v, mask, bias, kv_lengths, rng, at, consts)
-            block = attend_block(blk.logits, blk.v, keep=blk.keep, dropout_rate=plan.dropout_rate)
-            return combine_partials(partial, block)
+            block = online_softmax.attend_block(
+                blk.logits, blk.v, keep=blk.keep, dropout_rate=plan.dropout_rate
+            )
+            return online_softmax.combine_partials(partial, block)
 
         # [B, K, G, Tq]
         row = q_blk[..., 0]
-        empty = PartialAttention(
+        empty = online_softmax.PartialAttention(
             acc=_zeros_like(q_blk[..., :1], *inputs, shape=(B, K, G, Tq, H_v)),
             row_max=_zeros_like(row, *inputs, fill=MASKED_LOGIT),
             row_sum=_zeros_like(row, *inputs),
         )
         partial = _visit_chunks(plan, table, q_index, kv_limit, step, empty)
-        return None, finalize(partial)
+        return None, online_softmax.finalize(partial)
 
     q_indices = jnp.arange(plan.num_q_chunks, dtype=jnp.int32)
     _, (out, lse) = jax.lax.scan(one_query_chunk, None, q_indices)
@@ -407,7 +402,7 @@ def _backward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, fns, out, lse, 
             dq, dk, dv, dbias, d_consts = state
             at, consts = (q_index, k_index, position_masked), (mask_consts, score_consts)
             blk = _block(plan, q_blk, k, v, mask, bias, kv_lengths, rng, at, consts, with_vjp=True)
-            grads = block_gradients(
+            grads = online_softmax.block_gradients(
                 blk.logits,
                 lse_blk,
                 delta_blk,
