@@ -460,31 +460,39 @@ def _sentence_weights(
     T, d_in = x.shape
     simplified = functional.attention_weights(functional.attention_scores(x, x))
 
-    params = linen.SelfAttentionV1(d_in, d_out).init(key, x)["params"]
-    queries = functional.dense(x, params["W_query"])
-    keys = functional.dense(x, params["W_key"])
-    scores = functional.scaled_attention_scores(queries, keys)
-    causal = functional.causal_weights_by_masking(scores)
+    # The modules' own weights, sown with sow_weights=True (nothing re-projected here)
+    full_v1 = linen.SelfAttentionV1(d_in, d_out)
+    variables = full_v1.init(key, x)
+    # [T, S]: the same projections without and with the causal mask
+    full = _sown_weights(full_v1, variables, x)[0]
+    causal = _sown_weights(linen.SelfAttentionV1(d_in, d_out, is_causal=True), variables, x)[0]
     dropped = functional.dropout(causal, dropout_rate, jax.random.fold_in(key, 1))
 
     mha = linen.MultiHeadAttention(d_in, width, T, 0.0, num_heads)
-    mha_params = mha.init(key, x, deterministic=True)["params"]
-    # [T, N, H]
-    mha_queries = functional.split_heads(functional.dense(x, mha_params["W_query"]), num_heads)
-    mha_keys = functional.split_heads(functional.dense(x, mha_params["W_key"]), num_heads)
+    # [N, T, S]
+    heads = _sown_weights(mha, mha.init(key, x, deterministic=True), x)
 
     lengths = jnp.asarray([padded_length])
     return {
         "simplified": simplified,
-        "full": functional.attention_weights(scores),
+        "full": full,
         "causal": causal,
         "dropped": dropped,
-        # [N, T, S]
-        "heads": functional.dot_product_attention_weights(mha_queries, mha_keys, is_causal=True),
+        "heads": heads,
         "causal_mask": masks.make_causal_mask(T),
         "window_mask": masks.make_causal_mask(T) & masks.make_sliding_window_mask(T, (window, 0)),
         "padding_mask": masks.make_padding_mask(lengths, lengths, T, T)[0, 0],
     }
+
+
+def _sown_weights(module, variables, x) -> jax.Array:
+    """The attention weights ``module`` sows on ``x [T, d_in]``: ``[N, T, S]``."""
+    _, state = module.apply(
+        variables, x, deterministic=True, sow_weights=True, mutable=["intermediates"]
+    )
+    # [1, N, T, S]
+    (weights,) = state["intermediates"]["attention_weights"]
+    return weights[0]
 
 
 def save_figures(figures: Mapping[str, Figure], out_dir, dpi: int = 110) -> list[Path]:

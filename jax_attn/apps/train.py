@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from jax_attn import functional, kv_cache
+from jax_attn import kv_cache
 from jax_attn.apps import timing
 from jax_attn.apps.config import ConfigError, check_choice, load_dataclass, resolve_config_path
 from jax_attn.apps.extras import require
@@ -223,7 +223,7 @@ class Block(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x, deterministic: bool, lengths=None):
+    def __call__(self, x, deterministic: bool, lengths=None, *, sow_weights: bool = False):
         attention = MultiHeadAttention(
             self.d_model,
             self.d_model,
@@ -234,7 +234,12 @@ class Block(nn.Module):
             decode=self.decode,
             name="attention",
         )
-        h = attention(nn.LayerNorm(name="norm_1")(x), deterministic=deterministic, lengths=lengths)
+        h = attention(
+            nn.LayerNorm(name="norm_1")(x),
+            deterministic=deterministic,
+            lengths=lengths,
+            sow_weights=sow_weights,
+        )
         x = x + nn.Dropout(self.dropout)(h, deterministic)
         h = nn.Dense(self.mlp_ratio * self.d_model, name="mlp_in")(nn.LayerNorm(name="norm_2")(x))
         h = nn.Dense(self.d_model, name="mlp_out")(nn.gelu(h))
@@ -246,6 +251,8 @@ class Decoder(nn.Module):
 
     With ``decode=True`` every block keeps a KV cache and the model its position, both in
     the ``"cache"`` collection; ``lengths [B]`` marks the real tokens of a padded block.
+    ``sow_weights=True`` sows each block's attention weights ``[B, N, T, T]`` in
+    ``"intermediates"`` (``block_<i>/attention/attention_weights``).
     """
 
     vocab_size: int
@@ -259,7 +266,9 @@ class Decoder(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, tokens, deterministic: bool = True, lengths=None):
+    def __call__(
+        self, tokens, deterministic: bool = True, lengths=None, *, sow_weights: bool = False
+    ):
         B, T = tokens.shape
         positions = jnp.arange(T)[None, :]
         if self.decode:
@@ -281,7 +290,7 @@ class Decoder(nn.Module):
                 self.dropout,
                 self.decode,
                 name=f"block_{i}",
-            )(x, deterministic, lengths)
+            )(x, deterministic, lengths, sow_weights=sow_weights)
         return nn.Dense(self.vocab_size, name="head")(nn.LayerNorm(name="final_norm")(x))
 
 
@@ -647,39 +656,27 @@ def plot_accuracy_vs_length(rows: list[dict], task_name: str, path) -> None:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _captured_intermediates(decoder: Decoder, params, tokens):
+def _sown_intermediates(decoder: Decoder, params, tokens):
     _, state = decoder.apply(
-        {"params": params}, tokens, deterministic=True, capture_intermediates=True
+        {"params": params}, tokens, deterministic=True, sow_weights=True, mutable=["intermediates"]
     )
     return state["intermediates"]
 
 
 def attention_weights_by_layer(decoder: Decoder, params, tokens) -> list[jax.Array]:
     """Causal attention weights ``[N, T, T]`` of every layer of ``decoder`` on one
-    sequence ``tokens [T]``.
-
-    The input of each block's attention (the output of its ``norm_1``) is captured with
-    ``capture_intermediates``; the weights are then those of
-    :func:`jax_attn.functional.dot_product_attention_weights` on the block's own
-    ``W_query`` / ``W_key`` projections, i.e. what its ``MultiHeadAttention`` computes.
+    sequence ``tokens [T]``: what each block's ``MultiHeadAttention`` sows with
+    ``sow_weights=True`` (the ``"intermediates"`` collection), nothing recomputed.
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 1:
         raise ValueError(f"tokens must have shape [T], got {list(tokens.shape)}")
-    state = _captured_intermediates(decoder, params, tokens[None])
+    state = _sown_intermediates(decoder, params, tokens[None])
     weights = []
     for i in range(decoder.num_layers):
-        block = f"block_{i}"
-        (attention_input,) = state[block]["norm_1"]["__call__"]
-        projections = params[block]["attention"]
-        # [1, T, N, H] and [1, T, K, H]
-        queries = functional.split_heads(
-            functional.dense(attention_input, projections["W_query"]), decoder.num_heads
-        )
-        keys = functional.split_heads(
-            functional.dense(attention_input, projections["W_key"]), decoder.num_kv_heads
-        )
-        weights.append(functional.dot_product_attention_weights(queries, keys, is_causal=True)[0])
+        # [1, N, T, T]
+        (sown,) = state[f"block_{i}"]["attention"]["attention_weights"]
+        weights.append(sown[0])
     return weights
 
 

@@ -136,6 +136,28 @@ def test_sentence_figures_for_the_book_sentence_show_the_books_weights():
             assert tick_texts(ax.get_xticklabels()) == book_values()["tokens"]
 
 
+def test_sentence_weights_are_what_the_modules_sow():
+    from jax_attn import linen_modules as linen
+
+    # [T, d_in] = [6, 3]; the static arguments sentence_figures(num_heads=2) uses (cached)
+    x, key = jnp.asarray(book_values()["inputs"], jnp.float32), jax.random.key(0)
+    w = plots._sentence_weights(
+        x, key, d_out=2, width=4, num_heads=2, dropout_rate=0.5, window=2, padded_length=4
+    )
+    # the book's step-by-step weights on SelfAttentionV1's projections
+    params = linen.SelfAttentionV1(3, 2).init(key, x)["params"]
+    scores = functional.scaled_attention_scores(x @ params["W_query"], x @ params["W_key"])
+    close = {"rtol": 1e-5, "atol": 1e-6}
+    np.testing.assert_allclose(w["full"], functional.attention_weights(scores), **close)
+    np.testing.assert_allclose(w["causal"], functional.causal_weights_by_masking(scores), **close)
+    # [N, T, S]: what MultiHeadAttention sows
+    mha = linen.MultiHeadAttention(3, 4, 6, 0.0, 2)
+    variables = mha.init(key, x, deterministic=True)
+    _, state = mha.apply(variables, x, sow_weights=True, mutable=["intermediates"])
+    (sown,) = state["intermediates"]["attention_weights"]
+    np.testing.assert_allclose(w["heads"], sown[0], **close)
+
+
 @pytest.mark.slow
 def test_cli_writes_pngs(tmp_path):
     code = cli_main(["plot", "the cat sat", "--out", str(tmp_path), "--heads", "2", "--dim", "8"])

@@ -172,6 +172,11 @@ def test_attention_weights_by_layer_reproduce_each_attention_layer(tiny_config, 
         (attention_input,) = block["norm_1"]["__call__"]
         (attention_output,) = block["attention"]["__call__"]
         p = params[f"block_{i}"]["attention"]
+        # the weights the module sows: its own projections of the norm_1 output, causal
+        queries = F.split_heads(F.dense(attention_input[0], p["W_query"]), decoder.num_heads)
+        keys = F.split_heads(F.dense(attention_input[0], p["W_key"]), decoder.num_kv_heads)
+        expected = F.dot_product_attention_weights(queries, keys, is_causal=True)
+        np.testing.assert_allclose(layer_weights, expected, rtol=1e-6, atol=1e-7)
         # [T, K=1, H] -> [T, N, H]: every query head uses the one kv head
         values = F.split_heads(F.dense(attention_input[0], p["W_value"]), 1)
         values = jnp.repeat(values, decoder.num_heads, axis=1)
