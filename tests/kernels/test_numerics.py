@@ -234,6 +234,37 @@ def test_half_precision_gradients_match_float32_reference(implementation, dtype)
         np.testing.assert_allclose(g, e, atol=budget, rtol=0, err_msg=f"d{name}")
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_half_logit_gradients_stay_float32(implementation):
+    # Keys share a large common part c (k = c + d, all exact in bfloat16): the logit
+    # gradients of a row sum to 0, so dq = sum_s d_logits[s] k[s] = sum_s d_logits[s] d[s]
+    # and c cancels exactly in float32. A backward that rounds d_logits (or the weights)
+    # to bfloat16 first leaves ~2^-9 |d_logits| |c| of c behind: measured 23x the
+    # reference's own bfloat16 error (rounding dq once) here, 8-27x over seeds 0-7, where
+    # the chunked kernel's error is 1-1.7x it. The bound is HALF_ERROR_RATIO x that error.
+    # bfloat16 only (float16 has 3 more mantissa bits: the same check, weaker).
+    dtype = jnp.bfloat16
+    q, k, v = make_qkv(1, 8, 8, 1, 1, 4, dtype, seed=11)
+    k = k + jnp.asarray(32.0, dtype)
+    q = (q * 8).round().astype(jnp.float32) / 8  # multiples of 1/8: q.k exact in float32
+    q = q.astype(dtype)
+    kwargs = dict(is_causal=True, scale=0.125)
+    if not _supports(implementation, q, k, v, **kwargs):
+        pytest.skip(f"{implementation} does not serve this call")
+
+    def grad_fn(name):
+        return jax.jit(jax.grad(lambda q, k, v: _loss_fn(name, kwargs)(q, k, v, None)))
+
+    expected = np.asarray(grad_fn("reference")(*(x.astype(jnp.float32) for x in (q, k, v))))
+    own = np.asarray(grad_fn("reference")(q, k, v), np.float64)
+    got = grad_fn(implementation)(q, k, v)
+    assert got.dtype == dtype
+    own_error = np.abs(own - expected).max()
+    error = np.abs(np.asarray(got, np.float64) - expected).max()
+    assert own_error > 0
+    assert error <= HALF_ERROR_RATIO * own_error, (error, own_error)
+
+
 def _grad_dtype(implementation):
     with jax.enable_x64(True):
         q, k, v = (jnp.zeros(x.shape, jnp.float64) for x in make_qkv(B, T, S, N, K, H))
