@@ -9,11 +9,13 @@ one device.
   :func:`jax_attn.dot_product_attention` on one device.
 
 For each it prints the per-device memory of the compiled program
-(``compiled.memory_analysis()``: arguments + outputs + temporaries) and the median time,
-and writes JSON under ``benchmarks/results/``. On a CPU-only host the devices are
-virtual (``XLA_FLAGS=--xla_force_host_platform_device_count=N``, set here before jax is
-imported): they share the host's cores, so their memory figures are real per-device
-figures but their times show no parallel speed-up.
+(``compiled.memory_analysis()``: arguments + outputs + temporaries) and the min / median /
+max time of ``--repeats`` runs, flagging with ``!`` a spread ``(max - min) / median`` over
+20% as ``jax-attn bench`` does (:mod:`jax_attn.apps.timing`), and writes JSON under
+``benchmarks/results/``. On a CPU-only host the devices are virtual
+(``XLA_FLAGS=--xla_force_host_platform_device_count=N``, set here before jax is imported):
+they share the host's cores, so their memory figures are real per-device figures but their
+times show no parallel speed-up.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
+
+from jax_attn.apps import timing
 
 AXES = ("data", "model", "seq")
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
@@ -107,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The timing fields of a row (``None`` with ``--compile-only``).
+TIMING_KEYS = ("min_ms", "median_ms", "max_ms", "spread", "noisy", "times_ms")
+
+
 def memory(compiled) -> dict[str, int]:
     """Per-device bytes of a compiled program (its memory analysis)."""
     stats = compiled.memory_analysis()
@@ -124,29 +131,23 @@ def memory(compiled) -> dict[str, int]:
 
 
 def measure(fn, args, repeats: int) -> dict:
-    """Compile time, per-device memory and median run time of ``jit(fn)(*args)``;
-    ``repeats=0`` compiles only (``args`` may be ``jax.ShapeDtypeStruct``)."""
+    """Compile time, per-device memory and run times of ``jit(fn)(*args)``: min / median /
+    max in ms, the spread and whether it is noisy (:func:`jax_attn.apps.timing.summary_ms`),
+    after one untimed run; ``repeats=0`` compiles only (``args`` may be
+    ``jax.ShapeDtypeStruct``) and leaves the times ``None``."""
     import jax
 
     start = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - start
     if repeats == 0:
-        return {
-            "compile_s": compile_s,
-            "median_s": None,
-            "memory_bytes": memory(compiled),
-            "hlo": compiled.as_text(),
-        }
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
+        times = dict.fromkeys(TIMING_KEYS)
+    else:
+        runs = timing.time_runs(lambda: jax.block_until_ready(compiled(*args)), repeats)
+        times = timing.summary_ms(runs)
     return {
         "compile_s": compile_s,
-        "median_s": statistics.median(times),
+        **times,
         "memory_bytes": memory(compiled),
         "hlo": compiled.as_text(),
     }
@@ -319,8 +320,9 @@ def mesh_label(sizes: dict[str, int]) -> str:
 def print_table(rows: list[dict], baseline: dict) -> None:
     mib = 2**20
     print(
-        f"{'what':<44} {'mesh':<16} {'MiB/device':>11} {'temp MiB':>9} "
-        f"{'vs 1 dev':>8} {'ms':>9} {'compile s':>9}  collectives"
+        f"{'what':<44} {'mesh':<16} {'MiB/device':>11} {'temp MiB':>9} {'vs 1 dev':>8} "
+        f"{'min ms':>9} {'median ms':>10} {'max ms':>9} {'spread':>7} {'compile s':>9}  "
+        "collectives"
     )
     for row in rows:
         mem = row["memory_bytes"]
@@ -328,13 +330,28 @@ def print_table(rows: list[dict], baseline: dict) -> None:
         ops = ", ".join(f"{n}x{op}" for op, n in row["collectives"].items()) or "-"
         print(
             f"{row['name']:<44} {row['mesh']:<16} {mem['total'] / mib:>11.2f} "
-            f"{mem['temp'] / mib:>9.2f} {ratio:>8.3f} {milliseconds(row['median_s']):>9} "
+            f"{mem['temp'] / mib:>9.2f} {ratio:>8.3f} {_ms(row['min_ms']):>9} "
+            f"{_ms(row['median_ms']):>10} {_ms(row['max_ms']):>9} {_spread(row):>7} "
             f"{row['compile_s']:>9.2f}  {ops}"
         )
+    note = timing.noisy_note(noisy_rows(rows))
+    if note:
+        print(note)
 
 
-def milliseconds(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:.2f}"
+def noisy_rows(rows: list[dict]) -> list[str]:
+    """``name [mesh]`` of each row whose spread is over :data:`timing.NOISY_SPREAD`."""
+    return [f"{row['name']} [{row['mesh']}]" for row in rows if row.get("noisy")]
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _spread(row: dict) -> str:
+    if row.get("spread") is None:
+        return "-"
+    return f"{row['spread']:.0%}" + ("!" if row["noisy"] else " ")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -401,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         "memory_note": "per device, from compiled.memory_analysis(): "
         "argument + output + temp - alias bytes",
         "rows": rows,
+        "noisy": noisy_rows(rows),
     }
     if args.out:
         path = Path(args.out)

@@ -13,7 +13,14 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 
-__all__ = ["NOISY_SPREAD", "format_seconds", "median_seconds", "summary_ms", "time_runs"]
+__all__ = [
+    "NOISY_SPREAD",
+    "format_seconds",
+    "median_seconds",
+    "noisy_note",
+    "summary_ms",
+    "time_runs",
+]
 
 #: A case whose spread, ``(max - min) / median``, exceeds this is flagged as noisy.
 NOISY_SPREAD = 0.20
@@ -57,6 +64,20 @@ def summary_ms(times: Sequence[float]) -> dict:
         "noisy": spread > NOISY_SPREAD,
         "times_ms": [round(1e3 * t, 3) for t in times],
     }
+
+
+def noisy_note(names: Sequence[str]) -> str:
+    """The line that flags the cases :func:`summary_ms` marked noisy ("" when none).
+
+    >>> print(noisy_note(["ring seq=2"]))
+    ! spread (max - min) / median over 20%: ring seq=2 (a busy machine: rerun when it is idle)
+    """
+    if not names:
+        return ""
+    return (
+        f"! spread (max - min) / median over {NOISY_SPREAD:.0%}: {', '.join(names)}"
+        " (a busy machine: rerun when it is idle)"
+    )
 
 
 def format_seconds(seconds: float) -> str:

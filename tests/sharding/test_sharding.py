@@ -229,6 +229,30 @@ def test_bench_mesh_rejects_bad_mesh_specs(spec):
         bench_mesh.parse_mesh(spec)
 
 
+def test_bench_mesh_reports_min_median_max_and_flags_noise(capsys):
+    from jax_attn.apps import bench_mesh, timing
+
+    # measure: a trivial program (one tiny compile), its runs summarised as jax-attn bench does
+    row = bench_mesh.measure(lambda x: x + 1, (jnp.zeros(3),), repeats=3)
+    assert row["min_ms"] <= row["median_ms"] <= row["max_ms"] and len(row["times_ms"]) == 3
+    assert row["noisy"] == (row["spread"] > 0.2)
+    compiled_only = bench_mesh.measure(lambda x: x + 1, (jnp.zeros(3),), repeats=0)
+    assert all(compiled_only[key] is None for key in bench_mesh.TIMING_KEYS)
+
+    memory = {"total": 2**20, "temp": 0}
+    base = dict(memory_bytes=memory, collectives={}, compile_s=0.1)
+    steady = dict(base, name="one device", mesh="1", **timing.summary_ms([0.010, 0.0105, 0.011]))
+    noisy = dict(base, name="ring_attention", mesh="seq=2", **timing.summary_ms([0.01, 0.02]))
+    bench_mesh.print_table([steady, noisy], steady)
+    lines = capsys.readouterr().out.splitlines()
+    assert all(column in lines[0] for column in ("min ms", "median ms", "max ms", "spread"))
+    assert "10.00" in lines[1] and "10.50" in lines[1] and "11.00" in lines[1]
+    assert "10% " in lines[1] and "!" not in lines[1]
+    assert "67%!" in lines[2]
+    assert lines[3] == timing.noisy_note(["ring_attention [seq=2]"])
+    assert bench_mesh.noisy_rows([steady, noisy]) == ["ring_attention [seq=2]"]
+
+
 # Slow: a ring compile; test_ring_attention.py's fast ring test checks collective-permute.
 @pytest.mark.slow
 def test_bench_mesh_ring_reports_memory_falling_with_devices(tmp_path):
@@ -252,8 +276,12 @@ def test_bench_mesh_ring_reports_memory_falling_with_devices(tmp_path):
         str(out),
     ]
     assert bench_mesh.main(argv) == 0
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
     assert [row["mesh"] for row in rows] == ["1", "1", "seq=2"]
+    for row in rows:
+        assert row["min_ms"] <= row["median_ms"] <= row["max_ms"], row
+    assert result["noisy"] == bench_mesh.noisy_rows(rows)
     ring_1, ring_2 = (row["memory_bytes"]["total"] for row in rows[1:])
     assert ring_2 < ring_1
     assert rows[2]["collectives"].get("collective-permute", 0) > 0
