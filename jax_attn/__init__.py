@@ -49,20 +49,28 @@ __all__ = [
 ]
 
 
+# Heavier layers load on first use: ja.interop, ja.sharding, ja.kv_cache, ja.nnx_modules, ...
+_LAZY_SUBMODULES = (
+    "dispatch",
+    "interop",
+    "kernels",
+    "kv_cache",
+    "linen_modules",
+    "nnx_modules",
+    "shapes",
+    "sharding",
+    "validation",
+)
+
+
 def __getattr__(name):
-    # Heavier layers load on first use: ja.interop, ja.sharding, ja.kv_cache, ja.nnx_modules, ...
     import importlib
 
-    if name in {
-        "interop",
-        "sharding",
-        "kv_cache",
-        "nnx_modules",
-        "kernels",
-        "validation",
-        "dispatch",
-        "linen_modules",
-        "shapes",
-    }:
+    if name in _LAZY_SUBMODULES:
         return importlib.import_module(f"jax_attn.{name}")
     raise AttributeError(f"module 'jax_attn' has no attribute {name!r}")
+
+
+def __dir__():
+    # what dir(), help() and IDEs list: the module's globals and the lazy layers, loaded or not
+    return sorted({*globals(), *_LAZY_SUBMODULES})

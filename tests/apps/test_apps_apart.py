@@ -87,3 +87,24 @@ def test_a_command_without_its_extra_exits_2_naming_it(monkeypatch, capsys):
     monkeypatch.delitem(sys.modules, "jax_attn.apps.train", raising=False)
     assert cli.main(["train", "--help"]) == 2
     assert "jax-attn train: this command needs optax" in capsys.readouterr().err
+
+
+def test_dir_lists_the_lazy_layers_before_they_load():
+    # a fresh interpreter: in this one some other test may have loaded the layers already
+    code = (
+        "import json, sys, jax_attn; "
+        "print(json.dumps([dir(jax_attn), jax_attn.__all__, sorted(sys.modules)]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    listed, exported, loaded = json.loads(out.splitlines()[-1])
+    lazy = {"interop", "sharding", "kv_cache", "nnx_modules", "kernels", "dispatch"}
+    assert lazy <= set(listed)
+    assert not {f"jax_attn.{name}" for name in ("interop", "sharding", "nnx_modules")} & set(loaded)
+    assert set(exported) <= set(listed)
+    assert listed == sorted(listed) and "__version__" in listed
+
+    import jax_attn
+
+    assert [name for name in listed if not hasattr(jax_attn, name)] == []
