@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_attn.kernels import ring
-from jax_attn.kernels.ring import default_block_size
+from jax_attn.kernels.ring import default_block_size, ring_axes
 from jax_attn.validation import check_attention_args
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "batch_sharding",
     "shard_batch",
     "ring_attention",
+    "ring_axes",
     "default_block_size",
 ]
 

@@ -9,6 +9,20 @@ them into its queries' partial results with the online softmax of
 same work and blocks entirely in the future are skipped. Gradients come from a custom
 VJP that runs a second ring pass (the online softmax's block backward), passing dK/dV
 round with the blocks; no device ever holds anything of size ``T`` or ``T x S``.
+
+``implementation="ring"`` (the dispatcher's entry, :func:`ring_kernel`) takes the mesh
+set with ``jax.set_mesh(mesh)`` and runs over its ``"seq"`` axis, the batch over
+``"data"`` and the heads over ``"model"`` where the mesh has them. :func:`ring_axes`
+(re-exported as ``jax_attn.sharding.ring_axes``) names other axes::
+
+    mesh = jax.make_mesh((2, 4), ("batch", "sequence"))
+    with jax.set_mesh(mesh), ring_axes(seq="sequence", batch="batch"):
+        out = jax.jit(f)(q, k, v)  # f calls dot_product_attention(..., implementation="ring")
+
+It is read when the attention is **traced**, like the mesh, so it must wrap the ``jax.jit``
+trace (the call, ``.lower``, or the module ``apply`` inside the jitted function). Like
+``jax.set_mesh`` it is part of ``jax.jit``'s cache key (a ``jax.make_user_context``):
+calling a jitted function under other axes traces it again.
 """
 
 from __future__ import annotations
@@ -41,17 +55,113 @@ __all__ = [
     "DEFAULT_MAX_BLOCK_SIZE",
     "IMPLEMENTATION",
     "RING_AXIS",
+    "RingAxes",
+    "current_ring_axes",
     "default_block_size",
     "ring_attention_core",
+    "ring_axes",
     "ring_kernel",
 ]
 
-# The mesh axis the "ring" implementation runs over; "data" and "model" (when the mesh
-# has them and they divide the batch and the heads) split the batch and the heads.
+# The default mesh axes of the "ring" implementation: the sequence over "seq"; "data" and
+# "model" (when the mesh has them and they divide the batch and the heads) split the batch
+# and the heads. ring_axes(...) names others.
 RING_AXIS = "seq"
 BATCH_AXIS = "data"
 HEAD_AXIS = "model"
 DEFAULT_MAX_BLOCK_SIZE = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class RingAxes:
+    """The mesh axes ``implementation="ring"`` uses: ``seq`` splits the sequence (the
+    ring); ``batch`` and ``heads`` split the batch and the heads when the mesh has them and
+    they divide ``B`` and ``K`` (``None``: never split)."""
+
+    seq: str = RING_AXIS
+    batch: str | None = BATCH_AXIS
+    heads: str | None = HEAD_AXIS
+
+
+# A jax.make_user_context: a thread-local, nestable setting that is part of jax.jit's
+# cache key, so a function traced under one ring_axes is traced again under another
+# (a plain contextvars.ContextVar would silently reuse the first trace).
+_RING_AXES = jax.make_user_context(RingAxes())
+_UNSET = object()
+_HOW_TO_CONFIGURE = "name another with jax_attn.sharding.ring_axes(seq=...)"
+
+
+def current_ring_axes() -> RingAxes:
+    """The :class:`RingAxes` in effect here (the innermost :func:`ring_axes`)."""
+    return _RING_AXES.value
+
+
+def _check_axis_name(argument: str, value, optional: bool):
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value:
+        allowed = "a non-empty str or None" if optional else "a non-empty str"
+        raise TypeError(
+            f"ring_axes: {argument} must be {allowed} (a mesh axis name), got {value!r}"
+        )
+    return value
+
+
+class ring_axes:  # noqa: N801 - used like a function, as jax.set_mesh and nn.logical_axis_rules
+    """Context manager: the mesh axes ``dot_product_attention(..., implementation="ring")``
+    (and so ``MultiHeadAttention(implementation="ring")``) runs over.
+
+    ``seq`` names the axis the sequence is split over (the ring, default ``"seq"``);
+    ``batch`` (default ``"data"``) and ``heads`` (default ``"model"``) the axes the batch
+    and the heads go over when the mesh has them and they divide ``B`` and ``K``; ``None``
+    never splits them. An argument left out keeps the enclosing setting, so contexts nest;
+    the previous setting comes back on exit. The names are checked here, before anything
+    is traced; the mesh itself still comes from ``jax.set_mesh``::
+
+        mesh = jax.make_mesh((2, 4), ("batch", "sequence"))
+        with jax.set_mesh(mesh), ring_axes(seq="sequence", batch="batch"):
+            out = jax.jit(f)(q, k, v)
+
+    It is read when the attention is traced, so it must wrap the ``jax.jit`` call (or the
+    module call inside the jitted function); it is part of ``jax.jit``'s cache key, so
+    calling a jitted function under other axes traces it again. The setting is
+    thread-local, as ``jax.set_mesh``'s is.
+    """
+
+    def __init__(self, seq=_UNSET, batch=_UNSET, heads=_UNSET):
+        given = {
+            name: _check_axis_name(name, value, optional=name != "seq")
+            for name, value in (("seq", seq), ("batch", batch), ("heads", heads))
+            if value is not _UNSET
+        }
+        self._given = given
+        self._entered: list = []
+
+    def _axes(self) -> RingAxes:
+        axes = dataclasses.replace(current_ring_axes(), **self._given)
+        names = [("seq", axes.seq), ("batch", axes.batch), ("heads", axes.heads)]
+        for i, (first, a) in enumerate(names):
+            for second, b in names[i + 1 :]:
+                if a is not None and a == b:
+                    raise ValueError(
+                        f"ring_axes: {first} and {second} must name different mesh axes, "
+                        f"both are {a!r}"
+                    )
+        return axes
+
+    def __enter__(self) -> RingAxes:
+        axes = self._axes()
+        context = _RING_AXES(axes)
+        context.__enter__()
+        self._entered.append(context)
+        return axes
+
+    def __exit__(self, *exc_info) -> None:
+        self._entered.pop().__exit__(*exc_info)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self._given.items())
+        return f"ring_axes({args})"
 
 
 def default_block_size(keys: int, largest: int = DEFAULT_MAX_BLOCK_SIZE) -> int:
@@ -443,15 +553,19 @@ def _splits(call: AttentionCall, devices: int) -> int:
     return 2 * devices if call.is_causal and devices > 1 else devices
 
 
-def ring_unsupported(call: AttentionCall, mesh, axis_name: str) -> str | None:
-    """Why ring attention over ``mesh``'s axis ``axis_name`` cannot serve ``call``."""
+def ring_unsupported(call: AttentionCall, mesh, axis_name: str, hint: str = "") -> str | None:
+    """Why ring attention over ``mesh``'s axis ``axis_name`` cannot serve ``call``
+    (``hint`` ends the reasons about a missing mesh or axis)."""
+    hint = f" ({hint})" if hint else ""
     if mesh is None or mesh.empty:
-        return f"needs a mesh with a {axis_name!r} axis set with jax.set_mesh(mesh); none is set"
+        return (
+            f"needs a mesh with a {axis_name!r} axis set with jax.set_mesh(mesh); none is set{hint}"
+        )
     sizes = _axis_sizes(mesh)
     if axis_name not in sizes:
         return (
             f"needs a {axis_name!r} axis in the mesh set with jax.set_mesh, "
-            f"got axes {list(mesh.axis_names)}"
+            f"got axes {list(mesh.axis_names)}{hint}"
         )
     declined = [
         name
@@ -555,14 +669,16 @@ def ring_kernel(
     call: AttentionCall,
     query_seq_lengths=None,
     key_value_seq_lengths=None,
-    axis_name: str = RING_AXIS,
     **unused,
 ):
-    """The registry's ``"ring"`` entry: ring attention over the ``axis_name`` axis of the
-    mesh set with ``jax.set_mesh``; the batch goes over ``"data"`` and the heads over
-    ``"model"`` when the mesh has those axes and they divide ``B`` and ``K``."""
+    """The registry's ``"ring"`` entry: ring attention over the mesh set with
+    ``jax.set_mesh``, on the axes of :func:`current_ring_axes` (read now, at trace time):
+    the sequence over ``seq`` (default ``"seq"``), the batch over ``batch`` (``"data"``)
+    and the heads over ``heads`` (``"model"``) when the mesh has those axes and they divide
+    ``B`` and ``K``. :func:`ring_axes` names other axes."""
+    axes = current_ring_axes()
     mesh = jax.sharding.get_abstract_mesh()
-    reason = ring_unsupported(call, mesh, axis_name)
+    reason = _dispatch_unsupported(call, mesh, axes)
     if reason is not None:
         raise ValueError(f"implementation='ring' cannot serve this call: {reason}")
     out = ring_attention_core(
@@ -571,10 +687,10 @@ def ring_kernel(
         v,
         call=call,
         mesh=mesh,
-        axis_name=axis_name,
+        axis_name=axes.seq,
         kv_lengths=key_value_seq_lengths,
-        batch_axis_name=_optional_axis(mesh, BATCH_AXIS, call.B),
-        head_axis_name=_optional_axis(mesh, HEAD_AXIS, call.K),
+        batch_axis_name=_optional_axis(mesh, axes.batch, call.B),
+        head_axis_name=_optional_axis(mesh, axes.heads, call.K),
     )
     if query_seq_lengths is not None:
         # [B, T]
@@ -586,12 +702,20 @@ def ring_kernel(
     return out
 
 
+def _dispatch_unsupported(call: AttentionCall, mesh, axes: RingAxes) -> str | None:
+    """ring_unsupported on the configured ring axis, saying how to configure it."""
+    default = ", the default" if axes.seq == RING_AXIS else ""
+    hint = f"ring axis {axes.seq!r}{default}; {_HOW_TO_CONFIGURE}"
+    return ring_unsupported(call, mesh, axes.seq, hint=hint)
+
+
 IMPLEMENTATION = Implementation(
     name="ring",
     fn=ring_kernel,
-    unsupported=lambda call, platform: ring_unsupported(
-        call, jax.sharding.get_abstract_mesh(), RING_AXIS
+    unsupported=lambda call, platform: _dispatch_unsupported(
+        call, jax.sharding.get_abstract_mesh(), current_ring_axes()
     ),
-    description="sequence-parallel over the 'seq' axis of the jax.set_mesh mesh "
-    "(shard_map + collective-permute), online softmax, O(T / devices) memory per device",
+    description="sequence-parallel over the 'seq' axis (ring_axes(seq=...) names another) of "
+    "the jax.set_mesh mesh (shard_map + collective-permute), online softmax, "
+    "O(T / devices) memory per device",
 )
