@@ -269,3 +269,119 @@ def test_ring_implementation_says_what_it_declines(kwargs, match):
             ja.dispatch.select_implementation(check_attention_args(q, q, q, is_causal=True))
             != "ring"
         )
+
+
+# --- ring_axes: other mesh axis names for implementation="ring" ---------------------------
+
+BATCH_SEQUENCE = (("batch", "sequence"), {"batch": "batch", "seq": "sequence"})
+
+
+@pytest.mark.parametrize(
+    "axis_types",
+    [
+        None,  # jax.make_mesh's default: Explicit
+        pytest.param((jax.sharding.AxisType.Auto,) * 2, marks=pytest.mark.slow),
+    ],
+)
+def test_ring_axes_names_the_mesh_axes_of_implementation_ring(axis_types):
+    """A ("batch", "sequence") mesh: forward and gradient equal one device, causal, and the
+    compiled program passes K/V with collective-permute. One compile."""
+    names, axes = BATCH_SEQUENCE
+    kwargs = {} if axis_types is None else {"axis_types": axis_types}
+    mesh = jax.make_mesh((2, 4), names, **kwargs)
+    q, k, v, _ = random_qkv(B=2, T=16, N=4, K=2, H=8, seed=11)
+    (loss, out), grads = ring_loss("reference", is_causal=True)(q, k, v)
+    with jax.set_mesh(mesh), sharding.ring_axes(**axes):
+        compiled = ring_loss("ring", is_causal=True).lower(q, k, v).compile()
+        (got_loss, got_out), got_grads = compiled(q, k, v)
+    hlo = compiled.as_text()
+    assert jnp.allclose(got_loss, loss, rtol=1e-5, atol=1e-5)
+    names_out = ("out", "dq", "dk", "dv")
+    for name, got, want in zip(names_out, (got_out, *got_grads), (out, *grads), strict=True):
+        assert jnp.allclose(got, want, rtol=1e-5, atol=1e-5), (name, jnp.abs(got - want).max())
+    assert "collective-permute" in hlo
+    assert "all-gather" not in hlo
+    if axis_types is None:
+        # Explicit axes: the output's type says it is batch- and sequence-parallel.
+        assert tuple(got_out.sharding.spec)[:2] == ("batch", "sequence"), got_out.sharding
+
+
+def test_ring_axes_without_the_context_says_which_axis_and_how_to_name_it():
+    names, _ = BATCH_SEQUENCE
+    q = jnp.zeros((2, 16, 2, 4))
+    with jax.set_mesh(jax.make_mesh((2, 4), names)):
+        with pytest.raises(ValueError, match=r"'seq' axis .* got axes \['batch', 'sequence'\]"):
+            ja.dot_product_attention(q, q, q, implementation="ring")
+        with pytest.raises(ValueError, match=r"ring_axes\(seq=\.\.\.\)"):
+            ja.dot_product_attention(q, q, q, implementation="ring")
+        # The dispatcher's decline reason is the same.
+        call = check_attention_args(q, q, q)
+        assert "ring_axes(seq=...)" in ja.dispatch.unsupported_reason("ring", call, "cpu")
+        with sharding.ring_axes(seq="seq"):  # named, but not in the mesh
+            with pytest.raises(ValueError, match=r"'seq' axis .*ring_axes\(seq=\.\.\.\)"):
+                ja.dot_product_attention(q, q, q, implementation="ring")
+    # No mesh: the configured axis is named.
+    with sharding.ring_axes(seq="sequence"):
+        with pytest.raises(ValueError, match=r"'sequence' axis set with jax.set_mesh.*ring_axes"):
+            ja.dot_product_attention(q, q, q, implementation="ring")
+
+
+def test_ring_axes_is_part_of_the_jit_cache_key():
+    """Read at trace time, and a jitted function traced under one setting is traced again
+    under another (lowering only, no compile)."""
+    names, axes = BATCH_SEQUENCE
+    q = jnp.zeros((2, 16, 2, 4))
+    f = jax.jit(lambda q: ja.dot_product_attention(q, q, q, implementation="ring"))
+    with jax.set_mesh(jax.make_mesh((2, 4), names)):
+        with sharding.ring_axes(**axes):
+            f.lower(q)
+        with pytest.raises(ValueError, match="'seq' axis"):
+            f.lower(q)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"seq": None}, TypeError, "seq must be a non-empty str"),
+        ({"seq": 3}, TypeError, "seq must be a non-empty str"),
+        ({"seq": ""}, TypeError, "seq must be a non-empty str"),
+        ({"batch": 0}, TypeError, "batch must be a non-empty str or None"),
+        ({"heads": ("model",)}, TypeError, "heads must be a non-empty str or None"),
+    ],
+)
+def test_ring_axes_rejects_bad_names_before_tracing(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        sharding.ring_axes(**kwargs)
+
+
+def test_ring_axes_nest_and_restore():
+    from jax_attn.kernels.ring import RingAxes, current_ring_axes
+
+    assert current_ring_axes() == RingAxes("seq", "data", "model")
+    with sharding.ring_axes(seq="sequence", batch="batch") as outer:
+        assert outer == current_ring_axes() == RingAxes("sequence", "batch", "model")
+        with sharding.ring_axes(heads=None):  # the others kept
+            assert current_ring_axes() == RingAxes("sequence", "batch", None)
+        assert current_ring_axes() == outer
+        with pytest.raises(ValueError, match="seq and batch must name different mesh axes"):
+            with sharding.ring_axes(batch="sequence"):
+                pass
+        with pytest.raises(RuntimeError), sharding.ring_axes(seq="x"):
+            raise RuntimeError
+        assert current_ring_axes() == outer
+    assert current_ring_axes() == RingAxes()
+
+
+@pytest.mark.slow
+def test_multi_head_attention_ring_under_ring_axes_equals_one_device():
+    """MultiHeadAttention(implementation="ring") goes through dispatch, so ring_axes covers
+    it when the module is applied inside the jitted function."""
+    names, axes = BATCH_SEQUENCE
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 16, 8)), jnp.float32)
+    module = ja.MultiHeadAttention(8, 16, 16, 0.0, 4)
+    ring_module = ja.MultiHeadAttention(8, 16, 16, 0.0, 4, implementation="ring")
+    params = module.init(jax.random.key(0), x)
+    want = jax.jit(module.apply)(params, x)
+    with jax.set_mesh(jax.make_mesh((2, 4), names)), sharding.ring_axes(**axes):
+        got = jax.jit(ring_module.apply)(params, x)
+    assert jnp.allclose(got, want, rtol=1e-5, atol=1e-5), jnp.abs(got - want).max()
