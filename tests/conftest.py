@@ -14,7 +14,8 @@
 - Hypothesis profiles: ``default`` searches (random examples within a time budget),
   ``thorough`` searches longer (``HYPOTHESIS_PROFILE=thorough``); the slow property test
   sets its own example count.
-- Fixtures: ``make_qkv`` (random q, k, v drawn with numpy: no per-shape PRNG compile) and
+- Fixtures: ``make_qkv`` (random q, k, v drawn with numpy: no per-shape PRNG compile;
+  ``make_qkv_numpy`` keeps them numpy arrays) and
   ``attention_float64`` (attention written in numpy float64, independent of the library's
   reference).
 """
@@ -73,6 +74,19 @@ def pytest_configure(config):
     jax.config.update("jax_disable_most_optimizations", True)
 
 
+def make_qkv_numpy(B=2, T=3, S=4, N=2, K=1, H=4, dtype="float32", seed=0, scale=1.0, H_v=None):
+    """:func:`make_qkv`'s q, k, v as numpy arrays of ``dtype`` (slicing them compiles
+    nothing): drawn in float32, then cast to ``dtype``."""
+    rng = np.random.default_rng(seed)
+    lead = () if B is None else (B,)
+    shapes = [(*lead, T, N, H), (*lead, S, K, H), (*lead, S, K, H if H_v is None else H_v)]
+    scales = [scale, scale, 1.0]
+    return tuple(
+        (s * rng.standard_normal(shape)).astype(np.float32).astype(dtype)
+        for shape, s in zip(shapes, scales, strict=True)
+    )
+
+
 def make_qkv(B=2, T=3, S=4, N=2, K=1, H=4, dtype="float32", seed=0, scale=1.0, H_v=None):
     """q ``[B, T, N, H]``, k ``[B, S, K, H]``, v ``[B, S, K, H_v]`` as jax arrays of ``dtype``.
 
@@ -81,14 +95,8 @@ def make_qkv(B=2, T=3, S=4, N=2, K=1, H=4, dtype="float32", seed=0, scale=1.0, H
     """
     import jax.numpy as jnp
 
-    rng = np.random.default_rng(seed)
-    lead = () if B is None else (B,)
-    shapes = [(*lead, T, N, H), (*lead, S, K, H), (*lead, S, K, H if H_v is None else H_v)]
-    scales = [scale, scale, 1.0]
-    return tuple(
-        jnp.asarray((s * rng.standard_normal(shape)).astype(np.float32)).astype(dtype)
-        for shape, s in zip(shapes, scales, strict=True)
-    )
+    wide = make_qkv_numpy(B, T, S, N, K, H, "float32", seed, scale, H_v)
+    return tuple(jnp.asarray(x).astype(dtype) for x in wide)
 
 
 def attention_float64(

@@ -7,20 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import make_qkv_numpy
 from jax import lax
 
 from jax_attn import kv_cache, reference
 
 B, S_MAX, N, H = 2, 8, 4, 8
-
-
-def _qkv(T, K, seed=0, dtype=np.float32):
-    """numpy q, k, v (slicing them compiles nothing)."""
-    rng = np.random.default_rng(seed)
-    return tuple(
-        rng.standard_normal(shape).astype(dtype)
-        for shape in ((B, T, N, H), (B, T, K, H), (B, T, K, H))
-    )
 
 
 # The user's jitted decode step, shared by the tests so each shape compiles once.
@@ -49,7 +41,7 @@ def _decode_in_chunks(q, k, v, chunks, step=decode_step):
     ],
 )
 def test_decode_in_chunks_equals_full_causal_pass(K, chunks):
-    q, k, v = _qkv(S_MAX, K)
+    q, k, v = make_qkv_numpy(B, S_MAX, S_MAX, N, K, H)
     out, cache = _decode_in_chunks(q, k, v, chunks)
     expected = full_causal_pass(q, k, v)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
@@ -58,7 +50,7 @@ def test_decode_in_chunks_equals_full_causal_pass(K, chunks):
 
 
 def test_eager_decode_equals_full_pass():
-    q, k, v = _qkv(S_MAX, 1)
+    q, k, v = make_qkv_numpy(B, S_MAX, S_MAX, N, 1, H)
     out, _ = _decode_in_chunks(q, k, v, (4, 4), step=kv_cache.decode_attention)
     expected = full_causal_pass(q, k, v)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
@@ -78,7 +70,7 @@ def _generate(cache, q, k, v):
 
 
 def test_scan_equals_full_pass_and_overflow_never_overwrites():
-    q, k, v = _qkv(S_MAX + 2, 2)
+    q, k, v = make_qkv_numpy(B, S_MAX + 2, S_MAX + 2, N, 2, H)
     out, cache = _generate(kv_cache.init_cache(B, S_MAX, 2, H), q, k, v)
     fits = slice(None, S_MAX)
     expected = full_causal_pass(q[:, fits], k[:, fits], v[:, fits])
@@ -91,8 +83,8 @@ def test_scan_equals_full_pass_and_overflow_never_overwrites():
 
 
 def test_overflow_under_jit_touches_only_that_sequence():
-    q, k, v = _qkv(1, 2)
-    _, k_old, v_old = _qkv(S_MAX, 2, seed=1)
+    q, k, v = make_qkv_numpy(B, 1, 1, N, 2, H)
+    _, k_old, v_old = make_qkv_numpy(B, S_MAX, S_MAX, N, 2, H, seed=1)
     cache = kv_cache.KVCache(k_old, v_old, jnp.array([S_MAX - 1, S_MAX], jnp.int32))
     out, new = decode_step(cache, q, k, v)
     # Sequence 1 is full: NaN, nothing written.
@@ -109,7 +101,7 @@ def test_overflow_under_jit_touches_only_that_sequence():
 
 
 def test_traced_bad_lengths_give_nan_and_keep_the_cache():
-    q, k, v = _qkv(3, 2)
+    q, k, v = make_qkv_numpy(B, 3, 3, N, 2, H)
     cache = kv_cache.init_cache(B, S_MAX, 2, H)
     out, new = decode_step(cache, q, k, v, lengths=jnp.array([2, 4]))
     assert np.isfinite(out[0]).all() and np.isnan(out[1]).all()
@@ -118,7 +110,7 @@ def test_traced_bad_lengths_give_nan_and_keep_the_cache():
 
 
 def test_checked_turns_overflow_into_an_error():
-    q, k, v = _qkv(3, 2)
+    q, k, v = make_qkv_numpy(B, 3, 3, N, 2, H)
     full = kv_cache.init_cache(B, S_MAX, 2, H)._replace(index=jnp.array([5, 7], jnp.int32))
     with pytest.raises(ValueError, match="writing 3 new tokens at index 7"):
         kv_cache.checked(kv_cache.decode_attention)(full, q, k, v)
@@ -126,7 +118,7 @@ def test_checked_turns_overflow_into_an_error():
 
 @pytest.mark.slow
 def test_checked_scan_and_lengths():
-    q, k, v = _qkv(3, 2)
+    q, k, v = make_qkv_numpy(B, 3, 3, N, 2, H)
     full = kv_cache.init_cache(B, S_MAX, 2, H)._replace(index=jnp.array([5, 7], jnp.int32))
     with pytest.raises(ValueError, match="KV cache overflow"):
         kv_cache.checked(_generate)(full, q, k, v)
@@ -137,17 +129,18 @@ def test_checked_scan_and_lengths():
 
 
 def test_overflow_raises_eagerly_with_sizes():
-    q, k, v = _qkv(3, 2)
+    q, k, v = make_qkv_numpy(B, 3, 3, N, 2, H)
     cache = kv_cache.init_cache(B, S_MAX, 2, H)._replace(index=jnp.array([6, 4], jnp.int32))
     with pytest.raises(ValueError, match="writing 3 new tokens at index 6 needs 9 slots.*=8"):
         kv_cache.decode_attention(cache, q, k, v)
+    _, k, v = make_qkv_numpy(B, 9, 9, N, 2, H)
     with pytest.raises(ValueError, match="do not fit in context_length=8"):
-        kv_cache.update_cache(kv_cache.init_cache(B, 8, 2, H), *_qkv(9, 2)[1:])
+        kv_cache.update_cache(kv_cache.init_cache(B, 8, 2, H), k, v)
 
 
 def test_mixed_prompt_lengths_under_jit_match_each_sequence_alone():
     lengths = np.array([1, 3])
-    q, k, v = _qkv(S_MAX, 2)
+    q, k, v = make_qkv_numpy(B, S_MAX, S_MAX, N, 2, H)
     cache = kv_cache.init_cache(B, S_MAX, 2, H)
     # Prompt block of 3 (sequence 0 padded after 1 token), then one token per step.
     prompt, cache = decode_step(cache, q[:, :3], k[:, :3], v[:, :3], lengths=jnp.asarray(lengths))
@@ -169,7 +162,7 @@ def test_mixed_prompt_lengths_under_jit_match_each_sequence_alone():
 
 def test_x64_float64_cache_under_jit_and_scan():
     with jax.enable_x64(True):
-        q, k, v = _qkv(4, 2, dtype=np.float64)
+        q, k, v = make_qkv_numpy(B, 4, 4, N, 2, H, dtype=np.float64)
         empty = kv_cache.init_cache(B, S_MAX, 2, H, jnp.float64)
         out, cache = _generate(empty, q, k, v)
         expected = full_causal_pass(q, k, v)

@@ -21,10 +21,6 @@ IMPLEMENTATIONS = ja.available_implementations()
 SHAPE = dict(B=2, T=5, S=7, N=4, K=2, H=8)
 
 
-def _qkv(dtype="float32", **changes):
-    return make_qkv(**{**SHAPE, **changes}, dtype=dtype)
-
-
 def _random_mask(shape, seed=3, p=0.7):
     return jnp.asarray(np.random.default_rng(seed).random(shape) < p)
 
@@ -55,7 +51,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_implementation_equals_reference(case, implementation):
-    q, k, v = _qkv()
+    q, k, v = make_qkv(**SHAPE)
     kwargs = CASES[case]
     got = _run(implementation, q, k, v, **kwargs)
     want = ja.reference.dot_product_attention(q, k, v, **kwargs)
@@ -66,7 +62,7 @@ def test_implementation_equals_reference(case, implementation):
 @pytest.mark.parametrize("case", ["plain", "causal", "mask", "bias", "window", "scale"])
 def test_reference_equals_jax_nn_where_both_define_it(case):
     # Square T == S (jax.nn aligns causal/window top-left) and no fully masked rows.
-    q, k, v = _qkv(S=5)
+    q, k, v = make_qkv(**dict(SHAPE, S=5))
     kwargs = dict(CASES[case])
     if "mask" in kwargs:
         kwargs["mask"] = kwargs["mask"][..., :5].at[..., 0].set(True)
@@ -79,7 +75,7 @@ def test_reference_equals_jax_nn_where_both_define_it(case):
 
 def test_reference_float64_matches_numpy_loops():
     with jax.enable_x64(True):
-        q, k, v = (x.astype(jnp.float64) for x in _qkv(B=1, T=3, S=4, N=2, K=1, H=3))
+        q, k, v = (x.astype(jnp.float64) for x in make_qkv(B=1, T=3, S=4, N=2, K=1, H=3))
         got = ja.reference.dot_product_attention(q, k, v, is_causal=True)
         assert got.dtype == jnp.float64
         qn, kn, vn = (np.asarray(x) for x in (q, k, v))
@@ -107,7 +103,7 @@ def test_reference_float64_matches_numpy_loops():
 )
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_fully_masked_rows_are_zero_in_every_dtype(dtype, implementation):
-    q, k, v = _qkv(dtype)
+    q, k, v = make_qkv(**SHAPE, dtype=dtype)
     mask = jnp.ones((2, 4, 5, 7), bool).at[:, :, 1].set(False)
     out = _run(implementation, q, k, v, mask=mask)
     assert out.dtype == dtype
@@ -119,7 +115,7 @@ def test_fully_masked_rows_are_zero_in_every_dtype(dtype, implementation):
 
 
 def test_weights_of_fully_masked_rows_are_zero():
-    q, k, _ = _qkv()
+    q, k, _ = make_qkv(**SHAPE)
     mask = jnp.ones((2, 4, 5, 7), bool).at[:, :, 1].set(False)
     weights = ja.dot_product_attention_weights(q, k, mask=mask)
     assert (weights[:, :, 1] == 0).all()
@@ -131,7 +127,7 @@ def test_weights_of_fully_masked_rows_are_zero():
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_low_precision_close_to_float64(dtype, implementation):
     """Within a small multiple of the reference's own error in that dtype."""
-    q, k, v = _qkv(dtype)
+    q, k, v = make_qkv(**SHAPE, dtype=dtype)
     got = np.asarray(_run(implementation, q, k, v, is_causal=True), np.float64)
     want = attention_float64(q, k, v, is_causal=True)
     np.testing.assert_allclose(got, want, atol=allowed_error(q, k, v, want, is_causal=True), rtol=0)
@@ -139,7 +135,7 @@ def test_low_precision_close_to_float64(dtype, implementation):
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_minus_inf_bias_masks_like_mask(implementation):
-    q, k, v = _qkv()
+    q, k, v = make_qkv(**SHAPE)
     mask = _random_mask((2, 4, 5, 7)).at[:, :, 0].set(False)
     bias = jnp.where(mask, 0.0, -jnp.inf)
     by_bias = _run(implementation, q, k, v, bias=bias)
@@ -149,7 +145,7 @@ def test_minus_inf_bias_masks_like_mask(implementation):
 
 
 def test_gqa_equals_repeated_heads():
-    q, k, v = _qkv()  # N=4, K=2: G=2, the file's one shape (its compiles are reused)
+    q, k, v = make_qkv(**SHAPE)  # N=4, K=2: G=2, the file's one shape (its compiles are reused)
     got = ja.dot_product_attention(q, k, v, is_causal=True)
     # query head n uses key/value head n // G
     k_full, v_full = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
@@ -158,7 +154,7 @@ def test_gqa_equals_repeated_heads():
 
 
 def test_unbatched_equals_batched():
-    q, k, v = _qkv()
+    q, k, v = make_qkv(**SHAPE)
     batched = ja.dot_product_attention(q, k, v, is_causal=True)
     for b in range(2):
         single = ja.dot_product_attention(q[b], k[b], v[b], is_causal=True)
@@ -166,7 +162,7 @@ def test_unbatched_equals_batched():
 
 
 def test_weights_rows_sum_to_one_and_match_output():
-    q, k, v = _qkv(N=2, K=2)
+    q, k, v = make_qkv(**dict(SHAPE, N=2, K=2))
     weights = ja.dot_product_attention_weights(q, k, is_causal=True)
     assert weights.shape == (2, 2, 5, 7)
     np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-6)
@@ -178,7 +174,7 @@ def test_weights_rows_sum_to_one_and_match_output():
 
 
 def test_vmap_of_single_sequence_equals_batched_call():
-    q, k, v = _qkv()
+    q, k, v = make_qkv(**SHAPE)
 
     def one(q1, k1, v1):
         return ja.dot_product_attention(q1, k1, v1, is_causal=True)
@@ -194,7 +190,7 @@ class JitAndEagerTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     @parameterized.parameters(*IMPLEMENTATIONS)
     def test_equals_reference(self, implementation):
-        q, k, v = _qkv()
+        q, k, v = make_qkv(**SHAPE)
         kwargs = dict(is_causal=True, key_value_seq_lengths=jnp.array([7, 3]))
         want = ja.reference.dot_product_attention(q, k, v, **kwargs)
         _run(implementation, q, k, v, **kwargs)  # skips an implementation that cannot serve it
@@ -209,7 +205,7 @@ class JitAndEagerTest(chex.TestCase):
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_no_future_leakage(implementation):
     """d out[:, t] / d x[:, t'] is exactly zero for t' > t, and not all zero for t' <= t."""
-    x = _qkv(S=5, N=4, K=4)[0]
+    x = make_qkv(**dict(SHAPE, S=5, N=4, K=4))[0]
     _run(implementation, x, x[:, :, :2], x[:, :, :2], is_causal=True)
 
     def attend(x):
@@ -234,7 +230,7 @@ def test_no_future_leakage(implementation):
 
 
 def test_dropout_same_key_same_output_and_mean_preserved():
-    q, k, v = _qkv()
+    q, k, v = make_qkv(**SHAPE)
     key = jax.random.key(11)
     n, p = 200, 0.4
 
@@ -264,7 +260,7 @@ def test_dropout_same_key_same_output_and_mean_preserved():
 
 
 def test_dispatch_without_dropout_support_falls_back():
-    q, k, v = _qkv()
+    q, k, v = make_qkv(**SHAPE)
     key = jax.random.key(1)
     got = ja.dot_product_attention(q, k, v, dropout_rate=0.2, dropout_rng=key)
     want = ja.reference.dot_product_attention(q, k, v, dropout_rate=0.2, dropout_rng=key)
@@ -278,7 +274,7 @@ def test_available_implementations_lists_registered_ones():
     assert {"reference", "xla"} <= set(names)
 
 
-q0, k0, v0 = _qkv()
+q0, k0, v0 = make_qkv(**SHAPE)
 BAD_CALLS = {
     "query rank": (lambda: ja.dot_product_attention(q0[0, 0], k0, v0), ValueError, "query"),
     "key rank": (lambda: ja.dot_product_attention(q0, k0[0], v0), ValueError, "key"),

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import make_qkv
 
 import jax_attn as ja
 from jax_attn import dispatch
@@ -17,20 +18,13 @@ from jax_attn.validation import check_attention_args
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 PALLAS = ["pallas_gpu", "pallas_tpu"]
 NATIVE = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}
+# make_qkv's shape for the tests below, unless they say otherwise
+SHAPE = dict(B=1, T=256, S=256, N=4, K=2, H=32)
 
 
 @pytest.fixture
 def interpret(monkeypatch):
     monkeypatch.setenv(pallas_gpu.INTERPRET_ENV, "1")
-
-
-def _qkv(B=1, T=256, S=256, N=4, K=2, H=32, dtype=jnp.float32, seed=0):
-    rng = np.random.default_rng(seed)
-    q = jnp.asarray(rng.standard_normal((B, T, N, H)), dtype)
-    k = jnp.asarray(rng.standard_normal((B, S, K, H)), dtype)
-    v = jnp.asarray(rng.standard_normal((B, S, K, H)), dtype)
-    cotangent = jnp.asarray(rng.standard_normal((B, T, N, H)), dtype)
-    return q, k, v, cotangent
 
 
 @functools.partial(jax.jit, static_argnames=("attention", "options"))
@@ -42,9 +36,12 @@ def _forward_and_grads(q, k, v, cotangent, lengths, *, attention, options):
     return out, vjp(cotangent)
 
 
-def _assert_matches_reference(implementation, q, k, v, cotangent, lengths=None, **options):
+def _assert_matches_reference(implementation, q, k, v, lengths=None, **options):
+    """Output and gradients (the VJP of a random cotangent) against the reference's."""
     if implementation == "pallas_gpu" and q.dtype == jnp.float32 and jax.default_backend() == "gpu":
         pytest.skip("float32: the compiled Triton kernel uses TF32 (compared in interpret mode)")
+    out_shape = (*q.shape[:-1], v.shape[-1])
+    cotangent = jnp.asarray(np.random.default_rng(1).standard_normal(out_shape), q.dtype)
     options = tuple(sorted(options.items()))
     lengths = lengths or {}
     got = _forward_and_grads(
@@ -79,7 +76,7 @@ def test_not_available_without_interpret_variable(implementation, monkeypatch):
     if platform == NATIVE[implementation]:
         pytest.skip(f"{implementation} is native on {platform}")
     assert implementation not in ja.available_implementations()
-    q, k, v, _ = _qkv(T=16, S=16, H=16)
+    q, k, v = make_qkv(**dict(SHAPE, T=16, S=16, H=16))
     with pytest.raises(ValueError, match=f"implementation='{implementation}' cannot serve"):
         ja.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
 
@@ -87,12 +84,12 @@ def test_not_available_without_interpret_variable(implementation, monkeypatch):
 @pytest.mark.parametrize("implementation", PALLAS)
 def test_interpret_variable_makes_them_available_but_never_default(implementation, interpret):
     assert implementation in ja.available_implementations()
-    call = check_attention_args(*_qkv(T=64, S=64)[:3], is_causal=True)
+    call = check_attention_args(*make_qkv(**dict(SHAPE, T=64, S=64)), is_causal=True)
     assert dispatch.select_implementation(call, "cpu") == "chunked"
 
 
 def test_preferred_on_their_platform():
-    call = check_attention_args(*_qkv(T=64, S=64)[:3], is_causal=True)
+    call = check_attention_args(*make_qkv(**dict(SHAPE, T=64, S=64)), is_causal=True)
     assert dispatch.preference_order(call, "gpu")[:2] == ["cudnn", "pallas_gpu"]
     assert dispatch.preference_order(call, "tpu")[0] == "pallas_tpu"
 
@@ -102,56 +99,56 @@ def test_preferred_on_their_platform():
 
 @pytest.mark.parametrize("implementation", PALLAS)
 def test_causal_gqa(implementation, interpret):
-    _assert_matches_reference(implementation, *_qkv(), is_causal=True)
+    _assert_matches_reference(implementation, *make_qkv(**SHAPE), is_causal=True)
 
 
 def test_gpu_padding_query_lengths_mqa_scale(interpret):
     # T = 100 pads to 128: non-causal padding is a segment of its own; H 8 pads to 16.
-    q, k, v, cotangent = _qkv(B=2, T=100, S=100, K=1, H=8)
+    q, k, v = make_qkv(**dict(SHAPE, B=2, T=100, S=100, K=1, H=8))
     lengths = {"query_seq_lengths": jnp.array([100, 37], jnp.int32)}
-    _assert_matches_reference("pallas_gpu", q, k, v, cotangent, lengths, scale=0.3)
+    _assert_matches_reference("pallas_gpu", q, k, v, lengths, scale=0.3)
 
 
 @pytest.mark.slow
 def test_gpu_bfloat16_causal_padding(interpret):
-    q, k, v, cotangent = _qkv(T=200, S=200, N=2, K=2, dtype=jnp.bfloat16)
-    _assert_matches_reference("pallas_gpu", q, k, v, cotangent, is_causal=True)
+    q, k, v = make_qkv(**dict(SHAPE, T=200, S=200, N=2, K=2, dtype=jnp.bfloat16))
+    _assert_matches_reference("pallas_gpu", q, k, v, is_causal=True)
 
 
 def test_tpu_causal_window(interpret):
-    q, k, v, cotangent = _qkv(N=2, K=1)
-    _assert_matches_reference(
-        "pallas_tpu", q, k, v, cotangent, is_causal=True, local_window_size=(40, 0)
-    )
+    q, k, v = make_qkv(**dict(SHAPE, N=2, K=1))
+    _assert_matches_reference("pallas_tpu", q, k, v, is_causal=True, local_window_size=(40, 0))
 
 
 def test_tpu_key_and_query_lengths_bottom_right_causal(interpret):
     # T < S (bottom-right causal), both padded to 128 multiples, a zero key length.
-    q, k, v, cotangent = _qkv(B=2, T=100, S=200, N=2, K=2)
+    q, k, v = make_qkv(**dict(SHAPE, B=2, T=100, S=200, N=2, K=2))
     lengths = {
         "query_seq_lengths": jnp.array([100, 60], jnp.int32),
         "key_value_seq_lengths": jnp.array([150, 0], jnp.int32),
     }
-    _assert_matches_reference("pallas_tpu", q, k, v, cotangent, lengths, is_causal=True)
+    _assert_matches_reference("pallas_tpu", q, k, v, lengths, is_causal=True)
 
 
 @pytest.mark.slow
 def test_tpu_window_key_lengths_bfloat16(interpret):
-    q, k, v, cotangent = _qkv(B=2, T=128, S=128, N=2, K=1, dtype=jnp.bfloat16)
+    q, k, v = make_qkv(**dict(SHAPE, B=2, T=128, S=128, N=2, K=1, dtype=jnp.bfloat16))
     lengths = {"key_value_seq_lengths": jnp.array([128, 70], jnp.int32)}
-    _assert_matches_reference("pallas_tpu", q, k, v, cotangent, lengths, local_window_size=(20, 10))
+    _assert_matches_reference("pallas_tpu", q, k, v, lengths, local_window_size=(20, 10))
 
 
 @pytest.mark.slow
 def test_tpu_empty_rows_causal_t_greater_than_s(interpret):
     # T > S, causal: the first T - S queries have no key (zero output, zero gradient).
-    _assert_matches_reference("pallas_tpu", *_qkv(T=256, S=96, N=2, K=2), is_causal=True)
+    _assert_matches_reference(
+        "pallas_tpu", *make_qkv(**dict(SHAPE, T=256, S=96, N=2, K=2)), is_causal=True
+    )
 
 
 def test_tpu_kernel_cache_leaks_nothing_into_later_traces(interpret):
     # The splash kernel is cached per shape: a second trace (here the gradient, compiled
     # ahead of time as jax-attn bench does) must not capture the first one's arrays.
-    q, k, v, _ = _qkv(T=128, S=128, N=2, K=1, H=16)
+    q, k, v = make_qkv(**dict(SHAPE, T=128, S=128, N=2, K=1, H=16))
 
     def f(q, k, v):
         return ja.dot_product_attention(q, k, v, is_causal=True, implementation="pallas_tpu")
@@ -165,7 +162,7 @@ def test_tpu_kernel_cache_leaks_nothing_into_later_traces(interpret):
 
 
 def _reason(implementation, T=64, S=64, K=2, H=32, dtype=jnp.float32, **kwargs):
-    q, k, v, _ = _qkv(T=T, S=S, K=K, H=H, dtype=dtype)
+    q, k, v = make_qkv(**dict(SHAPE, T=T, S=S, K=K, H=H, dtype=dtype))
     call = check_attention_args(q, k, v, **kwargs)
     return dispatch.unsupported_reason(implementation, call, "cpu")
 
@@ -211,5 +208,5 @@ def test_gpu_float32_precision_beyond_tf32_is_noticed():
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 def test_gpu_compiled_bfloat16_causal_gqa():
-    q, k, v, cotangent = _qkv(B=2, T=384, S=384, N=4, K=2, H=64, dtype=jnp.bfloat16)
-    _assert_matches_reference("pallas_gpu", q, k, v, cotangent, is_causal=True)
+    q, k, v = make_qkv(**dict(SHAPE, B=2, T=384, S=384, N=4, K=2, H=64, dtype=jnp.bfloat16))
+    _assert_matches_reference("pallas_gpu", q, k, v, is_causal=True)
