@@ -481,17 +481,32 @@ def _chunked_core_bwd(plan, residuals, d_out):
         plan, q, k, v, mask, bias, kv_lengths, rng, fns, out, lse, d_out
     )
     # None: no cotangent for the block table or for the arrays mask_fn closes over
+    d_score_consts = tuple(_like_primal(d, c) for d, c in zip(d_score_consts, fns[2], strict=True))
     d_fns = (None, None, d_score_consts)
     return (
-        dq.astype(q.dtype),
-        dk.astype(k.dtype),
-        dv.astype(v.dtype),
+        _like_primal(dq, q),
+        _like_primal(dk, k),
+        _like_primal(dv, v),
         None,
-        None if bias is None else dbias.astype(bias.dtype),
+        None if bias is None else _like_primal(dbias, bias),
         None,
         None,
         d_fns,
     )
+
+
+def _like_primal(cotangent, primal):
+    """``cotangent`` in ``primal``'s dtype and, inside ``shard_map``, varying over the same
+    manual axes: a primal that is replicated over an axis the cotangent varies over (shared
+    keys/values, learned queries) was used by every shard, so its gradient is the sum over
+    that axis (``psum``), as ``custom_vjp`` requires of the types."""
+    cotangent = cotangent.astype(primal.dtype)
+    ct_axes, primal_axes = jax.typeof(cotangent).mat.varying, jax.typeof(primal).mat.varying
+    if extra := ct_axes - primal_axes:
+        cotangent = jax.lax.psum(cotangent, tuple(sorted(extra)))
+    if missing := primal_axes - ct_axes:
+        cotangent = jax.lax.pcast(cotangent, tuple(sorted(missing)), to="varying")
+    return cotangent
 
 
 _chunked_core.defvjp(_chunked_core_fwd, _chunked_core_bwd)

@@ -161,3 +161,117 @@ def test_ring_implementation_on_explicit_and_auto_axes(one_device, axis_type):
     with jax.set_mesh(mesh):
         got = jax.jit(ring)(*inputs)
     _assert_equal_to_one_device(got, one_device)
+
+
+# --- only some of q/k/v sharded inside shard_map: shared keys/values (q sharded, k/v
+# replicated) or learned queries (q replicated, k/v sharded). A replicated input is used by
+# every shard, so its gradient is the sum over the "data" axis.
+LATENTS = 4
+
+
+def _mixed_inputs():
+    rng = np.random.default_rng(3)
+    # x: [B, T, K, H] (batch-sharded); latents: [1, L, K, H] (replicated)
+    x = jnp.asarray(rng.standard_normal((B, T, K, H)), jnp.float32)
+    latents = jnp.asarray(rng.standard_normal((1, LATENTS, K, H)), jnp.float32)
+    return x, latents
+
+
+def _mixed_attention(shared, implementation):
+    def attention(x, latents):
+        if shared == "kv":
+            return ja.dot_product_attention(x, latents, latents, implementation=implementation)
+        return ja.dot_product_attention(latents, x, x, implementation=implementation)
+
+    return attention
+
+
+def _mixed_grads_one_device(shared):
+    def loss(x, latents):
+        # every batch row sees the same latents: [1, L, K, H] -> [B, L, K, H]
+        every_row = jnp.broadcast_to(latents, (x.shape[0], *latents.shape[1:]))
+        return jnp.sum(jnp.sin(_mixed_attention(shared, "reference")(x, every_row)))
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(*_mixed_inputs())
+
+
+def _mixed_grads_in_shard_map(mesh, shared, implementation):
+    attention = jax.shard_map(
+        _mixed_attention(shared, implementation),
+        mesh=mesh,
+        in_specs=(P("data"), P()),
+        out_specs=P("data"),
+    )
+
+    def loss(x, latents):
+        return jnp.sum(jnp.sin(attention(x, latents)))
+
+    x, latents = _mixed_inputs()
+    x = jax.device_put(x, NamedSharding(mesh, P("data")))
+    latents = jax.device_put(latents, NamedSharding(mesh, P()))
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, latents)
+
+
+@pytest.mark.parametrize(
+    "shared, implementation",
+    [
+        ("kv", None),
+        pytest.param("kv", "chunked", marks=pytest.mark.slow),
+        pytest.param("q", "chunked", marks=pytest.mark.slow),
+        pytest.param("q", None, marks=pytest.mark.slow),
+        pytest.param("kv", "xla", marks=pytest.mark.slow),
+    ],
+)
+def test_shard_map_with_some_inputs_replicated(shared, implementation):
+    """The chunked custom-VJP backward types each cotangent as its input: d(latents) is
+    psum'd over "data" (it was `Custom VJP bwd rule must produce an output with the same
+    type`), and equals one device."""
+    mesh = jax.make_mesh((8,), ("data",))
+    got = _mixed_grads_in_shard_map(mesh, shared, implementation)
+    want = _mixed_grads_one_device(shared)
+    for name, g, w in zip(("dx", "dlatents"), got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
+    assert got[1].sharding.is_fully_replicated
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shared", ["kv", "q"])
+def test_ring_inside_shard_map_with_some_inputs_replicated(shared):
+    """implementation="ring" inside a shard_map that is manual over "data" only (the ring
+    runs over "seq"): its output and gradients carry the manual-axis types of their inputs."""
+    mesh = jax.make_mesh((2, 4), ("data", "seq"))
+    rng = np.random.default_rng(4)
+    # the ring needs the latents' sequence to divide over "seq" as well: L = T
+    x = jnp.asarray(rng.standard_normal((2, T, K, H)), jnp.float32)
+    latents = jnp.asarray(rng.standard_normal((1, T, K, H)), jnp.float32)
+
+    def attention(implementation):
+        def run(x, latents):
+            if shared == "kv":
+                return ja.dot_product_attention(x, latents, latents, implementation=implementation)
+            queries = jnp.broadcast_to(latents, x.shape)
+            return ja.dot_product_attention(queries, x, x, implementation=implementation)
+
+        return run
+
+    ring = jax.shard_map(
+        attention("ring"),
+        mesh=mesh,
+        in_specs=(P("data"), P()),
+        out_specs=P("data"),
+        axis_names={"data"},
+    )
+
+    def one_device(x, latents):
+        every_row = jnp.broadcast_to(latents, (x.shape[0], *latents.shape[1:]))
+        return jnp.sum(jnp.sin(attention("reference")(x, every_row)))
+
+    with jax.set_mesh(mesh):
+        args = (
+            jax.device_put(x, NamedSharding(mesh, P("data"))),
+            jax.device_put(latents, NamedSharding(mesh, P())),
+        )
+        got = jax.jit(jax.grad(lambda x, l: jnp.sum(jnp.sin(ring(x, l))), argnums=(0, 1)))(*args)
+    want = jax.jit(jax.grad(one_device, argnums=(0, 1)))(x, latents)
+    for name, g, w in zip(("dx", "dlatents"), got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
