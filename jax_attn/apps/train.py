@@ -5,7 +5,8 @@ of :class:`~jax_attn.linen_modules.MultiHeadAttention` + MLP with residuals and 
 an output head. Training uses optax AdamW with a warm-up + cosine schedule, dropout
 through the ``"dropout"`` stream (evaluation runs without it). After training the
 checkpoint is saved, restored (and checked bit-exact), and the restored model generates
-one token at a time through the KV cache, greedy and with temperature / top-k.
+one token at a time through the KV cache, greedy and with temperature / top-k. The checkpoint
+is an orbax directory (params, optimizer state, step and the run's config as JSON).
 
 Tasks (data made by code, no downloads), both need a look far back:
 
@@ -42,7 +43,13 @@ from flax import serialization
 
 from jax_attn import kv_cache
 from jax_attn.apps import timing
-from jax_attn.apps.config import ConfigError, check_choice, load_dataclass, resolve_config_path
+from jax_attn.apps.config import (
+    ConfigError,
+    check_choice,
+    from_dict,
+    load_dataclass,
+    resolve_config_path,
+)
 from jax_attn.apps.extras import require
 from jax_attn.linen_modules import MultiHeadAttention
 
@@ -65,6 +72,8 @@ __all__ = [
     "sample_logits",
     "save_checkpoint",
     "restore_checkpoint",
+    "checkpoint_config",
+    "checkpoint_params",
     "decode_benchmark",
     "attention_weights_by_layer",
     "head_figures",
@@ -457,17 +466,63 @@ def evaluate(model, params, task: TaskConfig, examples: int, seed: int = 12345):
 
 # --- checkpoints ----------------------------------------------------------------------------
 
+CHECKPOINT = "checkpoint"
+"""The checkpoint directory's name in a run's output directory."""
 
-def save_checkpoint(path, state) -> None:
-    """Writes the state pytree (params, optimizer state, step) with ``flax.serialization``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(serialization.to_bytes(jax.device_get(state)))
+
+def _orbax():
+    """``orbax.checkpoint``, imported on first use (the library never loads it)."""
+    return require("orbax.checkpoint")
+
+
+def _checkpointer():
+    """A synchronous orbax checkpointer for the two items, ``state`` and ``config``."""
+    ocp = _orbax()
+    registry = ocp.handlers.create_default_handler_registry(
+        state=ocp.StandardCheckpointHandler(), config=ocp.JsonCheckpointHandler()
+    )
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=registry))
+
+
+def save_checkpoint(path, state, config: TrainRunConfig | None = None) -> Path:
+    """Writes the state pytree (params, optimizer state, step) as an orbax checkpoint
+    directory ``path``, replacing one already there: item ``state`` (the arrays, orbax's
+    standard PyTree format) and, given ``config``, item ``config`` (the run's config as
+    JSON). Returns the path."""
+    ocp = _orbax()
+    path = Path(path).absolute()
+    items = {"state": ocp.args.StandardSave(state)}
+    if config is not None:
+        items["config"] = ocp.args.JsonSave(dataclasses.asdict(config))
+    with _checkpointer() as checkpointer:
+        checkpointer.save(path, args=ocp.args.Composite(**items), force=True)
+    return path
 
 
 def restore_checkpoint(path, template):
-    """Reads a checkpoint into the structure of ``template`` (bit-exact)."""
-    return serialization.from_bytes(template, Path(path).read_bytes())
+    """Reads the ``state`` of a checkpoint into the structure of ``template`` (bit-exact).
+
+    ``template`` is a state pytree of arrays or of ``jax.ShapeDtypeStruct`` (say
+    ``jax.eval_shape`` of the state's init): its tree (optax's state namedtuples included),
+    dtypes and shardings are the restored arrays'."""
+    ocp = _orbax()
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    with _checkpointer() as checkpointer:
+        restored = checkpointer.restore(
+            Path(path).absolute(),
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)),
+        )
+    return restored["state"]
+
+
+def checkpoint_config(path) -> TrainRunConfig:
+    """The config of the run that wrote the checkpoint ``path``."""
+    ocp = _orbax()
+    with _checkpointer() as checkpointer:
+        restored = checkpointer.restore(
+            Path(path).absolute(), args=ocp.args.Composite(config=ocp.args.JsonRestore())
+        )
+    return from_dict(TrainRunConfig, restored["config"], source=f"{path}/config")
 
 
 # --- generation -----------------------------------------------------------------------------
@@ -706,15 +761,31 @@ def head_figures(config: TrainRunConfig, params, *, seed: int = 0) -> dict:
 
 
 def checkpoint_params(path):
-    """The ``params`` of a checkpoint :func:`save_checkpoint` wrote (no template needed)."""
-    return serialization.msgpack_restore(Path(path).read_bytes())["params"]
+    """The ``params`` of a checkpoint :func:`save_checkpoint` wrote, as plain arrays (no
+    template needed). A file is read as an older ``checkpoint.msgpack``
+    (``flax.serialization``)."""
+    path = Path(path)
+    if path.is_file():
+        return serialization.msgpack_restore(path.read_bytes())["params"]
+    ocp = _orbax()
+    with _checkpointer() as checkpointer:
+        restored = checkpointer.restore(
+            path.absolute(), args=ocp.args.Composite(state=ocp.args.StandardRestore())
+        )
+    return restored["state"]["params"]
 
 
 # --- commands -------------------------------------------------------------------------------
 
 
-def run_training(config: TrainRunConfig, out_dir: Path, progress: bool = True) -> dict:
-    """Train, save, restore (bit-exact check), evaluate and generate; returns the summary."""
+def run_training(
+    config: TrainRunConfig, out_dir: Path, progress: bool = True, written: list | None = None
+) -> dict:
+    """Train, save, restore (bit-exact check), evaluate and generate; returns the summary.
+
+    The checkpoint (an orbax directory: state and config), ``loss.png`` and
+    ``summary.json`` go into ``out_dir``; their paths are appended to ``written``."""
+    written = [] if written is None else written
     task, model = config.task, build_decoder(config)
     state, losses, seconds = train(model, task, config.train, progress=progress)
     print(
@@ -722,12 +793,13 @@ def run_training(config: TrainRunConfig, out_dir: Path, progress: bool = True) -
         f"in {seconds:.1f} s; final loss {losses[-1][1]:.4f}"
     )
 
-    checkpoint = out_dir / "checkpoint.msgpack"
-    save_checkpoint(checkpoint, state)
-    template = jax.tree.map(jnp.zeros_like, state)
-    restored = restore_checkpoint(checkpoint, template)
-    exact = all(
-        np.array_equal(a, b)
+    checkpoint = out_dir / CHECKPOINT
+    save_checkpoint(checkpoint, state, config)
+    written.append(checkpoint)
+    # restored into the abstract state: the tree, optax's namedtuples included, and dtypes
+    restored = restore_checkpoint(checkpoint, jax.eval_shape(lambda: state))
+    exact = jax.tree.structure(restored) == jax.tree.structure(state) and all(
+        a.dtype == b.dtype and np.array_equal(a, b)
         for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True)
     )
     print(f"checkpoint {checkpoint} restored: {'bit-exact' if exact else 'MISMATCH'}")
@@ -766,6 +838,7 @@ def run_training(config: TrainRunConfig, out_dir: Path, progress: bool = True) -
 
     loss_png = out_dir / "loss.png"
     plot_losses({"attention": losses}, loss_png)
+    written.append(loss_png)
     print(f"loss curve: {loss_png}")
     summary = {
         "task": dataclasses.asdict(task),
@@ -778,11 +851,16 @@ def run_training(config: TrainRunConfig, out_dir: Path, progress: bool = True) -
         "checkpoint": str(checkpoint),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    written.append(out_dir / "summary.json")
     return summary
 
 
-def run_comparison(config: TrainRunConfig, out_dir: Path, progress: bool = True) -> list[dict]:
-    """Attention vs RNN at each length of ``config.compare``: table, PNG and JSON."""
+def run_comparison(
+    config: TrainRunConfig, out_dir: Path, progress: bool = True, written: list | None = None
+) -> list[dict]:
+    """Attention vs RNN at each length of ``config.compare``: table, PNG and JSON (their
+    paths appended to ``written``)."""
+    written = [] if written is None else written
     compare = config.compare
     rows, curves = [], {}
     total_start = time.perf_counter()
@@ -847,6 +925,7 @@ def run_comparison(config: TrainRunConfig, out_dir: Path, progress: bool = True)
             {"rows": rows, "total_seconds": total, "device": str(jax.devices()[0])}, indent=2
         )
     )
+    written.extend([png, out_dir / "loss.png", out_dir / "comparison.json"])
     print(f"plot: {png}")
     return rows
 
@@ -932,6 +1011,17 @@ def decode_benchmark(
     }
 
 
+WROTE = "wrote:"
+"""The line before the paths a command wrote, the last lines it prints."""
+
+
+def print_written(paths) -> None:
+    """The command's final lines: :data:`WROTE`, then each file or directory it wrote."""
+    print(WROTE)
+    for path in paths:
+        print(path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="jax-attn train",
@@ -971,8 +1061,9 @@ def main(argv=None) -> int:
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(
             f"cached step {result['cached_step_ms']:.3f} ms vs recompute "
-            f"{result['recompute_step_ms']:.2f} ms: {result['speedup']:.0f}x  ({path})"
+            f"{result['recompute_step_ms']:.2f} ms: {result['speedup']:.0f}x"
         )
+        print_written([path])
         return 0
     try:
         config = load_train_config(args.config)
@@ -989,17 +1080,19 @@ def main(argv=None) -> int:
         from jax_attn.apps.plots import save_figures
 
         figures = head_figures(config, checkpoint_params(args.heads_of))
-        for path in save_figures(figures, out_dir):
-            print(path)
+        print_written(save_figures(figures, out_dir))
         return 0
+    # the config the run ran, as its checkpoint keeps it: --steps and --out applied
+    config = dataclasses.replace(config, output_dir=str(out_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    start, written = time.perf_counter(), []
     if config.compare is not None:
-        run_comparison(config, out_dir, progress=not args.no_progress)
+        run_comparison(config, out_dir, progress=not args.no_progress, written=written)
     else:
-        run_training(config, out_dir, progress=not args.no_progress)
+        run_training(config, out_dir, progress=not args.no_progress, written=written)
     seconds = time.perf_counter() - start
     print(f"done in {seconds:.1f} s wall clock on {jax.devices()[0].platform}")
+    print_written(written)
     return 0
 
 

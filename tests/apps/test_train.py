@@ -1,5 +1,6 @@
 """The training command's pieces on a tiny model: loss falls, checkpoints, generation."""
 
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -7,10 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import serialization
 
 from jax_attn import functional as F
 from jax_attn.apps import train as tr
-from jax_attn.apps.config import ConfigError
+from jax_attn.apps.config import ConfigError, from_dict
 
 TINY_TOML = """\
 output_dir = "{out}"
@@ -67,16 +69,56 @@ def test_tiny_training_loss_falls(trained):
     assert np.isfinite(last) and last < 0.7 * first, losses
 
 
-def test_checkpoint_round_trip_is_bit_exact(trained, tmp_path):
+def _assert_trees_equal(saved, restored):
+    """Same tree (optax's state namedtuples included), dtypes and bits, leaf by leaf."""
+    assert jax.tree.structure(saved) == jax.tree.structure(restored)
+    for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(restored), strict=True):
+        assert np.asarray(a).dtype == np.asarray(b).dtype
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("template", ["abstract", "arrays"])
+def test_checkpoint_round_trip_through_orbax_is_bit_exact(tiny_config, trained, tmp_path, template):
     state, _ = trained
-    path = tmp_path / "ckpt.msgpack"
-    tr.save_checkpoint(path, state)
-    restored = tr.restore_checkpoint(path, jax.tree.map(jnp.zeros_like, state))
-    saved_leaves, restored_leaves = jax.tree.leaves(state), jax.tree.leaves(restored)
-    assert jax.tree.structure(state) == jax.tree.structure(restored)
-    for saved, back in zip(saved_leaves, restored_leaves, strict=True):
-        assert np.asarray(saved).dtype == np.asarray(back).dtype
-        np.testing.assert_array_equal(np.asarray(saved), np.asarray(back))
+    path = tr.save_checkpoint(tmp_path / "checkpoint", state, tiny_config)
+    # an orbax checkpoint directory: the state and the config as items of their own
+    assert path.is_dir() and {"state", "config"} <= {p.name for p in path.iterdir()}
+    target = (
+        jax.eval_shape(lambda: state)
+        if template == "abstract"
+        else jax.tree.map(jnp.zeros_like, state)
+    )
+    restored = tr.restore_checkpoint(path, target)
+    _assert_trees_equal(state, restored)
+    assert int(restored["step"]) == 40
+    assert type(restored["opt_state"][1][0]).__name__ == "ScaleByAdamState"
+    assert tr.checkpoint_config(path) == tiny_config
+    _assert_trees_equal(state["params"], tr.checkpoint_params(path))
+
+
+def test_checkpoint_is_read_by_plain_orbax(tiny_config, trained, tmp_path):
+    # what a user's code does with the directory, without this package's helpers
+    ocp = pytest.importorskip("orbax.checkpoint")
+    state, _ = trained
+    path = tr.save_checkpoint(tmp_path / "checkpoint", state, tiny_config)
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        restored = checkpointer.restore(
+            path,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(jax.eval_shape(lambda: state)),
+                config=ocp.args.JsonRestore(),
+            ),
+        )
+    _assert_trees_equal(state, restored.state)
+    assert restored.config["model"] == dataclasses.asdict(tiny_config.model)
+    assert from_dict(tr.TrainRunConfig, restored.config) == tiny_config
+
+
+def test_checkpoint_params_reads_an_older_msgpack_checkpoint(trained, tmp_path):
+    state, _ = trained
+    path = tmp_path / "checkpoint.msgpack"
+    path.write_bytes(serialization.to_bytes(jax.device_get(state)))
+    _assert_trees_equal(state["params"], tr.checkpoint_params(path))
 
 
 _FORWARDS = {}
@@ -192,8 +234,7 @@ def test_attention_weights_by_layer_reproduce_each_attention_layer(tiny_config, 
 @pytest.mark.slow
 def test_heads_of_a_checkpoint_are_drawn_one_figure_per_layer(tiny_config, trained, tmp_path):
     pytest.importorskip("matplotlib")
-    checkpoint = tmp_path / "checkpoint.msgpack"
-    tr.save_checkpoint(checkpoint, trained[0])
+    checkpoint = tr.save_checkpoint(tmp_path / "checkpoint", trained[0], tiny_config)
     config_path = Path(tiny_config.output_dir) / "tiny.toml"
     argv = ["--config", str(config_path), "--heads-of", str(checkpoint), "--out", str(tmp_path)]
     assert tr.main(argv) == 0
@@ -247,11 +288,56 @@ def test_rnn_baseline_shapes():
     assert jax.eval_shape(model.apply, variables, tokens).shape == (2, 7, 5)
 
 
+def written_paths(printed: str) -> list[Path]:
+    """The paths a command's final lines name: every line after the last ``wrote:``."""
+    lines = printed.splitlines()
+    assert tr.WROTE in lines, printed
+    start = len(lines) - lines[::-1].index(tr.WROTE)
+    return [Path(line) for line in lines[start:]]
+
+
+def test_train_command_final_lines_name_every_file_it_wrote(
+    tiny_config, trained, tmp_path, capsys, monkeypatch
+):
+    # the command as it runs, less the training (the module's tiny run stands in) and the
+    # generation's compiles (its tests are above; it writes no file)
+    pytest.importorskip("matplotlib")
+    state, losses = trained
+    monkeypatch.setattr(tr, "train", lambda *args, **kwargs: (state, losses, 0.0))
+    monkeypatch.setattr(
+        tr,
+        "generate",
+        lambda _, __, prompt, num_new, *args, **kwargs: jnp.zeros(
+            (prompt.shape[0], num_new), jnp.int32
+        ),
+    )
+    config_path = Path(tiny_config.output_dir) / "tiny.toml"
+    out = tmp_path / "out"
+    assert tr.main(["--config", str(config_path), "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "restored: bit-exact" in printed
+    named = written_paths(printed)
+    assert sorted(named) == sorted(out.iterdir())
+    assert {path.name for path in named} == {"checkpoint", "loss.png", "summary.json"}
+    # the checkpoint keeps the config the command ran (--out applied) and restores exactly
+    checkpoint = out / "checkpoint"
+    ran = dataclasses.replace(tiny_config, output_dir=str(out))
+    assert tr.checkpoint_config(checkpoint) == ran
+    _assert_trees_equal(state, tr.restore_checkpoint(checkpoint, jax.eval_shape(lambda: state)))
+
+
 @pytest.mark.slow
 def test_train_command_end_to_end(tiny_config, capsys):
     out = Path(tiny_config.output_dir)
     assert tr.main(["--config", str(out / "tiny.toml"), "--steps", "10", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "restored: bit-exact" in printed and "token accuracy" in printed
-    for name in ("loss.png", "checkpoint.msgpack", "summary.json"):
+    assert (out / "checkpoint").is_dir()
+    for name in ("loss.png", "summary.json"):
         assert (out / name).is_file(), name
+    named = written_paths(printed)
+    assert sorted(named) == sorted(
+        out / name for name in ("checkpoint", "loss.png", "summary.json")
+    )
+    config = tr.checkpoint_config(out / "checkpoint")
+    assert config.train.steps == 10 and config.task == tiny_config.task
