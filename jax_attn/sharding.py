@@ -127,37 +127,81 @@ def _box_spec(box) -> P:
     return P(*box.names) if hasattr(box, "names") else P()
 
 
-def _attention_specs(module, model_axis: str | None) -> dict:
+def _d_out(module, name: str) -> int | None:
+    """Output features of ``module[name]``'s kernel ``[d_in, d_out]`` (``None``: no kernel)."""
+    kernel = module[name].get("kernel")
+    kernel = kernel.unbox() if _is_box(kernel) else kernel
+    return None if kernel is None else int(jnp.shape(kernel)[-1])
+
+
+def _tensor_parallel_layers(module, model_size: int | None, num_heads: int | None) -> tuple:
+    """Which of the attention layers split whole heads over a ``model_size`` axis.
+
+    With as many key/value heads as query heads (``W_key`` as wide as ``W_query``): all
+    four. With fewer (GQA/MQA), ``K = num_heads * d_k / d_q`` key/value heads: all four
+    when ``K`` divides over ``model_size``; for ``K == 1`` the query heads and
+    ``out_proj`` only (the key/value projections replicated); otherwise none (the query
+    heads are grouped ``[K, G]`` per key/value head, and neither a head nor that grouping
+    can be cut across devices). Without ``num_heads``, ``K`` is unknown: none.
+    ``model_size=None`` (no mesh known): all four, the metadata's layout.
+    """
+    if model_size is None or model_size == 1:
+        return _ATTENTION_LAYERS
+    d_q, d_k = _d_out(module, "W_query"), _d_out(module, "W_key")
+    if d_q is None or d_k is None or d_k == d_q:
+        return _ATTENTION_LAYERS
+    if num_heads is None or (num_heads * d_k) % d_q:
+        return ()
+    kv_heads = num_heads * d_k // d_q
+    if kv_heads % model_size == 0:
+        return _ATTENTION_LAYERS
+    return ("W_query", "out_proj") if kv_heads == 1 else ()
+
+
+def _attention_specs(module, model_axis: str | None, model_size, num_heads) -> dict:
     """Megatron layout of one attention module: q/k/v kernels ``[d_in, d_out]`` and
-    biases split on the output (heads), ``out_proj`` kernel on its input, its bias whole."""
+    biases split on the output (heads), ``out_proj`` kernel on its input, its bias whole.
+    Layers :func:`_tensor_parallel_layers` leaves out are replicated (unless boxed)."""
+    split_layers = _tensor_parallel_layers(module, model_size, num_heads)
     specs = {}
     for name, layer in module.items():
         if name not in _ATTENTION_LAYERS:
-            specs[name] = _tree_specs(layer, model_axis)
+            specs[name] = _tree_specs(layer, model_axis, model_size, num_heads)
             continue
         split = {
             "kernel": P(model_axis, None) if name == "out_proj" else P(None, model_axis),
             "bias": P() if name == "out_proj" else P(model_axis),
         }
+        if name not in split_layers:
+            split = {}
         specs[name] = {
             leaf: _box_spec(x) if _is_box(x) else split.get(leaf, P()) for leaf, x in layer.items()
         }
     return specs
 
 
-def _tree_specs(node, model_axis: str | None):
+def _tree_specs(node, model_axis: str | None, model_size=None, num_heads=None):
     if _is_box(node):
         return _box_spec(node)
     if _is_attention(node):
-        return _attention_specs(node, model_axis)
+        return _attention_specs(node, model_axis, model_size, num_heads)
     if isinstance(node, Mapping):
-        return {key: _tree_specs(child, model_axis) for key, child in node.items()}
+        return {
+            key: _tree_specs(child, model_axis, model_size, num_heads)
+            for key, child in node.items()
+        }
     if isinstance(node, list | tuple):
-        return type(node)(_tree_specs(child, model_axis) for child in node)
+        return type(node)(_tree_specs(child, model_axis, model_size, num_heads) for child in node)
     return P()
 
 
-def param_specs(params, model_axis: str | None = "model"):
+def param_specs(
+    params,
+    model_axis: str | None = "model",
+    *,
+    model_size: int | None = None,
+    num_heads: int | None = None,
+):
     """PartitionSpecs for a params tree (same tree, a spec per array).
 
     Flax partition metadata (``nn.with_partitioning`` boxes, as
@@ -166,10 +210,19 @@ def param_specs(params, model_axis: str | None = "model"):
     query/key/value kernels ``[d_in, d_out]`` and their biases split their output
     (heads) over ``model_axis``; ``out_proj``'s kernel splits its input, its bias is
     whole. Everything else is replicated.
+
+    Fewer key/value heads than divide over the model axis (``model_size``, the size of
+    ``model_axis``; GQA/MQA with ``num_kv_heads % model_size != 0``): no head is cut
+    across devices. With one key/value head (MQA) ``W_key``/``W_value`` are replicated
+    and the queries still split; with more, the whole module is replicated (the query
+    heads are grouped per key/value head). The key/value head count is
+    ``num_heads * d_k / d_q``: without ``num_heads`` it is unknown and a GQA module is
+    replicated whenever ``model_size > 1``. Boxes are kept as they are (shard_params
+    raises when they would cut heads).
     """
     if not isinstance(params, Mapping):
         raise TypeError(f"param_specs: params must be a dict, got {type(params).__name__}")
-    return _tree_specs(params, model_axis)
+    return _tree_specs(params, model_axis, model_size, num_heads)
 
 
 def _attention_modules(node):
@@ -189,13 +242,27 @@ def _check_divisible(params, mesh: Mesh, num_heads: int | None) -> None:
             f"size {model} so that every device holds whole heads"
         )
     for module in _attention_modules(params):
-        kernel = module["W_query"].get("kernel")
-        kernel = kernel.unbox() if _is_box(kernel) else kernel
-        d_out = int(jnp.shape(kernel)[-1]) if kernel is not None else 0
+        d_out = _d_out(module, "W_query") or 0
         if d_out % model:
             raise ValueError(
                 f"shard_params: d_out={d_out} must be divisible by the mesh's model axis "
                 f"size {model}"
+            )
+        split_layers = _tensor_parallel_layers(module, model, num_heads)
+        boxed = [
+            name
+            for name in _ATTENTION_LAYERS
+            if name not in split_layers
+            and any(_is_box(x) and "model" in _box_spec(x) for x in module[name].values())
+        ]
+        if boxed and num_heads is not None:
+            kv_heads = num_heads * (_d_out(module, "W_key") or 0) // d_out
+            raise ValueError(
+                f"shard_params: the partition metadata splits {boxed} over 'model', but "
+                f"num_kv_heads={kv_heads} (num_heads={num_heads}) does not divide over the "
+                f"mesh's model axis size {model}: a key/value head would be cut across "
+                "devices. Build the module without model_axis (shard_params then replicates "
+                "what cannot split) or use num_kv_heads divisible by the model axis size"
             )
 
 
@@ -206,14 +273,21 @@ def shard_params(params, mesh: Mesh, *, num_heads: int | None = None):
 
     Returns the same tree (metadata boxes kept, their values placed). Axes a spec names
     that the mesh lacks are dropped (replicated). With ``num_heads`` it also checks that
-    heads split evenly over ``"model"``.
+    heads split evenly over ``"model"``. Key/value projections with fewer heads than
+    divide over ``"model"`` (``num_kv_heads % model != 0``) are replicated, even where
+    their metadata names ``"model"`` (see :func:`param_specs`; pass ``num_heads`` so
+    that GQA key/value heads that do divide are split); it raises where partition
+    metadata would cut a key/value head, and under it requires num_kv_heads divisible by
+    the ``"model"`` size.
     """
     _check_mesh("shard_params", mesh)
     if not isinstance(params, Mapping):
         raise TypeError(f"shard_params: params must be a dict, got {type(params).__name__}")
     _check_divisible(params, mesh, num_heads)
     model_axis = "model" if "model" in mesh.axis_names else None
-    specs = param_specs(params, model_axis)
+    specs = param_specs(
+        params, model_axis, model_size=_axis_size(mesh, "model"), num_heads=num_heads
+    )
 
     def on_mesh(axis):
         if isinstance(axis, tuple):

@@ -285,3 +285,35 @@ def test_bench_mesh_ring_reports_memory_falling_with_devices(tmp_path):
     ring_1, ring_2 = (row["memory_bytes"]["total"] for row in rows[1:])
     assert ring_2 < ring_1
     assert rows[2]["collectives"].get("collective-permute", 0) > 0
+
+
+@pytest.mark.parametrize("num_kv_heads", [1, 2])
+def test_fewer_kv_heads_than_the_model_axis_under_explicit_axes(num_kv_heads):
+    """num_kv_heads % model != 0 on a (data=2, model=4) jax.make_mesh (Explicit axes): no
+    key/value head is cut across devices (MQA: K/V replicated, queries split; otherwise the
+    module replicated), and the forward equals one device. It failed with ShardingTypeError."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 16, 32)), jnp.float32)
+    module = ja.MultiHeadAttention(32, 32, 16, 0.0, 4, num_kv_heads=num_kv_heads)
+    variables = module.init(jax.random.key(0), x)
+    want = module.apply(variables, x, deterministic=True)
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    placed = sharding.shard_params(variables, mesh, num_heads=4)
+    layers = placed["params"]
+    assert layers["W_key"]["kernel"].sharding.spec == P()
+    assert layers["W_value"]["kernel"].sharding.spec == P()
+    want_query = P(None, "model") if num_kv_heads == 1 else P()
+    assert layers["W_query"]["kernel"].sharding.spec == want_query
+    with jax.set_mesh(mesh):
+        got = jax.jit(lambda v, x: module.apply(v, x, deterministic=True))(
+            placed, sharding.shard_batch(x, mesh)
+        )
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_partition_metadata_that_would_cut_a_kv_head_is_an_error():
+    x = jnp.ones((4, 16, 32), jnp.float32)
+    module = ja.MultiHeadAttention(32, 32, 16, 0.0, 4, num_kv_heads=2, model_axis="model")
+    variables = module.init(jax.random.key(0), x)
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    with pytest.raises(ValueError, match=r"num_kv_heads=2 .* model axis size 4"):
+        sharding.shard_params(variables, mesh, num_heads=4)
