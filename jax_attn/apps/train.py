@@ -504,7 +504,10 @@ def restore_checkpoint(path, template):
 
     ``template`` is a state pytree of arrays or of ``jax.ShapeDtypeStruct`` (say
     ``jax.eval_shape`` of the state's init): its tree (optax's state namedtuples included),
-    dtypes and shardings are the restored arrays'."""
+    dtypes and shardings are the restored arrays'. Sharded arrays are restored onto the
+    shardings of ``template``'s arrays (a ``jax.eval_shape`` of sharded arrays carries an
+    abstract mesh, which orbax cannot place: pass the arrays, or structs with a concrete
+    ``NamedSharding``)."""
     ocp = _orbax()
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     with _checkpointer() as checkpointer:
@@ -796,8 +799,9 @@ def run_training(
     checkpoint = out_dir / CHECKPOINT
     save_checkpoint(checkpoint, state, config)
     written.append(checkpoint)
-    # restored into the abstract state: the tree, optax's namedtuples included, and dtypes
-    restored = restore_checkpoint(checkpoint, jax.eval_shape(lambda: state))
+    # the state as the target: only its tree (optax's namedtuples included), dtypes and
+    # shardings are used, as jax.ShapeDtypeStructs
+    restored = restore_checkpoint(checkpoint, state)
     exact = jax.tree.structure(restored) == jax.tree.structure(state) and all(
         a.dtype == b.dtype and np.array_equal(a, b)
         for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True)
