@@ -12,6 +12,10 @@ weights :func:`jax_attn.functional.dot_product_attention_weights`.
 Partition metadata (tensor parallel over one mesh axis, ``model_axis``) is
 :func:`partition_names`: the query/key/value kernels split their output features (the
 heads), their biases too; ``out_proj`` splits its input features, its bias is replicated.
+The metadata is static (it does not know the mesh), so layouts taken from it need
+``num_kv_heads`` divisible by the size of ``model_axis``; otherwise a key/value head is
+cut across devices. :func:`jax_attn.sharding.shard_params` (given ``num_heads``) raises
+for such metadata; built without ``model_axis`` it replicates what cannot split instead.
 """
 
 from __future__ import annotations
