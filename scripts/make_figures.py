@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
 
     config = ROOT / "configs" / "copy.toml"
     run_dir = ROOT / "runs" / "copy"
-    checkpoint = run_dir / "checkpoint.msgpack"
+    checkpoint = run_dir / "checkpoint"
     if not checkpoint.exists():
         code = train.main(["--config", str(config), "--out", str(run_dir), "--no-progress"])
         if code:
