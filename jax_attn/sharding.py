@@ -276,9 +276,8 @@ def shard_params(params, mesh: Mesh, *, num_heads: int | None = None):
     heads split evenly over ``"model"``. Key/value projections with fewer heads than
     divide over ``"model"`` (``num_kv_heads % model != 0``) are replicated, even where
     their metadata names ``"model"`` (see :func:`param_specs`; pass ``num_heads`` so
-    that GQA key/value heads that do divide are split); it raises where partition
-    metadata would cut a key/value head, and under it requires num_kv_heads divisible by
-    the ``"model"`` size.
+    that GQA key/value heads that do divide are split). Where partition metadata would
+    cut a key/value head (and ``num_heads`` says so) it raises instead.
     """
     _check_mesh("shard_params", mesh)
     if not isinstance(params, Mapping):
