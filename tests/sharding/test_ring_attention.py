@@ -1,5 +1,7 @@
 """Ring attention (sequence-parallel, shard_map + ppermute) on up to 8 virtual CPU devices."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -209,6 +211,24 @@ def ring_loss(implementation, **options):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
 
 
+def assert_ring_equals_reference(context, q, k, v, **options):
+    """Compiles implementation="ring" inside ``context()`` (a mesh, ring_axes): its loss,
+    output and gradients equal the reference's at 1e-5 and the program passes K/V with
+    collective-permute, never an all-gather. Returns the ring's output."""
+    (loss, out), grads = ring_loss("reference", **options)(q, k, v)
+    with context():
+        compiled = ring_loss("ring", **options).lower(q, k, v).compile()
+        (got_loss, got_out), got_grads = compiled(q, k, v)
+    hlo = compiled.as_text()
+    assert jnp.allclose(got_loss, loss, rtol=1e-5, atol=1e-5)
+    names = ("out", "dq", "dk", "dv")
+    for name, got, want in zip(names, (got_out, *got_grads), (out, *grads), strict=True):
+        assert jnp.allclose(got, want, rtol=1e-5, atol=1e-5), (name, jnp.abs(got - want).max())
+    assert "collective-permute" in hlo
+    assert "all-gather" not in hlo
+    return got_out
+
+
 @pytest.mark.parametrize(
     "devices, is_causal",
     [
@@ -228,17 +248,7 @@ def test_ring_implementation_equals_one_device_and_passes_kv_by_collective_permu
         "key_value_seq_lengths": jnp.array([16, 9]),
         "query_seq_lengths": jnp.array([16, 11]),
     }
-    (loss, out), grads = ring_loss("reference", **options)(q, k, v)
-    with jax.set_mesh(seq_mesh(devices)):
-        compiled = ring_loss("ring", **options).lower(q, k, v).compile()
-        (got_loss, got_out), got_grads = compiled(q, k, v)
-    hlo = compiled.as_text()
-    assert jnp.allclose(got_loss, loss, rtol=1e-5, atol=1e-5)
-    names = ("out", "dq", "dk", "dv")
-    for name, got, want in zip(names, (got_out, *got_grads), (out, *grads), strict=True):
-        assert jnp.allclose(got, want, rtol=1e-5, atol=1e-5), (name, jnp.abs(got - want).max())
-    assert "collective-permute" in hlo
-    assert "all-gather" not in hlo
+    assert_ring_equals_reference(lambda: jax.set_mesh(seq_mesh(devices)), q, k, v, **options)
 
 
 def test_ring_implementation_needs_a_mesh_with_a_seq_axis():
@@ -290,17 +300,13 @@ def test_ring_axes_names_the_mesh_axes_of_implementation_ring(axis_types):
     kwargs = {} if axis_types is None else {"axis_types": axis_types}
     mesh = jax.make_mesh((2, 4), names, **kwargs)
     q, k, v, _ = random_qkv(B=2, T=16, N=4, K=2, H=8, seed=11)
-    (loss, out), grads = ring_loss("reference", is_causal=True)(q, k, v)
-    with jax.set_mesh(mesh), sharding.ring_axes(**axes):
-        compiled = ring_loss("ring", is_causal=True).lower(q, k, v).compile()
-        (got_loss, got_out), got_grads = compiled(q, k, v)
-    hlo = compiled.as_text()
-    assert jnp.allclose(got_loss, loss, rtol=1e-5, atol=1e-5)
-    names_out = ("out", "dq", "dk", "dv")
-    for name, got, want in zip(names_out, (got_out, *got_grads), (out, *grads), strict=True):
-        assert jnp.allclose(got, want, rtol=1e-5, atol=1e-5), (name, jnp.abs(got - want).max())
-    assert "collective-permute" in hlo
-    assert "all-gather" not in hlo
+
+    @contextlib.contextmanager
+    def context():
+        with jax.set_mesh(mesh), sharding.ring_axes(**axes):
+            yield
+
+    got_out = assert_ring_equals_reference(context, q, k, v, is_causal=True)
     if axis_types is None:
         # Explicit axes: the output's type says it is batch- and sequence-parallel.
         assert tuple(got_out.sharding.spec)[:2] == ("batch", "sequence"), got_out.sharding
