@@ -17,7 +17,8 @@
 - Fixtures: ``make_qkv`` (random q, k, v drawn with numpy: no per-shape PRNG compile;
   ``make_qkv_numpy`` keeps them numpy arrays) and
   ``attention_float64`` (attention written in numpy float64, independent of the library's
-  reference).
+  reference); ``child_peak`` runs a script in a fresh process and returns what it reports,
+  with its peak RSS.
 """
 
 import os
@@ -31,6 +32,11 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
 os.environ.setdefault("JAX_NUMPY_DTYPE_PROMOTION", "strict")
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -49,6 +55,36 @@ settings.register_profile("thorough", max_examples=2000, derandomize=True, **_HY
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 _FAST_COMPILES = "JAX_ATTN_FAST_COMPILES"
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CHILD_HEADER = textwrap.dedent("""
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    import jax_attn as ja
+
+    def peak_rss():
+        with open("/proc/self/status") as status:
+            line = next(l for l in status if l.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+""")
+
+
+def child_peak(body: str, *argv, timeout: int = 600) -> dict:
+    """Runs ``body`` (after imports of json, sys, jax, jnp, np, ja and a ``peak_rss()``
+    reading the process's own ``VmHWM``) in a fresh Python on one CPU device, as a
+    user's process has, and returns the JSON object it prints last (Linux only)."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD_HEADER + textwrap.dedent(body), *map(str, argv)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def pytest_configure(config):

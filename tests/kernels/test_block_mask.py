@@ -7,22 +7,17 @@ works; a document mask at T = 32768 runs in a fresh process under 1 GiB.
 """
 
 import doctest
-import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import child_peak
 
 import jax_attn as ja
 from jax_attn import mask_functions, reference
 from jax_attn.kernels import chunked
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SEGMENT_IDS = np.array([[0] * 6 + [1] * 4 + [2] * 3, [0] * 2 + [1] * 11], np.int32)
 
 
@@ -174,45 +169,25 @@ def test_block_masks_made_inside_jit_and_passed_through_it(make_qkv):
     np.testing.assert_allclose(through(q, k, v, bm), want, atol=1e-5)
 
 
-CHILD = textwrap.dedent("""
-    import json, sys
-    import jax, jax.numpy as jnp, numpy as np
-    import jax_attn as ja
+CHILD = """
+T = int(sys.argv[1])
+rng = np.random.default_rng(0)
+q, k, v = (jnp.asarray(rng.standard_normal((1, T, 4, 64), np.float32)) for _ in range(3))
+segment_ids = jnp.asarray(np.repeat(np.arange(16, dtype=np.int32), T // 16)[None])
 
-    def peak_rss():
-        with open("/proc/self/status") as status:
-            line = next(l for l in status if l.startswith("VmHWM:"))
-        return int(line.split()[1]) * 1024
+def document(b, h, q_idx, kv_idx):
+    return (segment_ids[b, q_idx] == segment_ids[b, kv_idx]) & (q_idx >= kv_idx)
 
-    T = int(sys.argv[1])
-    rng = np.random.default_rng(0)
-    q, k, v = (jnp.asarray(rng.standard_normal((1, T, 4, 64), np.float32)) for _ in range(3))
-    segment_ids = jnp.asarray(np.repeat(np.arange(16, dtype=np.int32), T // 16)[None])
-
-    def document(b, h, q_idx, kv_idx):
-        return (segment_ids[b, q_idx] == segment_ids[b, kv_idx]) & (q_idx >= kv_idx)
-
-    attend = jax.jit(lambda q, k, v: ja.dot_product_attention(q, k, v, mask_fn=document))
-    out = attend(q, k, v)
-    print(json.dumps({"peak": peak_rss(), "finite": bool(jnp.isfinite(out).all())}))
-""")
+attend = jax.jit(lambda q, k, v: ja.dot_product_attention(q, k, v, mask_fn=document))
+out = attend(q, k, v)
+print(json.dumps({"peak": peak_rss(), "finite": bool(jnp.isfinite(out).all())}))
+"""
 
 
 @pytest.mark.slow
 def test_document_mask_at_32k_peaks_under_1_gib_in_a_fresh_process():
     """Issue 12's bound: T = 32768 (B 1, N 4, H 64, float32) with a 16-document mask_fn;
     the mask alone as bool [T, S] would take 1 GiB, the float32 logits 16 GiB."""
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's process has
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD, "32768"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = child_peak(CHILD, 32768, timeout=900)
     assert result["finite"]
     assert result["peak"] < 2**30, f"peak RSS {result['peak'] / 2**20:.0f} MiB"
