@@ -1,9 +1,12 @@
-"""What every kernel declares: its function, what it cannot serve, where it runs."""
+"""What every kernel declares: its function, what it cannot serve, where it runs; and the
+typing rule custom-VJP kernels follow inside ``jax.shard_map``."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+
+import jax
 
 from jax_attn.validation import AttentionCall
 
@@ -26,3 +29,25 @@ class Implementation:
     platforms: tuple[str, ...] | None = None
     description: str = ""
     functions: frozenset[str] = frozenset()
+
+
+def manual_axes(x) -> frozenset:
+    """The ``shard_map`` manual axes ``x`` varies over (empty outside ``shard_map``)."""
+    return jax.typeof(x).mat.varying
+
+
+def cotangent_like(cotangent, primal, varying: frozenset | None = None):
+    """``cotangent`` typed over the manual axes as its ``primal``, as ``custom_vjp``
+    requires inside ``shard_map``: summed (``psum``) over the axes it varies over
+    (``varying``, default its own type) where the primal is replicated, since every shard
+    used that primal; marked varying where the primal varies and it does not."""
+    own = manual_axes(cotangent)
+    varying = own if varying is None else varying
+    if missing := varying - own:
+        cotangent = jax.lax.pcast(cotangent, tuple(sorted(missing)), to="varying")
+    primal_axes = manual_axes(primal)
+    if extra := varying - primal_axes:
+        cotangent = jax.lax.psum(cotangent, tuple(sorted(extra)))
+    if missing := primal_axes - varying:
+        cotangent = jax.lax.pcast(cotangent, tuple(sorted(missing)), to="varying")
+    return cotangent

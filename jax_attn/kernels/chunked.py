@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_attn.kernels import online_softmax
-from jax_attn.kernels.base import Implementation
+from jax_attn.kernels.base import Implementation, cotangent_like
 from jax_attn.kernels.online_softmax import MASKED_LOGIT
 from jax_attn.mask_functions import (
     block_mask_arrays,
@@ -496,17 +496,9 @@ def _chunked_core_bwd(plan, residuals, d_out):
 
 
 def _like_primal(cotangent, primal):
-    """``cotangent`` in ``primal``'s dtype and, inside ``shard_map``, varying over the same
-    manual axes: a primal that is replicated over an axis the cotangent varies over (shared
-    keys/values, learned queries) was used by every shard, so its gradient is the sum over
-    that axis (``psum``), as ``custom_vjp`` requires of the types."""
-    cotangent = cotangent.astype(primal.dtype)
-    ct_axes, primal_axes = jax.typeof(cotangent).mat.varying, jax.typeof(primal).mat.varying
-    if extra := ct_axes - primal_axes:
-        cotangent = jax.lax.psum(cotangent, tuple(sorted(extra)))
-    if missing := primal_axes - ct_axes:
-        cotangent = jax.lax.pcast(cotangent, tuple(sorted(missing)), to="varying")
-    return cotangent
+    """``cotangent`` in ``primal``'s dtype and manual-axis type (shared keys/values or
+    learned queries inside ``shard_map``)."""
+    return cotangent_like(cotangent.astype(primal.dtype), primal)
 
 
 _chunked_core.defvjp(_chunked_core_fwd, _chunked_core_bwd)

@@ -37,7 +37,7 @@ from jax import lax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_attn.kernels.base import Implementation
+from jax_attn.kernels.base import Implementation, cotangent_like, manual_axes
 from jax_attn.kernels.online_softmax import (
     MASKED_LOGIT,
     PartialAttention,
@@ -507,33 +507,19 @@ def _ring_attention(ring: _Ring, q, k, v, kv_lengths):
     return _ring_attention_fwd(ring, q, k, v, kv_lengths)[0]
 
 
-def _varying(x) -> frozenset:
-    return jax.typeof(x).mat.varying
-
-
 def _ring_attention_fwd(ring: _Ring, q, k, v, kv_lengths):
     out, residuals = _ring_forward(ring, q, k, v, kv_lengths)
     # inside an outer shard_map the output varies over the manual axes its inputs vary over
-    axes = frozenset().union(*(_varying(x) for x in (q, k, v, kv_lengths) if x is not None))
-    if missing := axes - _varying(out):
+    axes = frozenset().union(*(manual_axes(x) for x in (q, k, v, kv_lengths) if x is not None))
+    if missing := axes - manual_axes(out):
         out = lax.pcast(out, tuple(sorted(missing)), to="varying")
     # inside an outer shard_map: empty arrays that carry q/k/v's manual-axis types (the inner
     # shard_map, check_vma=False, drops them from its outputs)
     types = tuple(
-        lax.pcast(jnp.zeros((0,), x.dtype), tuple(sorted(_varying(x))), to="varying")
+        lax.pcast(jnp.zeros((0,), x.dtype), tuple(sorted(manual_axes(x))), to="varying")
         for x in (q, k, v)
     )
     return out, (residuals, kv_lengths, types)
-
-
-def _like_primal(grad, primal, axes):
-    """``grad`` (varying over ``axes`` in fact) typed as its primal: summed (``psum``) over
-    the axes the primal is replicated over, as ``custom_vjp`` requires inside ``shard_map``."""
-    if missing := axes - _varying(grad):
-        grad = lax.pcast(grad, tuple(sorted(missing)), to="varying")
-    if extra := axes - _varying(primal):
-        grad = lax.psum(grad, tuple(sorted(extra)))
-    return grad
 
 
 def _ring_attention_bwd(ring: _Ring, residuals, d_out):
@@ -559,8 +545,8 @@ def _ring_attention_bwd(ring: _Ring, residuals, d_out):
     lengths = () if kv_lengths is None else (kv_lengths,)
     in_specs = (spec,) * 6 + (P(ring.batch_axis_name),) * len(lengths)
     grads = _shard_map(ring, local, in_specs, (spec,) * 3)(*residuals, d_out, *lengths)
-    axes = frozenset().union(*map(_varying, (d_out, *types)))
-    return (*(_like_primal(g, t, axes) for g, t in zip(grads, types, strict=True)), None)
+    axes = frozenset().union(*map(manual_axes, (d_out, *types)))
+    return (*(cotangent_like(g, t, axes) for g, t in zip(grads, types, strict=True)), None)
 
 
 _ring_attention.defvjp(_ring_attention_fwd, _ring_attention_bwd)
