@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from jax_attn.mask_functions import evaluate_mask, evaluate_score
 from jax_attn.masks import as_4d, build_attention_mask, make_dropout_mask
-from jax_attn.validation import AttentionCall, attention_entry
+from jax_attn.validation import AttentionCall, KernelInputs, attention_entry
 
 __all__ = ["call_mask", "dot_product_attention", "reference_attention"]
 
@@ -47,24 +47,10 @@ def call_mask(call: AttentionCall, mask=None, query_seq_lengths=None, key_value_
     )
 
 
-def reference_attention(
-    q,
-    k,
-    v,
-    *,
-    call: AttentionCall,
-    mask=None,
-    bias=None,
-    query_seq_lengths=None,
-    key_value_seq_lengths=None,
-    dropout_rng=None,
-    mask_fn=None,
-    score_fn=None,
-    block_mask=None,
-):
+def reference_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs):
     """The oracle on batched q ``[B, T, N, H]``, k, v ``[B, S, K, H(_v)]`` for an
-    already validated ``call`` -> ``[B, T, N, H_v]`` in ``call.dtype``."""
-    del block_mask  # a plan for skipping blocks; mask_fn alone says what is masked
+    already validated ``call`` -> ``[B, T, N, H_v]`` in ``call.dtype`` (``inputs.block_mask``
+    plans block skipping and changes nothing here)."""
     B, T, N, H, S, K, G = call.B, call.T, call.N, call.H, call.S, call.K, call.G
     compute = call.compute_dtype
     q, k, v = q.astype(compute), k.astype(compute), v.astype(compute)
@@ -73,19 +59,19 @@ def reference_attention(
     logits = jnp.einsum("BTKGH,BSKH->BKGTS", q.reshape(B, T, K, G, H), k)
     logits = logits.reshape(B, N, T, S) * jnp.asarray(call.scale, compute)
     q_idx, kv_idx = jnp.arange(T, dtype=jnp.int32), jnp.arange(S, dtype=jnp.int32)
-    if score_fn is not None:
-        logits = evaluate_score(score_fn, logits, q_idx, kv_idx)
-    if bias is not None:
-        logits = logits + as_4d(jnp.asarray(bias).astype(compute))
-    allowed = call_mask(call, mask, query_seq_lengths, key_value_seq_lengths)
-    if mask_fn is not None:
-        by_fn = evaluate_mask(mask_fn, B, N, q_idx, kv_idx)
+    if inputs.score_fn is not None:
+        logits = evaluate_score(inputs.score_fn, logits, q_idx, kv_idx)
+    if inputs.bias is not None:
+        logits = logits + as_4d(jnp.asarray(inputs.bias).astype(compute))
+    allowed = call_mask(call, inputs.mask, inputs.query_seq_lengths, inputs.key_value_seq_lengths)
+    if inputs.mask_fn is not None:
+        by_fn = evaluate_mask(inputs.mask_fn, B, N, q_idx, kv_idx)
         allowed = by_fn if allowed is None else allowed & by_fn
     allowed = logits > -jnp.inf if allowed is None else allowed & (logits > -jnp.inf)
     masked_logits = jnp.where(allowed, logits, -0.7 * jnp.finfo(compute).max)
     weights = jnp.where(allowed, jax.nn.softmax(masked_logits, axis=-1), 0.0)
     if call.dropout_rate > 0.0:
-        keep = make_dropout_mask(dropout_rng, call.dropout_rate, (B, N, T, S))
+        keep = make_dropout_mask(inputs.dropout_rng, call.dropout_rate, (B, N, T, S))
         weights = jnp.where(keep, weights / (1.0 - call.dropout_rate), 0.0)
 
     # [B, T, K, G, H_v]

@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # shape annotations only; see jax_attn.shapes
 __all__ = [
     "batched_inputs",
     "AttentionCall",
+    "KernelInputs",
     "attention_entry",
     "attention_signature",
     "compute_dtype",
@@ -86,6 +87,26 @@ class AttentionCall:
     @property
     def compute_dtype(self) -> np.dtype:
         return compute_dtype(self.dtype)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class KernelInputs:
+    """What a kernel receives besides q, k, v and the :class:`AttentionCall`: the call's
+    per-call arrays and functions, ``None`` where the call has none (batched as q is; the
+    :class:`AttentionCall` says which came). ``mask_fn`` defaults to ``block_mask``'s."""
+
+    mask: Mask | None = None
+    bias: Float[Array, "*bias"] | None = None
+    query_seq_lengths: Lengths | None = None
+    key_value_seq_lengths: Lengths | None = None
+    dropout_rng: PRNGKey | None = None
+    mask_fn: Callable | None = None
+    score_fn: Callable | None = None
+    block_mask: BlockMask | None = None
+
+    def __post_init__(self):
+        if self.mask_fn is None and self.block_mask is not None:
+            object.__setattr__(self, "mask_fn", self.block_mask.mask_fn)
 
 
 def compute_dtype(dtype) -> np.dtype:
@@ -436,8 +457,7 @@ def attention_signature(
 
 
 _SIGNATURE = inspect.signature(attention_signature)
-# What an implementation's ``fn`` receives besides q, k, v and the validated call.
-_KERNEL_ARGUMENTS = ("mask", "bias", "query_seq_lengths", "key_value_seq_lengths", "dropout_rng")
+_KERNEL_INPUTS = tuple(field.name for field in dataclasses.fields(KernelInputs))
 
 
 def attention_entry(select: Callable[[AttentionCall, str | None], Callable], module: str, doc: str):
@@ -445,10 +465,8 @@ def attention_entry(select: Callable[[AttentionCall, str | None], Callable], mod
 
     It checks its arguments (:func:`check_attention_args`), asks
     ``select(call, implementation)`` for the kernel, runs it on batched inputs
-    (``fn(q, k, v, *, call, mask, bias, query_seq_lengths, key_value_seq_lengths,
-    dropout_rng)`` and those of ``mask_fn``, ``score_fn``, ``block_mask`` that were passed,
-    ``mask_fn`` taken from ``block_mask`` when left out) and returns the output unbatched
-    when the inputs were.
+    (``fn(q, k, v, *, call, inputs)``, ``inputs`` the call's :class:`KernelInputs`) and
+    returns the output unbatched when the inputs were.
     ``module`` and ``doc`` make it document (and doctest) as a function of ``module``.
     """
 
@@ -460,10 +478,8 @@ def attention_entry(select: Callable[[AttentionCall, str | None], Callable], mod
         call = check_attention_args(**arguments)
         kernel = select(call, implementation)
         q, k, v = batched_inputs(call, query, key, value)
-        if arguments["block_mask"] is not None and arguments["mask_fn"] is None:
-            arguments["mask_fn"] = arguments["block_mask"].mask_fn
-        names = _KERNEL_ARGUMENTS + tuple(n for n in FUNCTION_ARGUMENTS if arguments[n] is not None)
-        out = kernel(q, k, v, call=call, **{name: arguments[name] for name in names})
+        inputs = KernelInputs(**{name: arguments[name] for name in _KERNEL_INPUTS})
+        out = kernel(q, k, v, call=call, inputs=inputs)
         return out if call.batched else out[0]
 
     dot_product_attention.__module__ = module

@@ -15,8 +15,15 @@ from jax_attn.validation import AttentionCall
 class Implementation:
     """An attention kernel and what it supports.
 
-    ``fn(query, key, value, *, call, **attention_kwargs)`` takes batched inputs and the
-    validated :class:`~jax_attn.validation.AttentionCall`; ``unsupported(call, platform)``
+    ``fn(q, k, v, *, call, inputs) -> [B, T, N, H_v]`` (in ``call.dtype``) is the kernel
+    protocol: batched ``q [B, T, N, H]``, ``k [B, S, K, H]``, ``v [B, S, K, H_v]``,
+    ``call`` the validated :class:`~jax_attn.validation.AttentionCall` (shapes, dtype,
+    scale, causal, window, dropout rate, which optional inputs came) and ``inputs`` the
+    call's :class:`~jax_attn.validation.KernelInputs` (``mask``, ``bias``,
+    ``query_seq_lengths``, ``key_value_seq_lengths``, ``dropout_rng``, ``mask_fn``,
+    ``score_fn``, ``block_mask``; ``None`` where not passed), built once by
+    :func:`~jax_attn.validation.attention_entry`. A kernel reads only the inputs it
+    serves; ``unsupported`` declines calls with the others. ``unsupported(call, platform)``
     returns a human-readable reason it cannot serve the call, or ``None``;
     ``platforms`` lists the backends it runs on (``None``: all); ``functions`` names
     which of ``mask_fn``, ``score_fn``, ``block_mask`` it takes (the dispatcher declines

@@ -32,7 +32,7 @@ from jax_attn.mask_functions import (
     uses_batch_and_head,
 )
 from jax_attn.masks import make_dropout_mask
-from jax_attn.validation import AttentionCall
+from jax_attn.validation import AttentionCall, KernelInputs
 
 __all__ = [
     "MASKED_LOGIT",
@@ -566,27 +566,23 @@ def chunked_attention(
     v,
     *,
     call: AttentionCall,
-    mask=None,
-    bias=None,
-    query_seq_lengths=None,
-    key_value_seq_lengths=None,
-    dropout_rng=None,
-    mask_fn=None,
-    score_fn=None,
-    block_mask=None,
+    inputs: KernelInputs | None = None,
     query_chunk_size=None,
     key_chunk_size=None,
 ):
-    """The kernel on validated, batched inputs (the registry's ``"chunked"`` entry)."""
+    """The kernel on validated, batched inputs (the registry's ``"chunked"`` entry); called
+    directly, it takes chunk sizes, and ``inputs`` may be left out when there are none."""
+    inputs = KernelInputs() if inputs is None else inputs
+    mask, bias, block_mask = inputs.mask, inputs.bias, inputs.block_mask
     q_chunk, k_chunk = _chunk_sizes(call, query_chunk_size, key_chunk_size, block_mask)
     if call.T == 0 or call.S == 0:
         return jnp.zeros((call.B, call.T, call.N, call.H_v), call.dtype)
     # The scale goes into q once (not into every block of logits) where that is exact
     # enough: float32 inputs, or a power-of-two scale.
     prescale = call.dtype == np.float32 or float(np.log2(abs(call.scale) or 1.0)).is_integer()
-    mask_dims = (True, True) if mask_fn is None else uses_batch_and_head(mask_fn)
+    mask_dims = (True, True) if inputs.mask_fn is None else uses_batch_and_head(inputs.mask_fn)
     mask_fn, mask_consts, score_fn, score_consts = _closure_converted(
-        mask_fn, score_fn, call.compute_dtype
+        inputs.mask_fn, inputs.score_fn, call.compute_dtype
     )
     plan = _Plan(
         T=call.T,
@@ -603,7 +599,7 @@ def chunked_attention(
         mask_dims=mask_dims,
         score_fn=score_fn,
     )
-    rng = dropout_rng if call.dropout_rate > 0.0 else None
+    rng = inputs.dropout_rng if call.dropout_rate > 0.0 else None
     blocks = None if block_mask is None else (block_mask.any_blocks, block_mask.full_blocks)
     return _chunked_jit(
         plan,
@@ -615,8 +611,8 @@ def chunked_attention(
         v,
         mask,
         bias,
-        query_seq_lengths,
-        key_value_seq_lengths,
+        inputs.query_seq_lengths,
+        inputs.key_value_seq_lengths,
         rng,
         (blocks, mask_consts, score_consts),
     )

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from jax_attn.kernels.base import Implementation
 from jax_attn.kernels.xla import jax_nn_attention
-from jax_attn.validation import AttentionCall
+from jax_attn.validation import AttentionCall, KernelInputs
 
 
 def _nvidia_device():
@@ -44,8 +44,8 @@ def _cudnn_unsupported(call: AttentionCall, platform: str) -> str | None:
     return None
 
 
-def cudnn_attention(q, k, v, **kwargs):
-    return jax_nn_attention(q, k, v, implementation="cudnn", **kwargs)
+def cudnn_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs):
+    return jax_nn_attention(q, k, v, call=call, inputs=inputs, implementation="cudnn")
 
 
 IMPLEMENTATION = Implementation(

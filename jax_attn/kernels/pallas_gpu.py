@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_attn.kernels.base import Implementation
-from jax_attn.validation import AttentionCall
+from jax_attn.validation import AttentionCall, KernelInputs
 
 __all__ = [
     "BACKWARD_BLOCK",
@@ -208,12 +208,10 @@ def _pad_axis(x, axis: int, size: int):
     return jnp.pad(x, widths)
 
 
-def pallas_gpu_attention(
-    q, k, v, *, call, mask, bias, query_seq_lengths, key_value_seq_lengths, dropout_rng
-):
+def pallas_gpu_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs):
     """q ``[B, T, N, H]``, k, v ``[B, T, K, H]`` -> ``[B, T, N, H]`` through the Pallas GPU
-    kernel (interpret mode off the GPU)."""
-    del mask, bias, key_value_seq_lengths, dropout_rng  # declined by _pallas_gpu_unsupported
+    kernel (interpret mode off the GPU); of ``inputs`` only the query lengths (the others
+    are declined by ``_pallas_gpu_unsupported``)."""
     attention, reason = _kernel_api()
     if reason is not None:
         raise ValueError(f"pallas_gpu: {reason}")
@@ -241,7 +239,7 @@ def pallas_gpu_attention(
         interpret=jax.default_backend() != "gpu",
     )
     out = out[:, :T, :, :H]
-    return zero_empty_rows(out, rows_with_keys(call, query_seq_lengths=query_seq_lengths))
+    return zero_empty_rows(out, rows_with_keys(call, query_seq_lengths=inputs.query_seq_lengths))
 
 
 IMPLEMENTATION = pallas_implementation(

@@ -32,7 +32,7 @@ from jax_attn.kernels.pallas_gpu import (
     rows_with_keys,
     zero_empty_rows,
 )
-from jax_attn.validation import AttentionCall
+from jax_attn.validation import AttentionCall, KernelInputs
 
 __all__ = ["IMPLEMENTATION", "SEQUENCE_BLOCKS", "pallas_tpu_attention"]
 
@@ -136,12 +136,11 @@ def _pad_sequence(x, size: int):
     return jnp.pad(x, ((0, 0), (0, size - x.shape[1]), (0, 0), (0, 0)))
 
 
-def pallas_tpu_attention(
-    q, k, v, *, call, mask, bias, query_seq_lengths, key_value_seq_lengths, dropout_rng
-):
+def pallas_tpu_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs):
     """q ``[B, T, N, H]``, k ``[B, S, K, H]``, v ``[B, S, K, H_v]`` -> ``[B, T, N, H_v]``
-    through splash attention (interpret mode off the TPU)."""
-    del mask, bias, dropout_rng  # declined by _pallas_tpu_unsupported
+    through splash attention (interpret mode off the TPU); of ``inputs`` only the lengths
+    (the others are declined by ``_pallas_tpu_unsupported``)."""
+    key_value_seq_lengths = inputs.key_value_seq_lengths
     splash, reason = _kernel_api()
     if reason is not None:
         raise ValueError(f"pallas_tpu: {reason}")
@@ -182,7 +181,7 @@ def pallas_tpu_attention(
         )
     # [B, N, T_pad, H_v] -> [B, T, N, H_v]
     out = jnp.swapaxes(out, 1, 2)[:, :T]
-    has_keys = rows_with_keys(call, query_seq_lengths, key_value_seq_lengths)
+    has_keys = rows_with_keys(call, inputs.query_seq_lengths, key_value_seq_lengths)
     return zero_empty_rows(out, has_keys)
 
 

@@ -49,7 +49,7 @@ from jax_attn.kernels.online_softmax import (
     finalize,
     to_kernel_layout,
 )
-from jax_attn.validation import AttentionCall, compute_dtype
+from jax_attn.validation import AttentionCall, KernelInputs, compute_dtype
 
 __all__ = [
     "DEFAULT_MAX_BLOCK_SIZE",
@@ -672,16 +672,7 @@ def ring_attention_core(
     return _ring_attention(ring, q, k, v, kv_lengths)
 
 
-def ring_kernel(
-    q,
-    k,
-    v,
-    *,
-    call: AttentionCall,
-    query_seq_lengths=None,
-    key_value_seq_lengths=None,
-    **unused,
-):
+def ring_kernel(q, k, v, *, call: AttentionCall, inputs: KernelInputs):
     """The registry's ``"ring"`` entry: ring attention over the mesh set with
     ``jax.set_mesh``, on the axes of :func:`current_ring_axes` (read now, at trace time):
     the sequence over ``seq`` (default ``"seq"``), the batch over ``batch`` (``"data"``)
@@ -699,15 +690,15 @@ def ring_kernel(
         call=call,
         mesh=mesh,
         axis_name=axes.seq,
-        kv_lengths=key_value_seq_lengths,
+        kv_lengths=inputs.key_value_seq_lengths,
         batch_axis_name=_optional_axis(mesh, axes.batch, call.B),
         head_axis_name=_optional_axis(mesh, axes.heads, call.K),
     )
-    if query_seq_lengths is not None:
+    if inputs.query_seq_lengths is not None:
         # [B, T]
         query_ok = (
             jnp.arange(call.T, dtype=jnp.int32)[None, :]
-            < jnp.asarray(query_seq_lengths).astype(jnp.int32)[:, None]
+            < jnp.asarray(inputs.query_seq_lengths).astype(jnp.int32)[:, None]
         )
         out = jnp.where(query_ok[:, :, None, None], out, jnp.zeros((), out.dtype))
     return out

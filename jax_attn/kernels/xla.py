@@ -17,7 +17,7 @@ from jax_attn.kernels.base import Implementation
 from jax_attn.mask_functions import evaluate_mask
 from jax_attn.masks import as_4d, build_attention_mask
 from jax_attn.reference import call_mask
-from jax_attn.validation import AttentionCall
+from jax_attn.validation import AttentionCall, KernelInputs
 
 
 def _xla_unsupported(call: AttentionCall, platform: str) -> str | None:
@@ -30,25 +30,14 @@ def _xla_unsupported(call: AttentionCall, platform: str) -> str | None:
     return None
 
 
-def jax_nn_attention(
-    q,
-    k,
-    v,
-    *,
-    call,
-    mask,
-    bias,
-    query_seq_lengths,
-    key_value_seq_lengths,
-    dropout_rng,
-    mask_fn=None,
-    implementation="xla",
-):
-    del dropout_rng
+def jax_nn_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs, implementation: str):
+    """``jax.nn.dot_product_attention(implementation=...)`` ("xla" or "cudnn") as a kernel
+    with this library's semantics (dropout is declined beforehand)."""
     T, S = call.T, call.S
-    if mask_fn is not None:
+    mask, bias = inputs.mask, inputs.bias
+    if inputs.mask_fn is not None:
         index = (jnp.arange(T, dtype=jnp.int32), jnp.arange(S, dtype=jnp.int32))
-        by_fn = evaluate_mask(mask_fn, call.B, call.N, *index)
+        by_fn = evaluate_mask(inputs.mask_fn, call.B, call.N, *index)
         mask = by_fn if mask is None else as_4d(mask) & by_fn
     # jax.nn aligns causal and window masks top-left; ours are bottom-right. They agree
     # when T == S; otherwise the masks go in explicitly. cuDNN takes a left window only,
@@ -76,10 +65,10 @@ def jax_nn_attention(
     if implementation == "cudnn":
         mask, bias = cudnn_mask_and_bias(mask, bias, T, S, q.dtype)
     lengths = {}
-    if query_seq_lengths is not None:
-        lengths["query_seq_lengths"] = jnp.asarray(query_seq_lengths, jnp.int32)
-    if key_value_seq_lengths is not None:
-        lengths["key_value_seq_lengths"] = jnp.asarray(key_value_seq_lengths, jnp.int32)
+    if inputs.query_seq_lengths is not None:
+        lengths["query_seq_lengths"] = jnp.asarray(inputs.query_seq_lengths, jnp.int32)
+    if inputs.key_value_seq_lengths is not None:
+        lengths["key_value_seq_lengths"] = jnp.asarray(inputs.key_value_seq_lengths, jnp.int32)
     # jax.nn mixes half precision with its float32 logits implicitly: allowed here even
     # when the caller runs with jax_numpy_dtype_promotion="strict".
     with jax.numpy_dtype_promotion("standard"):
@@ -98,7 +87,7 @@ def jax_nn_attention(
     # jax.nn spreads a fully masked row uniformly; ours is zero.
     can_empty = mask is not None or lengths or T > S
     if can_empty:
-        allowed = call_mask(call, mask, query_seq_lengths, key_value_seq_lengths)
+        allowed = call_mask(call, mask, inputs.query_seq_lengths, inputs.key_value_seq_lengths)
         if allowed is None:  # T > S, nothing masks: a row is empty only when S == 0
             allowed = jnp.ones((1, 1, T, S), bool)
         # [B, N, T] -> [B, T, N, 1]
@@ -120,11 +109,12 @@ def _half_as_float32(dtype) -> bool:
     return half and (jax.default_backend() == "cpu" or strict)
 
 
-def xla_attention(q, k, v, **kwargs):
+def xla_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs):
     if _half_as_float32(q.dtype):
         wide = (x.astype(jnp.float32) for x in (q, k, v))
-        return jax_nn_attention(*wide, implementation="xla", **kwargs).astype(q.dtype)
-    return jax_nn_attention(q, k, v, implementation="xla", **kwargs)
+        out = jax_nn_attention(*wide, call=call, inputs=inputs, implementation="xla")
+        return out.astype(q.dtype)
+    return jax_nn_attention(q, k, v, call=call, inputs=inputs, implementation="xla")
 
 
 IMPLEMENTATION = Implementation(

@@ -131,10 +131,9 @@ def test_skipped_blocks_are_never_read_forward_or_backward(make_qkv, with_block_
             k,
             v,
             call=ja.validation.check_attention_args(q, k, v, mask_fn=first_keys),
-            mask_fn=first_keys,
+            inputs=ja.validation.KernelInputs(mask_fn=first_keys, **extra),
             query_chunk_size=4,
             key_chunk_size=4,
-            **extra,
         )
         return jnp.sum(out**2), out
 

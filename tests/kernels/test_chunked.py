@@ -10,7 +10,7 @@ import pytest
 import jax_attn as ja
 from jax_attn import reference
 from jax_attn.kernels import chunked
-from jax_attn.validation import check_attention_args
+from jax_attn.validation import KernelInputs, check_attention_args
 
 _ARRAYS = ("mask", "bias", "query_seq_lengths", "key_value_seq_lengths", "dropout_rng")
 
@@ -48,15 +48,15 @@ def _extras(name, T, S):
 def _chunked(q, k, v, *, query_chunk_size=None, key_chunk_size=None, **kwargs):
     """The registered kernel with chosen chunk sizes, called the way the dispatcher calls it."""
     call = check_attention_args(q, k, v, **kwargs)
-    arrays = {name: kwargs.get(name) for name in _ARRAYS}
+    inputs = KernelInputs(**{name: kwargs.get(name) for name in _ARRAYS})
     return chunked.chunked_attention(
         q,
         k,
         v,
         call=call,
+        inputs=inputs,
         query_chunk_size=query_chunk_size,
         key_chunk_size=key_chunk_size,
-        **arrays,
     )
 
 
