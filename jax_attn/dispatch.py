@@ -14,7 +14,7 @@ from collections.abc import Callable
 import jax
 
 from jax_attn import reference
-from jax_attn.kernels import chunked, cudnn, pallas_gpu, pallas_tpu, ring, xla
+from jax_attn.kernels import chunked, cpu_flash, cudnn, pallas_gpu, pallas_tpu, ring, xla
 from jax_attn.kernels.base import Implementation
 from jax_attn.validation import FUNCTION_ARGUMENTS, AttentionCall, attention_entry
 
@@ -31,16 +31,19 @@ __all__ = [
 
 _REGISTRY: dict[str, Implementation] = {}
 # Preference order per platform for implementation=None (first supporting one wins);
-# :func:`preference_order` moves "xla" ahead of "chunked" for the calls below the
+# :func:`preference_order` moves "xla" ahead of the tiled kernels for the calls below the
 # thresholds that follow.
 PREFERENCE: dict[str, list[str]] = {
-    "cpu": ["chunked", "xla", "reference"],
+    "cpu": ["cpu_flash", "chunked", "xla", "reference"],
     "gpu": ["cudnn", "pallas_gpu", "xla", "chunked", "reference"],
     "tpu": ["pallas_tpu", "xla", "chunked", "reference"],
 }
-# "chunked" goes first only from this many queries T on: with fewer (decoding) it has no
-# block to skip and its loop costs more than "xla" (measured on CPU: T=1..4 against 64..1024
-# keys, chunked 1.3x slower; T >= 8 chunked faster; see docs/performance.md).
+# The kernels that loop over query and key tiles, skipping the empty ones.
+TILED = ("cpu_flash", "chunked")
+# The tiled kernels go first only from this many queries T on: with fewer (decoding) there
+# is no tile to skip and their per-call work costs more than "xla" (measured on CPU:
+# chunked 1.3x slower than xla at T=1..4 against 64..1024 keys, faster from T >= 8;
+# cpu_flash 2.4x slower at T=1 against 4096 keys, faster from T=16; docs/performance.md).
 CHUNKED_MIN_QUERIES: dict[str, int] = {"cpu": 8, "gpu": 8, "tpu": 8}
 # ... and, where "xla" is listed first (GPU, TPU), only from this many bytes of float32
 # logits [B, N, T, S] on, where materialising them costs memory the device may not have.
@@ -49,17 +52,19 @@ CHUNKED_MIN_LOGIT_BYTES: dict[str, int] = {"cpu": 0, "gpu": 2**30, "tpu": 2**30}
 
 
 def preference_order(call: AttentionCall, platform: str) -> list[str]:
-    """The platform's :data:`PREFERENCE` adjusted for the call's size."""
+    """The platform's :data:`PREFERENCE` adjusted for the call's size: "xla" right before
+    the first :data:`TILED` kernel for short or small calls, right after the last one
+    otherwise."""
     order = list(PREFERENCE.get(platform, ["reference"]))
-    if "chunked" not in order or "xla" not in order:
+    if "xla" not in order or not any(name in order for name in TILED):
         return order
     logit_bytes = 4 * call.B * call.N * call.T * call.S
-    wants_chunked = call.T >= CHUNKED_MIN_QUERIES.get(
+    wants_tiled = call.T >= CHUNKED_MIN_QUERIES.get(
         platform, 8
     ) and logit_bytes >= CHUNKED_MIN_LOGIT_BYTES.get(platform, 0)
-    first, second = ("chunked", "xla") if wants_chunked else ("xla", "chunked")
-    i, j = sorted((order.index("chunked"), order.index("xla")))
-    order[i], order[j] = first, second
+    order.remove("xla")
+    tiled = [i for i, name in enumerate(order) if name in TILED]
+    order.insert(tiled[-1] + 1 if wants_tiled else tiled[0], "xla")
     return order
 
 
@@ -180,5 +185,5 @@ register_implementation(
         functions=frozenset(FUNCTION_ARGUMENTS),
     )
 )
-for _kernel in (xla, cudnn, chunked, pallas_gpu, pallas_tpu, ring):
+for _kernel in (xla, cudnn, chunked, cpu_flash, pallas_gpu, pallas_tpu, ring):
     register_implementation(_kernel.IMPLEMENTATION)

@@ -43,6 +43,16 @@ def manual_axes(x) -> frozenset:
     return jax.typeof(x).mat.varying
 
 
+def varying_like(x, *inputs):
+    """``x`` typed as varying over every manual axis one of ``inputs`` varies over: inside
+    ``jax.shard_map``, what a kernel computes from its inputs varies as they do (a custom
+    call's output, or a nested ``shard_map``'s, comes back typed invariant)."""
+    axes = frozenset().union(*(manual_axes(i) for i in inputs if i is not None))
+    if missing := axes - manual_axes(x):
+        x = jax.lax.pcast(x, tuple(sorted(missing)), to="varying")
+    return x
+
+
 def cotangent_like(cotangent, primal, varying: frozenset | None = None):
     """``cotangent`` typed over the manual axes as its ``primal``, as ``custom_vjp``
     requires inside ``shard_map``: summed (``psum``) over the axes it varies over

@@ -37,7 +37,7 @@ from jax import lax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_attn.kernels.base import Implementation, cotangent_like, manual_axes
+from jax_attn.kernels.base import Implementation, cotangent_like, manual_axes, varying_like
 from jax_attn.kernels.online_softmax import (
     MASKED_LOGIT,
     PartialAttention,
@@ -509,10 +509,7 @@ def _ring_attention(ring: _Ring, q, k, v, kv_lengths):
 
 def _ring_attention_fwd(ring: _Ring, q, k, v, kv_lengths):
     out, residuals = _ring_forward(ring, q, k, v, kv_lengths)
-    # inside an outer shard_map the output varies over the manual axes its inputs vary over
-    axes = frozenset().union(*(manual_axes(x) for x in (q, k, v, kv_lengths) if x is not None))
-    if missing := axes - manual_axes(out):
-        out = lax.pcast(out, tuple(sorted(missing)), to="varying")
+    out = varying_like(out, q, k, v, kv_lengths)
     # inside an outer shard_map: empty arrays that carry q/k/v's manual-axis types (the inner
     # shard_map, check_vma=False, drops them from its outputs)
     types = tuple(

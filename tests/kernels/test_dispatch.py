@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jax_attn import dispatch, reference
-from jax_attn.kernels import cudnn
+from jax_attn.kernels import cpu_flash, cudnn
 from jax_attn.validation import check_attention_args
 
 
@@ -28,12 +28,18 @@ def _call(T, S=None, **kwargs):
     return check_attention_args(q, k, v, **kwargs)
 
 
+# float32 from T = 8 on: the compiled kernel where it builds, else chunked
+TILED_FLOAT32 = "cpu_flash" if cpu_flash.build_reason() is None else "chunked"
+
+
 @pytest.mark.parametrize(
     "T, kwargs, expected",
     [
-        (16, {"is_causal": True}, "chunked"),  # CPU: chunked from T = 8 on
+        (16, {"is_causal": True}, TILED_FLOAT32),
         (1, {}, "xla"),  # decoding: one query, xla first
-        (1, {"dropout_rate": 0.1, "dropout_rng": jax.random.key(0)}, "chunked"),  # xla: no dropout
+        # xla and cpu_flash: no dropout
+        (1, {"dropout_rate": 0.1, "dropout_rng": jax.random.key(0)}, "chunked"),
+        (16, {"dropout_rate": 0.1, "dropout_rng": jax.random.key(0)}, "chunked"),
     ],
 )
 def test_default_picks_a_supporting_implementation_and_matches_reference(T, kwargs, expected):
@@ -93,6 +99,12 @@ def test_gpu_preference_puts_cudnn_first_and_chunked_before_xla_for_huge_logits(
     assert dispatch.preference_order(small, "gpu")[:4] == ["cudnn", "pallas_gpu", "xla", "chunked"]
     huge = dataclasses.replace(small, B=1, N=16, T=65536, S=65536)
     assert dispatch.preference_order(huge, "gpu")[:4] == ["cudnn", "pallas_gpu", "chunked", "xla"]
+
+
+def test_cpu_preference_puts_xla_before_the_tiled_kernels_when_decoding():
+    order = ["cpu_flash", "chunked", "xla", "reference"]
+    assert dispatch.preference_order(_call(16), "cpu") == order
+    assert dispatch.preference_order(_call(1, 64), "cpu") == ["xla", *order[:2], "reference"]
 
 
 @pytest.mark.parametrize(

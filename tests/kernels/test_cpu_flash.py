@@ -1,0 +1,137 @@
+"""The compiled CPU kernel ("cpu_flash") against the reference: shapes that cross its
+64-row tiles, every mask it serves, gradients, transformations, and its build."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import allowed_error, attention_float64, make_qkv
+
+import jax_attn as ja
+from jax_attn import dispatch
+from jax_attn.kernels import cpu_flash
+from jax_attn.validation import check_attention_args
+
+pytestmark = pytest.mark.skipif(
+    cpu_flash.build_reason() is not None and cpu_flash._compiler() is None,
+    reason=f"cpu_flash: {cpu_flash.build_reason()}",
+)
+
+# T and S cross the 64-row tiles (two and three of them); H and H_v are not multiples of 16.
+SHAPE = dict(B=2, T=70, S=130, N=4, K=2, H=24, H_v=40)
+CASES = {
+    "plain": {},
+    "causal": {"is_causal": True},
+    "window": {"local_window_size": (20, 3)},
+    "causal_window": {"is_causal": True, "local_window_size": (33, 0)},
+    "lengths": {
+        "is_causal": True,
+        "query_seq_lengths": jnp.array([70, 9]),
+        "key_value_seq_lengths": jnp.array([0, 100]),
+    },
+    "scale": {"scale": 0.05},
+}
+
+
+def test_it_builds_where_a_compiler_is():
+    assert cpu_flash.build_reason() is None
+    assert "cpu_flash" in ja.available_implementations()
+
+
+def _flash(q, k, v, **kwargs):
+    return ja.dot_product_attention(q, k, v, implementation="cpu_flash", **kwargs)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_output_equals_float64_reference(case):
+    q, k, v = make_qkv(**SHAPE)
+    kwargs = CASES[case]
+    want = attention_float64(q, k, v, **kwargs)
+    got = jax.jit(lambda q, k, v: _flash(q, k, v, **kwargs))(q, k, v)
+    assert got.dtype == jnp.float32 and got.shape == (2, 70, 4, 40)
+    np.testing.assert_allclose(got, want, rtol=0, atol=allowed_error(q, k, v, want, **kwargs))
+
+
+@pytest.mark.parametrize("case", ["causal", "window", "lengths"])
+def test_gradients_equal_the_references(case):
+    q, k, v = make_qkv(**SHAPE)
+    kwargs = CASES[case]
+    # a loss that weighs every output element differently
+    weights = jnp.asarray(np.random.default_rng(7).standard_normal((2, 70, 4, 40)), jnp.float32)
+
+    def grads(implementation):
+        def loss(q, k, v):
+            out = ja.dot_product_attention(q, k, v, implementation=implementation, **kwargs)
+            return jnp.sum(out * weights)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    for name, got, want in zip("qkv", grads("cpu_flash"), grads("reference"), strict=True):
+        scale = float(jnp.abs(want).max())
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * scale, err_msg=f"d{name}")
+
+
+def test_mqa_and_t_longer_than_s():
+    q, k, v = make_qkv(B=1, T=130, S=65, N=3, K=1, H=16)
+    want = attention_float64(q, k, v, is_causal=True)  # bottom-right: early rows see nothing
+    got = _flash(q, k, v, is_causal=True)
+    np.testing.assert_allclose(got, want, rtol=0, atol=allowed_error(q, k, v, want))
+    assert not jnp.any(got[:, : 130 - 65]), "rows before the first key must be zero"
+
+
+def test_vmap_and_unbatched_calls():
+    q, k, v = make_qkv(B=3, T=20, S=20, N=2, K=2, H=8)
+    per_row = jax.vmap(lambda q, k, v: _flash(q, k, v, is_causal=True))(q, k, v)
+    batched = _flash(q, k, v, is_causal=True)
+    np.testing.assert_allclose(per_row, batched, rtol=0, atol=1e-6)
+    # vmap over a batch of batches: the leading axes fold into the kernel's batch
+    stacked = jax.vmap(lambda q: _flash(q, k, v, is_causal=True))(jnp.stack([q, 2 * q]))
+    np.testing.assert_allclose(stacked[0], batched, rtol=0, atol=1e-6)
+
+
+def test_x64_mode_with_float32_inputs():
+    with jax.enable_x64(True):
+        q, k, v = make_qkv(B=1, T=9, S=9, N=2, K=1, H=8)
+        lengths = jnp.array([5], jnp.int64)
+        got = _flash(q, k, v, key_value_seq_lengths=lengths)
+        want = attention_float64(q, k, v, key_value_seq_lengths=lengths)
+        np.testing.assert_allclose(got, want, rtol=0, atol=allowed_error(q, k, v, want))
+
+
+def test_declines_what_it_does_not_serve():
+    q, k, v = make_qkv(B=1, T=8, S=8, N=2, K=1, H=8)
+    declined = {
+        "mask": ({"mask": jnp.ones((8, 8), bool)}, "no mask"),
+        "dropout": ({"dropout_rate": 0.1, "dropout_rng": jax.random.key(0)}, "dropout"),
+    }
+    for options, reason in declined.values():
+        call = check_attention_args(q, k, v, **options)
+        assert reason in dispatch.unsupported_reason("cpu_flash", call, "cpu")
+    half = check_attention_args(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
+    assert "float32 only" in dispatch.unsupported_reason("cpu_flash", half, "cpu")
+    call = check_attention_args(q, k, v)
+    assert "cpu only" in dispatch.unsupported_reason("cpu_flash", call, "gpu")
+    mesh = jax.make_mesh((8,), ("data",))
+    with jax.set_mesh(mesh):
+        assert "'data'" in dispatch.unsupported_reason("cpu_flash", call, "cpu")
+        assert dispatch.select_implementation(call, "cpu") == "chunked"
+
+
+def test_build_errors_and_the_switch_say_why(tmp_path, monkeypatch):
+    monkeypatch.setenv(cpu_flash.CACHE_ENV, str(tmp_path))
+    with pytest.raises(RuntimeError, match="failed"):
+        cpu_flash._build("false")  # a "compiler" that always fails
+    assert not list(tmp_path.glob("*.so"))
+    monkeypatch.setenv(cpu_flash.ENABLE_ENV, "0")
+    assert "turned off" in cpu_flash._load.__wrapped__()
+
+
+@pytest.mark.slow  # compiles the kernel once more, in a fresh cache
+def test_the_built_library_is_cached_by_source_and_compiler(tmp_path, monkeypatch):
+    monkeypatch.setenv(cpu_flash.CACHE_ENV, str(tmp_path))
+    compiler = cpu_flash._compiler()
+    first = cpu_flash._build(compiler)
+    built_at = os.stat(first).st_mtime_ns
+    assert cpu_flash._build(compiler) == first and os.stat(first).st_mtime_ns == built_at
