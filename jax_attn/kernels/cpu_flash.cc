@@ -126,15 +126,20 @@ void Gemm(int M, int N, int depth, const float* A, int lda, const float* B, int 
 
 // ---- the problem -------------------------------------------------------------------
 
-struct Problem {
+// The call's attributes (jax.ffi.ffi_call keywords).
+struct Attributes {
+  bool causal;
+  float scale;
+  int64_t window_left, window_right;  // < 0: unbounded on that side
+};
+
+// The attributes, the shapes (leading axes folded into B) and the lengths [B].
+struct Problem : Attributes {
   int64_t B, T, S, N, K, H, Hv;
   int64_t G() const { return N / K; }
   int64_t Hp() const { return RoundUp16(H); }
   int64_t Hvp() const { return RoundUp16(Hv); }
   int64_t q_tiles() const { return (T + kTile - 1) / kTile; }
-  float scale;
-  bool causal;
-  int64_t window_left, window_right;  // < 0: unbounded on that side
   const int32_t* q_lengths;
   const int32_t* kv_lengths;
 
@@ -409,10 +414,11 @@ int64_t Leading(ffi::Span<const int64_t> dims) {
   return product;
 }
 
-ffi::Error MakeProblem(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
-                       const ffi::Buffer<ffi::F32>& v, const ffi::Buffer<ffi::S32>& q_lengths,
-                       const ffi::Buffer<ffi::S32>& kv_lengths, float scale, bool causal,
-                       int64_t window_left, int64_t window_right, Problem* p) {
+// Checks the shapes, fills `p` and packs the keys and values into `kv`.
+ffi::Error Prepare(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& q,
+                   const ffi::Buffer<ffi::F32>& k, const ffi::Buffer<ffi::F32>& v,
+                   const ffi::Buffer<ffi::S32>& q_lengths, const ffi::Buffer<ffi::S32>& kv_lengths,
+                   const Attributes& attributes, Problem* p, PackedKV* kv) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() < 3 || kd.size() != qd.size() || vd.size() != qd.size())
     return ffi::Error::InvalidArgument("cpu_flash: q, k, v must have the same rank >= 3");
@@ -424,24 +430,21 @@ ffi::Error MakeProblem(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F3
       static_cast<int64_t>(q_lengths.element_count()) != p->B ||
       static_cast<int64_t>(kv_lengths.element_count()) != p->B)
     return ffi::Error::InvalidArgument("cpu_flash: inconsistent q, k, v or lengths shapes");
-  p->scale = scale, p->causal = causal;
-  p->window_left = window_left, p->window_right = window_right;
+  static_cast<Attributes&>(*p) = attributes;
   p->q_lengths = q_lengths.typed_data(), p->kv_lengths = kv_lengths.typed_data();
+  Pack(pool, *p, k.typed_data(), v.typed_data(), *kv);
   return ffi::Error::Success();
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> q_lengths,
                    ffi::Buffer<ffi::S32> kv_lengths, ffi::ResultBuffer<ffi::F32> out,
-                   ffi::ResultBuffer<ffi::F32> lse, float scale, bool causal,
-                   int64_t window_left, int64_t window_right) {
+                   ffi::ResultBuffer<ffi::F32> lse, Attributes attributes) {
   Problem p;
-  if (auto error = MakeProblem(q, k, v, q_lengths, kv_lengths, scale, causal, window_left,
-                               window_right, &p);
+  PackedKV kv;
+  if (auto error = Prepare(pool, q, k, v, q_lengths, kv_lengths, attributes, &p, &kv);
       error.failure())
     return error;
-  PackedKV kv;
-  Pack(pool, p, k.typed_data(), v.typed_data(), kv);
   const float* qp = q.typed_data();
   float *op = out->typed_data(), *lp = lse->typed_data();
   ParallelFor(pool, p.B * p.N * p.q_tiles(),
@@ -454,15 +457,12 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::Buffer<ffi::S32> kv_lengths, ffi::Buffer<ffi::F32> out,
                     ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> d_out,
                     ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                    ffi::ResultBuffer<ffi::F32> dv, float scale, bool causal,
-                    int64_t window_left, int64_t window_right) {
+                    ffi::ResultBuffer<ffi::F32> dv, Attributes attributes) {
   Problem p;
-  if (auto error = MakeProblem(q, k, v, q_lengths, kv_lengths, scale, causal, window_left,
-                               window_right, &p);
+  PackedKV kv;
+  if (auto error = Prepare(pool, q, k, v, q_lengths, kv_lengths, attributes, &p, &kv);
       error.failure())
     return error;
-  PackedKV kv;
-  Pack(pool, p, k.typed_data(), v.typed_data(), kv);
   const float *qp = q.typed_data(), *op = out.typed_data(), *lp = lse.typed_data();
   const float* dop = d_out.typed_data();
   float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
@@ -474,11 +474,16 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
 
 }  // namespace
 
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(Attributes, ::xla::ffi::StructMember<bool>("causal"),
+                                      ::xla::ffi::StructMember<float>("scale"),
+                                      ::xla::ffi::StructMember<int64_t>("window_left"),
+                                      ::xla::ffi::StructMember<int64_t>("window_right"));
+
 extern "C" int JaxAttnCpuSupported() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
-// q, k, v and the lengths, first in both handlers' bindings; the attributes, last.
+// q, k, v and the lengths, first in both handlers' bindings.
 auto BindInputs() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
@@ -489,27 +494,20 @@ auto BindInputs() {
       .Arg<ffi::Buffer<ffi::S32>>();
 }
 
-template <typename Binding>
-auto BindAttributes(Binding binding) {
-  return std::move(binding)
-      .template Attr<float>("scale")
-      .template Attr<bool>("causal")
-      .template Attr<int64_t>("window_left")
-      .template Attr<int64_t>("window_right");
-}
-
 // (q, k, v, q_lengths, kv_lengths) -> (out, lse)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxAttnFlashForward, Forward,
-                              BindAttributes(BindInputs()
-                                                 .Ret<ffi::Buffer<ffi::F32>>()
-                                                 .Ret<ffi::Buffer<ffi::F32>>()));
+                              BindInputs()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attrs<Attributes>());
 
 // (q, k, v, q_lengths, kv_lengths, out, lse, d_out) -> (dq, dk, dv)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxAttnFlashBackward, Backward,
-                              BindAttributes(BindInputs()
-                                                 .Arg<ffi::Buffer<ffi::F32>>()
-                                                 .Arg<ffi::Buffer<ffi::F32>>()
-                                                 .Arg<ffi::Buffer<ffi::F32>>()
-                                                 .Ret<ffi::Buffer<ffi::F32>>()
-                                                 .Ret<ffi::Buffer<ffi::F32>>()
-                                                 .Ret<ffi::Buffer<ffi::F32>>()));
+                              BindInputs()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attrs<Attributes>());
