@@ -13,9 +13,9 @@
 //
 // Forward: one work item is (batch, query head, tile of kTile query rows); it walks the
 // key tiles its rows may see with the online softmax (running max m, sum l, unnormalised
-// accumulator). Backward (FlashAttention-2): one work item is (batch, key/value head);
-// it owns dK, dV of that head and dQ of its G query heads, so no two threads write the
-// same gradient. Items run on XLA's intra-op thread pool.
+// accumulator). Backward (FlashAttention-2): one work item is (batch, key/value head,
+// share of its key tiles); it owns dK, dV of its key tiles and adds its dQ share under a
+// lock per query tile. Items run on XLA's intra-op thread pool.
 
 #include <immintrin.h>
 
@@ -307,46 +307,63 @@ void ForwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float
 
 // ---- backward ------------------------------------------------------------------------
 
-// One (batch, kv head): key tiles outer (dK, dV of the tile in registers' reach), then
-// its G query heads and the query tiles that see the key tile.
-void BackwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float* q,
-                  const float* out, const float* lse, const float* d_out, float* dq, float* dk,
-                  float* dv) {
-  const int64_t b = item / p.K, kh = item % p.K, G = p.G(), tiles = p.q_tiles();
+// What the backward shares across work items, per (batch, kv head) and its G query heads:
+// scale * q [G, T_pad, Hp], dO [G, T_pad, Hvp], delta = rowsum(dO * O) [G, T_pad] and the
+// dQ / scale accumulator [G, T_pad, Hp], with one lock per query tile of the accumulator.
+struct BackwardShared {
+  int64_t T_pad, splits;
+  std::vector<float> qs, dos, delta, dqs;
+  std::unique_ptr<std::mutex[]> tile_locks;
+  BackwardShared(const Problem& p, int64_t splits)
+      : T_pad(p.q_tiles() * kTile), splits(splits),
+        qs(p.B * p.N * T_pad * p.Hp(), 0.0f), dos(p.B * p.N * T_pad * p.Hvp(), 0.0f),
+        delta(p.B * p.N * T_pad, 0.0f), dqs(p.B * p.N * T_pad * p.Hp(), 0.0f),
+        tile_locks(new std::mutex[p.B * p.N * p.q_tiles()]) {}
+  // Row t of query head n (= kh * G + g) of batch b in a [B, N, T_pad, width] array.
+  int64_t Row(const Problem& p, int64_t b, int64_t n, int64_t t) const {
+    return (b * p.N + n) * T_pad + t;
+  }
+};
+
+// Lays out q, dO and delta of batch b, query head n.
+void BackwardPrepare(const Problem& p, BackwardShared& w, int64_t b, int64_t n, const float* q,
+                     const float* out, const float* d_out) {
+  const int64_t Hp = p.Hp(), Hvp = p.Hvp();
+  for (int64_t t = 0; t < p.T; ++t) {
+    const int64_t at = (b * p.T + t) * p.N + n, row = w.Row(p, b, n, t);
+    float acc = 0.0f;
+    for (int64_t h = 0; h < p.Hv; ++h) {
+      acc += out[at * p.Hv + h] * d_out[at * p.Hv + h];
+      w.dos[row * Hvp + h] = d_out[at * p.Hv + h];
+    }
+    w.delta[row] = acc;
+    for (int64_t h = 0; h < p.H; ++h) w.qs[row * Hp + h] = q[at * p.H + h] * p.scale;
+  }
+}
+
+// One (batch, kv head, split): the key tiles s with s % splits == split (interleaved, so
+// that the causal mask leaves each split a similar share). It owns dK, dV of its key tiles
+// and adds its dQ share into the shared accumulator under the query tile's lock.
+void BackwardItem(const Problem& p, const PackedKV& kv, BackwardShared& w, int64_t item,
+                  const float* lse, float* dk, float* dv) {
+  const int64_t split = item % w.splits, b = item / w.splits / p.K, kh = item / w.splits % p.K;
+  const int64_t G = p.G(), tiles = p.q_tiles();
   const int Hp = static_cast<int>(p.Hp()), Hvp = static_cast<int>(p.Hvp());
-  const int64_t T_pad = tiles * kTile;
-  thread_local std::vector<float> qs, dos, dqs, delta, vt, kb, prob, dprob, dks, dvs;
-  qs.assign(G * T_pad * Hp, 0.0f);   // scale * q of the G heads, [G, T_pad, Hp]
-  dos.assign(G * T_pad * Hvp, 0.0f);  // dO, [G, T_pad, Hvp]
-  dqs.assign(G * T_pad * Hp, 0.0f);  // dQ / scale
-  delta.assign(G * T_pad, 0.0f);      // rowsum(dO * O), the softmax backward's row term
+  thread_local std::vector<float> vt, kb, prob, dprob, dks, dvs, dq_tile;
   vt.resize(Hvp * kTile), kb.resize(kTile * Hp), prob.resize(kTile * kTile);
   dprob.resize(kTile * kTile), dks.resize(kTile * Hp), dvs.resize(kTile * Hvp);
-  std::vector<int64_t> tile_begin(tiles), tile_end(tiles), row_begin(T_pad), row_end(T_pad);
+  dq_tile.resize(kTile * Hp);
+  std::vector<int64_t> tile_begin(tiles), tile_end(tiles), row_begin(w.T_pad), row_end(w.T_pad);
   for (int64_t i = 0; i < tiles; ++i) p.TileKeys(b, i, &tile_begin[i], &tile_end[i]);
-  for (int64_t t = 0; t < T_pad; ++t) {
+  for (int64_t t = 0; t < w.T_pad; ++t) {
     row_begin[t] = row_end[t] = 0;
     if (t < p.T) p.Keys(b, t, &row_begin[t], &row_end[t]);
   }
-  for (int64_t g = 0; g < G; ++g) {
-    const int64_t n = kh * G + g;
-    for (int64_t t = 0; t < p.T; ++t) {
-      const int64_t at = (b * p.T + t) * p.N + n;
-      float acc = 0.0f;
-      for (int64_t h = 0; h < p.Hv; ++h) {
-        acc += out[at * p.Hv + h] * d_out[at * p.Hv + h];
-        dos[(g * T_pad + t) * Hvp + h] = d_out[at * p.Hv + h];
-      }
-      delta[g * T_pad + t] = acc;
-      for (int64_t h = 0; h < p.H; ++h) qs[(g * T_pad + t) * Hp + h] = q[at * p.H + h] * p.scale;
-    }
-  }
 
-  for (int64_t s0 = 0; s0 < p.S; s0 += kTile) {
+  for (int64_t s0 = split * kTile; s0 < p.S; s0 += w.splits * kTile) {
     const int64_t cols = std::min<int64_t>(kTile, p.S - s0);
     const float* kt = kv.KeysT(p, b, kh, s0 / kTile);
     const float* vb = kv.Values(p, b, kh, s0 / kTile);
-    std::fill(kb.begin(), kb.end(), 0.0f);
     for (int64_t c = 0; c < kTile; ++c) {
       for (int64_t h = 0; h < Hp; ++h) kb[c * Hp + h] = kt[h * kTile + c];
       for (int64_t h = 0; h < Hvp; ++h) vt[h * kTile + c] = vb[c * Hvp + h];
@@ -357,9 +374,9 @@ void BackwardItem(const Problem& p, const PackedKV& kv, int64_t item, const floa
       const int64_t n = kh * G + g;
       for (int64_t tile = 0; tile < tiles; ++tile) {
         if (tile_end[tile] <= s0 || tile_begin[tile] >= s0 + cols) continue;
-        const int64_t t0 = tile * kTile;
-        const float* q_tile = &qs[(g * T_pad + t0) * Hp];
-        const float* do_tile = &dos[(g * T_pad + t0) * Hvp];
+        const int64_t t0 = tile * kTile, row0 = w.Row(p, b, n, t0);
+        const float* q_tile = &w.qs[row0 * Hp];
+        const float* do_tile = &w.dos[row0 * Hvp];
         // P = exp(scale q k^T - lse) (zero where masked); dP = dO v^T.
         Gemm<false>(kTile, kTile, static_cast<int>(p.H), q_tile, Hp, kt, kTile, prob.data(),
                     kTile);
@@ -376,7 +393,7 @@ void BackwardItem(const Problem& p, const PackedKV& kv, int64_t item, const floa
             continue;
           }
           const __m256 shift = _mm256_set1_ps(lse[(b * p.N + n) * p.T + t0 + r]);
-          const __m256 d = _mm256_set1_ps(delta[g * T_pad + t0 + r]);
+          const __m256 d = _mm256_set1_ps(w.delta[row0 + r]);
           for (int c = 0; c < kTile; c += 8)
             _mm256_storeu_ps(prow + c, Exp8(_mm256_sub_ps(_mm256_loadu_ps(prow + c), shift)));
           std::fill(prow, prow + lo, 0.0f);
@@ -390,8 +407,12 @@ void BackwardItem(const Problem& p, const PackedKV& kv, int64_t item, const floa
         // dV += P^T dO; dK += dS^T (scale q); dQ / scale += dS k
         Gemm<true, true>(kTile, Hvp, kTile, prob.data(), kTile, do_tile, Hvp, dvs.data(), Hvp);
         Gemm<true, true>(kTile, Hp, kTile, dprob.data(), kTile, q_tile, Hp, dks.data(), Hp);
-        Gemm<true>(kTile, Hp, kTile, dprob.data(), kTile, kb.data(), Hp,
-                   &dqs[(g * T_pad + t0) * Hp], Hp);
+        Gemm<false>(kTile, Hp, kTile, dprob.data(), kTile, kb.data(), Hp, dq_tile.data(), Hp);
+        std::lock_guard<std::mutex> lock(w.tile_locks[row0 / kTile]);
+        float* dq_acc = &w.dqs[row0 * Hp];
+        for (int64_t i = 0; i < kTile * Hp; i += 8)
+          _mm256_storeu_ps(dq_acc + i, _mm256_add_ps(_mm256_loadu_ps(dq_acc + i),
+                                                     _mm256_loadu_ps(&dq_tile[i])));
       }
     }
     for (int64_t c = 0; c < cols; ++c) {
@@ -400,11 +421,6 @@ void BackwardItem(const Problem& p, const PackedKV& kv, int64_t item, const floa
                   p.Hv * sizeof(float));
     }
   }
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t t = 0; t < p.T; ++t) {
-      float* dst = dq + ((b * p.T + t) * p.N + kh * G + g) * p.H;
-      for (int64_t h = 0; h < p.H; ++h) dst[h] = dqs[(g * T_pad + t) * Hp + h] * p.scale;
-    }
 }
 
 // Leading dimensions (the batch, and any vmapped axes before it) fold into one batch B.
@@ -466,8 +482,24 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   const float *qp = q.typed_data(), *op = out.typed_data(), *lp = lse.typed_data();
   const float* dop = d_out.typed_data();
   float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
-  ParallelFor(pool, p.B * p.K, [&](int64_t item) {
-    BackwardItem(p, kv, item, qp, op, lp, dop, dqp, dkp, dvp);
+  // Enough items for every thread: few (batch, kv head) pairs split their key tiles.
+  const int64_t pairs = p.B * p.K, threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t splits =
+      std::clamp<int64_t>((2 * threads + pairs - 1) / std::max<int64_t>(pairs, 1), 1,
+                          std::max<int64_t>(kv.key_tiles, 1));
+  BackwardShared shared(p, splits);
+  ParallelFor(pool, p.B * p.N, [&](int64_t item) {
+    BackwardPrepare(p, shared, item / p.N, item % p.N, qp, op, dop);
+  });
+  ParallelFor(pool, pairs * splits,
+              [&](int64_t item) { BackwardItem(p, kv, shared, item, lp, dkp, dvp); });
+  ParallelFor(pool, p.B * p.N, [&](int64_t item) {
+    const int64_t b = item / p.N, n = item % p.N, Hp = p.Hp();
+    for (int64_t t = 0; t < p.T; ++t) {
+      float* dst = dqp + ((b * p.T + t) * p.N + n) * p.H;
+      const float* src = &shared.dqs[shared.Row(p, b, n, t) * Hp];
+      for (int64_t h = 0; h < p.H; ++h) dst[h] = src[h] * p.scale;
+    }
   });
   return ffi::Error::Success();
 }

@@ -54,12 +54,22 @@ def test_output_equals_float64_reference(case):
     np.testing.assert_allclose(got, want, rtol=0, atol=allowed_error(q, k, v, want, **kwargs))
 
 
-@pytest.mark.parametrize("case", ["causal", "window", "lengths"])
-def test_gradients_equal_the_references(case):
-    q, k, v = make_qkv(**SHAPE)
+@pytest.mark.parametrize(
+    "case, shape",
+    [
+        ("causal", SHAPE),
+        ("window", SHAPE),
+        ("lengths", SHAPE),
+        # one (batch, kv head) pair: the backward splits its four key tiles over items
+        ("causal", dict(B=1, T=200, S=200, N=3, K=1, H=16, H_v=16)),
+    ],
+)
+def test_gradients_equal_the_references(case, shape):
+    q, k, v = make_qkv(**shape)
     kwargs = CASES[case]
     # a loss that weighs every output element differently
-    weights = jnp.asarray(np.random.default_rng(7).standard_normal((2, 70, 4, 40)), jnp.float32)
+    out_shape = (shape["B"], shape["T"], shape["N"], shape["H_v"])
+    weights = jnp.asarray(np.random.default_rng(7).standard_normal(out_shape), jnp.float32)
 
     def grads(implementation):
         def loss(q, k, v):
