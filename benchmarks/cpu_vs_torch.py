@@ -3,7 +3,8 @@
 Causal float32 attention, forward and forward+grad (``jax.grad`` of ``sum(out)`` with
 respect to q, k, v under ``jit`` against ``sum(out).backward()``), timed in one process
 and interleaved (A, B, A, B, ... one call each per round) after warm-up, compile time
-apart. Contestants: ``jax_attn`` default dispatch, and the ``chunked`` kernel with
+apart. Contestants: ``jax_attn`` default dispatch (``cpu_flash`` where it builds), named
+implementations (``--implementations chunked``), and the ``chunked`` kernel with
 explicit ``(query_chunk_size, key_chunk_size)`` pairs (``--chunks``). Reports per-round
 ratios (jax / torch) as min/median/max, the matmul floor (``--floor``) and the load.
 
@@ -93,6 +94,12 @@ def make_contestants(args, grad: bool):
             lambda q, k, v: ja.dot_product_attention(q, k, v, is_causal=True)
         )
     }
+    for name in args.implementations:
+        contestants[f"jax_attn {name}"] = jax_fn(
+            lambda q, k, v, name=name: ja.dot_product_attention(
+                q, k, v, is_causal=True, implementation=name
+            )
+        )
     for pair in args.chunks:
         tq, sk = pair
         contestants[f"chunked {tq}x{sk}"] = jax_fn(
@@ -167,6 +174,9 @@ def main():
     parser.add_argument("--K", type=int, default=None, help="kv heads (default N)")
     parser.add_argument("--H", type=int, default=64)
     parser.add_argument("--chunks", default="", help="e.g. 128x64,128x512 (chunked kernel)")
+    parser.add_argument(
+        "--implementations", default="", help="named ones beside the default, e.g. chunked,xla"
+    )
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-grad", action="store_true")
@@ -177,6 +187,7 @@ def main():
     args = parser.parse_args()
     args.K = args.K or args.N
     args.chunks = [tuple(int(x) for x in p.split("x")) for p in args.chunks.split(",") if p]
+    args.implementations = [name for name in args.implementations.split(",") if name]
     torch.set_num_threads(2)
 
     B, T, N, H = args.B, args.T, args.N, args.H
@@ -184,8 +195,14 @@ def main():
     result = {
         "device": f"CPU, {os.cpu_count()} cores, shared ({platform.processor() or 'x86_64'})",
         "versions": {"jax": jax.__version__, "torch": torch.__version__},
-        "threads": {"torch": torch.get_num_threads(), "xla": "Eigen pool, one per core"},
+        "threads": {"torch": torch.get_num_threads(), "xla": "intra-op pool, one per core"},
         "shape": {"B": B, "T": T, "N": N, "K": args.K, "H": H, "dtype": "float32", "causal": True},
+        "default_implementation": ja.dispatch.select_implementation(
+            check_attention_args(
+                *(jnp.zeros((B, T, heads, H), jnp.float32) for heads in (N, args.K, args.K)),
+                is_causal=True,
+            )
+        ),
         "default_chunks": chunked.default_chunk_sizes(B * N),
         "flops_forward": flops_fwd,
         "flops_forward_grad": flops_fwd * 3.5,  # fwd 2 products; bwd 5 (q k^T recomputed)
