@@ -45,6 +45,11 @@ TILED = ("cpu_flash", "chunked")
 # chunked 1.3x slower than xla at T=1..4 against 64..1024 keys, faster from T >= 8;
 # cpu_flash 2.4x slower at T=1 against 4096 keys, faster from T=16; docs/performance.md).
 CHUNKED_MIN_QUERIES: dict[str, int] = {"cpu": 8, "gpu": 8, "tpu": 8}
+# Custom calls run whole on each device (XLA cannot split them over a mesh; under a plain
+# jit of sharded arrays it gathers their inputs first): the default takes them only where
+# nothing is partitioned, on a single device or inside jax.shard_map over every mesh axis.
+# Named explicitly they still run anywhere their `unsupported` allows.
+CUSTOM_CALLS = ("cpu_flash",)
 # ... and, where "xla" is listed first (GPU, TPU), only from this many bytes of float32
 # logits [B, N, T, S] on, where materialising them costs memory the device may not have.
 # Not measured on a GPU yet: a memory bound, not a speed threshold.
@@ -54,8 +59,10 @@ CHUNKED_MIN_LOGIT_BYTES: dict[str, int] = {"cpu": 0, "gpu": 2**30, "tpu": 2**30}
 def preference_order(call: AttentionCall, platform: str) -> list[str]:
     """The platform's :data:`PREFERENCE` adjusted for the call's size: "xla" right before
     the first :data:`TILED` kernel for short or small calls, right after the last one
-    otherwise."""
+    otherwise; without the :data:`CUSTOM_CALLS` where devices may be partitioned."""
     order = list(PREFERENCE.get(platform, ["reference"]))
+    if _may_partition(platform):
+        order = [name for name in order if name not in CUSTOM_CALLS]
     if "xla" not in order or not any(name in order for name in TILED):
         return order
     logit_bytes = 4 * call.B * call.N * call.T * call.S
@@ -66,6 +73,19 @@ def preference_order(call: AttentionCall, platform: str) -> list[str]:
     tiled = [i for i, name in enumerate(order) if name in TILED]
     order.insert(tiled[-1] + 1 if wants_tiled else tiled[0], "xla")
     return order
+
+
+def _may_partition(platform: str) -> bool:
+    """Whether a computation traced now may be split over devices: a mesh axis of more than
+    one device that is not manual (shard_map's), or, with no mesh set, several devices."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        sizes = zip(mesh.axis_names, mesh.axis_sizes, strict=True)
+        return any(size > 1 and name not in mesh.manual_axes for name, size in sizes)
+    try:
+        return jax.device_count(platform) > 1
+    except RuntimeError:  # no such backend here
+        return False
 
 
 def register_implementation(impl: Implementation) -> None:

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jax_attn import dispatch, reference
 from jax_attn.kernels import cpu_flash, cudnn
@@ -28,14 +30,19 @@ def _call(T, S=None, **kwargs):
     return check_attention_args(q, k, v, **kwargs)
 
 
-# float32 from T = 8 on: the compiled kernel where it builds, else chunked
-TILED_FLOAT32 = "cpu_flash" if cpu_flash.build_reason() is None else "chunked"
+# float32 from T = 8 on: the compiled kernel where it builds and nothing may be partitioned
+# (this process has 8 CPU devices, see conftest), else chunked
+FLOAT32_DEFAULT = (
+    "cpu_flash"
+    if cpu_flash.build_reason() is None and not dispatch._may_partition("cpu")
+    else "chunked"
+)
 
 
 @pytest.mark.parametrize(
     "T, kwargs, expected",
     [
-        (16, {"is_causal": True}, TILED_FLOAT32),
+        (16, {"is_causal": True}, FLOAT32_DEFAULT),
         (1, {}, "xla"),  # decoding: one query, xla first
         # xla and cpu_flash: no dropout
         (1, {"dropout_rate": 0.1, "dropout_rng": jax.random.key(0)}, "chunked"),
@@ -101,10 +108,28 @@ def test_gpu_preference_puts_cudnn_first_and_chunked_before_xla_for_huge_logits(
     assert dispatch.preference_order(huge, "gpu")[:4] == ["cudnn", "pallas_gpu", "chunked", "xla"]
 
 
-def test_cpu_preference_puts_xla_before_the_tiled_kernels_when_decoding():
+def test_cpu_preference_puts_xla_before_the_tiled_kernels_when_decoding(monkeypatch):
+    monkeypatch.setattr(dispatch, "_may_partition", lambda platform: False)  # one device
     order = ["cpu_flash", "chunked", "xla", "reference"]
     assert dispatch.preference_order(_call(16), "cpu") == order
     assert dispatch.preference_order(_call(1, 64), "cpu") == ["xla", *order[:2], "reference"]
+
+
+def test_custom_calls_leave_the_default_where_devices_may_be_partitioned():
+    assert jax.device_count("cpu") == 8 and dispatch._may_partition("cpu")  # conftest's
+    assert "cpu_flash" not in dispatch.preference_order(_call(16), "cpu")
+    mesh = jax.make_mesh((8,), ("data",))
+    with jax.set_mesh(mesh):
+        assert "cpu_flash" not in dispatch.preference_order(_call(16), "cpu")
+    seen = []
+
+    def per_device(x):  # inside shard_map over every axis: nothing is partitioned
+        seen.append(dispatch.preference_order(_call(16), "cpu"))
+        return x
+
+    x = jax.device_put(jnp.zeros(8), NamedSharding(mesh, P("data")))
+    jax.shard_map(per_device, mesh=mesh, in_specs=P("data"), out_specs=P("data"))(x)
+    assert seen == [["cpu_flash", "chunked", "xla", "reference"]]
 
 
 @pytest.mark.parametrize(
