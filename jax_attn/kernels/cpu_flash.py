@@ -4,17 +4,18 @@ XLA:CPU runs the ``chunked`` kernel as a loop of separate small operations (logi
 written and read back per block, about one core busy); ``cpu_flash.cc`` does the whole
 online softmax per tile of 64 query rows in one pass, its matrix products in AVX2/FMA
 registers, its work items on XLA's intra-op thread pool. The backward is
-FlashAttention-2's, one item per (batch, key/value head). Both are checked against the
-reference like every kernel.
+FlashAttention-2's, one item per (batch, key/value head, share of its key tiles). Both are
+checked against the reference like every kernel.
 
 It serves float32, causal or not, local windows, query and key lengths, GQA/MQA, any
 ``T`` and ``S``, head dims up to 256 (``H_v`` may differ from ``H``); it declines a mask
 array, bias, dropout and ``mask_fn``/``score_fn``/``block_mask`` (``chunked`` serves
 those), other dtypes, and CPUs without AVX2 and FMA. XLA cannot split a custom call
-over devices, so under a multi-device ``jax.set_mesh`` it declines too (``chunked``
-partitions); inside ``jax.shard_map`` it runs on each device's share. (Under a plain
-``jax.jit`` of sharded arrays with no mesh set, XLA gathers its inputs and runs it whole on
-every device: correct, not split.)
+over devices, so under a multi-device ``jax.set_mesh`` it declines (``chunked``
+partitions), and the default dispatch takes it only where nothing is partitioned: in a
+single-device process, or inside ``jax.shard_map`` over every mesh axis, where it runs on
+each device's share (``jax_attn.dispatch.CUSTOM_CALLS``). Named explicitly under a plain
+``jax.jit`` of sharded arrays, XLA gathers its inputs and runs it whole on every device.
 
 The C++ source ships with the package and is compiled on first use with the system
 C++ compiler (``$CXX``, else ``g++``, ``c++`` or ``clang++``) against jaxlib's FFI headers
