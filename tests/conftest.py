@@ -103,10 +103,11 @@ def _share_compiled_programs(config):
     The fast set compiles the same small programs in both workers, and again wherever a
     test jits a new closure of the same computation (same HLO, new function object); a
     cache hit loads the executable XLA compiled the first time instead of compiling it
-    again (measured, the fast command's CPU time summed over its tests, load ~4 on 2
-    cores: 296 -> 261 s and 283 -> 259 s). Every run starts empty, so each run is as cold
-    as the first; a directory the user set is used as is. ``child_peak`` drops it: its
-    fresh process compiles as a user's does.
+    again. Measured with and without it side by side (both fast runs at once, so under
+    the same load): CPU summed over the tests 284 -> 272 s, user 282 -> 263 s, a saving of
+    about 5% (single runs one after the other vary by more than that with the load). Every
+    run starts empty, so each run is as cold as the first; a directory the user set is used
+    as is. ``child_peak`` drops it: its fresh process compiles as a user's does.
     """
     if _CACHE not in os.environ:  # the xdist controller, or a run without xdist
         os.environ[_CACHE] = tempfile.mkdtemp(prefix="jax_attn_tests_")
