@@ -7,7 +7,7 @@ registers, its work items on XLA's intra-op thread pool. The backward is
 FlashAttention-2's, one item per (batch, key/value head, share of its key tiles). Both are
 checked against the reference like every kernel.
 
-It serves float32, causal or not, local windows, query and key lengths, GQA/MQA, any
+It serves float32 (bfloat16 and float16 widened to float32 at its edge), causal or not, local windows, query and key lengths, GQA/MQA, any
 ``T`` and ``S``, head dims up to 256 (``H_v`` may differ from ``H``); it declines a mask
 array, bias, dropout and ``mask_fn``/``score_fn``/``block_mask`` (``chunked`` serves
 those), other dtypes, and CPUs without AVX2 and FMA. XLA cannot split a custom call
@@ -59,6 +59,8 @@ ENABLE_ENV = "JAX_ATTN_CPU_FLASH"
 CACHE_ENV = "JAX_ATTN_CACHE_DIR"
 COMPILE_FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-fPIC", "-shared")
 MAX_HEAD_DIM = 256
+# Half precision is widened to float32 at the call's edge: the kernel computes in float32.
+_DTYPES = ("float32", "bfloat16", "float16")
 _SOURCE = Path(__file__).with_name("cpu_flash.cc")
 _TARGETS = {
     "jax_attn_cpu_flash_forward": "JaxAttnFlashForward",
@@ -147,8 +149,8 @@ def build_reason() -> str | None:
 def _cpu_flash_unsupported(call: AttentionCall, platform: str) -> str | None:
     if platform != "cpu":
         return f"runs on CPU only, not on {platform}"
-    if call.dtype != np.float32:
-        return f"dtype {call.dtype} (float32 only)"
+    if call.dtype.name not in _DTYPES:
+        return f"dtype {call.dtype} ({', '.join(_DTYPES)} only)"
     if call.has_mask or call.has_bias:
         return "no mask or bias (causal, window and lengths are served)"
     if call.dropout_rate > 0.0:
@@ -218,9 +220,10 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def cpu_flash_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs):
-    """q ``[B, T, N, H]``, k ``[B, S, K, H]``, v ``[B, S, K, H_v]`` float32 ->
-    ``[B, T, N, H_v]`` through the compiled kernel; of ``inputs`` only the lengths (the
-    rest is declined by ``_cpu_flash_unsupported``)."""
+    """q ``[B, T, N, H]``, k ``[B, S, K, H]``, v ``[B, S, K, H_v]`` ->
+    ``[B, T, N, H_v]`` in q's dtype through the compiled kernel (in float32, half precision
+    widened and the output rounded once); of ``inputs`` only the lengths (the rest is
+    declined by ``_cpu_flash_unsupported``)."""
     reason = build_reason()
     if reason is not None:
         raise ValueError(f"cpu_flash: {reason}")
@@ -232,7 +235,8 @@ def cpu_flash_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs):
 
     q_lengths = lengths(inputs.query_seq_lengths, call.T)
     kv_lengths = lengths(inputs.key_value_seq_lengths, call.S)
-    return _flash(call, q, k, v, q_lengths, kv_lengths)
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    return _flash(call, q, k, v, q_lengths, kv_lengths).astype(call.dtype)
 
 
 IMPLEMENTATION = Implementation(

@@ -119,8 +119,9 @@ def test_declines_what_it_does_not_serve():
     for options, reason in declined.values():
         call = check_attention_args(q, k, v, **options)
         assert reason in dispatch.unsupported_reason("cpu_flash", call, "cpu")
-    half = check_attention_args(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
-    assert "float32 only" in dispatch.unsupported_reason("cpu_flash", half, "cpu")
+    with jax.enable_x64(True):
+        wide = check_attention_args(*(x.astype(jnp.float64) for x in (q, k, v)))
+        assert "float64" in dispatch.unsupported_reason("cpu_flash", wide, "cpu")
     call = check_attention_args(q, k, v)
     assert "cpu only" in dispatch.unsupported_reason("cpu_flash", call, "gpu")
     mesh = jax.make_mesh((8,), ("data",))
