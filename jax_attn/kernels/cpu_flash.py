@@ -7,9 +7,10 @@ registers, its work items on XLA's intra-op thread pool. The backward is
 FlashAttention-2's, one item per (batch, key/value head, share of its key tiles). Both are
 checked against the reference like every kernel.
 
-It serves float32 (bfloat16 and float16 widened to float32 at its edge), causal or not, local windows, query and key lengths, GQA/MQA, any
-``T`` and ``S``, head dims up to 256 (``H_v`` may differ from ``H``); it declines a mask
-array, bias, dropout and ``mask_fn``/``score_fn``/``block_mask`` (``chunked`` serves
+It serves float32 (bfloat16 and float16 widened to float32 at its edge), causal or not,
+local windows, query and key lengths, GQA/MQA, any ``T`` and ``S``, head dims up to 256
+(``H_v`` may differ from ``H``); it declines a mask array, bias, dropout and
+``mask_fn``/``score_fn``/``block_mask`` (``chunked`` serves
 those), other dtypes, and CPUs without AVX2 and FMA. XLA cannot split a custom call
 over devices, so under a multi-device ``jax.set_mesh`` it declines (``chunked``
 partitions), and the default dispatch takes it only where nothing is partitioned: in a
