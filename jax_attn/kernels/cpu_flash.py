@@ -9,14 +9,16 @@ checked against the reference like every kernel.
 
 It serves float32 (bfloat16 and float16 widened to float32 at its edge), causal or not,
 local windows, query and key lengths, GQA/MQA, any ``T`` and ``S``, head dims up to 256
-(``H_v`` may differ from ``H``); it declines a mask array, bias, dropout and
-``mask_fn``/``score_fn``/``block_mask`` (``chunked`` serves
-those), other dtypes, and CPUs without AVX2 and FMA. XLA cannot split a custom call
-over devices, so under a multi-device ``jax.set_mesh`` it declines (``chunked``
-partitions), and the default dispatch takes it only where nothing is partitioned: in a
-single-device process, or inside ``jax.shard_map`` over every mesh axis, where it runs on
-each device's share (``jax_attn.dispatch.CUSTOM_CALLS``). Named explicitly under a plain
-``jax.jit`` of sharded arrays, XLA gathers its inputs and runs it whole on every device.
+(``H_v`` may differ from ``H``). It declines a mask array, bias, dropout and
+``mask_fn``/``score_fn``/``block_mask`` (``chunked`` serves those), float64, and CPUs
+without AVX2 and FMA.
+
+XLA cannot split a custom call over devices. Under a multi-device ``jax.set_mesh`` it
+declines (``chunked`` partitions), and the default dispatch takes it only where nothing
+is partitioned: in a single-device process, or inside ``jax.shard_map`` over every mesh
+axis, where it runs on each device's share (``jax_attn.dispatch.CUSTOM_CALLS``). Named
+explicitly under a plain ``jax.jit`` of sharded arrays, XLA gathers its inputs and runs it
+whole on every device.
 
 The C++ source ships with the package and is compiled on first use with the system
 C++ compiler (``$CXX``, else ``g++``, ``c++`` or ``clang++``) against jaxlib's FFI headers
