@@ -33,6 +33,10 @@
 
 namespace ffi = xla::ffi;
 
+using Floats = ffi::Buffer<ffi::F32>;
+using Lengths = ffi::Buffer<ffi::S32>;
+using FloatsOut = ffi::ResultBuffer<ffi::F32>;
+
 namespace {
 
 constexpr int kTile = 64;  // query rows and keys per tile
@@ -431,9 +435,8 @@ int64_t Leading(ffi::Span<const int64_t> dims) {
 }
 
 // Checks the shapes, fills `p` and packs the keys and values into `kv`.
-ffi::Error Prepare(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& q,
-                   const ffi::Buffer<ffi::F32>& k, const ffi::Buffer<ffi::F32>& v,
-                   const ffi::Buffer<ffi::S32>& q_lengths, const ffi::Buffer<ffi::S32>& kv_lengths,
+ffi::Error Prepare(ffi::ThreadPool& pool, const Floats& q, const Floats& k, const Floats& v,
+                   const Lengths& q_lengths, const Lengths& kv_lengths,
                    const Attributes& attributes, Problem* p, PackedKV* kv) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() < 3 || kd.size() != qd.size() || vd.size() != qd.size())
@@ -452,10 +455,8 @@ ffi::Error Prepare(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& q,
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> q_lengths,
-                   ffi::Buffer<ffi::S32> kv_lengths, ffi::ResultBuffer<ffi::F32> out,
-                   ffi::ResultBuffer<ffi::F32> lse, Attributes attributes) {
+ffi::Error Forward(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q_lengths,
+                   Lengths kv_lengths, FloatsOut out, FloatsOut lse, Attributes attributes) {
   Problem p;
   PackedKV kv;
   if (auto error = Prepare(pool, q, k, v, q_lengths, kv_lengths, attributes, &p, &kv);
@@ -468,12 +469,9 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> q_lengths,
-                    ffi::Buffer<ffi::S32> kv_lengths, ffi::Buffer<ffi::F32> out,
-                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> d_out,
-                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                    ffi::ResultBuffer<ffi::F32> dv, Attributes attributes) {
+ffi::Error Backward(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q_lengths,
+                    Lengths kv_lengths, Floats out, Floats lse, Floats d_out, FloatsOut dq,
+                    FloatsOut dk, FloatsOut dv, Attributes attributes) {
   Problem p;
   PackedKV kv;
   if (auto error = Prepare(pool, q, k, v, q_lengths, kv_lengths, attributes, &p, &kv);
@@ -519,27 +517,27 @@ extern "C" int JaxAttnCpuSupported() {
 auto BindInputs() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::S32>>()
-      .Arg<ffi::Buffer<ffi::S32>>();
+      .Arg<Floats>()
+      .Arg<Floats>()
+      .Arg<Floats>()
+      .Arg<Lengths>()
+      .Arg<Lengths>();
 }
 
 // (q, k, v, q_lengths, kv_lengths) -> (out, lse)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxAttnFlashForward, Forward,
                               BindInputs()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<Floats>()
+                                  .Ret<Floats>()
                                   .Attrs<Attributes>());
 
 // (q, k, v, q_lengths, kv_lengths, out, lse, d_out) -> (dq, dk, dv)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxAttnFlashBackward, Backward,
                               BindInputs()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Arg<Floats>()
+                                  .Arg<Floats>()
+                                  .Arg<Floats>()
+                                  .Ret<Floats>()
+                                  .Ret<Floats>()
+                                  .Ret<Floats>()
                                   .Attrs<Attributes>());
