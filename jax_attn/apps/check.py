@@ -284,7 +284,7 @@ def _implementation_fn(name):
     return fn
 
 
-_WIDTHS = (28, 9, 8, 8, 8, 6)
+_WIDTHS = (28, 9, 10, 8, 8, 6)  # "impl" fits pallas_gpu and cpu_flash
 _HEADER = ("case", "dtype", "impl", "fwd err", "grad err", "tol", "status")
 
 
