@@ -115,8 +115,9 @@ def test_cpu_preference_puts_xla_before_the_tiled_kernels_when_decoding(monkeypa
     assert dispatch.preference_order(_call(1, 64), "cpu") == ["xla", *order[:2], "reference"]
 
 
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs conftest's 8 CPU devices as default")
 def test_custom_calls_leave_the_default_where_devices_may_be_partitioned():
-    assert jax.device_count("cpu") == 8 and dispatch._may_partition("cpu")  # conftest's
+    assert dispatch._may_partition("cpu")
     assert "cpu_flash" not in dispatch.preference_order(_call(16), "cpu")
     mesh = jax.make_mesh((8,), ("data",))
     with jax.set_mesh(mesh):
