@@ -15,7 +15,7 @@ import jax
 
 from jax_attn import reference
 from jax_attn.kernels import chunked, cpu_flash, cudnn, pallas_gpu, pallas_tpu, ring, xla
-from jax_attn.kernels.base import Implementation
+from jax_attn.kernels.base import Implementation, partitioned_axes
 from jax_attn.validation import FUNCTION_ARGUMENTS, AttentionCall, attention_entry
 
 __all__ = [
@@ -78,10 +78,8 @@ def preference_order(call: AttentionCall, platform: str) -> list[str]:
 def _may_partition(platform: str) -> bool:
     """Whether a computation traced now may be split over devices: a mesh axis of more than
     one device that is not manual (shard_map's), or, with no mesh set, several devices."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty:
-        sizes = zip(mesh.axis_names, mesh.axis_sizes, strict=True)
-        return any(size > 1 and name not in mesh.manual_axes for name, size in sizes)
+    if not jax.sharding.get_abstract_mesh().empty:
+        return bool(partitioned_axes())
     try:
         return jax.device_count(platform) > 1
     except RuntimeError:  # no such backend here

@@ -43,6 +43,14 @@ def manual_axes(x) -> frozenset:
     return jax.typeof(x).mat.varying
 
 
+def partitioned_axes() -> tuple[str, ...]:
+    """The current mesh's axes of more than one device that XLA partitions (not manual,
+    i.e. not taken by an enclosing ``jax.shard_map``); empty with no mesh set."""
+    mesh = jax.sharding.get_abstract_mesh()
+    sizes = zip(mesh.axis_names, mesh.axis_sizes, strict=True)
+    return tuple(name for name, size in sizes if size > 1 and name not in mesh.manual_axes)
+
+
 def varying_like(x, *inputs):
     """``x`` typed as varying over every manual axis one of ``inputs`` varies over: inside
     ``jax.shard_map``, what a kernel computes from its inputs varies as they do (a custom

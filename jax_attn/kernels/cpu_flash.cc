@@ -158,18 +158,18 @@ struct Problem : Attributes {
     *begin = lo, *end = std::max(lo, hi);
   }
 
-  // The union of the keys the rows of query tile `tile` may attend.
-  void TileKeys(int64_t b, int64_t tile, int64_t* begin, int64_t* end) const {
-    int64_t first = tile * kTile, last = std::min(T, first + kTile) - 1;
-    *begin = INT64_MAX, *end = INT64_MIN;
-    for (int64_t t = first; t <= last; ++t) {
-      int64_t lo, hi;
-      Keys(b, t, &lo, &hi);
-      if (lo < hi) *begin = std::min(*begin, lo), *end = std::max(*end, hi);
-    }
-    if (*begin >= *end) *begin = *end = 0;
-  }
 };
+
+// The union [*begin, *end) of `rows` rows' key intervals (empty rows left out): the key
+// tiles a query tile visits, since causal, window and lengths give each row one interval.
+void UnionOfRows(const int64_t* row_begin, const int64_t* row_end, int64_t rows,
+                 int64_t* begin, int64_t* end) {
+  *begin = INT64_MAX, *end = INT64_MIN;
+  for (int64_t r = 0; r < rows; ++r)
+    if (row_begin[r] < row_end[r])
+      *begin = std::min(*begin, row_begin[r]), *end = std::max(*end, row_end[r]);
+  if (*begin >= *end) *begin = *end = 0;
+}
 
 // ---- running items on XLA's thread pool ----------------------------------------------
 
@@ -255,7 +255,7 @@ void ForwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float
     for (int64_t h = 0; h < p.H; ++h) qs[r * Hp + h] = src[h] * p.scale;
   }
   int64_t begin, end;
-  p.TileKeys(b, tile, &begin, &end);
+  UnionOfRows(row_begin, row_end, kTile, &begin, &end);
 
   for (int64_t s0 = begin / kTile * kTile; s0 < end; s0 += kTile) {
     const int64_t cols = std::min<int64_t>(kTile, p.S - s0);
@@ -358,11 +358,13 @@ void BackwardItem(const Problem& p, const PackedKV& kv, BackwardShared& w, int64
   dprob.resize(kTile * kTile), dks.resize(kTile * Hp), dvs.resize(kTile * Hvp);
   dq_tile.resize(kTile * Hp);
   std::vector<int64_t> tile_begin(tiles), tile_end(tiles), row_begin(w.T_pad), row_end(w.T_pad);
-  for (int64_t i = 0; i < tiles; ++i) p.TileKeys(b, i, &tile_begin[i], &tile_end[i]);
   for (int64_t t = 0; t < w.T_pad; ++t) {
     row_begin[t] = row_end[t] = 0;
     if (t < p.T) p.Keys(b, t, &row_begin[t], &row_end[t]);
   }
+  for (int64_t i = 0; i < tiles; ++i)
+    UnionOfRows(&row_begin[i * kTile], &row_end[i * kTile], kTile, &tile_begin[i],
+                &tile_end[i]);
 
   for (int64_t s0 = split * kTile; s0 < p.S; s0 += w.splits * kTile) {
     const int64_t cols = std::min<int64_t>(kTile, p.S - s0);

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_attn.kernels.base import Implementation, cotangent_like, varying_like
+from jax_attn.kernels.base import Implementation, cotangent_like, partitioned_axes, varying_like
 from jax_attn.validation import AttentionCall, KernelInputs
 
 __all__ = [
@@ -150,8 +150,7 @@ def build_reason() -> str | None:
 
 
 def _cpu_flash_unsupported(call: AttentionCall, platform: str) -> str | None:
-    if platform != "cpu":
-        return f"runs on CPU only, not on {platform}"
+    del platform  # CPU only: the dispatcher checks IMPLEMENTATION.platforms first
     if call.dtype.name not in _DTYPES:
         return f"dtype {call.dtype} ({', '.join(_DTYPES)} only)"
     if call.has_mask or call.has_bias:
@@ -160,19 +159,12 @@ def _cpu_flash_unsupported(call: AttentionCall, platform: str) -> str | None:
         return f"no dropout, got dropout_rate={call.dropout_rate}"
     if max(call.H, call.H_v) > MAX_HEAD_DIM:
         return f"head dims up to {MAX_HEAD_DIM}, got H={call.H}, H_v={call.H_v}"
-    if axes := _partitioned_axes():
+    if axes := partitioned_axes():
         return (
             f"not under a mesh that XLA partitions (axes {axes} of jax.set_mesh): a custom "
             "call cannot be split over devices (inside jax.shard_map it runs per device)"
         )
     return build_reason()
-
-
-def _partitioned_axes() -> tuple[str, ...]:
-    """The current mesh's axes of more than one device that are not manual (shard_map's)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
-    return tuple(name for name, size in sizes.items() if size > 1 and name not in mesh.manual_axes)
 
 
 def _attributes(call: AttentionCall) -> dict:
