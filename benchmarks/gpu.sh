@@ -4,9 +4,10 @@
 #   OUT=/path/to/results bash benchmarks/gpu.sh        # from anywhere; default OUT=benchmarks/results
 #
 # Needs an NVIDIA GPU with jax (CUDA) installed, flax, tqdm, matplotlib; torch optional
-# (compared only when it sees the GPU). No network. Budget: under 5 minutes
-# (check <= 140 s, bench <= 140 s, enforced by timeout). Exit status 1 if check found a
-# mismatch or a step failed; the files written so far stay.
+# (compared only when it sees the GPU). No network. Budget: under 7 minutes
+# (check <= 240 s: on an H200 it ran past 140 s on a fresh machine and took 122 s on the
+# next run; bench <= 140 s; enforced by timeout). Exit status 1 if check found a mismatch or
+# a step failed; the files written so far stay.
 set -u -o pipefail
 
 cd "$(dirname "$0")/.."
@@ -33,7 +34,7 @@ if ! python -c "import jax, sys; sys.exit(jax.default_backend() != 'gpu')"; then
 fi
 
 echo "== jax-attn check =="
-timeout 140 python -m jax_attn.apps.cli check --no-progress --json "$OUT/check-gpu-$stamp.json" \
+timeout 240 python -m jax_attn.apps.cli check --no-progress --json "$OUT/check-gpu-$stamp.json" \
   2>&1 | tee "$OUT/check-gpu-$stamp.txt"
 rc=${PIPESTATUS[0]}
 [ "$rc" -ne 0 ] && { echo "gpu.sh: check exited $rc"; status=1; }
