@@ -6,6 +6,7 @@ expected and what was given, so a user mistake never surfaces as a raw XLA error
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import inspect
 import numbers
@@ -316,53 +317,9 @@ def check_attention_args(
     Leave ``value`` out to check an attention-weights call (no value); an explicit
     ``None`` is an error.
     """
-    q_shape = _shape("query", query)
-    k_shape = _shape("key", key)
-    if len(q_shape) not in (3, 4):
-        raise ValueError(
-            f"query must have shape [B, T, N, H] or [T, N, H], got {list(q_shape)} "
-            f"({len(q_shape)} dims)"
-        )
-    batched = len(q_shape) == 4
-    if len(k_shape) != len(q_shape):
-        want = "[B, S, K, H]" if batched else "[S, K, H]"
-        raise ValueError(
-            f"key must have shape {want} (same rank as query {list(q_shape)}), got {list(k_shape)}"
-        )
-    if not batched:
-        q_shape, k_shape = (1, *q_shape), (1, *k_shape)
-    B, T, N, H = q_shape
-    B_k, S, K, H_k = k_shape
-    if N == 0:
-        raise ValueError(f"query must have at least one head, got N=0 in shape {list(q_shape)}")
-    if B_k != B:
-        raise ValueError(f"key batch B must equal query's {B}, got key shape {list(k_shape)}")
-    if H_k != H:
-        raise ValueError(f"key head dim H must equal query's H={H}, got key shape {list(k_shape)}")
-    if K == 0:
-        raise ValueError(f"key must have at least one head, got K=0 in shape {list(k_shape)}")
-    if N % K != 0:
-        raise ValueError(f"query heads N={N} must be a multiple of key/value heads K={K} (GQA/MQA)")
-    q_dtype = _dtype("query", query)
-    k_dtype = _dtype("key", key)
-    H_v = H
-    dtype = q_dtype
-    if value is not _NO_VALUE:
-        v_shape = _shape("value", value)
-        v_shape = v_shape if batched else (1, *v_shape)
-        if len(v_shape) != 4 or v_shape[:3] != (B, S, K):
-            raise ValueError(
-                f"value must have shape [B, S, K, H_v] = [{B}, {S}, {K}, H_v] like key, "
-                f"got {list(v_shape)}"
-            )
-        H_v = v_shape[3]
-        v_dtype = _dtype("value", value)
-        if not q_dtype == k_dtype == v_dtype:
-            raise TypeError(
-                f"query, key and value must share one dtype, got {q_dtype}, {k_dtype}, {v_dtype}"
-            )
-    elif q_dtype != k_dtype:
-        raise TypeError(f"query and key must share one dtype, got {q_dtype}, {k_dtype}")
+    operands = _check_operands(query, key, value)
+    B, T, S, N, H = operands.B, operands.T, operands.S, operands.N, operands.H
+    batched = operands.batched
 
     target, letters = ((B, N, T, S), "BNTS") if batched else ((N, T, S), "NTS")
     if mask is not None:
@@ -396,17 +353,9 @@ def check_attention_args(
     if mask_fn is not None:
         check_function("mask_fn", mask_fn)
     if score_fn is not None:
-        check_function("score_fn", score_fn, compute_dtype(dtype))
+        check_function("score_fn", score_fn, compute_dtype(operands.dtype))
     return AttentionCall(
-        B=B,
-        T=T,
-        S=S,
-        N=N,
-        K=K,
-        H=H,
-        H_v=H_v,
-        dtype=np.dtype(dtype),
-        batched=batched,
+        **operands._asdict(),
         has_mask=mask is not None,
         has_bias=bias is not None,
         is_causal=bool(is_causal),
@@ -419,6 +368,63 @@ def check_attention_args(
         has_score_fn=score_fn is not None,
         has_block_mask=block_mask is not None,
     )
+
+
+# The AttentionCall fields that query, key and value fix (see _check_operands).
+_Operands = collections.namedtuple("_Operands", "B T S N K H H_v dtype batched")
+
+
+def _check_operands(query, key, value) -> _Operands:
+    """Checks ``query``, ``key`` and ``value`` against each other (``value`` may be
+    ``_NO_VALUE``: no value, an attention-weights call) and reads their shape letters,
+    dtype and batching; unbatched ``[T, N, H]`` operands count as ``B = 1``."""
+    q_shape = _shape("query", query)
+    k_shape = _shape("key", key)
+    if len(q_shape) not in (3, 4):
+        raise ValueError(
+            f"query must have shape [B, T, N, H] or [T, N, H], got {list(q_shape)} "
+            f"({len(q_shape)} dims)"
+        )
+    batched = len(q_shape) == 4
+    if len(k_shape) != len(q_shape):
+        want = "[B, S, K, H]" if batched else "[S, K, H]"
+        raise ValueError(
+            f"key must have shape {want} (same rank as query {list(q_shape)}), got {list(k_shape)}"
+        )
+    if not batched:
+        q_shape, k_shape = (1, *q_shape), (1, *k_shape)
+    B, T, N, H = q_shape
+    B_k, S, K, H_k = k_shape
+    if N == 0:
+        raise ValueError(f"query must have at least one head, got N=0 in shape {list(q_shape)}")
+    if B_k != B:
+        raise ValueError(f"key batch B must equal query's {B}, got key shape {list(k_shape)}")
+    if H_k != H:
+        raise ValueError(f"key head dim H must equal query's H={H}, got key shape {list(k_shape)}")
+    if K == 0:
+        raise ValueError(f"key must have at least one head, got K=0 in shape {list(k_shape)}")
+    if N % K != 0:
+        raise ValueError(f"query heads N={N} must be a multiple of key/value heads K={K} (GQA/MQA)")
+    q_dtype = _dtype("query", query)
+    k_dtype = _dtype("key", key)
+    H_v = H
+    if value is not _NO_VALUE:
+        v_shape = _shape("value", value)
+        v_shape = v_shape if batched else (1, *v_shape)
+        if len(v_shape) != 4 or v_shape[:3] != (B, S, K):
+            raise ValueError(
+                f"value must have shape [B, S, K, H_v] = [{B}, {S}, {K}, H_v] like key, "
+                f"got {list(v_shape)}"
+            )
+        H_v = v_shape[3]
+        v_dtype = _dtype("value", value)
+        if not q_dtype == k_dtype == v_dtype:
+            raise TypeError(
+                f"query, key and value must share one dtype, got {q_dtype}, {k_dtype}, {v_dtype}"
+            )
+    elif q_dtype != k_dtype:
+        raise TypeError(f"query and key must share one dtype, got {q_dtype}, {k_dtype}")
+    return _Operands(B, T, S, N, K, H, H_v, np.dtype(q_dtype), batched)
 
 
 def batched_inputs(call: AttentionCall, query, key, value):
