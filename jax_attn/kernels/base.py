@@ -28,6 +28,11 @@ class Implementation:
     ``platforms`` lists the backends it runs on (``None``: all); ``functions`` names
     which of ``mask_fn``, ``score_fn``, ``block_mask`` it takes (the dispatcher declines
     the others for it, see :func:`jax_attn.dispatch.unsupported_reason`).
+    ``half_products`` marks a kernel that, for bfloat16/float16 inputs, rounds the
+    attention weights and the logit gradients to that dtype before multiplying them by
+    ``v`` and ``k`` (FlashAttention-2's tensor-core products, as JAX's Pallas kernels do):
+    its gradients can be far from the float32 reference's where keys share a large common
+    part. The kernels written here keep both in float32.
     """
 
     name: str
@@ -36,6 +41,7 @@ class Implementation:
     platforms: tuple[str, ...] | None = None
     description: str = ""
     functions: frozenset[str] = frozenset()
+    half_products: bool = False
 
 
 def manual_axes(x) -> frozenset:

@@ -75,13 +75,16 @@ class InterpretPlatforms(tuple):
 
 def pallas_implementation(platform: str, fn, unsupported, description: str) -> Implementation:
     """The :class:`Implementation` ``pallas_<platform>`` of a Pallas kernel compiled for
-    ``platform`` (any platform in interpret mode)."""
+    ``platform`` (any platform in interpret mode). JAX's Pallas attention kernels round the
+    weights and logit gradients to a half input dtype for their products
+    (``half_products``)."""
     return Implementation(
         name=f"pallas_{platform}",
         fn=fn,
         unsupported=unsupported,
         platforms=InterpretPlatforms((platform,)),
         description=description,
+        half_products=True,
     )
 
 

@@ -3,6 +3,7 @@
 import doctest
 import json
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -115,7 +116,7 @@ def test_bench_writes_json_and_plot(tmp_path, monkeypatch, torch):
     )
     report = bench.run_bench(config, show_progress=False, skip_memory=True)
     saved = json.loads((tmp_path / report["json"].split("/")[-1]).read_text())
-    assert saved["info"]["device"] and saved["info"]["platform"] == "cpu"
+    assert saved["info"]["device"] and saved["info"]["platform"] == jax.default_backend()
     results = saved["cases"][0]["results"]
     assert set(results) == {"jax_attn MultiHeadAttention", "flax MultiHeadDotProductAttention"}
     baseline = results["flax MultiHeadDotProductAttention"]

@@ -90,7 +90,13 @@ def test_no_supporting_implementation_is_a_clear_error(monkeypatch):
 @pytest.mark.parametrize(
     "implementation, kwargs, match",
     [
-        ("cudnn", {}, "'cudnn' cannot serve this call: runs on gpu only, not on cpu"),
+        (
+            "cudnn",
+            {},
+            "'cudnn' cannot serve this call: runs on gpu only, not on cpu"
+            if jax.default_backend() == "cpu"
+            else r"'cudnn' cannot serve this call: dtype float32 \(bfloat16 and float16 only\)",
+        ),
         ("xla", {"dropout_rate": 0.2, "dropout_rng": jax.random.key(0)}, "'xla'.*no dropout"),
         ("flash", {}, "implementation must be None or one of"),
     ],

@@ -260,9 +260,41 @@ def test_half_logit_gradients_stay_float32(implementation):
     got = grad_fn(implementation)(q, k, v)
     assert got.dtype == dtype
     own_error = np.abs(own - expected).max()
-    error = np.abs(np.asarray(got, np.float64) - expected).max()
+    error = np.abs(np.asarray(got, np.float64) - expected)
     assert own_error > 0
-    assert error <= HALF_ERROR_RATIO * own_error, (error, own_error)
+    if not dispatch._REGISTRY[implementation].half_products:
+        assert error.max() <= HALF_ERROR_RATIO * own_error, (error.max(), own_error)
+        return
+    # A kernel that declares half_products (JAX's Pallas kernels) rounds as it says: the
+    # error shows (18-44% of max|dq| here, in interpret mode and on an H200) and stays
+    # within what rounding the logit gradients, and the weights and output its backward
+    # reads, to bfloat16 can cost.
+    assert error.max() > HALF_ERROR_RATIO * own_error, "half_products but float32 products"
+    bound = _rounded_logit_gradient_bound(q, k, v, kwargs["scale"], float(jnp.finfo(dtype).eps) / 2)
+    assert (error <= bound + own_error).all(), float((error - bound).max())
+
+
+def _rounded_logit_gradient_bound(q, k, v, scale, unit_roundoff):
+    """``[T, H]`` bound on ``|dq - dq_exact|`` (B = N = 1, causal, ``_loss_fn``'s loss)
+    when a backward rounds the logit gradients ``dS`` to relative ``unit_roundoff`` u
+    before ``dS @ k`` and forms ``delta = rowsum(dO * O)`` from an output ``O`` whose
+    forward rounded the weights ``P`` before ``P @ v`` and rounded ``O`` itself:
+    ``scale u (|dS| @ |k| + (P @ |k|) rowsum(|dO| (|O| + P @ |v|)))``, float64 values."""
+    q, k, v = (np.asarray(x, np.float64)[0, :, 0] for x in (q, k, v))
+    T, S = q.shape[0], k.shape[0]
+    # [T, S]
+    logits = np.where(np.tri(T, S, S - T, dtype=bool), scale * q @ k.T, -np.inf)
+    weights = np.exp(logits - logits.max(axis=1, keepdims=True))
+    weights /= weights.sum(axis=1, keepdims=True)
+    out = weights @ v
+    d_out = np.broadcast_to(np.cos(np.arange(out.shape[-1])), out.shape)
+    d_weights = d_out @ v.T
+    d_logits = weights * (d_weights - (weights * d_weights).sum(axis=1, keepdims=True))
+    out_error = unit_roundoff * (np.abs(out) + weights @ np.abs(v))
+    delta_error = (np.abs(d_out) * out_error).sum(axis=1, keepdims=True)
+    return scale * (
+        unit_roundoff * np.abs(d_logits) @ np.abs(k) + (weights @ np.abs(k)) * delta_error
+    )
 
 
 def _grad_dtype(implementation):

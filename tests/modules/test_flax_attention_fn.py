@@ -297,6 +297,11 @@ def _temp_bytes(module, params, x, mask, grad):
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.skipif(
+    jax.default_backend() != "cpu",
+    reason="a CPU claim: on a GPU the default for a dense mask at this size materialises the "
+    "logits as Flax does (dispatch.PREFERENCE; ratio 1.0 on an H200)",
+)
 @pytest.mark.parametrize("grad", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_temporary_memory_ten_times_below_flax_default(grad):
     # B 1, T 4096, D 256, 4 heads, Flax's causal mask passed as Flax users pass it

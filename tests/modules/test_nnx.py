@@ -239,7 +239,9 @@ def test_nnx_jit_grads_equal_linen_and_reference_grads():
     def forward(model, x):
         return model(x, deterministic=True)
 
-    np.testing.assert_allclose(forward(module, x), module(x, deterministic=True), rtol=1e-6)
+    # atol: on a GPU the jitted and eager programs fuse differently (4e-8 apart on an H200)
+    eager = module(x, deterministic=True)
+    np.testing.assert_allclose(forward(module, x), eager, rtol=1e-6, atol=1e-7)
 
     def loss(out):
         return jnp.mean((out - target) ** 2)
