@@ -21,6 +21,7 @@ window:4 --mask-fn document:3 --length 12`` draws mask functions of the gallery 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
 import sys
@@ -101,22 +102,31 @@ def _cell_size(T: int, S: int) -> float:
     return 0.62 if max(T, S) <= ANNOTATE_UP_TO else max(0.12, 7.0 / max(T, S))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Style:
+    """How a figure colors its heatmaps: ``cmap`` from ``vmin`` to ``vmax``; cell values
+    written when ``annotate`` (``None``: when ``T, S <= ANNOTATE_UP_TO``)."""
+
+    vmin: float
+    vmax: float
+    cmap: str
+    annotate: bool | None
+
+
 def _draw(
     ax: Axes,
     weights: np.ndarray,
     query_tokens: list[str],
     key_tokens: list[str],
+    style: _Style,
     *,
     title: str | None,
-    annotate: bool | None,
-    vmin: float,
-    vmax: float,
-    cmap: str,
     labels: bool = True,
 ):
     """One heatmap on ``ax``: rows are queries, columns keys; returns the image."""
     T, S = weights.shape
-    image = ax.imshow(weights, cmap=cmap, vmin=vmin, vmax=vmax, aspect="equal")
+    vmin, vmax = style.vmin, style.vmax
+    image = ax.imshow(weights, cmap=style.cmap, vmin=vmin, vmax=vmax, aspect="equal")
     long = max(T, S) > 2 * ANNOTATE_UP_TO
     fontsize = max(4.0, 240.0 / max(T, S)) if long else None
     ax.set_xticks(
@@ -133,8 +143,7 @@ def _draw(
         ax.set_ylabel("query token")
     if title:
         ax.set_title(title)
-    if annotate is None:
-        annotate = max(T, S) <= ANNOTATE_UP_TO
+    annotate = max(T, S) <= ANNOTATE_UP_TO if style.annotate is None else style.annotate
     if annotate:
         threshold = vmin + 0.6 * (vmax - vmin)
         for t in range(T):
@@ -169,20 +178,11 @@ def plot_attention(
     query_tokens = _check_tokens("tokens", tokens, T, "T")
     key_tokens = _check_tokens("key_tokens", tokens if key_tokens is None else key_tokens, S, "S")
     vmax = _top(weights) if vmax is None else vmax
+    style = _Style(vmin, vmax, cmap, annotate)
     cell = _cell_size(T, S)
     fig = _new_figure(*(figsize or (S * cell + 2.6, T * cell + 1.6)))
     ax = fig.add_subplot()
-    image = _draw(
-        ax,
-        weights,
-        query_tokens,
-        key_tokens,
-        title=title,
-        annotate=annotate,
-        vmin=vmin,
-        vmax=vmax,
-        cmap=cmap,
-    )
+    image = _draw(ax, weights, query_tokens, key_tokens, style, title=title)
     fig.colorbar(image, ax=ax, label=colorbar_label, shrink=0.9)
     return fig
 
@@ -215,6 +215,7 @@ def plot_panels(
     query_tokens = _check_tokens("tokens", tokens, T, "T")
     key_tokens = _check_tokens("tokens", tokens, S, "S")
     vmax = max(_top(a) for a in arrays.values()) if vmax is None else vmax
+    style = _Style(vmin, vmax, cmap, annotate)
     count = len(arrays)
     ncols = math.ceil(math.sqrt(count)) if ncols is None else ncols
     if isinstance(ncols, bool) or not isinstance(ncols, int) or ncols <= 0:
@@ -232,18 +233,7 @@ def plot_panels(
             continue
         name = list(arrays)[index]
         row, col = divmod(index, ncols)
-        image = _draw(
-            ax,
-            arrays[name],
-            query_tokens,
-            key_tokens,
-            title=name,
-            annotate=annotate,
-            vmin=vmin,
-            vmax=vmax,
-            cmap=cmap,
-            labels=False,
-        )
+        image = _draw(ax, arrays[name], query_tokens, key_tokens, style, title=name, labels=False)
         if row == nrows - 1 or index + ncols >= count:
             ax.set_xlabel("key token")
         if col == 0:
