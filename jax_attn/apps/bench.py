@@ -303,14 +303,22 @@ def module_contestants(case: BenchCase, torch: bool = True) -> dict:
     dtype = jnp.dtype(case.dtype)
     x = jax.random.normal(jax.random.key(0), (B, T, D), dtype)
     contestants = {}
+    # Flax options both JAX modules take, set alike: params and compute in the case's dtype.
+    flax_options = {"dtype": dtype, "param_dtype": dtype, "deterministic": True}
 
     def ours(implementation):
         def build():
             module = ja.MultiHeadAttention(
-                D, D, T, 0.0, N, implementation=implementation, deterministic=True
+                D,
+                D,
+                T,
+                0.0,
+                N,
+                is_causal=case.causal,
+                implementation=implementation,
+                **flax_options,
             )
             params = jax.jit(module.init)(jax.random.key(1), x)
-            params = jax.tree.map(lambda p: p.astype(dtype), params)
             fn = lambda params, x: module.apply(params, x)  # noqa: E731
             return "jax", _module_grad(fn) if case.grad else fn, (params, x)
 
@@ -318,12 +326,7 @@ def module_contestants(case: BenchCase, torch: bool = True) -> dict:
 
     def flax_module():
         module = nn.MultiHeadDotProductAttention(
-            num_heads=N,
-            qkv_features=D,
-            out_features=D,
-            dtype=dtype,
-            param_dtype=dtype,
-            deterministic=True,
+            num_heads=N, qkv_features=D, out_features=D, **flax_options
         )
         # The mask is an argument, as in a model that builds it once per batch.
         mask = nn.make_causal_mask(jnp.ones((B, T))) if case.causal else None
