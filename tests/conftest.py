@@ -152,9 +152,19 @@ def pytest_configure(config):
         raise pytest.UsageError(f"{_FAST_COMPILES}: XLA started before tests/conftest.py")
     os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
     emitters = "--xla_cpu_use_fusion_emitters=false"
-    if emitters not in os.environ["XLA_FLAGS"]:
+    if emitters not in os.environ["XLA_FLAGS"] and _xla_accepts(emitters):
         os.environ["XLA_FLAGS"] += " " + emitters
     jax.config.update("jax_disable_most_optimizations", True)
+
+
+def _xla_accepts(flag: str) -> bool:
+    """Whether this jaxlib's XLA starts with ``flag``: it aborts the process on a flag it
+    does not know (jaxlib 0.11 on a GPU host aborted every xdist worker so, silently).
+    Asked once, in a fresh process, by the xdist controller; its workers inherit the
+    answer through ``XLA_FLAGS``."""
+    env = dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu")
+    probe = [sys.executable, "-c", "import jax; jax.devices()"]
+    return subprocess.run(probe, env=env, capture_output=True, timeout=120).returncode == 0
 
 
 def make_qkv_numpy(B=2, T=3, S=4, N=2, K=1, H=4, dtype="float32", seed=0, scale=1.0, H_v=None):
