@@ -48,24 +48,32 @@ __all__ = ["BenchCase", "BenchConfig", "MemoryCase", "SweepConfig", "load_bench_
 # --- configuration --------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _CaseSettings:
+    """What a timed case and the sweep share: the inputs' batch, heads and dtype, whether
+    causal, who is timed (``contestants``; empty: every one available for the kind) and
+    how often (``repeats``; ``None``: the config's)."""
+
+    batch: int
+    num_heads: int
+    head_dim: int
+    dtype: str = "float32"
+    causal: bool = True
+    contestants: tuple[str, ...] = ()
+    repeats: int | None = None
+
+
 @dataclasses.dataclass(frozen=True)
-class BenchCase:
+class BenchCase(_CaseSettings):
     """One timed shape. ``kind`` is ``"attention"`` or ``"module"``; ``kv_len`` defaults to
-    ``seq_len``; ``contestants`` empty means every one available for the kind."""
+    ``seq_len``. The settings it shares with the sweep are keyword-only."""
 
     name: str
     kind: str
-    batch: int
     seq_len: int
-    num_heads: int
-    head_dim: int
     num_kv_heads: int | None = None
     kv_len: int | None = None
-    dtype: str = "float32"
-    causal: bool = True
     grad: bool = False
-    contestants: tuple[str, ...] = ()
-    repeats: int | None = None
 
     def __post_init__(self):
         check_choice(f"case {self.name!r}: kind", self.kind, ("attention", "module"))
@@ -74,17 +82,10 @@ class BenchCase:
 
 
 @dataclasses.dataclass(frozen=True)
-class SweepConfig:
+class SweepConfig(_CaseSettings):
     """Attention forward timed at several sequence lengths (the PNG plot)."""
 
-    batch: int
-    num_heads: int
-    head_dim: int
     seq_lens: tuple[int, ...]
-    dtype: str = "float32"
-    causal: bool = True
-    contestants: tuple[str, ...] = ()
-    repeats: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -587,19 +588,10 @@ def count_contestants(case: BenchCase, config: BenchConfig) -> int:
 
 
 def sweep_cases(sweep: SweepConfig) -> list[BenchCase]:
+    """One attention case per sequence length, with the sweep's settings."""
+    settings = {f.name: getattr(sweep, f.name) for f in dataclasses.fields(_CaseSettings)}
     return [
-        BenchCase(
-            name=f"sweep T={T}",
-            kind="attention",
-            batch=sweep.batch,
-            seq_len=T,
-            num_heads=sweep.num_heads,
-            head_dim=sweep.head_dim,
-            dtype=sweep.dtype,
-            causal=sweep.causal,
-            contestants=sweep.contestants,
-            repeats=sweep.repeats,
-        )
+        BenchCase(name=f"sweep T={T}", kind="attention", seq_len=T, **settings)
         for T in sweep.seq_lens
     ]
 
