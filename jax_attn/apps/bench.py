@@ -630,14 +630,17 @@ def run_memory_case(case: MemoryCase, timeout_s: float = 900) -> dict:
 
 def _plain_temp_mib(case: MemoryCase) -> float | None:
     """What ``jax.nn.dot_product_attention`` (xla) would ask for, from its compiled program
-    (compiled only, never run)."""
+    (compiled only, never run). On a GPU it compiles without autotuning: XLA's autotuner
+    allocates the operands to time candidate matmuls, 1 TiB of logits at T 131072, and
+    fails the compile with a page of errors (seen on an H200)."""
     try:
         shape = (case.batch, case.seq_len, case.num_heads, case.head_dim)
         spec = jax.ShapeDtypeStruct(shape, jnp.dtype(case.dtype))
         fn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
         if case.grad:
             fn = _with_grad(fn)
-        compiled = jax.jit(fn).lower(spec, spec, spec).compile()
+        options = {"xla_gpu_autotune_level": 0} if jax.default_backend() == "gpu" else None
+        compiled = jax.jit(fn).lower(spec, spec, spec).compile(options)
         return compiled.memory_analysis().temp_size_in_bytes / 2**20
     except Exception:  # noqa: BLE001 - optional information
         return None
