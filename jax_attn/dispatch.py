@@ -31,19 +31,20 @@ __all__ = [
 
 _REGISTRY: dict[str, Implementation] = {}
 # Preference order per platform for implementation=None (first supporting one wins);
-# :func:`preference_order` moves "xla" ahead of the tiled kernels for the calls below the
+# :func:`preference_order` moves "xla" ahead of :data:`TILED` for the calls below the
 # thresholds that follow.
 PREFERENCE: dict[str, list[str]] = {
     "cpu": ["cpu_flash", "chunked", "xla", "reference"],
     "gpu": ["cudnn", "pallas_gpu", "xla", "chunked", "reference"],
     "tpu": ["pallas_tpu", "xla", "chunked", "reference"],
 }
-# The kernels that loop over query and key tiles, skipping the empty ones.
-TILED = ("cpu_flash", "chunked")
-# The tiled kernels go first only from this many queries T on: with fewer (decoding) there
-# is no tile to skip and their per-call work costs more than "xla" (measured on CPU:
-# chunked 1.3x slower than xla at T=1..4 against 64..1024 keys, faster from T >= 8;
-# cpu_flash 2.4x slower at T=1 against 4096 keys, faster from T=16; docs/performance.md).
+# The kernels that loop over query and key blocks in XLA operations, skipping the empty
+# ones. They go first only from CHUNKED_MIN_QUERIES queries T on: with fewer (decoding)
+# there is no block to skip and their per-call work costs more than "xla" (measured on
+# CPU: chunked 1.3x slower than xla at T=1..4 against 64..1024 keys, faster from T >= 8;
+# docs/performance.md). Not cpu_flash: it took 0.4-1.1x xla's time at every T from 1
+# (benchmarks/cpu_few_queries.py, idle; it is first on CPU whatever T).
+TILED = ("chunked",)
 CHUNKED_MIN_QUERIES: dict[str, int] = {"cpu": 8, "gpu": 8, "tpu": 8}
 # Custom calls run whole on each device (XLA cannot split them over a mesh; under a plain
 # jit of sharded arrays it gathers their inputs first): the default takes them only where

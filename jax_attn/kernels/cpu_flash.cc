@@ -197,12 +197,76 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t items, Body body) {
   state->finished.wait(lock, [&] { return state->done.load() == items; });
 }
 
+// ---- large buffers kept from call to call ----------------------------------------------
+
+// A fresh buffer of tens of MB per call comes from mmap, and its pages fault in again on
+// every call once glibc has handed the last one back to the system, which it does as soon
+// as other allocations come between calls (measured: 12,256 faults, 2.5x the time of a
+// decoding call at B 8, S 1024 in a process with a second program). Calls take their
+// packed keys and backward arrays from here and give them back, up to kKeptBytes.
+class BufferPool {
+ public:
+  // A zero-filled buffer of `size` floats: a kept one if one is large enough.
+  std::vector<float> Take(size_t size) {
+    std::vector<float> buffer;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto best = kept_.end();
+      for (auto it = kept_.begin(); it != kept_.end(); ++it)
+        if (it->capacity() >= size && (best == kept_.end() || it->capacity() < best->capacity()))
+          best = it;
+      if (best != kept_.end()) {
+        kept_bytes_ -= best->capacity() * sizeof(float);
+        buffer = std::move(*best);
+        kept_.erase(best);
+      }
+    }
+    buffer.assign(size, 0.0f);
+    return buffer;
+  }
+
+  void Give(std::vector<float>&& buffer) {
+    const size_t bytes = buffer.capacity() * sizeof(float);
+    std::lock_guard<std::mutex> lock(mu_);
+    if (bytes == 0 || kept_bytes_ + bytes > kKeptBytes) return;  // freed with `buffer`
+    kept_bytes_ += bytes;
+    kept_.push_back(std::move(buffer));
+  }
+
+ private:
+  static constexpr size_t kKeptBytes = size_t{256} << 20;
+  std::mutex mu_;
+  std::vector<std::vector<float>> kept_;
+  size_t kept_bytes_ = 0;
+};
+
+BufferPool& Buffers() {
+  static BufferPool* pool = new BufferPool;  // never destroyed: no exit-time ordering
+  return *pool;
+}
+
+// A buffer from the pool for the scope of one call.
+struct PooledBuffer {
+  std::vector<float> data;
+  PooledBuffer() = default;
+  explicit PooledBuffer(size_t size) : data(Buffers().Take(size)) {}
+  PooledBuffer(const PooledBuffer&) = delete;
+  PooledBuffer& operator=(const PooledBuffer&) = delete;
+  PooledBuffer& operator=(PooledBuffer&& other) {
+    std::swap(data, other.data);
+    return *this;
+  }
+  ~PooledBuffer() { Buffers().Give(std::move(data)); }
+  float& operator[](size_t i) { return data[i]; }
+  const float& operator[](size_t i) const { return data[i]; }
+};
+
 // ---- keys and values laid out once per call -------------------------------------------
 
 // Each (batch, kv head, key tile) as two contiguous zero-padded blocks: K^T [Hp, kTile]
 // (keys across, the right operand of q k^T) and V [kTile, Hvp].
 struct PackedKV {
-  std::vector<float> kt, v;
+  PooledBuffer kt, v;
   int64_t key_tiles;
   const float* KeysT(const Problem& p, int64_t b, int64_t kh, int64_t tile) const {
     return &kt[((b * p.K + kh) * key_tiles + tile) * p.Hp() * kTile];
@@ -215,8 +279,8 @@ struct PackedKV {
 void Pack(ffi::ThreadPool& pool, const Problem& p, const float* k, const float* v,
           PackedKV& packed) {
   packed.key_tiles = (p.S + kTile - 1) / kTile;
-  packed.kt.assign(p.B * p.K * packed.key_tiles * p.Hp() * kTile, 0.0f);
-  packed.v.assign(p.B * p.K * packed.key_tiles * kTile * p.Hvp(), 0.0f);
+  packed.kt = PooledBuffer(p.B * p.K * packed.key_tiles * p.Hp() * kTile);
+  packed.v = PooledBuffer(p.B * p.K * packed.key_tiles * kTile * p.Hvp());
   ParallelFor(pool, p.B * p.K * packed.key_tiles, [&](int64_t item) {
     const int64_t tile = item % packed.key_tiles, kh = item / packed.key_tiles % p.K;
     const int64_t b = item / packed.key_tiles / p.K, s0 = tile * kTile;
@@ -241,6 +305,9 @@ void ForwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float
   const int Hp = static_cast<int>(p.Hp()), Hvp = static_cast<int>(p.Hvp());
   const int64_t t0 = tile * kTile;
   const int rows = static_cast<int>(std::min<int64_t>(kTile, p.T - t0));
+  // A short last tile (decoding: one row) multiplies only its own rows, rounded up to
+  // the even count Gemm takes.
+  const int gemm_rows = (rows + 1) & ~1;
   thread_local std::vector<float> qs, s, acc;
   qs.assign(kTile * Hp, 0.0f);
   s.resize(kTile * kTile);
@@ -260,9 +327,9 @@ void ForwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float
   for (int64_t s0 = begin / kTile * kTile; s0 < end; s0 += kTile) {
     const int64_t cols = std::min<int64_t>(kTile, p.S - s0);
     // [kTile, kTile] scaled logits
-    Gemm<false>(kTile, kTile, static_cast<int>(p.H), qs.data(), Hp,
+    Gemm<false>(gemm_rows, kTile, static_cast<int>(p.H), qs.data(), Hp,
                 kv.KeysT(p, b, kh, s0 / kTile), kTile, s.data(), kTile);
-    for (int r = 0; r < kTile; ++r) {
+    for (int r = 0; r < gemm_rows; ++r) {
       float* srow = &s[r * kTile];
       const int64_t lo = std::clamp<int64_t>(row_begin[r] - s0, 0, cols);
       const int64_t hi = std::clamp<int64_t>(row_end[r] - s0, 0, cols);
@@ -297,7 +364,7 @@ void ForwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float
       }
     }
     // [kTile, Hvp] += weights . values
-    Gemm<true>(kTile, Hvp, kTile, s.data(), kTile, kv.Values(p, b, kh, s0 / kTile), Hvp,
+    Gemm<true>(gemm_rows, Hvp, kTile, s.data(), kTile, kv.Values(p, b, kh, s0 / kTile), Hvp,
                acc.data(), Hvp);
   }
 
@@ -316,12 +383,12 @@ void ForwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float
 // dQ / scale accumulator [G, T_pad, Hp], with one lock per query tile of the accumulator.
 struct BackwardShared {
   int64_t T_pad, splits;
-  std::vector<float> qs, dos, delta, dqs;
+  PooledBuffer qs, dos, delta, dqs;
   std::unique_ptr<std::mutex[]> tile_locks;
   BackwardShared(const Problem& p, int64_t splits)
       : T_pad(p.q_tiles() * kTile), splits(splits),
-        qs(p.B * p.N * T_pad * p.Hp(), 0.0f), dos(p.B * p.N * T_pad * p.Hvp(), 0.0f),
-        delta(p.B * p.N * T_pad, 0.0f), dqs(p.B * p.N * T_pad * p.Hp(), 0.0f),
+        qs(p.B * p.N * T_pad * p.Hp()), dos(p.B * p.N * T_pad * p.Hvp()),
+        delta(p.B * p.N * T_pad), dqs(p.B * p.N * T_pad * p.Hp()),
         tile_locks(new std::mutex[p.B * p.N * p.q_tiles()]) {}
   // Row t of query head n (= kh * G + g) of batch b in a [B, N, T_pad, width] array.
   int64_t Row(const Problem& p, int64_t b, int64_t n, int64_t t) const {
