@@ -206,8 +206,9 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t items, Body body) {
 // packed keys and backward arrays from here and give them back, up to kKeptBytes.
 class BufferPool {
  public:
-  // A zero-filled buffer of `size` floats: a kept one if one is large enough.
-  std::vector<float> Take(size_t size) {
+  // A buffer of `size` floats, a kept one if one is large enough; zero-filled, or with
+  // whatever a kept one held where `zeroed` is false (the caller writes every element).
+  std::vector<float> Take(size_t size, bool zeroed) {
     std::vector<float> buffer;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -221,7 +222,10 @@ class BufferPool {
         kept_.erase(best);
       }
     }
-    buffer.assign(size, 0.0f);
+    if (zeroed)
+      buffer.assign(size, 0.0f);
+    else
+      buffer.resize(size);
     return buffer;
   }
 
@@ -249,7 +253,7 @@ BufferPool& Buffers() {
 struct PooledBuffer {
   std::vector<float> data;
   PooledBuffer() = default;
-  explicit PooledBuffer(size_t size) : data(Buffers().Take(size)) {}
+  explicit PooledBuffer(size_t size, bool zeroed = true) : data(Buffers().Take(size, zeroed)) {}
   PooledBuffer(const PooledBuffer&) = delete;
   PooledBuffer& operator=(const PooledBuffer&) = delete;
   PooledBuffer& operator=(PooledBuffer&& other) {
@@ -279,19 +283,27 @@ struct PackedKV {
 void Pack(ffi::ThreadPool& pool, const Problem& p, const float* k, const float* v,
           PackedKV& packed) {
   packed.key_tiles = (p.S + kTile - 1) / kTile;
-  packed.kt = PooledBuffer(p.B * p.K * packed.key_tiles * p.Hp() * kTile);
-  packed.v = PooledBuffer(p.B * p.K * packed.key_tiles * kTile * p.Hvp());
+  // Every element is written below, the padding with zeros: no zero-fill first (it cost
+  // a pass over tens of MB per decoding call).
+  packed.kt = PooledBuffer(p.B * p.K * packed.key_tiles * p.Hp() * kTile, false);
+  packed.v = PooledBuffer(p.B * p.K * packed.key_tiles * kTile * p.Hvp(), false);
+  const int64_t Hp = p.Hp(), Hvp = p.Hvp();
   ParallelFor(pool, p.B * p.K * packed.key_tiles, [&](int64_t item) {
     const int64_t tile = item % packed.key_tiles, kh = item / packed.key_tiles % p.K;
     const int64_t b = item / packed.key_tiles / p.K, s0 = tile * kTile;
+    const int64_t keys = std::min<int64_t>(kTile, p.S - s0);
     float* kt = const_cast<float*>(packed.KeysT(p, b, kh, tile));
     float* vt = const_cast<float*>(packed.Values(p, b, kh, tile));
-    for (int64_t c = 0; c < std::min<int64_t>(kTile, p.S - s0); ++c) {
+    for (int64_t c = 0; c < keys; ++c) {
       const float* krow = k + ((b * p.S + s0 + c) * p.K + kh) * p.H;
       for (int64_t h = 0; h < p.H; ++h) kt[h * kTile + c] = krow[h];
-      std::memcpy(vt + c * p.Hvp(), v + ((b * p.S + s0 + c) * p.K + kh) * p.Hv,
+      std::memcpy(vt + c * Hvp, v + ((b * p.S + s0 + c) * p.K + kh) * p.Hv,
                   p.Hv * sizeof(float));
+      std::fill(vt + c * Hvp + p.Hv, vt + (c + 1) * Hvp, 0.0f);
     }
+    for (int64_t h = 0; h < p.H; ++h) std::fill(kt + h * kTile + keys, kt + (h + 1) * kTile, 0.0f);
+    std::fill(kt + p.H * kTile, kt + Hp * kTile, 0.0f);
+    std::fill(vt + keys * Hvp, vt + kTile * Hvp, 0.0f);
   });
 }
 

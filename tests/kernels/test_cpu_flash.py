@@ -57,6 +57,20 @@ def test_output_equals_float64_reference(case):
     np.testing.assert_allclose(got, want, rtol=0, atol=allowed_error(q, k, v, want, **kwargs))
 
 
+def test_buffers_kept_from_a_larger_call_leave_no_trace():
+    # The packed keys and values come from a pool and are not zero-filled: a call with
+    # padding (H 24 of 32, S 130 of 192) after one that filled the buffers with NaN must
+    # still see zeros in its padding (0 * NaN is NaN).
+    q, k, v = make_qkv(B=2, T=70, S=256, N=4, K=2, H=32, H_v=48, seed=3)
+    jax.block_until_ready(_flash(q, k * jnp.nan, v * jnp.nan, is_causal=True))
+    q, k, v = make_qkv(**SHAPE)
+    want = attention_float64(q, k, v)
+    got = _flash(q, k, v)
+    np.testing.assert_allclose(got, want, rtol=0, atol=allowed_error(q, k, v, want))
+    grads = jax.grad(lambda q, k, v: _flash(q, k, v).sum(), argnums=(0, 1, 2))(q, k, v)
+    assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+
+
 @pytest.mark.parametrize("T", [1, 3])
 def test_few_queries_against_a_cache_equal_float64_reference(T):
     # A query tile of 1 or 3 rows multiplies only those rows (rounded up to 2, 4).
