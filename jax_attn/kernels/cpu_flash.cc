@@ -199,11 +199,11 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t items, Body body) {
 
 // ---- large buffers kept from call to call ----------------------------------------------
 
-// A fresh buffer of tens of MB per call comes from mmap, and its pages fault in again on
-// every call once glibc has handed the last one back to the system, which it does as soon
-// as other allocations come between calls (measured: 12,256 faults, 2.5x the time of a
-// decoding call at B 8, S 1024 in a process with a second program). Calls take their
-// packed keys and backward arrays from here and give them back, up to kKeptBytes.
+// A fresh buffer of tens of MB per call is mapped from the system anew, and in a process
+// that runs other programs between calls its pages faulted in again on every call
+// (measured: 12,256 faults and 2.5x the time of a decoding call at B 8, S 1024). Calls
+// take their packed keys and backward arrays from here and give them back; up to
+// kKeptBytes stay kept for the process's life.
 class BufferPool {
  public:
   // A buffer of `size` floats, a kept one if one is large enough; zero-filled, or with
@@ -301,7 +301,8 @@ void Pack(ffi::ThreadPool& pool, const Problem& p, const float* k, const float* 
                   p.Hv * sizeof(float));
       std::fill(vt + c * Hvp + p.Hv, vt + (c + 1) * Hvp, 0.0f);
     }
-    for (int64_t h = 0; h < p.H; ++h) std::fill(kt + h * kTile + keys, kt + (h + 1) * kTile, 0.0f);
+    for (int64_t h = 0; h < p.H; ++h)
+      std::fill(kt + h * kTile + keys, kt + (h + 1) * kTile, 0.0f);
     std::fill(kt + p.H * kTile, kt + Hp * kTile, 0.0f);
     std::fill(vt + keys * Hvp, vt + kTile * Hvp, 0.0f);
   });
