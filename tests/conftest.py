@@ -160,8 +160,9 @@ def pytest_configure(config):
 def _xla_accepts(flag: str) -> bool:
     """Whether this jaxlib's XLA starts with ``flag``: it aborts the process on a flag it
     does not know (jaxlib 0.11 on a GPU host aborted every xdist worker so, silently).
-    Asked once, in a fresh process, by the xdist controller; its workers inherit the
-    answer through ``XLA_FLAGS``."""
+    Asked in a fresh process by the xdist controller; where XLA accepts the flag, its
+    workers inherit it through ``XLA_FLAGS`` and ask nothing, where it refuses, each
+    worker asks again (about 1 s each)."""
     env = dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu")
     probe = [sys.executable, "-c", "import jax; jax.devices()"]
     return subprocess.run(probe, env=env, capture_output=True, timeout=120).returncode == 0
