@@ -8,6 +8,9 @@ sequence-parallel ring attention.
   heads and the output is reduced once), Flax partition metadata honoured where present,
   the rest replicated. :func:`shard_batch` puts activations batch-parallel over
   ``"data"``. ``jax.jit``'s SPMD partitioner does the rest.
+* Many processes (``jax.distributed.initialize()``, one global mesh):
+  :func:`process_batch_rows` says which rows of a global batch this process feeds, and
+  :func:`global_batch` joins every process's rows into one batch-parallel array.
 * :func:`ring_attention` is sequence-parallel attention over a named mesh axis; the kernel
   lives in :mod:`jax_attn.kernels.ring` (also ``dot_product_attention(...,
   implementation="ring")`` under ``jax.set_mesh``).
@@ -37,6 +40,8 @@ __all__ = [
     "shard_params",
     "batch_sharding",
     "shard_batch",
+    "process_batch_rows",
+    "global_batch",
     "ring_attention",
     "ring_axes",
     "default_block_size",
@@ -320,6 +325,72 @@ def shard_batch(x, mesh: Mesh):
             f"mesh's data axis size {data}"
         )
     return jax.device_put(x, batch_sharding(mesh, x.ndim))
+
+
+def process_batch_rows(mesh: Mesh, batch_size: int) -> slice:
+    """The rows of a global batch ``[batch_size, ...]`` that this process feeds to
+    :func:`global_batch`: those its own devices hold under :func:`batch_sharding`.
+
+    One process: every row. Under ``jax.distributed`` the ``"data"`` axis is cut across
+    processes; a process whose devices hold several data shards feeds them all, one
+    contiguous block (``make_mesh`` keeps each process's devices together).
+    """
+    _check_mesh("process_batch_rows", mesh)
+    data = _axis_size(mesh, "data")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+        raise TypeError(f"process_batch_rows: batch_size must be an int, got {batch_size!r}")
+    if batch_size < 1 or batch_size % data:
+        raise ValueError(
+            f"process_batch_rows: batch_size={batch_size} must be a positive multiple of the "
+            f"mesh's data axis size {data}"
+        )
+    indices = batch_sharding(mesh, 1).addressable_devices_indices_map((int(batch_size),))
+    blocks = sorted({index[0].indices(batch_size)[:2] for index in indices.values()})
+    first, last = blocks[0][0], blocks[-1][1]
+    if sum(stop - start for start, stop in blocks) != last - first:
+        raise ValueError(
+            f"process_batch_rows: this process's devices hold rows {blocks} of the batch, "
+            "not one contiguous block; build the mesh so that each process's devices are "
+            "neighbours on the data axis (make_mesh(devices=...) in process order)"
+        )
+    return slice(first, last)
+
+
+def global_batch(local, mesh: Mesh, batch_size: int | None = None) -> jax.Array:
+    """One batch-parallel array ``[batch_size, ...]`` (:func:`batch_sharding`) made from
+    every process's ``local`` rows (:func:`process_batch_rows`), without any process
+    holding the whole batch: ``jax.make_array_from_process_local_data``.
+
+    ``batch_size`` (the global batch) defaults to ``local``'s rows scaled from the data
+    shards this process holds to all of them. With one process it is :func:`shard_batch`
+    of ``local``.
+    """
+    _check_mesh("global_batch", mesh)
+    local = np.asarray(local) if not isinstance(local, jax.Array) else local
+    if local.ndim == 0:
+        raise ValueError("global_batch: local must have a batch dim, got a scalar")
+    if batch_size is None:
+        data = _axis_size(mesh, "data")
+        # one row per data shard: this process's rows are the shards it holds
+        mine = process_batch_rows(mesh, data)
+        shards = mine.stop - mine.start
+        if local.shape[0] % shards:
+            raise ValueError(
+                f"global_batch: this process holds {shards} of the {data} data shards, so "
+                f"local's rows must divide by {shards}, got shape {list(local.shape)}"
+            )
+        batch_size = local.shape[0] // shards * data
+    rows = process_batch_rows(mesh, int(batch_size))
+    if local.shape[0] != rows.stop - rows.start:
+        raise ValueError(
+            f"global_batch: this process feeds rows {rows.start}:{rows.stop} of a batch of "
+            f"{batch_size}, so local must have {rows.stop - rows.start} rows, got "
+            f"{local.shape[0]} (shape {list(local.shape)})"
+        )
+    global_shape = (int(batch_size), *local.shape[1:])
+    return jax.make_array_from_process_local_data(
+        batch_sharding(mesh, local.ndim), local, global_shape
+    )
 
 
 # --- ring attention ------------------------------------------------------------------------
