@@ -22,6 +22,13 @@ cannot keep everything while attention can look back.
     jax-attn train --config configs/copy.toml
     jax-attn train --config configs/recall-vs-rnn.toml
     jax-attn train --decode-bench           # cached decode step vs full recompute
+
+On many processes (``jax.distributed``; one per host, or several on one machine) every
+process runs the same command with ``--coordinator``, ``--num-processes`` and
+``--process-id`` (or none of them where SLURM, Open MPI or Cloud TPU say so, with
+``--distributed``), the state laid out on one global mesh (``--mesh data=2,model=2``);
+process 0 prints and plots, every process writes its share of the checkpoint.
+``--resume CHECKPOINT`` continues a run on the same or another number of processes.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
 import platform
 import sys
 import time
@@ -40,8 +48,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import serialization
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from jax_attn import kv_cache
+from jax_attn import kv_cache, sharding
 from jax_attn.apps import timing
 from jax_attn.apps.config import (
     ConfigError,
@@ -75,6 +85,9 @@ __all__ = [
     "checkpoint_config",
     "checkpoint_params",
     "decode_benchmark",
+    "parse_mesh",
+    "distributed_settings",
+    "place_state",
     "attention_weights_by_layer",
     "head_figures",
     "main",
@@ -394,20 +407,36 @@ def init_state(model: nn.Module, task: TaskConfig, train_config: TrainConfig, op
     return init(jax.random.key(train_config.seed))
 
 
-def make_train_step(model: nn.Module, task: TaskConfig, train_config: TrainConfig, optimizer):
-    """``state -> (state, loss)``: one jitted step on a fresh batch made from the step."""
+def make_train_step(
+    model: nn.Module,
+    task: TaskConfig,
+    train_config: TrainConfig,
+    optimizer,
+    state_shardings=None,
+):
+    """``state -> (state, loss)``: one jitted step on a fresh batch made from the step.
+
+    ``state_shardings`` (the placed state's, :func:`place_state`): the step keeps the state
+    so laid out and makes the batch split over the mesh's ``"data"`` axis, each device its
+    own rows (the same tokens as on one device)."""
     data_key, dropout_key = jax.random.split(jax.random.key(train_config.seed + 1))
+    mesh = None
+    if state_shardings is not None:
+        mesh = jax.tree.leaves(state_shardings)[0].mesh
 
     def loss_fn(params, tokens, targets, rng):
         return masked_loss_and_accuracy(
             model, params, tokens, targets, deterministic=False, rngs={"dropout": rng}
         )[0]
 
-    @jax.jit
     def step(state):
         tokens, targets = make_batch(
             jax.random.fold_in(data_key, state["step"]), task, train_config.batch_size
         )
+        if mesh is not None:
+            tokens, targets = jax.lax.with_sharding_constraint(
+                (tokens, targets), sharding.batch_sharding(mesh, 2)
+            )
         rng = jax.random.fold_in(dropout_key, state["step"])
         loss, grads = jax.value_and_grad(loss_fn)(state["params"], tokens, targets, rng)
         # optax mixes Python floats with its int32 step count: standard promotion, here only
@@ -416,7 +445,35 @@ def make_train_step(model: nn.Module, task: TaskConfig, train_config: TrainConfi
         params = optax.apply_updates(state["params"], updates)
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, loss
 
-    return step
+    if mesh is None:
+        return jax.jit(step)
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(step, out_shardings=(state_shardings, replicated))
+
+
+def place_state(state, mesh, optimizer, num_heads: int | None = None):
+    """The training state on ``mesh``: params by :func:`jax_attn.sharding.shard_params`
+    (attention heads over ``"model"``, the rest replicated), the optimizer's per-parameter
+    state (Adam's moments) laid out as its params, everything else (step, counts)
+    replicated. Every process passes the same values (the same seed made them)."""
+    specs = sharding.param_specs(
+        state["params"],
+        "model" if "model" in mesh.axis_names else None,
+        model_size=int(dict(mesh.shape).get("model", 1)),
+        num_heads=num_heads,
+    )
+    params = sharding.shard_params(state["params"], mesh, num_heads=num_heads)
+    replicated = NamedSharding(mesh, P())
+    opt_state = optax.tree_map_params(
+        optimizer,
+        lambda leaf, spec: jax.device_put(leaf, NamedSharding(mesh, spec)),
+        state["opt_state"],
+        specs,
+        transform_non_params=lambda leaf: jax.device_put(leaf, replicated),
+        is_leaf=lambda x: isinstance(x, P),
+    )
+    step = jax.device_put(state["step"], replicated)
+    return {"step": step, "params": params, "opt_state": opt_state}
 
 
 def train(
@@ -427,19 +484,35 @@ def train(
     learning_rate=None,
     desc: str = "train",
     progress: bool = True,
+    mesh=None,
+    resume=None,
 ):
-    """Trains ``model`` on ``task``; returns ``(state, losses [(step, loss)], seconds)``."""
+    """Trains ``model`` on ``task``; returns ``(state, losses [(step, loss)], seconds)``.
+
+    ``mesh``: the state laid out on it (:func:`place_state`), the batch over its
+    ``"data"`` axis; under ``jax.distributed`` a global mesh, every process calling.
+    ``resume``: a checkpoint (:func:`save_checkpoint`) whose state training continues
+    from, up to ``train_config.steps``; it may come from another mesh or process count.
+    """
     tqdm = require("tqdm.auto").tqdm
 
     optimizer = make_optimizer(train_config, learning_rate)
     state = init_state(model, task, train_config, optimizer)
-    step = make_train_step(model, task, train_config, optimizer)
+    state_shardings = None
+    if mesh is not None:
+        state = place_state(state, mesh, optimizer, getattr(model, "num_heads", None))
+        state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    if resume is not None:
+        # the fresh state as the template: its tree, dtypes and shardings
+        state = restore_checkpoint(resume, state)
+    step = make_train_step(model, task, train_config, optimizer, state_shardings)
+    first = int(state["step"])
     losses = []
     start = time.perf_counter()
     bar = tqdm(
-        range(train_config.steps),
+        range(first, train_config.steps),
         desc=desc,
-        disable=not progress,
+        disable=not progress or jax.process_index() != 0,
         leave=False,
         file=sys.stderr,
         mininterval=1.0,
@@ -771,9 +844,13 @@ def checkpoint_params(path):
     if path.is_file():
         return serialization.msgpack_restore(path.read_bytes())["params"]
     ocp = _orbax()
+    # arrays saved on devices this process lacks (another process count) come onto its
+    # first device
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     with _checkpointer() as checkpointer:
         restored = checkpointer.restore(
-            path.absolute(), args=ocp.args.Composite(state=ocp.args.StandardRestore())
+            path.absolute(),
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(fallback_sharding=here)),
         )
     return restored["state"]["params"]
 
@@ -781,17 +858,68 @@ def checkpoint_params(path):
 # --- commands -------------------------------------------------------------------------------
 
 
+def say(*args, **kwargs) -> None:
+    """``print`` on process 0 only: one report per run, however many processes run it."""
+    if jax.process_index() == 0:
+        print(*args, **kwargs)
+
+
+def _same_arrays(a, b) -> bool:
+    """Same dtype and bits, compared on this process's shards (a global array's other
+    shards live in other processes, which compare their own)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if not isinstance(a, jax.Array) or not isinstance(b, jax.Array):
+        return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+    theirs = {str(shard.index): shard.data for shard in b.addressable_shards}
+    return all(
+        str(shard.index) in theirs and np.array_equal(shard.data, theirs[str(shard.index)])
+        for shard in a.addressable_shards
+    )
+
+
+def _on_this_process(tree):
+    """Every leaf whole in this process (gathered from the others where it is split
+    across processes), for the steps that run on one process's devices."""
+    leaves = jax.tree.leaves(tree)
+    if all(not isinstance(x, jax.Array) or x.is_fully_addressable for x in leaves):
+        return tree
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(jnp.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+def describe_mesh(mesh) -> str:
+    """``"mesh data=2,model=2 (4 devices, 2 processes)"``."""
+    axes = ",".join(f"{name}={size}" for name, size in dict(mesh.shape).items() if size > 1)
+    processes = len({d.process_index for d in np.asarray(mesh.devices).flat})
+    return f"mesh {axes or 'data=1'} ({mesh.size} devices, {processes} processes)"
+
+
 def run_training(
-    config: TrainRunConfig, out_dir: Path, progress: bool = True, written: list | None = None
+    config: TrainRunConfig,
+    out_dir: Path,
+    progress: bool = True,
+    written: list | None = None,
+    *,
+    mesh=None,
+    resume=None,
 ) -> dict:
     """Train, save, restore (bit-exact check), evaluate and generate; returns the summary.
 
     The checkpoint (an orbax directory: state and config), ``loss.png`` and
-    ``summary.json`` go into ``out_dir``; their paths are appended to ``written``."""
+    ``summary.json`` go into ``out_dir``; their paths are appended to ``written``.
+    ``mesh`` and ``resume`` as in :func:`train`. Under ``jax.distributed`` every process
+    calls it: each writes its share of the checkpoint and checks its own shards of the
+    restored state; process 0 prints, plots and writes the summary."""
     written = [] if written is None else written
     task, model = config.task, build_decoder(config)
-    state, losses, seconds = train(model, task, config.train, progress=progress)
-    print(
+    if mesh is not None:
+        say(f"{describe_mesh(mesh)}, process {jax.process_index()} of {jax.process_count()}")
+    state, losses, seconds = train(
+        model, task, config.train, progress=progress, mesh=mesh, resume=resume
+    )
+    say(
         f"trained {count_params(state['params']):,} parameters for {config.train.steps} steps "
         f"in {seconds:.1f} s; final loss {losses[-1][1]:.4f}"
     )
@@ -803,13 +931,13 @@ def run_training(
     # shardings are used, as jax.ShapeDtypeStructs
     restored = restore_checkpoint(checkpoint, state)
     exact = jax.tree.structure(restored) == jax.tree.structure(state) and all(
-        a.dtype == b.dtype and np.array_equal(a, b)
+        _same_arrays(a, b)
         for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True)
     )
-    print(f"checkpoint {checkpoint} restored: {'bit-exact' if exact else 'MISMATCH'}")
+    say(f"checkpoint {checkpoint} restored: {'bit-exact' if exact else 'MISMATCH'}")
     if not exact:
         raise RuntimeError(f"restored checkpoint {checkpoint} differs from the saved state")
-    params = restored["params"]
+    params = _on_this_process(restored["params"])
 
     decoder = build_decoder(config, decode=True)
     start = time.perf_counter()
@@ -817,7 +945,7 @@ def run_training(
         decoder, params, task, config.train.eval_examples
     )
     gen_seconds = time.perf_counter() - start
-    print(
+    say(
         f"greedy generation through the KV cache, {config.train.eval_examples} new examples: "
         f"token accuracy {token_acc:.2%}, whole answers {answer_acc:.2%} ({gen_seconds:.1f} s)"
     )
@@ -835,15 +963,16 @@ def run_training(
     )
     label = f"T={config.generate.temperature}, top-k={config.generate.top_k}"
     for i in range(config.generate.show):
-        print(f"  prompt  {format_tokens(tokens[i, : task.prompt_length], task)}")
-        print(f"  greedy  {format_tokens(greedy[i], task)}")
-        print(f"  sampled {format_tokens(sampled[i], task)}  ({label})")
-        print(f"  target  {format_tokens(answers[i], task)}")
+        say(f"  prompt  {format_tokens(tokens[i, : task.prompt_length], task)}")
+        say(f"  greedy  {format_tokens(greedy[i], task)}")
+        say(f"  sampled {format_tokens(sampled[i], task)}  ({label})")
+        say(f"  target  {format_tokens(answers[i], task)}")
 
     loss_png = out_dir / "loss.png"
-    plot_losses({"attention": losses}, loss_png)
+    if jax.process_index() == 0:
+        plot_losses({"attention": losses}, loss_png)
     written.append(loss_png)
-    print(f"loss curve: {loss_png}")
+    say(f"loss curve: {loss_png}")
     summary = {
         "task": dataclasses.asdict(task),
         "params": count_params(params),
@@ -854,7 +983,12 @@ def run_training(
         "generation_answer_accuracy": answer_acc,
         "checkpoint": str(checkpoint),
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if mesh is not None:
+        summary["mesh"] = describe_mesh(mesh)
+    if resume is not None:
+        summary["resumed_from"] = str(resume)
+    if jax.process_index() == 0:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     written.append(out_dir / "summary.json")
     return summary
 
@@ -1026,6 +1160,72 @@ def print_written(paths) -> None:
         print(path)
 
 
+MESH_AXES = ("data", "model")
+"""The axes ``--mesh`` may name: batch over ``"data"``, attention heads over ``"model"``."""
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """``"data=2,model=2"`` -> ``{"data": 2, "model": 2}``; errors name the part."""
+    sizes = {}
+    for part in text.split(","):
+        name, _, size = part.strip().partition("=")
+        if name not in MESH_AXES or not size.isdigit() or int(size) < 1 or name in sizes:
+            raise ValueError(
+                f"--mesh: expected comma-separated AXIS=SIZE with AXIS one of "
+                f"{list(MESH_AXES)} (each once) and SIZE a positive int, got {part!r} "
+                f"in {text!r}"
+            )
+        sizes[name] = int(size)
+    return sizes
+
+
+def distributed_settings(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    detect: bool = False,
+    environ=None,
+) -> dict | None:
+    """The keyword arguments for ``jax.distributed.initialize``, or ``None`` to run as one
+    process without it.
+
+    Flags given: those (JAX takes what is missing from ``JAX_COORDINATOR_ADDRESS`` or its
+    cluster detection). None: ``{}`` (JAX detects everything) where ``detect`` or the
+    environment says that several processes were started together: ``srun`` of several
+    tasks (``SLURM_NTASKS``), ``mpirun`` of several (``OMPI_COMM_WORLD_SIZE``),
+    ``JAX_COORDINATOR_ADDRESS``; otherwise ``None``. (A Cloud TPU pod's workers cannot
+    tell from their environment alone: pass ``--distributed`` there.)
+    """
+    environ = os.environ if environ is None else environ
+    given = {
+        "coordinator_address": coordinator,
+        "num_processes": num_processes,
+        "process_id": process_id,
+    }
+    given = {name: value for name, value in given.items() if value is not None}
+    if given:
+        return given
+
+    def several(name):
+        value = environ.get(name, "")
+        return value.isdigit() and int(value) > 1
+
+    started_together = (
+        ("SLURM_JOB_ID" in environ and several("SLURM_NTASKS"))
+        or several("OMPI_COMM_WORLD_SIZE")
+        or bool(environ.get("JAX_COORDINATOR_ADDRESS"))
+    )
+    return {} if detect or started_together else None
+
+
+def start_distributed(settings: dict) -> None:
+    """Joins the other processes (``jax.distributed.initialize(**settings)``); CPU
+    collectives across processes go over gloo."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**settings)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="jax-attn train",
@@ -1033,8 +1233,8 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--config",
-        default="copy",
-        help="configs/<name>.toml or a shipped config's name (default: copy)",
+        help="configs/<name>.toml or a shipped config's name (default: copy, or with "
+        "--resume the checkpoint's own)",
     )
     parser.add_argument("--out", help="output directory (default: the config's output_dir)")
     parser.add_argument("--steps", type=int, help="override train.steps")
@@ -1055,7 +1255,43 @@ def main(argv=None) -> int:
         default="benchmarks/results/decode.json",
         help="JSON written by --decode-bench",
     )
+    many = parser.add_argument_group(
+        "many processes",
+        "run the same command in every process (one per host); process 0 prints and plots",
+    )
+    many.add_argument(
+        "--coordinator", metavar="HOST:PORT", help="process 0's address, the same everywhere"
+    )
+    many.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
+    many.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1")
+    many.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join the others, JAX detecting coordinator, count and id (SLURM, Open MPI, "
+        "Cloud TPU); implied under srun/mpirun of several tasks",
+    )
+    many.add_argument(
+        "--mesh",
+        metavar="data=D,model=M",
+        help="lay the training state out on a mesh of all processes' devices: batch over "
+        "data, attention heads over model (default on many processes: data=all devices)",
+    )
+    parser.add_argument(
+        "--resume",
+        metavar="CHECKPOINT",
+        help="continue the run saved in CHECKPOINT up to --steps (any process count)",
+    )
     args = parser.parse_args(argv)
+
+    try:
+        mesh_sizes = None if args.mesh is None else parse_mesh(args.mesh)
+    except ValueError as error:
+        parser.error(str(error))
+    settings = distributed_settings(
+        args.coordinator, args.num_processes, args.process_id, detect=args.distributed
+    )
+    if settings is not None:
+        start_distributed(settings)
 
     if args.decode_bench:
         result = decode_benchmark()
@@ -1069,8 +1305,14 @@ def main(argv=None) -> int:
         )
         print_written([path])
         return 0
+    resumed_step = None
     try:
-        config = load_train_config(args.config)
+        if args.resume is not None and args.config is None:
+            config = checkpoint_config(args.resume)
+        else:
+            config = load_train_config(args.config or "copy")
+        if args.resume is not None:
+            resumed_step = checkpoint_config(args.resume).train.steps
     except ConfigError as error:
         print(f"jax-attn train: {error}", file=sys.stderr)
         return 2
@@ -1088,15 +1330,48 @@ def main(argv=None) -> int:
         return 0
     # the config the run ran, as its checkpoint keeps it: --steps and --out applied
     config = dataclasses.replace(config, output_dir=str(out_dir))
+    if resumed_step is not None and resumed_step >= config.train.steps:
+        parser.error(
+            f"--resume: {args.resume} is at step {resumed_step}; pass --steps above it "
+            f"(the run's steps are {config.train.steps})"
+        )
+    if args.resume is not None and config.compare is not None:
+        parser.error("--resume continues a training run, not a [compare] config")
+    mesh = None
+    if mesh_sizes is not None or jax.process_count() > 1:
+        if config.compare is not None:
+            parser.error("--mesh and many processes serve a training run, not [compare]")
+        mesh_sizes = mesh_sizes or {"data": jax.device_count()}
+        try:
+            mesh = sharding.make_mesh(**mesh_sizes)
+        except ValueError as error:
+            parser.error(f"--mesh {args.mesh}: {error}")
+        if config.train.batch_size % mesh_sizes.get("data", 1):
+            parser.error(
+                f"--mesh: batch_size={config.train.batch_size} must divide over "
+                f"data={mesh_sizes.get('data', 1)}"
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
     start, written = time.perf_counter(), []
+    if resumed_step is not None:
+        say(f"resumed from step {resumed_step}: {args.resume}")
     if config.compare is not None:
         run_comparison(config, out_dir, progress=not args.no_progress, written=written)
     else:
-        run_training(config, out_dir, progress=not args.no_progress, written=written)
+        run_training(
+            config,
+            out_dir,
+            progress=not args.no_progress,
+            written=written,
+            mesh=mesh,
+            resume=args.resume,
+        )
     seconds = time.perf_counter() - start
-    print(f"done in {seconds:.1f} s wall clock on {jax.devices()[0].platform}")
-    print_written(written)
+    say(f"done in {seconds:.1f} s wall clock on {jax.devices()[0].platform}")
+    if jax.process_index() == 0:
+        print_written(written)
+    if settings is not None:
+        jax.distributed.shutdown()
     return 0
 
 

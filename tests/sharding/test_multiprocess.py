@@ -191,7 +191,9 @@ def test_train_command_on_two_processes_equals_one_and_resumes_on_two_and_one(tm
     config = tr.load_train_config(config_path)
     first = tmp_path / "first"
     printed = mp.launch(
-        train_commands(2, f"--config={config_path}", f"--out={first}", "--steps=2") + [],
+        train_commands(
+            2, f"--config={config_path}", f"--out={first}", "--steps=2", "--mesh=data=2,model=2"
+        ),
         tmp_path / "logs_first",
         timeout=TIMEOUT,
     )
@@ -214,20 +216,20 @@ def test_train_command_on_two_processes_equals_one_and_resumes_on_two_and_one(tm
         atol=1e-6,
     )
 
-    # resumed to step 4 by a fresh pair and by one process: the same state
+    # resumed to step 4 by a fresh pair (batch over all 4 devices, the default) and by one
+    # process (one device): the same state
     resumed = {}
     for processes in (2, 1):
         out = tmp_path / f"resumed_{processes}"
-        mesh = ["--mesh=data=2,model=2"] if processes == 2 else []
         printed = mp.launch(
             train_commands(
-                processes, f"--resume={first / 'checkpoint'}", f"--out={out}", "--steps=4", *mesh
+                processes, f"--resume={first / 'checkpoint'}", f"--out={out}", "--steps=4"
             ),
             tmp_path / f"logs_resumed_{processes}",
             timeout=TIMEOUT,
         )
         assert "resumed from step 2" in printed[0]
-        restored = tr.restore_checkpoint(out / "checkpoint", jax.eval_shape(lambda: state))
+        restored = tr.restore_checkpoint(out / "checkpoint", state)
         assert int(restored["step"]) == 4
         resumed[processes] = restored
     assert_trees_close(mp.flat(resumed[2]), resumed[1], rtol=1e-4, atol=1e-6)
