@@ -341,3 +341,47 @@ def test_train_command_end_to_end(tiny_config, capsys):
     )
     config = tr.checkpoint_config(out / "checkpoint")
     assert config.train.steps == 10 and config.task == tiny_config.task
+
+
+# --- many processes: the flags' parsing (the runs: tests/sharding/test_multiprocess.py) ----
+
+
+def test_mesh_flag_is_parsed_and_errors_name_the_part():
+    assert tr.parse_mesh("data=2,model=2") == {"data": 2, "model": 2}
+    assert tr.parse_mesh("data=4") == {"data": 4}
+    for bad in ("data=2,seq=2", "data=0", "data=two", "data=2,data=2", "data"):
+        with pytest.raises(ValueError, match="--mesh: expected comma-separated AXIS=SIZE"):
+            tr.parse_mesh(bad)
+
+
+@pytest.mark.parametrize(
+    "flags, detect, environ, expected",
+    [
+        # one process: no jax.distributed at all
+        ({}, False, {}, None),
+        ({}, False, {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, None),
+        ({}, False, {"OMPI_COMM_WORLD_SIZE": "1"}, None),
+        # flags: passed on as given, JAX fills the rest
+        (
+            {"coordinator": "10.0.0.1:1234", "num_processes": 2, "process_id": 1},
+            False,
+            {},
+            {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1},
+        ),
+        ({"process_id": 0}, False, {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, {"process_id": 0}),
+        # started together by a launcher, or asked: JAX's cluster detection
+        ({}, False, {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, {}),
+        ({}, False, {"OMPI_COMM_WORLD_SIZE": "2"}, {}),
+        ({}, False, {"JAX_COORDINATOR_ADDRESS": "h:1"}, {}),
+        ({}, True, {}, {}),
+    ],
+)
+def test_distributed_settings_from_flags_and_environment(flags, detect, environ, expected):
+    assert tr.distributed_settings(**flags, detect=detect, environ=environ) == expected
+
+
+def test_resume_needs_more_steps_than_the_checkpoint(tiny_config, trained, tmp_path, capsys):
+    checkpoint = tr.save_checkpoint(tmp_path / "checkpoint", trained[0], tiny_config)
+    with pytest.raises(SystemExit):
+        tr.main(["--resume", str(checkpoint), "--out", str(tmp_path / "again")])
+    assert "is at step 40; pass --steps above it" in capsys.readouterr().err
