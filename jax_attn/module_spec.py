@@ -85,6 +85,12 @@ def check_float_dtype(owner: str, name: str, value, allow_none: bool = False) ->
 
 
 def _check_optional_bool(owner: str, name: str, value) -> None:
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{owner}: {name} must be a Python bool or None, got a traced value: Flax's "
+            f"lifted transforms (nn.remat, nn.jit, nn.vmap) trace a call's keyword "
+            f"arguments; give {name} at construction instead"
+        )
     if value is not None and not isinstance(value, bool | np.bool_):
         raise TypeError(f"{owner}: {name} must be a bool or None, got {value!r}")
 
