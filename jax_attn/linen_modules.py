@@ -455,7 +455,7 @@ class MultiHeadAttention(_BookAttention):
             self.variable("cache", name, lambda value=value: value)
 
     def _attend_cached(self, spec, queries, keys, values, lengths, dropout) -> jax.Array:
-        cache = [self.variable("cache", name) for name in _CACHE]
+        cache: list[nn.Variable] = [self.variable("cache", name) for name in _CACHE]
         context, new = spec_lib.decode_step(
             spec, [v.value for v in cache], queries, keys, values, lengths=lengths, **dropout
         )

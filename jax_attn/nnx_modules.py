@@ -37,7 +37,7 @@ True
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import flax.linen as flax_linen
 import jax
@@ -788,7 +788,8 @@ def linen_dropout_rng(rng: jax.Array, *path: str) -> jax.Array:
                 return self.make_rng("dropout")
             return _Probe(self.depth + 1, name=path[self.depth])()
 
-    return _Probe().apply({}, rngs={"dropout": rng})
+    # apply returns the output alone here (nothing is mutable)
+    return cast(jax.Array, _Probe().apply({}, rngs={"dropout": rng}))
 
 
 # --- Linen <-> NNX parameters -------------------------------------------------------------
