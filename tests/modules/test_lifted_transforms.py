@@ -321,3 +321,7 @@ def test_complex_inputs_are_refused_naming_the_argument():
             module.apply(variables, *args, **kwargs)
         with pytest.raises(TypeError, match=rf"MultiHeadAttention\.__call__: {match}"):
             model(*args, **kwargs)
+    # flax_attention_fn, for Flax's own modules (which accept complex inputs), refuses them too
+    q = jnp.ones((B, T, HEADS, D_OUT // HEADS), jnp.complex64)
+    with pytest.raises(TypeError, match="query must have a floating dtype, got complex64"):
+        ja.flax_attention_fn(q, q, q)
