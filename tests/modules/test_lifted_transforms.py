@@ -9,6 +9,8 @@ Also: NNX decoding in bfloat16, Flax's float/int masks, complex inputs refused.
 ``nnx.vmap`` + ``nnx.scan`` stacks are in test_flax_options.py.
 """
 
+import inspect
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -238,6 +240,27 @@ def test_nnx_subclass_of_every_class(name):
     linen_out = scaled.linen_module().apply({"params": params}, x)
     np.testing.assert_allclose(3.0 * linen_out, scaled(x), **CLOSE)
     np.testing.assert_allclose(nnx.remat(lambda m, x: m(x))(scaled, x), scaled(x), **CLOSE)
+
+
+# --- signatures written out, the same in both APIs ----------------------------------------
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_nnx_signatures_are_written_out_and_match_linen(name):
+    """The NNX constructor takes the Linen fields (same order, kinds and defaults) plus
+    ``rngs``; ``__call__`` has named parameters only. Nothing is generated at import."""
+    nnx_cls, linen_cls = getattr(ja_nnx, name), getattr(ja_linen, name)
+    assert "__signature__" not in vars(nnx_cls.__init__)
+    init = list(inspect.signature(nnx_cls.__init__).parameters.values())
+    fields = [p for p in inspect.signature(linen_cls).parameters.values() if p.name != "parent"]
+    fields = [p for p in fields if p.name != "name"]
+    assert [(p.name, p.kind, p.default) for p in init[1:-1]] == [
+        (p.name, p.kind, p.default) for p in fields
+    ]
+    assert init[-1].name == "rngs" and init[-1].kind is inspect.Parameter.KEYWORD_ONLY
+    for cls in (nnx_cls, linen_cls):
+        kinds = {p.kind for p in inspect.signature(cls.__call__).parameters.values()}
+        assert not kinds & {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}
 
 
 # --- NNX decoding in the compute dtype -----------------------------------------------------
