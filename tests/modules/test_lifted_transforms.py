@@ -252,8 +252,8 @@ def test_nnx_signatures_are_written_out_and_match_linen(name):
     nnx_cls, linen_cls = getattr(ja_nnx, name), getattr(ja_linen, name)
     assert "__signature__" not in vars(nnx_cls.__init__)
     init = list(inspect.signature(nnx_cls.__init__).parameters.values())
-    fields = [p for p in inspect.signature(linen_cls).parameters.values() if p.name != "parent"]
-    fields = [p for p in fields if p.name != "name"]
+    linen_fields = inspect.signature(linen_cls).parameters.values()
+    fields = [p for p in linen_fields if p.name not in ("parent", "name")]
     assert [(p.name, p.kind, p.default) for p in init[1:-1]] == [
         (p.name, p.kind, p.default) for p in fields
     ]
