@@ -5,8 +5,13 @@ Inputs are ``[T, d_in]`` or ``[B, T, d_in]``. Parameters are named as in the boo
 :mod:`jax_attn.interop` maps them to and from the PyTorch ``state_dict``. Dropout
 uses the ``"dropout"`` RNG stream and a ``deterministic`` flag given at construction
 or call (the call wins). The attention itself is :func:`jax_attn.dot_product_attention`;
-these modules hold parameters and shapes only. Fields, checks and the per-call glue are
-:mod:`jax_attn.module_spec`'s, shared with :mod:`jax_attn.nnx_modules`.
+these modules hold parameters and shapes only. Each class declares its own fields (the
+book's, then the keyword-only options) and builds its
+:class:`~jax_attn.module_spec.AttentionSpec` from them; the checks and the per-call glue
+are :mod:`jax_attn.module_spec`'s functions, shared with :mod:`jax_attn.nnx_modules`. So
+``nn.remat(cls)``, ``nn.jit``, ``nn.vmap``, ``nn.scan`` and subclasses work as on any
+Flax module (a flag that steers Python, such as ``deterministic``, goes to the
+constructor under those: they trace a call's keyword arguments).
 
 Every class also takes, by keyword: ``is_causal``, ``dtype`` / ``param_dtype`` (as
 ``nn.Dense``), ``implementation`` (passed to :func:`jax_attn.dot_product_attention`) and

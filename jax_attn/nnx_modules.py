@@ -1,7 +1,8 @@
 """The book's attention classes as ``flax.nnx`` modules, on the same spec as the Linen ones.
 
-Constructor arguments are the Linen modules' plus ``rngs=nnx.Rngs(params=..., dropout=...)``;
-fields, checks and the per-call glue are :mod:`jax_attn.module_spec`'s. Parameters carry the
+Constructor arguments are the Linen modules' plus ``rngs=nnx.Rngs(params=..., dropout=...)``,
+written out in each class's ``__init__``; the checks and the per-call glue are
+:mod:`jax_attn.module_spec`'s functions. Parameters carry the
 book's names (``W_query``, ``W_key``, ``W_value``, ``out_proj``; the wrapper's heads live in
 ``heads[0]``, ``heads[1]``...). The attention is :func:`jax_attn.dot_product_attention`;
 these modules hold parameters, the dropout RNG stream and shapes only.
