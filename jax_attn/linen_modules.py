@@ -5,8 +5,13 @@ Inputs are ``[T, d_in]`` or ``[B, T, d_in]``. Parameters are named as in the boo
 :mod:`jax_attn.interop` maps them to and from the PyTorch ``state_dict``. Dropout
 uses the ``"dropout"`` RNG stream and a ``deterministic`` flag given at construction
 or call (the call wins). The attention itself is :func:`jax_attn.dot_product_attention`;
-these modules hold parameters and shapes only. Fields, checks and the per-call glue are
-:mod:`jax_attn.module_spec`'s, shared with :mod:`jax_attn.nnx_modules`.
+these modules hold parameters and shapes only. Each class declares its own fields (the
+book's, then the keyword-only options) and builds its
+:class:`~jax_attn.module_spec.AttentionSpec` from them; the checks and the per-call glue
+are :mod:`jax_attn.module_spec`'s functions, shared with :mod:`jax_attn.nnx_modules`. So
+``nn.remat(cls)``, ``nn.jit``, ``nn.vmap``, ``nn.scan`` and subclasses work as on any
+Flax module (a flag that steers Python, such as ``deterministic``, goes to the
+constructor under those: they trace a call's keyword arguments).
 
 Every class also takes, by keyword: ``is_causal``, ``dtype`` / ``param_dtype`` (as
 ``nn.Dense``), ``implementation`` (passed to :func:`jax_attn.dot_product_attention`) and
@@ -28,57 +33,50 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax import lax
 
 from jax_attn import kv_cache
 from jax_attn import module_spec as spec_lib
 from jax_attn.module_spec import AttentionSpec, torch_linear_init
+from jax_attn.validation import check_positive_int
 
-__all__ = [*spec_lib.CLASS_FIELDS, "torch_linear_init"]
+__all__ = [
+    "SelfAttentionV1",
+    "SelfAttentionV2",
+    "CausalAttention",
+    "MultiHeadAttentionWrapper",
+    "MultiHeadAttention",
+    "torch_linear_init",
+]
 
 
 _CACHE = ("cached_key", "cached_value", "cache_index")
 
 
-def _kw(default):
-    return dataclasses.field(default=default, kw_only=True)
-
-
-def _compute_dtype(module, x):
-    """``dtype``, or the promotion of ``x``'s and the params' dtypes (as ``nn.Dense``)."""
-    if module.dtype is not None:
-        return module.dtype
-    return spec_lib.compute_dtype(x.dtype, module.param_dtype)
-
-
 class _BookAttention(nn.Module):
-    """The keyword-only options and the Linen plumbing the five classes share."""
+    """The Linen plumbing the five classes share. It declares no fields: each class
+    declares its own and says how they make its spec, in ``attention_spec``."""
 
-    deterministic: bool | None = _kw(None)
-    is_causal: bool = _kw(True)
-    dtype: Any = _kw(None)
-    param_dtype: Any = _kw(jnp.float32)
-    implementation: str | None = _kw(None)
-    model_axis: str | None = _kw(None)
+    def attention_spec(self, owner: str | None = None) -> AttentionSpec:
+        """This module's checked configuration; errors name ``owner`` (default: the class)."""
+        raise NotImplementedError
 
-    def __post_init__(self):
-        AttentionSpec.of(self)
+    def __post_init__(self) -> None:
+        self.attention_spec()  # argument errors at construction, naming the class
         super().__post_init__()
-
-    @property
-    def spec(self) -> AttentionSpec:
-        return AttentionSpec.of(self)
 
     def _owner(self) -> str:
         """``Class.init`` or ``Class.apply``: where an error comes from."""
         return f"{type(self).__name__}.{'init' if self.is_initializing() else 'apply'}"
 
-    def _init(self, name: str, leaf: str, init):
-        names = spec_lib.partition_names(name, leaf, self.model_axis)
+    def _init(self, spec: AttentionSpec, name: str, leaf: str, init: Callable) -> Callable:
+        names = spec_lib.partition_names(name, leaf, spec.model_axis)
         return init if names is None else nn.with_partitioning(init, names)
 
     def _dense(self, spec: AttentionSpec, name: str, out_sharding=None) -> nn.Dense:
@@ -90,48 +88,48 @@ class _BookAttention(nn.Module):
             spec.features(name),
             promote_dtype=spec_lib.promote_dtype_linen,
             dot_general=dot_general,
-            kernel_init=self._init(name, "kernel", init),
-            bias_init=self._init(name, "bias", init),
+            kernel_init=self._init(spec, name, "kernel", init),
+            bias_init=self._init(spec, name, "bias", init),
             name=name,
             **spec_lib.projection_options(spec, name),
         )
 
-    def _dropout_rate(self, owner: str, spec: AttentionSpec, deterministic: bool | None):
+    def _dropout_rate(self, spec: AttentionSpec, deterministic: bool | None) -> float:
         """The dropout rate this call applies; an error when it needs a missing rng.
         ``init`` given one key draws dropout from ``"params"``, as ``make_rng`` does."""
         initializing = self.is_initializing()
         deterministic = spec_lib.resolve_deterministic(
-            owner, self.deterministic, deterministic, spec.dropout, initializing
+            spec.owner, spec.deterministic, deterministic, spec.dropout, initializing
         )
         if deterministic or spec.dropout == 0.0:
             return 0.0
         if not (self.has_rng("dropout") or (initializing and self.has_rng("params"))):
             raise ValueError(
-                f"{owner}: dropout={spec.dropout} with deterministic=False needs "
+                f"{spec.owner}: dropout={spec.dropout} with deterministic=False needs "
                 "rngs={'dropout': key} (or deterministic=True), got no 'dropout' rng"
             )
         return float(spec.dropout)
 
-    def _dropout(self, owner: str, spec: AttentionSpec, deterministic: bool | None) -> dict:
+    def _dropout(self, spec: AttentionSpec, deterministic: bool | None) -> dict[str, Any]:
         """``rate`` and ``rng`` for :func:`module_spec.attend`."""
-        rate = self._dropout_rate(owner, spec, deterministic)
+        rate = self._dropout_rate(spec, deterministic)
         return {"rate": rate, "rng": self.make_rng("dropout") if rate else None}
 
-    def _sow(self, sow_weights: bool):
-        if not spec_lib.check_sow_weights(self._owner(), sow_weights):
+    def _sow(self, spec: AttentionSpec, sow_weights: bool) -> Callable | None:
+        if not spec_lib.check_sow_weights(spec.owner, sow_weights):
             return None
         return lambda weights: self.sow("intermediates", "attention_weights", weights)
 
-    def _single_head(self, project, x, x_kv, mask, deterministic, sow_weights):
-        owner = self._owner()
-        spec = AttentionSpec.of(self, owner)
-        inputs = spec_lib.call_inputs(owner, spec, x, x_kv, mask)
+    def _single_head(
+        self, spec: AttentionSpec, project: Callable, x, x_kv, mask, deterministic, sow_weights
+    ) -> jax.Array:
+        inputs = spec_lib.call_inputs(spec.owner, spec, x, x_kv, mask)
         return spec_lib.single_head(
             spec,
             project,
             inputs,
-            **self._dropout(owner, spec, deterministic),
-            sow=self._sow(sow_weights),
+            **self._dropout(spec, deterministic),
+            sow=self._sow(spec, sow_weights),
         )
 
 
@@ -141,46 +139,100 @@ class SelfAttentionV1(_BookAttention):
 
     d_in: int
     d_out: int
-    is_causal: bool = _kw(False)
+    _: dataclasses.KW_ONLY
+    deterministic: bool | None = None
+    is_causal: bool = False
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    implementation: str | None = None
+    model_axis: str | None = None
+
+    def attention_spec(self, owner: str | None = None) -> AttentionSpec:
+        return AttentionSpec(
+            owner=owner or type(self).__name__,
+            d_in=self.d_in,
+            d_out=self.d_out,
+            deterministic=self.deterministic,
+            is_causal=self.is_causal,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            implementation=self.implementation,
+            model_axis=self.model_axis,
+        )
 
     @nn.compact
-    def __call__(self, x, x_kv=None, *, mask=None, deterministic=None, sow_weights: bool = False):
+    def __call__(
+        self,
+        x: jax.Array,
+        x_kv: jax.Array | None = None,
+        *,
+        mask: jax.Array | None = None,
+        deterministic: bool | None = None,
+        sow_weights: bool = False,
+    ) -> jax.Array:
+        spec = self.attention_spec(self._owner())
         uniform01 = nn.initializers.uniform(scale=1.0)
         shape = (self.d_in, self.d_out)
         matrices = {
-            name: self.param(name, self._init(name, "", uniform01), shape, self.param_dtype)
+            name: self.param(name, self._init(spec, name, "", uniform01), shape, self.param_dtype)
             for name in spec_lib.PROJECTIONS
         }
 
-        def project(name, h):
-            dtype = _compute_dtype(self, h)
+        def project(name: str, h: jax.Array) -> jax.Array:
+            dtype = self.dtype
+            if dtype is None:
+                dtype = spec_lib.compute_dtype(h.dtype, self.param_dtype)
             return h.astype(dtype) @ matrices[name].astype(dtype)
 
-        return self._single_head(project, x, x_kv, mask, deterministic, sow_weights)
+        return self._single_head(spec, project, x, x_kv, mask, deterministic, sow_weights)
 
 
-class _DenseSingleHead(_BookAttention):
-    """One head from three ``nn.Dense`` projections (SelfAttentionV2, CausalAttention)."""
-
-    @nn.compact
-    def __call__(self, x, x_kv=None, *, mask=None, deterministic=None, sow_weights: bool = False):
-        spec = self.spec
-        layers = {name: self._dense(spec, name) for name in spec_lib.PROJECTIONS}
-        return self._single_head(
-            lambda name, h: layers[name](h), x, x_kv, mask, deterministic, sow_weights
-        )
-
-
-class SelfAttentionV2(_DenseSingleHead):
+class SelfAttentionV2(_BookAttention):
     """Section 3.4.2: ``nn.Linear``-style projections (kernel ``[d_in, d_out]``)."""
 
     d_in: int
     d_out: int
     qkv_bias: bool = False
-    is_causal: bool = _kw(False)
+    _: dataclasses.KW_ONLY
+    deterministic: bool | None = None
+    is_causal: bool = False
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    implementation: str | None = None
+    model_axis: str | None = None
+
+    def attention_spec(self, owner: str | None = None) -> AttentionSpec:
+        return AttentionSpec(
+            owner=owner or type(self).__name__,
+            d_in=self.d_in,
+            d_out=self.d_out,
+            qkv_bias=self.qkv_bias,
+            deterministic=self.deterministic,
+            is_causal=self.is_causal,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            implementation=self.implementation,
+            model_axis=self.model_axis,
+        )
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        x_kv: jax.Array | None = None,
+        *,
+        mask: jax.Array | None = None,
+        deterministic: bool | None = None,
+        sow_weights: bool = False,
+    ) -> jax.Array:
+        spec = self.attention_spec(self._owner())
+        layers = {name: self._dense(spec, name) for name in spec_lib.PROJECTIONS}
+        return self._single_head(
+            spec, lambda name, h: layers[name](h), x, x_kv, mask, deterministic, sow_weights
+        )
 
 
-class CausalAttention(_DenseSingleHead):
+class CausalAttention(_BookAttention):
     """Section 3.5.3: single-head causal attention with dropout on the weights."""
 
     d_in: int
@@ -188,10 +240,50 @@ class CausalAttention(_DenseSingleHead):
     context_length: int
     dropout: float
     qkv_bias: bool = False
+    _: dataclasses.KW_ONLY
+    deterministic: bool | None = None
+    is_causal: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    implementation: str | None = None
+    model_axis: str | None = None
+
+    def attention_spec(self, owner: str | None = None) -> AttentionSpec:
+        return AttentionSpec(
+            owner=owner or type(self).__name__,
+            d_in=self.d_in,
+            d_out=self.d_out,
+            context_length=self.context_length,
+            dropout=self.dropout,
+            qkv_bias=self.qkv_bias,
+            deterministic=self.deterministic,
+            is_causal=self.is_causal,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            implementation=self.implementation,
+            model_axis=self.model_axis,
+        )
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        x_kv: jax.Array | None = None,
+        *,
+        mask: jax.Array | None = None,
+        deterministic: bool | None = None,
+        sow_weights: bool = False,
+    ) -> jax.Array:
+        spec = self.attention_spec(self._owner())
+        layers = {name: self._dense(spec, name) for name in spec_lib.PROJECTIONS}
+        return self._single_head(
+            spec, lambda name, h: layers[name](h), x, x_kv, mask, deterministic, sow_weights
+        )
 
 
-class _MultiHead(_BookAttention):
-    """The book's arguments of MultiHeadAttentionWrapper and MultiHeadAttention."""
+class MultiHeadAttentionWrapper(_BookAttention):
+    """Section 3.6.1: ``num_heads`` independent :class:`CausalAttention` heads
+    (``heads_0``, ``heads_1``...), outputs concatenated: ``[..., T, num_heads * d_out]``."""
 
     d_in: int
     d_out: int
@@ -199,24 +291,57 @@ class _MultiHead(_BookAttention):
     dropout: float
     num_heads: int
     qkv_bias: bool = False
+    _: dataclasses.KW_ONLY
+    deterministic: bool | None = None
+    is_causal: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    implementation: str | None = None
+    model_axis: str | None = None
 
+    def attention_spec(self, owner: str | None = None) -> AttentionSpec:
+        """The spec of one head (a :class:`CausalAttention` of width ``d_out``)."""
+        owner = owner or type(self).__name__
+        check_positive_int(owner, "num_heads", self.num_heads)
+        return AttentionSpec(
+            owner=owner,
+            d_in=self.d_in,
+            d_out=self.d_out,
+            context_length=self.context_length,
+            dropout=self.dropout,
+            qkv_bias=self.qkv_bias,
+            deterministic=self.deterministic,
+            is_causal=self.is_causal,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            implementation=self.implementation,
+            model_axis=self.model_axis,
+        )
 
-class MultiHeadAttentionWrapper(_MultiHead):
-    """Section 3.6.1: ``num_heads`` independent :class:`CausalAttention` heads
-    (``heads_0``, ``heads_1``...), outputs concatenated: ``[..., T, num_heads * d_out]``."""
-
-    def setup(self):
-        options = {name: getattr(self, name) for name in spec_lib.OPTIONS}
+    def setup(self) -> None:
+        spec = self.attention_spec()
         self.heads = [
             CausalAttention(
-                self.d_in, self.d_out, self.context_length, self.dropout, self.qkv_bias, **options
+                self.d_in,
+                self.d_out,
+                self.context_length,
+                self.dropout,
+                self.qkv_bias,
+                **spec_lib.options(spec),
             )
             for _ in range(self.num_heads)
         ]
 
-    def __call__(self, x, x_kv=None, *, mask=None, deterministic=None, sow_weights: bool = False):
-        owner = self._owner()
-        self._dropout_rate(owner, AttentionSpec.of(self, owner), deterministic)
+    def __call__(
+        self,
+        x: jax.Array,
+        x_kv: jax.Array | None = None,
+        *,
+        mask: jax.Array | None = None,
+        deterministic: bool | None = None,
+        sow_weights: bool = False,
+    ) -> jax.Array:
+        self._dropout_rate(self.attention_spec(self._owner()), deterministic)
         outs = [
             head(x, x_kv, mask=mask, deterministic=deterministic, sow_weights=sow_weights)
             for head in self.heads
@@ -224,7 +349,7 @@ class MultiHeadAttentionWrapper(_MultiHead):
         return jnp.concatenate(outs, axis=-1)
 
 
-class MultiHeadAttention(_MultiHead):
+class MultiHeadAttention(_BookAttention):
     """Section 3.6.2: one projection split into ``num_heads`` heads, causal attention
     with dropout, heads merged and mixed by ``out_proj`` (with bias).
 
@@ -246,32 +371,63 @@ class MultiHeadAttention(_MultiHead):
       :mod:`jax_attn.kv_cache`'s to report.
     """
 
-    decode: bool = _kw(False)
-    num_kv_heads: int | None = _kw(None)
+    d_in: int
+    d_out: int
+    context_length: int
+    dropout: float
+    num_heads: int
+    qkv_bias: bool = False
+    _: dataclasses.KW_ONLY
+    deterministic: bool | None = None
+    is_causal: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    implementation: str | None = None
+    model_axis: str | None = None
+    decode: bool = False
+    num_kv_heads: int | None = None
+
+    def attention_spec(self, owner: str | None = None) -> AttentionSpec:
+        return AttentionSpec(
+            owner=owner or type(self).__name__,
+            d_in=self.d_in,
+            d_out=self.d_out,
+            context_length=self.context_length,
+            dropout=self.dropout,
+            num_heads=self.num_heads,
+            qkv_bias=self.qkv_bias,
+            deterministic=self.deterministic,
+            is_causal=self.is_causal,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            implementation=self.implementation,
+            model_axis=self.model_axis,
+            decode=self.decode,
+            num_kv_heads=self.num_kv_heads,
+        )
 
     @property
     def kv_heads(self) -> int:
-        return self.spec.kv_heads
+        return self.attention_spec().kv_heads
 
     @nn.compact
     def __call__(
         self,
-        x,
-        x_kv=None,
+        x: jax.Array,
+        x_kv: jax.Array | None = None,
         *,
-        mask=None,
-        deterministic=None,
+        mask: jax.Array | None = None,
+        deterministic: bool | None = None,
         sow_weights: bool = False,
-        lengths=None,
-    ):
-        owner = self._owner()
-        spec = AttentionSpec.of(self, owner)
-        spec_lib.check_decode_call(owner, self.decode, x_kv, mask, lengths, sow_weights)
-        inputs = spec_lib.call_inputs(owner, spec, x, x_kv, mask)
-        dropout = self._dropout(owner, spec, deterministic)
+        lengths: jax.Array | None = None,
+    ) -> jax.Array:
+        spec = self.attention_spec(self._owner())
+        spec_lib.check_decode_call(spec.owner, self.decode, x_kv, mask, lengths, sow_weights)
+        inputs = spec_lib.call_inputs(spec.owner, spec, x, x_kv, mask)
+        dropout = self._dropout(spec, deterministic)
         layers = {name: self._dense(spec, name) for name in spec_lib.PROJECTIONS}
 
-        def project(name, h, out_sharding=None):
+        def project(name: str, h: jax.Array, out_sharding=None) -> jax.Array:
             if name == "out_proj":
                 return self._dense(spec, name, out_sharding)(h)
             return layers[name](h)
@@ -283,26 +439,28 @@ class MultiHeadAttention(_MultiHead):
                 return self._attend_cached(spec, queries, keys, values, lengths, dropout)
 
         elif self.decode:
-            dtype = _compute_dtype(self, inputs.x)
-            self._allocate_cache(inputs.x.shape[0], spec, dtype)
+            dtype = self.dtype
+            if dtype is None:
+                dtype = spec_lib.compute_dtype(inputs.x.dtype, self.param_dtype)
+            self._allocate_cache(spec, inputs.x.shape[0], dtype)
         return spec_lib.multi_head(
             spec,
             project,
             inputs,
             attend_cached=attend_cached,
-            sow=self._sow(sow_weights),
+            sow=self._sow(spec, sow_weights),
             **dropout,
         )
 
-    def _allocate_cache(self, batch_size: int, spec: AttentionSpec, dtype):
+    def _allocate_cache(self, spec: AttentionSpec, batch_size: int, dtype) -> None:
         empty = kv_cache.init_cache(
             batch_size, self.context_length, spec.kv_heads, spec.head_dim, dtype
         )
         for name, value in zip(_CACHE, empty, strict=True):
             self.variable("cache", name, lambda value=value: value)
 
-    def _attend_cached(self, spec, queries, keys, values, lengths, dropout):
-        cache = [self.variable("cache", name) for name in _CACHE]
+    def _attend_cached(self, spec, queries, keys, values, lengths, dropout) -> jax.Array:
+        cache: list[nn.Variable] = [self.variable("cache", name) for name in _CACHE]
         context, new = spec_lib.decode_step(
             spec, [v.value for v in cache], queries, keys, values, lengths=lengths, **dropout
         )

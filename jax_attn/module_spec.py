@@ -1,13 +1,16 @@
 """What the Linen and NNX attention modules share, written once.
 
 :class:`AttentionSpec` holds the book's hyper-parameters and the Flax options of one of
-the five classes and checks them; :data:`CLASS_FIELDS` says which ones each class takes
-and in which order. The per-call logic that is not framework-specific lives here too:
-checking ``x``, ``x_kv`` and ``mask`` (:func:`call_inputs`), resolving ``deterministic``
-(:func:`resolve_deterministic`), and the glue from projections to attention
-(:func:`single_head`, :func:`multi_head`). A module passes its projections in as
-``project(name, x)``; the attention is :func:`jax_attn.dot_product_attention`, the sown
-weights :func:`jax_attn.functional.dot_product_attention_weights`.
+the five classes and checks them. Each class declares its own fields (Linen) or
+constructor arguments (NNX) and builds its spec explicitly in ``attention_spec()``;
+nothing here looks a class up by name, so Flax's lifted transforms (``nn.remat(cls)``
+is a subclass with another name) and user subclasses work. The per-call logic that is
+not framework-specific lives here too: checking ``x``, ``x_kv`` and ``mask``
+(:func:`call_inputs`), resolving ``deterministic`` (:func:`resolve_deterministic`), and
+the glue from projections to attention (:func:`single_head`, :func:`multi_head`). A
+module passes its projections in as ``project(name, x)``; the attention is
+:func:`jax_attn.dot_product_attention`, the sown weights
+:func:`jax_attn.functional.dot_product_attention_weights`.
 
 Partition metadata (tensor parallel over one mesh axis, ``model_axis``) is
 :func:`partition_names`: the query/key/value kernels split their output features (the
@@ -36,20 +39,18 @@ from jax_attn.validation import as_batch, check_dropout_rate, check_positive_int
 
 __all__ = [
     "AttentionSpec",
-    "CLASS_FIELDS",
-    "MHA_OPTIONS",
-    "OPTIONS",
+    "BOOK_CLASSES",
     "PROJECTIONS",
     "CallInputs",
     "attend",
     "call_inputs",
     "check_decode_call",
+    "check_float_dtype",
     "check_sow_weights",
-    "class_config",
     "compute_dtype",
     "decode_step",
-    "field_names",
     "multi_head",
+    "options",
     "partition_names",
     "projection_options",
     "promote_dtype",
@@ -61,28 +62,18 @@ __all__ = [
 
 PROJECTIONS = ("W_query", "W_key", "W_value")
 
-# The book's positional arguments, per class, in the book's order.
-CLASS_FIELDS = {
-    "SelfAttentionV1": ("d_in", "d_out"),
-    "SelfAttentionV2": ("d_in", "d_out", "qkv_bias"),
-    "CausalAttention": ("d_in", "d_out", "context_length", "dropout", "qkv_bias"),
-    "MultiHeadAttentionWrapper": (
-        "d_in",
-        "d_out",
-        "context_length",
-        "dropout",
-        "num_heads",
-        "qkv_bias",
-    ),
-    "MultiHeadAttention": ("d_in", "d_out", "context_length", "dropout", "num_heads", "qkv_bias"),
-}
-
-# Keyword-only options every class takes, and those only MultiHeadAttention takes.
-OPTIONS = ("deterministic", "is_causal", "dtype", "param_dtype", "implementation", "model_axis")
-MHA_OPTIONS = ("decode", "num_kv_heads")
+# The book's five classes, in the book's order (each module file defines all five).
+BOOK_CLASSES = (
+    "SelfAttentionV1",
+    "SelfAttentionV2",
+    "CausalAttention",
+    "MultiHeadAttentionWrapper",
+    "MultiHeadAttention",
+)
 
 
-def _check_dtype(owner: str, name: str, value, allow_none: bool) -> None:
+def check_float_dtype(owner: str, name: str, value, allow_none: bool = False) -> None:
+    """``value`` is a floating dtype (or ``None`` where allowed); else a ``TypeError``."""
     if value is None and allow_none:
         return
     try:
@@ -94,6 +85,12 @@ def _check_dtype(owner: str, name: str, value, allow_none: bool) -> None:
 
 
 def _check_optional_bool(owner: str, name: str, value) -> None:
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{owner}: {name} must be a Python bool or None, got a traced value: Flax's "
+            f"lifted transforms (nn.remat, nn.jit, nn.vmap) trace a call's keyword "
+            f"arguments; give {name} at construction instead"
+        )
     if value is not None and not isinstance(value, bool | np.bool_):
         raise TypeError(f"{owner}: {name} must be a bool or None, got {value!r}")
 
@@ -128,8 +125,8 @@ class AttentionSpec:
             if not isinstance(getattr(self, name), bool | np.bool_):
                 raise TypeError(f"{owner}: {name} must be a bool, got {getattr(self, name)!r}")
         _check_optional_bool(owner, "deterministic", self.deterministic)
-        _check_dtype(owner, "dtype", self.dtype, allow_none=True)
-        _check_dtype(owner, "param_dtype", self.param_dtype, allow_none=False)
+        check_float_dtype(owner, "dtype", self.dtype, allow_none=True)
+        check_float_dtype(owner, "param_dtype", self.param_dtype, allow_none=False)
         for name in ("implementation", "model_axis"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
@@ -150,13 +147,9 @@ class AttentionSpec:
 
     @classmethod
     def of(cls, module, owner: str | None = None) -> AttentionSpec:
-        """The spec of a Linen or NNX module (its fields of the same names)."""
-        given = class_config(module)
-        if type(module).__name__ == "MultiHeadAttentionWrapper":
-            owner = owner or type(module).__name__
-            check_positive_int(owner, "num_heads", given["num_heads"])
-            given["num_heads"] = 1  # each head is a CausalAttention of width d_out
-        return cls(owner=owner or type(module).__name__, **given)
+        """The spec of a Linen or NNX module of this library: its ``attention_spec()``."""
+        spec: AttentionSpec = module.attention_spec(owner)
+        return spec
 
     @property
     def kv_heads(self) -> int:
@@ -180,14 +173,17 @@ class AttentionSpec:
         return True if name == "out_proj" else bool(self.qkv_bias)
 
 
-def class_config(module) -> dict:
-    """The constructor keywords that rebuild ``module`` in the other Flax API."""
-    return {name: getattr(module, name) for name in field_names(type(module).__name__)}
-
-
-def field_names(kind: str) -> tuple[str, ...]:
-    """Every constructor field of class ``kind``, positional ones first."""
-    return (*CLASS_FIELDS[kind], *OPTIONS, *(MHA_OPTIONS if kind == "MultiHeadAttention" else ()))
+def options(spec: AttentionSpec) -> dict[str, Any]:
+    """The keyword-only options every class takes, as a constructor takes them (to build a
+    wrapper's heads, or the Linen twin of an NNX module)."""
+    return {
+        "deterministic": spec.deterministic,
+        "is_causal": spec.is_causal,
+        "dtype": spec.dtype,
+        "param_dtype": spec.param_dtype,
+        "implementation": spec.implementation,
+        "model_axis": spec.model_axis,
+    }
 
 
 def torch_linear_init(fan_in: int):
@@ -285,8 +281,10 @@ def _check_x_kv(owner: str, x_kv, x) -> jax.Array:
 
 def call_inputs(owner: str, spec: AttentionSpec, x, x_kv=None, mask=None) -> CallInputs:
     """Checks the call's arrays and brings them to ``[B, T, d_in]``, ``[B, S, d_in]`` and a
-    4-d mask broadcastable to ``[B, N, T, S]`` (a ``[T, d_in]`` input takes a mask
-    broadcastable to ``[N, T, S]``)."""
+    4-d bool mask broadcastable to ``[B, N, T, S]`` (a ``[T, d_in]`` input takes a mask
+    broadcastable to ``[N, T, S]``). ``mask`` is bool (True = may attend) or, as Flax's,
+    real float or int (nonzero = may attend). Complex ``x``, ``x_kv`` or ``mask`` is a
+    ``TypeError`` naming the argument: the attention here is real."""
     if isinstance(x_kv, bool):
         raise TypeError(
             f"{owner}: x_kv must be an array, got a bool; deterministic is keyword-only "
@@ -309,9 +307,16 @@ def _check_mask(owner: str, mask, target: tuple[int, ...], unbatched: bool):
     try:
         shape, dtype = tuple(jnp.shape(mask)), jnp.result_type(mask)
     except TypeError as error:
-        raise TypeError(f"{owner}: mask must be a bool array, got {type(mask).__name__}") from error
-    if dtype != jnp.bool_:
-        raise TypeError(f"{owner}: mask must be a bool array (True = may attend), got {dtype}")
+        raise TypeError(f"{owner}: mask must be an array, got {type(mask).__name__}") from error
+    if not (
+        dtype == jnp.bool_
+        or jnp.issubdtype(dtype, jnp.integer)
+        or jnp.issubdtype(dtype, jnp.floating)
+    ):
+        raise TypeError(
+            f"{owner}: mask must be a bool array (True = may attend) or a real float/int "
+            f"array as Flax's (nonzero = may attend), got {dtype}"
+        )
     letters = "[N, T, S]" if unbatched else "[B, N, T, S]"
     target = target[1:] if unbatched else target
     padded = (1,) * (len(target) - len(shape)) + shape
@@ -321,7 +326,13 @@ def _check_mask(owner: str, mask, target: tuple[int, ...], unbatched: bool):
         raise ValueError(
             f"{owner}: mask must broadcast to {letters} = {list(target)}, got shape {list(shape)}"
         )
-    return jnp.reshape(mask, (1,) * (4 - len(shape)) + shape)
+    return jnp.reshape(_as_bool_mask(mask), (1,) * (4 - len(shape)) + shape)
+
+
+def _as_bool_mask(mask) -> jax.Array:
+    """Flax's masks multiply the weights: any nonzero entry may attend."""
+    mask = jnp.asarray(mask)
+    return mask if mask.dtype == jnp.bool_ else mask != jnp.zeros((), mask.dtype)
 
 
 def attend(

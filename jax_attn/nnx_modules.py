@@ -1,7 +1,8 @@
 """The book's attention classes as ``flax.nnx`` modules, on the same spec as the Linen ones.
 
-Constructor arguments are the Linen modules' plus ``rngs=nnx.Rngs(params=..., dropout=...)``;
-fields, checks and the per-call glue are :mod:`jax_attn.module_spec`'s. Parameters carry the
+Constructor arguments are the Linen modules' plus ``rngs=nnx.Rngs(params=..., dropout=...)``,
+written out in each class's ``__init__``; the checks and the per-call glue are
+:mod:`jax_attn.module_spec`'s functions. Parameters carry the
 book's names (``W_query``, ``W_key``, ``W_value``, ``out_proj``; the wrapper's heads live in
 ``heads[0]``, ``heads[1]``...). The attention is :func:`jax_attn.dot_product_attention`;
 these modules hold parameters, the dropout RNG stream and shapes only.
@@ -36,9 +37,8 @@ True
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import flax.linen as flax_linen
 import jax
@@ -50,12 +50,17 @@ from jax_attn import kv_cache
 from jax_attn import linen_modules as linen
 from jax_attn import module_spec as spec_lib
 from jax_attn.module_spec import AttentionSpec, torch_linear_init
+from jax_attn.validation import check_positive_int
 
 if TYPE_CHECKING:
     from jax_attn.shapes import Array, Float, Int
 
 __all__ = [
-    *spec_lib.CLASS_FIELDS,
+    "SelfAttentionV1",
+    "SelfAttentionV2",
+    "CausalAttention",
+    "MultiHeadAttentionWrapper",
+    "MultiHeadAttention",
     "nnx_from_linen_params",
     "linen_params_from_nnx",
     "linen_dropout_rng",
@@ -115,173 +120,66 @@ def _dropout_key(owner: str, at_call: RngsLike, stream: nnx.RngStream | None) ->
     )
 
 
-def _bind(owner: str, signature: inspect.Signature, *args, **kwargs) -> dict[str, Any]:
-    """The arguments but ``self`` bound to ``signature``, defaults filled in; a mismatch is
-    a ``TypeError`` naming ``owner``."""
-    try:
-        bound = signature.bind(*args, **kwargs)
-    except TypeError as error:
-        raise TypeError(f"{owner}: {error}") from None
-    bound.apply_defaults()
-    return {name: value for name, value in bound.arguments.items() if name != "self"}
-
-
-def _signed(fn, signature: inspect.Signature):
-    """``fn`` showing ``signature`` to ``inspect.signature`` and ``help()``, and its
-    annotations to ``typing.get_type_hints`` (strings, resolved in this module)."""
-    fn.__signature__ = signature
-    fn.__annotations__ = {
-        name: parameter.annotation
-        for name, parameter in signature.parameters.items()
-        if parameter.annotation is not inspect.Parameter.empty
-    }
-    if signature.return_annotation is not inspect.Signature.empty:
-        fn.__annotations__["return"] = signature.return_annotation
-    return fn
-
-
-def _constructor(cls):
-    """Gives NNX class ``cls`` its Linen namesake's constructor arguments plus ``rngs``:
-    ``__init__(self, <book arguments>, *, <options>, rngs)`` keeps the checked fields and
-    calls ``cls._build(spec, rngs)``. ``inspect.signature`` and ``help()`` show them."""
-    fields = inspect.signature(getattr(linen, cls.__name__)).parameters.values()
-    signature = inspect.Signature(
-        [
-            inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-            *(p for p in fields if p.name not in ("parent", "name")),
-            inspect.Parameter("rngs", inspect.Parameter.KEYWORD_ONLY, annotation="nnx.Rngs"),
-        ]
-    )
-
-    def __init__(self, *args, **kwargs):
-        self._build(*self._configure(_bind(cls.__name__, signature, self, *args, **kwargs)))
-
-    _signed(__init__, signature)
-    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
-    __init__.__doc__ = f"The fields of :class:`jax_attn.linen_modules.{cls.__name__}`, and rngs."
-    cls.__init__ = __init__
-    return cls
-
-
-def _call_parameters(
-    self,
-    x: Float[Array, "*B T d_in"],
-    x_kv: Float[Array, "*B S d_in"] | None = None,
-    *,
-    mask=None,
-    deterministic: bool | None = None,
-    rngs: RngsLike = None,
-    sow_weights: bool = False,
-    decode: bool | None = None,
-    lengths: Int[Array, " B"] | None = None,
-) -> Float[Array, "*B T d_out"]:
-    """Every parameter of the NNX classes' ``__call__``, in order; ``decode`` and
-    ``lengths`` are MultiHeadAttention's only (see :func:`_call`)."""
-
-
-def _call(*, multi_head: bool = False, rngs_annotation: str = "RngsLike"):
-    """``__call__`` with :func:`_call_parameters`' signature, seen by ``inspect.signature``
-    and ``help()``: it passes every parameter, defaults filled in, to ``self._forward``."""
-    prototype = inspect.signature(_call_parameters)
-    signature = prototype.replace(
-        parameters=[
-            parameter.replace(annotation=rngs_annotation) if parameter.name == "rngs" else parameter
-            for parameter in prototype.parameters.values()
-            if multi_head or parameter.name not in ("decode", "lengths")
-        ]
-    )
-
-    def __call__(self, *args, **kwargs):
-        owner = f"{type(self).__name__}.__call__"
-        return self._forward(**_bind(owner, signature, self, *args, **kwargs))
-
-    return _signed(__call__, signature)
-
-
 class _BookAttention(nnx.Module):
-    """Configuration, projections and per-call plumbing the five NNX classes share."""
+    """The NNX plumbing the five classes share. Each class keeps its own constructor
+    arguments as attributes and says how they make its spec, in ``attention_spec``."""
 
-    def _configure(self, arguments: dict) -> tuple[AttentionSpec, nnx.Rngs]:
-        """Checks the constructor's ``arguments`` (the class's fields, see
-        :mod:`jax_attn.module_spec`, and ``rngs``) and keeps the fields as attributes;
-        returns the spec and the checked ``rngs``."""
-        owner = type(self).__name__
-        for name in spec_lib.field_names(owner):
-            setattr(self, name, arguments[name])
-        spec = AttentionSpec.of(self, owner)
-        return spec, _check_rngs(owner, arguments["rngs"])
+    rngs: nnx.RngStream | None
+
+    def attention_spec(self, owner: str | None = None) -> AttentionSpec:
+        """This module's checked configuration; errors name ``owner`` (default: the class)."""
+        raise NotImplementedError
+
+    def linen_module(self) -> flax_linen.Module:
+        """The Linen module with the same configuration."""
+        raise NotImplementedError
+
+    def _owner(self) -> str:
+        return f"{type(self).__name__}.__call__"
 
     def _linear(self, spec: AttentionSpec, name: str, rngs: nnx.Rngs) -> nnx.Linear:
         """``nn.Linear``-initialised projection ``name``, kernel ``[fan_in, features]``."""
         init = torch_linear_init(spec.fan_in(name))
-        owner = type(self).__name__
         return nnx.Linear(
             spec.fan_in(name),
             spec.features(name),
             promote_dtype=spec_lib.promote_dtype,
             kernel_init=init,
             bias_init=init,
-            kernel_metadata=_sharding_metadata(owner, name, "kernel", spec.model_axis),
-            bias_metadata=_sharding_metadata(owner, name, "bias", spec.model_axis),
+            kernel_metadata=_sharding_metadata(spec.owner, name, "kernel", spec.model_axis),
+            bias_metadata=_sharding_metadata(spec.owner, name, "bias", spec.model_axis),
             rngs=rngs,
             **spec_lib.projection_options(spec, name),
         )
 
-    def _call_spec(self) -> tuple[str, AttentionSpec]:
-        owner = f"{type(self).__name__}.__call__"
-        return owner, AttentionSpec.of(self, owner)
-
-    def _dropout(self, owner: str, spec: AttentionSpec, deterministic, rngs) -> dict:
+    def _dropout(self, spec: AttentionSpec, deterministic: bool | None, rngs) -> dict:
         """``rate`` and ``rng`` for :func:`module_spec.attend`."""
         deterministic = spec_lib.resolve_deterministic(
-            owner, self.deterministic, deterministic, spec.dropout
+            spec.owner, spec.deterministic, deterministic, spec.dropout
         )
         if deterministic or spec.dropout == 0.0:
             return {"rate": 0.0, "rng": None}
-        return {"rate": spec.dropout, "rng": _dropout_key(owner, rngs, self.rngs)}
+        return {"rate": spec.dropout, "rng": _dropout_key(spec.owner, rngs, self.rngs)}
 
-    def _sow(self, owner: str, sow_weights: bool):
-        if not spec_lib.check_sow_weights(owner, sow_weights):
+    def _sow(self, spec: AttentionSpec, sow_weights: bool):
+        if not spec_lib.check_sow_weights(spec.owner, sow_weights):
             return None
         return lambda weights: self.sow(nnx.Intermediate, "attention_weights", weights)
 
-    def _projections(self, spec: AttentionSpec, names: tuple[str, ...], rngs: nnx.Rngs) -> None:
-        """The projections ``names`` and the forked dropout stream ``self.rngs``."""
-        for name in names:
-            setattr(self, name, self._linear(spec, name, rngs))
-        self.rngs = nnx.data(_dropout_stream(rngs, spec.dropout))
-
-    def linen_module(self) -> flax_linen.Module:
-        """The Linen module with the same configuration."""
-        return getattr(linen, type(self).__name__)(**spec_lib.class_config(self))
-
-
-class _SingleHead(_BookAttention):
-    """One head from the projections of :data:`module_spec.PROJECTIONS`
-    (SelfAttentionV1, SelfAttentionV2, CausalAttention)."""
-
-    def _build(self, spec: AttentionSpec, rngs: nnx.Rngs) -> None:
-        self._projections(spec, spec_lib.PROJECTIONS, rngs)
-
-    def _project(self, name: str, h: jax.Array) -> jax.Array:
-        return getattr(self, name)(h)
-
-    def _forward(self, x, x_kv, mask, deterministic, rngs, sow_weights):
-        owner, spec = self._call_spec()
-        inputs = spec_lib.call_inputs(owner, spec, x, x_kv, mask)
+    def _single_head(
+        self, spec: AttentionSpec, project, x, x_kv, mask, deterministic, rngs, sow_weights
+    ) -> jax.Array:
+        inputs = spec_lib.call_inputs(spec.owner, spec, x, x_kv, mask)
         return spec_lib.single_head(
             spec,
-            self._project,
+            project,
             inputs,
-            **self._dropout(owner, spec, deterministic, rngs),
-            sow=self._sow(owner, sow_weights),
+            **self._dropout(spec, deterministic, rngs),
+            sow=self._sow(spec, sow_weights),
         )
 
-    __call__ = _call()
 
-
-@_constructor
-class SelfAttentionV1(_SingleHead):
+class SelfAttentionV1(_BookAttention):
     """Section 3.4.1: ``W_query``, ``W_key``, ``W_value`` as ``[d_in, d_out]`` matrices,
     initialised uniform in ``[0, 1)`` like ``torch.rand``. ``x [T, d_in]`` or
     ``[B, T, d_in]`` -> ``[..., T, d_out]``.
@@ -291,27 +189,152 @@ class SelfAttentionV1(_SingleHead):
     (6, 2)
     """
 
-    def _build(self, spec: AttentionSpec, rngs: nnx.Rngs) -> None:
-        owner = type(self).__name__
-        for name in spec_lib.PROJECTIONS:
-            value = jax.random.uniform(rngs.params(), (spec.d_in, spec.d_out), spec.param_dtype)
-            metadata = _sharding_metadata(owner, name, "", spec.model_axis)
-            setattr(self, name, nnx.Param(value, **metadata))
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        *,
+        deterministic: bool | None = None,
+        is_causal: bool = False,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        implementation: str | None = None,
+        model_axis: str | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self.d_in = d_in
+        self.d_out = d_out
+        self.deterministic = deterministic
+        self.is_causal = is_causal
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.implementation = implementation
+        self.model_axis = model_axis
+        spec = self.attention_spec()
+        rngs = _check_rngs(spec.owner, rngs)
+        shape = (spec.d_in, spec.d_out)
+        self.W_query = self._matrix(spec, "W_query", shape, rngs)
+        self.W_key = self._matrix(spec, "W_key", shape, rngs)
+        self.W_value = self._matrix(spec, "W_value", shape, rngs)
+        self.rngs = nnx.data(None)  # no dropout
+
+    @staticmethod
+    def _matrix(spec: AttentionSpec, name: str, shape, rngs: nnx.Rngs) -> nnx.Param:
+        value = jax.random.uniform(rngs.params(), shape, spec.param_dtype)
+        return nnx.Param(value, **_sharding_metadata(spec.owner, name, "", spec.model_axis))
+
+    def attention_spec(self, owner: str | None = None) -> AttentionSpec:
+        return AttentionSpec(
+            owner=owner or type(self).__name__,
+            d_in=self.d_in,
+            d_out=self.d_out,
+            deterministic=self.deterministic,
+            is_causal=self.is_causal,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            implementation=self.implementation,
+            model_axis=self.model_axis,
+        )
+
+    def linen_module(self) -> linen.SelfAttentionV1:
+        spec = self.attention_spec()
+        return linen.SelfAttentionV1(self.d_in, self.d_out, **spec_lib.options(spec))
 
     def _project(self, name: str, h: jax.Array) -> jax.Array:
         dtype = self.dtype
         if dtype is None:
             dtype = spec_lib.compute_dtype(h.dtype, self.param_dtype)
-        return h.astype(dtype) @ getattr(self, name)[...].astype(dtype)
+        matrix: nnx.Param = getattr(self, name)
+        return h.astype(dtype) @ matrix[...].astype(dtype)
+
+    def __call__(
+        self,
+        x: Float[Array, "*B T d_in"],
+        x_kv: Float[Array, "*B S d_in"] | None = None,
+        *,
+        mask=None,
+        deterministic: bool | None = None,
+        rngs: RngsLike = None,
+        sow_weights: bool = False,
+    ) -> Float[Array, "*B T d_out"]:
+        spec = self.attention_spec(self._owner())
+        return self._single_head(
+            spec, self._project, x, x_kv, mask, deterministic, rngs, sow_weights
+        )
 
 
-@_constructor
-class SelfAttentionV2(_SingleHead):
+class SelfAttentionV2(_BookAttention):
     """Section 3.4.2: ``nn.Linear``-style projections (kernel ``[d_in, d_out]``)."""
 
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        qkv_bias: bool = False,
+        *,
+        deterministic: bool | None = None,
+        is_causal: bool = False,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        implementation: str | None = None,
+        model_axis: str | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self.d_in = d_in
+        self.d_out = d_out
+        self.qkv_bias = qkv_bias
+        self.deterministic = deterministic
+        self.is_causal = is_causal
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.implementation = implementation
+        self.model_axis = model_axis
+        spec = self.attention_spec()
+        rngs = _check_rngs(spec.owner, rngs)
+        self.W_query = self._linear(spec, "W_query", rngs)
+        self.W_key = self._linear(spec, "W_key", rngs)
+        self.W_value = self._linear(spec, "W_value", rngs)
+        self.rngs = nnx.data(None)  # no dropout
 
-@_constructor
-class CausalAttention(_SingleHead):
+    def attention_spec(self, owner: str | None = None) -> AttentionSpec:
+        return AttentionSpec(
+            owner=owner or type(self).__name__,
+            d_in=self.d_in,
+            d_out=self.d_out,
+            qkv_bias=self.qkv_bias,
+            deterministic=self.deterministic,
+            is_causal=self.is_causal,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            implementation=self.implementation,
+            model_axis=self.model_axis,
+        )
+
+    def linen_module(self) -> linen.SelfAttentionV2:
+        spec = self.attention_spec()
+        return linen.SelfAttentionV2(self.d_in, self.d_out, self.qkv_bias, **spec_lib.options(spec))
+
+    def _project(self, name: str, h: jax.Array) -> jax.Array:
+        layer: nnx.Linear = getattr(self, name)
+        return layer(h)
+
+    def __call__(
+        self,
+        x: Float[Array, "*B T d_in"],
+        x_kv: Float[Array, "*B S d_in"] | None = None,
+        *,
+        mask=None,
+        deterministic: bool | None = None,
+        rngs: RngsLike = None,
+        sow_weights: bool = False,
+    ) -> Float[Array, "*B T d_out"]:
+        spec = self.attention_spec(self._owner())
+        return self._single_head(
+            spec, self._project, x, x_kv, mask, deterministic, rngs, sow_weights
+        )
+
+
+class CausalAttention(_BookAttention):
     """Section 3.5.3: single-head causal attention with dropout on the weights.
 
     >>> m = CausalAttention(3, 2, context_length=6, dropout=0.5, rngs=nnx.Rngs(0))
@@ -321,8 +344,87 @@ class CausalAttention(_SingleHead):
     (6, 2)
     """
 
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        context_length: int,
+        dropout: float,
+        qkv_bias: bool = False,
+        *,
+        deterministic: bool | None = None,
+        is_causal: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        implementation: str | None = None,
+        model_axis: str | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self.d_in = d_in
+        self.d_out = d_out
+        self.context_length = context_length
+        self.dropout = dropout
+        self.qkv_bias = qkv_bias
+        self.deterministic = deterministic
+        self.is_causal = is_causal
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.implementation = implementation
+        self.model_axis = model_axis
+        spec = self.attention_spec()
+        rngs = _check_rngs(spec.owner, rngs)
+        self.W_query = self._linear(spec, "W_query", rngs)
+        self.W_key = self._linear(spec, "W_key", rngs)
+        self.W_value = self._linear(spec, "W_value", rngs)
+        self.rngs = nnx.data(_dropout_stream(rngs, spec.dropout))
 
-@_constructor
+    def attention_spec(self, owner: str | None = None) -> AttentionSpec:
+        return AttentionSpec(
+            owner=owner or type(self).__name__,
+            d_in=self.d_in,
+            d_out=self.d_out,
+            context_length=self.context_length,
+            dropout=self.dropout,
+            qkv_bias=self.qkv_bias,
+            deterministic=self.deterministic,
+            is_causal=self.is_causal,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            implementation=self.implementation,
+            model_axis=self.model_axis,
+        )
+
+    def linen_module(self) -> linen.CausalAttention:
+        spec = self.attention_spec()
+        return linen.CausalAttention(
+            self.d_in,
+            self.d_out,
+            self.context_length,
+            self.dropout,
+            self.qkv_bias,
+            **spec_lib.options(spec),
+        )
+
+    def _project(self, name: str, h: jax.Array) -> jax.Array:
+        layer: nnx.Linear = getattr(self, name)
+        return layer(h)
+
+    def __call__(
+        self,
+        x: Float[Array, "*B T d_in"],
+        x_kv: Float[Array, "*B S d_in"] | None = None,
+        *,
+        mask=None,
+        deterministic: bool | None = None,
+        rngs: RngsLike = None,
+        sow_weights: bool = False,
+    ) -> Float[Array, "*B T d_out"]:
+        spec = self.attention_spec(self._owner())
+        return self._single_head(
+            spec, self._project, x, x_kv, mask, deterministic, rngs, sow_weights
+        )
+
+
 class MultiHeadAttentionWrapper(_BookAttention):
     """Section 3.6.1: ``num_heads`` independent :class:`CausalAttention` heads in
     ``heads``, outputs concatenated: ``[..., T, num_heads * d_out]``.
@@ -332,22 +434,102 @@ class MultiHeadAttentionWrapper(_BookAttention):
     ``num_heads`` keys, one per head.
     """
 
-    def _build(self, spec: AttentionSpec, rngs: nnx.Rngs) -> None:
-        del spec  # checked by _configure; each head builds its own
-        config = {name: getattr(self, name) for name in spec_lib.field_names("CausalAttention")}
-        self.heads = nnx.List(CausalAttention(**config, rngs=rngs) for _ in range(self.num_heads))
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        context_length: int,
+        dropout: float,
+        num_heads: int,
+        qkv_bias: bool = False,
+        *,
+        deterministic: bool | None = None,
+        is_causal: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        implementation: str | None = None,
+        model_axis: str | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self.d_in = d_in
+        self.d_out = d_out
+        self.context_length = context_length
+        self.dropout = dropout
+        self.num_heads = num_heads
+        self.qkv_bias = qkv_bias
+        self.deterministic = deterministic
+        self.is_causal = is_causal
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.implementation = implementation
+        self.model_axis = model_axis
+        spec = self.attention_spec()
+        rngs = _check_rngs(spec.owner, rngs)
+        self.heads = nnx.List(
+            CausalAttention(
+                d_in,
+                d_out,
+                context_length,
+                dropout,
+                qkv_bias,
+                **spec_lib.options(spec),
+                rngs=rngs,
+            )
+            for _ in range(num_heads)
+        )
+        self.rngs = nnx.data(None)  # each head has its own
 
-    def _forward(self, x, x_kv, mask, deterministic, rngs, sow_weights):
+    def attention_spec(self, owner: str | None = None) -> AttentionSpec:
+        """The spec of one head (a :class:`CausalAttention` of width ``d_out``)."""
+        owner = owner or type(self).__name__
+        check_positive_int(owner, "num_heads", self.num_heads)
+        return AttentionSpec(
+            owner=owner,
+            d_in=self.d_in,
+            d_out=self.d_out,
+            context_length=self.context_length,
+            dropout=self.dropout,
+            qkv_bias=self.qkv_bias,
+            deterministic=self.deterministic,
+            is_causal=self.is_causal,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            implementation=self.implementation,
+            model_axis=self.model_axis,
+        )
+
+    def linen_module(self) -> linen.MultiHeadAttentionWrapper:
+        spec = self.attention_spec()
+        return linen.MultiHeadAttentionWrapper(
+            self.d_in,
+            self.d_out,
+            self.context_length,
+            self.dropout,
+            self.num_heads,
+            self.qkv_bias,
+            **spec_lib.options(spec),
+        )
+
+    def __call__(
+        self,
+        x: Float[Array, "*B T d_in"],
+        x_kv: Float[Array, "*B S d_in"] | None = None,
+        *,
+        mask=None,
+        deterministic: bool | None = None,
+        rngs: RngsLike | list[jax.Array] = None,
+        sow_weights: bool = False,
+    ) -> Float[Array, "*B T d_out"]:
         if deterministic is None:
             deterministic = self.deterministic
-        head_rngs = [rngs] * self.num_heads
+        head_rngs: list = [rngs] * self.num_heads
         if isinstance(rngs, jax.Array):
             head_rngs = list(jax.random.split(rngs, self.num_heads))
         elif isinstance(rngs, list | tuple):
             if len(rngs) != self.num_heads:
                 raise ValueError(
-                    f"MultiHeadAttentionWrapper.__call__: rngs as a list needs one key per "
-                    f"head, {self.num_heads}, got {len(rngs)}"
+                    f"{self._owner()}: rngs as a list needs one key per head, "
+                    f"{self.num_heads}, got {len(rngs)}"
                 )
             head_rngs = list(rngs)
         outs = [
@@ -363,10 +545,7 @@ class MultiHeadAttentionWrapper(_BookAttention):
         ]
         return jnp.concatenate(outs, axis=-1)
 
-    __call__ = _call(rngs_annotation="RngsLike | list[jax.Array]")
 
-
-@_constructor
 class MultiHeadAttention(_BookAttention):
     """Section 3.6.2: one projection split into ``num_heads`` heads, causal attention
     with dropout, heads merged and mixed by ``out_proj`` (with bias).
@@ -393,12 +572,87 @@ class MultiHeadAttention(_BookAttention):
     [4]
     """
 
-    def _build(self, spec: AttentionSpec, rngs: nnx.Rngs) -> None:
+    cached_key: nnx.Cache | None
+    cached_value: nnx.Cache | None
+    cache_index: nnx.Cache | None
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        context_length: int,
+        dropout: float,
+        num_heads: int,
+        qkv_bias: bool = False,
+        *,
+        deterministic: bool | None = None,
+        is_causal: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        implementation: str | None = None,
+        model_axis: str | None = None,
+        decode: bool = False,
+        num_kv_heads: int | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self.d_in = d_in
+        self.d_out = d_out
+        self.context_length = context_length
+        self.dropout = dropout
+        self.num_heads = num_heads
+        self.qkv_bias = qkv_bias
+        self.deterministic = deterministic
+        self.is_causal = is_causal
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.implementation = implementation
+        self.model_axis = model_axis
+        self.decode = decode
+        self.num_kv_heads = num_kv_heads
+        spec = self.attention_spec()
+        rngs = _check_rngs(spec.owner, rngs)
         self.head_dim = spec.head_dim
-        self._projections(spec, (*spec_lib.PROJECTIONS, "out_proj"), rngs)
+        self.W_query = self._linear(spec, "W_query", rngs)
+        self.W_key = self._linear(spec, "W_key", rngs)
+        self.W_value = self._linear(spec, "W_value", rngs)
+        self.out_proj = self._linear(spec, "out_proj", rngs)
+        self.rngs = nnx.data(_dropout_stream(rngs, spec.dropout))
         self.cached_key = nnx.data(None)
         self.cached_value = nnx.data(None)
         self.cache_index = nnx.data(None)
+
+    def attention_spec(self, owner: str | None = None) -> AttentionSpec:
+        return AttentionSpec(
+            owner=owner or type(self).__name__,
+            d_in=self.d_in,
+            d_out=self.d_out,
+            context_length=self.context_length,
+            dropout=self.dropout,
+            num_heads=self.num_heads,
+            qkv_bias=self.qkv_bias,
+            deterministic=self.deterministic,
+            is_causal=self.is_causal,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            implementation=self.implementation,
+            model_axis=self.model_axis,
+            decode=self.decode,
+            num_kv_heads=self.num_kv_heads,
+        )
+
+    def linen_module(self) -> linen.MultiHeadAttention:
+        spec = self.attention_spec()
+        return linen.MultiHeadAttention(
+            self.d_in,
+            self.d_out,
+            self.context_length,
+            self.dropout,
+            self.num_heads,
+            self.qkv_bias,
+            **spec_lib.options(spec),
+            decode=self.decode,
+            num_kv_heads=self.num_kv_heads,
+        )
 
     @property
     def kv_heads(self) -> int:
@@ -408,7 +662,7 @@ class MultiHeadAttention(_BookAttention):
     def init_cache(
         self,
         input_shape: int | Sequence[int] | None = None,
-        dtype=jnp.float32,
+        dtype: Any = None,
         *,
         batch_size: int | None = None,
     ) -> None:
@@ -416,7 +670,10 @@ class MultiHeadAttention(_BookAttention):
 
         ``init_cache(batch_size)`` holds ``context_length`` tokens per sequence;
         ``init_cache((B, S_max, d_in), dtype)``, Flax's ``MultiHeadAttention.init_cache``
-        form, holds ``S_max <= context_length``.
+        form, holds ``S_max <= context_length``. The cache is kept in ``dtype``, by
+        default the compute dtype (``dtype`` given at construction, else
+        ``param_dtype``); a step in another compute dtype stores its keys and values in
+        the cache's dtype and attends in it, and returns the compute dtype.
         """
         owner = f"{type(self).__name__}.init_cache"
         if (input_shape is None) == (batch_size is None):
@@ -425,7 +682,7 @@ class MultiHeadAttention(_BookAttention):
                 f"got batch_size={batch_size!r}, input_shape={input_shape!r}"
             )
         length = self.context_length
-        if batch_size is None and isinstance(input_shape, Sequence):
+        if isinstance(input_shape, Sequence):
             shape = tuple(input_shape)
             if len(shape) != 3 or shape[-1] != self.d_in or not 0 < shape[1] <= length:
                 raise ValueError(
@@ -433,38 +690,56 @@ class MultiHeadAttention(_BookAttention):
                     f"0 < S_max <= context_length={length}, got {shape}"
                 )
             batch_size, length = shape[0], shape[1]
-        elif batch_size is None:
+        elif input_shape is not None:
             batch_size = input_shape
+        if dtype is None:
+            dtype = self.param_dtype if self.dtype is None else self.dtype
+        spec_lib.check_float_dtype(owner, "dtype", dtype)
+        assert batch_size is not None  # one of the two was given (checked above)
         empty = kv_cache.init_cache(batch_size, length, self.kv_heads, self.head_dim, dtype)
         self.cached_key = nnx.Cache(empty.key)
         self.cached_value = nnx.Cache(empty.value)
         self.cache_index = nnx.Cache(empty.index)
 
-    def _forward(self, x, x_kv, mask, deterministic, rngs, sow_weights, decode, lengths):
-        owner, spec = self._call_spec()
+    def _project(self, name: str, h: jax.Array, out_sharding=None) -> jax.Array:
+        layer: nnx.Linear = getattr(self, name)
+        return layer(h, out_sharding=out_sharding)
+
+    def __call__(
+        self,
+        x: Float[Array, "*B T d_in"],
+        x_kv: Float[Array, "*B S d_in"] | None = None,
+        *,
+        mask=None,
+        deterministic: bool | None = None,
+        rngs: RngsLike = None,
+        sow_weights: bool = False,
+        decode: bool | None = None,
+        lengths: Int[Array, " B"] | None = None,
+    ) -> Float[Array, "*B T d_out"]:
+        spec = self.attention_spec(self._owner())
         decode = self.decode if decode is None else decode
-        spec_lib.check_decode_call(owner, decode, x_kv, mask, lengths, sow_weights)
-        inputs = spec_lib.call_inputs(owner, spec, x, x_kv, mask)
-        dropout = self._dropout(owner, spec, deterministic, rngs)
+        spec_lib.check_decode_call(spec.owner, decode, x_kv, mask, lengths, sow_weights)
+        inputs = spec_lib.call_inputs(spec.owner, spec, x, x_kv, mask)
+        dropout = self._dropout(spec, deterministic, rngs)
         attend_cached = None
         if decode:
 
             def attend_cached(queries, keys, values):
-                return self._attend_cached(owner, spec, queries, keys, values, lengths, dropout)
+                return self._attend_cached(spec, queries, keys, values, lengths, dropout)
 
         return spec_lib.multi_head(
             spec,
-            lambda name, h, **kw: getattr(self, name)(h, **kw),
+            self._project,
             inputs,
             attend_cached=attend_cached,
-            sow=self._sow(owner, sow_weights),
+            sow=self._sow(spec, sow_weights),
             **dropout,
         )
 
-    __call__ = _call(multi_head=True)
-
-    def _attend_cached(self, owner, spec, queries, keys, values, lengths, dropout):
-        if self.cached_key is None:
+    def _attend_cached(self, spec, queries, keys, values, lengths, dropout) -> jax.Array:
+        owner = spec.owner
+        if self.cached_key is None or self.cached_value is None or self.cache_index is None:
             raise ValueError(
                 f"{owner}: decode=True needs a cache: call init_cache(batch_size) first"
             )
@@ -475,11 +750,15 @@ class MultiHeadAttention(_BookAttention):
                 f"init_cache(batch_size={batch_size})"
             )
         cache = (self.cached_key[...], self.cached_value[...], self.cache_index[...])
+        # A cache kept in another dtype than this step computes in (init_cache's dtype):
+        # the new keys and values are stored in it and attention runs in it.
+        compute, stored = queries.dtype, cache[0].dtype
+        queries, keys, values = (a.astype(stored) for a in (queries, keys, values))
         context, cache = spec_lib.decode_step(
             spec, cache, queries, keys, values, lengths=lengths, **dropout
         )
         self.cached_key[...], self.cached_value[...], self.cache_index[...] = cache
-        return context
+        return context.astype(compute)
 
 
 def linen_dropout_rng(rng: jax.Array, *path: str) -> jax.Array:
@@ -510,7 +789,8 @@ def linen_dropout_rng(rng: jax.Array, *path: str) -> jax.Array:
                 return self.make_rng("dropout")
             return _Probe(self.depth + 1, name=path[self.depth])()
 
-    return _Probe().apply({}, rngs={"dropout": rng})
+    # apply returns the output alone here (nothing is mutable)
+    return cast(jax.Array, _Probe().apply({}, rngs={"dropout": rng}))
 
 
 # --- Linen <-> NNX parameters -------------------------------------------------------------
@@ -518,7 +798,7 @@ def linen_dropout_rng(rng: jax.Array, *path: str) -> jax.Array:
 
 def _check_module(owner: str, module) -> None:
     if not isinstance(module, _BookAttention):
-        names = ", ".join(spec_lib.CLASS_FIELDS)
+        names = ", ".join(spec_lib.BOOK_CLASSES)
         raise TypeError(
             f"{owner}: module must be a jax_attn.nnx_modules module ({names}), "
             f"got {type(module).__name__}"

@@ -122,8 +122,9 @@ def test_nnx_mask_under_nnx_jit_equals_reference():
 
 def test_bad_masks_are_clear_errors(params):
     module, x = linen_mha(), inputs()
+    # float and int masks are Flax's (nonzero = may attend); complex ones are refused
     with pytest.raises(TypeError, match=r"MultiHeadAttention\.apply: mask must be a bool"):
-        module.apply({"params": params}, x, mask=jnp.ones((T, T)))
+        module.apply({"params": params}, x, mask=jnp.ones((T, T), jnp.complex64))
     with pytest.raises(ValueError, match=r"mask must broadcast to \[B, N, T, S\]"):
         module.apply({"params": params}, x, mask=jnp.ones((B, 1, T, T + 1), bool))
 
