@@ -23,6 +23,7 @@ import numpy as np
 
 from jax_attn.kernels import online_softmax
 from jax_attn.kernels.base import Implementation, cotangent_like
+from jax_attn.kernels.flash_autodiff import FlashRules, flash_attention
 from jax_attn.kernels.online_softmax import MASKED_LOGIT
 from jax_attn.mask_functions import (
     block_mask_arrays,
@@ -95,6 +96,10 @@ class _Plan:
     mask_fn: Callable | None = None
     mask_dims: tuple[bool, bool] = (True, True)  # whether mask_fn reads b, h
     score_fn: Callable | None = None
+    # Visit every key chunk, masking each, in loops of static length: what reverse mode
+    # can transpose (the pure maps of flash_autodiff, for second order), at the cost of
+    # the blocks the dynamic bounds skip.
+    static_loops: bool = False
 
     @property
     def T_padded(self) -> int:
@@ -318,7 +323,12 @@ def _block_table(plan: _Plan, any_blocks, full_blocks, kv_limit):
 
 def _visit_chunks(plan: _Plan, table, q_index, kv_limit, step, carry):
     """Runs ``step(k_index, masked, carry)`` over the key chunks query chunk ``q_index``
-    visits: those of its ``table`` row (:func:`_block_table`) or of the position band."""
+    visits: those of its ``table`` row (:func:`_block_table`) or of the position band;
+    every chunk, each masked, with ``plan.static_loops``."""
+    if plan.static_loops:
+        masked = jnp.bool_(True)
+        num_chunks = plan.S_padded // plan.k_chunk
+        return jax.lax.fori_loop(0, num_chunks, lambda j, c: step(j, masked, c), carry)
     if table is None:
         return _visit(*_key_chunk_ranges(plan, q_index, kv_limit), step, carry)
     order, counts, full = table
@@ -380,8 +390,9 @@ def _forward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, table, mask_cons
     return out, lse
 
 
-def _backward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, fns, out, lse, d_out):
-    """Flash-attention backward: recomputes each block's weights from ``lse``.
+def _backward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, fns, out, lse, d_out, d_lse):
+    """Flash-attention backward: recomputes each block's weights from ``lse``; ``d_lse``
+    is the cotangent of ``lse`` (each weight's logit gradient gains ``p * d_lse``).
     ``fns = (table, mask_consts, score_consts)`` as for :func:`_forward`; the gradients
     of ``score_consts`` come last."""
     table, mask_consts, score_consts = fns
@@ -390,7 +401,7 @@ def _backward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, fns, out, lse, 
     kv_limit = jnp.int32(plan.S) if kv_lengths is None else jnp.max(kv_lengths)
     inputs = (q, k, v, mask, bias, kv_lengths, d_out)
     # [B, K, G, T']
-    delta = jnp.sum(d_out.astype(jnp.float32) * out, axis=-1)
+    delta = jnp.sum(d_out.astype(jnp.float32) * out, axis=-1) - d_lse
 
     def one_query_chunk(carry, q_index):
         q_blk = jax.lax.dynamic_slice_in_dim(q, q_index * Tq, Tq, axis=3)
@@ -462,46 +473,98 @@ def _add_bias_block(dbias, d_logits, q_index, k_index, plan: _Plan):
     return _add_block(dbias, block, starts)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _tangent(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, fns, out, lse, d_diff):
+    """Forward-mode derivative ``(d_out, d_lse)`` of :func:`_forward`'s ``(out, lse)`` in
+    the direction ``d_diff = (dq, dk, dv, d_bias, d_score_consts)``, one pass over the same
+    blocks (:func:`jax_attn.kernels.online_softmax.block_tangent`)."""
+    table, mask_consts, score_consts = fns
+    dq, dk, dv, d_bias, d_score_consts = d_diff
+    B, K, G, _, _ = q.shape
+    H_v = v.shape[-1]
+    Tq = plan.q_chunk
+    kv_limit = jnp.int32(plan.S) if kv_lengths is None else jnp.max(kv_lengths)
+    inputs = (q, k, v, mask, bias, kv_lengths, dq, dk, dv)
+
+    def one_query_chunk(_, q_index):
+        q_blk, dq_blk, lse_blk = (
+            jax.lax.dynamic_slice_in_dim(x, q_index * Tq, Tq, axis=3) for x in (q, dq, lse)
+        )
+
+        def step(k_index, position_masked, state):
+            at = (q_index, k_index, position_masked)
+
+            def logits_of(q_blk, k, bias, score_consts):
+                consts = (mask_consts, score_consts)
+                blk = _block(plan, q_blk, k, v, mask, bias, kv_lengths, rng, at, consts)
+                return blk.logits, (blk.v, blk.keep)
+
+            primals = (q_blk, k, bias, score_consts)
+            tangents = (dq_blk, dk, d_bias, d_score_consts)
+            logits, d_logits, (v_blk, keep) = jax.jvp(logits_of, primals, tangents, has_aux=True)
+            dv_blk = jax.lax.dynamic_slice_in_dim(dv, k_index * plan.k_chunk, plan.k_chunk, 2)
+            block = online_softmax.block_tangent(
+                logits, lse_blk, d_logits, v_blk, dv_blk, keep=keep, dropout_rate=plan.dropout_rate
+            )
+            return online_softmax.BlockTangent(state.acc + block.acc, state.mu + block.mu)
+
+        zero = online_softmax.BlockTangent(
+            acc=_zeros_like(q_blk[..., :1], *inputs, shape=(B, K, G, Tq, H_v)),
+            mu=_zeros_like(q_blk[..., 0], *inputs),
+        )
+        return None, _visit_chunks(plan, table, q_index, kv_limit, step, zero)
+
+    q_indices = jnp.arange(plan.num_q_chunks, dtype=jnp.int32)
+    _, (acc, mu) = jax.lax.scan(one_query_chunk, None, q_indices)
+    # [nq, B, K, G, Tq, H_v] -> [B, K, G, T', H_v]
+    acc = jnp.moveaxis(acc, 0, 3).reshape(out.shape)
+    mu = jnp.moveaxis(mu, 0, 3).reshape(lse.shape)
+    return acc - mu[..., None] * out, mu
+
+
+@functools.cache
+def _rules(plan: _Plan) -> FlashRules:
+    """The chunked kernel's maps for :mod:`jax_attn.kernels.flash_autodiff`, on
+    ``diff = (q, k, v, bias, score_consts)`` and ``nondiff = (mask, kv_lengths, rng,
+    table, mask_consts)`` in the kernel layout."""
+
+    def maps(plan: _Plan):
+        def unpack(diff, nondiff):
+            q, k, v, bias, score_consts = diff
+            mask, kv_lengths, rng, table, mask_consts = nondiff
+            return (q, k, v, mask, bias, kv_lengths, rng, (table, mask_consts, score_consts))
+
+        def forward(diff, nondiff):
+            *args, fns = unpack(diff, nondiff)
+            return _forward(plan, *args, *fns)
+
+        def tangent(diff, nondiff, out, lse, d_diff):
+            return _tangent(plan, *unpack(diff, nondiff), out, lse, d_diff)
+
+        def backward(diff, nondiff, out, lse, d_out, d_lse):
+            grads = _backward(plan, *unpack(diff, nondiff), out, lse, d_out, d_lse)
+            return jax.tree.map(_like_primal, grads, diff)
+
+        return forward, tangent, backward
+
+    forward, tangent, backward = maps(plan)
+    _, tangent_pure, backward_pure = maps(dataclasses.replace(plan, static_loops=True))
+    return FlashRules(forward, tangent, backward, tangent_pure, backward_pure)
+
+
 def _chunked_core(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, fns):
     """``fns = (table, mask_consts, score_consts)``: the block table (or ``None``) and the
     arrays ``plan.mask_fn`` and ``plan.score_fn`` close over (tuples)."""
-    out, _ = _forward(plan, q, k, v, mask, bias, kv_lengths, rng, *fns)
+    table, mask_consts, score_consts = fns
+    diff = (q, k, v, bias, score_consts)
+    nondiff = (mask, kv_lengths, rng, table, mask_consts)
+    out, _ = flash_attention(_rules(plan), diff, nondiff)
     return out
-
-
-def _chunked_core_fwd(plan, q, k, v, mask, bias, kv_lengths, rng, fns):
-    out, lse = _forward(plan, q, k, v, mask, bias, kv_lengths, rng, *fns)
-    return out, (q, k, v, mask, bias, kv_lengths, rng, fns, out, lse)
-
-
-def _chunked_core_bwd(plan, residuals, d_out):
-    q, k, v, mask, bias, kv_lengths, rng, fns, out, lse = residuals
-    dq, dk, dv, dbias, d_score_consts = _backward(
-        plan, q, k, v, mask, bias, kv_lengths, rng, fns, out, lse, d_out
-    )
-    # None: no cotangent for the block table or for the arrays mask_fn closes over
-    d_score_consts = tuple(_like_primal(d, c) for d, c in zip(d_score_consts, fns[2], strict=True))
-    d_fns = (None, None, d_score_consts)
-    return (
-        _like_primal(dq, q),
-        _like_primal(dk, k),
-        _like_primal(dv, v),
-        None,
-        None if bias is None else _like_primal(dbias, bias),
-        None,
-        None,
-        d_fns,
-    )
 
 
 def _like_primal(cotangent, primal):
     """``cotangent`` in ``primal``'s dtype and manual-axis type (shared keys/values or
     learned queries inside ``shard_map``)."""
     return cotangent_like(cotangent.astype(primal.dtype), primal)
-
-
-_chunked_core.defvjp(_chunked_core_fwd, _chunked_core_bwd)
 
 
 def _check_chunk(name: str, value) -> int:

@@ -89,6 +89,10 @@ def _flash_jvp(rules: FlashRules, primals, tangents):
     return (out, lse), (d_out, d_lse)
 
 
+def _is_float(x) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
 def _instantiate(tangent, primal):
     if isinstance(tangent, ad.Zero) or getattr(tangent, "dtype", None) == jax.dtypes.float0:
         return jnp.zeros_like(primal)
@@ -170,12 +174,19 @@ def _jvp(primals, tangents, *, kind, rules, res_tree, lin_tree):
         parts.append(flash_linear_p.bind(*res, *d_lin, **params))
     if not all(isinstance(t, ad.Zero) for t in d_res):
         # the map is not linear in its residuals: differentiate its pure-JAX version
-        d_res = [_instantiate(t, p) for t, p in zip(d_res, res, strict=True)]
+        # only the float residuals have tangents (lengths, masks, keys, tables do not)
+        floating = [_is_float(r) for r in res]
+        res_f = tuple(r for r, f in zip(res, floating, strict=True) if f)
+        d_res_f = tuple(
+            _instantiate(t, r) for t, r, f in zip(d_res, res, floating, strict=True) if f
+        )
 
-        def of_residuals(*r):
-            return _call(kind, rules, res_tree, lin_tree, (*r, *lin), pure=True)
+        def of_residuals(*floats):
+            it = iter(floats)
+            full = [next(it) if f else r for r, f in zip(res, floating, strict=True)]
+            return _call(kind, rules, res_tree, lin_tree, (*full, *lin), pure=True)
 
-        parts.append(jax.jvp(of_residuals, tuple(res), tuple(d_res))[1])
+        parts.append(jax.jvp(of_residuals, res_f, d_res_f)[1])
     if not parts:
         return out, [ad.Zero.from_primal_value(o) for o in out]
     tangent = [sum(ts[1:], ts[0]) for ts in zip(*parts, strict=True)]
