@@ -752,3 +752,98 @@ IMPLEMENTATION = Implementation(
     description="online softmax over query/key chunks, skips empty blocks, O(T) memory",
     functions=frozenset({"mask_fn", "score_fn", "block_mask"}),
 )
+
+
+# --- The position-masked maps in jax.nn's layout (for kernels without maps of their own) ---
+
+
+@functools.cache
+def position_plan(T: int, S: int, is_causal: bool, window, scale: float, static_loops: bool):
+    """A :class:`_Plan` for causal/window/length masks only (no mask, bias, dropout or
+    functions), the default chunks of one batch-head."""
+    q_chunk, k_chunk = default_chunk_sizes(1)
+    return _Plan(
+        T=T,
+        S=S,
+        q_chunk=min(q_chunk, T),
+        k_chunk=min(k_chunk, S),
+        is_causal=is_causal,
+        window=window,
+        scale=scale,
+        dropout_rate=0.0,
+        mask_shape=None,
+        bias_shape=None,
+        static_loops=static_loops,
+    )
+
+
+def _rows_attending(plan: _Plan, q_lengths, B: int):
+    """bool ``[B, T]``: rows before their sequence's query length."""
+    return jnp.arange(plan.T, dtype=jnp.int32)[None, :] < q_lengths.reshape(B, 1)
+
+
+def _to_kernel(plan: _Plan, K: int, q, k, v, out, lse, live_rows):
+    """jax.nn's layout (q ``[B, T, N, H]``, k, v ``[B, S, K, H]``, out ``[B, T, N, H_v]``,
+    lse ``[B, N, T]``) -> the kernel's, padded; ``lse`` at ``-MASKED_LOGIT`` (zero weights)
+    on rows that attend nothing or lie past ``live_rows`` ``[B, T]``."""
+    B, T, N, H = q.shape
+    G, T_pad, S_pad = N // K, plan.T_padded, plan.S_padded
+    rows = jnp.pad(live_rows, [(0, 0), (0, T_pad - T)])
+
+    def queries(x):
+        x = jnp.pad(x, [(0, 0), (0, T_pad - T), (0, 0), (0, 0)])
+        # [B, K, G, T', H]
+        return jnp.transpose(x.reshape(B, T_pad, K, G, x.shape[-1]), (0, 2, 3, 1, 4))
+
+    def keys(x):
+        # [B, K, S', H]
+        return jnp.transpose(jnp.pad(x, [(0, 0), (0, S_pad - x.shape[1]), (0, 0), (0, 0)]), (0, 2, 1, 3))
+
+    # [B, K, G, T']
+    lse = jnp.pad(lse, [(0, 0), (0, 0), (0, T_pad - T)]).reshape(B, K, G, T_pad)
+    attends = rows[:, None, None, :] & (lse > 0.5 * MASKED_LOGIT)
+    lse = jnp.where(attends, lse, -MASKED_LOGIT)
+    return queries(q), keys(k), keys(v), queries(out), lse
+
+
+def _queries_back(x, T: int):
+    """Kernel layout ``[B, K, G, T', H]`` -> ``[B, T, N, H]``."""
+    B, K, G, T_pad, H = x.shape
+    return jnp.transpose(x, (0, 3, 1, 2, 4)).reshape(B, T_pad, K * G, H)[:, :T]
+
+
+def position_tangent(plan: _Plan, diff, nondiff, out, lse, d_diff):
+    """:func:`_tangent` for ``diff = (q, k, v)``, ``nondiff = (q_lengths, kv_lengths)``
+    (int32 ``[B]``) in jax.nn's layout, ``(d_out [B, T, N, H_v], d_lse [B, N, T])``."""
+    (q, k, v), (q_lengths, kv_lengths), (dq, dk, dv) = diff, nondiff, d_diff
+    B, T, N, _ = q.shape
+    K = k.shape[2]
+    live = _rows_attending(plan, q_lengths, B)
+    qk, kk, vk, outk, lsek = _to_kernel(plan, K, q, k, v, out, lse, live)
+    dqk, dkk, dvk, _, _ = _to_kernel(plan, K, dq, dk, dv, out, lse, live)
+    d_out, d_lse = _tangent(
+        plan, qk, kk, vk, None, None, kv_lengths, None, (None, (), ()), outk, lsek,
+        (dqk, dkk, dvk, None, ()),
+    )
+    d_out = jnp.where(live[:, :, None, None], _queries_back(d_out, T), 0.0)
+    d_lse = jnp.where(live[:, None, :], d_lse.reshape(B, N, -1)[..., :T], 0.0)
+    return d_out, d_lse
+
+
+def position_backward(plan: _Plan, diff, nondiff, out, lse, d_out, d_lse):
+    """:func:`_backward` in jax.nn's layout for :func:`position_tangent`'s arguments:
+    ``(dq, dk, dv)``."""
+    (q, k, v), (q_lengths, kv_lengths) = diff, nondiff
+    B, T, N, _ = q.shape
+    S, K = k.shape[1], k.shape[2]
+    live = _rows_attending(plan, q_lengths, B)
+    d_out = jnp.where(live[:, :, None, None], d_out, 0.0)
+    d_lse = jnp.where(live[:, None, :], d_lse, 0.0)
+    qk, kk, vk, outk, lsek = _to_kernel(plan, K, q, k, v, out, lse, live)
+    d_outk = _to_kernel(plan, K, d_out, k, v, d_out, lse, live)[0]
+    d_lsek = jnp.pad(d_lse, [(0, 0), (0, 0), (0, plan.T_padded - T)]).reshape(lsek.shape)
+    dq, dk, dv, _, _ = _backward(
+        plan, qk, kk, vk, None, None, kv_lengths, None, (None, (), ()), outk, lsek, d_outk, d_lsek
+    )
+    dk, dv = (jnp.transpose(x, (0, 2, 1, 3))[:, :S] for x in (dk, dv))
+    return (_queries_back(dq, T).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))

@@ -45,7 +45,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_attn.kernels import chunked
 from jax_attn.kernels.base import Implementation, cotangent_like, partitioned_axes, varying_like
+from jax_attn.kernels.flash_autodiff import FlashRules, flash_attention
 from jax_attn.validation import AttentionCall, KernelInputs
 
 __all__ = [
@@ -189,18 +191,10 @@ def _forward(call: AttentionCall, q, k, v, q_lengths, kv_lengths):
     return varying_like(out, q, k, v, q_lengths, kv_lengths), varying_like(lse, q, k, v)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(call: AttentionCall, q, k, v, q_lengths, kv_lengths):
-    return _forward(call, q, k, v, q_lengths, kv_lengths)[0]
-
-
-def _flash_fwd(call, q, k, v, q_lengths, kv_lengths):
-    out, lse = _forward(call, q, k, v, q_lengths, kv_lengths)
-    return out, (q, k, v, q_lengths, kv_lengths, out, lse)
-
-
-def _flash_bwd(call, residuals, d_out):
-    q, k, v, q_lengths, kv_lengths, out, lse = residuals
+def _ffi_backward(call: AttentionCall, diff, nondiff, out, lse, d_out, d_lse):
+    """The compiled FlashAttention-2 backward: ``(dq, dk, dv)``."""
+    (q, k, v), (q_lengths, kv_lengths) = diff, nondiff
+    del d_lse  # TODO: the compiled backward's lse cotangent
     out_types = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
     backward = jax.ffi.ffi_call(
         "jax_attn_cpu_flash_backward", out_types, vmap_method="broadcast_all"
@@ -208,10 +202,33 @@ def _flash_bwd(call, residuals, d_out):
     d_out = d_out.astype(jnp.float32)
     grads = backward(q, k, v, q_lengths, kv_lengths, out, lse, d_out, **_attributes(call))
     dq, dk, dv = (varying_like(g, q, k, v, d_out) for g in grads)
-    return cotangent_like(dq, q), cotangent_like(dk, k), cotangent_like(dv, v), None, None
+    return cotangent_like(dq, q), cotangent_like(dk, k), cotangent_like(dv, v)
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+@functools.cache
+def _rules(call: AttentionCall) -> FlashRules:
+    """The kernel's maps for :mod:`jax_attn.kernels.flash_autodiff`: ``diff = (q, k, v)``,
+    ``nondiff = (q_lengths, kv_lengths)``; forward and backward compiled, the tangent and
+    the pure maps (second order) those of ``chunked`` on the same position masks."""
+    plans = [
+        chunked.position_plan(call.T, call.S, call.is_causal, call.window, call.scale, static)
+        for static in (False, True)
+    ]
+
+    def forward(diff, nondiff):
+        return _forward(call, *diff, *nondiff)
+
+    return FlashRules(
+        forward=forward,
+        tangent=functools.partial(chunked.position_tangent, plans[0]),
+        backward=functools.partial(chunked.position_backward, plans[0]),
+        tangent_pure=functools.partial(chunked.position_tangent, plans[1]),
+        backward_pure=functools.partial(chunked.position_backward, plans[1]),
+    )
+
+
+def _flash(call: AttentionCall, q, k, v, q_lengths, kv_lengths):
+    return flash_attention(_rules(call), (q, k, v), (q_lengths, kv_lengths))[0]
 
 
 def cpu_flash_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs):
