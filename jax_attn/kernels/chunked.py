@@ -797,7 +797,9 @@ def _to_kernel(plan: _Plan, K: int, q, k, v, out, lse, live_rows):
 
     def keys(x):
         # [B, K, S', H]
-        return jnp.transpose(jnp.pad(x, [(0, 0), (0, S_pad - x.shape[1]), (0, 0), (0, 0)]), (0, 2, 1, 3))
+        return jnp.transpose(
+            jnp.pad(x, [(0, 0), (0, S_pad - x.shape[1]), (0, 0), (0, 0)]), (0, 2, 1, 3)
+        )
 
     # [B, K, G, T']
     lse = jnp.pad(lse, [(0, 0), (0, 0), (0, T_pad - T)]).reshape(B, K, G, T_pad)
@@ -822,7 +824,17 @@ def position_tangent(plan: _Plan, diff, nondiff, out, lse, d_diff):
     qk, kk, vk, outk, lsek = _to_kernel(plan, K, q, k, v, out, lse, live)
     dqk, dkk, dvk, _, _ = _to_kernel(plan, K, dq, dk, dv, out, lse, live)
     d_out, d_lse = _tangent(
-        plan, qk, kk, vk, None, None, kv_lengths, None, (None, (), ()), outk, lsek,
+        plan,
+        qk,
+        kk,
+        vk,
+        None,
+        None,
+        kv_lengths,
+        None,
+        (None, (), ()),
+        outk,
+        lsek,
         (dqk, dkk, dvk, None, ()),
     )
     d_out = jnp.where(live[:, :, None, None], _queries_back(d_out, T), 0.0)

@@ -202,10 +202,10 @@ def _transpose(cts, *args, kind, rules, res_tree, lin_tree):
     undefined = [ad.is_undefined_primal(x) for x in lin]
     result_tree = _out_tree(kind, res_tree)
     if all(isinstance(ct, ad.Zero) for ct in cts):
-        return [None] * n_res + [ad.Zero(x.aval) if u else None for x, u in zip(lin, undefined)]
-    cts = [
-        jnp.zeros(ct.aval.shape, ct.aval.dtype) if isinstance(ct, ad.Zero) else ct for ct in cts
-    ]
+        return [None] * n_res + [
+            ad.Zero(x.aval) if u else None for x, u in zip(lin, undefined, strict=True)
+        ]
+    cts = [jnp.zeros(ct.aval.shape, ct.aval.dtype) if isinstance(ct, ad.Zero) else ct for ct in cts]
     other = _OTHER[kind]
     grads = flash_linear_p.bind(
         *res, *cts, kind=other, rules=rules, res_tree=res_tree, lin_tree=result_tree
