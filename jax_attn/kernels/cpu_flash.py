@@ -21,10 +21,12 @@ explicitly under a plain ``jax.jit`` of sharded arrays, XLA gathers its inputs a
 whole on every device.
 
 The C++ source ships with the package and is compiled on first use with the system
-C++ compiler (``$CXX``, else ``g++``, ``c++`` or ``clang++``) against jaxlib's FFI headers
-(``jax.ffi.include_dir()``), once per source, jaxlib version and compiler; the library is
-cached in ``$JAX_ATTN_CACHE_DIR`` (default ``~/.cache/jax_attn``). Without a compiler the
-implementation declines with the reason and dispatch falls through to ``chunked``.
+C++ compiler (``$CXX``, split like a shell command, else ``g++``, ``c++`` or ``clang++``)
+against jaxlib's FFI headers (``jax.ffi.include_dir()``), once per source, jaxlib version,
+compiler and flags (``$JAX_ATTN_CPU_FLASH_CFLAGS`` adds some); the library is cached in
+``$JAX_ATTN_CACHE_DIR`` (default ``~/.cache/jax_attn``) with its size and SHA-256 beside it,
+and loaded only if they match (else rebuilt). Without a compiler, or where the build fails,
+the implementation declines with the reason and dispatch falls through to ``chunked``.
 ``JAX_ATTN_CPU_FLASH=0`` turns it off.
 """
 
@@ -36,6 +38,7 @@ import functools
 import hashlib
 import os
 import platform as host
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -50,6 +53,7 @@ from jax_attn.validation import AttentionCall, KernelInputs
 
 __all__ = [
     "CACHE_ENV",
+    "CFLAGS_ENV",
     "COMPILE_FLAGS",
     "ENABLE_ENV",
     "IMPLEMENTATION",
@@ -60,6 +64,9 @@ __all__ = [
 
 ENABLE_ENV = "JAX_ATTN_CPU_FLASH"
 CACHE_ENV = "JAX_ATTN_CACHE_DIR"
+# Extra compiler flags, split like a shell command, appended to COMPILE_FLAGS and part of
+# the cache key (the sanitizer build: "-fsanitize=address,undefined ...").
+CFLAGS_ENV = "JAX_ATTN_CPU_FLASH_CFLAGS"
 COMPILE_FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-fPIC", "-shared")
 MAX_HEAD_DIM = 256
 # Half precision is widened to float32 at the call's edge: the kernel computes in float32.
@@ -71,9 +78,19 @@ _TARGETS = {
 }
 
 
-def _compiler() -> str | None:
-    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
-    return next((path for name in names if (path := shutil.which(name))), None)
+def _compiler() -> list[str] | None:
+    """The compiler command: ``$CXX`` split like a shell command (``CXX="g++ -O2"`` is
+    g++ with a flag), else the first of g++, c++, clang++ found; ``None`` if none is."""
+    if os.environ.get("CXX"):
+        command = shlex.split(os.environ["CXX"])
+        path = shutil.which(command[0]) if command else None
+        return [path, *command[1:]] if path else None
+    found = (shutil.which(name) for name in ("g++", "c++", "clang++"))
+    return next(([path] for path in found if path), None)
+
+
+def _extra_flags() -> list[str]:
+    return shlex.split(os.environ.get(CFLAGS_ENV, ""))
 
 
 def _cache_dir() -> Path:
@@ -95,29 +112,70 @@ def _locked(path: Path):
         yield
 
 
-def _build(compiler: str) -> Path:
-    """The compiled library for this source, jaxlib and compiler (built if missing)."""
+def _fingerprint(data: bytes) -> str:
+    return f"{len(data)} {hashlib.sha256(data).hexdigest()}"
+
+
+def _sidecar(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _intact(library: Path) -> bytes | None:
+    """The library's bytes if they match the size and SHA-256 written beside it at build
+    time (a truncated or overwritten file mapped by the loader can kill the process with
+    SIGBUS, so nothing unchecked is loaded); ``None`` otherwise."""
+    try:
+        data, recorded = library.read_bytes(), _sidecar(library).read_text().strip()
+    except OSError:
+        return None
+    return data if _fingerprint(data) == recorded else None
+
+
+def _library_path(command: list[str]) -> Path:
+    """Where the library built by ``command`` with this source, jaxlib and flags is cached."""
     import jaxlib
 
+    flags = shlex.join([*COMPILE_FLAGS, *_extra_flags()])
     key = hashlib.sha256(_SOURCE.read_bytes())
-    key.update(f"{jaxlib.__version__} {compiler} {' '.join(COMPILE_FLAGS)}".encode())
-    cache = _cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    library = cache / f"cpu_flash-{key.hexdigest()[:16]}.so"
-    with _locked(cache / "cpu_flash.lock"):
-        if not library.exists():
-            with tempfile.TemporaryDirectory(dir=cache) as tmp:
-                built = Path(tmp) / library.name
-                command = [compiler, *COMPILE_FLAGS, "-I", jax.ffi.include_dir()]
-                result = subprocess.run(
-                    [*command, str(_SOURCE), "-o", str(built)],
-                    capture_output=True,
-                    text=True,
-                    timeout=600,
-                )
-                if result.returncode != 0:
-                    raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-800:]}")
-                os.replace(built, library)
+    key.update(f"{jaxlib.__version__} {shlex.join(command)} {flags}".encode())
+    return _cache_dir() / f"cpu_flash-{key.hexdigest()[:16]}.so"
+
+
+def _build(compiler: str | list[str]) -> Path:
+    """The compiled library for this source, jaxlib, compiler and flags (built if missing
+    or if its checksum does not match); raises ``RuntimeError`` saying why it cannot."""
+    command = shlex.split(compiler) if isinstance(compiler, str) else list(compiler)
+    flags = [*COMPILE_FLAGS, *_extra_flags()]
+    library = _library_path(command)
+    cache = library.parent
+    if _intact(library) is not None:  # a read-only cache holding a good build loads
+        return library
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with _locked(cache / "cpu_flash.lock"):
+            if _intact(library) is None:
+                with tempfile.TemporaryDirectory(dir=cache) as tmp:
+                    built = Path(tmp) / library.name
+                    result = subprocess.run(
+                        [*command, *flags, "-I", jax.ffi.include_dir(), str(_SOURCE)]
+                        + ["-o", str(built)],
+                        capture_output=True,
+                        text=True,
+                        timeout=600,
+                    )
+                    if result.returncode != 0:
+                        raise RuntimeError(
+                            f"{shlex.join(command)} failed: {result.stderr.strip()[-800:]}"
+                        )
+                    sidecar = Path(tmp) / _sidecar(library).name
+                    sidecar.write_text(_fingerprint(built.read_bytes()) + "\n")
+                    # The library first: a sidecar never vouches for an older file.
+                    os.replace(built, library)
+                    os.replace(sidecar, _sidecar(library))
+    except OSError as error:
+        raise RuntimeError(f"no intact build in {cache} and cannot build there: {error}") from None
+    if _intact(library) is None:
+        raise RuntimeError(f"{library} does not match its checksum after building")
     return library
 
 
