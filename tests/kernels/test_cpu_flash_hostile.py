@@ -254,3 +254,11 @@ def test_tiny_sequences_take_memory_like_chunked():
     chunked = child_peak(GROWTH, "chunked")["growth"]
     print(f"peak growth: cpu_flash {flash / MiB:.0f} MiB, chunked {chunked / MiB:.0f} MiB")
     assert flash <= 2 * max(chunked, 8 * MiB), (flash / MiB, chunked / MiB)
+
+
+def test_threaded_kernel_fuzz_agrees_with_the_reference():
+    from jax_attn.apps import fuzz
+
+    report = fuzz.run_kernel_fuzz(6, seed=5, threads=3)
+    assert report.ok and report.cases == 6, report.failures
+    assert report.compared + report.refused == 6
