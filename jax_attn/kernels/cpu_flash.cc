@@ -491,7 +491,7 @@ void ForwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float
 // ---- backward ------------------------------------------------------------------------
 
 // What the backward shares across work items: scale * q [B, N, T, Hp], dO [B, N, T, Hvp],
-// delta = rowsum(dO * O) [B, N, T] and the dQ / scale accumulator [B, N, T, Hp] (each with
+// delta = rowsum(dO * O) - d_lse [B, N, T] and the dQ / scale accumulator [B, N, T, Hp] (each with
 // one spare zero row at the end: a tile's odd row count is multiplied rounded up to even),
 // one lock per query tile of the accumulator, and each query tile's key union [B, tiles].
 struct BackwardShared {
@@ -512,7 +512,7 @@ struct BackwardShared {
 
 // Lays out q, dO and delta of batch b, query head n.
 void BackwardPrepare(const Problem& p, BackwardShared& w, int64_t b, int64_t n, const float* q,
-                     const float* out, const float* d_out) {
+                     const float* out, const float* d_out, const float* d_lse) {
   const int64_t Hp = p.Hp(), Hvp = p.Hvp();
   for (int64_t t = 0; t < p.T; ++t) {
     const int64_t at = (b * p.T + t) * p.N + n, row = w.Row(p, b, n, t);
@@ -521,7 +521,8 @@ void BackwardPrepare(const Problem& p, BackwardShared& w, int64_t b, int64_t n, 
       acc += out[at * p.Hv + h] * d_out[at * p.Hv + h];
       *w.dos.at(row * Hvp + h) = d_out[at * p.Hv + h];
     }
-    *w.delta.at(row) = acc;
+    // lse's cotangent enters as P * d_lse in dS = P * (dP - delta): delta less d_lse
+    *w.delta.at(row) = acc - d_lse[(b * p.N + n) * p.T + t];
     for (int64_t h = 0; h < p.H; ++h) *w.qs.at(row * Hp + h) = q[at * p.H + h] * p.scale;
   }
 }
@@ -618,6 +619,100 @@ void BackwardItem(const Problem& p, const PackedKV& kv, BackwardShared& w, int64
   }
 }
 
+// ---- tangent (forward-mode derivative) -------------------------------------------------
+
+// Floats of a tangent worker's scratch: scale * q and scale * dq [kTile, Hp], P and dS
+// [kTile, kTile], the accumulator [kTile, Hvp], a key tile and a key tangent tile.
+int64_t TangentScratch(const Problem& p) {
+  return kTile * (2 * p.Hp() + 2 * kTile + p.Hvp()) + 2 * TileScratch(p);
+}
+
+// The JVP of (out, lse) of one (batch, query head, query tile) in direction (dq, dk, dv),
+// with P = exp(s - lse) from the given lse (one pass, no rescaling):
+// ds = scale (dq k + q dk), mu = sum P ds, d_out = sum P (ds v + dv) - mu out, d_lse = mu.
+// `pd` is `p` with the key and value tangents as its keys and values; `kvd` their packing.
+void TangentItem(const Problem& p, const PackedKV& kv, const Problem& pd, const PackedKV& kvd,
+                 int64_t item, const float* q, const float* dq, const float* out,
+                 const float* lse, float* d_out, float* d_lse, float* scratch) {
+  const int64_t tiles = p.q_tiles();
+  const int64_t tile = tiles - 1 - item % tiles;
+  const int64_t n = (item / tiles) % p.N, b = item / tiles / p.N, kh = n / p.G();
+  const int Hp = static_cast<int>(p.Hp()), Hvp = static_cast<int>(p.Hvp());
+  const int64_t t0 = tile * kTile;
+  float* qs = scratch;
+  float* dqs = qs + kTile * Hp;
+  float* prob = dqs + kTile * Hp;
+  float* ds = prob + kTile * kTile;
+  float* acc = ds + kTile * kTile;
+  float* tile_scratch = acc + kTile * Hvp;
+  float* tangent_scratch = tile_scratch + TileScratch(p);
+  float mu[kTile], row_lse[kTile];
+  int64_t row_begin[kTile], row_end[kTile];
+  const int rows = static_cast<int>(p.TileRows(b, t0, row_begin, row_end));
+  const int gemm_rows = (rows + 1) & ~1;
+  std::fill(qs, qs + gemm_rows * Hp, 0.0f);
+  std::fill(dqs, dqs + gemm_rows * Hp, 0.0f);
+  std::fill(acc, acc + gemm_rows * Hvp, 0.0f);
+  for (int r = 0; r < kTile; ++r) {
+    mu[r] = 0.0f, row_lse[r] = 0.0f;
+    if (r >= rows) continue;
+    const int64_t at = ((b * p.T + t0 + r) * p.N + n) * p.H;
+    for (int64_t h = 0; h < p.H; ++h) {
+      qs[r * Hp + h] = q[at + h] * p.scale;
+      dqs[r * Hp + h] = dq[at + h] * p.scale;
+    }
+    row_lse[r] = lse[(b * p.N + n) * p.T + t0 + r];
+  }
+  int64_t begin, end;
+  UnionOfRows(row_begin, row_end, kTile, &begin, &end);
+
+  for (int64_t key_tile = begin / kTile; key_tile * kTile < end; ++key_tile) {
+    const KeyTile t = LoadTile(p, kv, b, kh, key_tile, tile_scratch);
+    const KeyTile dt = LoadTile(pd, kvd, b, kh, key_tile, tangent_scratch);
+    const int width = static_cast<int>(t.width);
+    // s = scale q k^T; ds = scale dq k^T + scale q dk^T
+    Gemm<false>(gemm_rows, width, static_cast<int>(p.H), qs, Hp, t.kt, width, prob, width);
+    Gemm<false>(gemm_rows, width, static_cast<int>(p.H), dqs, Hp, t.kt, width, ds, width);
+    Gemm<true>(gemm_rows, width, static_cast<int>(p.H), qs, Hp, dt.kt, width, ds, width);
+    for (int r = 0; r < gemm_rows; ++r) {
+      float* prow = prob + r * width;
+      float* dsrow = ds + r * width;
+      const int64_t lo = std::clamp<int64_t>(row_begin[r] - t.s0, 0, t.cols);
+      const int64_t hi = std::clamp<int64_t>(row_end[r] - t.s0, 0, t.cols);
+      if (lo >= hi) {
+        std::memset(prow, 0, width * sizeof(float));
+        std::memset(dsrow, 0, width * sizeof(float));
+        continue;
+      }
+      const __m256 shift = _mm256_set1_ps(row_lse[r]);
+      for (int c = 0; c < width; c += 8)
+        _mm256_storeu_ps(prow + c, Exp8(_mm256_sub_ps(_mm256_loadu_ps(prow + c), shift)));
+      std::fill(prow, prow + lo, 0.0f);
+      std::fill(prow + hi, prow + width, 0.0f);
+      // P * ds, in place of ds, and its row sum into mu
+      __m256 sum = _mm256_setzero_ps();
+      for (int c = 0; c < width; c += 8) {
+        const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(prow + c), _mm256_loadu_ps(dsrow + c));
+        _mm256_storeu_ps(dsrow + c, x);
+        sum = _mm256_add_ps(sum, x);
+      }
+      mu[r] += HorizontalSum(sum);
+    }
+    // acc += (P * ds) . v + P . dv, over the keys some row of the tile attends
+    const int64_t lo = std::clamp<int64_t>(begin - t.s0, 0, t.cols);
+    const int64_t hi = std::clamp<int64_t>(end - t.s0, 0, t.cols);
+    const int depth = static_cast<int>(hi - lo);
+    Gemm<true>(gemm_rows, Hvp, depth, ds + lo, width, t.v + lo * Hvp, Hvp, acc, Hvp);
+    Gemm<true>(gemm_rows, Hvp, depth, prob + lo, width, dt.v + lo * Hvp, Hvp, acc, Hvp);
+  }
+
+  for (int r = 0; r < rows; ++r) {
+    const int64_t at = ((b * p.T + t0 + r) * p.N + n) * p.Hv;
+    for (int64_t h = 0; h < p.Hv; ++h) d_out[at + h] = acc[r * Hvp + h] - mu[r] * out[at + h];
+    d_lse[(b * p.N + n) * p.T + t0 + r] = mu[r];
+  }
+}
+
 // ---- the handlers ----------------------------------------------------------------------
 
 // Leading dimensions (the batch, and any vmapped axes before it) fold into one batch B.
@@ -652,6 +747,19 @@ ffi::Error Describe(const Floats& q, const Floats& k, const Floats& v, const Len
   return ffi::Error::Success();
 }
 
+// Whether `out` is [B, T, N, Hv] and `lse` [B, N, T] in element count.
+bool Sized(const Problem& p, const Floats& out, const Floats& lse) {
+  return static_cast<int64_t>(out.element_count()) == p.B * p.T * p.N * p.Hv &&
+         static_cast<int64_t>(lse.element_count()) == p.B * p.N * p.T;
+}
+
+// Whether a, b, c have the element counts of x, y, z.
+template <typename A, typename B>
+bool SameSizes(const A& x, const A& y, const A& z, const B& a, const B& b, const B& c) {
+  return x.element_count() == a.element_count() && y.element_count() == b.element_count() &&
+         z.element_count() == c.element_count();
+}
+
 // Runs a handler's body; an exception that escapes it (a failed allocation of the
 // call's scratch, or the first item's, rethrown by ParallelFor after all items stopped)
 // becomes the call's error, which JAX raises in Python.
@@ -681,6 +789,8 @@ ffi::Error Forward(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q
     Problem p;
     if (auto error = Describe(q, k, v, q_lengths, kv_lengths, attributes, &p); error.failure())
       return error;
+    if (!Sized(p, *out, *lse))
+      return ffi::Error::InvalidArgument("cpu_flash: out or lse mis-sized");
     const int64_t items = p.B * p.N * p.q_tiles(), per_worker = ForwardScratch(p);
     PooledBuffer scratch = WorkerScratch(Workers(pool, items), per_worker);
     PackedKV kv;
@@ -697,14 +807,16 @@ ffi::Error Forward(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q
 }
 
 ffi::Error Backward(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q_lengths,
-                    Lengths kv_lengths, Floats out, Floats lse, Floats d_out, FloatsOut dq,
-                    FloatsOut dk, FloatsOut dv, Attributes attributes) {
+                    Lengths kv_lengths, Floats out, Floats lse, Floats d_out, Floats d_lse,
+                    FloatsOut dq, FloatsOut dk, FloatsOut dv, Attributes attributes) {
   return Contained([&]() -> ffi::Error {
     Problem p;
     if (auto error = Describe(q, k, v, q_lengths, kv_lengths, attributes, &p); error.failure())
       return error;
+    if (!Sized(p, out, lse) || !Sized(p, d_out, d_lse) || !SameSizes(q, k, v, *dq, *dk, *dv))
+      return ffi::Error::InvalidArgument("cpu_flash: out, lse or their cotangents mis-sized");
     const float *qp = q.typed_data(), *op = out.typed_data(), *lp = lse.typed_data();
-    const float* dop = d_out.typed_data();
+    const float *dop = d_out.typed_data(), *dlp = d_lse.typed_data();
     float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
     // Enough items for every thread: few (batch, kv head) pairs split their key tiles.
     const int64_t pairs = p.B * p.K, threads = std::max<int64_t>(1, pool.num_threads());
@@ -723,7 +835,7 @@ ffi::Error Backward(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths 
       UnionOfRows(row_begin, row_end, kTile, &shared.tile_begin[item], &shared.tile_end[item]);
     });
     ParallelFor(pool, p.B * p.N, [&](int64_t, int64_t item) {
-      BackwardPrepare(p, shared, item / p.N, item % p.N, qp, op, dop);
+      BackwardPrepare(p, shared, item / p.N, item % p.N, qp, op, dop, dlp);
     });
     const bool fail = FailAllocation("item");
     ParallelFor(pool, items, [&](int64_t worker, int64_t item) {
@@ -737,6 +849,35 @@ ffi::Error Backward(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths 
         const float* src = shared.dqs.at(shared.Row(p, b, n, t) * Hp);
         for (int64_t h = 0; h < p.H; ++h) dst[h] = src[h] * p.scale;
       }
+    });
+    return ffi::Error::Success();
+  });
+}
+
+ffi::Error Tangent(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q_lengths,
+                   Lengths kv_lengths, Floats out, Floats lse, Floats dq, Floats dk, Floats dv,
+                   FloatsOut d_out, FloatsOut d_lse, Attributes attributes) {
+  return Contained([&]() -> ffi::Error {
+    Problem p;
+    if (auto error = Describe(q, k, v, q_lengths, kv_lengths, attributes, &p); error.failure())
+      return error;
+    if (!Sized(p, out, lse) || !Sized(p, *d_out, *d_lse) || !SameSizes(q, k, v, dq, dk, dv))
+      return ffi::Error::InvalidArgument("cpu_flash: out, lse or the tangents mis-sized");
+    const int64_t items = p.B * p.N * p.q_tiles(), per_worker = TangentScratch(p);
+    PooledBuffer scratch = WorkerScratch(Workers(pool, items), per_worker);
+    Problem pd = p;  // the key and value tangents, laid out as the keys and values are
+    pd.k = dk.typed_data(), pd.v = dv.typed_data();
+    PackedKV kv, kvd;
+    Pack(pool, p, kv);
+    Pack(pool, pd, kvd);
+    const float *qp = q.typed_data(), *dqp = dq.typed_data();
+    const float *op = out.typed_data(), *lp = lse.typed_data();
+    float *dop = d_out->typed_data(), *dlp = d_lse->typed_data();
+    const bool fail = FailAllocation("item");
+    ParallelFor(pool, items, [&](int64_t worker, int64_t item) {
+      MaybeFailItem(fail, item);
+      TangentItem(p, kv, pd, kvd, item, qp, dqp, op, lp, dop, dlp,
+                  scratch.at(worker * per_worker));
     });
     return ffi::Error::Success();
   });
@@ -771,13 +912,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxAttnFlashForward, Forward,
                                   .Ret<Floats>()
                                   .Attrs<Attributes>());
 
-// (q, k, v, q_lengths, kv_lengths, out, lse, d_out) -> (dq, dk, dv)
+// (q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse) -> (dq, dk, dv)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxAttnFlashBackward, Backward,
                               BindInputs()
                                   .Arg<Floats>()
                                   .Arg<Floats>()
                                   .Arg<Floats>()
+                                  .Arg<Floats>()
                                   .Ret<Floats>()
+                                  .Ret<Floats>()
+                                  .Ret<Floats>()
+                                  .Attrs<Attributes>());
+
+// (q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv) -> (d_out, d_lse)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxAttnFlashTangent, Tangent,
+                              BindInputs()
+                                  .Arg<Floats>()
+                                  .Arg<Floats>()
+                                  .Arg<Floats>()
+                                  .Arg<Floats>()
+                                  .Arg<Floats>()
                                   .Ret<Floats>()
                                   .Ret<Floats>()
                                   .Attrs<Attributes>());

@@ -58,8 +58,11 @@ __all__ = [
     "ENABLE_ENV",
     "IMPLEMENTATION",
     "MAX_HEAD_DIM",
+    "backward",
     "build_reason",
     "cpu_flash_attention",
+    "forward",
+    "tangent",
 ]
 
 ENABLE_ENV = "JAX_ATTN_CPU_FLASH"
@@ -75,6 +78,7 @@ _SOURCE = Path(__file__).with_name("cpu_flash.cc")
 _TARGETS = {
     "jax_attn_cpu_flash_forward": "JaxAttnFlashForward",
     "jax_attn_cpu_flash_backward": "JaxAttnFlashBackward",
+    "jax_attn_cpu_flash_tangent": "JaxAttnFlashTangent",
 }
 
 
@@ -235,7 +239,11 @@ def _attributes(call: AttentionCall) -> dict:
     )
 
 
-def _forward(call: AttentionCall, q, k, v, q_lengths, kv_lengths):
+def forward(call: AttentionCall, q, k, v, q_lengths, kv_lengths):
+    """The kernel's forward: q ``[..., T, N, H]``, k ``[..., S, K, H]``, v ``[..., S, K, H_v]``
+    float32, lengths int32 ``[...]`` -> (out ``[..., T, N, H_v]``, lse ``[..., N, T]``) float32.
+    ``lse`` is each row's log-sum-exp of its scaled logits (about -2.4e38 for a row with
+    nothing to attend, whose ``out`` is zeros). A plain function: no derivative rule."""
     *lead, T, N, _ = q.shape
     out_types = (
         jax.ShapeDtypeStruct((*lead, T, N, call.H_v), jnp.float32),
@@ -247,25 +255,62 @@ def _forward(call: AttentionCall, q, k, v, q_lengths, kv_lengths):
     return varying_like(out, q, k, v, q_lengths, kv_lengths), varying_like(lse, q, k, v)
 
 
+_forward = forward
+
+
+def tangent(call: AttentionCall, q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv):
+    """The forward-mode derivative (JVP) of :func:`forward`'s (out, lse) at (q, k, v) in the
+    direction (dq, dk, dv) (shaped and typed as q, k, v), given that point's ``out`` and
+    ``lse`` -> (d_out ``[..., T, N, H_v]``, d_lse ``[..., N, T]``) float32.
+
+    Per row i over the keys j it attends, with s = scale q_i.k_j and P_ij = exp(s_ij - lse_i):
+    ds_ij = scale (dq_i.k_j + q_i.dk_j), mu_i = sum_j P_ij ds_ij,
+    d_out_i = sum_j P_ij (ds_ij v_j + dv_j) - mu_i out_i and d_lse_i = mu_i (zeros for a row
+    with nothing to attend)."""
+    out_types = (
+        jax.ShapeDtypeStruct(out.shape, jnp.float32),
+        jax.ShapeDtypeStruct(lse.shape, jnp.float32),
+    )
+    call_tangent = jax.ffi.ffi_call(
+        "jax_attn_cpu_flash_tangent", out_types, vmap_method="broadcast_all"
+    )
+    d_out, d_lse = call_tangent(
+        q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv, **_attributes(call)
+    )
+    varying = (q, k, v, q_lengths, kv_lengths, dq, dk, dv)
+    return varying_like(d_out, *varying), varying_like(d_lse, *varying)
+
+
+def backward(call: AttentionCall, q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse):
+    """The reverse-mode derivative (VJP) of :func:`forward`'s (out, lse): given that
+    point's ``out`` and ``lse`` and the cotangents ``d_out`` (as out) and ``d_lse`` (as lse)
+    -> (dq, dk, dv) float32, shaped as q, k, v. FlashAttention-2's backward with
+    dS_ij = P_ij (dP_ij - (D_i - d_lse_i)), D_i = d_out_i . out_i."""
+    out_types = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
+    call_backward = jax.ffi.ffi_call(
+        "jax_attn_cpu_flash_backward", out_types, vmap_method="broadcast_all"
+    )
+    d_out, d_lse = d_out.astype(jnp.float32), d_lse.astype(jnp.float32)
+    grads = call_backward(
+        q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse, **_attributes(call)
+    )
+    return tuple(varying_like(g, q, k, v, d_out, d_lse) for g in grads)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(call: AttentionCall, q, k, v, q_lengths, kv_lengths):
-    return _forward(call, q, k, v, q_lengths, kv_lengths)[0]
+    return forward(call, q, k, v, q_lengths, kv_lengths)[0]
 
 
 def _flash_fwd(call, q, k, v, q_lengths, kv_lengths):
-    out, lse = _forward(call, q, k, v, q_lengths, kv_lengths)
+    out, lse = forward(call, q, k, v, q_lengths, kv_lengths)
     return out, (q, k, v, q_lengths, kv_lengths, out, lse)
 
 
 def _flash_bwd(call, residuals, d_out):
     q, k, v, q_lengths, kv_lengths, out, lse = residuals
-    out_types = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
-    backward = jax.ffi.ffi_call(
-        "jax_attn_cpu_flash_backward", out_types, vmap_method="broadcast_all"
-    )
-    d_out = d_out.astype(jnp.float32)
-    grads = backward(q, k, v, q_lengths, kv_lengths, out, lse, d_out, **_attributes(call))
-    dq, dk, dv = (varying_like(g, q, k, v, d_out) for g in grads)
+    d_lse = jnp.zeros(lse.shape, jnp.float32)
+    dq, dk, dv = backward(call, q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse)
     return cotangent_like(dq, q), cotangent_like(dk, k), cotangent_like(dv, v), None, None
 
 
