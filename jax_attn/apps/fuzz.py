@@ -886,6 +886,14 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, jax {jax.__version__} on {device.device_kind}"
 
 
+def _kernel_source_hash() -> str:
+    import hashlib
+
+    from jax_attn.kernels import cpu_flash
+
+    return hashlib.sha256(cpu_flash._SOURCE.read_bytes()).hexdigest()
+
+
 def kernel_report_json(report: KernelFuzzReport, seconds: float, seed: int) -> dict:
     import os
 
@@ -894,6 +902,7 @@ def kernel_report_json(report: KernelFuzzReport, seconds: float, seed: int) -> d
         f"--threads {report.threads} --seed {seed}",
         machine=machine(),
         compiler_flags=os.environ.get("JAX_ATTN_CPU_FLASH_CFLAGS", ""),
+        kernel_source_sha256=_kernel_source_hash(),
         seconds=round(seconds, 1),
         ok=report.ok,
         **{k: v for k, v in dataclasses.asdict(report).items() if k != "failures"},
