@@ -144,17 +144,10 @@ def _impl(*flat, kind, rules, res_tree, lin_tree):
 
 
 def _abstract_eval(*avals, kind, rules, res_tree, lin_tree):
+    # Traced on the avals themselves, so the results carry the shardings (Explicit mesh
+    # axes) and manual-axis types (shard_map) that the map gives them.
     fn = functools.partial(_call, kind, rules, res_tree, lin_tree)
-    structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
-    out = jax.eval_shape(lambda *xs: fn(xs), *structs)
-    varying = frozenset().union(*(a.mat.varying for a in avals))
-    return [_with_varying(jax.core.ShapedArray(o.shape, o.dtype), varying) for o in out]
-
-
-def _with_varying(aval, varying):
-    if not varying:
-        return aval
-    return aval.update(mat=aval.mat.update(varying=varying))
+    return jax.make_jaxpr(lambda *xs: fn(xs))(*avals).out_avals
 
 
 flash_linear_p.def_impl(_impl)
