@@ -401,7 +401,9 @@ def _backward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, fns, out, lse, 
     kv_limit = jnp.int32(plan.S) if kv_lengths is None else jnp.max(kv_lengths)
     inputs = (q, k, v, mask, bias, kv_lengths, d_out)
     # [B, K, G, T']
-    delta = jnp.sum(d_out.astype(jnp.float32) * out, axis=-1) - d_lse
+    delta = jnp.sum(d_out.astype(jnp.float32) * out, axis=-1)
+    if d_lse is not None:
+        delta = delta - d_lse
 
     def one_query_chunk(carry, q_index):
         q_blk = jax.lax.dynamic_slice_in_dim(q, q_index * Tq, Tq, axis=3)
@@ -850,6 +852,8 @@ def position_backward(plan: _Plan, diff, nondiff, out, lse, d_out, d_lse):
     S, K = k.shape[1], k.shape[2]
     live = _rows_attending(plan, q_lengths, B)
     d_out = jnp.where(live[:, :, None, None], d_out, 0.0)
+    if d_lse is None:
+        d_lse = jnp.zeros(lse.shape, jnp.float32)
     d_lse = jnp.where(live[:, None, :], d_lse, 0.0)
     qk, kk, vk, outk, lsek = _to_kernel(plan, K, q, k, v, out, lse, live)
     d_outk = _to_kernel(plan, K, d_out, k, v, d_out, lse, live)[0]

@@ -313,6 +313,8 @@ def _rules(call: AttentionCall) -> FlashRules:
         return tangent(call, *diff, *nondiff, out, lse, *d_diff)
 
     def backward_(diff, nondiff, out, lse, d_out, d_lse):
+        if d_lse is None:
+            d_lse = jnp.zeros(lse.shape, jnp.float32)
         grads = backward(call, *diff, *nondiff, out, lse, d_out, d_lse)
         return tuple(cotangent_like(g, x) for g, x in zip(grads, diff, strict=True))
 

@@ -50,7 +50,8 @@ class FlashRules:
 
     ``forward(diff, nondiff) -> (out, lse)``;
     ``tangent(diff, nondiff, out, lse, d_diff) -> (d_out, d_lse)``, linear in ``d_diff``;
-    ``backward(diff, nondiff, out, lse, d_out, d_lse) -> d_diff``, its transpose.
+    ``backward(diff, nondiff, out, lse, d_out, d_lse) -> d_diff``, its transpose;
+    ``d_lse`` is ``None`` where it is known to be zero (first-order reverse mode).
     ``tangent_pure`` and ``backward_pure`` compute the same maps in JAX operations that
     every transformation, reverse mode included, can go through (used only where a
     kernel's maps are themselves differentiated: second order and beyond). Instances
@@ -198,12 +199,24 @@ def _transpose(cts, *args, kind, rules, res_tree, lin_tree):
         return [None] * n_res + [
             ad.Zero(x.aval) if u else None for x, u in zip(lin, undefined, strict=True)
         ]
-    cts = [jnp.zeros(ct.aval.shape, ct.aval.dtype) if isinstance(ct, ad.Zero) else ct for ct in cts]
-    other = _OTHER[kind]
-    grads = flash_linear_p.bind(
-        *res, *cts, kind=other, rules=rules, res_tree=res_tree, lin_tree=result_tree
-    )
+    if kind == "tangent":
+        # -> the backward; an lse cotangent that is symbolically zero (first-order reverse
+        # mode) goes as None, so the backward skips it
+        ct_out, ct_lse = cts
+        linear = (_zeros_if_symbolic(ct_out), None if isinstance(ct_lse, ad.Zero) else ct_lse)
+        grads = _bind("backward", rules, jax.tree.unflatten(res_tree, res), linear)
+        grads = jax.tree.leaves(grads)
+    else:
+        # -> the tangent, whose (d_out, d_lse) are cotangents of this backward's linear
+        # inputs (d_out, and d_lse unless it came as None)
+        d_diff = jax.tree.unflatten(result_tree, [_zeros_if_symbolic(ct) for ct in cts])
+        grads = _bind("tangent", rules, jax.tree.unflatten(res_tree, res), d_diff)
+        grads = list(grads[: lin_tree.num_leaves])
     return [None] * n_res + [g if u else None for g, u in zip(grads, undefined, strict=True)]
+
+
+def _zeros_if_symbolic(ct):
+    return jnp.zeros(ct.aval.shape, ct.aval.dtype) if isinstance(ct, ad.Zero) else ct
 
 
 def _batch(args, dims, *, kind, rules, res_tree, lin_tree):

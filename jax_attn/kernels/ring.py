@@ -422,7 +422,9 @@ def _ring_backward_local(ring: _Ring, q, k, v, out, lse, d_out, d_lse, kv_length
     index = lax.axis_index(ring.axis_name)
     q_pos = _positions(ring, index, T)
     # [B, K, G, T]
-    delta = jnp.sum(d_out.astype(lse.dtype) * out.astype(lse.dtype), axis=-1) - d_lse
+    delta = jnp.sum(d_out.astype(lse.dtype) * out.astype(lse.dtype), axis=-1)
+    if d_lse is not None:
+        delta = delta - d_lse
     grads = functools.partial(_grads, ring, kv_lengths=kv_lengths, causal=False)
     own_keys = _positions(ring, index, S)
     d_q, d_k, d_v = _grads(
@@ -646,12 +648,16 @@ def _rules(ring: _Ring) -> FlashRules:
     def backward(diff, nondiff, out, lse, d_out, d_lse):
         (q, k, v), (kv_lengths,) = diff, nondiff
 
-        def local(q, k, v, out, lse, d_out, d_lse, kv_lengths):
-            d_q, d_k, d_v = _ring_backward_local(ring, q, k, v, out, lse, d_out, d_lse, kv_lengths)
-            return d_q, d_k, d_v
+        arrays = (q, k, v, out, lse, d_out) + (() if d_lse is None else (d_lse,))
 
-        grads = _local(ring, local, "qkkqqqq", "qkk", (q, k, v, out, lse, d_out, d_lse), kv_lengths)
-        axes = frozenset().union(*map(manual_axes, (d_out, d_lse, q, k, v)))
+        def local(q, k, v, out, lse, d_out, *rest):
+            *d_lse, kv_lengths = rest
+            d_lse = d_lse[0] if d_lse else None
+            return _ring_backward_local(ring, q, k, v, out, lse, d_out, d_lse, kv_lengths)
+
+        roles = "qkkqqq" + "q" * (d_lse is not None)
+        grads = _local(ring, local, roles, "qkk", arrays, kv_lengths)
+        axes = frozenset().union(*map(manual_axes, arrays))
         return tuple(
             cotangent_like(g.astype(x.dtype), x, axes) for g, x in zip(grads, diff, strict=True)
         )
