@@ -554,13 +554,13 @@ def _rules(plan: _Plan) -> FlashRules:
 
 
 def _chunked_core(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, fns):
-    """``fns = (table, mask_consts, score_consts)``: the block table (or ``None``) and the
-    arrays ``plan.mask_fn`` and ``plan.score_fn`` close over (tuples)."""
+    """``(out, lse)`` in the kernel layout. ``fns = (table, mask_consts, score_consts)``:
+    the block table (or ``None``) and the arrays ``plan.mask_fn`` and ``plan.score_fn``
+    close over (tuples)."""
     table, mask_consts, score_consts = fns
     diff = (q, k, v, bias, score_consts)
     nondiff = (mask, kv_lengths, rng, table, mask_consts)
-    out, _ = flash_attention(_rules(plan), diff, nondiff)
-    return out
+    return flash_attention(_rules(plan), diff, nondiff)
 
 
 def _like_primal(cotangent, primal):
@@ -634,14 +634,20 @@ def chunked_attention(
     inputs: KernelInputs | None = None,
     query_chunk_size=None,
     key_chunk_size=None,
+    return_lse: bool = False,
 ):
     """The kernel on validated, batched inputs (the registry's ``"chunked"`` entry); called
-    directly, it takes chunk sizes, and ``inputs`` may be left out when there are none."""
+    directly, it takes chunk sizes, and ``inputs`` may be left out when there are none.
+    ``return_lse``: also the log-sum-exp ``[B, N, T]`` of each row's logits (float32; a
+    row with nothing to attend, or past its query length, holds ``-MASKED_LOGIT``),
+    differentiable like the output."""
     inputs = KernelInputs() if inputs is None else inputs
     mask, bias, block_mask = inputs.mask, inputs.bias, inputs.block_mask
     q_chunk, k_chunk = _chunk_sizes(call, query_chunk_size, key_chunk_size, block_mask)
     if call.T == 0 or call.S == 0:
-        return jnp.zeros((call.B, call.T, call.N, call.H_v), call.dtype)
+        out = jnp.zeros((call.B, call.T, call.N, call.H_v), call.dtype)
+        lse = jnp.full((call.B, call.N, call.T), -MASKED_LOGIT, jnp.float32)
+        return (out, lse) if return_lse else out
     # The scale goes into q once (not into every block of logits) where that is exact
     # enough: float32 inputs, or a power-of-two scale.
     prescale = call.dtype == np.float32 or float(np.log2(abs(call.scale) or 1.0)).is_integer()
@@ -671,6 +677,7 @@ def chunked_attention(
         call.N,
         call.K,
         call.scale if prescale else 1.0,
+        return_lse,
         q,
         k,
         v,
@@ -683,9 +690,22 @@ def chunked_attention(
     )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
 def _chunked_jit(
-    plan: _Plan, N, K, q_scale, q, k, v, mask, bias, query_seq_lengths, kv_seq_lengths, rng, fns
+    plan: _Plan,
+    N,
+    K,
+    q_scale,
+    return_lse,
+    q,
+    k,
+    v,
+    mask,
+    bias,
+    query_seq_lengths,
+    kv_seq_lengths,
+    rng,
+    fns,
 ):
     """Pads and lays out the inputs for :func:`_chunked_core` (jitted: eager calls are cached).
     ``fns = (blocks, mask_consts, score_consts)``: a block mask's ``(any_blocks,
@@ -718,7 +738,7 @@ def _chunked_jit(
             blocks = block_mask_arrays(mask_fn, B, N, T, S, Tq, Sk, plan.mask_dims)
         kv_limit = jnp.int32(S) if kv_lengths is None else jnp.max(kv_lengths)
         table = _block_table(plan, *blocks, kv_limit)
-    out = _chunked_core(
+    out, lse = _chunked_core(
         plan,
         q_blocks,
         k_blocks,
@@ -738,7 +758,13 @@ def _chunked_jit(
             < jnp.asarray(query_seq_lengths, jnp.int32)[:, None]
         )
         out = jnp.where(query_ok[:, :, None, None], out, 0.0)
-    return out.astype(q.dtype)
+    if not return_lse:
+        return out.astype(q.dtype)
+    # [B, K, G, T'] -> [B, N, T]
+    lse = lse.reshape(B, N, T_pad)[:, :, :T]
+    if query_seq_lengths is not None:
+        lse = jnp.where(query_ok[:, None, :], lse, -MASKED_LOGIT)
+    return out.astype(q.dtype), lse
 
 
 def _chunked_unsupported(call: AttentionCall, platform: str) -> str | None:

@@ -264,3 +264,23 @@ def test_default_inside_shard_map_takes_jvp_and_hessian_vector_products():
         for i in range(B)
     ]
     _assert_close(ours, jax.tree.map(lambda *rows: jnp.concatenate(rows), *per_row))
+
+
+@pytest.mark.parametrize("implementation", ["pallas_gpu", "pallas_tpu"])
+def test_pallas_kernels_take_forward_mode_and_second_order(implementation, monkeypatch):
+    """JAX's Pallas kernels (interpret mode) hold a custom_vjp: composable() gives them the
+    chunked kernel's maps for what it cannot do."""
+    from jax_attn.kernels import pallas_gpu
+
+    monkeypatch.setenv(pallas_gpu.INTERPRET_ENV, "1")
+    q, k, v, w = _inputs(6, T=8, S=8)
+
+    def pallas(q, k, v):
+        return ja.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+
+    def oracle(q, k, v):
+        return reference.dot_product_attention(q, k, v, is_causal=True)
+
+    _assert_close(
+        _first_and_second_order(pallas, q, k, v, w), _first_and_second_order(oracle, q, k, v, w)
+    )
