@@ -47,6 +47,7 @@ __all__ = [
     "random_call",
     "reference_float64",
     "run_fuzz",
+    "run_kernel_fuzz",
     "tolerance",
 ]
 
@@ -645,6 +646,271 @@ def format_report(report: FuzzReport, seconds: float, seed: int) -> str:
     return "\n".join(lines)
 
 
+# --- one compiled kernel: threads, vmap, gradients, traced lengths ------------------------
+
+_KERNEL_TABLE = TABLES["kernel"]
+_HUGE = 2**63 - 1
+
+
+@dataclasses.dataclass
+class KernelFuzzReport:
+    """What ``run_kernel_fuzz`` saw: counts, the worst error per ``mode/dtype`` (as a
+    fraction of ``max(1, max |expected|)``) and the first failures."""
+
+    implementation: str
+    threads: int
+    cases: int = 0
+    compared: int = 0
+    agreed: int = 0
+    refused: int = 0
+    failed: int = 0
+    by_mode: dict = dataclasses.field(default_factory=dict)
+    worst_error: dict = dataclasses.field(default_factory=dict)
+    failures: list = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and self.compared > 0
+
+
+def _kernel_case(rng: np.random.Generator) -> dict:
+    """One random case of the ``[kernel]`` table: shape, dtype, mode, mask options, inputs
+    (float32 values already rounded to the dtype), traced lengths and a cotangent."""
+    B, T, S, N, K, H, H_v = _KERNEL_TABLE["shapes"][rng.integers(len(_KERNEL_TABLE["shapes"]))]
+    dtype = _KERNEL_TABLE["dtypes"][rng.integers(len(_KERNEL_TABLE["dtypes"]))]
+    mode = _KERNEL_TABLE["modes"][rng.integers(len(_KERNEL_TABLE["modes"]))]
+    window = _KERNEL_TABLE["windows"][rng.integers(len(_KERNEL_TABLE["windows"]))]
+    if window == "huge":
+        window = (_HUGE, _HUGE)
+    elif isinstance(window, list):
+        window = sizes(window, dict(S=S))
+    else:
+        window = None
+    lead = (2, B) if mode == "vmap" else (B,)
+
+    def lengths(full):
+        drawn = rng.random()
+        if drawn < _KERNEL_TABLE["full_lengths"]:
+            return np.full(lead, full, np.int32)
+        if drawn < _KERNEL_TABLE["full_lengths"] + _KERNEL_TABLE["out_of_range_lengths"]:
+            return rng.choice([-3, -1, full + 1, full + 5], lead).astype(np.int32)
+        return rng.integers(0, full + 1, lead).astype(np.int32)
+
+    def normal(*shape, scale=1.0):
+        x = (scale * rng.standard_normal(lead + shape)).astype(np.float32)
+        return np.asarray(jnp.asarray(x).astype(dtype).astype(jnp.float32))
+
+    qk_scale = float(rng.choice([0.3, 1.0, 3.0]))
+    return dict(
+        shape=(B, T, S, N, K, H, H_v),
+        dtype=dtype,
+        mode=mode,
+        causal=bool(rng.random() < _KERNEL_TABLE["causal"]),
+        window=window,
+        q=normal(T, N, H, scale=qk_scale),
+        k=normal(S, K, H, scale=qk_scale),
+        v=normal(S, K, H_v),
+        q_lengths=lengths(T),
+        kv_lengths=lengths(S),
+        cotangent=normal(T, N, H_v),
+    )
+
+
+def _attend(implementation: str, case: dict, dtype):
+    from jax_attn import dispatch
+
+    def attend(q, k, v, q_lengths, kv_lengths):
+        return dispatch.dot_product_attention(
+            q.astype(dtype),
+            k.astype(dtype),
+            v.astype(dtype),
+            is_causal=case["causal"],
+            local_window_size=case["window"],
+            query_seq_lengths=q_lengths,
+            key_value_seq_lengths=kv_lengths,
+            implementation=implementation,
+        )
+
+    return attend
+
+
+def _outputs(attend, mode: str):
+    """A function of (q, k, v, lengths, cotangent) -> the list of arrays a case checks:
+    the output, and for ``grad`` the gradients of q, k, v (vjp with the cotangent)."""
+    if mode == "vmap":
+        return lambda q, k, v, ql, kvl, ct: [jax.vmap(attend)(q, k, v, ql, kvl)]
+    if mode == "forward":
+        return lambda q, k, v, ql, kvl, ct: [attend(q, k, v, ql, kvl)]
+
+    def with_grads(q, k, v, ql, kvl, ct):
+        out, pullback = jax.vjp(lambda q, k, v: attend(q, k, v, ql, kvl), q, k, v)
+        return [out, *pullback(ct.astype(out.dtype))]
+
+    return with_grads
+
+
+_JITTED: dict = {}
+
+
+def _jitted(implementation: str, case: dict, dtype):
+    """One jitted function per (implementation, shape, dtype, options, mode): lengths and
+    inputs are arguments, so every case of a kind reuses its compiled program."""
+    key = (implementation, case["shape"], str(dtype), case["causal"], case["window"])
+    key += (case["mode"],)
+    if key not in _JITTED:
+        _JITTED[key] = jax.jit(_outputs(_attend(implementation, case, dtype), case["mode"]))
+    return _JITTED[key]
+
+
+def _kernel_expected(case: dict) -> list[np.ndarray]:
+    """The float64 reference's outputs for ``case``: lengths clipped to their range and
+    windows to ``S + T`` (what they mean), vmap as a loop."""
+    B, T, S, *_ = case["shape"]
+    window = case["window"]
+    if window is not None:
+        window = tuple(min(w, S + T) for w in window)
+    ref = dict(case, window=window)
+    ql, kvl = np.clip(case["q_lengths"], 0, T), np.clip(case["kv_lengths"], 0, S)
+    args = [case[name].astype(np.float64) for name in ("q", "k", "v")]
+    with jax.enable_x64(True):
+        run = _jitted(
+            "reference",
+            ref | {"mode": "grad" if case["mode"] == "grad" else "forward"},
+            jnp.float64,
+        )
+        ct = case["cotangent"].astype(np.float64)
+        if case["mode"] == "vmap":
+            parts = [run(*(a[i] for a in args), ql[i], kvl[i], ct[i])[0] for i in range(2)]
+            return [np.stack([np.asarray(p) for p in parts])]
+        return [np.asarray(x) for x in run(*args, ql, kvl, ct)]
+
+
+def _kernel_check(case: dict, got, expected, report: KernelFuzzReport) -> None:
+    label = f"{case['mode']}/{case['dtype']}"
+    counts = report.by_mode.setdefault(label, dict(cases=0, agreed=0, failed=0, refused=0))
+    if isinstance(got, Exception):
+        if isinstance(got, ValueError) and "local_window_size" in str(got):
+            report.refused += 1
+            counts["refused"] += 1
+            return
+        report.failed += 1
+        counts["failed"] += 1
+        report.failures.append(f"{type(got).__name__}: {got} ({_describe_kernel_case(case)})")
+        return
+    report.compared += 1
+    counts["cases"] += 1
+    worst, problem = 0.0, None
+    names = ("out", "dq", "dk", "dv")[: len(got)]
+    for name, g, want in zip(names, got, expected, strict=True):
+        g = np.asarray(g, np.float64)
+        if np.isnan(g).any():
+            problem = f"NaN in {name}"
+            break
+        if name == "out" and np.any(g[np.all(want == 0.0, axis=-1)] != 0.0):
+            problem = "nonzero output for a row with nothing to attend"
+            break
+        scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+        worst = max(worst, float(np.abs(g - want).max(initial=0.0)) / scale)
+    report.worst_error[label] = max(report.worst_error.get(label, 0.0), worst)
+    if problem is None and worst > tolerance(case["dtype"]):
+        problem = f"off by {worst:.2e} (> {tolerance(case['dtype']):.1e})"
+    if problem is None:
+        report.agreed += 1
+        counts["agreed"] += 1
+    else:
+        report.failed += 1
+        counts["failed"] += 1
+        report.failures.append(f"{problem}: {_describe_kernel_case(case)}")
+
+
+def _describe_kernel_case(case: dict) -> str:
+    return (
+        f"shape (B, T, S, N, K, H, H_v)={case['shape']} {case['dtype']} {case['mode']} "
+        f"causal={case['causal']} window={case['window']} q_lengths={case['q_lengths'].tolist()} "
+        f"kv_lengths={case['kv_lengths'].tolist()}"
+    )
+
+
+def run_kernel_fuzz(
+    num_cases: int,
+    seed: int = 0,
+    implementation: str = "cpu_flash",
+    threads: int = 4,
+    progress: bool = False,
+) -> KernelFuzzReport:
+    """``num_cases`` random calls of one implementation, ``threads`` of them at a time from
+    as many Python threads (the kernel's pool, its buffers and XLA's threads shared), each
+    against the float64 reference: the output, and for ``grad`` cases the gradients of q,
+    k and v. Lengths are traced (out-of-range values included), so validation cannot
+    refuse them; the reference sees them clipped."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(seed)
+    report = KernelFuzzReport(implementation, threads)
+
+    def run(case):
+        try:
+            fn = _jitted(implementation, case, jnp.dtype(case["dtype"]))
+            names = ("q", "k", "v", "q_lengths", "kv_lengths", "cotangent")
+            return [np.asarray(x, np.float32) for x in fn(*(case[n] for n in names))]
+        except Exception as error:  # noqa: BLE001 - reported per case
+            return error
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        done = 0
+        while done < num_cases:
+            batch = [_kernel_case(rng) for _ in range(min(threads, num_cases - done))]
+            # The references first, on this thread alone (x64 is switched on around them).
+            expected = [_kernel_expected(case) for case in batch]
+            for case, got, want in zip(batch, pool.map(run, batch), expected, strict=True):
+                report.cases += 1
+                _kernel_check(case, got, want, report)
+            done += len(batch)
+            if progress and done % 500 < len(batch):
+                print(f"  {done}/{num_cases} cases", file=sys.stderr, flush=True)
+    return report
+
+
+def machine() -> str:
+    """This machine in words: the CPU model and core count, or the device kind."""
+    import os
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    device = jax.devices()[0]
+    return f"{model}, {os.cpu_count()} cores, jax {jax.__version__} on {device.device_kind}"
+
+
+def _kernel_source_hash() -> str:
+    import hashlib
+
+    from jax_attn.kernels import cpu_flash
+
+    return hashlib.sha256(cpu_flash._SOURCE.read_bytes()).hexdigest()
+
+
+def kernel_report_json(report: KernelFuzzReport, seconds: float, seed: int) -> dict:
+    import os
+
+    return dict(
+        command=f"jax-attn check --fuzz {report.cases} --kernel {report.implementation} "
+        f"--threads {report.threads} --seed {seed}",
+        machine=machine(),
+        compiler_flags=os.environ.get("JAX_ATTN_CPU_FLASH_CFLAGS", ""),
+        kernel_source_sha256=_kernel_source_hash(),
+        seconds=round(seconds, 1),
+        ok=report.ok,
+        **{k: v for k, v in dataclasses.asdict(report).items() if k != "failures"},
+        tolerance={name: tolerance(name) for name in _KERNEL_TABLE["dtypes"]},
+        failures=report.failures[:50],
+    )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="jax-attn check --fuzz",
@@ -671,6 +937,16 @@ def main(argv=None) -> int:
         metavar="PATH",
         help="write the Markdown error table to PATH ('-': stdout) and exit",
     )
+    parser.add_argument(
+        "--kernel",
+        default=None,
+        metavar="NAME",
+        help="fuzz one implementation (cpu_flash) from several threads, with gradients and vmap",
+    )
+    parser.add_argument("--threads", type=int, default=4, help="with --kernel (default 4)")
+    parser.add_argument(
+        "--json", default=None, metavar="PATH", help="with --kernel: write the result"
+    )
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.error_table is not None:
         table = error_table()
@@ -684,6 +960,19 @@ def main(argv=None) -> int:
         parser.error("--fuzz N needs a number of cases N >= 0")
     if not 0.0 <= args.bad_fraction <= 1.0:
         parser.error("--bad-fraction must be in [0, 1]")
+    if args.kernel is not None:
+        import json
+
+        load_kernels()
+        start = time.perf_counter()
+        report = run_kernel_fuzz(args.fuzz, args.seed, args.kernel, args.threads, progress=True)
+        result = kernel_report_json(report, time.perf_counter() - start, args.seed)
+        text = json.dumps(result, indent=1)
+        print(text)
+        if args.json:
+            with open(args.json, "w") as f:
+                f.write(text + "\n")
+        return 0 if report.ok else 1
     names = args.implementations.split(",") if args.implementations else None
     start = time.perf_counter()
     report = run_fuzz(args.fuzz, args.seed, args.bad_fraction, names, progress=True)

@@ -23,6 +23,7 @@ import numpy as np
 
 from jax_attn.kernels import online_softmax
 from jax_attn.kernels.base import Implementation, cotangent_like
+from jax_attn.kernels.flash_autodiff import FlashRules, flash_attention
 from jax_attn.kernels.online_softmax import MASKED_LOGIT
 from jax_attn.mask_functions import (
     block_mask_arrays,
@@ -95,6 +96,10 @@ class _Plan:
     mask_fn: Callable | None = None
     mask_dims: tuple[bool, bool] = (True, True)  # whether mask_fn reads b, h
     score_fn: Callable | None = None
+    # Visit every key chunk, masking each, in loops of static length: what reverse mode
+    # can transpose (the pure maps of flash_autodiff, for second order), at the cost of
+    # the blocks the dynamic bounds skip.
+    static_loops: bool = False
 
     @property
     def T_padded(self) -> int:
@@ -318,7 +323,12 @@ def _block_table(plan: _Plan, any_blocks, full_blocks, kv_limit):
 
 def _visit_chunks(plan: _Plan, table, q_index, kv_limit, step, carry):
     """Runs ``step(k_index, masked, carry)`` over the key chunks query chunk ``q_index``
-    visits: those of its ``table`` row (:func:`_block_table`) or of the position band."""
+    visits: those of its ``table`` row (:func:`_block_table`) or of the position band;
+    every chunk, each masked, with ``plan.static_loops``."""
+    if plan.static_loops:
+        masked = jnp.bool_(True)
+        num_chunks = plan.S_padded // plan.k_chunk
+        return jax.lax.fori_loop(0, num_chunks, lambda j, c: step(j, masked, c), carry)
     if table is None:
         return _visit(*_key_chunk_ranges(plan, q_index, kv_limit), step, carry)
     order, counts, full = table
@@ -380,8 +390,9 @@ def _forward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, table, mask_cons
     return out, lse
 
 
-def _backward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, fns, out, lse, d_out):
-    """Flash-attention backward: recomputes each block's weights from ``lse``.
+def _backward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, fns, out, lse, d_out, d_lse):
+    """Flash-attention backward: recomputes each block's weights from ``lse``; ``d_lse``
+    is the cotangent of ``lse`` (each weight's logit gradient gains ``p * d_lse``).
     ``fns = (table, mask_consts, score_consts)`` as for :func:`_forward`; the gradients
     of ``score_consts`` come last."""
     table, mask_consts, score_consts = fns
@@ -391,6 +402,8 @@ def _backward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, fns, out, lse, 
     inputs = (q, k, v, mask, bias, kv_lengths, d_out)
     # [B, K, G, T']
     delta = jnp.sum(d_out.astype(jnp.float32) * out, axis=-1)
+    if d_lse is not None:
+        delta = delta - d_lse
 
     def one_query_chunk(carry, q_index):
         q_blk = jax.lax.dynamic_slice_in_dim(q, q_index * Tq, Tq, axis=3)
@@ -462,46 +475,98 @@ def _add_bias_block(dbias, d_logits, q_index, k_index, plan: _Plan):
     return _add_block(dbias, block, starts)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _tangent(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, fns, out, lse, d_diff):
+    """Forward-mode derivative ``(d_out, d_lse)`` of :func:`_forward`'s ``(out, lse)`` in
+    the direction ``d_diff = (dq, dk, dv, d_bias, d_score_consts)``, one pass over the same
+    blocks (:func:`jax_attn.kernels.online_softmax.block_tangent`)."""
+    table, mask_consts, score_consts = fns
+    dq, dk, dv, d_bias, d_score_consts = d_diff
+    B, K, G, _, _ = q.shape
+    H_v = v.shape[-1]
+    Tq = plan.q_chunk
+    kv_limit = jnp.int32(plan.S) if kv_lengths is None else jnp.max(kv_lengths)
+    inputs = (q, k, v, mask, bias, kv_lengths, dq, dk, dv)
+
+    def one_query_chunk(_, q_index):
+        q_blk, dq_blk, lse_blk = (
+            jax.lax.dynamic_slice_in_dim(x, q_index * Tq, Tq, axis=3) for x in (q, dq, lse)
+        )
+
+        def step(k_index, position_masked, state):
+            at = (q_index, k_index, position_masked)
+
+            def logits_of(q_blk, k, bias, score_consts):
+                consts = (mask_consts, score_consts)
+                blk = _block(plan, q_blk, k, v, mask, bias, kv_lengths, rng, at, consts)
+                return blk.logits, (blk.v, blk.keep)
+
+            primals = (q_blk, k, bias, score_consts)
+            tangents = (dq_blk, dk, d_bias, d_score_consts)
+            logits, d_logits, (v_blk, keep) = jax.jvp(logits_of, primals, tangents, has_aux=True)
+            dv_blk = jax.lax.dynamic_slice_in_dim(dv, k_index * plan.k_chunk, plan.k_chunk, 2)
+            block = online_softmax.block_tangent(
+                logits, lse_blk, d_logits, v_blk, dv_blk, keep=keep, dropout_rate=plan.dropout_rate
+            )
+            return online_softmax.BlockTangent(state.acc + block.acc, state.mu + block.mu)
+
+        zero = online_softmax.BlockTangent(
+            acc=_zeros_like(q_blk[..., :1], *inputs, shape=(B, K, G, Tq, H_v)),
+            mu=_zeros_like(q_blk[..., 0], *inputs),
+        )
+        return None, _visit_chunks(plan, table, q_index, kv_limit, step, zero)
+
+    q_indices = jnp.arange(plan.num_q_chunks, dtype=jnp.int32)
+    _, (acc, mu) = jax.lax.scan(one_query_chunk, None, q_indices)
+    # [nq, B, K, G, Tq, H_v] -> [B, K, G, T', H_v]
+    acc = jnp.moveaxis(acc, 0, 3).reshape(out.shape)
+    mu = jnp.moveaxis(mu, 0, 3).reshape(lse.shape)
+    return acc - mu[..., None] * out, mu
+
+
+@functools.cache
+def _rules(plan: _Plan) -> FlashRules:
+    """The chunked kernel's maps for :mod:`jax_attn.kernels.flash_autodiff`, on
+    ``diff = (q, k, v, bias, score_consts)`` and ``nondiff = (mask, kv_lengths, rng,
+    table, mask_consts)`` in the kernel layout."""
+
+    def maps(plan: _Plan):
+        def unpack(diff, nondiff):
+            q, k, v, bias, score_consts = diff
+            mask, kv_lengths, rng, table, mask_consts = nondiff
+            return (q, k, v, mask, bias, kv_lengths, rng, (table, mask_consts, score_consts))
+
+        def forward(diff, nondiff):
+            *args, fns = unpack(diff, nondiff)
+            return _forward(plan, *args, *fns)
+
+        def tangent(diff, nondiff, out, lse, d_diff):
+            return _tangent(plan, *unpack(diff, nondiff), out, lse, d_diff)
+
+        def backward(diff, nondiff, out, lse, d_out, d_lse):
+            grads = _backward(plan, *unpack(diff, nondiff), out, lse, d_out, d_lse)
+            return jax.tree.map(_like_primal, grads, diff)
+
+        return forward, tangent, backward
+
+    forward, tangent, backward = maps(plan)
+    _, tangent_pure, backward_pure = maps(dataclasses.replace(plan, static_loops=True))
+    return FlashRules(forward, tangent, backward, tangent_pure, backward_pure)
+
+
 def _chunked_core(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, fns):
-    """``fns = (table, mask_consts, score_consts)``: the block table (or ``None``) and the
-    arrays ``plan.mask_fn`` and ``plan.score_fn`` close over (tuples)."""
-    out, _ = _forward(plan, q, k, v, mask, bias, kv_lengths, rng, *fns)
-    return out
-
-
-def _chunked_core_fwd(plan, q, k, v, mask, bias, kv_lengths, rng, fns):
-    out, lse = _forward(plan, q, k, v, mask, bias, kv_lengths, rng, *fns)
-    return out, (q, k, v, mask, bias, kv_lengths, rng, fns, out, lse)
-
-
-def _chunked_core_bwd(plan, residuals, d_out):
-    q, k, v, mask, bias, kv_lengths, rng, fns, out, lse = residuals
-    dq, dk, dv, dbias, d_score_consts = _backward(
-        plan, q, k, v, mask, bias, kv_lengths, rng, fns, out, lse, d_out
-    )
-    # None: no cotangent for the block table or for the arrays mask_fn closes over
-    d_score_consts = tuple(_like_primal(d, c) for d, c in zip(d_score_consts, fns[2], strict=True))
-    d_fns = (None, None, d_score_consts)
-    return (
-        _like_primal(dq, q),
-        _like_primal(dk, k),
-        _like_primal(dv, v),
-        None,
-        None if bias is None else _like_primal(dbias, bias),
-        None,
-        None,
-        d_fns,
-    )
+    """``(out, lse)`` in the kernel layout. ``fns = (table, mask_consts, score_consts)``:
+    the block table (or ``None``) and the arrays ``plan.mask_fn`` and ``plan.score_fn``
+    close over (tuples)."""
+    table, mask_consts, score_consts = fns
+    diff = (q, k, v, bias, score_consts)
+    nondiff = (mask, kv_lengths, rng, table, mask_consts)
+    return flash_attention(_rules(plan), diff, nondiff)
 
 
 def _like_primal(cotangent, primal):
     """``cotangent`` in ``primal``'s dtype and manual-axis type (shared keys/values or
     learned queries inside ``shard_map``)."""
     return cotangent_like(cotangent.astype(primal.dtype), primal)
-
-
-_chunked_core.defvjp(_chunked_core_fwd, _chunked_core_bwd)
 
 
 def _check_chunk(name: str, value) -> int:
@@ -569,14 +634,20 @@ def chunked_attention(
     inputs: KernelInputs | None = None,
     query_chunk_size=None,
     key_chunk_size=None,
+    return_lse: bool = False,
 ):
     """The kernel on validated, batched inputs (the registry's ``"chunked"`` entry); called
-    directly, it takes chunk sizes, and ``inputs`` may be left out when there are none."""
+    directly, it takes chunk sizes, and ``inputs`` may be left out when there are none.
+    ``return_lse``: also the log-sum-exp ``[B, N, T]`` of each row's logits (float32; a
+    row with nothing to attend, or past its query length, holds ``-MASKED_LOGIT``),
+    differentiable like the output."""
     inputs = KernelInputs() if inputs is None else inputs
     mask, bias, block_mask = inputs.mask, inputs.bias, inputs.block_mask
     q_chunk, k_chunk = _chunk_sizes(call, query_chunk_size, key_chunk_size, block_mask)
     if call.T == 0 or call.S == 0:
-        return jnp.zeros((call.B, call.T, call.N, call.H_v), call.dtype)
+        out = jnp.zeros((call.B, call.T, call.N, call.H_v), call.dtype)
+        lse = jnp.full((call.B, call.N, call.T), -MASKED_LOGIT, jnp.float32)
+        return (out, lse) if return_lse else out
     # The scale goes into q once (not into every block of logits) where that is exact
     # enough: float32 inputs, or a power-of-two scale.
     prescale = call.dtype == np.float32 or float(np.log2(abs(call.scale) or 1.0)).is_integer()
@@ -606,6 +677,7 @@ def chunked_attention(
         call.N,
         call.K,
         call.scale if prescale else 1.0,
+        return_lse,
         q,
         k,
         v,
@@ -618,9 +690,22 @@ def chunked_attention(
     )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
 def _chunked_jit(
-    plan: _Plan, N, K, q_scale, q, k, v, mask, bias, query_seq_lengths, kv_seq_lengths, rng, fns
+    plan: _Plan,
+    N,
+    K,
+    q_scale,
+    return_lse,
+    q,
+    k,
+    v,
+    mask,
+    bias,
+    query_seq_lengths,
+    kv_seq_lengths,
+    rng,
+    fns,
 ):
     """Pads and lays out the inputs for :func:`_chunked_core` (jitted: eager calls are cached).
     ``fns = (blocks, mask_consts, score_consts)``: a block mask's ``(any_blocks,
@@ -653,7 +738,7 @@ def _chunked_jit(
             blocks = block_mask_arrays(mask_fn, B, N, T, S, Tq, Sk, plan.mask_dims)
         kv_limit = jnp.int32(S) if kv_lengths is None else jnp.max(kv_lengths)
         table = _block_table(plan, *blocks, kv_limit)
-    out = _chunked_core(
+    out, lse = _chunked_core(
         plan,
         q_blocks,
         k_blocks,
@@ -673,7 +758,13 @@ def _chunked_jit(
             < jnp.asarray(query_seq_lengths, jnp.int32)[:, None]
         )
         out = jnp.where(query_ok[:, :, None, None], out, 0.0)
-    return out.astype(q.dtype)
+    if not return_lse:
+        return out.astype(q.dtype)
+    # [B, K, G, T'] -> [B, N, T]
+    lse = lse.reshape(B, N, T_pad)[:, :, :T]
+    if query_seq_lengths is not None:
+        lse = jnp.where(query_ok[:, None, :], lse, -MASKED_LOGIT)
+    return out.astype(q.dtype), lse
 
 
 def _chunked_unsupported(call: AttentionCall, platform: str) -> str | None:
@@ -689,3 +780,112 @@ IMPLEMENTATION = Implementation(
     description="online softmax over query/key chunks, skips empty blocks, O(T) memory",
     functions=frozenset({"mask_fn", "score_fn", "block_mask"}),
 )
+
+
+# --- The position-masked maps in jax.nn's layout (for kernels without maps of their own) ---
+
+
+@functools.cache
+def position_plan(T: int, S: int, is_causal: bool, window, scale: float, static_loops: bool):
+    """A :class:`_Plan` for causal/window/length masks only (no mask, bias, dropout or
+    functions), the default chunks of one batch-head."""
+    q_chunk, k_chunk = default_chunk_sizes(1)
+    return _Plan(
+        T=T,
+        S=S,
+        q_chunk=min(q_chunk, T),
+        k_chunk=min(k_chunk, S),
+        is_causal=is_causal,
+        window=window,
+        scale=scale,
+        dropout_rate=0.0,
+        mask_shape=None,
+        bias_shape=None,
+        static_loops=static_loops,
+    )
+
+
+def _rows_attending(plan: _Plan, q_lengths, B: int):
+    """bool ``[B, T]``: rows before their sequence's query length."""
+    return jnp.arange(plan.T, dtype=jnp.int32)[None, :] < q_lengths.reshape(B, 1)
+
+
+def _to_kernel(plan: _Plan, K: int, q, k, v, out, lse, live_rows):
+    """jax.nn's layout (q ``[B, T, N, H]``, k, v ``[B, S, K, H]``, out ``[B, T, N, H_v]``,
+    lse ``[B, N, T]``) -> the kernel's, padded; ``lse`` at ``-MASKED_LOGIT`` (zero weights)
+    on rows that attend nothing or lie past ``live_rows`` ``[B, T]``."""
+    B, T, N, H = q.shape
+    G, T_pad, S_pad = N // K, plan.T_padded, plan.S_padded
+    rows = jnp.pad(live_rows, [(0, 0), (0, T_pad - T)])
+
+    def queries(x):
+        x = jnp.pad(x, [(0, 0), (0, T_pad - T), (0, 0), (0, 0)])
+        # [B, K, G, T', H]
+        return jnp.transpose(x.reshape(B, T_pad, K, G, x.shape[-1]), (0, 2, 3, 1, 4))
+
+    def keys(x):
+        # [B, K, S', H]
+        return jnp.transpose(
+            jnp.pad(x, [(0, 0), (0, S_pad - x.shape[1]), (0, 0), (0, 0)]), (0, 2, 1, 3)
+        )
+
+    # [B, K, G, T']
+    lse = jnp.pad(lse, [(0, 0), (0, 0), (0, T_pad - T)]).reshape(B, K, G, T_pad)
+    attends = rows[:, None, None, :] & (lse > 0.5 * MASKED_LOGIT)
+    lse = jnp.where(attends, lse, -MASKED_LOGIT)
+    return queries(q), keys(k), keys(v), queries(out), lse
+
+
+def _queries_back(x, T: int):
+    """Kernel layout ``[B, K, G, T', H]`` -> ``[B, T, N, H]``."""
+    B, K, G, T_pad, H = x.shape
+    return jnp.transpose(x, (0, 3, 1, 2, 4)).reshape(B, T_pad, K * G, H)[:, :T]
+
+
+def position_tangent(plan: _Plan, diff, nondiff, out, lse, d_diff):
+    """:func:`_tangent` for ``diff = (q, k, v)``, ``nondiff = (q_lengths, kv_lengths)``
+    (int32 ``[B]``) in jax.nn's layout, ``(d_out [B, T, N, H_v], d_lse [B, N, T])``."""
+    (q, k, v), (q_lengths, kv_lengths), (dq, dk, dv) = diff, nondiff, d_diff
+    B, T, N, _ = q.shape
+    K = k.shape[2]
+    live = _rows_attending(plan, q_lengths, B)
+    qk, kk, vk, outk, lsek = _to_kernel(plan, K, q, k, v, out, lse, live)
+    dqk, dkk, dvk, _, _ = _to_kernel(plan, K, dq, dk, dv, out, lse, live)
+    d_out, d_lse = _tangent(
+        plan,
+        qk,
+        kk,
+        vk,
+        None,
+        None,
+        kv_lengths,
+        None,
+        (None, (), ()),
+        outk,
+        lsek,
+        (dqk, dkk, dvk, None, ()),
+    )
+    d_out = jnp.where(live[:, :, None, None], _queries_back(d_out, T), 0.0)
+    d_lse = jnp.where(live[:, None, :], d_lse.reshape(B, N, -1)[..., :T], 0.0)
+    return d_out, d_lse
+
+
+def position_backward(plan: _Plan, diff, nondiff, out, lse, d_out, d_lse):
+    """:func:`_backward` in jax.nn's layout for :func:`position_tangent`'s arguments:
+    ``(dq, dk, dv)``."""
+    (q, k, v), (q_lengths, kv_lengths) = diff, nondiff
+    B, T, N, _ = q.shape
+    S, K = k.shape[1], k.shape[2]
+    live = _rows_attending(plan, q_lengths, B)
+    d_out = jnp.where(live[:, :, None, None], d_out, 0.0)
+    if d_lse is None:
+        d_lse = jnp.zeros(lse.shape, jnp.float32)
+    d_lse = jnp.where(live[:, None, :], d_lse, 0.0)
+    qk, kk, vk, outk, lsek = _to_kernel(plan, K, q, k, v, out, lse, live)
+    d_outk = _to_kernel(plan, K, d_out, k, v, d_out, lse, live)[0]
+    d_lsek = jnp.pad(d_lse, [(0, 0), (0, 0), (0, plan.T_padded - T)]).reshape(lsek.shape)
+    dq, dk, dv, _, _ = _backward(
+        plan, qk, kk, vk, None, None, kv_lengths, None, (None, (), ()), outk, lsek, d_outk, d_lsek
+    )
+    dk, dv = (jnp.transpose(x, (0, 2, 1, 3))[:, :S] for x in (dk, dv))
+    return (_queries_back(dq, T).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))

@@ -24,7 +24,11 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <exception>
+#include <new>
+#include <string>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -137,17 +141,22 @@ struct Attributes {
   int64_t window_left, window_right;  // < 0: unbounded on that side
 };
 
-// The attributes, the shapes (leading axes folded into B) and the lengths [B].
+// The attributes, the shapes (leading axes folded into B), the lengths [B] and the raw
+// keys and values.
 struct Problem : Attributes {
   int64_t B, T, S, N, K, H, Hv;
   int64_t G() const { return N / K; }
   int64_t Hp() const { return RoundUp16(H); }
   int64_t Hvp() const { return RoundUp16(Hv); }
   int64_t q_tiles() const { return (T + kTile - 1) / kTile; }
+  int64_t key_tiles() const { return (S + kTile - 1) / kTile; }
   const int32_t* q_lengths;
   const int32_t* kv_lengths;
+  const float* k;
+  const float* v;
 
-  // Keys query row t of batch b may attend: [*begin, *end) (empty if begin >= end).
+  // Keys query row t of batch b may attend: [*begin, *end) (empty if begin >= end). The
+  // windows are clamped to S + T in Prepare, so no sum here overflows.
   void Keys(int64_t b, int64_t t, int64_t* begin, int64_t* end) const {
     int64_t pos = t + S - T;
     int64_t lo = 0, hi = std::min<int64_t>(S, kv_lengths[b]);
@@ -158,6 +167,15 @@ struct Problem : Attributes {
     *begin = lo, *end = std::max(lo, hi);
   }
 
+  // The intervals of the `rows` rows of query tile t0 / kTile (zeros for rows past T).
+  int64_t TileRows(int64_t b, int64_t t0, int64_t* row_begin, int64_t* row_end) const {
+    const int64_t rows = std::min<int64_t>(kTile, T - t0);
+    for (int64_t r = 0; r < kTile; ++r) {
+      row_begin[r] = row_end[r] = 0;
+      if (r < rows) Keys(b, t0 + r, &row_begin[r], &row_end[r]);
+    }
+    return rows;
+  }
 };
 
 // The union [*begin, *end) of `rows` rows' key intervals (empty rows left out): the key
@@ -173,28 +191,68 @@ void UnionOfRows(const int64_t* row_begin, const int64_t* row_end, int64_t rows,
 
 // ---- running items on XLA's thread pool ----------------------------------------------
 
+// How many threads run a ParallelFor of `items` items: the calling thread and up to
+// num_threads() - 1 of the pool's. Scratch is allocated per worker before items start.
+int64_t Workers(ffi::ThreadPool& pool, int64_t items) {
+  return std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), items));
+}
+
+// Runs body(worker, item) for every item in [0, items), worker in [0, Workers(pool, items)).
+// An exception thrown by an item (std::bad_alloc included) must not reach a pool thread's
+// edge (std::terminate) nor unwind the calling thread while pool threads still run items
+// on its stack: each item's is caught, later items are skipped, and the first one is
+// rethrown here once every item has finished or been skipped.
 template <typename Body>
 void ParallelFor(ffi::ThreadPool& pool, int64_t items, Body body) {
   struct State {
     std::atomic<int64_t> next{0}, done{0};
+    std::atomic<bool> failed{false};
+    std::exception_ptr error;
     std::mutex mu;
     std::condition_variable finished;
   };
   auto state = std::make_shared<State>();
-  auto work = [state, items, &body] {
+  auto work = [state, items, &body](int64_t worker) {
     for (int64_t i; (i = state->next.fetch_add(1)) < items;) {
-      body(i);
+      if (!state->failed.load()) {
+        try {
+          body(worker, i);
+        } catch (...) {
+          std::lock_guard<std::mutex> lock(state->mu);
+          if (!state->error) state->error = std::current_exception();
+          state->failed = true;
+        }
+      }
       if (state->done.fetch_add(1) + 1 == items) {
         std::lock_guard<std::mutex> lock(state->mu);
         state->finished.notify_all();
       }
     }
   };
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), items) - 1;
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([work] { work(); });
-  work();
+  const int64_t helpers = Workers(pool, items) - 1;
+  for (int64_t h = 0; h < helpers; ++h) {
+    try {
+      pool.Schedule([work, h] { work(h + 1); });
+    } catch (...) {  // the task's copy could not be allocated: fewer helpers
+      break;
+    }
+  }
+  work(0);
   std::unique_lock<std::mutex> lock(state->mu);
   state->finished.wait(lock, [&] { return state->done.load() == items; });
+  if (state->error) std::rethrow_exception(state->error);
+}
+
+// The test switch JAX_ATTN_CPU_FLASH_FAIL_ALLOC: "scratch" fails the call's up-front
+// allocation, "item" makes every third work item throw std::bad_alloc (on pool threads
+// and the calling thread alike); the tests check either becomes a Python exception.
+bool FailAllocation(const char* where) {
+  const char* value = std::getenv("JAX_ATTN_CPU_FLASH_FAIL_ALLOC");
+  return value != nullptr && std::strcmp(value, where) == 0;
+}
+
+void MaybeFailItem(bool fail, int64_t item) {
+  if (fail && item % 3 == 1) throw std::bad_alloc();
 }
 
 // ---- large buffers kept from call to call ----------------------------------------------
@@ -261,99 +319,137 @@ struct PooledBuffer {
     return *this;
   }
   ~PooledBuffer() { Buffers().Give(std::move(data)); }
-  float& operator[](size_t i) { return data[i]; }
-  const float& operator[](size_t i) const { return data[i]; }
+  // Pointer arithmetic, not operator[]: a zero-sized buffer (H = 0) is never indexed.
+  float* at(int64_t i) { return data.data() + i; }
+  const float* at(int64_t i) const { return data.data() + i; }
 };
 
-// ---- keys and values laid out once per call -------------------------------------------
+// ---- keys and values, one key tile at a time -----------------------------------------
 
-// Each (batch, kv head, key tile) as two contiguous zero-padded blocks: K^T [Hp, kTile]
-// (keys across, the right operand of q k^T) and V [kTile, Hvp].
+// Key tile i holds keys [64 i, 64 i + cols), and the products over it are computed
+// width = RoundUp16(cols) columns wide. With more than one key tile, each (batch, kv head)'s
+// keys and values are laid out once per call: K^T blocks [Hp, width] (keys across, the
+// right operand of q k^T) and V rows [cols, Hvp], at key offset 64 i of the pair's slab.
+// A single tile (S <= 64) is not packed: each item copies it into its own scratch, so a
+// short S costs scratch in proportion to S, not to 64-key tiles.
+struct KeyTile {
+  const float* kt;  // [Hp, width], zero past cols
+  const float* v;   // [cols, Hvp]
+  int64_t s0, cols, width;
+};
+
 struct PackedKV {
+  bool packed = false;
+  int64_t padded_keys = 0;  // S with the last tile rounded up to 16 keys
   PooledBuffer kt, v;
-  int64_t key_tiles;
-  const float* KeysT(const Problem& p, int64_t b, int64_t kh, int64_t tile) const {
-    return &kt[((b * p.K + kh) * key_tiles + tile) * p.Hp() * kTile];
-  }
-  const float* Values(const Problem& p, int64_t b, int64_t kh, int64_t tile) const {
-    return &v[((b * p.K + kh) * key_tiles + tile) * kTile * p.Hvp()];
-  }
 };
 
-void Pack(ffi::ThreadPool& pool, const Problem& p, const float* k, const float* v,
-          PackedKV& packed) {
-  packed.key_tiles = (p.S + kTile - 1) / kTile;
+// Floats of a worker's scratch that hold one unpacked key tile.
+int64_t TileScratch(const Problem& p) { return kTile * (p.Hp() + p.Hvp()); }
+
+// Keys [s0, s0 + cols) of (b, kh) as K^T [Hp, width] and V [cols, Hvp], padding as zeros.
+void WriteTile(const Problem& p, int64_t b, int64_t kh, int64_t s0, int64_t cols,
+               int64_t width, float* kt, float* vt) {
+  const int64_t Hp = p.Hp(), Hvp = p.Hvp();
+  for (int64_t c = 0; c < cols; ++c) {
+    const float* krow = p.k + ((b * p.S + s0 + c) * p.K + kh) * p.H;
+    for (int64_t h = 0; h < p.H; ++h) kt[h * width + c] = krow[h];
+    if (p.Hv > 0)
+      std::memcpy(vt + c * Hvp, p.v + ((b * p.S + s0 + c) * p.K + kh) * p.Hv,
+                  p.Hv * sizeof(float));
+    std::fill(vt + c * Hvp + p.Hv, vt + (c + 1) * Hvp, 0.0f);
+  }
+  for (int64_t h = 0; h < p.H; ++h) std::fill(kt + h * width + cols, kt + (h + 1) * width, 0.0f);
+  std::fill(kt + p.H * width, kt + Hp * width, 0.0f);
+}
+
+KeyTile LoadTile(const Problem& p, const PackedKV& kv, int64_t b, int64_t kh, int64_t tile,
+                 float* scratch) {
+  KeyTile t;
+  t.s0 = tile * kTile;
+  t.cols = std::min<int64_t>(kTile, p.S - t.s0);
+  t.width = RoundUp16(t.cols);
+  if (kv.packed) {
+    t.kt = kv.kt.at(((b * p.K + kh) * kv.padded_keys + t.s0) * p.Hp());
+    t.v = kv.v.at(((b * p.K + kh) * p.S + t.s0) * p.Hvp());
+  } else {
+    WriteTile(p, b, kh, t.s0, t.cols, t.width, scratch, scratch + p.Hp() * kTile);
+    t.kt = scratch, t.v = scratch + p.Hp() * kTile;
+  }
+  return t;
+}
+
+void Pack(ffi::ThreadPool& pool, const Problem& p, PackedKV& kv) {
+  const int64_t tiles = p.key_tiles();
+  kv.packed = tiles > 1;
+  if (!kv.packed) return;
+  kv.padded_keys = (tiles - 1) * kTile + RoundUp16(p.S - (tiles - 1) * kTile);
   // Every element is written below, the padding with zeros: no zero-fill first (it cost
   // a pass over tens of MB per decoding call).
-  packed.kt = PooledBuffer(p.B * p.K * packed.key_tiles * p.Hp() * kTile, false);
-  packed.v = PooledBuffer(p.B * p.K * packed.key_tiles * kTile * p.Hvp(), false);
-  const int64_t Hp = p.Hp(), Hvp = p.Hvp();
-  ParallelFor(pool, p.B * p.K * packed.key_tiles, [&](int64_t item) {
-    const int64_t tile = item % packed.key_tiles, kh = item / packed.key_tiles % p.K;
-    const int64_t b = item / packed.key_tiles / p.K, s0 = tile * kTile;
-    const int64_t keys = std::min<int64_t>(kTile, p.S - s0);
-    float* kt = const_cast<float*>(packed.KeysT(p, b, kh, tile));
-    float* vt = const_cast<float*>(packed.Values(p, b, kh, tile));
-    for (int64_t c = 0; c < keys; ++c) {
-      const float* krow = k + ((b * p.S + s0 + c) * p.K + kh) * p.H;
-      for (int64_t h = 0; h < p.H; ++h) kt[h * kTile + c] = krow[h];
-      std::memcpy(vt + c * Hvp, v + ((b * p.S + s0 + c) * p.K + kh) * p.Hv,
-                  p.Hv * sizeof(float));
-      std::fill(vt + c * Hvp + p.Hv, vt + (c + 1) * Hvp, 0.0f);
-    }
-    for (int64_t h = 0; h < p.H; ++h)
-      std::fill(kt + h * kTile + keys, kt + (h + 1) * kTile, 0.0f);
-    std::fill(kt + p.H * kTile, kt + Hp * kTile, 0.0f);
-    std::fill(vt + keys * Hvp, vt + kTile * Hvp, 0.0f);
+  kv.kt = PooledBuffer(p.B * p.K * kv.padded_keys * p.Hp(), false);
+  kv.v = PooledBuffer(p.B * p.K * p.S * p.Hvp(), false);
+  ParallelFor(pool, p.B * p.K * tiles, [&](int64_t, int64_t item) {
+    const int64_t tile = item % tiles, kh = item / tiles % p.K, b = item / tiles / p.K;
+    const int64_t s0 = tile * kTile, cols = std::min<int64_t>(kTile, p.S - s0);
+    WriteTile(p, b, kh, s0, cols, RoundUp16(cols),
+              kv.kt.at(((b * p.K + kh) * kv.padded_keys + s0) * p.Hp()),
+              kv.v.at(((b * p.K + kh) * p.S + s0) * p.Hvp()));
   });
 }
 
 // ---- forward -------------------------------------------------------------------------
 
+// Floats of a forward worker's scratch: scale * q [kTile, Hp], logits [kTile, kTile],
+// the accumulator [kTile, Hvp] and one key tile.
+int64_t ForwardScratch(const Problem& p) {
+  return kTile * (p.Hp() + kTile + p.Hvp()) + TileScratch(p);
+}
+
 void ForwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float* q,
-                 float* out, float* lse) {
+                 float* out, float* lse, float* scratch) {
   const int64_t tiles = p.q_tiles();
   const int64_t tile = tiles - 1 - item % tiles;  // the longest rows first
   const int64_t n = (item / tiles) % p.N, b = item / tiles / p.N, kh = n / p.G();
   const int Hp = static_cast<int>(p.Hp()), Hvp = static_cast<int>(p.Hvp());
   const int64_t t0 = tile * kTile;
-  const int rows = static_cast<int>(std::min<int64_t>(kTile, p.T - t0));
+  float* qs = scratch;
+  float* s = qs + kTile * Hp;
+  float* acc = s + kTile * kTile;
+  float* tile_scratch = acc + kTile * Hvp;
+  float m[kTile], l[kTile];
+  int64_t row_begin[kTile], row_end[kTile];
+  const int rows = static_cast<int>(p.TileRows(b, t0, row_begin, row_end));
   // A short last tile (decoding: one row) multiplies only its own rows, rounded up to
   // the even count Gemm takes.
   const int gemm_rows = (rows + 1) & ~1;
-  thread_local std::vector<float> qs, s, acc;
-  qs.assign(kTile * Hp, 0.0f);
-  s.resize(kTile * kTile);
-  acc.assign(kTile * Hvp, 0.0f);
-  float m[kTile], l[kTile];
-  int64_t row_begin[kTile], row_end[kTile];
+  std::fill(qs, qs + gemm_rows * Hp, 0.0f);
+  std::fill(acc, acc + gemm_rows * Hvp, 0.0f);
   for (int r = 0; r < kTile; ++r) {
-    m[r] = kMasked, l[r] = 0.0f, row_begin[r] = row_end[r] = 0;
+    m[r] = kMasked, l[r] = 0.0f;
     if (r >= rows) continue;
-    p.Keys(b, t0 + r, &row_begin[r], &row_end[r]);
     const float* src = q + ((b * p.T + t0 + r) * p.N + n) * p.H;
     for (int64_t h = 0; h < p.H; ++h) qs[r * Hp + h] = src[h] * p.scale;
   }
   int64_t begin, end;
   UnionOfRows(row_begin, row_end, kTile, &begin, &end);
 
-  for (int64_t s0 = begin / kTile * kTile; s0 < end; s0 += kTile) {
-    const int64_t cols = std::min<int64_t>(kTile, p.S - s0);
-    // [kTile, kTile] scaled logits
-    Gemm<false>(gemm_rows, kTile, static_cast<int>(p.H), qs.data(), Hp,
-                kv.KeysT(p, b, kh, s0 / kTile), kTile, s.data(), kTile);
+  for (int64_t key_tile = begin / kTile; key_tile * kTile < end; ++key_tile) {
+    const KeyTile t = LoadTile(p, kv, b, kh, key_tile, tile_scratch);
+    const int width = static_cast<int>(t.width);
+    // [gemm_rows, width] scaled logits
+    Gemm<false>(gemm_rows, width, static_cast<int>(p.H), qs, Hp, t.kt, width, s, width);
     for (int r = 0; r < gemm_rows; ++r) {
-      float* srow = &s[r * kTile];
-      const int64_t lo = std::clamp<int64_t>(row_begin[r] - s0, 0, cols);
-      const int64_t hi = std::clamp<int64_t>(row_end[r] - s0, 0, cols);
+      float* srow = s + r * width;
+      const int64_t lo = std::clamp<int64_t>(row_begin[r] - t.s0, 0, t.cols);
+      const int64_t hi = std::clamp<int64_t>(row_end[r] - t.s0, 0, t.cols);
       if (lo >= hi) {
-        std::memset(srow, 0, kTile * sizeof(float));
+        std::memset(srow, 0, width * sizeof(float));
         continue;
       }
       float row_max = kMasked;
-      if (lo == 0 && hi == kTile) {
+      if (lo == 0 && hi == width) {
         __m256 mx = _mm256_loadu_ps(srow);
-        for (int c = 8; c < kTile; c += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(srow + c));
+        for (int c = 8; c < width; c += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(srow + c));
         row_max = HorizontalMax(mx);
       } else {
         for (int64_t c = lo; c < hi; ++c) row_max = std::max(row_max, srow[c]);
@@ -361,24 +457,27 @@ void ForwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float
       const float m_new = std::max(m[r], row_max);
       const float correction = m[r] == kMasked ? 0.0f : std::exp(m[r] - m_new);
       const __m256 shift = _mm256_set1_ps(m_new);
-      for (int c = 0; c < kTile; c += 8)
+      for (int c = 0; c < width; c += 8)
         _mm256_storeu_ps(srow + c, Exp8(_mm256_sub_ps(_mm256_loadu_ps(srow + c), shift)));
       std::fill(srow, srow + lo, 0.0f);
-      std::fill(srow + hi, srow + kTile, 0.0f);
+      std::fill(srow + hi, srow + width, 0.0f);
       __m256 sum = _mm256_loadu_ps(srow);
-      for (int c = 8; c < kTile; c += 8) sum = _mm256_add_ps(sum, _mm256_loadu_ps(srow + c));
+      for (int c = 8; c < width; c += 8) sum = _mm256_add_ps(sum, _mm256_loadu_ps(srow + c));
       l[r] = l[r] * correction + HorizontalSum(sum);
       m[r] = m_new;
       if (correction != 1.0f) {
         const __m256 factor = _mm256_set1_ps(correction);
-        float* arow = &acc[r * Hvp];
+        float* arow = acc + r * Hvp;
         for (int h = 0; h < Hvp; h += 8)
           _mm256_storeu_ps(arow + h, _mm256_mul_ps(factor, _mm256_loadu_ps(arow + h)));
       }
     }
-    // [kTile, Hvp] += weights . values
-    Gemm<true>(gemm_rows, Hvp, kTile, s.data(), kTile, kv.Values(p, b, kh, s0 / kTile), Hvp,
-               acc.data(), Hvp);
+    // [gemm_rows, Hvp] += weights . values, over the keys some row of the tile attends
+    // (values of keys no row attends, such as padding, are not read)
+    const int64_t lo = std::clamp<int64_t>(begin - t.s0, 0, t.cols);
+    const int64_t hi = std::clamp<int64_t>(end - t.s0, 0, t.cols);
+    Gemm<true>(gemm_rows, Hvp, static_cast<int>(hi - lo), s + lo, width, t.v + lo * Hvp, Hvp,
+               acc, Hvp);
   }
 
   for (int r = 0; r < rows; ++r) {
@@ -391,123 +490,230 @@ void ForwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float
 
 // ---- backward ------------------------------------------------------------------------
 
-// What the backward shares across work items, per (batch, kv head) and its G query heads:
-// scale * q [G, T_pad, Hp], dO [G, T_pad, Hvp], delta = rowsum(dO * O) [G, T_pad] and the
-// dQ / scale accumulator [G, T_pad, Hp], with one lock per query tile of the accumulator.
+// What the backward shares across work items: scale * q [B, N, T, Hp], dO [B, N, T, Hvp],
+// delta = rowsum(dO * O) - d_lse [B, N, T] and the dQ / scale accumulator [B, N, T, Hp] (each with
+// one spare zero row at the end: a tile's odd row count is multiplied rounded up to even),
+// one lock per query tile of the accumulator, and each query tile's key union [B, tiles].
 struct BackwardShared {
-  int64_t T_pad, splits;
+  int64_t splits;
   PooledBuffer qs, dos, delta, dqs;
   std::unique_ptr<std::mutex[]> tile_locks;
+  std::vector<int64_t> tile_begin, tile_end;
   BackwardShared(const Problem& p, int64_t splits)
-      : T_pad(p.q_tiles() * kTile), splits(splits),
-        qs(p.B * p.N * T_pad * p.Hp()), dos(p.B * p.N * T_pad * p.Hvp()),
-        delta(p.B * p.N * T_pad), dqs(p.B * p.N * T_pad * p.Hp()),
-        tile_locks(new std::mutex[p.B * p.N * p.q_tiles()]) {}
-  // Row t of query head n (= kh * G + g) of batch b in a [B, N, T_pad, width] array.
+      : splits(splits), qs((p.B * p.N * p.T + 1) * p.Hp()),
+        dos((p.B * p.N * p.T + 1) * p.Hvp()), delta(p.B * p.N * p.T + 1),
+        dqs((p.B * p.N * p.T + 1) * p.Hp()), tile_locks(new std::mutex[p.B * p.N * p.q_tiles()]),
+        tile_begin(p.B * p.q_tiles()), tile_end(p.B * p.q_tiles()) {}
+  // Row t of query head n of batch b in a [B, N, T, width] array.
   int64_t Row(const Problem& p, int64_t b, int64_t n, int64_t t) const {
-    return (b * p.N + n) * T_pad + t;
+    return (b * p.N + n) * p.T + t;
   }
 };
 
 // Lays out q, dO and delta of batch b, query head n.
 void BackwardPrepare(const Problem& p, BackwardShared& w, int64_t b, int64_t n, const float* q,
-                     const float* out, const float* d_out) {
+                     const float* out, const float* d_out, const float* d_lse) {
   const int64_t Hp = p.Hp(), Hvp = p.Hvp();
   for (int64_t t = 0; t < p.T; ++t) {
     const int64_t at = (b * p.T + t) * p.N + n, row = w.Row(p, b, n, t);
     float acc = 0.0f;
     for (int64_t h = 0; h < p.Hv; ++h) {
       acc += out[at * p.Hv + h] * d_out[at * p.Hv + h];
-      w.dos[row * Hvp + h] = d_out[at * p.Hv + h];
+      *w.dos.at(row * Hvp + h) = d_out[at * p.Hv + h];
     }
-    w.delta[row] = acc;
-    for (int64_t h = 0; h < p.H; ++h) w.qs[row * Hp + h] = q[at * p.H + h] * p.scale;
+    // lse's cotangent enters as P * d_lse in dS = P * (dP - delta): delta less d_lse
+    *w.delta.at(row) = acc - d_lse[(b * p.N + n) * p.T + t];
+    for (int64_t h = 0; h < p.H; ++h) *w.qs.at(row * Hp + h) = q[at * p.H + h] * p.scale;
   }
+}
+
+// Floats of a backward worker's scratch: keys as rows [kTile, Hp], V^T [Hvp, kTile], P and
+// dP [kTile, kTile], dK and dQ tiles [kTile, Hp], the dV tile [kTile, Hvp], one key tile.
+int64_t BackwardScratch(const Problem& p) {
+  return kTile * (3 * p.Hp() + 2 * p.Hvp() + 2 * kTile) + TileScratch(p);
 }
 
 // One (batch, kv head, split): the key tiles s with s % splits == split (interleaved, so
 // that the causal mask leaves each split a similar share). It owns dK, dV of its key tiles
 // and adds its dQ share into the shared accumulator under the query tile's lock.
 void BackwardItem(const Problem& p, const PackedKV& kv, BackwardShared& w, int64_t item,
-                  const float* lse, float* dk, float* dv) {
+                  const float* lse, float* dk, float* dv, float* scratch) {
   const int64_t split = item % w.splits, b = item / w.splits / p.K, kh = item / w.splits % p.K;
   const int64_t G = p.G(), tiles = p.q_tiles();
   const int Hp = static_cast<int>(p.Hp()), Hvp = static_cast<int>(p.Hvp());
-  thread_local std::vector<float> vt, kb, prob, dprob, dks, dvs, dq_tile;
-  vt.resize(Hvp * kTile), kb.resize(kTile * Hp), prob.resize(kTile * kTile);
-  dprob.resize(kTile * kTile), dks.resize(kTile * Hp), dvs.resize(kTile * Hvp);
-  dq_tile.resize(kTile * Hp);
-  std::vector<int64_t> tile_begin(tiles), tile_end(tiles), row_begin(w.T_pad), row_end(w.T_pad);
-  for (int64_t t = 0; t < w.T_pad; ++t) {
-    row_begin[t] = row_end[t] = 0;
-    if (t < p.T) p.Keys(b, t, &row_begin[t], &row_end[t]);
-  }
-  for (int64_t i = 0; i < tiles; ++i)
-    UnionOfRows(&row_begin[i * kTile], &row_end[i * kTile], kTile, &tile_begin[i],
-                &tile_end[i]);
+  float* kb = scratch;
+  float* vt = kb + kTile * Hp;
+  float* prob = vt + Hvp * kTile;
+  float* dprob = prob + kTile * kTile;
+  float* dks = dprob + kTile * kTile;
+  float* dq_tile = dks + kTile * Hp;
+  float* dvs = dq_tile + kTile * Hp;
+  float* tile_scratch = dvs + kTile * Hvp;
+  int64_t row_begin[kTile], row_end[kTile];
 
-  for (int64_t s0 = split * kTile; s0 < p.S; s0 += w.splits * kTile) {
-    const int64_t cols = std::min<int64_t>(kTile, p.S - s0);
-    const float* kt = kv.KeysT(p, b, kh, s0 / kTile);
-    const float* vb = kv.Values(p, b, kh, s0 / kTile);
-    for (int64_t c = 0; c < kTile; ++c) {
-      for (int64_t h = 0; h < Hp; ++h) kb[c * Hp + h] = kt[h * kTile + c];
-      for (int64_t h = 0; h < Hvp; ++h) vt[h * kTile + c] = vb[c * Hvp + h];
+  for (int64_t key_tile = split; key_tile < p.key_tiles(); key_tile += w.splits) {
+    const KeyTile t = LoadTile(p, kv, b, kh, key_tile, tile_scratch);
+    const int width = static_cast<int>(t.width);
+    for (int64_t c = 0; c < width; ++c) {
+      for (int64_t h = 0; h < Hp; ++h) kb[c * Hp + h] = t.kt[h * width + c];
+      for (int64_t h = 0; h < Hvp; ++h) vt[h * width + c] = c < t.cols ? t.v[c * Hvp + h] : 0.0f;
     }
-    std::fill(dks.begin(), dks.end(), 0.0f);
-    std::fill(dvs.begin(), dvs.end(), 0.0f);
+    std::fill(dks, dks + width * Hp, 0.0f);
+    std::fill(dvs, dvs + width * Hvp, 0.0f);
     for (int64_t g = 0; g < G; ++g) {
       const int64_t n = kh * G + g;
       for (int64_t tile = 0; tile < tiles; ++tile) {
-        if (tile_end[tile] <= s0 || tile_begin[tile] >= s0 + cols) continue;
+        if (w.tile_end[b * tiles + tile] <= t.s0 || w.tile_begin[b * tiles + tile] >= t.s0 + t.cols)
+          continue;
         const int64_t t0 = tile * kTile, row0 = w.Row(p, b, n, t0);
-        const float* q_tile = &w.qs[row0 * Hp];
-        const float* do_tile = &w.dos[row0 * Hvp];
+        const int rows = static_cast<int>(p.TileRows(b, t0, row_begin, row_end));
+        const int gemm_rows = (rows + 1) & ~1;
+        const float* q_tile = w.qs.at(row0 * Hp);
+        const float* do_tile = w.dos.at(row0 * Hvp);
         // P = exp(scale q k^T - lse) (zero where masked); dP = dO v^T.
-        Gemm<false>(kTile, kTile, static_cast<int>(p.H), q_tile, Hp, kt, kTile, prob.data(),
-                    kTile);
-        Gemm<false>(kTile, kTile, static_cast<int>(p.Hv), do_tile, Hvp, vt.data(), kTile,
-                    dprob.data(), kTile);
-        for (int r = 0; r < kTile; ++r) {
-          float* prow = &prob[r * kTile];
-          float* dprow = &dprob[r * kTile];
-          const int64_t lo = std::clamp<int64_t>(row_begin[t0 + r] - s0, 0, cols);
-          const int64_t hi = std::clamp<int64_t>(row_end[t0 + r] - s0, 0, cols);
+        Gemm<false>(gemm_rows, width, static_cast<int>(p.H), q_tile, Hp, t.kt, width, prob,
+                    width);
+        Gemm<false>(gemm_rows, width, static_cast<int>(p.Hv), do_tile, Hvp, vt, width, dprob,
+                    width);
+        for (int r = 0; r < gemm_rows; ++r) {
+          float* prow = prob + r * width;
+          float* dprow = dprob + r * width;
+          const int64_t lo = std::clamp<int64_t>(row_begin[r] - t.s0, 0, t.cols);
+          const int64_t hi = std::clamp<int64_t>(row_end[r] - t.s0, 0, t.cols);
           if (lo >= hi) {
-            std::memset(prow, 0, kTile * sizeof(float));
-            std::memset(dprow, 0, kTile * sizeof(float));
+            std::memset(prow, 0, width * sizeof(float));
+            std::memset(dprow, 0, width * sizeof(float));
             continue;
           }
           const __m256 shift = _mm256_set1_ps(lse[(b * p.N + n) * p.T + t0 + r]);
-          const __m256 d = _mm256_set1_ps(w.delta[row0 + r]);
-          for (int c = 0; c < kTile; c += 8)
+          const __m256 d = _mm256_set1_ps(*w.delta.at(row0 + r));
+          for (int c = 0; c < width; c += 8)
             _mm256_storeu_ps(prow + c, Exp8(_mm256_sub_ps(_mm256_loadu_ps(prow + c), shift)));
           std::fill(prow, prow + lo, 0.0f);
-          std::fill(prow + hi, prow + kTile, 0.0f);
+          std::fill(prow + hi, prow + width, 0.0f);
           // dS = P * (dP - delta), in place of dP
-          for (int c = 0; c < kTile; c += 8)
+          for (int c = 0; c < width; c += 8)
             _mm256_storeu_ps(dprow + c,
                              _mm256_mul_ps(_mm256_loadu_ps(prow + c),
                                            _mm256_sub_ps(_mm256_loadu_ps(dprow + c), d)));
         }
-        // dV += P^T dO; dK += dS^T (scale q); dQ / scale += dS k
-        Gemm<true, true>(kTile, Hvp, kTile, prob.data(), kTile, do_tile, Hvp, dvs.data(), Hvp);
-        Gemm<true, true>(kTile, Hp, kTile, dprob.data(), kTile, q_tile, Hp, dks.data(), Hp);
-        Gemm<false>(kTile, Hp, kTile, dprob.data(), kTile, kb.data(), Hp, dq_tile.data(), Hp);
-        std::lock_guard<std::mutex> lock(w.tile_locks[row0 / kTile]);
-        float* dq_acc = &w.dqs[row0 * Hp];
-        for (int64_t i = 0; i < kTile * Hp; i += 8)
+        // dV += P^T dO; dK += dS^T (scale q); dQ / scale += dS k (the rows of this tile only)
+        Gemm<true, true>(width, Hvp, rows, prob, width, do_tile, Hvp, dvs, Hvp);
+        Gemm<true, true>(width, Hp, rows, dprob, width, q_tile, Hp, dks, Hp);
+        Gemm<false>(gemm_rows, Hp, width, dprob, width, kb, Hp, dq_tile, Hp);
+        std::lock_guard<std::mutex> lock(w.tile_locks[(b * p.N + n) * tiles + tile]);
+        float* dq_acc = w.dqs.at(row0 * Hp);
+        for (int64_t i = 0; i < rows * Hp; i += 8)
           _mm256_storeu_ps(dq_acc + i, _mm256_add_ps(_mm256_loadu_ps(dq_acc + i),
-                                                     _mm256_loadu_ps(&dq_tile[i])));
+                                                     _mm256_loadu_ps(dq_tile + i)));
       }
     }
-    for (int64_t c = 0; c < cols; ++c) {
-      std::memcpy(dk + ((b * p.S + s0 + c) * p.K + kh) * p.H, &dks[c * Hp], p.H * sizeof(float));
-      std::memcpy(dv + ((b * p.S + s0 + c) * p.K + kh) * p.Hv, &dvs[c * Hvp],
-                  p.Hv * sizeof(float));
+    for (int64_t c = 0; c < t.cols; ++c) {
+      if (p.H > 0)
+        std::memcpy(dk + ((b * p.S + t.s0 + c) * p.K + kh) * p.H, dks + c * Hp,
+                    p.H * sizeof(float));
+      if (p.Hv > 0)
+        std::memcpy(dv + ((b * p.S + t.s0 + c) * p.K + kh) * p.Hv, dvs + c * Hvp,
+                    p.Hv * sizeof(float));
     }
   }
 }
+
+// ---- tangent (forward-mode derivative) -------------------------------------------------
+
+// Floats of a tangent worker's scratch: scale * q and scale * dq [kTile, Hp], P and dS
+// [kTile, kTile], the accumulator [kTile, Hvp], a key tile and a key tangent tile.
+int64_t TangentScratch(const Problem& p) {
+  return kTile * (2 * p.Hp() + 2 * kTile + p.Hvp()) + 2 * TileScratch(p);
+}
+
+// The JVP of (out, lse) of one (batch, query head, query tile) in direction (dq, dk, dv),
+// with P = exp(s - lse) from the given lse (one pass, no rescaling):
+// ds = scale (dq k + q dk), mu = sum P ds, d_out = sum P (ds v + dv) - mu out, d_lse = mu.
+// `pd` is `p` with the key and value tangents as its keys and values; `kvd` their packing.
+void TangentItem(const Problem& p, const PackedKV& kv, const Problem& pd, const PackedKV& kvd,
+                 int64_t item, const float* q, const float* dq, const float* out,
+                 const float* lse, float* d_out, float* d_lse, float* scratch) {
+  const int64_t tiles = p.q_tiles();
+  const int64_t tile = tiles - 1 - item % tiles;
+  const int64_t n = (item / tiles) % p.N, b = item / tiles / p.N, kh = n / p.G();
+  const int Hp = static_cast<int>(p.Hp()), Hvp = static_cast<int>(p.Hvp());
+  const int64_t t0 = tile * kTile;
+  float* qs = scratch;
+  float* dqs = qs + kTile * Hp;
+  float* prob = dqs + kTile * Hp;
+  float* ds = prob + kTile * kTile;
+  float* acc = ds + kTile * kTile;
+  float* tile_scratch = acc + kTile * Hvp;
+  float* tangent_scratch = tile_scratch + TileScratch(p);
+  float mu[kTile], row_lse[kTile];
+  int64_t row_begin[kTile], row_end[kTile];
+  const int rows = static_cast<int>(p.TileRows(b, t0, row_begin, row_end));
+  const int gemm_rows = (rows + 1) & ~1;
+  std::fill(qs, qs + gemm_rows * Hp, 0.0f);
+  std::fill(dqs, dqs + gemm_rows * Hp, 0.0f);
+  std::fill(acc, acc + gemm_rows * Hvp, 0.0f);
+  for (int r = 0; r < kTile; ++r) {
+    mu[r] = 0.0f, row_lse[r] = 0.0f;
+    if (r >= rows) continue;
+    const int64_t at = ((b * p.T + t0 + r) * p.N + n) * p.H;
+    for (int64_t h = 0; h < p.H; ++h) {
+      qs[r * Hp + h] = q[at + h] * p.scale;
+      dqs[r * Hp + h] = dq[at + h] * p.scale;
+    }
+    row_lse[r] = lse[(b * p.N + n) * p.T + t0 + r];
+  }
+  int64_t begin, end;
+  UnionOfRows(row_begin, row_end, kTile, &begin, &end);
+
+  for (int64_t key_tile = begin / kTile; key_tile * kTile < end; ++key_tile) {
+    const KeyTile t = LoadTile(p, kv, b, kh, key_tile, tile_scratch);
+    const KeyTile dt = LoadTile(pd, kvd, b, kh, key_tile, tangent_scratch);
+    const int width = static_cast<int>(t.width);
+    // s = scale q k^T; ds = scale dq k^T + scale q dk^T
+    Gemm<false>(gemm_rows, width, static_cast<int>(p.H), qs, Hp, t.kt, width, prob, width);
+    Gemm<false>(gemm_rows, width, static_cast<int>(p.H), dqs, Hp, t.kt, width, ds, width);
+    Gemm<true>(gemm_rows, width, static_cast<int>(p.H), qs, Hp, dt.kt, width, ds, width);
+    for (int r = 0; r < gemm_rows; ++r) {
+      float* prow = prob + r * width;
+      float* dsrow = ds + r * width;
+      const int64_t lo = std::clamp<int64_t>(row_begin[r] - t.s0, 0, t.cols);
+      const int64_t hi = std::clamp<int64_t>(row_end[r] - t.s0, 0, t.cols);
+      if (lo >= hi) {
+        std::memset(prow, 0, width * sizeof(float));
+        std::memset(dsrow, 0, width * sizeof(float));
+        continue;
+      }
+      const __m256 shift = _mm256_set1_ps(row_lse[r]);
+      for (int c = 0; c < width; c += 8)
+        _mm256_storeu_ps(prow + c, Exp8(_mm256_sub_ps(_mm256_loadu_ps(prow + c), shift)));
+      std::fill(prow, prow + lo, 0.0f);
+      std::fill(prow + hi, prow + width, 0.0f);
+      // P * ds, in place of ds, and its row sum into mu
+      __m256 sum = _mm256_setzero_ps();
+      for (int c = 0; c < width; c += 8) {
+        const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(prow + c), _mm256_loadu_ps(dsrow + c));
+        _mm256_storeu_ps(dsrow + c, x);
+        sum = _mm256_add_ps(sum, x);
+      }
+      mu[r] += HorizontalSum(sum);
+    }
+    // acc += (P * ds) . v + P . dv, over the keys some row of the tile attends
+    const int64_t lo = std::clamp<int64_t>(begin - t.s0, 0, t.cols);
+    const int64_t hi = std::clamp<int64_t>(end - t.s0, 0, t.cols);
+    const int depth = static_cast<int>(hi - lo);
+    Gemm<true>(gemm_rows, Hvp, depth, ds + lo, width, t.v + lo * Hvp, Hvp, acc, Hvp);
+    Gemm<true>(gemm_rows, Hvp, depth, prob + lo, width, dt.v + lo * Hvp, Hvp, acc, Hvp);
+  }
+
+  for (int r = 0; r < rows; ++r) {
+    const int64_t at = ((b * p.T + t0 + r) * p.N + n) * p.Hv;
+    for (int64_t h = 0; h < p.Hv; ++h) d_out[at + h] = acc[r * Hvp + h] - mu[r] * out[at + h];
+    d_lse[(b * p.N + n) * p.T + t0 + r] = mu[r];
+  }
+}
+
+// ---- the handlers ----------------------------------------------------------------------
 
 // Leading dimensions (the batch, and any vmapped axes before it) fold into one batch B.
 int64_t Leading(ffi::Span<const int64_t> dims) {
@@ -516,10 +722,9 @@ int64_t Leading(ffi::Span<const int64_t> dims) {
   return product;
 }
 
-// Checks the shapes, fills `p` and packs the keys and values into `kv`.
-ffi::Error Prepare(ffi::ThreadPool& pool, const Floats& q, const Floats& k, const Floats& v,
-                   const Lengths& q_lengths, const Lengths& kv_lengths,
-                   const Attributes& attributes, Problem* p, PackedKV* kv) {
+// Checks the shapes and fills `p`.
+ffi::Error Describe(const Floats& q, const Floats& k, const Floats& v, const Lengths& q_lengths,
+                    const Lengths& kv_lengths, const Attributes& attributes, Problem* p) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() < 3 || kd.size() != qd.size() || vd.size() != qd.size())
     return ffi::Error::InvalidArgument("cpu_flash: q, k, v must have the same rank >= 3");
@@ -532,56 +737,150 @@ ffi::Error Prepare(ffi::ThreadPool& pool, const Floats& q, const Floats& k, cons
       static_cast<int64_t>(kv_lengths.element_count()) != p->B)
     return ffi::Error::InvalidArgument("cpu_flash: inconsistent q, k, v or lengths shapes");
   static_cast<Attributes&>(*p) = attributes;
+  // A window wider than S + T reaches every key, as none does; clamped, the interval sums
+  // in Problem::Keys cannot overflow.
+  const int64_t reach = p->S + p->T;
+  p->window_left = std::min(p->window_left, reach);
+  p->window_right = std::min(p->window_right, reach);
   p->q_lengths = q_lengths.typed_data(), p->kv_lengths = kv_lengths.typed_data();
-  Pack(pool, *p, k.typed_data(), v.typed_data(), *kv);
+  p->k = k.typed_data(), p->v = v.typed_data();
   return ffi::Error::Success();
+}
+
+// Whether `out` is [B, T, N, Hv] and `lse` [B, N, T] in element count.
+bool Sized(const Problem& p, const Floats& out, const Floats& lse) {
+  return static_cast<int64_t>(out.element_count()) == p.B * p.T * p.N * p.Hv &&
+         static_cast<int64_t>(lse.element_count()) == p.B * p.N * p.T;
+}
+
+// Whether a, b, c have the element counts of x, y, z.
+template <typename A, typename B>
+bool SameSizes(const A& x, const A& y, const A& z, const B& a, const B& b, const B& c) {
+  return x.element_count() == a.element_count() && y.element_count() == b.element_count() &&
+         z.element_count() == c.element_count();
+}
+
+// Runs a handler's body; an exception that escapes it (a failed allocation of the
+// call's scratch, or the first item's, rethrown by ParallelFor after all items stopped)
+// becomes the call's error, which JAX raises in Python.
+template <typename Body>
+ffi::Error Contained(Body body) {
+  try {
+    return body();
+  } catch (const std::bad_alloc&) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                      "cpu_flash: out of memory for the kernel's scratch");
+  } catch (const std::exception& error) {
+    return ffi::Error::Internal(std::string("cpu_flash: ") + error.what());
+  } catch (...) {
+    return ffi::Error::Internal("cpu_flash: unknown exception");
+  }
+}
+
+// The up-front allocation of `floats` floats of scratch for each of `workers` workers.
+PooledBuffer WorkerScratch(int64_t workers, int64_t floats) {
+  if (FailAllocation("scratch")) throw std::bad_alloc();
+  return PooledBuffer(workers * floats, false);
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q_lengths,
                    Lengths kv_lengths, FloatsOut out, FloatsOut lse, Attributes attributes) {
-  Problem p;
-  PackedKV kv;
-  if (auto error = Prepare(pool, q, k, v, q_lengths, kv_lengths, attributes, &p, &kv);
-      error.failure())
-    return error;
-  const float* qp = q.typed_data();
-  float *op = out->typed_data(), *lp = lse->typed_data();
-  ParallelFor(pool, p.B * p.N * p.q_tiles(),
-              [&](int64_t item) { ForwardItem(p, kv, item, qp, op, lp); });
-  return ffi::Error::Success();
+  return Contained([&]() -> ffi::Error {
+    Problem p;
+    if (auto error = Describe(q, k, v, q_lengths, kv_lengths, attributes, &p); error.failure())
+      return error;
+    if (!Sized(p, *out, *lse))
+      return ffi::Error::InvalidArgument("cpu_flash: out or lse mis-sized");
+    const int64_t items = p.B * p.N * p.q_tiles(), per_worker = ForwardScratch(p);
+    PooledBuffer scratch = WorkerScratch(Workers(pool, items), per_worker);
+    PackedKV kv;
+    Pack(pool, p, kv);
+    const float* qp = q.typed_data();
+    float *op = out->typed_data(), *lp = lse->typed_data();
+    const bool fail = FailAllocation("item");
+    ParallelFor(pool, items, [&](int64_t worker, int64_t item) {
+      MaybeFailItem(fail, item);
+      ForwardItem(p, kv, item, qp, op, lp, scratch.at(worker * per_worker));
+    });
+    return ffi::Error::Success();
+  });
 }
 
 ffi::Error Backward(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q_lengths,
-                    Lengths kv_lengths, Floats out, Floats lse, Floats d_out, FloatsOut dq,
-                    FloatsOut dk, FloatsOut dv, Attributes attributes) {
-  Problem p;
-  PackedKV kv;
-  if (auto error = Prepare(pool, q, k, v, q_lengths, kv_lengths, attributes, &p, &kv);
-      error.failure())
-    return error;
-  const float *qp = q.typed_data(), *op = out.typed_data(), *lp = lse.typed_data();
-  const float* dop = d_out.typed_data();
-  float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
-  // Enough items for every thread: few (batch, kv head) pairs split their key tiles.
-  const int64_t pairs = p.B * p.K, threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t splits =
-      std::clamp<int64_t>((2 * threads + pairs - 1) / std::max<int64_t>(pairs, 1), 1,
-                          std::max<int64_t>(kv.key_tiles, 1));
-  BackwardShared shared(p, splits);
-  ParallelFor(pool, p.B * p.N, [&](int64_t item) {
-    BackwardPrepare(p, shared, item / p.N, item % p.N, qp, op, dop);
+                    Lengths kv_lengths, Floats out, Floats lse, Floats d_out, Floats d_lse,
+                    FloatsOut dq, FloatsOut dk, FloatsOut dv, Attributes attributes) {
+  return Contained([&]() -> ffi::Error {
+    Problem p;
+    if (auto error = Describe(q, k, v, q_lengths, kv_lengths, attributes, &p); error.failure())
+      return error;
+    if (!Sized(p, out, lse) || !Sized(p, d_out, d_lse) || !SameSizes(q, k, v, *dq, *dk, *dv))
+      return ffi::Error::InvalidArgument("cpu_flash: out, lse or their cotangents mis-sized");
+    const float *qp = q.typed_data(), *op = out.typed_data(), *lp = lse.typed_data();
+    const float *dop = d_out.typed_data(), *dlp = d_lse.typed_data();
+    float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
+    // Enough items for every thread: few (batch, kv head) pairs split their key tiles.
+    const int64_t pairs = p.B * p.K, threads = std::max<int64_t>(1, pool.num_threads());
+    const int64_t splits =
+        std::clamp<int64_t>((2 * threads + pairs - 1) / std::max<int64_t>(pairs, 1), 1,
+                            std::max<int64_t>(p.key_tiles(), 1));
+    const int64_t items = pairs * splits, per_worker = BackwardScratch(p);
+    PooledBuffer scratch = WorkerScratch(Workers(pool, items), per_worker);
+    BackwardShared shared(p, splits);
+    PackedKV kv;
+    Pack(pool, p, kv);
+    const int64_t tiles = p.q_tiles();
+    ParallelFor(pool, p.B * tiles, [&](int64_t, int64_t item) {
+      int64_t row_begin[kTile], row_end[kTile];
+      p.TileRows(item / tiles, item % tiles * kTile, row_begin, row_end);
+      UnionOfRows(row_begin, row_end, kTile, &shared.tile_begin[item], &shared.tile_end[item]);
+    });
+    ParallelFor(pool, p.B * p.N, [&](int64_t, int64_t item) {
+      BackwardPrepare(p, shared, item / p.N, item % p.N, qp, op, dop, dlp);
+    });
+    const bool fail = FailAllocation("item");
+    ParallelFor(pool, items, [&](int64_t worker, int64_t item) {
+      MaybeFailItem(fail, item);
+      BackwardItem(p, kv, shared, item, lp, dkp, dvp, scratch.at(worker * per_worker));
+    });
+    ParallelFor(pool, p.B * p.N, [&](int64_t, int64_t item) {
+      const int64_t b = item / p.N, n = item % p.N, Hp = p.Hp();
+      for (int64_t t = 0; t < p.T; ++t) {
+        float* dst = dqp + ((b * p.T + t) * p.N + n) * p.H;
+        const float* src = shared.dqs.at(shared.Row(p, b, n, t) * Hp);
+        for (int64_t h = 0; h < p.H; ++h) dst[h] = src[h] * p.scale;
+      }
+    });
+    return ffi::Error::Success();
   });
-  ParallelFor(pool, pairs * splits,
-              [&](int64_t item) { BackwardItem(p, kv, shared, item, lp, dkp, dvp); });
-  ParallelFor(pool, p.B * p.N, [&](int64_t item) {
-    const int64_t b = item / p.N, n = item % p.N, Hp = p.Hp();
-    for (int64_t t = 0; t < p.T; ++t) {
-      float* dst = dqp + ((b * p.T + t) * p.N + n) * p.H;
-      const float* src = &shared.dqs[shared.Row(p, b, n, t) * Hp];
-      for (int64_t h = 0; h < p.H; ++h) dst[h] = src[h] * p.scale;
-    }
+}
+
+ffi::Error Tangent(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q_lengths,
+                   Lengths kv_lengths, Floats out, Floats lse, Floats dq, Floats dk, Floats dv,
+                   FloatsOut d_out, FloatsOut d_lse, Attributes attributes) {
+  return Contained([&]() -> ffi::Error {
+    Problem p;
+    if (auto error = Describe(q, k, v, q_lengths, kv_lengths, attributes, &p); error.failure())
+      return error;
+    if (!Sized(p, out, lse) || !Sized(p, *d_out, *d_lse) || !SameSizes(q, k, v, dq, dk, dv))
+      return ffi::Error::InvalidArgument("cpu_flash: out, lse or the tangents mis-sized");
+    const int64_t items = p.B * p.N * p.q_tiles(), per_worker = TangentScratch(p);
+    PooledBuffer scratch = WorkerScratch(Workers(pool, items), per_worker);
+    Problem pd = p;  // the key and value tangents, laid out as the keys and values are
+    pd.k = dk.typed_data(), pd.v = dv.typed_data();
+    PackedKV kv, kvd;
+    Pack(pool, p, kv);
+    Pack(pool, pd, kvd);
+    const float *qp = q.typed_data(), *dqp = dq.typed_data();
+    const float *op = out.typed_data(), *lp = lse.typed_data();
+    float *dop = d_out->typed_data(), *dlp = d_lse->typed_data();
+    const bool fail = FailAllocation("item");
+    ParallelFor(pool, items, [&](int64_t worker, int64_t item) {
+      MaybeFailItem(fail, item);
+      TangentItem(p, kv, pd, kvd, item, qp, dqp, op, lp, dop, dlp,
+                  scratch.at(worker * per_worker));
+    });
+    return ffi::Error::Success();
   });
-  return ffi::Error::Success();
 }
 
 }  // namespace
@@ -613,13 +912,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxAttnFlashForward, Forward,
                                   .Ret<Floats>()
                                   .Attrs<Attributes>());
 
-// (q, k, v, q_lengths, kv_lengths, out, lse, d_out) -> (dq, dk, dv)
+// (q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse) -> (dq, dk, dv)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxAttnFlashBackward, Backward,
                               BindInputs()
                                   .Arg<Floats>()
                                   .Arg<Floats>()
                                   .Arg<Floats>()
+                                  .Arg<Floats>()
                                   .Ret<Floats>()
+                                  .Ret<Floats>()
+                                  .Ret<Floats>()
+                                  .Attrs<Attributes>());
+
+// (q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv) -> (d_out, d_lse)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxAttnFlashTangent, Tangent,
+                              BindInputs()
+                                  .Arg<Floats>()
+                                  .Arg<Floats>()
+                                  .Arg<Floats>()
+                                  .Arg<Floats>()
+                                  .Arg<Floats>()
                                   .Ret<Floats>()
                                   .Ret<Floats>()
                                   .Attrs<Attributes>());

@@ -21,10 +21,12 @@ explicitly under a plain ``jax.jit`` of sharded arrays, XLA gathers its inputs a
 whole on every device.
 
 The C++ source ships with the package and is compiled on first use with the system
-C++ compiler (``$CXX``, else ``g++``, ``c++`` or ``clang++``) against jaxlib's FFI headers
-(``jax.ffi.include_dir()``), once per source, jaxlib version and compiler; the library is
-cached in ``$JAX_ATTN_CACHE_DIR`` (default ``~/.cache/jax_attn``). Without a compiler the
-implementation declines with the reason and dispatch falls through to ``chunked``.
+C++ compiler (``$CXX``, split like a shell command, else ``g++``, ``c++`` or ``clang++``)
+against jaxlib's FFI headers (``jax.ffi.include_dir()``), once per source, jaxlib version,
+compiler and flags (``$JAX_ATTN_CPU_FLASH_CFLAGS`` adds some); the library is cached in
+``$JAX_ATTN_CACHE_DIR`` (default ``~/.cache/jax_attn``) with its size and SHA-256 beside it,
+and loaded only if they match (else rebuilt). Without a compiler, or where the build fails,
+the implementation declines with the reason and dispatch falls through to ``chunked``.
 ``JAX_ATTN_CPU_FLASH=0`` turns it off.
 """
 
@@ -36,6 +38,7 @@ import functools
 import hashlib
 import os
 import platform as host
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -45,21 +48,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_attn.kernels import chunked
 from jax_attn.kernels.base import Implementation, cotangent_like, partitioned_axes, varying_like
+from jax_attn.kernels.flash_autodiff import FlashRules, flash_attention
 from jax_attn.validation import AttentionCall, KernelInputs
 
 __all__ = [
     "CACHE_ENV",
+    "CFLAGS_ENV",
     "COMPILE_FLAGS",
     "ENABLE_ENV",
     "IMPLEMENTATION",
     "MAX_HEAD_DIM",
+    "backward",
     "build_reason",
     "cpu_flash_attention",
+    "forward",
+    "tangent",
 ]
 
 ENABLE_ENV = "JAX_ATTN_CPU_FLASH"
 CACHE_ENV = "JAX_ATTN_CACHE_DIR"
+# Extra compiler flags, split like a shell command, appended to COMPILE_FLAGS and part of
+# the cache key (the sanitizer build: "-fsanitize=address,undefined ...").
+CFLAGS_ENV = "JAX_ATTN_CPU_FLASH_CFLAGS"
 COMPILE_FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-fPIC", "-shared")
 MAX_HEAD_DIM = 256
 # Half precision is widened to float32 at the call's edge: the kernel computes in float32.
@@ -68,12 +80,23 @@ _SOURCE = Path(__file__).with_name("cpu_flash.cc")
 _TARGETS = {
     "jax_attn_cpu_flash_forward": "JaxAttnFlashForward",
     "jax_attn_cpu_flash_backward": "JaxAttnFlashBackward",
+    "jax_attn_cpu_flash_tangent": "JaxAttnFlashTangent",
 }
 
 
-def _compiler() -> str | None:
-    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
-    return next((path for name in names if (path := shutil.which(name))), None)
+def _compiler() -> list[str] | None:
+    """The compiler command: ``$CXX`` split like a shell command (``CXX="g++ -O2"`` is
+    g++ with a flag), else the first of g++, c++, clang++ found; ``None`` if none is."""
+    if os.environ.get("CXX"):
+        command = shlex.split(os.environ["CXX"])
+        path = shutil.which(command[0]) if command else None
+        return [path, *command[1:]] if path else None
+    found = (shutil.which(name) for name in ("g++", "c++", "clang++"))
+    return next(([path] for path in found if path), None)
+
+
+def _extra_flags() -> list[str]:
+    return shlex.split(os.environ.get(CFLAGS_ENV, ""))
 
 
 def _cache_dir() -> Path:
@@ -95,29 +118,70 @@ def _locked(path: Path):
         yield
 
 
-def _build(compiler: str) -> Path:
-    """The compiled library for this source, jaxlib and compiler (built if missing)."""
+def _fingerprint(data: bytes) -> str:
+    return f"{len(data)} {hashlib.sha256(data).hexdigest()}"
+
+
+def _sidecar(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _intact(library: Path) -> bytes | None:
+    """The library's bytes if they match the size and SHA-256 written beside it at build
+    time (a truncated or overwritten file mapped by the loader can kill the process with
+    SIGBUS, so nothing unchecked is loaded); ``None`` otherwise."""
+    try:
+        data, recorded = library.read_bytes(), _sidecar(library).read_text().strip()
+    except OSError:
+        return None
+    return data if _fingerprint(data) == recorded else None
+
+
+def _library_path(command: list[str]) -> Path:
+    """Where the library built by ``command`` with this source, jaxlib and flags is cached."""
     import jaxlib
 
+    flags = shlex.join([*COMPILE_FLAGS, *_extra_flags()])
     key = hashlib.sha256(_SOURCE.read_bytes())
-    key.update(f"{jaxlib.__version__} {compiler} {' '.join(COMPILE_FLAGS)}".encode())
-    cache = _cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    library = cache / f"cpu_flash-{key.hexdigest()[:16]}.so"
-    with _locked(cache / "cpu_flash.lock"):
-        if not library.exists():
-            with tempfile.TemporaryDirectory(dir=cache) as tmp:
-                built = Path(tmp) / library.name
-                command = [compiler, *COMPILE_FLAGS, "-I", jax.ffi.include_dir()]
-                result = subprocess.run(
-                    [*command, str(_SOURCE), "-o", str(built)],
-                    capture_output=True,
-                    text=True,
-                    timeout=600,
-                )
-                if result.returncode != 0:
-                    raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-800:]}")
-                os.replace(built, library)
+    key.update(f"{jaxlib.__version__} {shlex.join(command)} {flags}".encode())
+    return _cache_dir() / f"cpu_flash-{key.hexdigest()[:16]}.so"
+
+
+def _build(compiler: str | list[str]) -> Path:
+    """The compiled library for this source, jaxlib, compiler and flags (built if missing
+    or if its checksum does not match); raises ``RuntimeError`` saying why it cannot."""
+    command = shlex.split(compiler) if isinstance(compiler, str) else list(compiler)
+    flags = [*COMPILE_FLAGS, *_extra_flags()]
+    library = _library_path(command)
+    cache = library.parent
+    if _intact(library) is not None:  # a read-only cache holding a good build loads
+        return library
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with _locked(cache / "cpu_flash.lock"):
+            if _intact(library) is None:
+                with tempfile.TemporaryDirectory(dir=cache) as tmp:
+                    built = Path(tmp) / library.name
+                    result = subprocess.run(
+                        [*command, *flags, "-I", jax.ffi.include_dir(), str(_SOURCE)]
+                        + ["-o", str(built)],
+                        capture_output=True,
+                        text=True,
+                        timeout=600,
+                    )
+                    if result.returncode != 0:
+                        raise RuntimeError(
+                            f"{shlex.join(command)} failed: {result.stderr.strip()[-800:]}"
+                        )
+                    sidecar = Path(tmp) / _sidecar(library).name
+                    sidecar.write_text(_fingerprint(built.read_bytes()) + "\n")
+                    # The library first: a sidecar never vouches for an older file.
+                    os.replace(built, library)
+                    os.replace(sidecar, _sidecar(library))
+    except OSError as error:
+        raise RuntimeError(f"no intact build in {cache} and cannot build there: {error}") from None
+    if _intact(library) is None:
+        raise RuntimeError(f"{library} does not match its checksum after building")
     return library
 
 
@@ -177,7 +241,11 @@ def _attributes(call: AttentionCall) -> dict:
     )
 
 
-def _forward(call: AttentionCall, q, k, v, q_lengths, kv_lengths):
+def forward(call: AttentionCall, q, k, v, q_lengths, kv_lengths):
+    """The kernel's forward: q ``[..., T, N, H]``, k ``[..., S, K, H]``, v ``[..., S, K, H_v]``
+    float32, lengths int32 ``[...]`` -> (out ``[..., T, N, H_v]``, lse ``[..., N, T]``) float32.
+    ``lse`` is each row's log-sum-exp of its scaled logits (about -2.4e38 for a row with
+    nothing to attend, whose ``out`` is zeros). A plain function: no derivative rule."""
     *lead, T, N, _ = q.shape
     out_types = (
         jax.ShapeDtypeStruct((*lead, T, N, call.H_v), jnp.float32),
@@ -189,29 +257,78 @@ def _forward(call: AttentionCall, q, k, v, q_lengths, kv_lengths):
     return varying_like(out, q, k, v, q_lengths, kv_lengths), varying_like(lse, q, k, v)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(call: AttentionCall, q, k, v, q_lengths, kv_lengths):
-    return _forward(call, q, k, v, q_lengths, kv_lengths)[0]
+_forward = forward
 
 
-def _flash_fwd(call, q, k, v, q_lengths, kv_lengths):
-    out, lse = _forward(call, q, k, v, q_lengths, kv_lengths)
-    return out, (q, k, v, q_lengths, kv_lengths, out, lse)
+def tangent(call: AttentionCall, q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv):
+    """The forward-mode derivative (JVP) of :func:`forward`'s (out, lse) at (q, k, v) in the
+    direction (dq, dk, dv) (shaped and typed as q, k, v), given that point's ``out`` and
+    ``lse`` -> (d_out ``[..., T, N, H_v]``, d_lse ``[..., N, T]``) float32.
+
+    Per row i over the keys j it attends, with s = scale q_i.k_j and P_ij = exp(s_ij - lse_i):
+    ds_ij = scale (dq_i.k_j + q_i.dk_j), mu_i = sum_j P_ij ds_ij,
+    d_out_i = sum_j P_ij (ds_ij v_j + dv_j) - mu_i out_i and d_lse_i = mu_i (zeros for a row
+    with nothing to attend)."""
+    out_types = (
+        jax.ShapeDtypeStruct(out.shape, jnp.float32),
+        jax.ShapeDtypeStruct(lse.shape, jnp.float32),
+    )
+    call_tangent = jax.ffi.ffi_call(
+        "jax_attn_cpu_flash_tangent", out_types, vmap_method="broadcast_all"
+    )
+    d_out, d_lse = call_tangent(
+        q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv, **_attributes(call)
+    )
+    varying = (q, k, v, q_lengths, kv_lengths, dq, dk, dv)
+    return varying_like(d_out, *varying), varying_like(d_lse, *varying)
 
 
-def _flash_bwd(call, residuals, d_out):
-    q, k, v, q_lengths, kv_lengths, out, lse = residuals
+def backward(call: AttentionCall, q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse):
+    """The reverse-mode derivative (VJP) of :func:`forward`'s (out, lse): given that
+    point's ``out`` and ``lse`` and the cotangents ``d_out`` (as out) and ``d_lse`` (as lse)
+    -> (dq, dk, dv) float32, shaped as q, k, v. FlashAttention-2's backward with
+    dS_ij = P_ij (dP_ij - (D_i - d_lse_i)), D_i = d_out_i . out_i."""
     out_types = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
-    backward = jax.ffi.ffi_call(
+    call_backward = jax.ffi.ffi_call(
         "jax_attn_cpu_flash_backward", out_types, vmap_method="broadcast_all"
     )
-    d_out = d_out.astype(jnp.float32)
-    grads = backward(q, k, v, q_lengths, kv_lengths, out, lse, d_out, **_attributes(call))
-    dq, dk, dv = (varying_like(g, q, k, v, d_out) for g in grads)
-    return cotangent_like(dq, q), cotangent_like(dk, k), cotangent_like(dv, v), None, None
+    d_out, d_lse = d_out.astype(jnp.float32), d_lse.astype(jnp.float32)
+    grads = call_backward(
+        q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse, **_attributes(call)
+    )
+    return tuple(varying_like(g, q, k, v, d_out, d_lse) for g in grads)
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+@functools.cache
+def _rules(call: AttentionCall) -> FlashRules:
+    """The kernel's maps for :mod:`jax_attn.kernels.flash_autodiff`: ``diff = (q, k, v)``,
+    ``nondiff = (q_lengths, kv_lengths)``; forward, tangent and backward compiled, the pure
+    maps (differentiated only at second order) those of ``chunked`` on the same masks."""
+    plan = chunked.position_plan(call.T, call.S, call.is_causal, call.window, call.scale, True)
+
+    def forward_(diff, nondiff):
+        return forward(call, *diff, *nondiff)
+
+    def tangent_(diff, nondiff, out, lse, d_diff):
+        return tangent(call, *diff, *nondiff, out, lse, *d_diff)
+
+    def backward_(diff, nondiff, out, lse, d_out, d_lse):
+        if d_lse is None:
+            d_lse = jnp.zeros(lse.shape, jnp.float32)
+        grads = backward(call, *diff, *nondiff, out, lse, d_out, d_lse)
+        return tuple(cotangent_like(g, x) for g, x in zip(grads, diff, strict=True))
+
+    return FlashRules(
+        forward=forward_,
+        tangent=tangent_,
+        backward=backward_,
+        tangent_pure=functools.partial(chunked.position_tangent, plan),
+        backward_pure=functools.partial(chunked.position_backward, plan),
+    )
+
+
+def _flash(call: AttentionCall, q, k, v, q_lengths, kv_lengths):
+    return flash_attention(_rules(call), (q, k, v), (q_lengths, kv_lengths))[0]
 
 
 def cpu_flash_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs):

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_attn.kernels.base import Implementation
+from jax_attn.kernels.composable import composable
 from jax_attn.kernels.xla import jax_nn_attention
 from jax_attn.validation import AttentionCall, KernelInputs
 
@@ -50,7 +51,7 @@ def cudnn_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs):
 
 IMPLEMENTATION = Implementation(
     name="cudnn",
-    fn=cudnn_attention,
+    fn=composable(cudnn_attention),
     unsupported=_cudnn_unsupported,
     platforms=("gpu",),
     description="jax.nn.dot_product_attention(implementation='cudnn'): cuDNN flash attention",

@@ -24,10 +24,12 @@ from jax_attn.validation import compute_dtype
 __all__ = [
     "MASKED_LOGIT",
     "BlockGradients",
+    "BlockTangent",
     "PartialAttention",
     "attend_block",
     "block_gradients",
     "block_logits",
+    "block_tangent",
     "combine_partials",
     "empty_partial",
     "finalize",
@@ -169,3 +171,34 @@ def block_gradients(
     # [B, K, G, T, H]
     dq = jnp.einsum("BKGTS,BKSH->BKGTH", d_scores, k.astype(dtype), preferred_element_type=dtype)
     return BlockGradients(dq, dk, dv, d_logits, tuple(d_closure))
+
+
+class BlockTangent(NamedTuple):
+    """One block's share of the forward-mode derivative of ``(out, lse)``, summed over
+    blocks as plain sums (the weights come from the final ``lse``, so nothing rescales):
+    ``acc [B, K, G, T, H_v]``: ``sum_s p~ (d_logit v + dv)`` with ``p~`` the dropped,
+    rescaled weights; ``mu [B, K, G, T]``: ``sum_s p d_logit`` (undropped: the softmax
+    normalises over every weight). Then ``d_out = acc - mu * out`` and ``d_lse = mu``."""
+
+    acc: jnp.ndarray
+    mu: jnp.ndarray
+
+
+def block_tangent(
+    logits, lse, d_logits, v, dv, *, keep=None, dropout_rate: float = 0.0
+) -> BlockTangent:
+    """Forward-mode derivative of one block (Lu & Song 2024, appendix F): ``logits`` and
+    their tangent ``d_logits`` ``[B, K, G, T, S]`` (masked entries anything finite: their
+    weight is 0), the row's final ``lse [B, K, G, T]``, v and its tangent dv
+    ``[B, K, S, H_v]``."""
+    dtype = logits.dtype
+    # [B, K, G, T, S]
+    probs = jnp.exp(logits - jnp.expand_dims(lse, -1))
+    mu = jnp.sum(probs * d_logits, axis=-1)
+    if keep is not None:
+        probs = jnp.where(keep, probs * jnp.asarray(1.0 / (1.0 - dropout_rate), dtype), 0.0)
+    # [B, K, G, T, H_v]
+    acc = jnp.einsum(
+        "BKGTS,BKSH->BKGTH", probs * d_logits, v.astype(dtype), preferred_element_type=dtype
+    ) + jnp.einsum("BKGTS,BKSH->BKGTH", probs, dv.astype(dtype), preferred_element_type=dtype)
+    return BlockTangent(acc, mu)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_attn.kernels.base import Implementation
+from jax_attn.kernels.composable import composable
 from jax_attn.validation import AttentionCall, KernelInputs
 
 __all__ = [
@@ -77,10 +78,11 @@ def pallas_implementation(platform: str, fn, unsupported, description: str) -> I
     """The :class:`Implementation` ``pallas_<platform>`` of a Pallas kernel compiled for
     ``platform`` (any platform in interpret mode). JAX's Pallas attention kernels round the
     weights and logit gradients to a half input dtype for their products
-    (``half_products``)."""
+    (``half_products``). Their ``custom_vjp`` is made :func:`composable` (forward mode and
+    second order through ``chunked``'s maps)."""
     return Implementation(
         name=f"pallas_{platform}",
-        fn=fn,
+        fn=composable(fn),
         unsupported=unsupported,
         platforms=InterpretPlatforms((platform,)),
         description=description,

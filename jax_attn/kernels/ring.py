@@ -38,16 +38,18 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_attn.kernels.base import Implementation, cotangent_like, manual_axes, varying_like
+from jax_attn.kernels.flash_autodiff import FlashRules, flash_attention
 from jax_attn.kernels.online_softmax import (
     MASKED_LOGIT,
+    BlockTangent,
     PartialAttention,
     attend_block,
     block_gradients,
     block_logits,
+    block_tangent,
     combine_partials,
     empty_partial,
     finalize,
-    to_kernel_layout,
 )
 from jax_attn.validation import AttentionCall, KernelInputs, compute_dtype
 
@@ -329,7 +331,7 @@ def _visiting(ring: _Ring, index, s, kernels: tuple, q, k, v):
     causal, else ``every``."""
     earlier, later, every = kernels
     source = (index - s) % ring.devices
-    k_pos = _positions(ring, source, k.shape[2])
+    k_pos = _positions(ring, source, jax.tree.leaves(k)[0].shape[2])
     if ring.is_causal:
         return lax.cond(source < index, earlier, later, q, k, v, k_pos)
     return every(q, k, v, k_pos)
@@ -412,14 +414,17 @@ def _grads_keys(ring: _Ring, q, d_out, lse, delta, q_pos, *, k, v, k_pos, kv_len
     return d_q, _merge_blocks(d_k, 2), _merge_blocks(d_v, 2)
 
 
-def _ring_backward_local(ring: _Ring, q, k, v, out, lse, d_out, kv_lengths):
-    """Per-device backward: K/V and their gradient accumulators travel round the ring."""
+def _ring_backward_local(ring: _Ring, q, k, v, out, lse, d_out, d_lse, kv_lengths):
+    """Per-device backward: K/V and their gradient accumulators travel round the ring;
+    ``d_lse`` is the cotangent of ``lse``."""
     T, S = q.shape[3], k.shape[2]
     c, S_c = T // 2, S // 2
     index = lax.axis_index(ring.axis_name)
     q_pos = _positions(ring, index, T)
     # [B, K, G, T]
     delta = jnp.sum(d_out.astype(lse.dtype) * out.astype(lse.dtype), axis=-1)
+    if d_lse is not None:
+        delta = delta - d_lse
     grads = functools.partial(_grads, ring, kv_lengths=kv_lengths, causal=False)
     own_keys = _positions(ring, index, S)
     d_q, d_k, d_v = _grads(
@@ -464,6 +469,102 @@ def _ring_backward_local(ring: _Ring, q, k, v, out, lse, d_out, kv_lengths):
     return d_q * ring.scale, d_k * ring.scale, d_v
 
 
+def _tangent_keys(ring: _Ring, q, dq, lse, q_pos, *, k, dk, v, dv, k_pos, kv_lengths, causal):
+    """One query block's :class:`BlockTangent` against ``k, v``, ``block_size`` keys at a
+    time."""
+    blocks = max(1, k.shape[2] // ring.block_size)
+
+    def block(k, dk, v, dv, k_pos):
+        def logits(q, k):
+            return _masked_logits(ring, q, k, q_pos, k_pos, kv_lengths, causal)
+
+        scores, d_scores = jax.jvp(logits, (q, k), (dq, dk))
+        return block_tangent(scores, lse, d_scores, v, dv)
+
+    if blocks == 1:
+        return block(k, dk, v, dv, k_pos)
+
+    def one_block(total, kv):
+        part = block(*kv)
+        return BlockTangent(total.acc + part.acc, total.mu + part.mu), None
+
+    B, K, G, T, _ = q.shape
+    dtype = compute_dtype(q.dtype)
+    zero = BlockTangent(jnp.zeros((B, K, G, T, v.shape[-1]), dtype), jnp.zeros(lse.shape, dtype))
+    xs = (*(_split_blocks(x, blocks, 2) for x in (k, dk, v, dv)), _split_blocks(k_pos, blocks, 0))
+    return lax.scan(one_block, zero, xs)[0]
+
+
+def _tangent_blocks(ring: _Ring, q, dq, lse, q_pos, k, dk, v, dv, k_pos, kv_lengths, causal):
+    """:class:`BlockTangent` of local ``q`` (tangent ``dq``) against ``k, v`` (``dk,
+    dv``) in ``[query_block_size, block_size]`` blocks, with the rows' final ``lse``."""
+    blocks = max(1, q.shape[3] // ring.query_block_size)
+    keys = functools.partial(
+        _tangent_keys,
+        ring,
+        k=k,
+        dk=dk,
+        v=v,
+        dv=dv,
+        k_pos=k_pos,
+        kv_lengths=kv_lengths,
+        causal=causal,
+    )
+    if blocks == 1:
+        return keys(q, dq, lse, q_pos)
+    xs = (*(_split_blocks(x, blocks, 3) for x in (q, dq, lse)), _split_blocks(q_pos, blocks, 0))
+    parts = lax.map(lambda xs: keys(*xs), xs)
+    return BlockTangent(*(_merge_blocks(x, 3) for x in parts))
+
+
+def _ring_tangent_local(ring: _Ring, q, k, v, out, lse, dq, dk, dv, kv_lengths):
+    """Per-device forward-mode derivative ``(d_out, d_lse)``: K/V travel round the ring
+    with their tangents, each block's share summed with the rows' final ``lse``."""
+    T, S = q.shape[3], k.shape[2]
+    c, S_c = T // 2, S // 2
+    index = lax.axis_index(ring.axis_name)
+    q_pos = _positions(ring, index, T)
+    own = _positions(ring, index, S)
+    total = _tangent_blocks(ring, q, dq, lse, q_pos, k, dk, v, dv, own, kv_lengths, ring.is_causal)
+    blocks = functools.partial(_tangent_blocks, ring, kv_lengths=kv_lengths, causal=False)
+
+    def earlier_keys(qs, ks, vs, k_pos):
+        (k, dk), (v, dv) = ks, vs
+        early = slice(None, S_c)
+        return blocks(
+            *qs,
+            lse,
+            q_pos,
+            k[:, :, early],
+            dk[:, :, early],
+            v[:, :, early],
+            dv[:, :, early],
+            k_pos[early],
+        )
+
+    def later_keys(qs, ks, vs, k_pos):
+        (q, dq), (k, dk), (v, dv) = qs, ks, vs
+        late = slice(c, None)
+        part = blocks(
+            q[:, :, :, late], dq[:, :, :, late], lse[..., late], q_pos[late], k, dk, v, dv, k_pos
+        )
+        return BlockTangent(_pad(part.acc, 3, before=c), _pad(part.mu, 3, before=c))
+
+    def all_keys(qs, ks, vs, k_pos):
+        (k, dk), (v, dv) = ks, vs
+        return blocks(*qs, lse, q_pos, k, dk, v, dv, k_pos)
+
+    def step(s, carry):
+        total, ks, vs = carry
+        ks_next, vs_next = ring.shift(ks), ring.shift(vs)
+        part = _visiting(ring, index, s, (earlier_keys, later_keys, all_keys), (q, dq), ks, vs)
+        return BlockTangent(total.acc + part.acc, total.mu + part.mu), ks_next, vs_next
+
+    carry = (total, ring.shift((k, dk)), ring.shift((v, dv)))
+    total = lax.fori_loop(1, ring.devices, step, carry)[0]
+    return total.acc - total.mu[..., None] * out, total.mu
+
+
 # --- layouts at the shard_map boundary: [B, T, N, H] (sequence on axis 1)
 
 
@@ -486,67 +587,88 @@ def _shard_map(ring: _Ring, fn, in_specs, out_specs):
     )
 
 
-def _ring_forward(ring: _Ring, q, k, v, kv_lengths):
-    def local(q, k, v, *kv_lengths):
-        lengths = kv_lengths[0] if kv_lengths else None
+def _local(ring: _Ring, fn, roles: str, out_roles: str, arrays, kv_lengths):
+    """``fn(*arrays, kv_lengths)`` on each device's zig-zag share, in the kernel layout.
+
+    ``roles`` names each array's kind: ``"q"`` for ``[B, T, N, ...]`` (queries, outputs,
+    ``lse [B, T, N]``; kernel layout ``[B, K, G, T, ...]``), ``"k"`` for ``[B, S, K, ...]``
+    (keys, values; kernel layout ``[B, K, S, ...]``); ``out_roles`` those of the results,
+    which come back in natural order."""
+    K = arrays[roles.index("k")].shape[2]
+
+    def local(*args):
+        arrays, lengths = (args[:-1], args[-1]) if kv_lengths is not None else (args, None)
         if ring.zigzag:
-            q, k, v = (_to_zigzag(ring, x) for x in (q, k, v))
-        out, lse = _ring_forward_local(ring, *to_kernel_layout(q, k, v), lengths)
-        out, lse = _from_kernel_layout(out).astype(q.dtype), _from_kernel_layout(lse)
-        natural_out = _from_zigzag(ring, out) if ring.zigzag else out
-        return natural_out, (q, k, v, out, lse)
+            arrays = [_to_zigzag(ring, x) for x in arrays]
+        arrays = [
+            _to_heads_last(x, K) if role == "q" else jnp.swapaxes(x, 1, 2)
+            for x, role in zip(arrays, roles, strict=True)
+        ]
+        results = [
+            _from_kernel_layout(x) if role == "q" else jnp.swapaxes(x, 1, 2)
+            for x, role in zip(fn(*arrays, lengths), out_roles, strict=True)
+        ]
+        if ring.zigzag:
+            results = [_from_zigzag(ring, x) for x in results]
+        return tuple(results)
 
     spec = ring.spec
+    if _explicit(ring.mesh, (ring.axis_name, ring.batch_axis_name, ring.head_axis_name)):
+        # shard_map takes Explicit-axis inputs only in the layout its in_specs name (the
+        # cotangents and tangents come as the caller made them).
+        arrays = [jax.sharding.reshard(x, NamedSharding(ring.mesh, spec)) for x in arrays]
     lengths = () if kv_lengths is None else (kv_lengths,)
-    in_specs = (spec, spec, spec) + (P(ring.batch_axis_name),) * len(lengths)
-    return _shard_map(ring, local, in_specs, (spec, (spec,) * 5))(q, k, v, *lengths)
+    in_specs = (spec,) * len(arrays) + (P(ring.batch_axis_name),) * len(lengths)
+    return _shard_map(ring, local, in_specs, (spec,) * len(out_roles))(*arrays, *lengths)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring_attention(ring: _Ring, q, k, v, kv_lengths):
-    return _ring_attention_fwd(ring, q, k, v, kv_lengths)[0]
+@functools.cache
+def _rules(ring: _Ring) -> FlashRules:
+    """Ring attention's maps for :mod:`jax_attn.kernels.flash_autodiff` on ``diff = (q, k,
+    v)``, ``nondiff = (kv_lengths,)``; ``out [B, T, N, H_v]`` float32 and ``lse [B, T, N]``
+    in natural order. Its loops have static lengths and its collectives transpose, so the
+    maps serve as their own pure versions."""
 
-
-def _ring_attention_fwd(ring: _Ring, q, k, v, kv_lengths):
-    out, residuals = _ring_forward(ring, q, k, v, kv_lengths)
-    out = varying_like(out, q, k, v, kv_lengths)
-    # inside an outer shard_map: empty arrays that carry q/k/v's manual-axis types (the inner
-    # shard_map, check_vma=False, drops them from its outputs)
-    types = tuple(
-        lax.pcast(jnp.zeros((0,), x.dtype), tuple(sorted(manual_axes(x))), to="varying")
-        for x in (q, k, v)
-    )
-    return out, (residuals, kv_lengths, types)
-
-
-def _ring_attention_bwd(ring: _Ring, residuals, d_out):
-    residuals, kv_lengths, types = residuals
-
-    def local(q, k, v, out, lse, d_out, *kv_lengths):
-        lengths = kv_lengths[0] if kv_lengths else None
-        if ring.zigzag:
-            d_out = _to_zigzag(ring, d_out)
-        K = k.shape[2]
-        residuals = (*to_kernel_layout(q, k, v), *(_to_heads_last(x, K) for x in (out, lse)))
-        d_q, d_k, d_v = _ring_backward_local(ring, *residuals, _to_heads_last(d_out, K), lengths)
-        grads = (
-            _from_kernel_layout(d_q).astype(q.dtype),
-            jnp.swapaxes(d_k, 1, 2).astype(k.dtype),
-            jnp.swapaxes(d_v, 1, 2).astype(v.dtype),
+    def forward(diff, nondiff):
+        (q, k, v), (kv_lengths,) = diff, nondiff
+        out, lse = _local(
+            ring, functools.partial(_ring_forward_local, ring), "qkk", "qq", (q, k, v), kv_lengths
         )
-        if ring.zigzag:
-            grads = tuple(_from_zigzag(ring, g) for g in grads)
-        return grads
+        return (varying_like(x, q, k, v, kv_lengths) for x in (out, lse))
 
-    spec = ring.spec
-    lengths = () if kv_lengths is None else (kv_lengths,)
-    in_specs = (spec,) * 6 + (P(ring.batch_axis_name),) * len(lengths)
-    grads = _shard_map(ring, local, in_specs, (spec,) * 3)(*residuals, d_out, *lengths)
-    axes = frozenset().union(*map(manual_axes, (d_out, *types)))
-    return (*(cotangent_like(g, t, axes) for g, t in zip(grads, types, strict=True)), None)
+    def tangent(diff, nondiff, out, lse, d_diff):
+        (q, k, v), (kv_lengths,) = diff, nondiff
+        local = functools.partial(_ring_tangent_local, ring)
+        d_out, d_lse = _local(
+            ring, local, "qkkqqqkk", "qq", (q, k, v, out, lse, *d_diff), kv_lengths
+        )
+        varying = (q, k, v, kv_lengths, *d_diff)
+        return varying_like(d_out, *varying), varying_like(d_lse, *varying)
+
+    def backward(diff, nondiff, out, lse, d_out, d_lse):
+        (q, k, v), (kv_lengths,) = diff, nondiff
+
+        arrays = (q, k, v, out, lse, d_out) + (() if d_lse is None else (d_lse,))
+
+        def local(q, k, v, out, lse, d_out, *rest):
+            *d_lse, kv_lengths = rest
+            d_lse = d_lse[0] if d_lse else None
+            return _ring_backward_local(ring, q, k, v, out, lse, d_out, d_lse, kv_lengths)
+
+        roles = "qkkqqq" + "q" * (d_lse is not None)
+        grads = _local(ring, local, roles, "qkk", arrays, kv_lengths)
+        axes = frozenset().union(*map(manual_axes, arrays))
+        return tuple(
+            cotangent_like(g.astype(x.dtype), x, axes) for g, x in zip(grads, diff, strict=True)
+        )
+
+    forward_ = lambda diff, nondiff: tuple(forward(diff, nondiff))  # noqa: E731
+    return FlashRules(forward_, tangent, backward, tangent, backward)
 
 
-_ring_attention.defvjp(_ring_attention_fwd, _ring_attention_bwd)
+def _ring_attention(ring: _Ring, q, k, v, kv_lengths):
+    out, _ = flash_attention(_rules(ring), (q, k, v), (kv_lengths,))
+    return out.astype(q.dtype)
 
 
 # --- entry points -----------------------------------------------------------------------

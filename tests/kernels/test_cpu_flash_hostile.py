@@ -1,0 +1,264 @@
+"""The compiled kernel ("cpu_flash") under hostile conditions: failed allocations, a
+corrupt or read-only library cache, windows near ``sys.maxsize``, empty head dims, tiny
+sequences' memory. Whatever happens must be a Python exception or the reference's answer,
+never a dead process; the tests that could kill a process run in a fresh one."""
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ROOT, allowed_error, attention_float64, child_peak, make_qkv
+
+from jax_attn.kernels import cpu_flash
+from jax_attn.validation import check_attention_args
+
+pytestmark = pytest.mark.skipif(
+    jax.default_backend() != "cpu"
+    or (cpu_flash.build_reason() is not None and cpu_flash._compiler() is None),
+    reason=f"cpu_flash on {jax.default_backend()}: {cpu_flash.build_reason()}",
+)
+MiB = 2**20
+
+
+def _run_child(code: str, env: dict | None = None, timeout: int = 300):
+    """Runs ``code`` in a fresh Python with this checkout on the path; returns the
+    completed process (a crash shows as a negative or >128 return code)."""
+    env = dict(os.environ, **(env or {}))
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=timeout,
+    )
+
+
+FAILING_CALLS = """
+    import os
+    import jax, jax.numpy as jnp, numpy as np
+    import jax_attn as ja
+
+    rng = np.random.default_rng(0)
+    # T 70, S 130: two query tiles, three key tiles (packed); several work items
+    q = jnp.asarray(rng.standard_normal((2, 70, 4, 24), np.float32))
+    k, v = (jnp.asarray(rng.standard_normal((2, 130, 2, 24), np.float32)) for _ in "kv")
+
+    def attend(q, k, v):
+        return ja.dot_product_attention(q, k, v, is_causal=True, implementation="cpu_flash")
+
+    grad = jax.jit(jax.grad(lambda q, k, v: attend(q, k, v).sum(), argnums=(0, 1, 2)))
+    for name, run in (("forward", lambda: jax.jit(attend)(q, k, v)),
+                      ("grad", lambda: grad(q, k, v))):
+        try:
+            jax.block_until_ready(run())
+        except Exception as error:
+            assert "cpu_flash" in str(error), str(error)
+            print(name, "raised", type(error).__name__)
+        else:
+            print(name, "did not raise")
+    # The switch off again, the same process computes as the reference does.
+    del os.environ["JAX_ATTN_CPU_FLASH_FAIL_ALLOC"]
+    out = jax.jit(attend)(q, k, v)
+    want = ja.dot_product_attention(q, k, v, is_causal=True, implementation="reference")
+    print("after", float(jnp.abs(out - want).max()))
+"""
+
+
+@pytest.mark.parametrize("where", ["scratch", "item"])
+def test_a_failed_allocation_is_a_python_error(where):
+    # "scratch": the call's up-front allocation; "item": std::bad_alloc thrown inside
+    # work items on pool threads and the calling thread (std::terminate or SIGSEGV
+    # before the exceptions were contained).
+    done = _run_child(FAILING_CALLS, {"JAX_ATTN_CPU_FLASH_FAIL_ALLOC": where})
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("forward raised") and lines[1].startswith("grad raised"), lines
+    assert float(lines[2].split()[1]) < 1e-5
+
+
+def _call(q, k, v, **changes):
+    return dataclasses.replace(check_attention_args(q, k, v), **changes)
+
+
+def _lengths(B, full):
+    return jnp.full((B,), full, jnp.int32)
+
+
+def test_windows_near_maxsize_attend_like_no_window():
+    # Called directly: the kernel must be safe whatever validation lets through.
+    q, k, v = make_qkv(B=2, T=70, S=130, N=4, K=2, H=24, H_v=40)
+    lengths = (_lengths(2, 70), _lengths(2, 130))
+    want = attention_float64(q, k, v, is_causal=True)
+    for window in [(sys.maxsize, sys.maxsize), (sys.maxsize, 0), (200, sys.maxsize - 1)]:
+        call = _call(q, k, v, window=window, is_causal=True)
+        got = cpu_flash._flash(call, q, k, v, *lengths)
+        np.testing.assert_allclose(got, want, rtol=0, atol=allowed_error(q, k, v, want))
+    huge = _call(q, k, v, window=(sys.maxsize, sys.maxsize))
+    plain = _call(q, k, v)
+
+    def grads(call):
+        loss = lambda q, k, v: cpu_flash._flash(call, q, k, v, *lengths).sum()  # noqa: E731
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    for got, want in zip(grads(huge), grads(plain), strict=True):
+        assert float(jnp.abs(want).max()) > 0
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+def test_empty_head_dims_are_safe():
+    # H = 0: every logit is 0, so each row averages the values of the keys it attends.
+    B, T, S, N, K = 2, 5, 7, 2, 1
+    rng = np.random.default_rng(1)
+    q, k = jnp.zeros((B, T, N, 0)), jnp.zeros((B, S, K, 0))
+    v = jnp.asarray(rng.standard_normal((B, S, K, 8)), jnp.float32)
+    kv_lengths = jnp.array([7, 3], jnp.int32)
+    call = _call(q, k, v, scale=1.0)
+    out = cpu_flash._flash(call, q, k, v, _lengths(B, T), kv_lengths)
+    want = np.stack([np.asarray(v)[b, : int(n)].mean(0) for b, n in enumerate(kv_lengths)])
+    np.testing.assert_allclose(out, np.broadcast_to(want[:, None], out.shape), atol=1e-6)
+    dv = jax.grad(lambda v: cpu_flash._flash(call, q, k, v, _lengths(B, T), kv_lengths).sum())(v)
+    assert bool(jnp.isfinite(dv).all()) and dv.shape == v.shape
+    # H_v = 0: an empty output; the gradients of q and k are zeros.
+    q, k = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in [(B, T, N, 8), (B, S, K, 8)])
+    v = jnp.zeros((B, S, K, 0))
+    call = _call(q, k, v)
+    assert cpu_flash._flash(call, q, k, v, _lengths(B, T), kv_lengths).shape == (B, T, N, 0)
+    loss = lambda q, k: cpu_flash._flash(call, q, k, v, _lengths(B, T), kv_lengths).sum()  # noqa: E731
+    for grad in jax.grad(loss, argnums=(0, 1))(q, k):
+        assert not bool(jnp.any(grad))
+
+
+# ---- the library cache ------------------------------------------------------------------
+
+
+def _good_build(tmp_path):
+    """A copy of this process's built library and its checksum file in a fresh cache,
+    at the path a build in that cache would use; returns the copy."""
+    built = cpu_flash._build(cpu_flash._compiler())
+    os.environ[cpu_flash.CACHE_ENV] = str(tmp_path)
+    try:
+        copy = cpu_flash._library_path(cpu_flash._compiler())
+    finally:
+        del os.environ[cpu_flash.CACHE_ENV]
+    shutil.copy(built, copy)
+    shutil.copy(cpu_flash._sidecar(built), cpu_flash._sidecar(copy))
+    return copy
+
+
+def test_a_good_cached_build_loads_without_writing(tmp_path, monkeypatch):
+    copy = _good_build(tmp_path)
+    monkeypatch.setenv(cpu_flash.CACHE_ENV, str(tmp_path))
+
+    def read_only(path):
+        raise PermissionError(f"read-only: {path}")
+
+    # a read-only cache: no lock, no build, nothing written
+    monkeypatch.setattr(cpu_flash, "_locked", read_only)
+    assert cpu_flash._build(cpu_flash._compiler()) == copy
+
+
+def test_a_truncated_library_is_never_loaded(tmp_path):
+    # A cached library cut short (a full disk, a killed build) whose rebuild fails: the
+    # process declines with the reason instead of dying of SIGBUS in the loader.
+    library = _good_build(tmp_path)
+    data = library.read_bytes()
+    fake = tmp_path / "fake-cxx"
+    fake.write_text("#!/bin/sh\necho 'no space left' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    os.environ[cpu_flash.CACHE_ENV] = str(tmp_path)
+    try:
+        target = cpu_flash._library_path([str(fake)])
+    finally:
+        del os.environ[cpu_flash.CACHE_ENV]
+    target.write_bytes(data[: len(data) // 2])
+    shutil.copy(cpu_flash._sidecar(library), cpu_flash._sidecar(target))
+    code = """
+        from jax_attn.kernels import cpu_flash
+        print(cpu_flash.build_reason())
+    """
+    done = _run_child(code, {"CXX": str(fake), cpu_flash.CACHE_ENV: str(tmp_path)})
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert "failed" in done.stdout and "no space left" in done.stdout, done.stdout
+
+
+def test_cxx_is_split_like_a_shell_command(monkeypatch):
+    monkeypatch.setenv("CXX", "g++ -O2")
+    if shutil.which("g++") is None:
+        pytest.skip("no g++")
+    assert cpu_flash._compiler() == [shutil.which("g++"), "-O2"]
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz -O2")
+    assert cpu_flash._compiler() is None
+
+
+@pytest.mark.slow  # compiles the kernel once more, in a fresh cache
+def test_a_truncated_library_is_rebuilt(tmp_path):
+    library = _good_build(tmp_path)
+    library.write_bytes(library.read_bytes()[:4096])
+    code = """
+        import jax.numpy as jnp, numpy as np
+        import jax_attn as ja
+        from jax_attn.kernels import cpu_flash
+        assert cpu_flash.build_reason() is None, cpu_flash.build_reason()
+        q = jnp.asarray(np.random.default_rng(0).standard_normal((1, 9, 2, 8)), jnp.float32)
+        got = ja.dot_product_attention(q, q, q, implementation="cpu_flash")
+        want = ja.dot_product_attention(q, q, q, implementation="reference")
+        print(float(jnp.abs(got - want).max()))
+    """
+    done = _run_child(code, {cpu_flash.CACHE_ENV: str(tmp_path)}, timeout=900)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert float(done.stdout.split()[-1]) < 1e-5
+    assert cpu_flash._intact(library) is not None
+
+
+# ---- memory in proportion to the work ---------------------------------------------------
+
+GROWTH = """
+implementation = sys.argv[1]
+B, T, N, H = 4096, 1, 8, 64
+rng = np.random.default_rng(0)
+q, k, v = (jnp.asarray(rng.standard_normal((B, T, N, H), np.float32)) for _ in range(3))
+
+def loss(q, k, v):
+    out = ja.dot_product_attention(q, k, v, implementation=implementation)
+    return jnp.sum(out * out)
+
+step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
+jax.block_until_ready(step(q, k, v))  # once: XLA's buffers, the kernel's pool
+def rss():
+    with open("/proc/self/status") as status:
+        return int(next(l for l in status if l.startswith("VmRSS:")).split()[1]) * 1024
+with open("/proc/self/clear_refs", "w") as refs:
+    refs.write("5")  # resets VmHWM to the current RSS: compiling's peak does not count
+before = rss()
+jax.block_until_ready(step(q, k, v))
+print(json.dumps({"growth": peak_rss() - before}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+@pytest.mark.slow
+def test_tiny_sequences_take_memory_like_chunked():
+    # B 4096, T = S = 1, N = K = 8, H 64 (8 MiB per input), forward + grad. Keys padded
+    # to 64-key tiles and the backward's rows to 64 grew the peak by 2.6 GB here.
+    flash = child_peak(GROWTH, "cpu_flash")["growth"]
+    chunked = child_peak(GROWTH, "chunked")["growth"]
+    print(f"peak growth: cpu_flash {flash / MiB:.0f} MiB, chunked {chunked / MiB:.0f} MiB")
+    assert flash <= 2 * max(chunked, 8 * MiB), (flash / MiB, chunked / MiB)
+
+
+def test_threaded_kernel_fuzz_agrees_with_the_reference():
+    from jax_attn.apps import fuzz
+
+    report = fuzz.run_kernel_fuzz(6, seed=5, threads=3)
+    assert report.ok and report.cases == 6, report.failures
+    assert report.compared + report.refused == 6
