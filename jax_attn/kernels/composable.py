@@ -35,8 +35,8 @@ def composable(kernel: Callable) -> Callable:
 
     @functools.wraps(kernel)
     def composed(q, k, v, *, call: AttentionCall, inputs: KernelInputs):
-        lengths = (inputs.query_seq_lengths, inputs.key_value_seq_lengths)
-        lengths = tuple(None if x is None else jnp.asarray(x, jnp.int32) for x in lengths)
+        given = (inputs.query_seq_lengths, inputs.key_value_seq_lengths)
+        lengths = tuple(None if x is None else jnp.asarray(x, jnp.int32) for x in given)
         mask = None if inputs.mask is None else jnp.asarray(inputs.mask)
         bias = None if inputs.bias is None else jnp.asarray(inputs.bias)
         out, _ = flash_attention(_rules(kernel, call), (q, k, v, bias), (mask, *lengths))
