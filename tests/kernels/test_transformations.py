@@ -284,3 +284,25 @@ def test_pallas_kernels_take_forward_mode_and_second_order(implementation, monke
     _assert_close(
         _first_and_second_order(pallas, q, k, v, w), _first_and_second_order(oracle, q, k, v, w)
     )
+
+
+def test_forward_mode_and_hessian_under_x64():
+    """``jax_enable_x64`` makes Python ints int64 and floats float64: the maps must keep
+    their float32 and int32 types."""
+    q, k, v, w = _inputs(7)
+    lengths = np.array([7, 4], np.int32)
+
+    def run(attention):
+        def f(q):
+            return attention(q, k, v, is_causal=True, key_value_seq_lengths=lengths)
+
+        def loss(q0):
+            return jnp.sum(f(q.at[0, 3, 0].set(q0)) ** 2)
+
+        return jax.jvp(f, (q,), (w,)), jax.hessian(loss)(q[0, 3, 0])
+
+    with jax.enable_x64(True):
+        ours = run(functools.partial(ja.dot_product_attention, implementation="chunked"))
+        theirs = run(reference.dot_product_attention)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(ours))
+    _assert_close(ours, theirs)
