@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import inspect
 import numbers
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -21,14 +20,16 @@ from jax_attn.mask_functions import BlockMask
 from jax_attn.masks import normalize_window
 
 if TYPE_CHECKING:  # shape annotations only; see jax_attn.shapes
-    from jax_attn.shapes import Array, Float, Keys, Lengths, Mask, Outputs, PRNGKey, Queries, Values
+    from jax_attn.shapes import Array, Float, Lengths, Mask, PRNGKey
 
 __all__ = [
     "batched_inputs",
     "AttentionCall",
     "KernelInputs",
-    "attention_entry",
-    "attention_signature",
+    "nan_policy_attention",
+    "window_for",
+    "nan_rows",
+    "run_attention",
     "compute_dtype",
     "as_batch",
     "check_array",
@@ -293,6 +294,18 @@ def check_block_mask(block_mask, mask_fn, shape: tuple[int, int, int, int]) -> N
         )
 
 
+def window_for(local_window_size, T: int, S: int) -> tuple[int, int] | None:
+    """``local_window_size`` as ``(left, right)`` with each side clamped to ``T + S``: no
+    key lies further than that from a query, so a larger side (``sys.maxsize`` included)
+    means no limit on that side, in every implementation (a kernel's ``position + side``
+    cannot overflow). ``None`` when neither side limits anything."""
+    left, right = normalize_window(local_window_size)
+    reach = T + S
+    if left >= reach and right >= reach:
+        return None
+    return min(left, reach), min(right, reach)
+
+
 def check_attention_args(
     query,
     key,
@@ -345,7 +358,7 @@ def check_attention_args(
         if not batched:
             raise ValueError("key_value_seq_lengths needs batched inputs [B, S, K, H]")
         check_lengths("key_value_seq_lengths", key_value_seq_lengths, B, S, "S")
-    window = None if local_window_size is None else normalize_window(local_window_size)
+    window = None if local_window_size is None else window_for(local_window_size, T, S)
     rate = check_dropout(dropout_rate, dropout_rng)
     if block_mask is not None:
         check_block_mask(block_mask, mask_fn, (B, N, T, S))
@@ -397,6 +410,8 @@ def _check_operands(query, key, value) -> _Operands:
     B_k, S, K, H_k = k_shape
     if N == 0:
         raise ValueError(f"query must have at least one head, got N=0 in shape {list(q_shape)}")
+    if H == 0:
+        raise ValueError(f"query must have head dim H >= 1, got H=0 in shape {list(q_shape)}")
     if B_k != B:
         raise ValueError(f"key batch B must equal query's {B}, got key shape {list(k_shape)}")
     if H_k != H:
@@ -417,6 +432,10 @@ def _check_operands(query, key, value) -> _Operands:
                 f"got {list(v_shape)}"
             )
         H_v = v_shape[3]
+        if H_v == 0:
+            raise ValueError(
+                f"value must have head dim H_v >= 1, got H_v=0 in shape {list(v_shape)}"
+            )
         v_dtype = _dtype("value", value)
         if not q_dtype == k_dtype == v_dtype:
             raise TypeError(
@@ -435,64 +454,123 @@ def batched_inputs(call: AttentionCall, query, key, value):
     return q, k, v
 
 
-# --- the public attention entry: one signature, one argument handling ------------------
+# --- the public attention entry: one argument handling, one NaN policy ------------------
 
+# Which kernel serves a call: ``select(call, implementation) -> (name, fn)``, ``fn`` with
+# the kernel protocol ``fn(q, k, v, *, call, inputs)`` (jax_attn.kernels.base).
+Select = Callable[[AttentionCall, "str | None"], "tuple[str, Callable]"]
 
-def attention_signature(
-    query: Queries,
-    key: Keys,
-    value: Values,
-    *,
-    mask: Mask | None = None,
-    bias: Float[Array, "*bias"] | None = None,
-    is_causal: bool = False,
-    scale: float | None = None,
-    query_seq_lengths: Lengths | None = None,
-    key_value_seq_lengths: Lengths | None = None,
-    local_window_size: int | tuple[int, int] | None = None,
-    dropout_rate: float = 0.0,
-    dropout_rng: PRNGKey | None = None,
-    implementation: str | None = None,
-    mask_fn: Callable | None = None,
-    score_fn: Callable | None = None,
-    block_mask: BlockMask | None = None,
-) -> Outputs:
-    """The signature of ``dot_product_attention``, the dispatcher's and the reference's
-    (see :func:`attention_entry`); never called."""
-    raise NotImplementedError
-
-
-_SIGNATURE = inspect.signature(attention_signature)
 _KERNEL_INPUTS = tuple(field.name for field in dataclasses.fields(KernelInputs))
+# The head dim of the indicator pass (see nan_rows): cuDNN takes multiples of 8 only.
+INDICATOR_HEAD_DIM = 8
 
 
-def attention_entry(select: Callable[[AttentionCall, str | None], Callable], module: str, doc: str):
-    """A public ``dot_product_attention`` with :func:`attention_signature`'s signature.
+def run_attention(select: Select, implementation, query, key, value, **arguments):
+    """The work of every public ``dot_product_attention`` (the dispatcher's and the
+    reference's): check the arguments (:func:`check_attention_args`, ``arguments`` its
+    keywords), ask ``select`` for the kernel, run it on batched inputs under the NaN
+    policy (:func:`nan_policy_attention`) and return the output unbatched when the
+    inputs were."""
+    call = check_attention_args(query, key, value, **arguments)
+    q, k, v = batched_inputs(call, query, key, value)
+    inputs = KernelInputs(**{name: arguments.get(name) for name in _KERNEL_INPUTS})
+    out = nan_policy_attention(select, implementation, q, k, v, call=call, inputs=inputs)
+    return out if call.batched else out[0]
 
-    It checks its arguments (:func:`check_attention_args`), asks
-    ``select(call, implementation)`` for the kernel, runs it on batched inputs
-    (``fn(q, k, v, *, call, inputs)``, ``inputs`` the call's :class:`KernelInputs`) and
-    returns the output unbatched when the inputs were.
-    ``module`` and ``doc`` make it document (and doctest) as a function of ``module``.
+
+def _bad_bias(bias):
+    """Where ``bias`` holds NaN or +inf (-inf masks: no fault)."""
+    return jnp.isnan(bias) | (bias == jnp.inf)
+
+
+def _where_bias(masked, dtype):
+    """A bias of ``dtype``: -inf where ``masked``, 0 elsewhere."""
+    return jnp.where(masked, jnp.asarray(-jnp.inf, dtype), jnp.zeros((), dtype))
+
+
+def _finite_or_zero(x):
+    return jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+
+
+def nan_policy_attention(select: Select, implementation, q, k, v, *, call, inputs):
+    """The selected kernel on batched ``q [B, T, N, H]``, ``k``, ``v [B, S, K, H(_v)]``
+    under the library's one NaN policy (docs/reliability.md, "NaN policy").
+
+    Masked positions never reach any output or gradient: the kernel sees q, k, v (and
+    ``bias``) with their non-finite entries replaced by 0, so no ``0 * NaN`` can leak
+    from them, and ``where``'s gradient is 0 there. A non-finite value at a live position
+    makes exactly the outputs that attend it NaN (:func:`nan_rows`, run only when some
+    input holds one: clean inputs pay the checks only).
     """
+    name, kernel = select(call, implementation)
+    # [B, T, N], [B, S, K]: the query rows, and the keys (k or v row), holding a non-finite
+    bad_q = ~jnp.all(jnp.isfinite(q), axis=-1)
+    bad_kv = ~(jnp.all(jnp.isfinite(k), axis=-1) & jnp.all(jnp.isfinite(v), axis=-1))
+    any_bad = jnp.any(bad_q) | jnp.any(bad_kv)
+    bias = None
+    if inputs.bias is not None:
+        bias = jnp.asarray(inputs.bias)
+        bad_bias = _bad_bias(bias)
+        any_bad = any_bad | jnp.any(bad_bias)
+        inputs = dataclasses.replace(
+            inputs, bias=jnp.where(bad_bias, jnp.zeros((), bias.dtype), bias)
+        )
+    out = kernel(*(_finite_or_zero(x) for x in (q, k, v)), call=call, inputs=inputs)
 
-    def dot_product_attention(query, key, value, **options):
-        bound = _SIGNATURE.bind(query, key, value, **options)
-        bound.apply_defaults()
-        arguments = dict(bound.arguments)
-        implementation = arguments.pop("implementation")
-        call = check_attention_args(**arguments)
-        kernel = select(call, implementation)
-        q, k, v = batched_inputs(call, query, key, value)
-        inputs = KernelInputs(**{name: arguments[name] for name in _KERNEL_INPUTS})
-        out = kernel(q, k, v, call=call, inputs=inputs)
-        return out if call.batched else out[0]
+    def find_rows():
+        return nan_rows(select, name, bad_q, bad_kv, bias, call=call, inputs=inputs)
 
-    dot_product_attention.__module__ = module
-    dot_product_attention.__doc__ = doc
-    dot_product_attention.__signature__ = _SIGNATURE
-    dot_product_attention.__annotations__ = dict(attention_signature.__annotations__)
-    return dot_product_attention
+    def no_rows():
+        return jnp.zeros((call.B, call.T, call.N), bool)
+
+    # [B, T, N]
+    hit = jax.lax.stop_gradient(jax.lax.cond(any_bad, find_rows, no_rows))
+    return jnp.where(hit[..., None], jnp.asarray(jnp.nan, out.dtype), out)
+
+
+def nan_rows(select: Select, name: str, bad_q, bad_kv, bias, *, call, inputs):
+    """bool ``[B, T, N]``: the query rows whose output the NaN policy makes NaN.
+
+    A row is hit if its q row holds a non-finite value and it attends some key, if it
+    attends a key whose k or v row does (``bad_q [B, T, N]``, ``bad_kv [B, S, K]``), or
+    if a live position of its ``bias`` row holds NaN or +inf. "Attends" is decided by the
+    kernel itself, under every mask of the call (``bias`` of -inf counts as masked; no
+    ``score_fn``, no dropout): it runs once more on indicator inputs, q = k = 0 (uniform
+    weights over the live keys) and v = [bad key, 1, 0...], so output channel 0 is > 0
+    exactly where a bad key is live and channel 1 where any key is. A ``bias`` with a
+    NaN or +inf takes one more run, live only at those entries.
+    """
+    B, T, S, N, K, H = call.B, call.T, call.S, call.N, call.K, INDICATOR_HEAD_DIM
+    dtype = call.dtype
+    indicator_call = dataclasses.replace(
+        call, H=H, H_v=H, scale=1.0, dropout_rate=0.0, has_score_fn=False
+    )
+    try:  # the same kernel when it serves the indicator call, else the default for it
+        _, kernel = select(indicator_call, name)
+    except ValueError:
+        _, kernel = select(indicator_call, None)
+    q0 = jnp.zeros((B, T, N, H), dtype)
+    k0 = jnp.zeros((B, S, K, H), dtype)
+    # [B, S, K, H]: channel 0 marks the bad keys, channel 1 is 1 for every key
+    v0 = jnp.concatenate(
+        [
+            bad_kv[..., None].astype(dtype),
+            jnp.ones((B, S, K, 1), dtype),
+            jnp.zeros((B, S, K, H - 2), dtype),
+        ],
+        axis=-1,
+    )
+
+    def live_rows(bias0):
+        plain = dataclasses.replace(inputs, bias=bias0, score_fn=None, dropout_rng=None)
+        return kernel(q0, k0, v0, call=indicator_call, inputs=plain)
+
+    out0 = live_rows(None if bias is None else _where_bias(bias == -jnp.inf, bias.dtype))
+    hit = (out0[..., 0] > 0) | (bad_q & (out0[..., 1] > 0))
+    if bias is not None:
+        # live (and -inf-free) only where the bias is NaN or +inf
+        hit = hit | (live_rows(_where_bias(~_bad_bias(bias), bias.dtype))[..., 1] > 0)
+    return hit
 
 
 # --- module hyper-parameters and inputs (flax modules) ----------------------------------
