@@ -142,13 +142,12 @@ def select_implementation(call: AttentionCall, platform: str | None = None) -> s
     raise ValueError(f"no implementation supports this call on {platform}: {reasons}")
 
 
-def _named_or_selected(call: AttentionCall, implementation) -> tuple[str, Callable]:
-    """The kernel for ``call`` as ``(name, fn)``: the named implementation if it serves
-    the call, else the first supporting one in preference order."""
+def _named_or_selected(call: AttentionCall, implementation) -> Callable:
+    """The kernel for ``call``: the named implementation if it serves the call, else the
+    first supporting one in preference order."""
     platform = _platform()
     if implementation is None:
-        name = select_implementation(call, platform)
-        return name, _REGISTRY[name].fn
+        return _REGISTRY[select_implementation(call, platform)].fn
     if not isinstance(implementation, str) or implementation not in _REGISTRY:
         raise ValueError(
             f"implementation must be None or one of {sorted(_REGISTRY)}, got {implementation!r}"
@@ -156,7 +155,7 @@ def _named_or_selected(call: AttentionCall, implementation) -> tuple[str, Callab
     reason = unsupported_reason(implementation, call, platform)
     if reason is not None:
         raise ValueError(f"implementation={implementation!r} cannot serve this call: {reason}")
-    return implementation, _REGISTRY[implementation].fn
+    return _REGISTRY[implementation].fn
 
 
 def dot_product_attention(

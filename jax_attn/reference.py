@@ -85,13 +85,13 @@ def reference_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs):
     return out.reshape(B, T, N, call.H_v).astype(call.dtype)
 
 
-def _reference_only(call: AttentionCall, implementation) -> tuple[str, Callable]:
+def _reference_only(call: AttentionCall, implementation) -> Callable:
     if implementation not in (None, "reference"):
         raise ValueError(
             f"reference.dot_product_attention: implementation must be None or 'reference', "
             f"got {implementation!r}"
         )
-    return "reference", reference_attention
+    return reference_attention
 
 
 def dot_product_attention(

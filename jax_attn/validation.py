@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_attn.mask_functions import BlockMask
-from jax_attn.masks import normalize_window
+from jax_attn.mask_functions import BlockMask, evaluate_mask
+from jax_attn.masks import as_4d, normalize_window
 
 if TYPE_CHECKING:  # shape annotations only; see jax_attn.shapes
     from jax_attn.shapes import Array, Float, Lengths, Mask, PRNGKey
@@ -456,13 +456,11 @@ def batched_inputs(call: AttentionCall, query, key, value):
 
 # --- the public attention entry: one argument handling, one NaN policy ------------------
 
-# Which kernel serves a call: ``select(call, implementation) -> (name, fn)``, ``fn`` with
-# the kernel protocol ``fn(q, k, v, *, call, inputs)`` (jax_attn.kernels.base).
-Select = Callable[[AttentionCall, "str | None"], "tuple[str, Callable]"]
+# Which kernel serves a call: ``select(call, implementation) -> fn``, ``fn`` with the
+# kernel protocol ``fn(q, k, v, *, call, inputs)`` (jax_attn.kernels.base).
+Select = Callable[[AttentionCall, "str | None"], Callable]
 
 _KERNEL_INPUTS = tuple(field.name for field in dataclasses.fields(KernelInputs))
-# The head dim of the indicator pass (see nan_rows): cuDNN takes multiples of 8 only.
-INDICATOR_HEAD_DIM = 8
 
 
 def run_attention(select: Select, implementation, query, key, value, **arguments):
@@ -492,85 +490,120 @@ def _finite_or_zero(x):
     return jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
 
 
+def _any_non_finite(call, q, k, v, bias):
+    """bool ``[]``: whether q, k, v or ``bias`` holds a NaN or Inf (-inf in ``bias`` masks).
+
+    One sum per array: NaN and Inf survive a sum, so none is missed; a sum of finite
+    values that overflows only sends the call down the (still correct) guarded path.
+    """
+    total = sum(jnp.sum(x, dtype=call.compute_dtype) for x in (q, k, v))
+    found = ~jnp.isfinite(total)
+    if bias is not None:
+        found = found | jnp.any(_bad_bias(bias))
+    return found
+
+
 def nan_policy_attention(select: Select, implementation, q, k, v, *, call, inputs):
     """The selected kernel on batched ``q [B, T, N, H]``, ``k``, ``v [B, S, K, H(_v)]``
     under the library's one NaN policy (docs/reliability.md, "NaN policy").
 
-    Masked positions never reach any output or gradient: the kernel sees q, k, v (and
-    ``bias``) with their non-finite entries replaced by 0, so no ``0 * NaN`` can leak
-    from them, and ``where``'s gradient is 0 there. A non-finite value at a live position
-    makes exactly the outputs that attend it NaN (:func:`nan_rows`, run only when some
-    input holds one: clean inputs pay the checks only).
+    Inputs with no NaN or Inf go to the kernel as they are. Otherwise (``lax.cond``) the
+    kernel sees q, k, v and ``bias`` with their non-finite entries replaced by 0, so no
+    ``0 * NaN`` can leak from a masked position into an output or gradient (``where``'s
+    gradient is 0 there), and the rows that attend a non-finite value at a live
+    position (:func:`nan_rows`) become NaN. That branch is rematerialised
+    (``jax.checkpoint``): it keeps no residuals, so clean calls carry none of its
+    arrays to the backward pass.
     """
-    name, kernel = select(call, implementation)
-    # [B, T, N], [B, S, K]: the query rows, and the keys (k or v row), holding a non-finite
-    bad_q = ~jnp.all(jnp.isfinite(q), axis=-1)
-    bad_kv = ~(jnp.all(jnp.isfinite(k), axis=-1) & jnp.all(jnp.isfinite(v), axis=-1))
-    any_bad = jnp.any(bad_q) | jnp.any(bad_kv)
-    bias = None
-    if inputs.bias is not None:
-        bias = jnp.asarray(inputs.bias)
-        bad_bias = _bad_bias(bias)
-        any_bad = any_bad | jnp.any(bad_bias)
-        inputs = dataclasses.replace(
-            inputs, bias=jnp.where(bad_bias, jnp.zeros((), bias.dtype), bias)
-        )
-    out = kernel(*(_finite_or_zero(x) for x in (q, k, v)), call=call, inputs=inputs)
+    kernel = select(call, implementation)
+    bias = None if inputs.bias is None else jnp.asarray(inputs.bias)
 
-    def find_rows():
-        return nan_rows(select, name, bad_q, bad_kv, bias, call=call, inputs=inputs)
+    def clean(q, k, v, bias):
+        return kernel(q, k, v, call=call, inputs=inputs)
 
-    def no_rows():
-        return jnp.zeros((call.B, call.T, call.N), bool)
+    @jax.checkpoint
+    def guarded(q, k, v, bias):
+        safe = inputs
+        if bias is not None:
+            safe = dataclasses.replace(
+                inputs, bias=jnp.where(_bad_bias(bias), jnp.zeros((), bias.dtype), bias)
+            )
+        out = kernel(*(_finite_or_zero(x) for x in (q, k, v)), call=call, inputs=safe)
+        # [B, T, N], [B, S, K]: query rows, and keys (k or v row), holding a non-finite
+        bad_q = ~jnp.all(jnp.isfinite(q), axis=-1)
+        bad_kv = ~(jnp.all(jnp.isfinite(k), axis=-1) & jnp.all(jnp.isfinite(v), axis=-1))
+        hit = nan_rows(bad_q, bad_kv, bias, call=call, inputs=inputs)
+        hit = jax.lax.stop_gradient(hit)
+        return jnp.where(hit[..., None], jnp.asarray(jnp.nan, out.dtype), out)
 
-    # [B, T, N]
-    hit = jax.lax.stop_gradient(jax.lax.cond(any_bad, find_rows, no_rows))
-    return jnp.where(hit[..., None], jnp.asarray(jnp.nan, out.dtype), out)
+    return jax.lax.cond(_any_non_finite(call, q, k, v, bias), guarded, clean, q, k, v, bias)
 
 
-def nan_rows(select: Select, name: str, bad_q, bad_kv, bias, *, call, inputs):
+# nan_rows looks at this many (b, n, t, s) positions at a time (1 MiB of int8).
+NAN_ROWS_BLOCK_ELEMENTS = 2**20
+
+
+def nan_rows(bad_q, bad_kv, bias, *, call: AttentionCall, inputs: KernelInputs):
     """bool ``[B, T, N]``: the query rows whose output the NaN policy makes NaN.
 
     A row is hit if its q row holds a non-finite value and it attends some key, if it
     attends a key whose k or v row does (``bad_q [B, T, N]``, ``bad_kv [B, S, K]``), or
-    if a live position of its ``bias`` row holds NaN or +inf. "Attends" is decided by the
-    kernel itself, under every mask of the call (``bias`` of -inf counts as masked; no
-    ``score_fn``, no dropout): it runs once more on indicator inputs, q = k = 0 (uniform
-    weights over the live keys) and v = [bad key, 1, 0...], so output channel 0 is > 0
-    exactly where a bad key is live and channel 1 where any key is. A ``bias`` with a
-    NaN or +inf takes one more run, live only at those entries.
+    if its ``bias`` holds NaN or +inf at a key it attends. "Attends" means under every
+    mask of the call, as the reference masks: causal, window, lengths, ``mask``,
+    ``mask_fn`` (``block_mask``'s) and ``bias`` of -inf; ``score_fn`` and dropout do
+    not mask here. Query rows go in blocks (``lax.map``), so memory stays
+    O(:data:`NAN_ROWS_BLOCK_ELEMENTS`), never ``[B, N, T, S]``.
     """
-    B, T, S, N, K, H = call.B, call.T, call.S, call.N, call.K, INDICATOR_HEAD_DIM
-    dtype = call.dtype
-    indicator_call = dataclasses.replace(
-        call, H=H, H_v=H, scale=1.0, dropout_rate=0.0, has_score_fn=False
-    )
-    try:  # the same kernel when it serves the indicator call, else the default for it
-        _, kernel = select(indicator_call, name)
-    except ValueError:
-        _, kernel = select(indicator_call, None)
-    q0 = jnp.zeros((B, T, N, H), dtype)
-    k0 = jnp.zeros((B, S, K, H), dtype)
-    # [B, S, K, H]: channel 0 marks the bad keys, channel 1 is 1 for every key
-    v0 = jnp.concatenate(
-        [
-            bad_kv[..., None].astype(dtype),
-            jnp.ones((B, S, K, 1), dtype),
-            jnp.zeros((B, S, K, H - 2), dtype),
-        ],
-        axis=-1,
-    )
+    B, T, S, N, K = call.B, call.T, call.S, call.N, call.K
+    if T == 0 or S == 0:
+        return jnp.zeros((B, T, N), bool)
+    block = max(1, min(T, NAN_ROWS_BLOCK_ELEMENTS // (B * N * S)))
+    blocks = -(-T // block)
+    kv_idx = jnp.arange(S, dtype=jnp.int32)
+    # [B, S, K] -> [B, N, 1, S]: the keys each query head reads (GQA: K heads to N)
+    bad_keys = jnp.repeat(jnp.transpose(bad_kv, (0, 2, 1)), N // K, axis=1)[:, :, None, :]
+    mask = None if inputs.mask is None else as_4d(jnp.asarray(inputs.mask))
+    bias = None if bias is None else as_4d(bias)
 
-    def live_rows(bias0):
-        plain = dataclasses.replace(inputs, bias=bias0, score_fn=None, dropout_rng=None)
-        return kernel(q0, k0, v0, call=indicator_call, inputs=plain)
+    def rows(x, q_idx):
+        """``x [b, n, T|1, s]`` at query rows ``q_idx``."""
+        return x if x.shape[2] == 1 else jnp.take(x, q_idx, axis=2)
 
-    out0 = live_rows(None if bias is None else _where_bias(bias == -jnp.inf, bias.dtype))
-    hit = (out0[..., 0] > 0) | (bad_q & (out0[..., 1] > 0))
-    if bias is not None:
-        # live (and -inf-free) only where the bias is NaN or +inf
-        hit = hit | (live_rows(_where_bias(~_bad_bias(bias), bias.dtype))[..., 1] > 0)
-    return hit
+    def seen_in_block(i):
+        """int8 ``[B, N, block]``: 0 no key attended, 1 finite ones only, 2 a bad one."""
+        q_idx = jnp.minimum(i * block + jnp.arange(block, dtype=jnp.int32), T - 1)
+        # [block, 1], [1, S]: bottom-right aligned positions, as masks.make_causal_mask
+        position = (q_idx + (S - T))[:, None]
+        allowed = jnp.ones((1, 1, block, S), bool)
+        if call.is_causal:
+            allowed = allowed & (kv_idx[None, :] <= position)[None, None]
+        if call.window is not None:
+            left, right = call.window
+            near = (position - kv_idx[None, :] <= left) & (kv_idx[None, :] - position <= right)
+            allowed = allowed & near[None, None]
+        if inputs.query_seq_lengths is not None:
+            lengths = jnp.asarray(inputs.query_seq_lengths).astype(jnp.int32)
+            allowed = allowed & (q_idx[None, :] < lengths[:, None])[:, None, :, None]
+        if inputs.key_value_seq_lengths is not None:
+            lengths = jnp.asarray(inputs.key_value_seq_lengths).astype(jnp.int32)
+            allowed = allowed & (kv_idx[None, :] < lengths[:, None])[:, None, None, :]
+        if mask is not None:
+            allowed = allowed & rows(mask, q_idx)
+        if inputs.mask_fn is not None:
+            allowed = allowed & evaluate_mask(inputs.mask_fn, B, N, q_idx, kv_idx)
+        bad = bad_keys
+        if bias is not None:
+            block_bias = rows(bias, q_idx)
+            allowed = allowed & (block_bias != -jnp.inf)  # NaN > -inf is False
+            bad = bad | _bad_bias(block_bias)
+        one, two, zero = (jnp.asarray(i, jnp.int8) for i in (1, 2, 0))
+        state = jnp.where(allowed, jnp.where(bad, two, one), zero)
+        return jnp.broadcast_to(jnp.max(state, axis=-1), (B, N, block))
+
+    # [blocks, B, N, block] -> [B, T, N]
+    seen = jax.lax.map(seen_in_block, jnp.arange(blocks, dtype=jnp.int32))
+    seen = jnp.transpose(seen, (1, 0, 3, 2)).reshape(B, blocks * block, N)[:, :T]
+    return (seen == 2) | (bad_q & (seen == 1))
 
 
 # --- module hyper-parameters and inputs (flax modules) ----------------------------------
