@@ -29,6 +29,7 @@ __all__ = [
     "nan_policy_attention",
     "window_for",
     "nan_rows",
+    "nan_rows_by_kernel",
     "run_attention",
     "compute_dtype",
     "as_batch",
@@ -532,11 +533,48 @@ def nan_policy_attention(select: Select, implementation, q, k, v, *, call, input
         # [B, T, N], [B, S, K]: query rows, and keys (k or v row), holding a non-finite
         bad_q = ~jnp.all(jnp.isfinite(q), axis=-1)
         bad_kv = ~(jnp.all(jnp.isfinite(k), axis=-1) & jnp.all(jnp.isfinite(v), axis=-1))
-        hit = nan_rows(bad_q, bad_kv, bias, call=call, inputs=inputs)
+        if jax.sharding.get_abstract_mesh().empty:
+            hit = nan_rows(bad_q, bad_kv, bias, call=call, inputs=inputs)
+        else:  # sharded: the kernel's own communication (a ring's collective-permute)
+            hit = nan_rows_by_kernel(
+                select, implementation, q, k, bad_q, bad_kv, bias, call, inputs
+            )
         hit = jax.lax.stop_gradient(hit)
         return jnp.where(hit[..., None], jnp.asarray(jnp.nan, out.dtype), out)
 
     return jax.lax.cond(_any_non_finite(call, q, k, v, bias), guarded, clean, q, k, v, bias)
+
+
+def nan_rows_by_kernel(select: Select, implementation, q, k, bad_q, bad_kv, bias, call, inputs):
+    """:func:`nan_rows` computed by the kernel itself, for calls under a mesh: it runs
+    once more on indicator inputs made from q, k, v (so sharded as they are): q = k = 0
+    (uniform weights over the live keys) and v = [bad key, 1], with the call's masks,
+    no ``score_fn``, no dropout, ``bias`` only where -inf. Output channel 0 is > 0
+    exactly where a bad key is live, channel 1 where any key is. A ``bias`` with NaN or
+    +inf takes one more run, live only at those entries."""
+    dtype = call.dtype
+    indicator_call = dataclasses.replace(
+        call, H=2, H_v=2, scale=1.0, dropout_rate=0.0, has_score_fn=False
+    )
+    try:  # the kernel asked for when it serves the indicator call, else the default
+        kernel = select(indicator_call, implementation)
+    except ValueError:
+        kernel = select(indicator_call, None)
+    q0, k0 = (jnp.zeros_like(x[..., :1], dtype=dtype) for x in (q, k))
+    q0, k0 = (jnp.concatenate([x, x], axis=-1) for x in (q0, k0))
+    # [B, S, K, 2]: channel 0 marks the bad keys, channel 1 is 1 for every key
+    bad = bad_kv[..., None].astype(dtype)
+    v0 = jnp.concatenate([bad, jnp.ones_like(bad)], axis=-1)
+
+    def live(bias0):
+        plain = dataclasses.replace(inputs, bias=bias0, score_fn=None, dropout_rng=None)
+        return kernel(q0, k0, v0, call=indicator_call, inputs=plain)
+
+    out0 = live(None if bias is None else _where_bias(bias == -jnp.inf, bias.dtype))
+    hit = (out0[..., 0] > 0) | (bad_q & (out0[..., 1] > 0))
+    if bias is not None:
+        hit = hit | (live(_where_bias(~_bad_bias(bias), bias.dtype))[..., 1] > 0)
+    return hit
 
 
 # nan_rows looks at this many (b, n, t, s) positions at a time (1 MiB of int8).
