@@ -10,13 +10,18 @@ All implementations agree with :mod:`jax_attn.reference` (tested).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 
 from jax_attn import reference
 from jax_attn.kernels import chunked, cpu_flash, cudnn, pallas_gpu, pallas_tpu, ring, xla
 from jax_attn.kernels.base import Implementation, partitioned_axes
-from jax_attn.validation import FUNCTION_ARGUMENTS, AttentionCall, attention_entry
+from jax_attn.mask_functions import BlockMask
+from jax_attn.validation import FUNCTION_ARGUMENTS, AttentionCall, run_attention
+
+if TYPE_CHECKING:  # shape annotations only; see jax_attn.shapes
+    from jax_attn.shapes import Array, Float, Keys, Lengths, Mask, Outputs, PRNGKey, Queries, Values
 
 __all__ = [
     "Implementation",
@@ -153,9 +158,25 @@ def _named_or_selected(call: AttentionCall, implementation) -> Callable:
     return _REGISTRY[implementation].fn
 
 
-dot_product_attention = attention_entry(
-    _named_or_selected,
-    __name__,
+def dot_product_attention(
+    query: Queries,
+    key: Keys,
+    value: Values,
+    *,
+    mask: Mask | None = None,
+    bias: Float[Array, "*bias"] | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    query_seq_lengths: Lengths | None = None,
+    key_value_seq_lengths: Lengths | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: PRNGKey | None = None,
+    implementation: str | None = None,
+    mask_fn: Callable | None = None,
+    score_fn: Callable | None = None,
+    block_mask: BlockMask | None = None,
+) -> Outputs:
     """Scaled dot-product attention: ``softmax(q k^T * scale + bias, masked) v``.
 
     Args:
@@ -167,7 +188,8 @@ dot_product_attention = attention_entry(
       is_causal: query ``t`` attends keys ``<= t + S - T`` (bottom-right aligned).
       scale: logit scale, default ``1 / sqrt(H)``.
       query_seq_lengths, key_value_seq_lengths: int ``[B]``; padded positions are masked.
-      local_window_size: ``w`` or ``(left, right)``: attend keys within the window.
+      local_window_size: ``w`` or ``(left, right)``: attend keys within the window; a
+        side of ``T + S`` or more is no limit on that side.
       dropout_rate, dropout_rng: dropout on the attention weights (kept ones scaled).
       implementation: ``None`` (fastest supporting one), or one of
         :func:`available_implementations`.
@@ -180,6 +202,8 @@ dot_product_attention = attention_entry(
 
     Returns:
       ``[B, T, N, H_v]`` in the input dtype. A query with nothing to attend gets zeros.
+      NaN or Inf at masked positions changes no output or gradient; at a live position
+      it makes exactly the outputs that attend it NaN (docs/reliability.md).
 
     >>> import jax, jax.numpy as jnp
     >>> from jax_attn import reference
@@ -191,8 +215,26 @@ dot_product_attention = attention_entry(
     >>> expected = reference.dot_product_attention(q, k, v, is_causal=True)
     >>> bool(jnp.allclose(out, expected, atol=1e-5))
     True
-    """,
-)
+    """
+    return run_attention(
+        _named_or_selected,
+        implementation,
+        query,
+        key,
+        value,
+        mask=mask,
+        bias=bias,
+        is_causal=is_causal,
+        scale=scale,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
+        mask_fn=mask_fn,
+        score_fn=score_fn,
+        block_mask=block_mask,
+    )
 
 
 register_implementation(

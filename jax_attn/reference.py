@@ -11,24 +11,30 @@ the library's semantics:
 * a query row with nothing to attend gives zero weights and a zero output;
 * dropout drops weights with ``masks.make_dropout_mask`` and scales the kept ones;
 * ``score_fn`` rewrites the scaled logits before ``bias`` is added; ``mask_fn`` is one
-  more mask, evaluated on the full grid here (a ``block_mask`` changes nothing here).
+  more mask, evaluated on the full grid here (a ``block_mask`` changes nothing here);
+* NaN or Inf at a masked position changes no output or gradient; at a live position it
+  makes exactly the outputs that attend it NaN (``validation.nan_policy_attention``).
 
 :func:`dot_product_attention` has the signature of
 :func:`jax_attn.dispatch.dot_product_attention` and shares its argument handling
-(:func:`jax_attn.validation.attention_entry`); :func:`reference_attention` is the core
-that runs on an already validated call.
+and NaN policy (:func:`jax_attn.validation.run_attention`); :func:`reference_attention`
+is the core that runs on an already validated call.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
-from jax_attn.mask_functions import evaluate_mask, evaluate_score
+from jax_attn.mask_functions import BlockMask, evaluate_mask, evaluate_score
 from jax_attn.masks import as_4d, build_attention_mask, make_dropout_mask
-from jax_attn.validation import AttentionCall, KernelInputs, attention_entry
+from jax_attn.validation import AttentionCall, KernelInputs, run_attention
+
+if TYPE_CHECKING:  # shape annotations only; see jax_attn.shapes
+    from jax_attn.shapes import Array, Float, Keys, Lengths, Mask, Outputs, PRNGKey, Queries, Values
 
 __all__ = ["call_mask", "dot_product_attention", "reference_attention"]
 
@@ -88,9 +94,25 @@ def _reference_only(call: AttentionCall, implementation) -> Callable:
     return reference_attention
 
 
-dot_product_attention = attention_entry(
-    _reference_only,
-    __name__,
+def dot_product_attention(
+    query: Queries,
+    key: Keys,
+    value: Values,
+    *,
+    mask: Mask | None = None,
+    bias: Float[Array, "*bias"] | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    query_seq_lengths: Lengths | None = None,
+    key_value_seq_lengths: Lengths | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: PRNGKey | None = None,
+    implementation: str | None = None,
+    mask_fn: Callable | None = None,
+    score_fn: Callable | None = None,
+    block_mask: BlockMask | None = None,
+) -> Outputs:
     """Reference attention. q ``[B, T, N, H]``, k ``[B, S, K, H]``, v ``[B, S, K, H_v]``
     (or unbatched without ``B``) -> ``[B, T, N, H_v]`` in q's dtype.
 
@@ -102,5 +124,23 @@ dot_product_attention = attention_entry(
     >>> mask = jnp.array([[True, True], [False, False]])   # query 1 may attend nothing
     >>> dot_product_attention(q, k, v, mask=mask)[0, :, 0, 0].tolist()
     [1.0, 0.0]
-    """,
-)
+    """
+    return run_attention(
+        _reference_only,
+        implementation,
+        query,
+        key,
+        value,
+        mask=mask,
+        bias=bias,
+        is_causal=is_causal,
+        scale=scale,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
+        mask_fn=mask_fn,
+        score_fn=score_fn,
+        block_mask=block_mask,
+    )

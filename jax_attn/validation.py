@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import inspect
 import numbers
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -17,18 +16,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_attn.mask_functions import BlockMask
-from jax_attn.masks import normalize_window
+from jax_attn.mask_functions import BlockMask, evaluate_mask
+from jax_attn.masks import as_4d, normalize_window
 
 if TYPE_CHECKING:  # shape annotations only; see jax_attn.shapes
-    from jax_attn.shapes import Array, Float, Keys, Lengths, Mask, Outputs, PRNGKey, Queries, Values
+    from jax_attn.shapes import Array, Float, Lengths, Mask, PRNGKey
 
 __all__ = [
     "batched_inputs",
     "AttentionCall",
     "KernelInputs",
-    "attention_entry",
-    "attention_signature",
+    "nan_policy_attention",
+    "window_for",
+    "nan_rows",
+    "nan_rows_by_kernel",
+    "run_attention",
     "compute_dtype",
     "as_batch",
     "check_array",
@@ -293,6 +295,18 @@ def check_block_mask(block_mask, mask_fn, shape: tuple[int, int, int, int]) -> N
         )
 
 
+def window_for(local_window_size, T: int, S: int) -> tuple[int, int] | None:
+    """``local_window_size`` as ``(left, right)`` with each side clamped to ``T + S``: no
+    key lies further than that from a query, so a larger side (``sys.maxsize`` included)
+    means no limit on that side, in every implementation (a kernel's ``position + side``
+    cannot overflow). ``None`` when neither side limits anything."""
+    left, right = normalize_window(local_window_size)
+    reach = T + S
+    if left >= reach and right >= reach:
+        return None
+    return min(left, reach), min(right, reach)
+
+
 def check_attention_args(
     query,
     key,
@@ -345,7 +359,7 @@ def check_attention_args(
         if not batched:
             raise ValueError("key_value_seq_lengths needs batched inputs [B, S, K, H]")
         check_lengths("key_value_seq_lengths", key_value_seq_lengths, B, S, "S")
-    window = None if local_window_size is None else normalize_window(local_window_size)
+    window = None if local_window_size is None else window_for(local_window_size, T, S)
     rate = check_dropout(dropout_rate, dropout_rng)
     if block_mask is not None:
         check_block_mask(block_mask, mask_fn, (B, N, T, S))
@@ -397,6 +411,8 @@ def _check_operands(query, key, value) -> _Operands:
     B_k, S, K, H_k = k_shape
     if N == 0:
         raise ValueError(f"query must have at least one head, got N=0 in shape {list(q_shape)}")
+    if H == 0:
+        raise ValueError(f"query must have head dim H >= 1, got H=0 in shape {list(q_shape)}")
     if B_k != B:
         raise ValueError(f"key batch B must equal query's {B}, got key shape {list(k_shape)}")
     if H_k != H:
@@ -417,6 +433,10 @@ def _check_operands(query, key, value) -> _Operands:
                 f"got {list(v_shape)}"
             )
         H_v = v_shape[3]
+        if H_v == 0:
+            raise ValueError(
+                f"value must have head dim H_v >= 1, got H_v=0 in shape {list(v_shape)}"
+            )
         v_dtype = _dtype("value", value)
         if not q_dtype == k_dtype == v_dtype:
             raise TypeError(
@@ -435,64 +455,193 @@ def batched_inputs(call: AttentionCall, query, key, value):
     return q, k, v
 
 
-# --- the public attention entry: one signature, one argument handling ------------------
+# --- the public attention entry: one argument handling, one NaN policy ------------------
 
+# Which kernel serves a call: ``select(call, implementation) -> fn``, ``fn`` with the
+# kernel protocol ``fn(q, k, v, *, call, inputs)`` (jax_attn.kernels.base).
+Select = Callable[[AttentionCall, "str | None"], Callable]
 
-def attention_signature(
-    query: Queries,
-    key: Keys,
-    value: Values,
-    *,
-    mask: Mask | None = None,
-    bias: Float[Array, "*bias"] | None = None,
-    is_causal: bool = False,
-    scale: float | None = None,
-    query_seq_lengths: Lengths | None = None,
-    key_value_seq_lengths: Lengths | None = None,
-    local_window_size: int | tuple[int, int] | None = None,
-    dropout_rate: float = 0.0,
-    dropout_rng: PRNGKey | None = None,
-    implementation: str | None = None,
-    mask_fn: Callable | None = None,
-    score_fn: Callable | None = None,
-    block_mask: BlockMask | None = None,
-) -> Outputs:
-    """The signature of ``dot_product_attention``, the dispatcher's and the reference's
-    (see :func:`attention_entry`); never called."""
-    raise NotImplementedError
-
-
-_SIGNATURE = inspect.signature(attention_signature)
 _KERNEL_INPUTS = tuple(field.name for field in dataclasses.fields(KernelInputs))
 
 
-def attention_entry(select: Callable[[AttentionCall, str | None], Callable], module: str, doc: str):
-    """A public ``dot_product_attention`` with :func:`attention_signature`'s signature.
+def run_attention(select: Select, implementation, query, key, value, **arguments):
+    """The work of every public ``dot_product_attention`` (the dispatcher's and the
+    reference's): check the arguments (:func:`check_attention_args`, ``arguments`` its
+    keywords), ask ``select`` for the kernel, run it on batched inputs under the NaN
+    policy (:func:`nan_policy_attention`) and return the output unbatched when the
+    inputs were."""
+    call = check_attention_args(query, key, value, **arguments)
+    q, k, v = batched_inputs(call, query, key, value)
+    inputs = KernelInputs(**{name: arguments.get(name) for name in _KERNEL_INPUTS})
+    out = nan_policy_attention(select, implementation, q, k, v, call=call, inputs=inputs)
+    return out if call.batched else out[0]
 
-    It checks its arguments (:func:`check_attention_args`), asks
-    ``select(call, implementation)`` for the kernel, runs it on batched inputs
-    (``fn(q, k, v, *, call, inputs)``, ``inputs`` the call's :class:`KernelInputs`) and
-    returns the output unbatched when the inputs were.
-    ``module`` and ``doc`` make it document (and doctest) as a function of ``module``.
+
+def _bad_bias(bias):
+    """Where ``bias`` holds NaN or +inf (-inf masks: no fault)."""
+    return jnp.isnan(bias) | (bias == jnp.inf)
+
+
+def _where_bias(masked, dtype):
+    """A bias of ``dtype``: -inf where ``masked``, 0 elsewhere."""
+    return jnp.where(masked, jnp.asarray(-jnp.inf, dtype), jnp.zeros((), dtype))
+
+
+def _finite_or_zero(x):
+    return jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+
+
+def _any_non_finite(call, q, k, v, bias):
+    """bool ``[]``: whether q, k, v or ``bias`` holds a NaN or Inf (-inf in ``bias`` masks).
+
+    One sum per array: NaN and Inf survive a sum, so none is missed; a sum of finite
+    values that overflows only sends the call down the (still correct) guarded path.
     """
+    total = sum(jnp.sum(x, dtype=call.compute_dtype) for x in (q, k, v))
+    found = ~jnp.isfinite(total)
+    if bias is not None:
+        found = found | jnp.any(_bad_bias(bias))
+    return found
 
-    def dot_product_attention(query, key, value, **options):
-        bound = _SIGNATURE.bind(query, key, value, **options)
-        bound.apply_defaults()
-        arguments = dict(bound.arguments)
-        implementation = arguments.pop("implementation")
-        call = check_attention_args(**arguments)
-        kernel = select(call, implementation)
-        q, k, v = batched_inputs(call, query, key, value)
-        inputs = KernelInputs(**{name: arguments[name] for name in _KERNEL_INPUTS})
-        out = kernel(q, k, v, call=call, inputs=inputs)
-        return out if call.batched else out[0]
 
-    dot_product_attention.__module__ = module
-    dot_product_attention.__doc__ = doc
-    dot_product_attention.__signature__ = _SIGNATURE
-    dot_product_attention.__annotations__ = dict(attention_signature.__annotations__)
-    return dot_product_attention
+def nan_policy_attention(select: Select, implementation, q, k, v, *, call, inputs):
+    """The selected kernel on batched ``q [B, T, N, H]``, ``k``, ``v [B, S, K, H(_v)]``
+    under the library's one NaN policy (docs/reliability.md, "NaN policy").
+
+    Inputs with no NaN or Inf go to the kernel as they are. Otherwise (``lax.cond``) the
+    kernel sees q, k, v and ``bias`` with their non-finite entries replaced by 0, so no
+    ``0 * NaN`` can leak from a masked position into an output or gradient (``where``'s
+    gradient is 0 there), and the rows that attend a non-finite value at a live
+    position (:func:`nan_rows`) become NaN. That branch is rematerialised
+    (``jax.checkpoint``): it keeps no residuals, so clean calls carry none of its
+    arrays to the backward pass.
+    """
+    kernel = select(call, implementation)
+    bias = None if inputs.bias is None else jnp.asarray(inputs.bias)
+
+    def clean(q, k, v, bias):
+        return kernel(q, k, v, call=call, inputs=inputs)
+
+    @jax.checkpoint
+    def guarded(q, k, v, bias):
+        safe = inputs
+        if bias is not None:
+            safe = dataclasses.replace(
+                inputs, bias=jnp.where(_bad_bias(bias), jnp.zeros((), bias.dtype), bias)
+            )
+        out = kernel(*(_finite_or_zero(x) for x in (q, k, v)), call=call, inputs=safe)
+        # [B, T, N], [B, S, K]: query rows, and keys (k or v row), holding a non-finite
+        bad_q = ~jnp.all(jnp.isfinite(q), axis=-1)
+        bad_kv = ~(jnp.all(jnp.isfinite(k), axis=-1) & jnp.all(jnp.isfinite(v), axis=-1))
+        if jax.sharding.get_abstract_mesh().empty:
+            hit = nan_rows(bad_q, bad_kv, bias, call=call, inputs=inputs)
+        else:  # sharded: the kernel's own communication (a ring's collective-permute)
+            hit = nan_rows_by_kernel(
+                select, implementation, q, k, bad_q, bad_kv, bias, call, inputs
+            )
+        hit = jax.lax.stop_gradient(hit)
+        return jnp.where(hit[..., None], jnp.asarray(jnp.nan, out.dtype), out)
+
+    return jax.lax.cond(_any_non_finite(call, q, k, v, bias), guarded, clean, q, k, v, bias)
+
+
+def nan_rows_by_kernel(select: Select, implementation, q, k, bad_q, bad_kv, bias, call, inputs):
+    """:func:`nan_rows` computed by the kernel itself, for calls under a mesh: it runs
+    once more on indicator inputs made from q, k, v (so sharded as they are): q = k = 0
+    (uniform weights over the live keys) and v = [bad key, 1], with the call's masks,
+    no ``score_fn``, no dropout, ``bias`` only where -inf. Output channel 0 is > 0
+    exactly where a bad key is live, channel 1 where any key is. A ``bias`` with NaN or
+    +inf takes one more run, live only at those entries."""
+    dtype = call.dtype
+    indicator_call = dataclasses.replace(
+        call, H=2, H_v=2, scale=1.0, dropout_rate=0.0, has_score_fn=False
+    )
+    try:  # the kernel asked for when it serves the indicator call, else the default
+        kernel = select(indicator_call, implementation)
+    except ValueError:
+        kernel = select(indicator_call, None)
+    q0, k0 = (jnp.zeros_like(x[..., :1], dtype=dtype) for x in (q, k))
+    q0, k0 = (jnp.concatenate([x, x], axis=-1) for x in (q0, k0))
+    # [B, S, K, 2]: channel 0 marks the bad keys, channel 1 is 1 for every key
+    bad = bad_kv[..., None].astype(dtype)
+    v0 = jnp.concatenate([bad, jnp.ones_like(bad)], axis=-1)
+
+    def live(bias0):
+        plain = dataclasses.replace(inputs, bias=bias0, score_fn=None, dropout_rng=None)
+        return kernel(q0, k0, v0, call=indicator_call, inputs=plain)
+
+    out0 = live(None if bias is None else _where_bias(bias == -jnp.inf, bias.dtype))
+    hit = (out0[..., 0] > 0) | (bad_q & (out0[..., 1] > 0))
+    if bias is not None:
+        hit = hit | (live(_where_bias(~_bad_bias(bias), bias.dtype))[..., 1] > 0)
+    return hit
+
+
+# nan_rows looks at this many (b, n, t, s) positions at a time (1 MiB of int8).
+NAN_ROWS_BLOCK_ELEMENTS = 2**20
+
+
+def nan_rows(bad_q, bad_kv, bias, *, call: AttentionCall, inputs: KernelInputs):
+    """bool ``[B, T, N]``: the query rows whose output the NaN policy makes NaN.
+
+    A row is hit if its q row holds a non-finite value and it attends some key, if it
+    attends a key whose k or v row does (``bad_q [B, T, N]``, ``bad_kv [B, S, K]``), or
+    if its ``bias`` holds NaN or +inf at a key it attends. "Attends" means under every
+    mask of the call, as the reference masks: causal, window, lengths, ``mask``,
+    ``mask_fn`` (``block_mask``'s) and ``bias`` of -inf; ``score_fn`` and dropout do
+    not mask here. Query rows go in blocks (``lax.map``), so memory stays
+    O(:data:`NAN_ROWS_BLOCK_ELEMENTS`), never ``[B, N, T, S]``.
+    """
+    B, T, S, N, K = call.B, call.T, call.S, call.N, call.K
+    if T == 0 or S == 0:
+        return jnp.zeros((B, T, N), bool)
+    block = max(1, min(T, NAN_ROWS_BLOCK_ELEMENTS // (B * N * S)))
+    blocks = -(-T // block)
+    kv_idx = jnp.arange(S, dtype=jnp.int32)
+    # [B, S, K] -> [B, N, 1, S]: the keys each query head reads (GQA: K heads to N)
+    bad_keys = jnp.repeat(jnp.transpose(bad_kv, (0, 2, 1)), N // K, axis=1)[:, :, None, :]
+    mask = None if inputs.mask is None else as_4d(jnp.asarray(inputs.mask))
+    bias = None if bias is None else as_4d(bias)
+
+    def rows(x, q_idx):
+        """``x [b, n, T|1, s]`` at query rows ``q_idx``."""
+        return x if x.shape[2] == 1 else jnp.take(x, q_idx, axis=2)
+
+    def seen_in_block(i):
+        """int8 ``[B, N, block]``: 0 no key attended, 1 finite ones only, 2 a bad one."""
+        q_idx = jnp.minimum(i * block + jnp.arange(block, dtype=jnp.int32), T - 1)
+        # [block, 1], [1, S]: bottom-right aligned positions, as masks.make_causal_mask
+        position = (q_idx + (S - T))[:, None]
+        allowed = jnp.ones((1, 1, block, S), bool)
+        if call.is_causal:
+            allowed = allowed & (kv_idx[None, :] <= position)[None, None]
+        if call.window is not None:
+            left, right = call.window
+            near = (position - kv_idx[None, :] <= left) & (kv_idx[None, :] - position <= right)
+            allowed = allowed & near[None, None]
+        if inputs.query_seq_lengths is not None:
+            lengths = jnp.asarray(inputs.query_seq_lengths).astype(jnp.int32)
+            allowed = allowed & (q_idx[None, :] < lengths[:, None])[:, None, :, None]
+        if inputs.key_value_seq_lengths is not None:
+            lengths = jnp.asarray(inputs.key_value_seq_lengths).astype(jnp.int32)
+            allowed = allowed & (kv_idx[None, :] < lengths[:, None])[:, None, None, :]
+        if mask is not None:
+            allowed = allowed & rows(mask, q_idx)
+        if inputs.mask_fn is not None:
+            allowed = allowed & evaluate_mask(inputs.mask_fn, B, N, q_idx, kv_idx)
+        bad = bad_keys
+        if bias is not None:
+            block_bias = rows(bias, q_idx)
+            allowed = allowed & (block_bias != -jnp.inf)  # NaN > -inf is False
+            bad = bad | _bad_bias(block_bias)
+        one, two, zero = (jnp.asarray(i, jnp.int8) for i in (1, 2, 0))
+        state = jnp.where(allowed, jnp.where(bad, two, one), zero)
+        return jnp.broadcast_to(jnp.max(state, axis=-1), (B, N, block))
+
+    # [blocks, B, N, block] -> [B, T, N]
+    seen = jax.lax.map(seen_in_block, jnp.arange(blocks, dtype=jnp.int32))
+    seen = jnp.transpose(seen, (1, 0, 3, 2)).reshape(B, blocks * block, N)[:, :T]
+    return (seen == 2) | (bad_q & (seen == 1))
 
 
 # --- module hyper-parameters and inputs (flax modules) ----------------------------------

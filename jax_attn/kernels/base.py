@@ -22,7 +22,7 @@ class Implementation:
     call's :class:`~jax_attn.validation.KernelInputs` (``mask``, ``bias``,
     ``query_seq_lengths``, ``key_value_seq_lengths``, ``dropout_rng``, ``mask_fn``,
     ``score_fn``, ``block_mask``; ``None`` where not passed), built once by
-    :func:`~jax_attn.validation.attention_entry`. A kernel reads only the inputs it
+    :func:`~jax_attn.validation.run_attention`. A kernel reads only the inputs it
     serves; ``unsupported`` declines calls with the others. ``unsupported(call, platform)``
     returns a human-readable reason it cannot serve the call, or ``None``;
     ``platforms`` lists the backends it runs on (``None``: all); ``functions`` names
