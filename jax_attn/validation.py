@@ -487,8 +487,18 @@ def _where_bias(masked, dtype):
     return jnp.where(masked, jnp.asarray(-jnp.inf, dtype), jnp.zeros((), dtype))
 
 
+@jax.custom_jvp
 def _finite_or_zero(x):
-    return jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+    return jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x))
+
+
+@_finite_or_zero.defjvp
+def _finite_or_zero_jvp(primals, tangents):
+    # The tangent as a product with the 0/1 mask, not a select: its transpose then keeps the
+    # cotangent's sharding (a select's transpose gathered ring attention's sequence axis
+    # under Explicit mesh axes).
+    (x,), (t,) = primals, tangents
+    return _finite_or_zero(x), t * jnp.isfinite(x).astype(t.dtype)
 
 
 def _any_non_finite(call, q, k, v, bias):
@@ -529,7 +539,11 @@ def nan_policy_attention(select: Select, implementation, q, k, v, *, call, input
             safe = dataclasses.replace(
                 inputs, bias=jnp.where(_bad_bias(bias), jnp.zeros((), bias.dtype), bias)
             )
-        out = kernel(*(_finite_or_zero(x) for x in (q, k, v)), call=call, inputs=safe)
+        # A kernel marked ``zero_fills_non_finite`` does this itself, where its data is
+        # laid out (ring attention: on each device's share, inside its shard_map).
+        own = getattr(kernel, "zero_fills_non_finite", False)
+        operands = (q, k, v) if own else tuple(_finite_or_zero(x) for x in (q, k, v))
+        out = kernel(*operands, call=call, inputs=safe)
         # [B, T, N], [B, S, K]: query rows, and keys (k or v row), holding a non-finite
         bad_q = ~jnp.all(jnp.isfinite(q), axis=-1)
         bad_kv = ~(jnp.all(jnp.isfinite(k), axis=-1) & jnp.all(jnp.isfinite(v), axis=-1))
@@ -539,10 +553,21 @@ def nan_policy_attention(select: Select, implementation, q, k, v, *, call, input
             hit = nan_rows_by_kernel(
                 select, implementation, q, k, bad_q, bad_kv, bias, call, inputs
             )
-        hit = jax.lax.stop_gradient(hit)
+        hit = _sharded_like_rows(jax.lax.stop_gradient(hit), out)
         return jnp.where(hit[..., None], jnp.asarray(jnp.nan, out.dtype), out)
 
     return jax.lax.cond(_any_non_finite(call, q, k, v, bias), guarded, clean, q, k, v, bias)
+
+
+def _sharded_like_rows(hit, out):
+    """``hit [B, T, N]`` laid out as ``out [B, T, N, H_v]``'s rows under Explicit mesh axes
+    (else a mixed layout makes XLA gather ``out``, e.g. a ring's sequence axis)."""
+    sharding = jax.typeof(out).sharding
+    spec = getattr(sharding, "spec", None)
+    if spec is None or jax.sharding.get_abstract_mesh().empty or not any(spec):
+        return hit
+    rows = jax.sharding.PartitionSpec(*(tuple(spec) + (None,) * 4)[:3])
+    return jax.sharding.reshard(hit, jax.sharding.NamedSharding(sharding.mesh, rows))
 
 
 def nan_rows_by_kernel(select: Select, implementation, q, k, bad_q, bad_kv, bias, call, inputs):
@@ -571,6 +596,7 @@ def nan_rows_by_kernel(select: Select, implementation, q, k, bad_q, bad_kv, bias
         return kernel(q0, k0, v0, call=indicator_call, inputs=plain)
 
     out0 = live(None if bias is None else _where_bias(bias == -jnp.inf, bias.dtype))
+    bad_q = _sharded_like_rows(bad_q, out0)
     hit = (out0[..., 0] > 0) | (bad_q & (out0[..., 1] > 0))
     if bias is not None:
         hit = hit | (live(_where_bias(~_bad_bias(bias), bias.dtype))[..., 1] > 0)

@@ -598,6 +598,9 @@ def _local(ring: _Ring, fn, roles: str, out_roles: str, arrays, kv_lengths):
 
     def local(*args):
         arrays, lengths = (args[:-1], args[-1]) if kv_lengths is not None else (args, None)
+        # The NaN policy's zero-fill (validation.nan_policy_attention), here where each
+        # device holds its share: outside, XLA gathers the sequence for it.
+        arrays = [_finite_or_zero(x) for x in arrays]
         if ring.zigzag:
             arrays = [_to_zigzag(ring, x) for x in arrays]
         arrays = [
@@ -658,12 +661,21 @@ def _rules(ring: _Ring) -> FlashRules:
         roles = "qkkqqq" + "q" * (d_lse is not None)
         grads = _local(ring, local, roles, "qkk", arrays, kv_lengths)
         axes = frozenset().union(*map(manual_axes, arrays))
+        # zero at the non-finite entries the forward read as 0 (the NaN policy)
+        grads = [
+            jnp.where(jnp.isfinite(x), g, jnp.zeros_like(g))
+            for g, x in zip(grads, diff, strict=True)
+        ]
         return tuple(
             cotangent_like(g.astype(x.dtype), x, axes) for g, x in zip(grads, diff, strict=True)
         )
 
     forward_ = lambda diff, nondiff: tuple(forward(diff, nondiff))  # noqa: E731
     return FlashRules(forward_, tangent, backward, tangent, backward)
+
+
+def _finite_or_zero(x):
+    return jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x))
 
 
 def _ring_attention(ring: _Ring, q, k, v, kv_lengths):
@@ -829,6 +841,8 @@ def _dispatch_unsupported(call: AttentionCall, mesh, axes: RingAxes) -> str | No
     hint = f"ring axis {axes.seq!r}{default}; {_HOW_TO_CONFIGURE}"
     return ring_unsupported(call, mesh, axes.seq, hint=hint)
 
+
+ring_kernel.zero_fills_non_finite = True  # type: ignore[attr-defined]
 
 IMPLEMENTATION = Implementation(
     name="ring",

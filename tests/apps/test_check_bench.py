@@ -185,7 +185,9 @@ def test_default_dispatch_and_jax_nn_lower_to_the_program_of_the_row_they_alias(
     assert not {"jax_attn reference", "jax_attn ring"} & set(contestants)
     built = {name: bench.build_contestant(contestants[name]) for name in names}
     aliases = bench.find_aliases({name: b.program for name, b in built.items()})
-    assert aliases == {"jax_attn (default)": f"jax_attn {default}", "jax.nn xla": "jax_attn xla"}
+    # jax_attn's xla row is jax.nn's kernel inside the library's NaN policy (a cond on
+    # non-finite inputs, docs/reliability.md): another program, timed on its own.
+    assert aliases == {"jax_attn (default)": f"jax_attn {default}"}
 
 
 def test_an_alias_is_not_timed_and_shows_its_rows_times(monkeypatch):
