@@ -57,33 +57,37 @@ FAILING_CALLS = """
         return ja.dot_product_attention(q, k, v, is_causal=True, implementation="cpu_flash")
 
     grad = jax.jit(jax.grad(lambda q, k, v: attend(q, k, v).sum(), argnums=(0, 1, 2)))
-    for name, run in (("forward", lambda: jax.jit(attend)(q, k, v)),
-                      ("grad", lambda: grad(q, k, v))):
-        try:
-            jax.block_until_ready(run())
-        except Exception as error:
-            assert "cpu_flash" in str(error), str(error)
-            print(name, "raised", type(error).__name__)
-        else:
-            print(name, "did not raise")
-    # The switch off again, the same process computes as the reference does.
-    del os.environ["JAX_ATTN_CPU_FLASH_FAIL_ALLOC"]
-    out = jax.jit(attend)(q, k, v)
     want = ja.dot_product_attention(q, k, v, is_causal=True, implementation="reference")
-    print("after", float(jnp.abs(out - want).max()))
+    for where in ("scratch", "item"):
+        os.environ["JAX_ATTN_CPU_FLASH_FAIL_ALLOC"] = where
+        for name, run in (("forward", lambda: jax.jit(attend)(q, k, v)),
+                          ("grad", lambda: grad(q, k, v))):
+            try:
+                jax.block_until_ready(run())
+            except Exception as error:
+                assert "cpu_flash" in str(error), str(error)
+                print(where, name, "raised", type(error).__name__)
+            else:
+                print(where, name, "did not raise")
+        # The switch off again, the same process computes as the reference does.
+        del os.environ["JAX_ATTN_CPU_FLASH_FAIL_ALLOC"]
+        out = jax.jit(attend)(q, k, v)
+        print(where, "after", float(jnp.abs(out - want).max()))
 """
 
 
-@pytest.mark.parametrize("where", ["scratch", "item"])
-def test_a_failed_allocation_is_a_python_error(where):
+def test_a_failed_allocation_is_a_python_error():
     # "scratch": the call's up-front allocation; "item": std::bad_alloc thrown inside
     # work items on pool threads and the calling thread (std::terminate or SIGSEGV
-    # before the exceptions were contained).
-    done = _run_child(FAILING_CALLS, {"JAX_ATTN_CPU_FLASH_FAIL_ALLOC": where})
+    # before the exceptions were contained). One fresh process for both.
+    done = _run_child(FAILING_CALLS)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    assert lines[0].startswith("forward raised") and lines[1].startswith("grad raised"), lines
-    assert float(lines[2].split()[1]) < 1e-5
+    assert len(lines) == 6, lines
+    for where, block in zip(("scratch", "item"), (lines[:3], lines[3:]), strict=True):
+        assert block[0].startswith(f"{where} forward raised"), block
+        assert block[1].startswith(f"{where} grad raised"), block
+        assert float(block[2].split()[-1]) < 1e-5, block
 
 
 def _call(q, k, v, **changes):
