@@ -1,7 +1,7 @@
 // Fused flash attention for x86-64 CPUs (AVX2 + FMA), float32, as XLA FFI custom calls.
 //
-// jax_attn/kernels/cpu_flash.py compiles this file on first use and registers the two
-// handlers below with jax.ffi. Layouts are jax.nn's: q [B, T, N, H], k [B, S, K, H],
+// jax_attn/kernels/cpu_flash.py compiles this file on first use and registers the three
+// handlers below (forward, backward, tangent) with jax.ffi. Layouts are jax.nn's: q [B, T, N, H], k [B, S, K, H],
 // v [B, S, K, Hv], out [B, T, N, Hv] (leading axes before B, from vmap, fold into B);
 // lse [B, N, T] is the log-sum-exp of each query row's scaled logits (kMasked for a row
 // with nothing to attend).
@@ -15,7 +15,9 @@
 // key tiles its rows may see with the online softmax (running max m, sum l, unnormalised
 // accumulator). Backward (FlashAttention-2): one work item is (batch, key/value head,
 // share of its key tiles); it owns dK, dV of its key tiles and adds its dQ share under a
-// lock per query tile. Items run on XLA's intra-op thread pool.
+// lock per query tile; it takes lse's cotangent too. Tangent (forward mode): the forward's
+// items, one pass with the given lse. Items run on XLA's intra-op thread pool; an
+// exception in any of them (a failed allocation included) becomes the call's error.
 
 #include <immintrin.h>
 
