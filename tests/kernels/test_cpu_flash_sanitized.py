@@ -89,20 +89,21 @@ def test_kernel_tests_pass_under_sanitizers(sanitized_env):
     tests = [
         "tests/kernels/test_cpu_flash.py",
         "tests/kernels/test_cpu_flash_hostile.py",
+        "tests/kernels/test_cpu_flash_transforms.py",
     ]
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
-    _check(
-        subprocess.run(
-            command, capture_output=True, text=True, env=sanitized_env, cwd=ROOT, timeout=1800
-        )
+    done = subprocess.run(
+        command, capture_output=True, text=True, env=sanitized_env, cwd=ROOT, timeout=1800
     )
+    _check(done)
+    assert " passed" in done.stdout and " skipped" not in done.stdout, done.stdout[-2000:]
 
 
 def test_threaded_fuzz_under_sanitizers(sanitized_env):
     command = [sys.executable, "-m", "jax_attn.apps.fuzz", "--fuzz", str(FUZZ_CASES)]
     command += ["--kernel", "cpu_flash", "--threads", "4", "--seed", "21", "--dtypes", "float32"]
-    _check(
-        subprocess.run(
-            command, capture_output=True, text=True, env=sanitized_env, cwd=ROOT, timeout=1800
-        )
+    done = subprocess.run(
+        command, capture_output=True, text=True, env=sanitized_env, cwd=ROOT, timeout=1800
     )
+    _check(done)
+    assert f'"cases": {FUZZ_CASES}' in done.stdout and '"ok": true' in done.stdout
