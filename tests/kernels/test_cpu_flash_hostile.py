@@ -266,3 +266,45 @@ def test_threaded_kernel_fuzz_agrees_with_the_reference():
     report = fuzz.run_kernel_fuzz(6, seed=5, threads=3)
     assert report.ok and report.cases == 6, report.failures
     assert report.compared + report.refused == 6
+
+
+UNDER_LIMITS = """
+import resource
+from jax_attn.kernels import cpu_flash
+T = 2**21  # one head of width 1: the backward's per-row arrays are 16 floats a row
+rng = np.random.default_rng(0)
+q, k, v = (jnp.asarray(rng.standard_normal((1, n, 1, 1), np.float32)) for n in (T, 256, 256))
+
+def loss(q, k, v):
+    return ja.dot_product_attention(q, k, v, is_causal=True, implementation=sys.argv[1]).sum()
+
+step = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
+jax.block_until_ready(step(q, k, v))  # threads started, pools filled, nothing left to compile
+q2 = jax.block_until_ready(2 * q)  # (an eager op in the loop would compile: LLVM aborts)
+with open("/proc/self/status") as status:
+    size = int(next(l for l in status if l.startswith("VmSize:")).split()[1]) * 1024
+outcomes = []
+for extra_mib in range(0, 800, 32):
+    resource.setrlimit(resource.RLIMIT_AS, (size + extra_mib * 2**20, resource.RLIM_INFINITY))
+    try:
+        jax.block_until_ready(step(q2, k, v))
+        outcomes.append("ok")
+    except Exception as error:
+        outcomes.append(f"{type(error).__name__}: {error}"[:200])
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+print(json.dumps({"outcomes": outcomes}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+@pytest.mark.slow
+def test_running_out_of_address_space_is_a_python_error():
+    # jax.grad at T 2**21 under address-space limits from none to 768 MiB above what the
+    # process has mapped: each call completes or raises; the process lives on. (A failed
+    # allocation in the kernel killed the process with SIGABRT or SIGSEGV before.) Some
+    # limits must leave XLA its buffers and fail the kernel's scratch (measured here:
+    # 32-256 MiB above), and the largest must be enough.
+    outcomes = child_peak(UNDER_LIMITS, "cpu_flash")["outcomes"]
+    assert any("cpu_flash: out of memory" in outcome for outcome in outcomes), outcomes
+    assert outcomes[-1] == "ok", outcomes
