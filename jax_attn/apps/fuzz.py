@@ -673,11 +673,13 @@ class KernelFuzzReport:
         return self.failed == 0 and self.compared > 0
 
 
-def _kernel_case(rng: np.random.Generator) -> dict:
-    """One random case of the ``[kernel]`` table: shape, dtype, mode, mask options, inputs
-    (float32 values already rounded to the dtype), traced lengths and a cotangent."""
+def _kernel_case(rng: np.random.Generator, dtypes=None) -> dict:
+    """One random case of the ``[kernel]`` table: shape, dtype (of ``dtypes``, default the
+    table's), mode, mask options, inputs (float32 values already rounded to the dtype),
+    traced lengths and a cotangent."""
     B, T, S, N, K, H, H_v = _KERNEL_TABLE["shapes"][rng.integers(len(_KERNEL_TABLE["shapes"]))]
-    dtype = _KERNEL_TABLE["dtypes"][rng.integers(len(_KERNEL_TABLE["dtypes"]))]
+    dtypes = dtypes or _KERNEL_TABLE["dtypes"]
+    dtype = dtypes[rng.integers(len(dtypes))]
     mode = _KERNEL_TABLE["modes"][rng.integers(len(_KERNEL_TABLE["modes"]))]
     window = _KERNEL_TABLE["windows"][rng.integers(len(_KERNEL_TABLE["windows"]))]
     if window == "huge":
@@ -837,12 +839,14 @@ def run_kernel_fuzz(
     implementation: str = "cpu_flash",
     threads: int = 4,
     progress: bool = False,
+    dtypes=None,
 ) -> KernelFuzzReport:
     """``num_cases`` random calls of one implementation, ``threads`` of them at a time from
     as many Python threads (the kernel's pool, its buffers and XLA's threads shared), each
     against the float64 reference: the output, and for ``grad`` cases the gradients of q,
     k and v. Lengths are traced (out-of-range values included), so validation cannot
-    refuse them; the reference sees them clipped."""
+    refuse them; the reference sees them clipped. ``dtypes`` narrows the table's (fewer
+    programs to compile: the kernel computes in float32 whatever the input dtype)."""
     from concurrent.futures import ThreadPoolExecutor
 
     rng = np.random.default_rng(seed)
@@ -859,7 +863,7 @@ def run_kernel_fuzz(
     with ThreadPoolExecutor(max(1, threads)) as pool:
         done = 0
         while done < num_cases:
-            batch = [_kernel_case(rng) for _ in range(min(threads, num_cases - done))]
+            batch = [_kernel_case(rng, dtypes) for _ in range(min(threads, num_cases - done))]
             # The references first, on this thread alone (x64 is switched on around them).
             expected = [_kernel_expected(case) for case in batch]
             for case, got, want in zip(batch, pool.map(run, batch), expected, strict=True):
@@ -894,12 +898,13 @@ def _kernel_source_hash() -> str:
     return hashlib.sha256(cpu_flash._SOURCE.read_bytes()).hexdigest()
 
 
-def kernel_report_json(report: KernelFuzzReport, seconds: float, seed: int) -> dict:
+def kernel_report_json(report: KernelFuzzReport, seconds: float, seed: int, dtypes=None) -> dict:
     import os
 
     return dict(
         command=f"jax-attn check --fuzz {report.cases} --kernel {report.implementation} "
-        f"--threads {report.threads} --seed {seed}",
+        f"--threads {report.threads} --seed {seed}"
+        + (f" --dtypes {','.join(dtypes)}" if dtypes else ""),
         machine=machine(),
         compiler_flags=os.environ.get("JAX_ATTN_CPU_FLASH_CFLAGS", ""),
         kernel_source_sha256=_kernel_source_hash(),
@@ -945,6 +950,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--threads", type=int, default=4, help="with --kernel (default 4)")
     parser.add_argument(
+        "--dtypes", default=None, help="with --kernel: comma-separated (default: the table's)"
+    )
+    parser.add_argument(
         "--json", default=None, metavar="PATH", help="with --kernel: write the result"
     )
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -965,8 +973,11 @@ def main(argv=None) -> int:
 
         load_kernels()
         start = time.perf_counter()
-        report = run_kernel_fuzz(args.fuzz, args.seed, args.kernel, args.threads, progress=True)
-        result = kernel_report_json(report, time.perf_counter() - start, args.seed)
+        dtypes = args.dtypes.split(",") if args.dtypes else None
+        report = run_kernel_fuzz(
+            args.fuzz, args.seed, args.kernel, args.threads, progress=True, dtypes=dtypes
+        )
+        result = kernel_report_json(report, time.perf_counter() - start, args.seed, dtypes)
         text = json.dumps(result, indent=1)
         print(text)
         if args.json:

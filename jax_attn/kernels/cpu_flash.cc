@@ -1,10 +1,10 @@
 // Fused flash attention for x86-64 CPUs (AVX2 + FMA), float32, as XLA FFI custom calls.
 //
-// jax_attn/kernels/cpu_flash.py compiles this file on first use and registers the two
-// handlers below with jax.ffi. Layouts are jax.nn's: q [B, T, N, H], k [B, S, K, H],
-// v [B, S, K, Hv], out [B, T, N, Hv] (leading axes before B, from vmap, fold into B);
-// lse [B, N, T] is the log-sum-exp of each query row's scaled logits (kMasked for a row
-// with nothing to attend).
+// jax_attn/kernels/cpu_flash.py compiles this file on first use and registers the three
+// handlers below (forward, backward, tangent) with jax.ffi. Layouts are jax.nn's:
+// q [B, T, N, H], k [B, S, K, H], v [B, S, K, Hv], out [B, T, N, Hv] (leading axes before
+// B, from vmap, fold into B); lse [B, N, T] is the log-sum-exp of each query row's scaled
+// logits (kMasked for a row with nothing to attend).
 //
 // What a query may attend is one interval of keys per row: the causal limit, a local
 // window, and the per-sequence lengths each cut it (bottom-right aligned: query t sits at
@@ -15,7 +15,9 @@
 // key tiles its rows may see with the online softmax (running max m, sum l, unnormalised
 // accumulator). Backward (FlashAttention-2): one work item is (batch, key/value head,
 // share of its key tiles); it owns dK, dV of its key tiles and adds its dQ share under a
-// lock per query tile. Items run on XLA's intra-op thread pool.
+// lock per query tile; it takes lse's cotangent too. Tangent (forward mode): the forward's
+// items, one pass with the given lse. Items run on XLA's intra-op thread pool; an
+// exception in any of them (a failed allocation included) becomes the call's error.
 
 #include <immintrin.h>
 
@@ -405,6 +407,51 @@ int64_t ForwardScratch(const Problem& p) {
   return kTile * (p.Hp() + kTile + p.Hvp()) + TileScratch(p);
 }
 
+// One key tile's online-softmax step for rows [0, gemm_rows): the logits in `s`
+// [gemm_rows, width] become unnormalised weights (zero outside each row's keys), and each
+// row's max m, sum l and accumulator are rescaled. kWidth: the width if known at compile
+// time (kTile), else 0 and `width` is used.
+template <int kWidth>
+void OnlineSoftmaxRows(int width_given, int gemm_rows, const KeyTile& t, const int64_t* row_begin,
+                       const int64_t* row_end, float* s, float* m, float* l, float* acc,
+                       int Hvp) {
+  const int width = kWidth ? kWidth : width_given;
+  for (int r = 0; r < gemm_rows; ++r) {
+    float* srow = s + r * width;
+    const int64_t lo = std::clamp<int64_t>(row_begin[r] - t.s0, 0, t.cols);
+    const int64_t hi = std::clamp<int64_t>(row_end[r] - t.s0, 0, t.cols);
+    if (lo >= hi) {
+      std::memset(srow, 0, width * sizeof(float));
+      continue;
+    }
+    float row_max = kMasked;
+    if (lo == 0 && hi == width) {
+      __m256 mx = _mm256_loadu_ps(srow);
+      for (int c = 8; c < width; c += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(srow + c));
+      row_max = HorizontalMax(mx);
+    } else {
+      for (int64_t c = lo; c < hi; ++c) row_max = std::max(row_max, srow[c]);
+    }
+    const float m_new = std::max(m[r], row_max);
+    const float correction = m[r] == kMasked ? 0.0f : std::exp(m[r] - m_new);
+    const __m256 shift = _mm256_set1_ps(m_new);
+    for (int c = 0; c < width; c += 8)
+      _mm256_storeu_ps(srow + c, Exp8(_mm256_sub_ps(_mm256_loadu_ps(srow + c), shift)));
+    std::fill(srow, srow + lo, 0.0f);
+    std::fill(srow + hi, srow + width, 0.0f);
+    __m256 sum = _mm256_loadu_ps(srow);
+    for (int c = 8; c < width; c += 8) sum = _mm256_add_ps(sum, _mm256_loadu_ps(srow + c));
+    l[r] = l[r] * correction + HorizontalSum(sum);
+    m[r] = m_new;
+    if (correction != 1.0f) {
+      const __m256 factor = _mm256_set1_ps(correction);
+      float* arow = acc + r * Hvp;
+      for (int h = 0; h < Hvp; h += 8)
+        _mm256_storeu_ps(arow + h, _mm256_mul_ps(factor, _mm256_loadu_ps(arow + h)));
+    }
+  }
+}
+
 void ForwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float* q,
                  float* out, float* lse, float* scratch) {
   const int64_t tiles = p.q_tiles();
@@ -436,41 +483,14 @@ void ForwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float
   for (int64_t key_tile = begin / kTile; key_tile * kTile < end; ++key_tile) {
     const KeyTile t = LoadTile(p, kv, b, kh, key_tile, tile_scratch);
     const int width = static_cast<int>(t.width);
-    // [gemm_rows, width] scaled logits
-    Gemm<false>(gemm_rows, width, static_cast<int>(p.H), qs, Hp, t.kt, width, s, width);
-    for (int r = 0; r < gemm_rows; ++r) {
-      float* srow = s + r * width;
-      const int64_t lo = std::clamp<int64_t>(row_begin[r] - t.s0, 0, t.cols);
-      const int64_t hi = std::clamp<int64_t>(row_end[r] - t.s0, 0, t.cols);
-      if (lo >= hi) {
-        std::memset(srow, 0, width * sizeof(float));
-        continue;
-      }
-      float row_max = kMasked;
-      if (lo == 0 && hi == width) {
-        __m256 mx = _mm256_loadu_ps(srow);
-        for (int c = 8; c < width; c += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(srow + c));
-        row_max = HorizontalMax(mx);
-      } else {
-        for (int64_t c = lo; c < hi; ++c) row_max = std::max(row_max, srow[c]);
-      }
-      const float m_new = std::max(m[r], row_max);
-      const float correction = m[r] == kMasked ? 0.0f : std::exp(m[r] - m_new);
-      const __m256 shift = _mm256_set1_ps(m_new);
-      for (int c = 0; c < width; c += 8)
-        _mm256_storeu_ps(srow + c, Exp8(_mm256_sub_ps(_mm256_loadu_ps(srow + c), shift)));
-      std::fill(srow, srow + lo, 0.0f);
-      std::fill(srow + hi, srow + width, 0.0f);
-      __m256 sum = _mm256_loadu_ps(srow);
-      for (int c = 8; c < width; c += 8) sum = _mm256_add_ps(sum, _mm256_loadu_ps(srow + c));
-      l[r] = l[r] * correction + HorizontalSum(sum);
-      m[r] = m_new;
-      if (correction != 1.0f) {
-        const __m256 factor = _mm256_set1_ps(correction);
-        float* arow = acc + r * Hvp;
-        for (int h = 0; h < Hvp; h += 8)
-          _mm256_storeu_ps(arow + h, _mm256_mul_ps(factor, _mm256_loadu_ps(arow + h)));
-      }
+    // [gemm_rows, width] scaled logits; full tiles with a constant width, so that the
+    // loops over it unroll
+    if (width == kTile) {
+      Gemm<false>(gemm_rows, kTile, static_cast<int>(p.H), qs, Hp, t.kt, kTile, s, kTile);
+      OnlineSoftmaxRows<kTile>(kTile, gemm_rows, t, row_begin, row_end, s, m, l, acc, Hvp);
+    } else {
+      Gemm<false>(gemm_rows, width, static_cast<int>(p.H), qs, Hp, t.kt, width, s, width);
+      OnlineSoftmaxRows<0>(width, gemm_rows, t, row_begin, row_end, s, m, l, acc, Hvp);
     }
     // [gemm_rows, Hvp] += weights . values, over the keys some row of the tile attends
     // (values of keys no row attends, such as padding, are not read)

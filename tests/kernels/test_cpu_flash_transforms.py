@@ -136,5 +136,7 @@ def test_backward_with_zero_lse_cotangent_is_the_custom_vjp():
     d_out = jnp.asarray(np.random.default_rng(14).standard_normal(out.shape), jnp.float32)
     grads = cpu_flash.backward(call, *qkv, *lengths, out, lse, d_out, jnp.zeros_like(lse))
     _, pullback = jax.vjp(lambda q, k, v: cpu_flash._flash(call, q, k, v, *lengths), *qkv)
+    # not bit for bit: the backward's items add their dQ shares in whichever order the
+    # threads reach the lock
     for got, want in zip(grads, pullback(d_out), strict=True):
-        np.testing.assert_array_equal(got, want)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * float(jnp.abs(want).max()))
