@@ -218,6 +218,7 @@ def _first_and_second_order(f, q, k, v, w):
     return [thunks[name]() for name in names]
 
 
+@pytest.mark.slow
 def test_ring_attention_takes_forward_mode_and_second_order():
     """Sequence-parallel over 4 devices (causal: zig-zag), jitted under the mesh."""
     from jax.sharding import AxisType
@@ -237,6 +238,7 @@ def test_ring_attention_takes_forward_mode_and_second_order():
     _assert_close(jax.device_get(ours), _first_and_second_order(oracle, q, k, v, w))
 
 
+@pytest.mark.slow
 def test_default_inside_shard_map_takes_jvp_and_hessian_vector_products():
     """Each device's share of the batch (the default kernel, manual axes), against the
     reference on the whole batch."""
@@ -266,6 +268,7 @@ def test_default_inside_shard_map_takes_jvp_and_hessian_vector_products():
     _assert_close(ours, jax.tree.map(lambda *rows: jnp.concatenate(rows), *per_row))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("implementation", ["pallas_gpu", "pallas_tpu"])
 def test_pallas_kernels_take_forward_mode_and_second_order(implementation, monkeypatch):
     """JAX's Pallas kernels (interpret mode) hold a custom_vjp: composable() gives them the
@@ -286,6 +289,7 @@ def test_pallas_kernels_take_forward_mode_and_second_order(implementation, monke
     )
 
 
+@pytest.mark.slow
 def test_forward_mode_and_hessian_under_x64():
     """``jax_enable_x64`` makes Python ints int64 and floats float64: the maps must keep
     their float32 and int32 types."""

@@ -33,6 +33,11 @@ CLASSES = (
     "MultiHeadAttentionWrapper",
     "MultiHeadAttention",
 )
+# MultiHeadAttention (the class models use) in the default suite, every class in the slow step.
+EVERY_CLASS = [
+    name if name == "MultiHeadAttention" else pytest.param(name, marks=pytest.mark.slow)
+    for name in CLASSES
+]
 
 
 def book_arguments(name: str, dropout: float = 0.0) -> tuple:
@@ -64,7 +69,7 @@ def sum_of_squares(apply):
 # --- Linen ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", CLASSES)
+@pytest.mark.parametrize("name", EVERY_CLASS)
 def test_linen_remat_of_every_class_equals_the_class(name):
     cls = getattr(ja_linen, name)
     plain, remat = cls(*book_arguments(name)), nn.remat(cls)(*book_arguments(name))
@@ -169,7 +174,7 @@ def linen_scaled(cls):
     return Scaled
 
 
-@pytest.mark.parametrize("name", CLASSES)
+@pytest.mark.parametrize("name", EVERY_CLASS)
 def test_linen_subclass_of_every_class(name):
     cls = getattr(ja_linen, name)
     plain, scaled = cls(*book_arguments(name)), linen_scaled(cls)(*book_arguments(name), scale=3.0)
@@ -189,7 +194,7 @@ def nnx_model(name, cls=None, dropout=0.0, **options):
     return cls(*book_arguments(name, dropout), **options, rngs=nnx.Rngs(params=0, dropout=1))
 
 
-@pytest.mark.parametrize("name", CLASSES)
+@pytest.mark.parametrize("name", EVERY_CLASS)
 def test_nnx_remat_of_every_class_equals_the_module(name):
     model, x = nnx_model(name), inputs()
 
@@ -229,7 +234,7 @@ def nnx_scaled(cls):
     return Scaled
 
 
-@pytest.mark.parametrize("name", CLASSES)
+@pytest.mark.parametrize("name", EVERY_CLASS)
 def test_nnx_subclass_of_every_class(name):
     model, x = nnx_model(name), inputs()
     scaled = nnx_model(name, nnx_scaled(getattr(ja_nnx, name)), scale=3.0)
@@ -269,7 +274,7 @@ def test_nnx_signatures_are_written_out_and_match_linen(name):
 BF16_CLOSE = {"rtol": 2e-2, "atol": 2e-2}  # a few bfloat16 roundings (eps 2**-8) apart
 
 
-@pytest.mark.parametrize("cache_dtype", [None, jnp.float32])
+@pytest.mark.parametrize("cache_dtype", [None, pytest.param(jnp.float32, marks=pytest.mark.slow)])
 def test_nnx_bfloat16_decode_allocates_in_the_compute_dtype(cache_dtype):
     model = nnx_model("MultiHeadAttention", dtype=jnp.bfloat16, decode=True)
     x = inputs(dtype=jnp.bfloat16)
