@@ -176,6 +176,8 @@ def dot_product_attention(
     mask_fn: Callable | None = None,
     score_fn: Callable | None = None,
     block_mask: BlockMask | None = None,
+    alibi_slopes: Float[Array, "*slopes"] | None = None,
+    logit_soft_cap: float | None = None,
 ) -> Outputs:
     """Scaled dot-product attention: ``softmax(q k^T * scale + bias, masked) v``.
 
@@ -199,6 +201,10 @@ def dot_product_attention(
         (float32 for half-precision inputs) before ``bias`` is added and masks apply.
       block_mask: a :func:`jax_attn.make_block_mask` result for ``mask_fn`` (which may
         then be left out): the chunked kernel skips the blocks it marks empty.
+      alibi_slopes: ``[N]`` or ``[B, N]`` float: ALiBi, ``-slope[h] * |i + S - T - j|``
+        added to the logit of query ``i`` and key ``j`` (FlashAttention's convention).
+      logit_soft_cap: ``cap``: each scaled logit becomes ``cap * tanh(logit / cap)``
+        (Gemma 2), before ALiBi, ``score_fn``, ``bias`` and the masks.
 
     Returns:
       ``[B, T, N, H_v]`` in the input dtype. A query with nothing to attend gets zeros.
@@ -234,6 +240,8 @@ def dot_product_attention(
         mask_fn=mask_fn,
         score_fn=score_fn,
         block_mask=block_mask,
+        alibi_slopes=alibi_slopes,
+        logit_soft_cap=logit_soft_cap,
     )
 
 

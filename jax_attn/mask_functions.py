@@ -29,6 +29,7 @@ __all__ = [
     "evaluate_mask",
     "evaluate_score",
     "make_block_mask",
+    "score_options",
     "uses_batch_and_head",
 ]
 
@@ -210,3 +211,56 @@ def make_block_mask(
     Tq, Sk = block_sizes(T, S, block_size)
     any_, full = block_mask_arrays(mask_fn, B, N, T, S, Tq, Sk)
     return BlockMask(any_, full, mask_fn, (B, N, T, S), (Tq, Sk))
+
+
+# --- the score options models ship: ALiBi and soft-capping -------------------------------
+
+
+def score_options(
+    alibi_slopes, logit_soft_cap, *, T: int, S: int, N: int, B: int | None, score_fn=None
+) -> Callable | None:
+    """``score_fn`` made from ``dot_product_attention``'s ``logit_soft_cap`` (Gemma 2:
+    ``cap * tanh(score / cap)``) and ``alibi_slopes`` (Press et al. 2022, with
+    FlashAttention's convention: ``-slope[h] * |q_idx + S - T - kv_idx|``, ``[N]`` or
+    ``[B, N]`` float slopes), applied in that order and then the caller's ``score_fn``;
+    ``None`` when none is given. ``B`` is ``None`` for an unbatched call."""
+    if alibi_slopes is None and logit_soft_cap is None:
+        return score_fn
+    cap = _check_soft_cap(logit_soft_cap)
+    slopes = None if alibi_slopes is None else _check_slopes(alibi_slopes, N, B)
+
+    def options_score_fn(score, b, h, q_idx, kv_idx):
+        if cap is not None:
+            score = cap * jnp.tanh(score / cap)
+        if slopes is not None:
+            slope = slopes[h] if slopes.ndim == 1 else slopes[b, h]
+            distance = jnp.abs(q_idx + (S - T) - kv_idx).astype(score.dtype)
+            score = score - slope.astype(score.dtype) * distance
+        return score if score_fn is None else score_fn(score, b, h, q_idx, kv_idx)
+
+    return options_score_fn
+
+
+def _check_soft_cap(cap) -> float | None:
+    if cap is None:
+        return None
+    if isinstance(cap, bool) or not isinstance(cap, int | float | np.integer | np.floating):
+        raise TypeError(f"logit_soft_cap must be a positive float or None, got {cap!r}")
+    if not np.isfinite(cap) or cap <= 0:
+        raise ValueError(f"logit_soft_cap must be a positive finite float, got {cap}")
+    return float(cap)
+
+
+def _check_slopes(slopes, N: int, B: int | None):
+    try:
+        dtype = jnp.result_type(slopes)
+        shape = tuple(jnp.shape(slopes))
+    except TypeError as error:
+        raise TypeError(f"alibi_slopes must be an array, got {type(slopes).__name__}") from error
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"alibi_slopes must hold floats, got dtype {dtype}")
+    allowed = [(N,)] + ([] if B is None else [(B, N)])
+    if shape not in allowed:
+        want = " or ".join(str(list(s)) for s in allowed)
+        raise ValueError(f"alibi_slopes must have shape {want} ([N] or [B, N]), got {list(shape)}")
+    return jnp.asarray(slopes)

@@ -112,6 +112,8 @@ def dot_product_attention(
     mask_fn: Callable | None = None,
     score_fn: Callable | None = None,
     block_mask: BlockMask | None = None,
+    alibi_slopes: Float[Array, "*slopes"] | None = None,
+    logit_soft_cap: float | None = None,
 ) -> Outputs:
     """Reference attention. q ``[B, T, N, H]``, k ``[B, S, K, H]``, v ``[B, S, K, H_v]``
     (or unbatched without ``B``) -> ``[B, T, N, H_v]`` in q's dtype.
@@ -143,4 +145,6 @@ def dot_product_attention(
         mask_fn=mask_fn,
         score_fn=score_fn,
         block_mask=block_mask,
+        alibi_slopes=alibi_slopes,
+        logit_soft_cap=logit_soft_cap,
     )

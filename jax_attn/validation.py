@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_attn.mask_functions import BlockMask, evaluate_mask
+from jax_attn.mask_functions import BlockMask, evaluate_mask, score_options
 from jax_attn.masks import as_4d, normalize_window
 
 if TYPE_CHECKING:  # shape annotations only; see jax_attn.shapes
@@ -470,11 +470,32 @@ def run_attention(select: Select, implementation, query, key, value, **arguments
     keywords), ask ``select`` for the kernel, run it on batched inputs under the NaN
     policy (:func:`nan_policy_attention`) and return the output unbatched when the
     inputs were."""
+    arguments["score_fn"] = _with_score_options(query, key, arguments)
     call = check_attention_args(query, key, value, **arguments)
     q, k, v = batched_inputs(call, query, key, value)
     inputs = KernelInputs(**{name: arguments.get(name) for name in _KERNEL_INPUTS})
     out = nan_policy_attention(select, implementation, q, k, v, call=call, inputs=inputs)
     return out if call.batched else out[0]
+
+
+def _with_score_options(query, key, arguments: dict):
+    """``arguments``' ``score_fn`` with its ``alibi_slopes`` and ``logit_soft_cap`` (taken
+    out of ``arguments``) folded in (:func:`jax_attn.mask_functions.score_options`)."""
+    slopes, cap = arguments.pop("alibi_slopes", None), arguments.pop("logit_soft_cap", None)
+    if slopes is None and cap is None:
+        return arguments.get("score_fn")
+    q_shape, k_shape = jnp.shape(query), jnp.shape(key)
+    if len(q_shape) not in (3, 4) or len(k_shape) != len(q_shape):
+        return arguments.get("score_fn")  # check_attention_args names the shape error
+    return score_options(
+        slopes,
+        cap,
+        T=q_shape[-3],
+        S=k_shape[-3],
+        N=q_shape[-2],
+        B=q_shape[0] if len(q_shape) == 4 else None,
+        score_fn=arguments.get("score_fn"),
+    )
 
 
 def _bad_bias(bias):

@@ -21,6 +21,8 @@ KEYWORDS = [
     "mask_fn",
     "score_fn",
     "block_mask",
+    "alibi_slopes",
+    "logit_soft_cap",
 ]
 
 
@@ -39,11 +41,14 @@ def test_dispatcher_and_reference_share_one_written_signature():
 
 
 def test_defaults_match_the_checks():
-    """Every keyword but ``implementation`` is one of ``check_attention_args``'s, with
-    the same default."""
+    """Every keyword but ``implementation`` and the score options (folded into
+    ``score_fn`` before the checks, both default ``None``) is one of
+    ``check_attention_args``'s, with the same default."""
     checks = inspect.signature(check_attention_args).parameters
-    for name, parameter in inspect.signature(dispatch.dot_product_attention).parameters.items():
-        if name in ("query", "key", "value", "implementation"):
+    parameters = inspect.signature(dispatch.dot_product_attention).parameters
+    assert parameters["alibi_slopes"].default is parameters["logit_soft_cap"].default is None
+    for name, parameter in parameters.items():
+        if name in ("query", "key", "value", "implementation", "alibi_slopes", "logit_soft_cap"):
             continue
         assert parameter.default == checks[name].default, name
     assert (
