@@ -4,8 +4,9 @@ XLA cannot look inside a custom call, so by default it gathers the call's operan
 every device and runs it whole. :func:`partitioned_call` runs a kernel's function through
 ``jax.experimental.custom_partitioning`` instead, with a rule that keeps the batch axes
 and the key/value-head axis ``K`` (query heads ``N = K * G`` following it in groups of
-``G``) split as they come and replicates every other axis (``T``, ``S``, ``H``): each
-device then runs the same function on its own share, and the results stay split.
+``G``; with ``K = 1`` the query heads alone) split as they come and replicates every
+other axis (``T``, ``S``, ``H``): each device then runs the same function on its own
+share, and the results stay split.
 
 Every operand and result has a role saying where those axes are, after any number of
 leading batch axes (``B`` and, under ``jax.vmap``, the mapped axes before it):
@@ -43,8 +44,8 @@ except ImportError:  # pragma: no cover
 
 __all__ = ["ROLES", "partitioned_call"]
 
-# role -> the axes after the leading batch axes: "heads" split as the key/value heads,
-# "whole" never split
+# role -> the axes after the leading batch axes: the query or key/value heads (split
+# together), or "whole" (never split)
 ROLES: dict[str, tuple[str, ...]] = {
     "q": ("whole", "q_heads", "whole"),
     "kv": ("whole", "kv_heads", "whole"),
@@ -183,17 +184,19 @@ def _custom_partitioned(fn, arg_roles, result_roles):
 
 
 def _batch_and_heads(arg_shapes, arg_roles):
-    """The mesh axes of the first ``"q"`` operand's batch axes, and those of its heads when
-    they split the key/value heads as well (else ``None``: heads whole)."""
-    q = arg_shapes[arg_roles.index("q")]
+    """The mesh axes of the first ``"q"`` operand's batch axes, and of the head axes by
+    name (``"q_heads"``, ``"kv_heads"``): the query heads' where the first ``"kv"``
+    operand's heads split alike, or where there is one key/value head (MQA: every query
+    head attends it, however they are split); ``None`` (whole) otherwise."""
+    q, kv = arg_shapes[arg_roles.index("q")], arg_shapes[arg_roles.index("kv")]
     lead = _leading(q.shape, "q")
     spec = _padded_spec(q)
-    heads = spec[lead + 1]
-    if heads is not None and "kv" in arg_roles:
-        kv = arg_shapes[arg_roles.index("kv")]
-        if _padded_spec(kv)[_leading(kv.shape, "kv") + 1] != heads:
-            heads = None
-    return spec[:lead], heads
+    q_heads = spec[lead + 1]
+    if kv.shape[-2] == 1:
+        return spec[:lead], {"q_heads": q_heads, "kv_heads": None}
+    if _padded_spec(kv)[_leading(kv.shape, "kv") + 1] != q_heads:
+        q_heads = None
+    return spec[:lead], {"q_heads": q_heads, "kv_heads": q_heads}
 
 
 def _padded_spec(x) -> tuple:
@@ -204,21 +207,22 @@ def _padded_spec(x) -> tuple:
 
 
 def _spec(shape, role, batch, heads) -> P:
-    lead = _leading(shape, role)
-    # vmapped axes before the batch axes of a narrower operand: none here (all are widened
-    # alike by the batching rule), so the batch specs line up from the front
-    tail = tuple(heads if axis.endswith("heads") else None for axis in ROLES[role])
-    return P(*batch[:lead], *(None,) * (lead - len(batch)), *tail)
+    # every operand has the same leading batch axes (jax.vmap widens them all alike)
+    tail = tuple(heads.get(axis) for axis in ROLES[role])
+    return P(*batch, *tail)
 
 
 def _shardy_rule(arg_shapes, arg_roles, result_shapes, result_roles):
     """The Shardy rule: shared batch factors, ``k`` for the key/value heads and ``(k g)`` for
     the query heads (``g`` never split: a device's query heads are whole groups of its key
-    heads), every other axis its own factor that needs replication."""
-    q_shape = arg_shapes[arg_roles.index("q")]
-    n_heads = q_shape[-2]
-    kv_heads = arg_shapes[arg_roles.index("kv")][-2] if "kv" in arg_roles else n_heads
+    heads; with one key/value head the query heads split freely), every other axis its
+    own factor that needs replication."""
+    n_heads = arg_shapes[arg_roles.index("q")][-2]
+    kv_heads = arg_shapes[arg_roles.index("kv")][-2]
     group = n_heads // kv_heads
+    # one key/value head (MQA): the query heads split freely, "n" (a size-1 "k" may not
+    # be part of a compound factor)
+    q_heads = "n" if kv_heads == 1 else "(k g)" if group > 1 else "k"
     whole: list[str] = []
 
     def factors(shape, role):
@@ -228,7 +232,7 @@ def _shardy_rule(arg_shapes, arg_roles, result_shapes, result_roles):
             if axis == "kv_heads":
                 names.append("k")
             elif axis == "q_heads":
-                names.append("(k g)" if group > 1 else "k")
+                names.append(q_heads)
             else:
                 whole.append(f"w{len(whole)}")
                 names.append(whole[-1])
@@ -236,8 +240,9 @@ def _shardy_rule(arg_shapes, arg_roles, result_shapes, result_roles):
 
     operands = ", ".join(factors(s, r) for s, r in zip(arg_shapes, arg_roles, strict=True))
     results = ", ".join(factors(s, r) for s, r in zip(result_shapes, result_roles, strict=True))
-    replicated = tuple(whole) + (("g",) if group > 1 else ())
-    sizes = {"g": group} if group > 1 else {}
+    compound = q_heads == "(k g)"
+    replicated = tuple(whole) + (("g",) if compound else ())
+    sizes = {"g": group} if compound else {}
     # Shardy wants the special factors in the order they are numbered: first appearance,
     # which puts "g" (first seen in the first query-role operand) among the w's
     order = f"{operands} {results}".replace("(", " ").replace(")", " ").replace(",", " ").split()

@@ -89,11 +89,14 @@ def test_plain_jit_of_sharded_arrays_splits_the_kernel(layout):
         assert x.sharding.is_equivalent_to(NamedSharding(mesh, spec), 4)
 
 
-def test_explicit_axes_split_the_kernel_in_forward_mode():
+@pytest.mark.parametrize("kv_heads", [K, 1])  # 1: MQA, the query heads split alone
+def test_explicit_axes_split_the_kernel_in_forward_mode(kv_heads):
     shape, names, spec = MESHES["data x heads"]
     mesh = jax.make_mesh(shape, names, axis_types=(AxisType.Explicit,) * 2)
-    q, k, v, lengths = _inputs()
-    tangents = make_qkv(B=B, T=T, S=T, N=N, K=K, H=H, seed=7)
+    q, k, v = make_qkv(B=B, T=T, S=T, N=N, K=kv_heads, H=H)
+    lengths = _inputs()[3]
+    tangents = make_qkv(B=B, T=T, S=T, N=N, K=kv_heads, H=H, seed=7)
+    kv_spec = spec if kv_heads > 1 else P("data")
 
     def attention(attention_fn):
         return lambda q, k, v: attention_fn(q, k, v, key_value_seq_lengths=lengths, is_causal=True)
@@ -101,8 +104,9 @@ def test_explicit_axes_split_the_kernel_in_forward_mode():
     def jvp(q, k, v, dq, dk, dv):
         return jax.jvp(attention(ja.dot_product_attention), (q, k, v), (dq, dk, dv))
 
-    put = lambda x: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
-    args = [put(x) for x in (q, k, v, *tangents)]
+    put = lambda x, s: jax.device_put(x, NamedSharding(mesh, s))  # noqa: E731
+    specs = (spec, kv_spec, kv_spec) * 2
+    args = [put(x, s) for x, s in zip((q, k, v, *tangents), specs, strict=True)]
     with jax.set_mesh(mesh):
         step = jax.jit(jvp)
         compiled = step.lower(*args).compile().as_text()
