@@ -13,12 +13,11 @@ local windows, query and key lengths, GQA/MQA, any ``T`` and ``S``, head dims up
 ``mask_fn``/``score_fn``/``block_mask`` (``chunked`` serves those), float64, and CPUs
 without AVX2 and FMA.
 
-XLA cannot split a custom call over devices. Under a multi-device ``jax.set_mesh`` it
-declines (``chunked`` partitions), and the default dispatch takes it only where nothing
-is partitioned: in a single-device process, or inside ``jax.shard_map`` over every mesh
-axis, where it runs on each device's share (``jax_attn.dispatch.CUSTOM_CALLS``). Named
-explicitly under a plain ``jax.jit`` of sharded arrays, XLA gathers its inputs and runs it
-whole on every device.
+XLA cannot split a custom call over devices by itself: the three calls go through
+:mod:`jax_attn.kernels.partitioned` (``jax.experimental.custom_partitioning``), which
+splits them over batch and heads under a plain ``jax.jit`` of sharded arrays and under
+``jax.set_mesh``; inside ``jax.shard_map`` over every mesh axis each device runs its share.
+It declines inside a ``shard_map`` over some axes while XLA partitions others.
 
 The C++ source ships with the package and is compiled on first use with the system
 C++ compiler (``$CXX``, split like a shell command, else ``g++``, ``c++`` or ``clang++``)
