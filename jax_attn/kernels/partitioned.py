@@ -40,7 +40,7 @@ from jax_attn.kernels.flash_autodiff import flash_linear_p
 try:  # the registry has no public name (JAX's own cuDNN kernels use it)
     from jax._src import dispatch as _jax_dispatch
 except ImportError:  # pragma: no cover
-    _jax_dispatch = None
+    _jax_dispatch = None  # type: ignore[assignment]
 
 __all__ = ["ROLES", "partitioned_call"]
 
