@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_attn.apps import timing
+from jax_attn.apps import bench_mesh, timing
 from jax_attn.apps.config import CONFIG_DIR, check_choice, load_dataclass
 from jax_attn.apps.extras import require
 
@@ -965,7 +965,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the long-context runs")
     parser.add_argument("--note", default="", help="free text stored in the JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench_mesh.add_mesh_arguments(
+        parser.add_argument_group(
+            "sharded attention",
+            "jax-attn bench --mesh AXIS=SIZE,... [these options] (docs/sharding.md); "
+            "the options above do not apply",
+        ),
+        mesh_required=False,
+    )
     args = parser.parse_args(argv)
+    if args.mesh is not None:
+        # `jax-attn bench --mesh` comes here only when called from Python: the command line
+        # goes to bench_mesh before jax is imported (it sets the CPU device count).
+        return bench_mesh.main(argv)
+    mesh_defaults = vars(bench_mesh.build_parser().parse_args(["--mesh", "unused"]))
+    mesh_only = [
+        f"--{dest.replace('_', '-')}"
+        for dest, default in mesh_defaults.items()
+        if dest != "mesh" and getattr(args, dest) != default
+    ]
+    if mesh_only:
+        parser.error(f"{', '.join(mesh_only)}: only with --mesh")
     if args.config is None:
         name = "bench-gpu.toml" if jax.default_backend() == "gpu" else "bench-cpu.toml"
         args.config = str(CONFIG_DIR / name)

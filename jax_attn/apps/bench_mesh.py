@@ -67,19 +67,36 @@ def build_parser() -> argparse.ArgumentParser:
         prog="jax-attn bench --mesh",
         description="Sharded attention (tensor- or sequence-parallel) against one device.",
     )
-    parser.add_argument("--mesh", required=True, help="e.g. data=2,model=4 or seq=8")
+    add_mesh_arguments(parser, mesh_required=True)
+    return parser
+
+
+def add_mesh_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, mesh_required: bool
+) -> None:
+    """The options of ``jax-attn bench --mesh``: ``bench --help`` lists them too."""
+    parser.add_argument(
+        "--mesh",
+        required=mesh_required,
+        metavar="AXIS=SIZE,...",
+        help="benchmark sharded attention on this mesh, e.g. data=2,model=4 or seq=8",
+    )
     parser.add_argument(
         "--batch", type=int, default=None, help="B (default 8 for data/model, 1 for seq x data)"
     )
     parser.add_argument(
         "--seq-len", type=int, default=None, help="T (default 256 for data/model, 2048 for seq)"
     )
-    parser.add_argument("--d-model", type=int, default=512, help="D for data/model meshes")
-    parser.add_argument("--heads", type=int, default=8, help="N")
+    parser.add_argument(
+        "--d-model", type=int, default=512, help="D for data/model meshes (default %(default)s)"
+    )
+    parser.add_argument("--heads", type=int, default=8, help="N (default %(default)s)")
     parser.add_argument(
         "--kv-heads", type=int, default=None, help="K for seq meshes (GQA; default N)"
     )
-    parser.add_argument("--head-dim", type=int, default=64, help="H for seq meshes")
+    parser.add_argument(
+        "--head-dim", type=int, default=64, help="H for seq meshes (default %(default)s)"
+    )
     parser.add_argument(
         "--block-size",
         type=int,
@@ -93,21 +110,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="measure forward + backward (gradients of q, k, v / params)",
     )
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="(default %(default)s)"
+    )
     parser.add_argument(
         "--implementation",
         default=None,
         help="attention implementation on one device and inside the sharded "
         "MultiHeadAttention (default: the library's choice for this device)",
     )
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (default %(default)s)")
     parser.add_argument(
         "--compile-only",
         action="store_true",
         help="compile and report memory without running (sizes beyond this host)",
     )
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
-    return parser
 
 
 #: The timing fields of a row (``None`` with ``--compile-only``).

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_attn.apps.arguments import add_name_list
+
 _TABLES_FILE = "data/fuzz_cases.toml"
 
 __all__ = [
@@ -42,6 +44,8 @@ __all__ = [
     "load_kernels",
     "module_mistakes",
     "run_mistake",
+    "add_fuzz_arguments",
+    "build_parser",
     "main",
     "max_error",
     "random_call",
@@ -916,23 +920,22 @@ def kernel_report_json(report: KernelFuzzReport, seconds: float, seed: int, dtyp
     )
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="jax-attn check --fuzz",
-        description="Random cases: implementations vs the float64 reference, and bad inputs.",
+def add_fuzz_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The options of ``jax-attn check --fuzz`` beyond those it shares with ``check``
+    (``--implementations``, ``--dtypes``, ``--json``): ``check --help`` lists them too."""
+    parser.add_argument(
+        "--fuzz",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run N random cases (and bad inputs) instead of the grid",
     )
-    parser.add_argument("--fuzz", type=int, default=None, metavar="N", help="number of cases")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="with --fuzz (default 0)")
     parser.add_argument(
         "--bad-fraction",
         type=float,
         default=0.25,
-        help="share of cases that are user mistakes (default 0.25)",
-    )
-    parser.add_argument(
-        "--implementations",
-        default=None,
-        help="comma-separated names (default: all available here)",
+        help="with --fuzz: share of cases that are user mistakes (default 0.25)",
     )
     parser.add_argument(
         "--error-table",
@@ -946,15 +949,32 @@ def main(argv=None) -> int:
         "--kernel",
         default=None,
         metavar="NAME",
-        help="fuzz one implementation (cpu_flash) from several threads, with gradients and vmap",
+        help="with --fuzz: fuzz one implementation (cpu_flash) from several threads, "
+        "with gradients and vmap",
     )
     parser.add_argument("--threads", type=int, default=4, help="with --kernel (default 4)")
-    parser.add_argument(
-        "--dtypes", default=None, help="with --kernel: comma-separated (default: the table's)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``jax-attn check --fuzz``'s options (``check --help`` lists them with the grid's)."""
+    parser = argparse.ArgumentParser(
+        prog="jax-attn check --fuzz",
+        description="Random cases: implementations vs the float64 reference, and bad inputs.",
     )
+    add_fuzz_arguments(parser)
+    add_name_list(
+        parser, "--implementations", "NAME", "only these implementations (default: all here)"
+    )
+    add_name_list(parser, "--dtypes", "DTYPE", "with --kernel: only these (default: the table's)")
     parser.add_argument(
         "--json", default=None, metavar="PATH", help="with --kernel: write the result"
     )
+    parser.add_argument("--no-progress", action="store_true", help="no progress lines")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.error_table is not None:
         table = error_table()
@@ -973,9 +993,14 @@ def main(argv=None) -> int:
 
         load_kernels()
         start = time.perf_counter()
-        dtypes = args.dtypes.split(",") if args.dtypes else None
+        dtypes = args.dtypes
         report = run_kernel_fuzz(
-            args.fuzz, args.seed, args.kernel, args.threads, progress=True, dtypes=dtypes
+            args.fuzz,
+            args.seed,
+            args.kernel,
+            args.threads,
+            progress=not args.no_progress,
+            dtypes=dtypes,
         )
         result = kernel_report_json(report, time.perf_counter() - start, args.seed, dtypes)
         text = json.dumps(result, indent=1)
@@ -984,9 +1009,14 @@ def main(argv=None) -> int:
             with open(args.json, "w") as f:
                 f.write(text + "\n")
         return 0 if report.ok else 1
-    names = args.implementations.split(",") if args.implementations else None
     start = time.perf_counter()
-    report = run_fuzz(args.fuzz, args.seed, args.bad_fraction, names, progress=True)
+    report = run_fuzz(
+        args.fuzz,
+        args.seed,
+        args.bad_fraction,
+        args.implementations,
+        progress=not args.no_progress,
+    )
     print(format_report(report, time.perf_counter() - start, args.seed))
     return 0 if report.ok else 1
 

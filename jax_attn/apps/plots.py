@@ -497,30 +497,54 @@ def save_figures(figures: Mapping[str, Figure], out_dir, dpi: int = 110) -> list
     return paths
 
 
+def _mask_fn_help(name: str, spec: tuple) -> str:
+    """``document[:N]`` (N: packed documents, causal in each; default 3)."""
+    _, default, meaning = spec
+    return name if default is None else f"{name}[:N] (N: {meaning}; default {default})"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jax-attn plot",
         description="Attention heatmaps for a sentence: simplified, full vs causal, dropout, "
         "every head of a MultiHeadAttention, and the masks.",
     )
-    parser.add_argument("sentence", nargs="?", default=BOOK_SENTENCE, help="words to attend over")
-    parser.add_argument("--out", default="attention_plots", help="output folder for the PNGs")
-    parser.add_argument("--heads", type=int, default=4, help="MultiHeadAttention heads")
-    parser.add_argument("--dropout", type=float, default=0.5, help="dropout rate to show")
-    parser.add_argument("--dim", type=int, default=16, help="random embedding width")
-    parser.add_argument("--seed", type=int, default=0, help="embedding and weight seed")
+    parser.add_argument(
+        "sentence",
+        nargs="?",
+        default=BOOK_SENTENCE,
+        help="words to attend over (default: %(default)r)",
+    )
+    parser.add_argument(
+        "--out", default="attention_plots", help="output folder for the PNGs (default %(default)s)"
+    )
+    parser.add_argument(
+        "--heads", type=int, default=4, help="MultiHeadAttention heads (default %(default)s)"
+    )
+    parser.add_argument(
+        "--dropout", type=float, default=0.5, help="dropout rate to show (default %(default)s)"
+    )
+    parser.add_argument(
+        "--dim", type=int, default=16, help="random embedding width (default %(default)s)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="embedding and weight seed (default %(default)s)"
+    )
     parser.add_argument(
         "--mask-fn",
         action="append",
-        metavar="NAME[:INT]",
-        help="draw this mask function instead (repeatable): causal, window:W, document:D, "
-        "prefix_lm:P (docs/masks.md); writes mask_fns.png",
+        metavar="NAME[:N]",
+        help="draw this mask function instead, writes mask_fns.png (repeatable; docs/masks.md): "
+        + "; ".join(_mask_fn_help(name, spec) for name, spec in mask_gallery.MASK_FNS.items()),
     )
-    parser.add_argument("--length", type=int, default=12, help="tokens for --mask-fn (default 12)")
+    parser.add_argument(
+        "--length", type=int, default=12, help="tokens for --mask-fn (default %(default)s)"
+    )
     parser.add_argument(
         "--all",
         action="store_true",
-        help=f"regenerate the documentation figures in {FIGURES_DIR} (ignores the others)",
+        help="the documentation figures instead, into --out (the other options ignored); "
+        "to regenerate a checkout's, pass --out docs/figures",
     )
     return parser
 
@@ -529,14 +553,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``jax-attn plot [SENTENCE] [--out DIR] ...``: writes the PNGs and lists them."""
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.all:
-        if not FIGURES_DIR.parent.is_dir():
-            print(
-                f"jax-attn plot: --all writes into a source checkout's docs/figures, "
-                f"but {FIGURES_DIR.parent} does not exist (use --out DIR)",
-                file=sys.stderr,
-            )
-            return 2
-        paths = save_figures(sentence_figures(), FIGURES_DIR)
+        paths = save_figures(sentence_figures(), args.out)
     elif args.mask_fn:
         if args.length <= 0:
             print(f"jax-attn plot: --length must be > 0, got {args.length}", file=sys.stderr)

@@ -1237,7 +1237,13 @@ def main(argv=None) -> int:
         "--resume the checkpoint's own)",
     )
     parser.add_argument("--out", help="output directory (default: the config's output_dir)")
-    parser.add_argument("--steps", type=int, help="override train.steps")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        metavar="N",
+        help="override train.steps; this also shortens the learning-rate warm-up to "
+        "min(train.warmup_steps, max(N // 10, 1)) steps",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--decode-bench",
