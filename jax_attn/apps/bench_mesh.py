@@ -29,6 +29,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from jax_attn.apps import timing
 
@@ -182,7 +183,7 @@ def collective_counts(hlo: str) -> dict[str, int]:
     return {op: ops.count(op) for op in sorted(set(ops))}
 
 
-def bench_tensor_parallel(args, sizes, devices) -> list[dict]:
+def bench_tensor_parallel(args, sizes, devices) -> tuple[dict, list[dict]]:
     import jax
     import jax.numpy as jnp
 
@@ -231,7 +232,7 @@ def bench_tensor_parallel(args, sizes, devices) -> list[dict]:
     return config, rows
 
 
-def bench_ring(args, sizes, devices) -> list[dict]:
+def bench_ring(args, sizes, devices) -> tuple[dict, list[dict]]:
     import jax
     import jax.numpy as jnp
 
@@ -246,15 +247,18 @@ def bench_ring(args, sizes, devices) -> list[dict]:
     causal = not args.not_causal
     dtype = jnp.dtype(args.dtype)
     shapes = ((B, T, N, H), (B, T, K, H), (B, T, K, H))
+    # abstract (ShapeDtypeStruct) with --compile-only, else arrays
+    qkv: tuple[Any, ...]
     if args.compile_only:
-        q, k, v = (jax.ShapeDtypeStruct(shape, dtype) for shape in shapes)
-        on_one_device = (q, k, v)
+        qkv = tuple(jax.ShapeDtypeStruct(shape, dtype) for shape in shapes)
+        on_one_device = qkv
     else:
         keys = jax.random.split(jax.random.key(0), 3)
-        q, k, v = (
+        qkv = tuple(
             jax.random.normal(key, shape, dtype) for key, shape in zip(keys, shapes, strict=True)
         )
-        on_one_device = jax.device_put((q, k, v), devices[0])
+        on_one_device = jax.device_put(qkv, devices[0])
+    q, k, v = qkv
     repeats = 0 if args.compile_only else args.repeats
 
     def with_grads(attention):

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -129,7 +130,7 @@ def _case_inputs(case: Case, dtype):
     q = normal((case.B, case.T, case.N, case.H))
     k = normal((case.B, case.S, case.K, case.H))
     v = normal((case.B, case.S, case.K, H_v))
-    kwargs = {"is_causal": case.is_causal}
+    kwargs: dict[str, Any] = {"is_causal": case.is_causal}
     if case.window is not None:
         kwargs["local_window_size"] = case.window
     if case.mask:

@@ -24,6 +24,7 @@ import time
 import tomllib
 from collections.abc import Callable
 from importlib import resources
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -315,8 +316,10 @@ def table_value(spec, dims: dict, call: dict | None = None):
     if not isinstance(spec, dict):
         return spec
     if "like" in spec:
+        assert call is not None, f"{spec} needs the call it is like"
         return _array_op(call[spec["like"]], spec, dims)
-    for fill_name, fill in (("ones", 1), ("zeros", 0), ("full", spec.get("fill"))):
+    fills: tuple[tuple[str, Any], ...] = (("ones", 1), ("zeros", 0), ("full", spec.get("fill")))
+    for fill_name, fill in fills:
         if fill_name in spec:
             fill = size(fill, dims) if isinstance(fill, str) else fill
             return jnp.full(sizes(spec[fill_name], dims), fill, spec["dtype"])
@@ -761,7 +764,7 @@ _JITTED: dict = {}
 def _jitted(implementation: str, case: dict, dtype):
     """One jitted function per (implementation, shape, dtype, options, mode): lengths and
     inputs are arguments, so every case of a kind reuses its compiled program."""
-    key = (implementation, case["shape"], str(dtype), case["causal"], case["window"])
+    key: tuple = (implementation, case["shape"], str(dtype), case["causal"], case["window"])
     key += (case["mode"],)
     if key not in _JITTED:
         _JITTED[key] = jax.jit(_outputs(_attend(implementation, case, dtype), case["mode"]))
@@ -994,7 +997,7 @@ def main(argv: list[str] | None = None) -> int:
         load_kernels()
         start = time.perf_counter()
         dtypes = args.dtypes
-        report = run_kernel_fuzz(
+        kernel_report = run_kernel_fuzz(
             args.fuzz,
             args.seed,
             args.kernel,
@@ -1002,13 +1005,13 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
             dtypes=dtypes,
         )
-        result = kernel_report_json(report, time.perf_counter() - start, args.seed, dtypes)
+        result = kernel_report_json(kernel_report, time.perf_counter() - start, args.seed, dtypes)
         text = json.dumps(result, indent=1)
         print(text)
         if args.json:
             with open(args.json, "w") as f:
                 f.write(text + "\n")
-        return 0 if report.ok else 1
+        return 0 if kernel_report.ok else 1
     start = time.perf_counter()
     report = run_fuzz(
         args.fuzz,

@@ -41,6 +41,7 @@ from jax_attn.data import book_values
 from jax_attn.mask_functions import evaluate_mask
 
 if TYPE_CHECKING:
+    from jax.typing import ArrayLike
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
@@ -155,7 +156,7 @@ def _draw(
 
 
 def plot_attention(
-    weights: Float[Array, "T S"],
+    weights: Float[ArrayLike, "T S"],
     tokens: Sequence[str],
     *,
     key_tokens: Sequence[str] | None = None,
@@ -173,22 +174,22 @@ def plot_attention(
     the cells when ``T, S <= 12`` (``annotate`` forces it on or off). The color scale
     runs from ``vmin`` to ``vmax`` (default: the largest weight).
     """
-    weights = _as_matrix("weights", weights, 2)
-    T, S = weights.shape
+    matrix = _as_matrix("weights", weights, 2)
+    T, S = matrix.shape
     query_tokens = _check_tokens("tokens", tokens, T, "T")
     key_tokens = _check_tokens("key_tokens", tokens if key_tokens is None else key_tokens, S, "S")
-    vmax = _top(weights) if vmax is None else vmax
+    vmax = _top(matrix) if vmax is None else vmax
     style = _Style(vmin, vmax, cmap, annotate)
     cell = _cell_size(T, S)
     fig = _new_figure(*(figsize or (S * cell + 2.6, T * cell + 1.6)))
     ax = fig.add_subplot()
-    image = _draw(ax, weights, query_tokens, key_tokens, style, title=title)
+    image = _draw(ax, matrix, query_tokens, key_tokens, style, title=title)
     fig.colorbar(image, ax=ax, label=colorbar_label, shrink=0.9)
     return fig
 
 
 def plot_panels(
-    panels: Mapping[str, Float[Array, "T S"]],
+    panels: Mapping[str, Float[ArrayLike, "T S"]],
     tokens: Sequence[str],
     *,
     title: str | None = None,
@@ -238,6 +239,7 @@ def plot_panels(
             ax.set_xlabel("key token")
         if col == 0:
             ax.set_ylabel("query token")
+    assert image is not None  # panels is not empty
     fig.colorbar(image, ax=axes, label=colorbar_label, shrink=0.8)
     if title:
         fig.suptitle(title)
@@ -245,7 +247,7 @@ def plot_panels(
 
 
 def plot_heads(
-    weights: Float[Array, "N T S"],
+    weights: Float[ArrayLike, "N T S"],
     tokens: Sequence[str],
     *,
     title: str | None = "Attention weights per head",
@@ -254,8 +256,8 @@ def plot_heads(
     figsize: tuple[float, float] | None = None,
 ) -> Figure:
     """Every head of ``weights [N, T, S]`` in a grid (``head 0`` ... ``head N-1``)."""
-    weights = _as_matrix("weights", weights, 3)
-    panels = {f"head {n}": w for n, w in enumerate(weights)}
+    heads = _as_matrix("weights", weights, 3)
+    panels = {f"head {n}": w for n, w in enumerate(heads)}
     return plot_panels(panels, tokens, title=title, ncols=ncols, annotate=annotate, figsize=figsize)
 
 
@@ -299,7 +301,7 @@ def plot_dropout(
 
 
 def plot_masks(
-    panels: Mapping[str, Float[Array, "T S"]],
+    panels: Mapping[str, Float[ArrayLike, "T S"]],
     tokens: Sequence[str],
     *,
     title: str | None = "Attention masks (1 = may attend)",
