@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 import jax_attn as ja
+from jax_attn.apps.arguments import add_name_list
 from jax_attn.kernels import chunked
 from jax_attn.validation import check_attention_args
 
@@ -174,9 +175,7 @@ def main():
     parser.add_argument("--K", type=int, default=None, help="kv heads (default N)")
     parser.add_argument("--H", type=int, default=64)
     parser.add_argument("--chunks", default="", help="e.g. 128x64,128x512 (chunked kernel)")
-    parser.add_argument(
-        "--implementations", default="", help="named ones beside the default, e.g. chunked,xla"
-    )
+    add_name_list(parser, "--implementations", "NAME", "named ones beside the default")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-grad", action="store_true")
@@ -187,7 +186,7 @@ def main():
     args = parser.parse_args()
     args.K = args.K or args.N
     args.chunks = [tuple(int(x) for x in p.split("x")) for p in args.chunks.split(",") if p]
-    args.implementations = [name for name in args.implementations.split(",") if name]
+    args.implementations = args.implementations or []
     torch.set_num_threads(2)
 
     B, T, N, H = args.B, args.T, args.N, args.H

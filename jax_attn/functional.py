@@ -230,6 +230,8 @@ def dropout(
     """
     if rate == 0.0:
         return weights
+    if rng is None:
+        raise TypeError(f"dropout with rate={rate} needs rng (a jax.random key), got None")
     keep = make_dropout_mask(rng, rate, weights.shape, offsets, broadcast_dims)
     return jnp.where(keep, weights / (1.0 - rate), 0.0).astype(weights.dtype)
 

@@ -62,7 +62,8 @@ class KVCache(NamedTuple):
 
     key: jax.Array
     value: jax.Array
-    index: jax.Array
+    # shadows tuple.index (a method): the public field name predates the type check
+    index: jax.Array  # type: ignore[assignment]
 
     @property
     def context_length(self) -> int:

@@ -115,10 +115,10 @@ def make_padding_mask(
         if x is not None and not jnp.issubdtype(jnp.result_type(x), jnp.integer):
             raise TypeError(f"{name} must be integers, got dtype {jnp.result_type(x)}")
     B = jnp.shape(lengths[0])[0]
-    if len(lengths) == 2 and jnp.shape(kv_lengths)[0] != B:
+    if len(lengths) == 2 and jnp.shape(lengths[1])[0] != B:
         raise ValueError(
             f"q_lengths and kv_lengths must have the same batch size B, got shapes "
-            f"{jnp.shape(q_lengths)} and {jnp.shape(kv_lengths)}"
+            f"{jnp.shape(lengths[0])} and {jnp.shape(lengths[1])}"
         )
     query_ok = jnp.ones((B, T), bool) if q_lengths is None else _below(q_lengths, T)
     key_ok = jnp.ones((B, S), bool) if kv_lengths is None else _below(kv_lengths, S)
@@ -174,10 +174,8 @@ def build_attention_mask(
     if query_seq_lengths is not None or key_value_seq_lengths is not None:
         padding = make_padding_mask(query_seq_lengths, key_value_seq_lengths, T, S)
     user = None if mask is None else jnp.asarray(mask)
-    parts = [m for m in (user, causal, window, padding) if m is not None]
-    if not parts:
-        return None
-    return as_4d(combine_masks(*parts))
+    combined = combine_masks(user, causal, window, padding)
+    return None if combined is None else as_4d(combined)
 
 
 def as_4d(x: Array) -> Array:

@@ -77,6 +77,7 @@ def reference_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs):
     masked_logits = jnp.where(allowed, logits, -0.7 * jnp.finfo(compute).max)
     weights = jnp.where(allowed, jax.nn.softmax(masked_logits, axis=-1), 0.0)
     if call.dropout_rate > 0.0:
+        assert inputs.dropout_rng is not None  # check_dropout refused a rate without a key
         keep = make_dropout_mask(inputs.dropout_rng, call.dropout_rate, (B, N, T, S))
         weights = jnp.where(keep, weights / (1.0 - call.dropout_rate), 0.0)
 

@@ -21,7 +21,7 @@ from jax_attn.apps import plots  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    code = plots.main(["--all"])
+    code = plots.main(["--all", "--out", str(plots.FIGURES_DIR)])
     if code or "--no-trained" in argv:
         return code
     from jax_attn.apps import train

@@ -193,6 +193,65 @@ def make_qkv(B=2, T=3, S=4, N=2, K=1, H=4, dtype="float32", seed=0, scale=1.0, H
     return tuple(jnp.asarray(x).astype(dtype) for x in wide)
 
 
+def _broadcast_to_full(x, dtype, full, batched):
+    """A mask or bias, batched ``[B?, N?, T?, S]`` or unbatched, as ``full = [B, N, T, S]``."""
+    x = np.asarray(x, dtype)
+    return np.broadcast_to(x if batched else x[None] if x.ndim == 3 else x, full)
+
+
+def allowed_float64(
+    query,
+    key,
+    *,
+    mask=None,
+    bias=None,
+    is_causal=False,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    local_window_size=None,
+):
+    """Bool ``[B, N, T, S]`` (B = 1 unbatched): which keys each query may attend, in numpy."""
+    batched = np.ndim(query) == 4
+    B = np.shape(query)[0] if batched else 1
+    T, N = np.shape(query)[-3], np.shape(query)[-2]
+    S = np.shape(key)[-3]
+    full = (B, N, T, S)
+    allowed = np.ones(full, bool)
+    if bias is not None:
+        allowed &= _broadcast_to_full(bias, np.float64, full, batched) > -np.inf
+    if mask is not None:
+        allowed &= _broadcast_to_full(mask, bool, full, batched)
+    query_pos = np.arange(T)[:, None] + S - T
+    key_pos = np.arange(S)[None, :]
+    if is_causal:
+        allowed &= key_pos <= query_pos
+    if local_window_size is not None:
+        w = local_window_size
+        left, right = (w, w) if isinstance(w, int) else w
+        allowed &= (key_pos >= query_pos - left) & (key_pos <= query_pos + right)
+    if query_seq_lengths is not None:
+        allowed &= (
+            np.arange(T)[None, None, :, None] < np.asarray(query_seq_lengths)[:, None, None, None]
+        )
+    if key_value_seq_lengths is not None:
+        allowed &= (
+            np.arange(S)[None, None, None, :]
+            < np.asarray(key_value_seq_lengths)[:, None, None, None]
+        )
+    return allowed
+
+
+def empty_rows_float64(call: dict) -> np.ndarray:
+    """Bool ``[B, T, N]`` (``[T, N]`` unbatched): the query rows of a
+    ``dot_product_attention`` call (keyword arguments) with no key to attend."""
+    names = ("mask", "bias", "is_causal", "query_seq_lengths", "key_value_seq_lengths")
+    masking = {name: call[name] for name in (*names, "local_window_size") if name in call}
+    allowed = allowed_float64(call["query"], call["key"], **masking)
+    # [B, N, T] -> [B, T, N]
+    empty = (~allowed.any(axis=-1)).transpose(0, 2, 1)
+    return empty if np.ndim(call["query"]) == 4 else empty[0]
+
+
 def attention_float64(
     query,
     key,
@@ -221,36 +280,20 @@ def attention_float64(
     S, K = k.shape[1], k.shape[2]
     k, v = np.repeat(k, N // K, axis=2), np.repeat(v, N // K, axis=2)  # head n uses n // G
     full = (B, N, T, S)
-
-    def broadcast(x, dtype):
-        x = np.asarray(x, dtype)
-        return np.broadcast_to(x if batched else x[None] if x.ndim == 3 else x, full)
-
+    allowed = allowed_float64(
+        query,
+        key,
+        mask=mask,
+        bias=bias,
+        is_causal=is_causal,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window_size,
+    )
     logits = np.einsum("btnh,bsnh->bnts", q, k) * (1 / np.sqrt(H) if scale is None else scale)
-    allowed = np.ones(full, bool)
     if bias is not None:
-        bias = broadcast(bias, np.float64)
-        allowed &= bias > -np.inf
+        bias = _broadcast_to_full(bias, np.float64, full, batched)
         logits = logits + np.where(allowed, bias, 0.0)
-    if mask is not None:
-        allowed &= broadcast(mask, bool)
-    query_pos = np.arange(T)[:, None] + S - T
-    key_pos = np.arange(S)[None, :]
-    if is_causal:
-        allowed &= key_pos <= query_pos
-    if local_window_size is not None:
-        w = local_window_size
-        left, right = (w, w) if isinstance(w, int) else w
-        allowed &= (key_pos >= query_pos - left) & (key_pos <= query_pos + right)
-    if query_seq_lengths is not None:
-        allowed &= (
-            np.arange(T)[None, None, :, None] < np.asarray(query_seq_lengths)[:, None, None, None]
-        )
-    if key_value_seq_lengths is not None:
-        allowed &= (
-            np.arange(S)[None, None, None, :]
-            < np.asarray(key_value_seq_lengths)[:, None, None, None]
-        )
     logits = np.where(allowed, logits, -np.inf)
     row_max = np.max(logits, axis=-1, keepdims=True, initial=-np.inf)
     e = np.where(allowed, np.exp(logits - np.where(np.isfinite(row_max), row_max, 0.0)), 0.0)
@@ -273,6 +316,11 @@ def _make_qkv_fixture():
 @pytest.fixture(name="attention_float64", scope="session")
 def _attention_float64_fixture():
     return attention_float64
+
+
+@pytest.fixture(name="empty_rows_float64", scope="session")
+def _empty_rows_float64_fixture():
+    return empty_rows_float64
 
 
 # In half precision an implementation may err by this multiple of the error the reference

@@ -33,12 +33,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_attn.apps import timing
+from jax_attn.apps import bench_mesh, timing
 from jax_attn.apps.config import CONFIG_DIR, check_choice, load_dataclass
 from jax_attn.apps.extras import require
 
@@ -359,7 +360,9 @@ def _torch_module(case: BenchCase, x, device):
     N, H = case.num_heads, case.head_dim
     D = N * H
 
-    class TorchMHA(torch.nn.Module):
+    module_base: Any = torch.nn.Module  # torch is imported at run time
+
+    class TorchMHA(module_base):
         def __init__(self):
             super().__init__()
             self.qkv = torch.nn.Linear(D, 3 * D, bias=False)
@@ -405,7 +408,7 @@ class Built:
     kind: str
     fn: Callable
     args: tuple
-    lowered: object = None
+    lowered: Any = None
     program: str | None = None
 
 
@@ -438,7 +441,7 @@ def find_aliases(programs: dict[str, str | None]) -> dict[str, str]:
 def prepare_contestant(built: Built) -> tuple[dict, Callable]:
     """Compiles a built contestant: its compile time and the compiled program's temporary
     memory (jax), and a zero-argument function that runs it to completion."""
-    result = {}
+    result: dict[str, Any] = {}
     if built.kind == "jax":
         start = time.perf_counter()
         compiled = built.lowered.compile()
@@ -468,7 +471,7 @@ def time_interleaved(
     for run in runs.values():
         for _ in range(warmup):
             run()
-    times = {name: [] for name in runs}
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
             times[name] += timing.time_runs(run, 1, warmup=0, clock=clock)
@@ -488,7 +491,7 @@ def case_gflop(case: BenchCase) -> float:
     attention's work) and, for modules, the four projections."""
     B, T, N, H = case.batch, case.seq_len, case.num_heads, case.head_dim
     S = case.kv_len or T
-    pairs = T * S
+    pairs: float = T * S
     if case.causal:
         pairs = sum(min(S, t + S - T + 1) for t in range(T)) if S >= T else T * S / 2
     flops = 2 * 2 * B * N * pairs * H
@@ -605,7 +608,7 @@ def run_memory_case(case: MemoryCase, timeout_s: float = 900) -> dict:
     env = dict(os.environ)
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     start = time.perf_counter()
-    result = {"case": dataclasses.asdict(case)}
+    result: dict[str, Any] = {"case": dataclasses.asdict(case)}
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "jax_attn.apps.bench", "--memory-worker", spec],
@@ -639,9 +642,12 @@ def _plain_temp_mib(case: MemoryCase) -> float | None:
         fn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
         if case.grad:
             fn = _with_grad(fn)
-        options = {"xla_gpu_autotune_level": 0} if jax.default_backend() == "gpu" else None
+        options: dict[str, Any] | None = (
+            {"xla_gpu_autotune_level": 0} if jax.default_backend() == "gpu" else None
+        )
         compiled = jax.jit(fn).lower(spec, spec, spec).compile(options)
-        return compiled.memory_analysis().temp_size_in_bytes / 2**20
+        analysis = compiled.memory_analysis()
+        return None if analysis is None else analysis.temp_size_in_bytes / 2**20
     except Exception:  # noqa: BLE001 - optional information
         return None
 
@@ -822,7 +828,7 @@ def run_bench(
     total = sum(count_contestants(c, config) for c in cases + sweep)
     total += 0 if skip_memory else len(config.memory)
     bar = tqdm(total=total, desc="bench", unit="run", file=sys.stderr, disable=not show_progress)
-    report = {
+    report: dict[str, Any] = {
         "config": config.name,
         "note": note,
         "info": info,
@@ -854,6 +860,7 @@ def run_bench(
         bar.write(format_sweep(report["sweep"]))
         png = out_dir / f"{stem}.png"
         sweep_cfg = config.sweep
+        assert sweep_cfg is not None  # cases in the sweep come from it
         plot_sweep(
             report["sweep"],
             png,
@@ -867,8 +874,8 @@ def run_bench(
     if not skip_memory:
         if config.memory:
             bar.write("\nlong context, peak memory of a fresh process:")
-        for case in config.memory:
-            entry = run_memory_case(case, timeout_s=config.memory_timeout_s)
+        for memory_case in config.memory:
+            entry = run_memory_case(memory_case, timeout_s=config.memory_timeout_s)
             report["memory"].append(entry)
             save()
             bar.update()
@@ -965,7 +972,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the long-context runs")
     parser.add_argument("--note", default="", help="free text stored in the JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench_mesh.add_mesh_arguments(
+        parser.add_argument_group(
+            "sharded attention",
+            "jax-attn bench --mesh AXIS=SIZE,... [these options] (docs/sharding.md); "
+            "the options above do not apply",
+        ),
+        mesh_required=False,
+    )
     args = parser.parse_args(argv)
+    if args.mesh is not None:
+        # `jax-attn bench --mesh` comes here only when called from Python: the command line
+        # goes to bench_mesh before jax is imported (it sets the CPU device count).
+        return bench_mesh.main(argv)
+    mesh_defaults = vars(bench_mesh.build_parser().parse_args(["--mesh", "unused"]))
+    mesh_only = [
+        f"--{dest.replace('_', '-')}"
+        for dest, default in mesh_defaults.items()
+        if dest != "mesh" and getattr(args, dest) != default
+    ]
+    if mesh_only:
+        parser.error(f"{', '.join(mesh_only)}: only with --mesh")
     if args.config is None:
         name = "bench-gpu.toml" if jax.default_backend() == "gpu" else "bench-cpu.toml"
         args.config = str(CONFIG_DIR / name)

@@ -29,6 +29,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from jax_attn.apps import timing
 
@@ -67,19 +68,36 @@ def build_parser() -> argparse.ArgumentParser:
         prog="jax-attn bench --mesh",
         description="Sharded attention (tensor- or sequence-parallel) against one device.",
     )
-    parser.add_argument("--mesh", required=True, help="e.g. data=2,model=4 or seq=8")
+    add_mesh_arguments(parser, mesh_required=True)
+    return parser
+
+
+def add_mesh_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, mesh_required: bool
+) -> None:
+    """The options of ``jax-attn bench --mesh``: ``bench --help`` lists them too."""
+    parser.add_argument(
+        "--mesh",
+        required=mesh_required,
+        metavar="AXIS=SIZE,...",
+        help="benchmark sharded attention on this mesh, e.g. data=2,model=4 or seq=8",
+    )
     parser.add_argument(
         "--batch", type=int, default=None, help="B (default 8 for data/model, 1 for seq x data)"
     )
     parser.add_argument(
         "--seq-len", type=int, default=None, help="T (default 256 for data/model, 2048 for seq)"
     )
-    parser.add_argument("--d-model", type=int, default=512, help="D for data/model meshes")
-    parser.add_argument("--heads", type=int, default=8, help="N")
+    parser.add_argument(
+        "--d-model", type=int, default=512, help="D for data/model meshes (default %(default)s)"
+    )
+    parser.add_argument("--heads", type=int, default=8, help="N (default %(default)s)")
     parser.add_argument(
         "--kv-heads", type=int, default=None, help="K for seq meshes (GQA; default N)"
     )
-    parser.add_argument("--head-dim", type=int, default=64, help="H for seq meshes")
+    parser.add_argument(
+        "--head-dim", type=int, default=64, help="H for seq meshes (default %(default)s)"
+    )
     parser.add_argument(
         "--block-size",
         type=int,
@@ -93,21 +111,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="measure forward + backward (gradients of q, k, v / params)",
     )
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="(default %(default)s)"
+    )
     parser.add_argument(
         "--implementation",
         default=None,
         help="attention implementation on one device and inside the sharded "
         "MultiHeadAttention (default: the library's choice for this device)",
     )
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (default %(default)s)")
     parser.add_argument(
         "--compile-only",
         action="store_true",
         help="compile and report memory without running (sizes beyond this host)",
     )
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
-    return parser
 
 
 #: The timing fields of a row (``None`` with ``--compile-only``).
@@ -164,7 +183,7 @@ def collective_counts(hlo: str) -> dict[str, int]:
     return {op: ops.count(op) for op in sorted(set(ops))}
 
 
-def bench_tensor_parallel(args, sizes, devices) -> list[dict]:
+def bench_tensor_parallel(args, sizes, devices) -> tuple[dict, list[dict]]:
     import jax
     import jax.numpy as jnp
 
@@ -213,7 +232,7 @@ def bench_tensor_parallel(args, sizes, devices) -> list[dict]:
     return config, rows
 
 
-def bench_ring(args, sizes, devices) -> list[dict]:
+def bench_ring(args, sizes, devices) -> tuple[dict, list[dict]]:
     import jax
     import jax.numpy as jnp
 
@@ -228,15 +247,18 @@ def bench_ring(args, sizes, devices) -> list[dict]:
     causal = not args.not_causal
     dtype = jnp.dtype(args.dtype)
     shapes = ((B, T, N, H), (B, T, K, H), (B, T, K, H))
+    # abstract (ShapeDtypeStruct) with --compile-only, else arrays
+    qkv: tuple[Any, ...]
     if args.compile_only:
-        q, k, v = (jax.ShapeDtypeStruct(shape, dtype) for shape in shapes)
-        on_one_device = (q, k, v)
+        qkv = tuple(jax.ShapeDtypeStruct(shape, dtype) for shape in shapes)
+        on_one_device = qkv
     else:
         keys = jax.random.split(jax.random.key(0), 3)
-        q, k, v = (
+        qkv = tuple(
             jax.random.normal(key, shape, dtype) for key, shape in zip(keys, shapes, strict=True)
         )
-        on_one_device = jax.device_put((q, k, v), devices[0])
+        on_one_device = jax.device_put(qkv, devices[0])
+    q, k, v = qkv
     repeats = 0 if args.compile_only else args.repeats
 
     def with_grads(attention):

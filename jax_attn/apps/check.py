@@ -16,13 +16,15 @@ import dataclasses
 import json
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jax_attn import dispatch, reference
-from jax_attn.apps import mask_gallery
+from jax_attn.apps import fuzz, mask_gallery
+from jax_attn.apps.arguments import add_name_list
 from jax_attn.apps.extras import require
 from jax_attn.mask_functions import make_block_mask
 from jax_attn.validation import check_attention_args
@@ -128,7 +130,7 @@ def _case_inputs(case: Case, dtype):
     q = normal((case.B, case.T, case.N, case.H))
     k = normal((case.B, case.S, case.K, case.H))
     v = normal((case.B, case.S, case.K, H_v))
-    kwargs = {"is_causal": case.is_causal}
+    kwargs: dict[str, Any] = {"is_causal": case.is_causal}
     if case.window is not None:
         kwargs["local_window_size"] = case.window
     if case.mask:
@@ -317,31 +319,58 @@ def device_description() -> str:
     return f"{jax.default_backend()}: {getattr(device, 'device_kind', device.platform)}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """``jax-attn check``'s options, ``--fuzz`` and its own among them."""
     parser = argparse.ArgumentParser(
         prog="jax-attn check",
         description="Every available implementation against the reference: forward and "
-        "gradients, on a grid of shapes, dtypes, masks, lengths, GQA and causal.",
+        "gradients, on a grid of shapes, dtypes, masks, lengths, GQA and causal. With "
+        "--fuzz N: N random cases and bad inputs instead (jax_attn.apps.fuzz).",
     )
     parser.add_argument(
         "--full", action="store_true", help="a larger grid (dropout, H_v != H, multi-chunk shapes)"
     )
-    parser.add_argument(
+    add_name_list(
+        parser,
         "--implementations",
-        nargs="+",
-        metavar="NAME",
-        help="only these implementations (default: every available one)",
+        "NAME",
+        "only these implementations (default: every available one)",
+    )
+    add_name_list(
+        parser,
+        "--dtypes",
+        "DTYPE",
+        f"only these dtypes, of {' '.join(DTYPES)} (default: all; with --fuzz --kernel: "
+        "the kernel table's)",
     )
     parser.add_argument(
-        "--dtypes",
-        nargs="+",
-        choices=sorted(DTYPES),
-        metavar="DTYPE",
-        help="only these dtypes (default: float32 bfloat16 float16)",
+        "--json", metavar="PATH", help="also write the results as JSON (with --fuzz: --kernel's)"
     )
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    fuzz.add_fuzz_arguments(
+        parser.add_argument_group(
+            "random cases", "jax-attn check --fuzz N [these options] (docs/reliability.md)"
+        )
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.fuzz is not None or args.error_table is not None:
+        return fuzz.main(argv)
+    fuzz_only = [
+        f"--{name.replace('_', '-')}"
+        for name in ("seed", "bad_fraction", "kernel", "threads")
+        if getattr(args, name) != parser.get_default(name)
+    ]
+    if fuzz_only:
+        parser.error(f"{', '.join(fuzz_only)}: only with --fuzz N")
+    unknown_dtypes = sorted(set(args.dtypes or ()) - set(DTYPES))
+    if unknown_dtypes:
+        parser.error(f"--dtypes: {unknown_dtypes} unknown; known: {list(DTYPES)}")
 
     available = dispatch.available_implementations()
     if args.implementations:

@@ -1,8 +1,9 @@
 """``jax-attn`` command line: ``demo``, ``check``, ``bench``, ``plot``, ``train``.
 
 Each subcommand lives in its own module with a ``main(argv) -> int`` and its own
-argument parser; this file only routes to it (``jax-attn check --fuzz N`` goes to
-:mod:`jax_attn.apps.fuzz`, ``jax-attn bench --mesh ...`` to :mod:`jax_attn.apps.bench_mesh`).
+argument parser, whose ``--help`` lists every option; this file only routes to it.
+``jax-attn bench --mesh ...`` goes straight to :mod:`jax_attn.apps.bench_mesh`, which sets
+the CPU device count before jax is imported (``bench`` imports jax).
 """
 
 from __future__ import annotations
@@ -40,8 +41,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jax-attn: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module_name = COMMANDS[command][0]
-    if command == "check" and any(a == "--fuzz" or a.startswith("--fuzz=") for a in rest):
-        module_name = "jax_attn.apps.fuzz"
     if command == "bench" and any(a == "--mesh" or a.startswith("--mesh=") for a in rest):
         module_name = "jax_attn.apps.bench_mesh"
     try:

@@ -258,7 +258,7 @@ def _convert(annotation, value, source: str, key: str):
         return tuple(
             _convert(item_type, item, source, f"{key}[{i}]") for i, item in enumerate(value)
         )
-    if dataclasses.is_dataclass(annotation):
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
         return from_dict(annotation, value, source=source, where=key)
     if annotation is bool:
         if not isinstance(value, bool):

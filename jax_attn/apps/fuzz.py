@@ -24,10 +24,13 @@ import time
 import tomllib
 from collections.abc import Callable
 from importlib import resources
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jax_attn.apps.arguments import add_name_list
 
 _TABLES_FILE = "data/fuzz_cases.toml"
 
@@ -42,6 +45,8 @@ __all__ = [
     "load_kernels",
     "module_mistakes",
     "run_mistake",
+    "add_fuzz_arguments",
+    "build_parser",
     "main",
     "max_error",
     "random_call",
@@ -311,8 +316,10 @@ def table_value(spec, dims: dict, call: dict | None = None):
     if not isinstance(spec, dict):
         return spec
     if "like" in spec:
+        assert call is not None, f"{spec} needs the call it is like"
         return _array_op(call[spec["like"]], spec, dims)
-    for fill_name, fill in (("ones", 1), ("zeros", 0), ("full", spec.get("fill"))):
+    fills: tuple[tuple[str, Any], ...] = (("ones", 1), ("zeros", 0), ("full", spec.get("fill")))
+    for fill_name, fill in fills:
         if fill_name in spec:
             fill = size(fill, dims) if isinstance(fill, str) else fill
             return jnp.full(sizes(spec[fill_name], dims), fill, spec["dtype"])
@@ -757,7 +764,7 @@ _JITTED: dict = {}
 def _jitted(implementation: str, case: dict, dtype):
     """One jitted function per (implementation, shape, dtype, options, mode): lengths and
     inputs are arguments, so every case of a kind reuses its compiled program."""
-    key = (implementation, case["shape"], str(dtype), case["causal"], case["window"])
+    key: tuple = (implementation, case["shape"], str(dtype), case["causal"], case["window"])
     key += (case["mode"],)
     if key not in _JITTED:
         _JITTED[key] = jax.jit(_outputs(_attend(implementation, case, dtype), case["mode"]))
@@ -916,23 +923,22 @@ def kernel_report_json(report: KernelFuzzReport, seconds: float, seed: int, dtyp
     )
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="jax-attn check --fuzz",
-        description="Random cases: implementations vs the float64 reference, and bad inputs.",
+def add_fuzz_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The options of ``jax-attn check --fuzz`` beyond those it shares with ``check``
+    (``--implementations``, ``--dtypes``, ``--json``): ``check --help`` lists them too."""
+    parser.add_argument(
+        "--fuzz",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run N random cases (and bad inputs) instead of the grid",
     )
-    parser.add_argument("--fuzz", type=int, default=None, metavar="N", help="number of cases")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="with --fuzz (default 0)")
     parser.add_argument(
         "--bad-fraction",
         type=float,
         default=0.25,
-        help="share of cases that are user mistakes (default 0.25)",
-    )
-    parser.add_argument(
-        "--implementations",
-        default=None,
-        help="comma-separated names (default: all available here)",
+        help="with --fuzz: share of cases that are user mistakes (default 0.25)",
     )
     parser.add_argument(
         "--error-table",
@@ -946,15 +952,32 @@ def main(argv=None) -> int:
         "--kernel",
         default=None,
         metavar="NAME",
-        help="fuzz one implementation (cpu_flash) from several threads, with gradients and vmap",
+        help="with --fuzz: fuzz one implementation (cpu_flash) from several threads, "
+        "with gradients and vmap",
     )
     parser.add_argument("--threads", type=int, default=4, help="with --kernel (default 4)")
-    parser.add_argument(
-        "--dtypes", default=None, help="with --kernel: comma-separated (default: the table's)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``jax-attn check --fuzz``'s options (``check --help`` lists them with the grid's)."""
+    parser = argparse.ArgumentParser(
+        prog="jax-attn check --fuzz",
+        description="Random cases: implementations vs the float64 reference, and bad inputs.",
     )
+    add_fuzz_arguments(parser)
+    add_name_list(
+        parser, "--implementations", "NAME", "only these implementations (default: all here)"
+    )
+    add_name_list(parser, "--dtypes", "DTYPE", "with --kernel: only these (default: the table's)")
     parser.add_argument(
         "--json", default=None, metavar="PATH", help="with --kernel: write the result"
     )
+    parser.add_argument("--no-progress", action="store_true", help="no progress lines")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.error_table is not None:
         table = error_table()
@@ -973,20 +996,30 @@ def main(argv=None) -> int:
 
         load_kernels()
         start = time.perf_counter()
-        dtypes = args.dtypes.split(",") if args.dtypes else None
-        report = run_kernel_fuzz(
-            args.fuzz, args.seed, args.kernel, args.threads, progress=True, dtypes=dtypes
+        dtypes = args.dtypes
+        kernel_report = run_kernel_fuzz(
+            args.fuzz,
+            args.seed,
+            args.kernel,
+            args.threads,
+            progress=not args.no_progress,
+            dtypes=dtypes,
         )
-        result = kernel_report_json(report, time.perf_counter() - start, args.seed, dtypes)
+        result = kernel_report_json(kernel_report, time.perf_counter() - start, args.seed, dtypes)
         text = json.dumps(result, indent=1)
         print(text)
         if args.json:
             with open(args.json, "w") as f:
                 f.write(text + "\n")
-        return 0 if report.ok else 1
-    names = args.implementations.split(",") if args.implementations else None
+        return 0 if kernel_report.ok else 1
     start = time.perf_counter()
-    report = run_fuzz(args.fuzz, args.seed, args.bad_fraction, names, progress=True)
+    report = run_fuzz(
+        args.fuzz,
+        args.seed,
+        args.bad_fraction,
+        args.implementations,
+        progress=not args.no_progress,
+    )
     print(format_report(report, time.perf_counter() - start, args.seed))
     return 0 if report.ok else 1
 

@@ -41,6 +41,7 @@ from jax_attn.data import book_values
 from jax_attn.mask_functions import evaluate_mask
 
 if TYPE_CHECKING:
+    from jax.typing import ArrayLike
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
@@ -155,7 +156,7 @@ def _draw(
 
 
 def plot_attention(
-    weights: Float[Array, "T S"],
+    weights: Float[ArrayLike, "T S"],
     tokens: Sequence[str],
     *,
     key_tokens: Sequence[str] | None = None,
@@ -173,22 +174,22 @@ def plot_attention(
     the cells when ``T, S <= 12`` (``annotate`` forces it on or off). The color scale
     runs from ``vmin`` to ``vmax`` (default: the largest weight).
     """
-    weights = _as_matrix("weights", weights, 2)
-    T, S = weights.shape
+    matrix = _as_matrix("weights", weights, 2)
+    T, S = matrix.shape
     query_tokens = _check_tokens("tokens", tokens, T, "T")
     key_tokens = _check_tokens("key_tokens", tokens if key_tokens is None else key_tokens, S, "S")
-    vmax = _top(weights) if vmax is None else vmax
+    vmax = _top(matrix) if vmax is None else vmax
     style = _Style(vmin, vmax, cmap, annotate)
     cell = _cell_size(T, S)
     fig = _new_figure(*(figsize or (S * cell + 2.6, T * cell + 1.6)))
     ax = fig.add_subplot()
-    image = _draw(ax, weights, query_tokens, key_tokens, style, title=title)
+    image = _draw(ax, matrix, query_tokens, key_tokens, style, title=title)
     fig.colorbar(image, ax=ax, label=colorbar_label, shrink=0.9)
     return fig
 
 
 def plot_panels(
-    panels: Mapping[str, Float[Array, "T S"]],
+    panels: Mapping[str, Float[ArrayLike, "T S"]],
     tokens: Sequence[str],
     *,
     title: str | None = None,
@@ -238,6 +239,7 @@ def plot_panels(
             ax.set_xlabel("key token")
         if col == 0:
             ax.set_ylabel("query token")
+    assert image is not None  # panels is not empty
     fig.colorbar(image, ax=axes, label=colorbar_label, shrink=0.8)
     if title:
         fig.suptitle(title)
@@ -245,7 +247,7 @@ def plot_panels(
 
 
 def plot_heads(
-    weights: Float[Array, "N T S"],
+    weights: Float[ArrayLike, "N T S"],
     tokens: Sequence[str],
     *,
     title: str | None = "Attention weights per head",
@@ -254,8 +256,8 @@ def plot_heads(
     figsize: tuple[float, float] | None = None,
 ) -> Figure:
     """Every head of ``weights [N, T, S]`` in a grid (``head 0`` ... ``head N-1``)."""
-    weights = _as_matrix("weights", weights, 3)
-    panels = {f"head {n}": w for n, w in enumerate(weights)}
+    heads = _as_matrix("weights", weights, 3)
+    panels = {f"head {n}": w for n, w in enumerate(heads)}
     return plot_panels(panels, tokens, title=title, ncols=ncols, annotate=annotate, figsize=figsize)
 
 
@@ -299,7 +301,7 @@ def plot_dropout(
 
 
 def plot_masks(
-    panels: Mapping[str, Float[Array, "T S"]],
+    panels: Mapping[str, Float[ArrayLike, "T S"]],
     tokens: Sequence[str],
     *,
     title: str | None = "Attention masks (1 = may attend)",
@@ -497,30 +499,54 @@ def save_figures(figures: Mapping[str, Figure], out_dir, dpi: int = 110) -> list
     return paths
 
 
+def _mask_fn_help(name: str, spec: tuple) -> str:
+    """``document[:N]`` (N: packed documents, causal in each; default 3)."""
+    _, default, meaning = spec
+    return name if default is None else f"{name}[:N] (N: {meaning}; default {default})"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jax-attn plot",
         description="Attention heatmaps for a sentence: simplified, full vs causal, dropout, "
         "every head of a MultiHeadAttention, and the masks.",
     )
-    parser.add_argument("sentence", nargs="?", default=BOOK_SENTENCE, help="words to attend over")
-    parser.add_argument("--out", default="attention_plots", help="output folder for the PNGs")
-    parser.add_argument("--heads", type=int, default=4, help="MultiHeadAttention heads")
-    parser.add_argument("--dropout", type=float, default=0.5, help="dropout rate to show")
-    parser.add_argument("--dim", type=int, default=16, help="random embedding width")
-    parser.add_argument("--seed", type=int, default=0, help="embedding and weight seed")
+    parser.add_argument(
+        "sentence",
+        nargs="?",
+        default=BOOK_SENTENCE,
+        help="words to attend over (default: %(default)r)",
+    )
+    parser.add_argument(
+        "--out", default="attention_plots", help="output folder for the PNGs (default %(default)s)"
+    )
+    parser.add_argument(
+        "--heads", type=int, default=4, help="MultiHeadAttention heads (default %(default)s)"
+    )
+    parser.add_argument(
+        "--dropout", type=float, default=0.5, help="dropout rate to show (default %(default)s)"
+    )
+    parser.add_argument(
+        "--dim", type=int, default=16, help="random embedding width (default %(default)s)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="embedding and weight seed (default %(default)s)"
+    )
     parser.add_argument(
         "--mask-fn",
         action="append",
-        metavar="NAME[:INT]",
-        help="draw this mask function instead (repeatable): causal, window:W, document:D, "
-        "prefix_lm:P (docs/masks.md); writes mask_fns.png",
+        metavar="NAME[:N]",
+        help="draw this mask function instead, writes mask_fns.png (repeatable; docs/masks.md): "
+        + "; ".join(_mask_fn_help(name, spec) for name, spec in mask_gallery.MASK_FNS.items()),
     )
-    parser.add_argument("--length", type=int, default=12, help="tokens for --mask-fn (default 12)")
+    parser.add_argument(
+        "--length", type=int, default=12, help="tokens for --mask-fn (default %(default)s)"
+    )
     parser.add_argument(
         "--all",
         action="store_true",
-        help=f"regenerate the documentation figures in {FIGURES_DIR} (ignores the others)",
+        help="the documentation figures instead, into --out (the other options ignored); "
+        "to regenerate a checkout's, pass --out docs/figures",
     )
     return parser
 
@@ -529,14 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``jax-attn plot [SENTENCE] [--out DIR] ...``: writes the PNGs and lists them."""
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.all:
-        if not FIGURES_DIR.parent.is_dir():
-            print(
-                f"jax-attn plot: --all writes into a source checkout's docs/figures, "
-                f"but {FIGURES_DIR.parent} does not exist (use --out DIR)",
-                file=sys.stderr,
-            )
-            return 2
-        paths = save_figures(sentence_figures(), FIGURES_DIR)
+        paths = save_figures(sentence_figures(), args.out)
     elif args.mask_fn:
         if args.length <= 0:
             print(f"jax-attn plot: --length must be > 0, got {args.length}", file=sys.stderr)

@@ -42,6 +42,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import flax.linen as nn
 import jax
@@ -316,21 +317,25 @@ class Decoder(nn.Module):
         return nn.Dense(self.vocab_size, name="head")(nn.LayerNorm(name="final_norm")(x))
 
 
-ModelConfig = dataclasses.make_dataclass(
-    "ModelConfig",
-    [
-        (field.name, field.type)
-        for field in dataclasses.fields(Decoder)
-        if field.name not in ("vocab_size", "context_length", "decode", "parent", "name")
-    ],
-    namespace={
-        "__module__": __name__,
-        "__doc__": "A config's ``[model]`` table: the :class:`Decoder`'s fields less those "
-        "the task (``vocab_size``, ``context_length``), the caller (``decode``) and Flax "
-        "(``parent``, ``name``) give.",
-    },
-    frozen=True,
-)
+if TYPE_CHECKING:
+    # built from Decoder's fields at run time, which a type checker cannot follow
+    ModelConfig = Any
+else:
+    ModelConfig = dataclasses.make_dataclass(
+        "ModelConfig",
+        [
+            (field.name, field.type)
+            for field in dataclasses.fields(Decoder)
+            if field.name not in ("vocab_size", "context_length", "decode", "parent", "name")
+        ],
+        namespace={
+            "__module__": __name__,
+            "__doc__": "A config's ``[model]`` table: the :class:`Decoder`'s fields less those "
+            "the task (``vocab_size``, ``context_length``), the caller (``decode``) and Flax "
+            "(``parent``, ``name``) give.",
+        },
+        frozen=True,
+    )
 
 
 class RNNLanguageModel(nn.Module):
@@ -930,7 +935,9 @@ def run_training(
     # the state as the target: only its tree (optax's namedtuples included), dtypes and
     # shardings are used, as jax.ShapeDtypeStructs
     restored = restore_checkpoint(checkpoint, state)
-    exact = jax.tree.structure(restored) == jax.tree.structure(state) and all(
+    # PyTreeDef's == is defined in C++, which jax's stubs leave out
+    same_tree = jax.tree.structure(restored) == jax.tree.structure(state)  # type: ignore[operator]
+    exact = same_tree and all(
         _same_arrays(a, b)
         for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True)
     )
@@ -1000,6 +1007,7 @@ def run_comparison(
     paths appended to ``written``)."""
     written = [] if written is None else written
     compare = config.compare
+    assert compare is not None, "run_comparison needs a [compare] table"
     rows, curves = [], {}
     total_start = time.perf_counter()
     for length in compare.lengths:
@@ -1106,7 +1114,10 @@ def decode_benchmark(
 
         return jax.lax.scan(step, cache, jnp.swapaxes(x_new, 0, 1))
 
-    recompute = jax.jit(lambda x_seq: full.apply({"params": params}, x_seq)[:, -1])
+    def forward(x_seq) -> jax.Array:  # no mutable collections: apply returns the output only
+        return cast(jax.Array, full.apply({"params": params}, x_seq))
+
+    recompute = jax.jit(lambda x_seq: forward(x_seq)[:, -1])
 
     def median_seconds(fn, *args):
         return timing.median_seconds(lambda: jax.block_until_ready(fn(*args)), repeats)
@@ -1123,7 +1134,7 @@ def decode_benchmark(
     _, outs = decode(cache, x[:, prompt:])
     # [B, new_tokens, D]: scan stacked the steps first
     outs = jnp.swapaxes(outs, 0, 1)
-    expected = full.apply({"params": params}, x)[:, prompt:]
+    expected = forward(x)[:, prompt:]
     max_error = float(jnp.max(jnp.abs(outs - expected)))
     return {
         "benchmark": "decode: cached step vs full causal recompute (MultiHeadAttention)",
@@ -1237,7 +1248,13 @@ def main(argv=None) -> int:
         "--resume the checkpoint's own)",
     )
     parser.add_argument("--out", help="output directory (default: the config's output_dir)")
-    parser.add_argument("--steps", type=int, help="override train.steps")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        metavar="N",
+        help="override train.steps; this also shortens the learning-rate warm-up to "
+        "min(train.warmup_steps, max(N // 10, 1)) steps",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--decode-bench",
@@ -1352,7 +1369,8 @@ def main(argv=None) -> int:
                 f"data={mesh_sizes.get('data', 1)}"
             )
     out_dir.mkdir(parents=True, exist_ok=True)
-    start, written = time.perf_counter(), []
+    start = time.perf_counter()
+    written: list[Path] = []
     if resumed_step is not None:
         say(f"resumed from step {resumed_step}: {args.resume}")
     if config.compare is not None:

@@ -161,7 +161,7 @@ def _nvidia_gpu() -> bool:
 def _full_float32_matmuls() -> bool:
     """Whether ``jax_default_matmul_precision`` asks for more than TF32 (Triton's dots in
     this kernel use TF32 for float32 whatever it says)."""
-    precision = jax.config.jax_default_matmul_precision
+    precision = jax.config.jax_default_matmul_precision  # type: ignore[attr-defined]
     return precision is not None and str(precision).lower() in _FULL_FLOAT32
 
 
@@ -177,7 +177,7 @@ def _pallas_gpu_unsupported(call: AttentionCall, platform: str) -> str | None:
     if call.dtype.name not in _DTYPES:
         return f"dtype {call.dtype} (float32, bfloat16 and float16 only)"
     if compiled and call.dtype == np.float32 and _full_float32_matmuls():
-        precision = jax.config.jax_default_matmul_precision
+        precision = jax.config.jax_default_matmul_precision  # type: ignore[attr-defined]
         return (
             f"float32 with jax_default_matmul_precision={precision!r}: the Triton kernel's "
             "matmuls use TF32"

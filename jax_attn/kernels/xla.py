@@ -10,6 +10,8 @@ The same adapter serves ``"cudnn"`` (:mod:`jax_attn.kernels.cudnn`).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import jax
 import jax.numpy as jnp
 
@@ -30,7 +32,9 @@ def _xla_unsupported(call: AttentionCall, platform: str) -> str | None:
     return None
 
 
-def jax_nn_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs, implementation: str):
+def jax_nn_attention(
+    q, k, v, *, call: AttentionCall, inputs: KernelInputs, implementation: Literal["xla", "cudnn"]
+):
     """``jax.nn.dot_product_attention(implementation=...)`` ("xla" or "cudnn") as a kernel
     with this library's semantics (dropout is declined beforehand)."""
     T, S = call.T, call.S
@@ -64,11 +68,10 @@ def jax_nn_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs, impl
         )
     if implementation == "cudnn":
         mask, bias = cudnn_mask_and_bias(mask, bias, T, S, q.dtype)
-    lengths = {}
-    if inputs.query_seq_lengths is not None:
-        lengths["query_seq_lengths"] = jnp.asarray(inputs.query_seq_lengths, jnp.int32)
-    if inputs.key_value_seq_lengths is not None:
-        lengths["key_value_seq_lengths"] = jnp.asarray(inputs.key_value_seq_lengths, jnp.int32)
+    q_lengths, kv_lengths = (
+        None if x is None else jnp.asarray(x, jnp.int32)
+        for x in (inputs.query_seq_lengths, inputs.key_value_seq_lengths)
+    )
     # jax.nn mixes half precision with its float32 logits implicitly: allowed here even
     # when the caller runs with jax_numpy_dtype_promotion="strict".
     with jax.numpy_dtype_promotion("standard"):
@@ -82,10 +85,11 @@ def jax_nn_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs, impl
             is_causal=call.is_causal and native,
             local_window_size=None if explicit_window else native_window,
             implementation=implementation,
-            **lengths,
+            query_seq_lengths=q_lengths,
+            key_value_seq_lengths=kv_lengths,
         )
     # jax.nn spreads a fully masked row uniformly; ours is zero.
-    can_empty = mask is not None or lengths or T > S
+    can_empty = mask is not None or q_lengths is not None or kv_lengths is not None or T > S
     if can_empty:
         allowed = call_mask(call, mask, inputs.query_seq_lengths, inputs.key_value_seq_lengths)
         if allowed is None:  # T > S, nothing masks: a row is empty only when S == 0
@@ -105,7 +109,8 @@ def _half_as_float32(dtype) -> bool:
     promotion: jax.nn's backward pass mixes the half inputs with its float32 logits.
     """
     half = dtype in (jnp.bfloat16, jnp.float16)
-    strict = jax.config.jax_numpy_dtype_promotion == "strict"
+    # a flag with a context manager: read as an attribute, which jax's stubs do not declare
+    strict = jax.config.jax_numpy_dtype_promotion == "strict"  # type: ignore[attr-defined]
     return half and (jax.default_backend() == "cpu" or strict)
 
 

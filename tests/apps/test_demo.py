@@ -137,3 +137,15 @@ def test_reference_multi_head_attention_equals_the_module():
     changed = reference(params, x.at[:, 1:].set(0.0), cfg.num_heads)
     np.testing.assert_allclose(changed[:, 0], ours[:, 0], atol=1e-6)
     assert not jnp.allclose(changed[:, -1], ours[:, -1])
+
+
+def test_demo_embeds_the_books_inputs_and_values():
+    book = book_values()
+    np.testing.assert_array_equal(np.asarray(demo.INPUTS), np.asarray(book["inputs"]))
+    assert demo.SENTENCE == book["sentence"]
+    for section in ("3.3.1", "3.3.2", "3.4.1", "3.5.1"):
+        for name, value in demo.BOOK[section].items():
+            np.testing.assert_array_equal(
+                np.asarray(value), np.asarray(book[section][name]), err_msg=f"{section} {name}"
+            )
+    assert demo.BOOK["exercise_3.3"]["parameter_count"] == book["exercise_3.3"]["parameter_count"]

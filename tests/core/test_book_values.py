@@ -193,16 +193,3 @@ def test_exercise_3_3_parameter_count():
         ex["d_in"], ex["d_out"], ex["context_length"], 0.0, ex["num_heads"], qkv_bias=ex["qkv_bias"]
     )
     assert _parameter_count(module, ex["d_in"]) == ex["parameter_count"] == 2_360_064
-
-
-def test_demo_embeds_the_books_inputs_and_values():
-    from jax_attn.apps import demo
-
-    np.testing.assert_array_equal(np.asarray(demo.INPUTS), np.asarray(BOOK["inputs"]))
-    assert demo.SENTENCE == BOOK["sentence"]
-    for section in ("3.3.1", "3.3.2", "3.4.1", "3.5.1"):
-        for name, value in demo.BOOK[section].items():
-            np.testing.assert_array_equal(
-                np.asarray(value), np.asarray(BOOK[section][name]), err_msg=f"{section} {name}"
-            )
-    assert demo.BOOK["exercise_3.3"]["parameter_count"] == BOOK["exercise_3.3"]["parameter_count"]

@@ -19,11 +19,10 @@ import pytest
 
 import jax_attn as ja
 from jax_attn import dispatch
-from jax_attn.apps import fuzz
 from jax_attn.masks import make_dropout_mask
 from jax_attn.validation import check_attention_args
 
-IMPLEMENTATIONS = fuzz.load_kernels()
+IMPLEMENTATIONS = dispatch.available_implementations()
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 RUN = textwrap.dedent("""

@@ -86,39 +86,34 @@ def test_ring_attention_output_is_sequence_sharded():
 
 
 @pytest.mark.slow
-def test_ring_attention_inner_blocks_and_batch_axis():
-    """block_size splits each ring step into query and key blocks; batch_axis_name adds
-    data parallelism."""
-    is_causal = True
-    mesh = seq_mesh(4, data=2)
-    q, k, v, d_out = random_qkv(B=2, T=32, N=2, K=1, H=4, seed=3)
+@pytest.mark.parametrize(
+    ("other_axes", "B", "T", "S", "seeds", "kwargs"),
+    [
+        # batch_axis_name adds data parallelism
+        pytest.param(
+            {"data": 2},
+            2,
+            32,
+            32,
+            (3, 3),
+            {"is_causal": True, "batch_axis_name": "data"},
+            id="causal with a batch axis",
+        ),
+        # not causal, T != S: queries and keys each split over the ring, then in blocks
+        pytest.param({}, 1, 16, 32, (5, 6), {}, id="cross-attention lengths"),
+    ],
+)
+def test_ring_attention_inner_blocks_match_reference(other_axes, B, T, S, seeds, kwargs):
+    """block_size splits each ring step into query and key blocks."""
+    mesh = seq_mesh(4, **other_axes)
+    q, _, _, d_out = random_qkv(B=B, T=T, N=2, K=1, H=4, seed=seeds[0])
+    _, k, v, _ = random_qkv(B=B, T=S, N=2, K=1, H=4, seed=seeds[1])
     ring = value_and_grads(
         lambda q, k, v: sharding.ring_attention(
-            q,
-            k,
-            v,
-            mesh=mesh,
-            axis_name="seq",
-            is_causal=is_causal,
-            block_size=2,
-            batch_axis_name="data",
+            q, k, v, mesh=mesh, axis_name="seq", block_size=2, **kwargs
         )
     )
-    oracle = ORACLE[is_causal]
-    for got, want in zip(ring(q, k, v, d_out), oracle(q, k, v, d_out), strict=True):
-        assert jnp.allclose(got, want, rtol=1e-5, atol=2e-5), jnp.abs(got - want).max()
-
-
-@pytest.mark.slow
-def test_ring_attention_cross_attention_lengths_in_blocks():
-    """Not causal, T != S: queries and keys each split over the ring, then in blocks."""
-    mesh = seq_mesh(4)
-    q, _, _, d_out = random_qkv(B=1, T=16, N=2, K=1, H=4, seed=5)
-    _, k, v, _ = random_qkv(B=1, T=32, N=2, K=1, H=4, seed=6)
-    ring = value_and_grads(
-        lambda q, k, v: sharding.ring_attention(q, k, v, mesh=mesh, axis_name="seq", block_size=2)
-    )
-    oracle = ORACLE[False]
+    oracle = ORACLE[kwargs.get("is_causal", False)]
     for got, want in zip(ring(q, k, v, d_out), oracle(q, k, v, d_out), strict=True):
         assert jnp.allclose(got, want, rtol=1e-5, atol=2e-5), jnp.abs(got - want).max()
 
