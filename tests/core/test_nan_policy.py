@@ -27,9 +27,9 @@ from jax_attn.validation import check_attention_args
 B, T, S, N, K, H = 2, 8, 8, 4, 2, 8  # GQA: query heads 0, 1 read kv head 0; 2, 3 kv head 1
 PALLAS = ("pallas_gpu", "pallas_tpu")
 AVAILABLE = [name for name in ja.available_implementations() if name not in PALLAS]
-# Ring (a mesh) and the Pallas kernels (interpret mode) are slow to compile: the default
-# suite runs the single-device kernels, the slow step every implementation.
-SLOW = (*PALLAS, "ring")
+# The default suite runs the oracle and the CPU defaults (reference, chunked, cpu_flash); the
+# slow step every implementation (ring needs a mesh, Pallas interpret mode compiles slowly).
+SLOW = (*PALLAS, "ring", "xla")
 EVERY_PALLAS_SLOW = [
     pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name
     for name in [*AVAILABLE, *PALLAS]

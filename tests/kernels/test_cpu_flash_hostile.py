@@ -261,6 +261,7 @@ def test_tiny_sequences_take_memory_like_chunked():
     assert flash <= 2 * max(chunked, 8 * MiB), (flash / MiB, chunked / MiB)
 
 
+@pytest.mark.slow
 def test_threaded_kernel_fuzz_agrees_with_the_reference():
     from jax_attn.apps import fuzz
 

@@ -109,6 +109,7 @@ def test_linen_jit_of_the_class_equals_the_class():
     )
 
 
+@pytest.mark.slow
 def test_linen_vmap_over_a_batch_axis_shares_params_and_splits_dropout():
     def vmapped(cls):
         return nn.vmap(
@@ -143,6 +144,7 @@ class Block(nn.Module):
         return h + attention(h), None
 
 
+@pytest.mark.slow
 def test_linen_scan_over_remat_blocks_equals_the_blocks_one_by_one():
     layers = 2
     Stack = nn.scan(
@@ -207,6 +209,7 @@ def test_nnx_remat_of_every_class_equals_the_module(name):
     assert_trees_close(nnx.to_pure_dict(grads[0]), nnx.to_pure_dict(grads[1]), **CLOSE)
 
 
+@pytest.mark.slow
 def test_nnx_jit_and_vmap_over_a_batch_axis():
     model, x = nnx_model("MultiHeadAttention", dropout=0.5), inputs()
     eval_step = nnx.jit(lambda m, x: m(x, deterministic=True))

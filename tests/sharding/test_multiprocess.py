@@ -42,6 +42,7 @@ def run_workers(scenario, tmp_path, inputs=None, num_processes=2):
     return results
 
 
+@pytest.mark.slow
 def test_ring_attention_over_two_processes_equals_the_reference(tmp_path, attention_float64):
     q, k, v = make_qkv_numpy(B=1, T=16, S=16, N=2, K=1, H=8)
     d_out = np.random.default_rng(1).standard_normal(q.shape).astype(np.float32)
