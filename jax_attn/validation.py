@@ -579,7 +579,13 @@ def nan_policy_attention(select: Select, implementation, q, k, v, *, call, input
         hit = _sharded_like_rows(jax.lax.stop_gradient(hit), out)
         return jnp.where(hit[..., None], jnp.asarray(jnp.nan, out.dtype), out)
 
-    return jax.lax.cond(_any_non_finite(call, q, k, v, bias), guarded, clean, q, k, v, bias)
+    bad = _any_non_finite(call, q, k, v, bias)
+    if not isinstance(bad, jax.core.Tracer):
+        # Called eagerly: the inputs are known, so only the branch they need is compiled
+        # (an eager lax.cond compiles both; one such compile crashed XLA in the slow
+        # property search).
+        return guarded(q, k, v, bias) if bool(bad) else clean(q, k, v, bias)
+    return jax.lax.cond(bad, guarded, clean, q, k, v, bias)
 
 
 def _sharded_like_rows(hit, out):
