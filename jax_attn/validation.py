@@ -508,18 +508,9 @@ def _where_bias(masked, dtype):
     return jnp.where(masked, jnp.asarray(-jnp.inf, dtype), jnp.zeros((), dtype))
 
 
-@jax.custom_jvp
-def _finite_or_zero(x):
+def finite_or_zero(x):
+    """``x`` with its NaN and Inf entries replaced by 0 (the NaN policy's zero-fill)."""
     return jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x))
-
-
-@_finite_or_zero.defjvp
-def _finite_or_zero_jvp(primals, tangents):
-    # The tangent as a product with the 0/1 mask, not a select: its transpose then keeps the
-    # cotangent's sharding (a select's transpose gathered ring attention's sequence axis
-    # under Explicit mesh axes).
-    (x,), (t,) = primals, tangents
-    return _finite_or_zero(x), t * jnp.isfinite(x).astype(t.dtype)
 
 
 def _any_non_finite(call, q, k, v, bias):
@@ -565,7 +556,7 @@ def nan_policy_attention(select: Select, implementation, q, k, v, *, call, input
         # A kernel marked ``zero_fills_non_finite`` does this itself, where its data is
         # laid out (ring attention: on each device's share, inside its shard_map).
         own = getattr(kernel, "zero_fills_non_finite", False)
-        operands = (q, k, v) if own else tuple(_finite_or_zero(x) for x in (q, k, v))
+        operands = (q, k, v) if own else tuple(finite_or_zero(x) for x in (q, k, v))
         out = kernel(*operands, call=call, inputs=safe)
         # [B, T, N], [B, S, K]: query rows, and keys (k or v row), holding a non-finite
         bad_q = ~jnp.all(jnp.isfinite(q), axis=-1)

@@ -122,7 +122,7 @@ def _bind(kind: str, rules: FlashRules, residuals, linear):
 
 
 def _out_tree(kind: str, res_tree):
-    diff_tree, _, out_tree, lse_tree = res_tree.children()
+    diff_tree = res_tree.children()[0]
     return jax.tree.structure((0, 0)) if kind == "tangent" else diff_tree
 
 

@@ -51,7 +51,7 @@ from jax_attn.kernels.online_softmax import (
     empty_partial,
     finalize,
 )
-from jax_attn.validation import AttentionCall, KernelInputs, compute_dtype
+from jax_attn.validation import AttentionCall, KernelInputs, compute_dtype, finite_or_zero
 
 __all__ = [
     "DEFAULT_MAX_BLOCK_SIZE",
@@ -600,7 +600,7 @@ def _local(ring: _Ring, fn, roles: str, out_roles: str, arrays, kv_lengths):
         arrays, lengths = (args[:-1], args[-1]) if kv_lengths is not None else (args, None)
         # The NaN policy's zero-fill (validation.nan_policy_attention), here where each
         # device holds its share: outside, XLA gathers the sequence for it.
-        arrays = [_finite_or_zero(x) for x in arrays]
+        arrays = [finite_or_zero(x) for x in arrays]
         if ring.zigzag:
             arrays = [_to_zigzag(ring, x) for x in arrays]
         arrays = [
@@ -672,10 +672,6 @@ def _rules(ring: _Ring) -> FlashRules:
 
     forward_ = lambda diff, nondiff: tuple(forward(diff, nondiff))  # noqa: E731
     return FlashRules(forward_, tangent, backward, tangent, backward)
-
-
-def _finite_or_zero(x):
-    return jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x))
 
 
 def _ring_attention(ring: _Ring, q, k, v, kv_lengths):
