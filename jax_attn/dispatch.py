@@ -51,11 +51,12 @@ PREFERENCE: dict[str, list[str]] = {
 # (benchmarks/cpu_few_queries.py, idle; it is first on CPU whatever T).
 TILED = ("chunked",)
 CHUNKED_MIN_QUERIES: dict[str, int] = {"cpu": 8, "gpu": 8, "tpu": 8}
-# Custom calls run whole on each device (XLA cannot split them over a mesh; under a plain
-# jit of sharded arrays it gathers their inputs first): the default takes them only where
-# nothing is partitioned, on a single device or inside jax.shard_map over every mesh axis.
-# Named explicitly they still run anywhere their `unsupported` allows.
-CUSTOM_CALLS = ("cpu_flash",)
+# Custom calls that run whole on each device (XLA cannot split a custom call over a mesh;
+# under a plain jit of sharded arrays it gathers their inputs first): the default takes
+# them only where nothing is partitioned, on a single device or inside jax.shard_map over
+# every mesh axis. Named explicitly they still run anywhere their `unsupported` allows.
+# None on this list now: cpu_flash splits over batch and heads (kernels/partitioned.py).
+CUSTOM_CALLS: tuple[str, ...] = ()
 # ... and, where "xla" is listed first (GPU, TPU), only from this many bytes of float32
 # logits [B, N, T, S] on, where materialising them costs memory the device may not have.
 # Not measured on a GPU yet: a memory bound, not a speed threshold.

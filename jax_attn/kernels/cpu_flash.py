@@ -13,12 +13,11 @@ local windows, query and key lengths, GQA/MQA, any ``T`` and ``S``, head dims up
 ``mask_fn``/``score_fn``/``block_mask`` (``chunked`` serves those), float64, and CPUs
 without AVX2 and FMA.
 
-XLA cannot split a custom call over devices. Under a multi-device ``jax.set_mesh`` it
-declines (``chunked`` partitions), and the default dispatch takes it only where nothing
-is partitioned: in a single-device process, or inside ``jax.shard_map`` over every mesh
-axis, where it runs on each device's share (``jax_attn.dispatch.CUSTOM_CALLS``). Named
-explicitly under a plain ``jax.jit`` of sharded arrays, XLA gathers its inputs and runs it
-whole on every device.
+XLA cannot split a custom call over devices by itself: the three calls go through
+:mod:`jax_attn.kernels.partitioned` (``jax.experimental.custom_partitioning``), which
+splits them over batch and heads under a plain ``jax.jit`` of sharded arrays and under
+``jax.set_mesh``; inside ``jax.shard_map`` over every mesh axis each device runs its share.
+It declines inside a ``shard_map`` over some axes while XLA partitions others.
 
 The C++ source ships with the package and is compiled on first use with the system
 C++ compiler (``$CXX``, split like a shell command, else ``g++``, ``c++`` or ``clang++``)
@@ -51,6 +50,7 @@ import numpy as np
 from jax_attn.kernels import chunked
 from jax_attn.kernels.base import Implementation, cotangent_like, partitioned_axes, varying_like
 from jax_attn.kernels.flash_autodiff import FlashRules, flash_attention
+from jax_attn.kernels.partitioned import partitioned_call
 from jax_attn.validation import AttentionCall, KernelInputs
 
 __all__ = [
@@ -223,10 +223,12 @@ def _cpu_flash_unsupported(call: AttentionCall, platform: str) -> str | None:
         return f"no dropout, got dropout_rate={call.dropout_rate}"
     if max(call.H, call.H_v) > MAX_HEAD_DIM:
         return f"head dims up to {MAX_HEAD_DIM}, got H={call.H}, H_v={call.H_v}"
-    if axes := partitioned_axes():
+    manual = jax.sharding.get_abstract_mesh().manual_axes
+    if manual and (axes := partitioned_axes()):
         return (
-            f"not under a mesh that XLA partitions (axes {axes} of jax.set_mesh): a custom "
-            "call cannot be split over devices (inside jax.shard_map it runs per device)"
+            f"not inside a jax.shard_map over some mesh axes ({', '.join(manual)}) while XLA "
+            f"partitions others ({', '.join(axes)}): custom_partitioning cannot split a "
+            "custom call there (a shard_map over every axis, or none, is served)"
         )
     return build_reason()
 
@@ -246,6 +248,17 @@ def forward(call: AttentionCall, q, k, v, q_lengths, kv_lengths):
     float32, lengths int32 ``[...]`` -> (out ``[..., T, N, H_v]``, lse ``[..., N, T]``) float32.
     ``lse`` is each row's log-sum-exp of its scaled logits (about -2.4e38 for a row with
     nothing to attend, whose ``out`` is zeros). A plain function: no derivative rule."""
+    out, lse = partitioned_call(
+        _ffi_forward,
+        call,
+        (q, k, v, q_lengths, kv_lengths),
+        ("q", "kv", "kv", "lengths", "lengths"),
+        ("q", "lse"),
+    )
+    return varying_like(out, q, k, v, q_lengths, kv_lengths), varying_like(lse, q, k, v)
+
+
+def _ffi_forward(call: AttentionCall, q, k, v, q_lengths, kv_lengths):
     *lead, T, N, _ = q.shape
     out_types = (
         jax.ShapeDtypeStruct((*lead, T, N, call.H_v), jnp.float32),
@@ -253,8 +266,7 @@ def forward(call: AttentionCall, q, k, v, q_lengths, kv_lengths):
         jax.ShapeDtypeStruct((*lead, N, T), jnp.float32),
     )
     forward = jax.ffi.ffi_call("jax_attn_cpu_flash_forward", out_types, vmap_method="broadcast_all")
-    out, lse = forward(q, k, v, q_lengths, kv_lengths, **_attributes(call))
-    return varying_like(out, q, k, v, q_lengths, kv_lengths), varying_like(lse, q, k, v)
+    return forward(q, k, v, q_lengths, kv_lengths, **_attributes(call))
 
 
 _forward = forward
@@ -269,6 +281,18 @@ def tangent(call: AttentionCall, q, k, v, q_lengths, kv_lengths, out, lse, dq, d
     ds_ij = scale (dq_i.k_j + q_i.dk_j), mu_i = sum_j P_ij ds_ij,
     d_out_i = sum_j P_ij (ds_ij v_j + dv_j) - mu_i out_i and d_lse_i = mu_i (zeros for a row
     with nothing to attend)."""
+    d_out, d_lse = partitioned_call(
+        _ffi_tangent,
+        call,
+        (q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv),
+        ("q", "kv", "kv", "lengths", "lengths", "q", "lse", "q", "kv", "kv"),
+        ("q", "lse"),
+    )
+    varying = (q, k, v, q_lengths, kv_lengths, dq, dk, dv)
+    return varying_like(d_out, *varying), varying_like(d_lse, *varying)
+
+
+def _ffi_tangent(call: AttentionCall, q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv):
     out_types = (
         jax.ShapeDtypeStruct(out.shape, jnp.float32),
         jax.ShapeDtypeStruct(lse.shape, jnp.float32),
@@ -276,11 +300,7 @@ def tangent(call: AttentionCall, q, k, v, q_lengths, kv_lengths, out, lse, dq, d
     call_tangent = jax.ffi.ffi_call(
         "jax_attn_cpu_flash_tangent", out_types, vmap_method="broadcast_all"
     )
-    d_out, d_lse = call_tangent(
-        q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv, **_attributes(call)
-    )
-    varying = (q, k, v, q_lengths, kv_lengths, dq, dk, dv)
-    return varying_like(d_out, *varying), varying_like(d_lse, *varying)
+    return call_tangent(q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv, **_attributes(call))
 
 
 def backward(call: AttentionCall, q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse):
@@ -288,15 +308,25 @@ def backward(call: AttentionCall, q, k, v, q_lengths, kv_lengths, out, lse, d_ou
     point's ``out`` and ``lse`` and the cotangents ``d_out`` (as out) and ``d_lse`` (as lse)
     -> (dq, dk, dv) float32, shaped as q, k, v. FlashAttention-2's backward with
     dS_ij = P_ij (dP_ij - (D_i - d_lse_i)), D_i = d_out_i . out_i."""
+    d_out, d_lse = d_out.astype(jnp.float32), d_lse.astype(jnp.float32)
+    grads = partitioned_call(
+        _ffi_backward,
+        call,
+        (q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse),
+        ("q", "kv", "kv", "lengths", "lengths", "q", "lse", "q", "lse"),
+        ("q", "kv", "kv"),
+    )
+    return tuple(varying_like(g, q, k, v, d_out, d_lse) for g in grads)
+
+
+def _ffi_backward(call: AttentionCall, q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse):
     out_types = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
     call_backward = jax.ffi.ffi_call(
         "jax_attn_cpu_flash_backward", out_types, vmap_method="broadcast_all"
     )
-    d_out, d_lse = d_out.astype(jnp.float32), d_lse.astype(jnp.float32)
-    grads = call_backward(
+    return call_backward(
         q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse, **_attributes(call)
     )
-    return tuple(varying_like(g, q, k, v, d_out, d_lse) for g in grads)
 
 
 @functools.cache

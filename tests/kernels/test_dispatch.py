@@ -30,9 +30,9 @@ def _call(T, S=None, **kwargs):
     return check_attention_args(q, k, v, **kwargs)
 
 
-# float32: the compiled kernel where it builds and nothing may be partitioned (this process
-# has 8 CPU devices, see conftest), else chunked from T = 8 on and xla below
-CPU_FLASH_DEFAULT = cpu_flash.build_reason() is None and not dispatch._may_partition("cpu")
+# float32: the compiled kernel where it builds (also where devices may be partitioned: this
+# process has 8 CPU devices, see conftest), else chunked from T = 8 on and xla below
+CPU_FLASH_DEFAULT = cpu_flash.build_reason() is None
 FLOAT32_DEFAULT = "cpu_flash" if CPU_FLASH_DEFAULT else "chunked"
 
 
@@ -120,7 +120,19 @@ def test_cpu_preference_puts_xla_before_chunked_when_decoding(monkeypatch):
 
 
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs conftest's 8 CPU devices as default")
-def test_custom_calls_leave_the_default_where_devices_may_be_partitioned():
+def test_cpu_flash_stays_in_the_default_where_devices_may_be_partitioned():
+    # it splits over batch and heads (kernels/partitioned.py, tests/sharding)
+    assert dispatch._may_partition("cpu")
+    assert "cpu_flash" in dispatch.preference_order(_call(16), "cpu")
+    mesh = jax.make_mesh((8,), ("data",))
+    with jax.set_mesh(mesh):
+        assert "cpu_flash" in dispatch.preference_order(_call(16), "cpu")
+
+
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs conftest's 8 CPU devices as default")
+def test_custom_calls_leave_the_default_where_devices_may_be_partitioned(monkeypatch):
+    # a kernel that runs whole on each device goes on dispatch.CUSTOM_CALLS
+    monkeypatch.setattr(dispatch, "CUSTOM_CALLS", ("cpu_flash",))
     assert dispatch._may_partition("cpu")
     assert "cpu_flash" not in dispatch.preference_order(_call(16), "cpu")
     mesh = jax.make_mesh((8,), ("data",))

@@ -68,8 +68,8 @@ def test_default_implementation_on_a_data_parallel_mesh(one_device, axis_type):
     assert {shard.data.shape for shard in got[0][1].addressable_shards} == {(1, T, N, H)}
 
 
-# Slow: on the CPU the default implementation at T=16 is the chunked kernel, so
-# test_default_implementation_on_a_data_parallel_mesh[Explicit] runs the same backward.
+# Slow: the chunked backward under Explicit axes (the default there is cpu_flash where it
+# builds; where it does not, test_default_implementation_on_a_data_parallel_mesh runs this).
 @pytest.mark.slow
 def test_default_implementation_on_explicit_axes_is_the_chunked_kernel():
     """The issue's case: the chunked backward under jax.make_mesh's default Explicit axes."""
