@@ -108,7 +108,10 @@ def unsupported_reason(name: str, call: AttentionCall, platform: str | None = No
     impl = _REGISTRY[name]
     if impl.platforms is not None and platform not in impl.platforms:
         return f"runs on {', '.join(impl.platforms)} only, not on {platform}"
-    missing = [name for name in call.functions if name not in impl.functions]
+    functions = call.functions
+    if call.score_options_only and impl.score_options:  # served natively, not as score_fn
+        functions = tuple(name for name in functions if name != "score_fn")
+    missing = [name for name in functions if name not in impl.functions]
     if missing:
         served = [other.name for other in _REGISTRY.values() if set(missing) <= other.functions]
         return f"takes no {' or '.join(missing)} (implementations that do: {', '.join(served)})"

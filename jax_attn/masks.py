@@ -25,6 +25,8 @@ __all__ = [
     "normalize_window",
     "build_attention_mask",
     "make_dropout_mask",
+    "dropout_row_seeds",
+    "dropout_threshold",
     "as_4d",
 ]
 
@@ -196,6 +198,28 @@ def _fmix32(h):
     return h ^ (h >> 16)
 
 
+def _row_hash(seed, b, n):
+    """The hash state of :func:`make_dropout_mask` after the key and ``(b, n)``."""
+    row = _fmix32(seed[0] ^ (b * jnp.uint32(_GOLDEN)))
+    return _fmix32(row ^ (n * jnp.uint32(0x85EBCA77) + seed[1]))
+
+
+def dropout_threshold(rate: float) -> int:
+    """The 32-bit threshold of :func:`make_dropout_mask`: a weight whose hash is below it
+    is dropped."""
+    return min(int(round(float(rate) * 2.0**32)), 2**32 - 1)
+
+
+def dropout_row_seeds(rng: PRNGKey, B: int, N: int):
+    """uint32 ``[B, N]``: :func:`make_dropout_mask`'s hash of the key and ``(b, n)``, from
+    which a compiled kernel finishes the hash of each ``(t, s)`` (``cpu_flash.cc``) and
+    drops exactly the weights the reference drops."""
+    seed = jax.random.bits(rng, (2,), jnp.uint32)
+    b = jnp.arange(B, dtype=jnp.uint32)[:, None]
+    n = jnp.arange(N, dtype=jnp.uint32)[None, :]
+    return _row_hash(seed, b, n)
+
+
 def make_dropout_mask(
     rng: PRNGKey, rate: float, shape, offsets=(0, 0, 0, 0), broadcast_dims=()
 ) -> Mask:
@@ -222,10 +246,7 @@ def make_dropout_mask(
         + jnp.uint32(offset)
         for axis, (size, offset) in enumerate(zip(full, offsets, strict=True))
     )
-    row = _fmix32(seed[0] ^ (b * jnp.uint32(_GOLDEN)))
-    row = _fmix32(row ^ (n * jnp.uint32(0x85EBCA77) + seed[1]))
-    row = _fmix32(row ^ (t * jnp.uint32(0xC2B2AE3D)))
+    row = _fmix32(_row_hash(seed, b, n) ^ (t * jnp.uint32(0xC2B2AE3D)))
     bits = _fmix32(row ^ (s * jnp.uint32(0x27D4EB2F) + jnp.uint32(0x165667B1)))
-    threshold = min(int(round(float(rate) * 2.0**32)), 2**32 - 1)
-    keep = bits >= jnp.uint32(threshold)
+    keep = bits >= jnp.uint32(dropout_threshold(rate))
     return jnp.broadcast_to(keep, full).reshape(shape)

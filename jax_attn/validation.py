@@ -76,6 +76,13 @@ class AttentionCall:
     has_mask_fn: bool = False
     has_score_fn: bool = False
     has_block_mask: bool = False
+    # ``dot_product_attention``'s score options, also folded into ``score_fn`` (so
+    # ``has_score_fn``) for the kernels that take them that way; ``score_options_only``:
+    # that ``score_fn`` is the options alone (the caller passed none), which a kernel
+    # serving the options natively (``Implementation.score_options``) can run without it.
+    logit_soft_cap: float | None = None
+    has_alibi_slopes: bool = False
+    score_options_only: bool = False
 
     @property
     def G(self) -> int:
@@ -106,6 +113,8 @@ class KernelInputs:
     mask_fn: Callable | None = None
     score_fn: Callable | None = None
     block_mask: BlockMask | None = None
+    # ``[N]`` or ``[B, N]``, also folded into ``score_fn`` (see AttentionCall)
+    alibi_slopes: Float[Array, "*slopes"] | None = None
 
     def __post_init__(self):
         if self.mask_fn is None and self.block_mask is not None:
@@ -470,8 +479,18 @@ def run_attention(select: Select, implementation, query, key, value, **arguments
     keywords), ask ``select`` for the kernel, run it on batched inputs under the NaN
     policy (:func:`nan_policy_attention`) and return the output unbatched when the
     inputs were."""
+    own_score_fn = arguments.get("score_fn")
+    slopes, cap = arguments.get("alibi_slopes"), arguments.get("logit_soft_cap")
     arguments["score_fn"] = _with_score_options(query, key, arguments)
     call = check_attention_args(query, key, value, **arguments)
+    if slopes is not None or cap is not None:
+        call = dataclasses.replace(
+            call,
+            logit_soft_cap=None if cap is None else float(cap),
+            has_alibi_slopes=slopes is not None,
+            score_options_only=own_score_fn is None,
+        )
+        arguments["alibi_slopes"] = None if slopes is None else jnp.asarray(slopes)
     q, k, v = batched_inputs(call, query, key, value)
     inputs = KernelInputs(**{name: arguments.get(name) for name in _KERNEL_INPUTS})
     out = nan_policy_attention(select, implementation, q, k, v, call=call, inputs=inputs)

@@ -32,7 +32,11 @@ class Implementation:
     attention weights and the logit gradients to that dtype before multiplying them by
     ``v`` and ``k`` (FlashAttention-2's tensor-core products, as JAX's Pallas kernels do):
     its gradients can be far from the float32 reference's where keys share a large common
-    part. The kernels written here keep both in float32.
+    part. The kernels written here keep both in float32. ``score_options`` marks a kernel
+    that serves ``alibi_slopes`` and ``logit_soft_cap`` natively (``call.logit_soft_cap``,
+    ``inputs.alibi_slopes``): a call whose ``score_fn`` is only those options
+    (``call.score_options_only``) reaches it; every other kernel gets them folded into
+    ``score_fn``.
     """
 
     name: str
@@ -42,6 +46,7 @@ class Implementation:
     description: str = ""
     functions: frozenset[str] = frozenset()
     half_products: bool = False
+    score_options: bool = False
 
 
 def manual_axes(x) -> frozenset:

@@ -842,9 +842,11 @@ def _queries_back(x, T: int):
     return jnp.transpose(x, (0, 3, 1, 2, 4)).reshape(B, T_pad, K * G, H)[:, :T]
 
 
-def position_tangent(plan: _Plan, diff, nondiff, out, lse, d_diff):
+def position_tangent(plan: _Plan, diff, nondiff, out, lse, d_diff, *, rng=None, score_consts=()):
     """:func:`_tangent` for ``diff = (q, k, v)``, ``nondiff = (q_lengths, kv_lengths)``
-    (int32 ``[B]``) in jax.nn's layout, ``(d_out [B, T, N, H_v], d_lse [B, N, T])``."""
+    (int32 ``[B]``) in jax.nn's layout, ``(d_out [B, T, N, H_v], d_lse [B, N, T])``; ``rng``
+    the dropout key of a plan with dropout, ``score_consts`` the constant arguments of
+    its ``score_fn`` (no derivative taken for them)."""
     (q, k, v), (q_lengths, kv_lengths), (dq, dk, dv) = diff, nondiff, d_diff
     B, T, N, _ = q.shape
     K = k.shape[2]
@@ -859,18 +861,20 @@ def position_tangent(plan: _Plan, diff, nondiff, out, lse, d_diff):
         None,
         None,
         kv_lengths,
-        None,
-        (None, (), ()),
+        rng,
+        (None, (), tuple(score_consts)),
         outk,
         lsek,
-        (dqk, dkk, dvk, None, ()),
+        (dqk, dkk, dvk, None, tuple(jnp.zeros_like(c) for c in score_consts)),
     )
     d_out = jnp.where(live[:, :, None, None], _queries_back(d_out, T), 0.0)
     d_lse = jnp.where(live[:, None, :], d_lse.reshape(B, N, -1)[..., :T], 0.0)
     return d_out, d_lse
 
 
-def position_backward(plan: _Plan, diff, nondiff, out, lse, d_out, d_lse):
+def position_backward(
+    plan: _Plan, diff, nondiff, out, lse, d_out, d_lse, *, rng=None, score_consts=()
+):
     """:func:`_backward` in jax.nn's layout for :func:`position_tangent`'s arguments:
     ``(dq, dk, dv)``."""
     (q, k, v), (q_lengths, kv_lengths) = diff, nondiff
@@ -884,8 +888,9 @@ def position_backward(plan: _Plan, diff, nondiff, out, lse, d_out, d_lse):
     qk, kk, vk, outk, lsek = _to_kernel(plan, K, q, k, v, out, lse, live)
     d_outk = _to_kernel(plan, K, d_out, k, v, d_out, lse, live)[0]
     d_lsek = jnp.pad(d_lse, [(0, 0), (0, 0), (0, plan.T_padded - T)]).reshape(lsek.shape)
+    fns = (None, (), tuple(score_consts))
     dq, dk, dv, _, _ = _backward(
-        plan, qk, kk, vk, None, None, kv_lengths, None, (None, (), ()), outk, lsek, d_outk, d_lsek
+        plan, qk, kk, vk, None, None, kv_lengths, rng, fns, outk, lsek, d_outk, d_lsek
     )
     dk, dv = (jnp.transpose(x, (0, 2, 1, 3))[:, :S] for x in (dk, dv))
     return (_queries_back(dq, T).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))

@@ -8,8 +8,10 @@
 //
 // What a query may attend is one interval of keys per row: the causal limit, a local
 // window, and the per-sequence lengths each cut it (bottom-right aligned: query t sits at
-// key position t + S - T). No mask array, bias, dropout or score function: the Python
-// side declines those, and dispatch picks another kernel.
+// key position t + S - T). No mask array, bias or score function: the Python side
+// declines those, and dispatch picks another kernel. Two score options (tanh soft-capping,
+// then ALiBi) and the library's hash dropout are served here (see "score options and
+// dropout" below).
 //
 // Forward: one work item is (batch, query head, tile of kTile query rows); it walks the
 // key tiles its rows may see with the online softmax (running max m, sum l, unnormalised
@@ -41,6 +43,7 @@ namespace ffi = xla::ffi;
 
 using Floats = ffi::Buffer<ffi::F32>;
 using Lengths = ffi::Buffer<ffi::S32>;
+using Seeds = ffi::Buffer<ffi::U32>;
 using FloatsOut = ffi::ResultBuffer<ffi::F32>;
 
 namespace {
@@ -141,6 +144,11 @@ struct Attributes {
   bool causal;
   float scale;
   int64_t window_left, window_right;  // < 0: unbounded on that side
+  float soft_cap;             // > 0: each scaled logit becomes soft_cap * tanh(logit / soft_cap)
+  bool alibi;                 // then less slopes[b, n] * |query position - key position|
+  bool dropout;               // weights dropped by the hash of (row seed, t, s), kept ones scaled
+  int64_t dropout_threshold;  // a weight is kept where its 32-bit hash >= this
+  float dropout_scale;        // 1 / (1 - rate)
 };
 
 // The attributes, the shapes (leading axes folded into B), the lengths [B] and the raw
@@ -156,6 +164,10 @@ struct Problem : Attributes {
   const int32_t* kv_lengths;
   const float* k;
   const float* v;
+  // [B, N] each: the dropout hash of (b, n) (jax_attn.masks.dropout_row_seeds) and the
+  // ALiBi slopes; read only with `dropout` / `alibi`.
+  const uint32_t* row_seeds = nullptr;
+  const float* slopes = nullptr;
 
   // Keys query row t of batch b may attend: [*begin, *end) (empty if begin >= end). The
   // windows are clamped to S + T in Prepare, so no sum here overflows.
@@ -399,6 +411,119 @@ void Pack(ffi::ThreadPool& pool, const Problem& p, PackedKV& kv) {
   });
 }
 
+// ---- score options and dropout ----------------------------------------------------------
+
+// The scores: s = scale q.k, then soft_cap * tanh(s / soft_cap) where soft_cap > 0, then
+// less slopes[b, n] * |t + S - T - key| (ALiBi, FlashAttention's sign), in that order, as
+// jax_attn.mask_functions.score_options. The weights are the softmax of those, and dropout
+// (jax_attn.masks.make_dropout_mask) multiplies each by 0 or 1 / (1 - rate) after the
+// softmax: the row sum l and lse are those of the undropped weights.
+
+// MurmurHash3's 32-bit finaliser, as jax_attn.masks._fmix32.
+inline uint32_t Fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  return h ^ (h >> 16);
+}
+
+inline __m256i Fmix32x8(__m256i h) {
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(0x85EBCA6Bu)));
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(0xC2B2AE35u)));
+  return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+}
+
+// tanh for 8 floats as 1 - 2 / (e^2x + 1) (Exp8 clamps, so +-1 at the far ends).
+inline __m256 Tanh8(__m256 x) {
+  const __m256 e = Exp8(_mm256_add_ps(x, x));
+  const __m256 two = _mm256_set1_ps(2.0f);
+  return _mm256_sub_ps(_mm256_set1_ps(1.0f),
+                       _mm256_div_ps(two, _mm256_add_ps(e, _mm256_set1_ps(1.0f))));
+}
+
+// The score options on one row of scaled logits [0, width) of the key tile at s0, query
+// row t of (b, n); with soft-capping, `deriv` gets d score / d logit = 1 - tanh^2 per
+// column. Returns whether it wrote `deriv`.
+inline bool ScoreRow(const Problem& p, int64_t b, int64_t n, int64_t t, int64_t s0, int width,
+                     float* row, float* deriv) {
+  if (p.soft_cap > 0.0f) {
+    const __m256 cap = _mm256_set1_ps(p.soft_cap), inv = _mm256_set1_ps(1.0f / p.soft_cap);
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (int c = 0; c < width; c += 8) {
+      const __m256 th = Tanh8(_mm256_mul_ps(_mm256_loadu_ps(row + c), inv));
+      _mm256_storeu_ps(row + c, _mm256_mul_ps(cap, th));
+      if (deriv != nullptr) _mm256_storeu_ps(deriv + c, _mm256_fnmadd_ps(th, th, one));
+    }
+  }
+  if (p.alibi) {
+    const __m256 slope = _mm256_set1_ps(p.slopes[b * p.N + n]);
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    // query position less key position, exact in float32 below 2^24
+    const __m256 base = _mm256_sub_ps(
+        _mm256_set1_ps(static_cast<float>(t + p.S - p.T - s0)),
+        _mm256_setr_ps(0.0f, 1.0f, 2.0f, 3.0f, 4.0f, 5.0f, 6.0f, 7.0f));
+    for (int c = 0; c < width; c += 8) {
+      const __m256 distance =
+          _mm256_andnot_ps(sign, _mm256_sub_ps(base, _mm256_set1_ps(static_cast<float>(c))));
+      _mm256_storeu_ps(row + c, _mm256_fnmadd_ps(slope, distance, _mm256_loadu_ps(row + c)));
+    }
+  }
+  return p.soft_cap > 0.0f && deriv != nullptr;
+}
+
+// The score options on rows [0, gemm_rows) of a tile's logits s [gemm_rows, width] (rows
+// with no key to attend are left alone: they are zeroed after).
+void ScoreTile(const Problem& p, int64_t b, int64_t n, int64_t t0, int64_t s0, int gemm_rows,
+               int width, const int64_t* row_begin, const int64_t* row_end, float* s) {
+  if (p.soft_cap <= 0.0f && !p.alibi) return;
+  for (int r = 0; r < gemm_rows; ++r)
+    if (row_begin[r] < row_end[r]) ScoreRow(p, b, n, t0 + r, s0, width, s + r * width, nullptr);
+}
+
+// Dropout factors of query row t of (b, n) over keys [s0, s0 + width): 0 where the hash
+// of (row seed, t, key) is below the threshold (jax_attn.masks.make_dropout_mask, bit for
+// bit), else 1 / (1 - rate).
+inline void DropFactors(const Problem& p, int64_t b, int64_t n, int64_t t, int64_t s0,
+                        int width, float* factors) {
+  const uint32_t row = Fmix32(p.row_seeds[b * p.N + n] ^
+                              (static_cast<uint32_t>(t) * 0xC2B2AE3Du));
+  const __m256i row_hash = _mm256_set1_epi32(static_cast<int>(row));
+  // unsigned bits >= threshold as signed compares, both sides with the top bit flipped
+  const __m256i flip = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  const __m256i threshold = _mm256_set1_epi32(
+      static_cast<int>(static_cast<uint32_t>(p.dropout_threshold) ^ 0x80000000u));
+  const __m256 scale = _mm256_set1_ps(p.dropout_scale);
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int c = 0; c < width; c += 8) {
+    const __m256i key = _mm256_add_epi32(
+        _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(s0 + c))), lanes);
+    const __m256i mixed = _mm256_add_epi32(
+        _mm256_mullo_epi32(key, _mm256_set1_epi32(static_cast<int>(0x27D4EB2Fu))),
+        _mm256_set1_epi32(static_cast<int>(0x165667B1u)));
+    const __m256i bits = Fmix32x8(_mm256_xor_si256(row_hash, mixed));
+    const __m256i dropped = _mm256_cmpgt_epi32(threshold, _mm256_xor_si256(bits, flip));
+    _mm256_storeu_ps(factors + c, _mm256_andnot_ps(_mm256_castsi256_ps(dropped), scale));
+  }
+}
+
+// Dropout on rows [0, gemm_rows) of a tile's unnormalised weights s [gemm_rows, width].
+void DropTile(const Problem& p, int64_t b, int64_t n, int64_t t0, int64_t s0, int gemm_rows,
+              int width, const int64_t* row_begin, const int64_t* row_end, float* s) {
+  if (!p.dropout) return;
+  alignas(32) float factors[kTile];
+  for (int r = 0; r < gemm_rows; ++r) {
+    if (row_begin[r] >= row_end[r]) continue;
+    DropFactors(p, b, n, t0 + r, s0, width, factors);
+    float* srow = s + r * width;
+    for (int c = 0; c < width; c += 8)
+      _mm256_storeu_ps(srow + c,
+                       _mm256_mul_ps(_mm256_loadu_ps(srow + c), _mm256_loadu_ps(factors + c)));
+  }
+}
+
 // ---- forward -------------------------------------------------------------------------
 
 // Floats of a forward worker's scratch: scale * q [kTile, Hp], logits [kTile, kTile],
@@ -487,11 +612,14 @@ void ForwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float
     // loops over it unroll
     if (width == kTile) {
       Gemm<false>(gemm_rows, kTile, static_cast<int>(p.H), qs, Hp, t.kt, kTile, s, kTile);
+      ScoreTile(p, b, n, t0, t.s0, gemm_rows, kTile, row_begin, row_end, s);
       OnlineSoftmaxRows<kTile>(kTile, gemm_rows, t, row_begin, row_end, s, m, l, acc, Hvp);
     } else {
       Gemm<false>(gemm_rows, width, static_cast<int>(p.H), qs, Hp, t.kt, width, s, width);
+      ScoreTile(p, b, n, t0, t.s0, gemm_rows, width, row_begin, row_end, s);
       OnlineSoftmaxRows<0>(width, gemm_rows, t, row_begin, row_end, s, m, l, acc, Hvp);
     }
+    DropTile(p, b, n, t0, t.s0, gemm_rows, width, row_begin, row_end, s);
     // [gemm_rows, Hvp] += weights . values, over the keys some row of the tile attends
     // (values of keys no row attends, such as padding, are not read)
     const int64_t lo = std::clamp<int64_t>(begin - t.s0, 0, t.cols);
@@ -605,17 +733,36 @@ void BackwardItem(const Problem& p, const PackedKV& kv, BackwardShared& w, int64
             std::memset(dprow, 0, width * sizeof(float));
             continue;
           }
+          alignas(32) float deriv[kTile];
+          const bool capped = ScoreRow(p, b, n, t0 + r, t.s0, width, prow, deriv);
           const __m256 shift = _mm256_set1_ps(lse[(b * p.N + n) * p.T + t0 + r]);
           const __m256 d = _mm256_set1_ps(*w.delta.at(row0 + r));
           for (int c = 0; c < width; c += 8)
             _mm256_storeu_ps(prow + c, Exp8(_mm256_sub_ps(_mm256_loadu_ps(prow + c), shift)));
           std::fill(prow, prow + lo, 0.0f);
           std::fill(prow + hi, prow + width, 0.0f);
-          // dS = P * (dP - delta), in place of dP
-          for (int c = 0; c < width; c += 8)
-            _mm256_storeu_ps(dprow + c,
-                             _mm256_mul_ps(_mm256_loadu_ps(prow + c),
-                                           _mm256_sub_ps(_mm256_loadu_ps(dprow + c), d)));
+          if (p.dropout) {
+            // with dropout factors f: dS = P * (f dP - delta), and dV takes f P
+            alignas(32) float factors[kTile];
+            DropFactors(p, b, n, t0 + r, t.s0, width, factors);
+            for (int c = 0; c < width; c += 8) {
+              const __m256 f = _mm256_loadu_ps(factors + c), pc = _mm256_loadu_ps(prow + c);
+              _mm256_storeu_ps(dprow + c,
+                               _mm256_mul_ps(pc, _mm256_fmsub_ps(f, _mm256_loadu_ps(dprow + c), d)));
+              _mm256_storeu_ps(prow + c, _mm256_mul_ps(f, pc));
+            }
+          } else {
+            // dS = P * (dP - delta), in place of dP
+            for (int c = 0; c < width; c += 8)
+              _mm256_storeu_ps(dprow + c,
+                               _mm256_mul_ps(_mm256_loadu_ps(prow + c),
+                                             _mm256_sub_ps(_mm256_loadu_ps(dprow + c), d)));
+          }
+          // through the soft cap: dS times 1 - tanh^2
+          if (capped)
+            for (int c = 0; c < width; c += 8)
+              _mm256_storeu_ps(dprow + c, _mm256_mul_ps(_mm256_loadu_ps(dprow + c),
+                                                        _mm256_loadu_ps(deriv + c)));
         }
         // dV += P^T dO; dK += dS^T (scale q); dQ / scale += dS k (the rows of this tile only)
         Gemm<true, true>(width, Hvp, rows, prob, width, do_tile, Hvp, dvs, Hvp);
@@ -704,6 +851,11 @@ void TangentItem(const Problem& p, const PackedKV& kv, const Problem& pd, const 
         std::memset(dsrow, 0, width * sizeof(float));
         continue;
       }
+      alignas(32) float deriv[kTile];
+      if (ScoreRow(p, b, n, t0 + r, t.s0, width, prow, deriv))  // ds through the soft cap
+        for (int c = 0; c < width; c += 8)
+          _mm256_storeu_ps(dsrow + c,
+                           _mm256_mul_ps(_mm256_loadu_ps(dsrow + c), _mm256_loadu_ps(deriv + c)));
       const __m256 shift = _mm256_set1_ps(row_lse[r]);
       for (int c = 0; c < width; c += 8)
         _mm256_storeu_ps(prow + c, Exp8(_mm256_sub_ps(_mm256_loadu_ps(prow + c), shift)));
@@ -717,6 +869,16 @@ void TangentItem(const Problem& p, const PackedKV& kv, const Problem& pd, const 
         sum = _mm256_add_ps(sum, x);
       }
       mu[r] += HorizontalSum(sum);
+      if (p.dropout) {
+        // mu is over the undropped weights (the softmax's); the output takes f P
+        alignas(32) float factors[kTile];
+        DropFactors(p, b, n, t0 + r, t.s0, width, factors);
+        for (int c = 0; c < width; c += 8) {
+          const __m256 f = _mm256_loadu_ps(factors + c);
+          _mm256_storeu_ps(prow + c, _mm256_mul_ps(f, _mm256_loadu_ps(prow + c)));
+          _mm256_storeu_ps(dsrow + c, _mm256_mul_ps(f, _mm256_loadu_ps(dsrow + c)));
+        }
+      }
     }
     // acc += (P * ds) . v + P . dv, over the keys some row of the tile attends
     const int64_t lo = std::clamp<int64_t>(begin - t.s0, 0, t.cols);
@@ -767,6 +929,15 @@ ffi::Error Describe(const Floats& q, const Floats& k, const Floats& v, const Len
   return ffi::Error::Success();
 }
 
+// Checks the row seeds and slopes ([B, N] each) and puts them in `p`.
+ffi::Error DescribeRows(const Seeds& row_seeds, const Floats& slopes, Problem* p) {
+  if (static_cast<int64_t>(row_seeds.element_count()) != p->B * p->N ||
+      static_cast<int64_t>(slopes.element_count()) != p->B * p->N)
+    return ffi::Error::InvalidArgument("cpu_flash: row seeds or slopes mis-sized (want [B, N])");
+  p->row_seeds = row_seeds.typed_data(), p->slopes = slopes.typed_data();
+  return ffi::Error::Success();
+}
+
 // Whether `out` is [B, T, N, Hv] and `lse` [B, N, T] in element count.
 bool Sized(const Problem& p, const Floats& out, const Floats& lse) {
   return static_cast<int64_t>(out.element_count()) == p.B * p.T * p.N * p.Hv &&
@@ -804,11 +975,13 @@ PooledBuffer WorkerScratch(int64_t workers, int64_t floats) {
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q_lengths,
-                   Lengths kv_lengths, FloatsOut out, FloatsOut lse, Attributes attributes) {
+                   Lengths kv_lengths, Seeds row_seeds, Floats slopes, FloatsOut out,
+                   FloatsOut lse, Attributes attributes) {
   return Contained([&]() -> ffi::Error {
     Problem p;
     if (auto error = Describe(q, k, v, q_lengths, kv_lengths, attributes, &p); error.failure())
       return error;
+    if (auto error = DescribeRows(row_seeds, slopes, &p); error.failure()) return error;
     if (!Sized(p, *out, *lse))
       return ffi::Error::InvalidArgument("cpu_flash: out or lse mis-sized");
     const int64_t items = p.B * p.N * p.q_tiles(), per_worker = ForwardScratch(p);
@@ -828,11 +1001,13 @@ ffi::Error Forward(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q
 
 ffi::Error Backward(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q_lengths,
                     Lengths kv_lengths, Floats out, Floats lse, Floats d_out, Floats d_lse,
-                    FloatsOut dq, FloatsOut dk, FloatsOut dv, Attributes attributes) {
+                    Seeds row_seeds, Floats slopes, FloatsOut dq, FloatsOut dk, FloatsOut dv,
+                    Attributes attributes) {
   return Contained([&]() -> ffi::Error {
     Problem p;
     if (auto error = Describe(q, k, v, q_lengths, kv_lengths, attributes, &p); error.failure())
       return error;
+    if (auto error = DescribeRows(row_seeds, slopes, &p); error.failure()) return error;
     if (!Sized(p, out, lse) || !Sized(p, d_out, d_lse) || !SameSizes(q, k, v, *dq, *dk, *dv))
       return ffi::Error::InvalidArgument("cpu_flash: out, lse or their cotangents mis-sized");
     const float *qp = q.typed_data(), *op = out.typed_data(), *lp = lse.typed_data();
@@ -876,11 +1051,13 @@ ffi::Error Backward(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths 
 
 ffi::Error Tangent(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q_lengths,
                    Lengths kv_lengths, Floats out, Floats lse, Floats dq, Floats dk, Floats dv,
-                   FloatsOut d_out, FloatsOut d_lse, Attributes attributes) {
+                   Seeds row_seeds, Floats slopes, FloatsOut d_out, FloatsOut d_lse,
+                   Attributes attributes) {
   return Contained([&]() -> ffi::Error {
     Problem p;
     if (auto error = Describe(q, k, v, q_lengths, kv_lengths, attributes, &p); error.failure())
       return error;
+    if (auto error = DescribeRows(row_seeds, slopes, &p); error.failure()) return error;
     if (!Sized(p, out, lse) || !Sized(p, *d_out, *d_lse) || !SameSizes(q, k, v, dq, dk, dv))
       return ffi::Error::InvalidArgument("cpu_flash: out, lse or the tangents mis-sized");
     const int64_t items = p.B * p.N * p.q_tiles(), per_worker = TangentScratch(p);
@@ -908,7 +1085,12 @@ ffi::Error Tangent(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(Attributes, ::xla::ffi::StructMember<bool>("causal"),
                                       ::xla::ffi::StructMember<float>("scale"),
                                       ::xla::ffi::StructMember<int64_t>("window_left"),
-                                      ::xla::ffi::StructMember<int64_t>("window_right"));
+                                      ::xla::ffi::StructMember<int64_t>("window_right"),
+                                      ::xla::ffi::StructMember<float>("soft_cap"),
+                                      ::xla::ffi::StructMember<bool>("alibi"),
+                                      ::xla::ffi::StructMember<bool>("dropout"),
+                                      ::xla::ffi::StructMember<int64_t>("dropout_threshold"),
+                                      ::xla::ffi::StructMember<float>("dropout_scale"));
 
 extern "C" int JaxAttnCpuSupported() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -925,32 +1107,38 @@ auto BindInputs() {
       .Arg<Lengths>();
 }
 
-// (q, k, v, q_lengths, kv_lengths) -> (out, lse)
+// (q, k, v, q_lengths, kv_lengths, row_seeds, slopes) -> (out, lse)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxAttnFlashForward, Forward,
                               BindInputs()
+                                  .Arg<Seeds>()
+                                  .Arg<Floats>()
                                   .Ret<Floats>()
                                   .Ret<Floats>()
                                   .Attrs<Attributes>());
 
-// (q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse) -> (dq, dk, dv)
+// (q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse, row_seeds, slopes) -> (dq, dk, dv)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxAttnFlashBackward, Backward,
                               BindInputs()
                                   .Arg<Floats>()
                                   .Arg<Floats>()
                                   .Arg<Floats>()
                                   .Arg<Floats>()
+                                  .Arg<Seeds>()
+                                  .Arg<Floats>()
                                   .Ret<Floats>()
                                   .Ret<Floats>()
                                   .Ret<Floats>()
                                   .Attrs<Attributes>());
 
-// (q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv) -> (d_out, d_lse)
+// (q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv, row_seeds, slopes) -> (d_out, d_lse)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxAttnFlashTangent, Tangent,
                               BindInputs()
                                   .Arg<Floats>()
                                   .Arg<Floats>()
                                   .Arg<Floats>()
                                   .Arg<Floats>()
+                                  .Arg<Floats>()
+                                  .Arg<Seeds>()
                                   .Arg<Floats>()
                                   .Ret<Floats>()
                                   .Ret<Floats>()

@@ -9,7 +9,12 @@ checked against the reference like every kernel.
 
 It serves float32 (bfloat16 and float16 widened to float32 at its edge), causal or not,
 local windows, query and key lengths, GQA/MQA, any ``T`` and ``S``, head dims up to 256
-(``H_v`` may differ from ``H``). It declines a mask array, bias, dropout and
+(``H_v`` may differ from ``H``), ``logit_soft_cap`` and ``alibi_slopes`` natively (the
+slopes as constants: no derivative with respect to them), and dropout: the library's hash
+(:func:`jax_attn.masks.make_dropout_mask`) finished per weight in the kernel from each
+``(b, n)``'s hash state (:func:`jax_attn.masks.dropout_row_seeds`, computed here in JAX,
+so ``jax.vmap`` and splitting over devices keep the reference's indices), dropping exactly
+the reference's weights. It declines a mask array, bias and
 ``mask_fn``/``score_fn``/``block_mask`` (``chunked`` serves those), float64, and CPUs
 without AVX2 and FMA.
 
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import os
@@ -51,6 +57,7 @@ from jax_attn.kernels import chunked
 from jax_attn.kernels.base import Implementation, cotangent_like, partitioned_axes, varying_like
 from jax_attn.kernels.flash_autodiff import FlashRules, flash_attention
 from jax_attn.kernels.partitioned import partitioned_call
+from jax_attn.masks import dropout_row_seeds, dropout_threshold
 from jax_attn.validation import AttentionCall, KernelInputs
 
 __all__ = [
@@ -219,8 +226,6 @@ def _cpu_flash_unsupported(call: AttentionCall, platform: str) -> str | None:
         return f"dtype {call.dtype} ({', '.join(_DTYPES)} only)"
     if call.has_mask or call.has_bias:
         return "no mask or bias (causal, window and lengths are served)"
-    if call.dropout_rate > 0.0:
-        return f"no dropout, got dropout_rate={call.dropout_rate}"
     if max(call.H, call.H_v) > MAX_HEAD_DIM:
         return f"head dims up to {MAX_HEAD_DIM}, got H={call.H}, H_v={call.H_v}"
     manual = jax.sharding.get_abstract_mesh().manual_axes
@@ -240,25 +245,54 @@ def _attributes(call: AttentionCall) -> dict:
         causal=bool(call.is_causal),
         window_left=np.int64(left),
         window_right=np.int64(right),
+        **_score_and_dropout_attributes(call),
     )
 
 
-def forward(call: AttentionCall, q, k, v, q_lengths, kv_lengths):
+def _score_and_dropout_attributes(call: AttentionCall) -> dict:
+    """The kernel's score options and dropout: off where the call has none."""
+    rate = call.dropout_rate
+    return dict(
+        soft_cap=np.float32(call.logit_soft_cap or 0.0),
+        alibi=bool(call.has_alibi_slopes),
+        dropout=rate > 0.0,
+        dropout_threshold=np.int64(dropout_threshold(rate)),
+        dropout_scale=np.float32(1.0 / (1.0 - rate)),
+    )
+
+
+def _rows(q, row_seeds, slopes):
+    """The kernel's ``[..., N]`` row seeds (uint32) and slopes (float32), zeros for the
+    ones not given (the kernel reads them only where the call asks)."""
+    *lead, _, N, _ = q.shape
+    if row_seeds is None:
+        row_seeds = jnp.zeros((*lead, N), jnp.uint32)
+    if slopes is None:
+        slopes = jnp.zeros((*lead, N), jnp.float32)
+    return row_seeds, slopes
+
+
+def forward(call: AttentionCall, q, k, v, q_lengths, kv_lengths, row_seeds=None, slopes=None):
     """The kernel's forward: q ``[..., T, N, H]``, k ``[..., S, K, H]``, v ``[..., S, K, H_v]``
     float32, lengths int32 ``[...]`` -> (out ``[..., T, N, H_v]``, lse ``[..., N, T]``) float32.
     ``lse`` is each row's log-sum-exp of its scaled logits (about -2.4e38 for a row with
-    nothing to attend, whose ``out`` is zeros). A plain function: no derivative rule."""
+    nothing to attend, whose ``out`` is zeros). With ``call.dropout_rate > 0``,
+    ``row_seeds`` uint32 ``[..., N]`` (:func:`jax_attn.masks.dropout_row_seeds`); with
+    ``call.has_alibi_slopes``, ``slopes`` float32 ``[..., N]``. A plain function: no
+    derivative rule."""
+    row_seeds, slopes = _rows(q, row_seeds, slopes)
     out, lse = partitioned_call(
         _ffi_forward,
         call,
-        (q, k, v, q_lengths, kv_lengths),
-        ("q", "kv", "kv", "lengths", "lengths"),
+        (q, k, v, q_lengths, kv_lengths, row_seeds, slopes),
+        ("q", "kv", "kv", "lengths", "lengths", "heads", "heads"),
         ("q", "lse"),
     )
-    return varying_like(out, q, k, v, q_lengths, kv_lengths), varying_like(lse, q, k, v)
+    varying = (q, k, v, q_lengths, kv_lengths, row_seeds, slopes)
+    return varying_like(out, *varying), varying_like(lse, q, k, v, row_seeds, slopes)
 
 
-def _ffi_forward(call: AttentionCall, q, k, v, q_lengths, kv_lengths):
+def _ffi_forward(call: AttentionCall, q, k, v, q_lengths, kv_lengths, row_seeds, slopes):
     *lead, T, N, _ = q.shape
     out_types = (
         jax.ShapeDtypeStruct((*lead, T, N, call.H_v), jnp.float32),
@@ -266,13 +300,27 @@ def _ffi_forward(call: AttentionCall, q, k, v, q_lengths, kv_lengths):
         jax.ShapeDtypeStruct((*lead, N, T), jnp.float32),
     )
     forward = jax.ffi.ffi_call("jax_attn_cpu_flash_forward", out_types, vmap_method="broadcast_all")
-    return forward(q, k, v, q_lengths, kv_lengths, **_attributes(call))
+    return forward(q, k, v, q_lengths, kv_lengths, row_seeds, slopes, **_attributes(call))
 
 
 _forward = forward
 
 
-def tangent(call: AttentionCall, q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv):
+def tangent(
+    call: AttentionCall,
+    q,
+    k,
+    v,
+    q_lengths,
+    kv_lengths,
+    out,
+    lse,
+    dq,
+    dk,
+    dv,
+    row_seeds=None,
+    slopes=None,
+):
     """The forward-mode derivative (JVP) of :func:`forward`'s (out, lse) at (q, k, v) in the
     direction (dq, dk, dv) (shaped and typed as q, k, v), given that point's ``out`` and
     ``lse`` -> (d_out ``[..., T, N, H_v]``, d_lse ``[..., N, T]``) float32.
@@ -280,19 +328,23 @@ def tangent(call: AttentionCall, q, k, v, q_lengths, kv_lengths, out, lse, dq, d
     Per row i over the keys j it attends, with s = scale q_i.k_j and P_ij = exp(s_ij - lse_i):
     ds_ij = scale (dq_i.k_j + q_i.dk_j), mu_i = sum_j P_ij ds_ij,
     d_out_i = sum_j P_ij (ds_ij v_j + dv_j) - mu_i out_i and d_lse_i = mu_i (zeros for a row
-    with nothing to attend)."""
+    with nothing to attend). ``row_seeds`` and ``slopes`` as for :func:`forward` (with
+    dropout, P_ij in the sums over v and dv is the dropped, rescaled weight; mu's is not)."""
+    row_seeds, slopes = _rows(q, row_seeds, slopes)
     d_out, d_lse = partitioned_call(
         _ffi_tangent,
         call,
-        (q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv),
-        ("q", "kv", "kv", "lengths", "lengths", "q", "lse", "q", "kv", "kv"),
+        (q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv, row_seeds, slopes),
+        ("q", "kv", "kv", "lengths", "lengths", "q", "lse", "q", "kv", "kv", "heads", "heads"),
         ("q", "lse"),
     )
-    varying = (q, k, v, q_lengths, kv_lengths, dq, dk, dv)
+    varying = (q, k, v, q_lengths, kv_lengths, dq, dk, dv, row_seeds, slopes)
     return varying_like(d_out, *varying), varying_like(d_lse, *varying)
 
 
-def _ffi_tangent(call: AttentionCall, q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv):
+def _ffi_tangent(
+    call: AttentionCall, q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv, row_seeds, slopes
+):
     out_types = (
         jax.ShapeDtypeStruct(out.shape, jnp.float32),
         jax.ShapeDtypeStruct(lse.shape, jnp.float32),
@@ -300,72 +352,146 @@ def _ffi_tangent(call: AttentionCall, q, k, v, q_lengths, kv_lengths, out, lse, 
     call_tangent = jax.ffi.ffi_call(
         "jax_attn_cpu_flash_tangent", out_types, vmap_method="broadcast_all"
     )
-    return call_tangent(q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv, **_attributes(call))
+    return call_tangent(
+        q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv, row_seeds, slopes, **_attributes(call)
+    )
 
 
-def backward(call: AttentionCall, q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse):
+def backward(
+    call: AttentionCall,
+    q,
+    k,
+    v,
+    q_lengths,
+    kv_lengths,
+    out,
+    lse,
+    d_out,
+    d_lse,
+    row_seeds=None,
+    slopes=None,
+):
     """The reverse-mode derivative (VJP) of :func:`forward`'s (out, lse): given that
     point's ``out`` and ``lse`` and the cotangents ``d_out`` (as out) and ``d_lse`` (as lse)
     -> (dq, dk, dv) float32, shaped as q, k, v. FlashAttention-2's backward with
-    dS_ij = P_ij (dP_ij - (D_i - d_lse_i)), D_i = d_out_i . out_i."""
+    dS_ij = P_ij (dP_ij - (D_i - d_lse_i)), D_i = d_out_i . out_i (with dropout factors f_ij:
+    dP_ij times f_ij, dV from f_ij P_ij). ``row_seeds`` and ``slopes`` as for :func:`forward`."""
     d_out, d_lse = d_out.astype(jnp.float32), d_lse.astype(jnp.float32)
+    row_seeds, slopes = _rows(q, row_seeds, slopes)
     grads = partitioned_call(
         _ffi_backward,
         call,
-        (q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse),
-        ("q", "kv", "kv", "lengths", "lengths", "q", "lse", "q", "lse"),
+        (q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse, row_seeds, slopes),
+        ("q", "kv", "kv", "lengths", "lengths", "q", "lse", "q", "lse", "heads", "heads"),
         ("q", "kv", "kv"),
     )
-    return tuple(varying_like(g, q, k, v, d_out, d_lse) for g in grads)
+    return tuple(varying_like(g, q, k, v, d_out, d_lse, row_seeds, slopes) for g in grads)
 
 
-def _ffi_backward(call: AttentionCall, q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse):
+def _ffi_backward(
+    call: AttentionCall, q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse, row_seeds, slopes
+):
     out_types = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
     call_backward = jax.ffi.ffi_call(
         "jax_attn_cpu_flash_backward", out_types, vmap_method="broadcast_all"
     )
     return call_backward(
-        q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse, **_attributes(call)
+        q,
+        k,
+        v,
+        q_lengths,
+        kv_lengths,
+        out,
+        lse,
+        d_out,
+        d_lse,
+        row_seeds,
+        slopes,
+        **_attributes(call),
     )
 
 
 @functools.cache
 def _rules(call: AttentionCall) -> FlashRules:
     """The kernel's maps for :mod:`jax_attn.kernels.flash_autodiff`: ``diff = (q, k, v)``,
-    ``nondiff = (q_lengths, kv_lengths)``; forward, tangent and backward compiled, the pure
-    maps (differentiated only at second order) those of ``chunked`` on the same masks."""
+    ``nondiff = (q_lengths, kv_lengths, rng, slopes)`` (the dropout key and the ALiBi slopes
+    ``[B, N]``, ``None`` where the call has none); forward, tangent and backward compiled,
+    the pure maps (differentiated only at second order) those of ``chunked`` on the same
+    masks, dropout and score options."""
     plan = chunked.position_plan(call.T, call.S, call.is_causal, call.window, call.scale, True)
+    if call.dropout_rate > 0.0 or call.logit_soft_cap is not None or call.has_alibi_slopes:
+        plan = dataclasses.replace(
+            plan,
+            dropout_rate=call.dropout_rate,
+            score_fn=_options_score_fn(call.logit_soft_cap, call.has_alibi_slopes, call.S - call.T),
+        )
+
+    def rows(diff, nondiff):
+        q_lengths, kv_lengths, rng, slopes = nondiff
+        B, _, N, _ = diff[0].shape
+        row_seeds = None if rng is None else dropout_row_seeds(rng, B, N)
+        return (q_lengths, kv_lengths), dict(row_seeds=row_seeds, slopes=slopes)
 
     def forward_(diff, nondiff):
-        return forward(call, *diff, *nondiff)
+        lengths, extra = rows(diff, nondiff)
+        return forward(call, *diff, *lengths, **extra)
 
     def tangent_(diff, nondiff, out, lse, d_diff):
-        return tangent(call, *diff, *nondiff, out, lse, *d_diff)
+        lengths, extra = rows(diff, nondiff)
+        return tangent(call, *diff, *lengths, out, lse, *d_diff, **extra)
 
     def backward_(diff, nondiff, out, lse, d_out, d_lse):
         if d_lse is None:
             d_lse = jnp.zeros(lse.shape, jnp.float32)
-        grads = backward(call, *diff, *nondiff, out, lse, d_out, d_lse)
+        lengths, extra = rows(diff, nondiff)
+        grads = backward(call, *diff, *lengths, out, lse, d_out, d_lse, **extra)
         return tuple(cotangent_like(g, x) for g, x in zip(grads, diff, strict=True))
+
+    def pure(fn):
+        def with_options(diff, nondiff, *args):
+            q_lengths, kv_lengths, rng, slopes = nondiff
+            consts = () if slopes is None else (slopes,)
+            return fn(plan, diff, (q_lengths, kv_lengths), *args, rng=rng, score_consts=consts)
+
+        return with_options
 
     return FlashRules(
         forward=forward_,
         tangent=tangent_,
         backward=backward_,
-        tangent_pure=functools.partial(chunked.position_tangent, plan),
-        backward_pure=functools.partial(chunked.position_backward, plan),
+        tangent_pure=pure(chunked.position_tangent),
+        backward_pure=pure(chunked.position_backward),
     )
 
 
-def _flash(call: AttentionCall, q, k, v, q_lengths, kv_lengths):
-    return flash_attention(_rules(call), (q, k, v), (q_lengths, kv_lengths))[0]
+@functools.cache
+def _options_score_fn(cap: float | None, alibi: bool, shift: int):
+    """The score options as a closure-converted ``score_fn(score, b, h, q_idx, kv_idx,
+    *slopes)`` for ``chunked``'s pure maps, as :func:`jax_attn.mask_functions.score_options`
+    (``shift = S - T``; ``slopes [B, N]`` given where ``alibi``)."""
+
+    def score_fn(score, b, h, q_idx, kv_idx, *slopes):
+        if cap is not None:
+            score = cap * jnp.tanh(score / cap)
+        if alibi:
+            distance = jnp.abs(q_idx + shift - kv_idx).astype(score.dtype)
+            score = score - slopes[0][b, h].astype(score.dtype) * distance
+        return score
+
+    return score_fn
+
+
+def _flash(call: AttentionCall, q, k, v, q_lengths, kv_lengths, rng=None, slopes=None):
+    rules = _rules(call)
+    return flash_attention(rules, (q, k, v), (q_lengths, kv_lengths, rng, slopes))[0]
 
 
 def cpu_flash_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs):
     """q ``[B, T, N, H]``, k ``[B, S, K, H]``, v ``[B, S, K, H_v]`` ->
     ``[B, T, N, H_v]`` in q's dtype through the compiled kernel (in float32, half precision
-    widened and the output rounded once); of ``inputs`` only the lengths (the rest is
-    declined by ``_cpu_flash_unsupported``)."""
+    widened and the output rounded once); of ``inputs`` the lengths, the dropout key and
+    the ALiBi slopes (the rest is declined by ``_cpu_flash_unsupported``; the ``score_fn``
+    it gets is only those options, served natively)."""
     reason = build_reason()
     if reason is not None:
         raise ValueError(f"cpu_flash: {reason}")
@@ -378,7 +504,13 @@ def cpu_flash_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs):
     q_lengths = lengths(inputs.query_seq_lengths, call.T)
     kv_lengths = lengths(inputs.key_value_seq_lengths, call.S)
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-    return _flash(call, q, k, v, q_lengths, kv_lengths).astype(call.dtype)
+    rng = inputs.dropout_rng if call.dropout_rate > 0.0 else None
+    slopes = None
+    if call.has_alibi_slopes:
+        # constants: the kernel takes no derivative for them (stop_gradient says so)
+        given = jax.lax.stop_gradient(jnp.asarray(inputs.alibi_slopes))
+        slopes = jnp.broadcast_to(given.astype(jnp.float32), (call.B, call.N))
+    return _flash(call, q, k, v, q_lengths, kv_lengths, rng, slopes).astype(call.dtype)
 
 
 IMPLEMENTATION = Implementation(
@@ -387,4 +519,5 @@ IMPLEMENTATION = Implementation(
     unsupported=_cpu_flash_unsupported,
     platforms=("cpu",),
     description="fused flash attention in C++ (AVX2/FMA) through XLA's FFI, float32",
+    score_options=True,
 )

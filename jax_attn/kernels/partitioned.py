@@ -14,7 +14,8 @@ leading batch axes (``B`` and, under ``jax.vmap``, the mapped axes before it):
 * ``"q"``: ``[..., T, N, H]`` (queries, outputs and their tangents/cotangents),
 * ``"kv"``: ``[..., S, K, H]`` (keys, values and theirs),
 * ``"lengths"``: ``[...]``,
-* ``"lse"``: ``[..., N, T]``.
+* ``"lse"``: ``[..., N, T]``,
+* ``"heads"``: ``[..., N]`` (per query head: dropout row seeds, ALiBi slopes).
 
 The call is a primitive of its own (``jax.vmap`` moves the mapped axes in front and runs
 the same function on the wider arrays, as ``jax.ffi.ffi_call(vmap_method="broadcast_all")``
@@ -51,6 +52,7 @@ ROLES: dict[str, tuple[str, ...]] = {
     "kv": ("whole", "kv_heads", "whole"),
     "lengths": (),
     "lse": ("q_heads", "whole"),
+    "heads": ("q_heads",),
 }
 
 
