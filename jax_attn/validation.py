@@ -78,8 +78,9 @@ class AttentionCall:
     has_block_mask: bool = False
     # ``dot_product_attention``'s score options, also folded into ``score_fn`` (so
     # ``has_score_fn``) for the kernels that take them that way; ``score_options_only``:
-    # that ``score_fn`` is the options alone (the caller passed none), which a kernel
-    # serving the options natively (``Implementation.score_options``) can run without it.
+    # that ``score_fn`` is the options alone (the caller passed none, and the slopes are
+    # concrete, not traced: constants), which a kernel serving the options natively
+    # (``Implementation.score_options``) can run without it.
     logit_soft_cap: float | None = None
     has_alibi_slopes: bool = False
     score_options_only: bool = False
@@ -488,7 +489,8 @@ def run_attention(select: Select, implementation, query, key, value, **arguments
             call,
             logit_soft_cap=None if cap is None else float(cap),
             has_alibi_slopes=slopes is not None,
-            score_options_only=own_score_fn is None,
+            # traced slopes may be learned: only a score_fn kernel gives their gradient
+            score_options_only=own_score_fn is None and (slopes is None or _is_concrete(slopes)),
         )
         arguments["alibi_slopes"] = None if slopes is None else jnp.asarray(slopes)
     q, k, v = batched_inputs(call, query, key, value)

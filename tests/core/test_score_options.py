@@ -44,7 +44,9 @@ def _capped_float64(q, k, v, cap, bias):
     return np.einsum("bnts,bsnh->btnh", weights, v)
 
 
-SERVING = [name for name in ("reference", "chunked") if name in ja.available_implementations()]
+SERVING = [
+    name for name in ("reference", "chunked", "cpu_flash") if name in ja.available_implementations()
+]
 
 
 @pytest.mark.parametrize("implementation", [None, *SERVING])
@@ -78,16 +80,26 @@ def test_gradients_reach_the_slopes_and_forward_mode_goes_through():
 
     chunked = lambda *a, **o: ja.dot_product_attention(*a, implementation="chunked", **o)  # noqa: E731
     for fn in (jax.grad, lambda f: lambda s: jax.jvp(f, (s,), (jnp.ones_like(s),))[1]):
-        got = fn(lambda s: loss(chunked, s))(jnp.asarray(slopes))
         want = fn(lambda s: loss(reference.dot_product_attention, s))(jnp.asarray(slopes))
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        # the default too: traced slopes leave the kernel that takes them as constants
+        for attention in (chunked, ja.dot_product_attention):
+            got = fn(lambda s, attention=attention: loss(attention, s))(jnp.asarray(slopes))
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_kernels_without_score_functions_decline_and_bad_options_are_named():
     q, k, v, slopes = _inputs()
+    with pytest.raises(ValueError, match="'xla'.*score_fn"):
+        ja.dot_product_attention(q, k, v, alibi_slopes=slopes, implementation="xla")
     if "cpu_flash" in ja.available_implementations():
+        # it serves concrete slopes natively (tests/kernels/test_cpu_flash_dropout.py);
+        # traced ones may be learned, and it takes no derivative for them
         with pytest.raises(ValueError, match="score_fn"):
-            ja.dot_product_attention(q, k, v, alibi_slopes=slopes, implementation="cpu_flash")
+            jax.jit(
+                lambda s: ja.dot_product_attention(
+                    q, k, v, alibi_slopes=s, implementation="cpu_flash"
+                )
+            )(slopes)
     with pytest.raises(ValueError, match=r"alibi_slopes must have shape \[4\] or \[2, 4\]"):
         ja.dot_product_attention(q, k, v, alibi_slopes=slopes[:3])
     with pytest.raises(TypeError, match="alibi_slopes must hold floats"):

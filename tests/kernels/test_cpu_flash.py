@@ -141,11 +141,14 @@ def test_declines_what_it_does_not_serve():
     q, k, v = make_qkv(B=1, T=8, S=8, N=2, K=1, H=8)
     declined = {
         "mask": ({"mask": jnp.ones((8, 8), bool)}, "no mask"),
-        "dropout": ({"dropout_rate": 0.1, "dropout_rng": jax.random.key(0)}, "dropout"),
+        "score_fn": ({"score_fn": lambda s, b, h, i, j: 2.0 * s}, "takes no score_fn"),
     }
     for options, reason in declined.values():
         call = check_attention_args(q, k, v, **options)
         assert reason in dispatch.unsupported_reason("cpu_flash", call, "cpu")
+    # dropout is served (tests/kernels/test_cpu_flash_dropout.py)
+    dropout = check_attention_args(q, k, v, dropout_rate=0.1, dropout_rng=jax.random.key(0))
+    assert dispatch.unsupported_reason("cpu_flash", dropout, "cpu") == cpu_flash.build_reason()
     with jax.enable_x64(True):
         wide = check_attention_args(*(x.astype(jnp.float64) for x in (q, k, v)))
         assert "float64" in dispatch.unsupported_reason("cpu_flash", wide, "cpu")

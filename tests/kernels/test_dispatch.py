@@ -41,9 +41,9 @@ FLOAT32_DEFAULT = "cpu_flash" if CPU_FLASH_DEFAULT else "chunked"
     [
         (16, {"is_causal": True}, FLOAT32_DEFAULT),
         (1, {}, "cpu_flash" if CPU_FLASH_DEFAULT else "xla"),  # decoding: one query
-        # xla and cpu_flash: no dropout
-        (1, {"dropout_rate": 0.1, "dropout_rng": jax.random.key(0)}, "chunked"),
-        (16, {"dropout_rate": 0.1, "dropout_rng": jax.random.key(0)}, "chunked"),
+        # xla: no dropout; cpu_flash serves it (the library's hash, in the kernel)
+        (1, {"dropout_rate": 0.1, "dropout_rng": jax.random.key(0)}, FLOAT32_DEFAULT),
+        (16, {"dropout_rate": 0.1, "dropout_rng": jax.random.key(0)}, FLOAT32_DEFAULT),
     ],
 )
 def test_default_picks_a_supporting_implementation_and_matches_reference(T, kwargs, expected):
@@ -62,6 +62,34 @@ def test_default_picks_a_supporting_implementation_and_matches_reference(T, kwar
 
     out, expected = jax.jit(both)(q, k, v, rng)
     np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        ({"logit_soft_cap": 3.0}, FLOAT32_DEFAULT),
+        ({"alibi_slopes": jnp.array([0.5, 0.25, 0.125, 0.0625])}, FLOAT32_DEFAULT),
+        # the caller's own score_fn beside the options: only the score_fn kernels
+        ({"logit_soft_cap": 3.0, "score_fn": lambda s, b, h, i, j: s + 1.0}, "chunked"),
+    ],
+)
+def test_score_options_go_to_the_kernel_that_serves_them(monkeypatch, kwargs, expected):
+    picked = []
+    select = dispatch.select_implementation
+
+    def spy(call, platform=None):
+        picked.append(select(call, platform))
+        return picked[-1]
+
+    monkeypatch.setattr(dispatch, "select_implementation", spy)
+    q, k, v = _inputs(16, 12)
+    out = dispatch.dot_product_attention(q, k, v, is_causal=True, **kwargs)
+    assert picked == [expected]
+    want = reference.dot_product_attention(q, k, v, is_causal=True, **kwargs)
+    np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
+    # the kernels that take no score_fn and do not serve the options still decline
+    with pytest.raises(ValueError, match="'xla'.*takes no score_fn"):
+        dispatch.dot_product_attention(q, k, v, implementation="xla", **kwargs)
 
 
 def test_float64_falls_back_to_reference():

@@ -30,6 +30,20 @@ CASES = {
 }
 
 
+# Served natively by cpu_flash (dropout, ALiBi and soft-capping in the compiled kernel;
+# chunked's pure maps for second order), through score_fn by chunked.
+OPTION_CASES = {
+    "dropout, alibi, soft cap": dict(
+        is_causal=True,
+        key_value_seq_lengths=np.array([7, 5], np.int32),
+        dropout_rate=0.25,
+        dropout_rng=jax.random.key(3),
+        alibi_slopes=np.array([0.5, 0.25, 0.125, 0.0625], np.float32),
+        logit_soft_cap=2.0,
+    ),
+}
+
+
 def _inputs(seed=0, T=T, S=S):
     rng = np.random.default_rng(seed)
     q = jnp.asarray(rng.normal(size=(B, T, N, H)), jnp.float32)
@@ -96,9 +110,15 @@ def test_every_transformation_equals_the_reference(implementation, case):
     _check(implementation, case, None)
 
 
+@pytest.mark.parametrize("names", [QUICK, pytest.param(None, marks=pytest.mark.slow)])
+@pytest.mark.skipif("cpu_flash" not in KERNELS, reason="cpu_flash not built here")
+def test_cpu_flash_dropout_and_score_options_under_transformations(names):
+    _check("cpu_flash", "dropout, alibi, soft cap", names)
+
+
 def _check(implementation, case, names):
     q, k, v, w = _inputs()
-    options = CASES[case]
+    options = {**CASES, **OPTION_CASES}[case]
 
     def fast(q, k, v):
         return ja.dot_product_attention(q, k, v, implementation=implementation, **options)
