@@ -31,6 +31,7 @@ __all__ = [
     "nan_rows",
     "nan_rows_by_kernel",
     "run_attention",
+    "attention_call_and_inputs",
     "compute_dtype",
     "as_batch",
     "check_array",
@@ -480,6 +481,17 @@ def run_attention(select: Select, implementation, query, key, value, **arguments
     keywords), ask ``select`` for the kernel, run it on batched inputs under the NaN
     policy (:func:`nan_policy_attention`) and return the output unbatched when the
     inputs were."""
+    call, inputs = attention_call_and_inputs(query, key, value, **arguments)
+    q, k, v = batched_inputs(call, query, key, value)
+    out = nan_policy_attention(select, implementation, q, k, v, call=call, inputs=inputs)
+    return out if call.batched else out[0]
+
+
+def attention_call_and_inputs(query, key, value, **arguments):
+    """``(AttentionCall, KernelInputs)`` of a ``dot_product_attention`` call (``arguments``
+    its keywords but ``implementation``): :func:`check_attention_args` with ``alibi_slopes``
+    and ``logit_soft_cap`` folded into ``score_fn`` and also carried apart, for the kernels
+    that serve them natively."""
     own_score_fn = arguments.get("score_fn")
     slopes, cap = arguments.get("alibi_slopes"), arguments.get("logit_soft_cap")
     arguments["score_fn"] = _with_score_options(query, key, arguments)
@@ -493,10 +505,8 @@ def run_attention(select: Select, implementation, query, key, value, **arguments
             score_options_only=own_score_fn is None and (slopes is None or _is_concrete(slopes)),
         )
         arguments["alibi_slopes"] = None if slopes is None else jnp.asarray(slopes)
-    q, k, v = batched_inputs(call, query, key, value)
     inputs = KernelInputs(**{name: arguments.get(name) for name in _KERNEL_INPUTS})
-    out = nan_policy_attention(select, implementation, q, k, v, call=call, inputs=inputs)
-    return out if call.batched else out[0]
+    return call, inputs
 
 
 def _with_score_options(query, key, arguments: dict):

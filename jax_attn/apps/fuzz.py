@@ -203,6 +203,11 @@ def random_call(rng: np.random.Generator, shape=None, dtype=None) -> dict:
     if rng.random() < _P["dropout"]:
         call["dropout_rate"] = float(rng.choice(_RANDOM["dropout_rates"]))
         call["dropout_rng"] = jax.random.key(int(rng.integers(2**31)))
+    if rng.random() < _P.get("logit_soft_cap", 0.0):
+        call["logit_soft_cap"] = float(rng.choice(_RANDOM["soft_caps"]))
+    if rng.random() < _P.get("alibi_slopes", 0.0):
+        lead = (N,) if rng.random() < 0.5 else (B, N)
+        call["alibi_slopes"] = jnp.asarray(rng.uniform(0.0, 1.0, lead), jnp.float32)
     if B == 1 and rng.random() < _P["unbatched"] and not any("lengths" in n for n in call):
         call = _unbatched(call)
     return call
@@ -233,6 +238,8 @@ def _unbatched(call: dict) -> dict:
     for name in ("mask", "bias"):
         if name in call and call[name].ndim == 4:
             call[name] = call[name][0]
+    if "alibi_slopes" in call and call["alibi_slopes"].ndim == 2:  # [1, N] -> [N]
+        call["alibi_slopes"] = call["alibi_slopes"][0]
     return call
 
 
@@ -528,11 +535,11 @@ def _describe(call: dict) -> str:
 def check_valid_call(call: dict, report: FuzzReport, implementations) -> None:
     """Every implementation that serves ``call`` against the float64 reference."""
     from jax_attn import dispatch
-    from jax_attn.validation import check_attention_args
+    from jax_attn.validation import attention_call_and_inputs
 
     args = {name: x for name, x in call.items() if name not in ("query", "key", "value")}
     expected = reference_float64(call["query"], call["key"], call["value"], **args)
-    meta = check_attention_args(call["query"], call["key"], call["value"], **args)
+    meta, _ = attention_call_and_inputs(call["query"], call["key"], call["value"], **args)
     empty = empty_rows(call)
     dtype = np.dtype(call["query"].dtype).name
     for name in implementations:
