@@ -465,10 +465,13 @@ inline bool ScoreRow(const Problem& p, int64_t b, int64_t n, int64_t t, int64_t 
     const __m256 base = _mm256_sub_ps(
         _mm256_set1_ps(static_cast<float>(t + p.S - p.T - s0)),
         _mm256_setr_ps(0.0f, 1.0f, 2.0f, 3.0f, 4.0f, 5.0f, 6.0f, 7.0f));
+    // no lower than kMasked: slopes large enough to overflow to -inf make no NaN
+    const __m256 lowest = _mm256_set1_ps(kMasked);
     for (int c = 0; c < width; c += 8) {
       const __m256 distance =
           _mm256_andnot_ps(sign, _mm256_sub_ps(base, _mm256_set1_ps(static_cast<float>(c))));
-      _mm256_storeu_ps(row + c, _mm256_fnmadd_ps(slope, distance, _mm256_loadu_ps(row + c)));
+      _mm256_storeu_ps(row + c, _mm256_max_ps(lowest, _mm256_fnmadd_ps(slope, distance,
+                                                                        _mm256_loadu_ps(row + c))));
     }
   }
   return p.soft_cap > 0.0f && deriv != nullptr;

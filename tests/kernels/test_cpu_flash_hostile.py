@@ -310,3 +310,29 @@ def test_running_out_of_address_space_is_a_python_error():
     outcomes = child_peak(UNDER_LIMITS, "cpu_flash")["outcomes"]
     assert any("cpu_flash: out of memory" in outcome for outcome in outcomes), outcomes
     assert outcomes[-1] == "ok", outcomes
+
+
+def test_mis_sized_row_seeds_or_slopes_are_a_python_error():
+    q, k, v = make_qkv(B=2, T=9, S=9, N=4, K=2, H=8)
+    call = _call(q, k, v, dropout_rate=0.5, has_alibi_slopes=True)
+    lengths = _lengths(2, 9)
+    for seeds, slopes in (
+        (jnp.zeros((2, 3), jnp.uint32), jnp.zeros((2, 4), jnp.float32)),
+        (jnp.zeros((2, 4), jnp.uint32), jnp.zeros((1,), jnp.float32)),
+    ):
+        with pytest.raises(Exception, match="row seeds or slopes mis-sized"):
+            jax.block_until_ready(cpu_flash.forward(call, q, k, v, lengths, lengths, seeds, slopes))
+
+
+def test_slopes_that_overflow_the_logits_make_no_nan():
+    # slope * distance beyond float32's range: the kernel's logits stop at its masked value
+    import jax_attn as ja
+
+    q, k, v = make_qkv(B=1, T=70, S=130, N=2, K=1, H=8)
+    slopes = jnp.array([3e38, 1e-3], jnp.float32)
+    kwargs = dict(alibi_slopes=slopes, dropout_rate=0.2, dropout_rng=jax.random.key(0))
+    out = ja.dot_product_attention(q, k, v, implementation="cpu_flash", **kwargs)
+    assert np.isfinite(np.asarray(out)).all()
+    # the head with a sane slope is the reference's
+    want = ja.dot_product_attention(q, k, v, implementation="reference", **kwargs)
+    np.testing.assert_allclose(out[:, :, 1], want[:, :, 1], rtol=0, atol=1e-5)
