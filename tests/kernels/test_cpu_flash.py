@@ -140,7 +140,6 @@ def test_x64_mode_with_float32_inputs():
 def test_declines_what_it_does_not_serve():
     q, k, v = make_qkv(B=1, T=8, S=8, N=2, K=1, H=8)
     declined = {
-        "mask": ({"mask": jnp.ones((8, 8), bool)}, "no mask"),
         "dropout": ({"dropout_rate": 0.1, "dropout_rng": jax.random.key(0)}, "dropout"),
     }
     for options, reason in declined.values():
