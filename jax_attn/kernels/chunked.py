@@ -842,30 +842,43 @@ def _queries_back(x, T: int):
     return jnp.transpose(x, (0, 3, 1, 2, 4)).reshape(B, T_pad, K * G, H)[:, :T]
 
 
+def _dense_blocks(plan: _Plan, x, B: int, N: int, K: int, pad_value):
+    """A 4-d mask or bias (or ``None``) as :func:`_as_blocks` lays it out for ``plan``."""
+    if x is None:
+        return None
+    return _as_blocks(x, B, N, K, plan.T_padded, plan.S_padded, pad_value)
+
+
 def position_tangent(plan: _Plan, diff, nondiff, out, lse, d_diff, *, rng=None, score_consts=()):
-    """:func:`_tangent` for ``diff = (q, k, v)``, ``nondiff = (q_lengths, kv_lengths)``
-    (int32 ``[B]``) in jax.nn's layout, ``(d_out [B, T, N, H_v], d_lse [B, N, T])``; ``rng``
-    the dropout key of a plan with dropout, ``score_consts`` the constant arguments of
-    its ``score_fn`` (no derivative taken for them)."""
-    (q, k, v), (q_lengths, kv_lengths), (dq, dk, dv) = diff, nondiff, d_diff
+    """:func:`_tangent` for ``diff = (q, k, v[, bias])``, ``nondiff = (q_lengths,
+    kv_lengths[, mask])`` (int32 ``[B]``; bias float32 and mask bool, 4-d, broadcastable to
+    ``[B, N, T, S]``) in jax.nn's layout, ``(d_out [B, T, N, H_v], d_lse [B, N, T])``; ``rng``
+    the dropout key of a plan with dropout, ``score_consts`` the constant arguments of its
+    ``score_fn`` (no derivative taken for them)."""
+    (q, k, v, *bias), (q_lengths, kv_lengths, *mask), (dq, dk, dv, *d_bias) = (
+        diff,
+        nondiff,
+        d_diff,
+    )
     B, T, N, _ = q.shape
     K = k.shape[2]
     live = _rows_attending(plan, q_lengths, B)
     qk, kk, vk, outk, lsek = _to_kernel(plan, K, q, k, v, out, lse, live)
     dqk, dkk, dvk, _, _ = _to_kernel(plan, K, dq, dk, dv, out, lse, live)
+    bias, d_bias = (_dense_blocks(plan, x[0] if x else None, B, N, K, 0.0) for x in (bias, d_bias))
     d_out, d_lse = _tangent(
         plan,
         qk,
         kk,
         vk,
-        None,
-        None,
+        _dense_blocks(plan, mask[0] if mask else None, B, N, K, False),
+        bias,
         kv_lengths,
         rng,
         (None, (), tuple(score_consts)),
         outk,
         lsek,
-        (dqk, dkk, dvk, None, tuple(jnp.zeros_like(c) for c in score_consts)),
+        (dqk, dkk, dvk, d_bias, tuple(jnp.zeros_like(c) for c in score_consts)),
     )
     d_out = jnp.where(live[:, :, None, None], _queries_back(d_out, T), 0.0)
     d_lse = jnp.where(live[:, None, :], d_lse.reshape(B, N, -1)[..., :T], 0.0)
@@ -876,8 +889,8 @@ def position_backward(
     plan: _Plan, diff, nondiff, out, lse, d_out, d_lse, *, rng=None, score_consts=()
 ):
     """:func:`_backward` in jax.nn's layout for :func:`position_tangent`'s arguments:
-    ``(dq, dk, dv)``."""
-    (q, k, v), (q_lengths, kv_lengths) = diff, nondiff
+    ``(dq, dk, dv[, dbias])``."""
+    (q, k, v, *bias), (q_lengths, kv_lengths, *mask) = diff, nondiff
     B, T, N, _ = q.shape
     S, K = k.shape[1], k.shape[2]
     live = _rows_attending(plan, q_lengths, B)
@@ -888,9 +901,28 @@ def position_backward(
     qk, kk, vk, outk, lsek = _to_kernel(plan, K, q, k, v, out, lse, live)
     d_outk = _to_kernel(plan, K, d_out, k, v, d_out, lse, live)[0]
     d_lsek = jnp.pad(d_lse, [(0, 0), (0, 0), (0, plan.T_padded - T)]).reshape(lsek.shape)
-    fns = (None, (), tuple(score_consts))
-    dq, dk, dv, _, _ = _backward(
-        plan, qk, kk, vk, None, None, kv_lengths, rng, fns, outk, lsek, d_outk, d_lsek
+    mask_blocks = _dense_blocks(plan, mask[0] if mask else None, B, N, K, False)
+    bias_blocks = _dense_blocks(plan, bias[0] if bias else None, B, N, K, 0.0)
+    dq, dk, dv, dbias, _ = _backward(
+        plan,
+        qk,
+        kk,
+        vk,
+        mask_blocks,
+        bias_blocks,
+        kv_lengths,
+        rng,
+        (None, (), tuple(score_consts)),
+        outk,
+        lsek,
+        d_outk,
+        d_lsek,
     )
     dk, dv = (jnp.transpose(x, (0, 2, 1, 3))[:, :S] for x in (dk, dv))
-    return (_queries_back(dq, T).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
+    grads = (_queries_back(dq, T).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
+    if not bias:
+        return grads
+    # [B', K', G', T'|1, S'|1] -> the bias' [B', N', T|1, S|1]
+    B_x, N_x, T_x, S_x = bias[0].shape
+    dbias = dbias.reshape(B_x, N_x, *dbias.shape[3:])[:, :, :T_x, :S_x]
+    return (*grads, dbias.astype(bias[0].dtype))

@@ -8,10 +8,15 @@
 //
 // What a query may attend is one interval of keys per row: the causal limit, a local
 // window, and the per-sequence lengths each cut it (bottom-right aligned: query t sits at
-// key position t + S - T). No mask array, bias or score function: the Python side
-// declines those, and dispatch picks another kernel. Two score options (tanh soft-capping,
-// then ALiBi) and the library's hash dropout are served here (see "score options and
-// dropout" below).
+// key position t + S - T). No score function: the Python side declines it, and dispatch
+// picks another kernel. Two score options (tanh soft-capping, then ALiBi) and the
+// library's hash dropout are served here (see "score options and dropout" below).
+//
+// A boolean mask and an additive bias broadcastable to [B, N, T, S] come as given (any
+// axis of size 1 read with stride 0, never broadcast in memory; an empty operand: none).
+// They cut single keys out of the intervals: a masked key's logit becomes -inf, as does
+// one whose bias is -inf, and every -inf logit gets weight exactly 0. The bias is added
+// after the score options, as in the reference.
 //
 // Forward: one work item is (batch, query head, tile of kTile query rows); it walks the
 // key tiles its rows may see with the online softmax (running max m, sum l, unnormalised
@@ -31,6 +36,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <limits>
 #include <new>
 #include <string>
 #include <memory>
@@ -45,6 +51,7 @@ using Floats = ffi::Buffer<ffi::F32>;
 using Lengths = ffi::Buffer<ffi::S32>;
 using Seeds = ffi::Buffer<ffi::U32>;
 using FloatsOut = ffi::ResultBuffer<ffi::F32>;
+using Masks = ffi::Buffer<ffi::PRED>;
 
 namespace {
 
@@ -74,6 +81,14 @@ inline __m256 Exp8(__m256 x) {
   __m256i e = _mm256_slli_epi32(
       _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// e^(x - shift) for 8 logits, exactly 0 where x is -inf (a key the mask or a bias of
+// -inf masks; Exp8 alone clamps it to e^-87).
+inline __m256 ExpMasked8(__m256 x, __m256 shift) {
+  const __m256 masked =
+      _mm256_cmp_ps(x, _mm256_set1_ps(-std::numeric_limits<float>::infinity()), _CMP_EQ_OQ);
+  return _mm256_andnot_ps(masked, Exp8(_mm256_sub_ps(x, shift)));
 }
 
 inline float HorizontalMax(__m256 v) {
@@ -151,6 +166,21 @@ struct Attributes {
   float dropout_scale;        // 1 / (1 - rate)
 };
 
+// A mask or bias broadcastable to [B, N, T, S] as given: element (b, n, t, s) at
+// data[batch[b] + n * n_stride + t * t_stride + s * s_stride], a stride 0 along each axis
+// of size 1 (batch[b] for the folded batch b). `data` null: none came.
+template <typename T>
+struct Broadcast {
+  const T* data = nullptr;
+  std::vector<int64_t> batch;
+  int64_t n_stride = 0, t_stride = 0, s_stride = 0, size = 0;
+  // Whether two folded batches share elements (broadcast over a batch axis).
+  bool batch_shared = false;
+  int64_t Row(int64_t b, int64_t n, int64_t t) const {
+    return batch[b] + n * n_stride + t * t_stride;
+  }
+};
+
 // The attributes, the shapes (leading axes folded into B), the lengths [B] and the raw
 // keys and values.
 struct Problem : Attributes {
@@ -168,6 +198,9 @@ struct Problem : Attributes {
   // ALiBi slopes; read only with `dropout` / `alibi`.
   const uint32_t* row_seeds = nullptr;
   const float* slopes = nullptr;
+  Broadcast<bool> mask;   // dense mask (true: may attend), or none
+  Broadcast<float> bias;  // additive bias, or none
+  bool dense() const { return mask.data != nullptr || bias.data != nullptr; }
 
   // Keys query row t of batch b may attend: [*begin, *end) (empty if begin >= end). The
   // windows are clamped to S + T in Prepare, so no sum here overflows.
@@ -201,6 +234,75 @@ void UnionOfRows(const int64_t* row_begin, const int64_t* row_end, int64_t rows,
     if (row_begin[r] < row_end[r])
       *begin = std::min(*begin, row_begin[r]), *end = std::max(*end, row_end[r]);
   if (*begin >= *end) *begin = *end = 0;
+}
+
+// ---- dense masks and bias --------------------------------------------------------------
+
+// Adds `layout`'s elements at `data` (a bias or its tangent) to the logits s [rows, width]
+// of rows t0.. of (b, n) over keys [s0, s0 + cols).
+void AddBias(const Broadcast<float>& layout, const float* data, int64_t b, int64_t n,
+             int64_t t0, int rows, int64_t s0, int64_t cols, float* s, int width) {
+  for (int r = 0; r < rows; ++r) {
+    float* srow = s + r * width;
+    const float* brow = data + layout.Row(b, n, t0 + r) + s0 * layout.s_stride;
+    if (layout.s_stride) {
+      for (int64_t c = 0; c < cols; ++c) srow[c] += brow[c];
+    } else {
+      const float x = brow[0];
+      for (int64_t c = 0; c < cols; ++c) srow[c] += x;
+    }
+  }
+}
+
+// The bias added to the logits s [rows, width] (rows t0.. of (b, n), keys [s0, s0 + cols))
+// and the keys the mask leaves out set to -inf, which the exponentials then weigh 0.
+void ApplyDense(const Problem& p, int64_t b, int64_t n, int64_t t0, int rows, int64_t s0,
+                int64_t cols, float* s, int width) {
+  if (p.bias.data) AddBias(p.bias, p.bias.data, b, n, t0, rows, s0, cols, s, width);
+  if (!p.mask.data) return;
+  const float minus_inf = -std::numeric_limits<float>::infinity();
+  for (int r = 0; r < rows; ++r) {
+    float* srow = s + r * width;
+    const bool* mrow = p.mask.data + p.mask.Row(b, n, t0 + r) + s0 * p.mask.s_stride;
+    if (p.mask.s_stride) {
+      for (int64_t c = 0; c < cols; ++c) srow[c] = mrow[c] ? srow[c] : minus_inf;
+    } else if (!mrow[0]) {
+      std::fill(srow, srow + cols, minus_inf);
+    }
+  }
+}
+
+// Whether the mask leaves rows t0.. of (b, n) no key of [s0, s0 + cols): a tile to skip
+// (key padding leaves whole key tiles so).
+bool MaskedTile(const Problem& p, int64_t b, int64_t n, int64_t t0, int rows, int64_t s0,
+                int64_t cols) {
+  if (!p.mask.data) return false;
+  const int row_count = p.mask.t_stride ? rows : 1;
+  const int64_t col_count = p.mask.s_stride ? cols : 1;
+  for (int r = 0; r < row_count; ++r) {
+    const bool* mrow = p.mask.data + p.mask.Row(b, n, t0 + r) + s0 * p.mask.s_stride;
+    bool any = false;
+    for (int64_t c = 0; c < col_count; ++c) any |= mrow[c];
+    if (any) return false;
+  }
+  return true;
+}
+
+// Adds dS [rows, width] (the logits' gradient, which is the bias') of rows t0.. of (b, n),
+// keys [s0, s0 + cols), into `dbias` laid out as the bias: summed over its broadcast axes.
+void AddBiasGradient(const Problem& p, float* dbias, int64_t b, int64_t n, int64_t t0, int rows,
+                     int64_t s0, int64_t cols, const float* ds, int width) {
+  for (int r = 0; r < rows; ++r) {
+    const float* src = ds + r * width;
+    float* dst = dbias + p.bias.Row(b, n, t0 + r) + s0 * p.bias.s_stride;
+    if (p.bias.s_stride) {
+      for (int64_t c = 0; c < cols; ++c) dst[c] += src[c];
+    } else {
+      float sum = 0.0f;
+      for (int64_t c = 0; c < cols; ++c) sum += src[c];
+      dst[0] += sum;
+    }
+  }
 }
 
 // ---- running items on XLA's thread pool ----------------------------------------------
@@ -542,7 +644,7 @@ int64_t ForwardScratch(const Problem& p) {
 template <int kWidth>
 void OnlineSoftmaxRows(int width_given, int gemm_rows, const KeyTile& t, const int64_t* row_begin,
                        const int64_t* row_end, float* s, float* m, float* l, float* acc,
-                       int Hvp) {
+                       int Hvp, bool dense = false) {
   const int width = kWidth ? kWidth : width_given;
   for (int r = 0; r < gemm_rows; ++r) {
     float* srow = s + r * width;
@@ -563,8 +665,13 @@ void OnlineSoftmaxRows(int width_given, int gemm_rows, const KeyTile& t, const i
     const float m_new = std::max(m[r], row_max);
     const float correction = m[r] == kMasked ? 0.0f : std::exp(m[r] - m_new);
     const __m256 shift = _mm256_set1_ps(m_new);
-    for (int c = 0; c < width; c += 8)
-      _mm256_storeu_ps(srow + c, Exp8(_mm256_sub_ps(_mm256_loadu_ps(srow + c), shift)));
+    if (dense) {
+      for (int c = 0; c < width; c += 8)
+        _mm256_storeu_ps(srow + c, ExpMasked8(_mm256_loadu_ps(srow + c), shift));
+    } else {
+      for (int c = 0; c < width; c += 8)
+        _mm256_storeu_ps(srow + c, Exp8(_mm256_sub_ps(_mm256_loadu_ps(srow + c), shift)));
+    }
     std::fill(srow, srow + lo, 0.0f);
     std::fill(srow + hi, srow + width, 0.0f);
     __m256 sum = _mm256_loadu_ps(srow);
@@ -608,7 +715,11 @@ void ForwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float
   int64_t begin, end;
   UnionOfRows(row_begin, row_end, kTile, &begin, &end);
 
+  const bool dense = p.dense();
   for (int64_t key_tile = begin / kTile; key_tile * kTile < end; ++key_tile) {
+    if (MaskedTile(p, b, n, t0, rows, key_tile * kTile,
+                   std::min<int64_t>(kTile, p.S - key_tile * kTile)))
+      continue;
     const KeyTile t = LoadTile(p, kv, b, kh, key_tile, tile_scratch);
     const int width = static_cast<int>(t.width);
     // [gemm_rows, width] scaled logits; full tiles with a constant width, so that the
@@ -616,11 +727,14 @@ void ForwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float
     if (width == kTile) {
       Gemm<false>(gemm_rows, kTile, static_cast<int>(p.H), qs, Hp, t.kt, kTile, s, kTile);
       ScoreTile(p, b, n, t0, t.s0, gemm_rows, kTile, row_begin, row_end, s);
-      OnlineSoftmaxRows<kTile>(kTile, gemm_rows, t, row_begin, row_end, s, m, l, acc, Hvp);
+      if (dense) ApplyDense(p, b, n, t0, rows, t.s0, t.cols, s, kTile);
+      OnlineSoftmaxRows<kTile>(kTile, gemm_rows, t, row_begin, row_end, s, m, l, acc, Hvp,
+                               dense);
     } else {
       Gemm<false>(gemm_rows, width, static_cast<int>(p.H), qs, Hp, t.kt, width, s, width);
       ScoreTile(p, b, n, t0, t.s0, gemm_rows, width, row_begin, row_end, s);
-      OnlineSoftmaxRows<0>(width, gemm_rows, t, row_begin, row_end, s, m, l, acc, Hvp);
+      if (dense) ApplyDense(p, b, n, t0, rows, t.s0, t.cols, s, width);
+      OnlineSoftmaxRows<0>(width, gemm_rows, t, row_begin, row_end, s, m, l, acc, Hvp, dense);
     }
     DropTile(p, b, n, t0, t.s0, gemm_rows, width, row_begin, row_end, s);
     // [gemm_rows, Hvp] += weights . values, over the keys some row of the tile attends
@@ -687,8 +801,10 @@ int64_t BackwardScratch(const Problem& p) {
 // One (batch, kv head, split): the key tiles s with s % splits == split (interleaved, so
 // that the causal mask leaves each split a similar share). It owns dK, dV of its key tiles
 // and adds its dQ share into the shared accumulator under the query tile's lock.
+// `dbias` (null without a bias): where it adds the bias' gradient, laid out as the bias.
 void BackwardItem(const Problem& p, const PackedKV& kv, BackwardShared& w, int64_t item,
-                  const float* lse, float* dk, float* dv, float* scratch) {
+                  const float* lse, float* dk, float* dv, float* scratch,
+                  float* dbias = nullptr) {
   const int64_t split = item % w.splits, b = item / w.splits / p.K, kh = item / w.splits % p.K;
   const int64_t G = p.G(), tiles = p.q_tiles();
   const int Hp = static_cast<int>(p.Hp()), Hvp = static_cast<int>(p.Hvp());
@@ -718,6 +834,7 @@ void BackwardItem(const Problem& p, const PackedKV& kv, BackwardShared& w, int64
           continue;
         const int64_t t0 = tile * kTile, row0 = w.Row(p, b, n, t0);
         const int rows = static_cast<int>(p.TileRows(b, t0, row_begin, row_end));
+        if (MaskedTile(p, b, n, t0, rows, t.s0, t.cols)) continue;
         const int gemm_rows = (rows + 1) & ~1;
         const float* q_tile = w.qs.at(row0 * Hp);
         const float* do_tile = w.dos.at(row0 * Hvp);
@@ -738,10 +855,17 @@ void BackwardItem(const Problem& p, const PackedKV& kv, BackwardShared& w, int64
           }
           alignas(32) float deriv[kTile];
           const bool capped = ScoreRow(p, b, n, t0 + r, t.s0, width, prow, deriv);
+          if (p.dense()) ApplyDense(p, b, n, t0 + r, 1, t.s0, t.cols, prow, width);
           const __m256 shift = _mm256_set1_ps(lse[(b * p.N + n) * p.T + t0 + r]);
           const __m256 d = _mm256_set1_ps(*w.delta.at(row0 + r));
-          for (int c = 0; c < width; c += 8)
-            _mm256_storeu_ps(prow + c, Exp8(_mm256_sub_ps(_mm256_loadu_ps(prow + c), shift)));
+          if (p.dense()) {
+            for (int c = 0; c < width; c += 8)
+              _mm256_storeu_ps(prow + c, ExpMasked8(_mm256_loadu_ps(prow + c), shift));
+          } else {
+            for (int c = 0; c < width; c += 8)
+              _mm256_storeu_ps(prow + c,
+                               Exp8(_mm256_sub_ps(_mm256_loadu_ps(prow + c), shift)));
+          }
           std::fill(prow, prow + lo, 0.0f);
           std::fill(prow + hi, prow + width, 0.0f);
           if (p.dropout) {
@@ -761,6 +885,8 @@ void BackwardItem(const Problem& p, const PackedKV& kv, BackwardShared& w, int64
                                _mm256_mul_ps(_mm256_loadu_ps(prow + c),
                                              _mm256_sub_ps(_mm256_loadu_ps(dprow + c), d)));
           }
+          // the bias is added after the soft cap: its gradient is dS before 1 - tanh^2
+          if (dbias) AddBiasGradient(p, dbias, b, n, t0 + r, 1, t.s0, t.cols, dprow, width);
           // through the soft cap: dS times 1 - tanh^2
           if (capped)
             for (int c = 0; c < width; c += 8)
@@ -801,9 +927,11 @@ int64_t TangentScratch(const Problem& p) {
 // with P = exp(s - lse) from the given lse (one pass, no rescaling):
 // ds = scale (dq k + q dk), mu = sum P ds, d_out = sum P (ds v + dv) - mu out, d_lse = mu.
 // `pd` is `p` with the key and value tangents as its keys and values; `kvd` their packing.
+// `d_bias` (null: none) is the bias' tangent, laid out as the bias.
 void TangentItem(const Problem& p, const PackedKV& kv, const Problem& pd, const PackedKV& kvd,
                  int64_t item, const float* q, const float* dq, const float* out,
-                 const float* lse, float* d_out, float* d_lse, float* scratch) {
+                 const float* lse, float* d_out, float* d_lse, float* scratch,
+                 const float* d_bias = nullptr) {
   const int64_t tiles = p.q_tiles();
   const int64_t tile = tiles - 1 - item % tiles;
   const int64_t n = (item / tiles) % p.N, b = item / tiles / p.N, kh = n / p.G();
@@ -836,7 +964,11 @@ void TangentItem(const Problem& p, const PackedKV& kv, const Problem& pd, const 
   int64_t begin, end;
   UnionOfRows(row_begin, row_end, kTile, &begin, &end);
 
+  const bool dense = p.dense();
   for (int64_t key_tile = begin / kTile; key_tile * kTile < end; ++key_tile) {
+    if (MaskedTile(p, b, n, t0, rows, key_tile * kTile,
+                   std::min<int64_t>(kTile, p.S - key_tile * kTile)))
+      continue;
     const KeyTile t = LoadTile(p, kv, b, kh, key_tile, tile_scratch);
     const KeyTile dt = LoadTile(pd, kvd, b, kh, key_tile, tangent_scratch);
     const int width = static_cast<int>(t.width);
@@ -859,15 +991,27 @@ void TangentItem(const Problem& p, const PackedKV& kv, const Problem& pd, const 
         for (int c = 0; c < width; c += 8)
           _mm256_storeu_ps(dsrow + c,
                            _mm256_mul_ps(_mm256_loadu_ps(dsrow + c), _mm256_loadu_ps(deriv + c)));
+      // then s += bias (masked keys -inf) and ds += the bias' tangent, as the reference
+      // adds the bias after the score options
+      if (dense) ApplyDense(p, b, n, t0 + r, 1, t.s0, t.cols, prow, width);
+      if (d_bias) AddBias(p.bias, d_bias, b, n, t0 + r, 1, t.s0, t.cols, dsrow, width);
       const __m256 shift = _mm256_set1_ps(row_lse[r]);
-      for (int c = 0; c < width; c += 8)
-        _mm256_storeu_ps(prow + c, Exp8(_mm256_sub_ps(_mm256_loadu_ps(prow + c), shift)));
+      if (dense) {
+        for (int c = 0; c < width; c += 8)
+          _mm256_storeu_ps(prow + c, ExpMasked8(_mm256_loadu_ps(prow + c), shift));
+      } else {
+        for (int c = 0; c < width; c += 8)
+          _mm256_storeu_ps(prow + c, Exp8(_mm256_sub_ps(_mm256_loadu_ps(prow + c), shift)));
+      }
       std::fill(prow, prow + lo, 0.0f);
       std::fill(prow + hi, prow + width, 0.0f);
-      // P * ds, in place of ds, and its row sum into mu
+      // P * ds, in place of ds, and its row sum into mu (0 where P is: a masked key's
+      // tangent, whatever it holds, does not reach the output)
       __m256 sum = _mm256_setzero_ps();
       for (int c = 0; c < width; c += 8) {
-        const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(prow + c), _mm256_loadu_ps(dsrow + c));
+        const __m256 pc = _mm256_loadu_ps(prow + c);
+        __m256 x = _mm256_mul_ps(pc, _mm256_loadu_ps(dsrow + c));
+        if (dense) x = _mm256_and_ps(_mm256_cmp_ps(pc, _mm256_setzero_ps(), _CMP_NEQ_OQ), x);
         _mm256_storeu_ps(dsrow + c, x);
         sum = _mm256_add_ps(sum, x);
       }
@@ -897,6 +1041,48 @@ void TangentItem(const Problem& p, const PackedKV& kv, const Problem& pd, const 
     d_lse[(b * p.N + n) * p.T + t0 + r] = mu[r];
   }
 }
+
+// ---- the bias gradient -----------------------------------------------------------------
+
+// Where the backward's items add the bias gradient. Each item owns the key tiles of one
+// (batch, kv head, split); a full-shaped bias has each element in exactly one item's
+// tiles, so items add into the result directly. A bias broadcast over the batch, over the
+// query heads of several kv heads, or over the keys of several splits has elements that
+// several items reach at once: then each worker adds into a zeroed partial of the bias'
+// size and the partials are summed at the end. Partials rather than locks: no item waits
+// on another and the sum is one pass; they cost (workers - 1) x the bias' size, and a
+// broadcast bias is the small one (a full [B, N, T, S] one takes the direct path).
+struct BiasGradient {
+  float* result = nullptr;  // null: no bias
+  int64_t size = 0, copies = 0;
+  PooledBuffer partials;
+  BiasGradient(const Problem& p, int64_t splits, int64_t workers, float* dbias) {
+    if (!p.bias.data) return;
+    result = dbias, size = p.bias.size;
+    std::fill(result, result + size, 0.0f);
+    const bool shared = p.bias.batch_shared || (p.bias.n_stride == 0 && p.K > 1) ||
+                        (p.bias.s_stride == 0 && splits > 1);
+    if (shared && workers > 1) {
+      copies = workers;
+      partials = PooledBuffer(workers * size);
+    }
+  }
+  float* For(int64_t worker) {
+    if (!result) return nullptr;
+    return copies ? partials.at(worker * size) : result;
+  }
+  void Reduce(ffi::ThreadPool& pool) {
+    if (!copies) return;
+    constexpr int64_t kChunk = 1 << 14;
+    ParallelFor(pool, (size + kChunk - 1) / kChunk, [&](int64_t, int64_t chunk) {
+      const int64_t lo = chunk * kChunk, hi = std::min(size, lo + kChunk);
+      for (int64_t w = 0; w < copies; ++w) {
+        const float* src = partials.at(w * size);
+        for (int64_t i = lo; i < hi; ++i) result[i] += src[i];
+      }
+    });
+  }
+};
 
 // ---- the handlers ----------------------------------------------------------------------
 
@@ -941,6 +1127,51 @@ ffi::Error DescribeRows(const Seeds& row_seeds, const Floats& slopes, Problem* p
   return ffi::Error::Success();
 }
 
+// Reads a mask or bias operand into `out`: none if it is empty, else it must have q's rank,
+// each leading axis 1 or q's, and its last three N, T, S (each may be 1).
+template <typename T>
+ffi::Error DescribeBroadcast(ffi::Span<const int64_t> q_dims, ffi::Span<const int64_t> dims,
+                             size_t count, const T* data, const Problem& p,
+                             Broadcast<T>* out) {
+  if (count == 0) return ffi::Error::Success();
+  const size_t r = q_dims.size();
+  if (dims.size() != r)
+    return ffi::Error::InvalidArgument("cpu_flash: mask and bias must have q's rank");
+  const int64_t tail[3] = {p.N, p.T, p.S};
+  std::vector<int64_t> stride(r);
+  int64_t step = 1;
+  for (size_t i = r; i-- > 0;) {
+    const int64_t want = i + 3 < r ? q_dims[i] : tail[i + 3 - r];
+    if (dims[i] != 1 && dims[i] != want)
+      return ffi::Error::InvalidArgument("cpu_flash: mask or bias does not broadcast to q's");
+    stride[i] = dims[i] == 1 ? 0 : step;
+    step *= dims[i];
+  }
+  out->batch.assign(p.B, 0);
+  out->batch_shared = false;
+  for (size_t i = 0; i + 3 < r; ++i) out->batch_shared |= dims[i] == 1 && q_dims[i] > 1;
+  for (int64_t b = 0; b < p.B; ++b) {
+    int64_t rest = b;
+    for (size_t i = r - 3; i-- > 0;) {
+      out->batch[b] += rest % q_dims[i] * stride[i];
+      rest /= q_dims[i];
+    }
+  }
+  out->n_stride = stride[r - 3], out->t_stride = stride[r - 2], out->s_stride = stride[r - 1];
+  out->data = data, out->size = static_cast<int64_t>(count);
+  return ffi::Error::Success();
+}
+
+// Fills `p`'s mask and bias from their operands (empty ones: none).
+ffi::Error DescribeDense(const Floats& q, const Masks& mask, const Floats& bias, Problem* p) {
+  if (auto error = DescribeBroadcast(q.dimensions(), mask.dimensions(), mask.element_count(),
+                                     mask.typed_data(), *p, &p->mask);
+      error.failure())
+    return error;
+  return DescribeBroadcast(q.dimensions(), bias.dimensions(), bias.element_count(),
+                           bias.typed_data(), *p, &p->bias);
+}
+
 // Whether `out` is [B, T, N, Hv] and `lse` [B, N, T] in element count.
 bool Sized(const Problem& p, const Floats& out, const Floats& lse) {
   return static_cast<int64_t>(out.element_count()) == p.B * p.T * p.N * p.Hv &&
@@ -978,13 +1209,14 @@ PooledBuffer WorkerScratch(int64_t workers, int64_t floats) {
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q_lengths,
-                   Lengths kv_lengths, Seeds row_seeds, Floats slopes, FloatsOut out,
-                   FloatsOut lse, Attributes attributes) {
+                   Lengths kv_lengths, Seeds row_seeds, Floats slopes, Masks mask, Floats bias,
+                   FloatsOut out, FloatsOut lse, Attributes attributes) {
   return Contained([&]() -> ffi::Error {
     Problem p;
     if (auto error = Describe(q, k, v, q_lengths, kv_lengths, attributes, &p); error.failure())
       return error;
     if (auto error = DescribeRows(row_seeds, slopes, &p); error.failure()) return error;
+    if (auto error = DescribeDense(q, mask, bias, &p); error.failure()) return error;
     if (!Sized(p, *out, *lse))
       return ffi::Error::InvalidArgument("cpu_flash: out or lse mis-sized");
     const int64_t items = p.B * p.N * p.q_tiles(), per_worker = ForwardScratch(p);
@@ -1004,15 +1236,18 @@ ffi::Error Forward(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q
 
 ffi::Error Backward(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q_lengths,
                     Lengths kv_lengths, Floats out, Floats lse, Floats d_out, Floats d_lse,
-                    Seeds row_seeds, Floats slopes, FloatsOut dq, FloatsOut dk, FloatsOut dv,
-                    Attributes attributes) {
+                    Seeds row_seeds, Floats slopes, Masks mask, Floats bias, FloatsOut dq,
+                    FloatsOut dk, FloatsOut dv, FloatsOut dbias, Attributes attributes) {
   return Contained([&]() -> ffi::Error {
     Problem p;
     if (auto error = Describe(q, k, v, q_lengths, kv_lengths, attributes, &p); error.failure())
       return error;
     if (auto error = DescribeRows(row_seeds, slopes, &p); error.failure()) return error;
+    if (auto error = DescribeDense(q, mask, bias, &p); error.failure()) return error;
     if (!Sized(p, out, lse) || !Sized(p, d_out, d_lse) || !SameSizes(q, k, v, *dq, *dk, *dv))
       return ffi::Error::InvalidArgument("cpu_flash: out, lse or their cotangents mis-sized");
+    if (dbias->element_count() != bias.element_count())
+      return ffi::Error::InvalidArgument("cpu_flash: dbias mis-sized");
     const float *qp = q.typed_data(), *op = out.typed_data(), *lp = lse.typed_data();
     const float *dop = d_out.typed_data(), *dlp = d_lse.typed_data();
     float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
@@ -1023,6 +1258,7 @@ ffi::Error Backward(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths 
                             std::max<int64_t>(p.key_tiles(), 1));
     const int64_t items = pairs * splits, per_worker = BackwardScratch(p);
     PooledBuffer scratch = WorkerScratch(Workers(pool, items), per_worker);
+    BiasGradient bias_gradient(p, splits, Workers(pool, items), dbias->typed_data());
     BackwardShared shared(p, splits);
     PackedKV kv;
     Pack(pool, p, kv);
@@ -1038,8 +1274,10 @@ ffi::Error Backward(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths 
     const bool fail = FailAllocation("item");
     ParallelFor(pool, items, [&](int64_t worker, int64_t item) {
       MaybeFailItem(fail, item);
-      BackwardItem(p, kv, shared, item, lp, dkp, dvp, scratch.at(worker * per_worker));
+      BackwardItem(p, kv, shared, item, lp, dkp, dvp, scratch.at(worker * per_worker),
+                   bias_gradient.For(worker));
     });
+    bias_gradient.Reduce(pool);
     ParallelFor(pool, p.B * p.N, [&](int64_t, int64_t item) {
       const int64_t b = item / p.N, n = item % p.N, Hp = p.Hp();
       for (int64_t t = 0; t < p.T; ++t) {
@@ -1054,15 +1292,20 @@ ffi::Error Backward(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths 
 
 ffi::Error Tangent(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q_lengths,
                    Lengths kv_lengths, Floats out, Floats lse, Floats dq, Floats dk, Floats dv,
-                   Seeds row_seeds, Floats slopes, FloatsOut d_out, FloatsOut d_lse,
+                   Seeds row_seeds, Floats slopes, Masks mask, Floats bias, Floats d_bias,
+                   FloatsOut d_out, FloatsOut d_lse,
                    Attributes attributes) {
   return Contained([&]() -> ffi::Error {
     Problem p;
     if (auto error = Describe(q, k, v, q_lengths, kv_lengths, attributes, &p); error.failure())
       return error;
     if (auto error = DescribeRows(row_seeds, slopes, &p); error.failure()) return error;
+    if (auto error = DescribeDense(q, mask, bias, &p); error.failure()) return error;
     if (!Sized(p, out, lse) || !Sized(p, *d_out, *d_lse) || !SameSizes(q, k, v, dq, dk, dv))
       return ffi::Error::InvalidArgument("cpu_flash: out, lse or the tangents mis-sized");
+    if (d_bias.element_count() != bias.element_count())
+      return ffi::Error::InvalidArgument("cpu_flash: the bias tangent mis-sized");
+    const float* dbp = p.bias.data ? d_bias.typed_data() : nullptr;
     const int64_t items = p.B * p.N * p.q_tiles(), per_worker = TangentScratch(p);
     PooledBuffer scratch = WorkerScratch(Workers(pool, items), per_worker);
     Problem pd = p;  // the key and value tangents, laid out as the keys and values are
@@ -1077,7 +1320,7 @@ ffi::Error Tangent(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q
     ParallelFor(pool, items, [&](int64_t worker, int64_t item) {
       MaybeFailItem(fail, item);
       TangentItem(p, kv, pd, kvd, item, qp, dqp, op, lp, dop, dlp,
-                  scratch.at(worker * per_worker));
+                  scratch.at(worker * per_worker), dbp);
     });
     return ffi::Error::Success();
   });
@@ -1110,16 +1353,19 @@ auto BindInputs() {
       .Arg<Lengths>();
 }
 
-// (q, k, v, q_lengths, kv_lengths, row_seeds, slopes) -> (out, lse)
+// (q, k, v, q_lengths, kv_lengths, row_seeds, slopes, mask, bias) -> (out, lse)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxAttnFlashForward, Forward,
                               BindInputs()
                                   .Arg<Seeds>()
+                                  .Arg<Floats>()
+                                  .Arg<Masks>()
                                   .Arg<Floats>()
                                   .Ret<Floats>()
                                   .Ret<Floats>()
                                   .Attrs<Attributes>());
 
-// (q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse, row_seeds, slopes) -> (dq, dk, dv)
+// (q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse, row_seeds, slopes, mask, bias)
+//   -> (dq, dk, dv, dbias)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxAttnFlashBackward, Backward,
                               BindInputs()
                                   .Arg<Floats>()
@@ -1128,12 +1374,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxAttnFlashBackward, Backward,
                                   .Arg<Floats>()
                                   .Arg<Seeds>()
                                   .Arg<Floats>()
+                                  .Arg<Masks>()
+                                  .Arg<Floats>()
+                                  .Ret<Floats>()
                                   .Ret<Floats>()
                                   .Ret<Floats>()
                                   .Ret<Floats>()
                                   .Attrs<Attributes>());
 
-// (q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv, row_seeds, slopes) -> (d_out, d_lse)
+// (q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv, row_seeds, slopes, mask, bias,
+//  d_bias) -> (d_out, d_lse)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxAttnFlashTangent, Tangent,
                               BindInputs()
                                   .Arg<Floats>()
@@ -1142,6 +1392,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxAttnFlashTangent, Tangent,
                                   .Arg<Floats>()
                                   .Arg<Floats>()
                                   .Arg<Seeds>()
+                                  .Arg<Floats>()
+                                  .Arg<Masks>()
+                                  .Arg<Floats>()
                                   .Arg<Floats>()
                                   .Ret<Floats>()
                                   .Ret<Floats>()

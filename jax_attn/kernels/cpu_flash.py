@@ -8,21 +8,25 @@ FlashAttention-2's, one item per (batch, key/value head, share of its key tiles)
 checked against the reference like every kernel.
 
 It serves float32 (bfloat16 and float16 widened to float32 at its edge), causal or not,
-local windows, query and key lengths, GQA/MQA, any ``T`` and ``S``, head dims up to 256
-(``H_v`` may differ from ``H``), ``logit_soft_cap`` and ``alibi_slopes`` natively (the
-slopes as constants: no derivative with respect to them), and dropout: the library's hash
+local windows, query and key lengths, a boolean ``mask`` and an additive ``bias``
+broadcastable to ``[B, N, T, S]`` (passed as given: the kernel reads an axis of size 1
+with stride 0, never a broadcast copy; ``bias`` differentiable, its gradient summed over
+its broadcast axes), GQA/MQA, any ``T`` and ``S``, head dims up to 256 (``H_v`` may differ
+from ``H``), ``logit_soft_cap`` and ``alibi_slopes`` natively (the slopes as constants: no
+derivative with respect to them), and dropout: the library's hash
 (:func:`jax_attn.masks.make_dropout_mask`) finished per weight in the kernel from each
 ``(b, n)``'s hash state (:func:`jax_attn.masks.dropout_row_seeds`, computed here in JAX,
 so ``jax.vmap`` and splitting over devices keep the reference's indices), dropping exactly
-the reference's weights. It declines a mask array, bias and
-``mask_fn``/``score_fn``/``block_mask`` (``chunked`` serves those), float64, and CPUs
-without AVX2 and FMA.
+the reference's weights. It declines ``mask_fn``/``score_fn``/``block_mask`` (``chunked``
+serves those), float64, and CPUs without AVX2 and FMA.
 
 XLA cannot split a custom call over devices by itself: the three calls go through
 :mod:`jax_attn.kernels.partitioned` (``jax.experimental.custom_partitioning``), which
 splits them over batch and heads under a plain ``jax.jit`` of sharded arrays and under
 ``jax.set_mesh``; inside ``jax.shard_map`` over every mesh axis each device runs its share.
-It declines inside a ``shard_map`` over some axes while XLA partitions others.
+It declines inside a ``shard_map`` over some axes while XLA partitions others, and a
+``bias`` where XLA partitions a mesh axis (the bias gradient of a batch or head share is
+a partial sum: the backward of a bias broadcast over batch or heads runs whole).
 
 The C++ source ships with the package and is compiled on first use with the system
 C++ compiler (``$CXX``, split like a shell command, else ``g++``, ``c++`` or ``clang++``)
@@ -57,7 +61,7 @@ from jax_attn.kernels import chunked
 from jax_attn.kernels.base import Implementation, cotangent_like, partitioned_axes, varying_like
 from jax_attn.kernels.flash_autodiff import FlashRules, flash_attention
 from jax_attn.kernels.partitioned import partitioned_call
-from jax_attn.masks import dropout_row_seeds, dropout_threshold
+from jax_attn.masks import as_4d, dropout_row_seeds, dropout_threshold
 from jax_attn.validation import AttentionCall, KernelInputs
 
 __all__ = [
@@ -224,8 +228,11 @@ def _cpu_flash_unsupported(call: AttentionCall, platform: str) -> str | None:
     del platform  # CPU only: the dispatcher checks IMPLEMENTATION.platforms first
     if call.dtype.name not in _DTYPES:
         return f"dtype {call.dtype} ({', '.join(_DTYPES)} only)"
-    if call.has_mask or call.has_bias:
-        return "no mask or bias (causal, window and lengths are served)"
+    if call.has_bias and partitioned_axes():
+        return (
+            f"no bias where XLA partitions mesh axes ({', '.join(partitioned_axes())}): its "
+            "gradient would sum over the split axes"
+        )
     if max(call.H, call.H_v) > MAX_HEAD_DIM:
         return f"head dims up to {MAX_HEAD_DIM}, got H={call.H}, H_v={call.H_v}"
     manual = jax.sharding.get_abstract_mesh().manual_axes
@@ -272,27 +279,54 @@ def _rows(q, row_seeds, slopes):
     return row_seeds, slopes
 
 
-def forward(call: AttentionCall, q, k, v, q_lengths, kv_lengths, row_seeds=None, slopes=None):
+# The shape of the empty mask or bias operand that stands for none.
+_NO_DENSE = (1, 1, 1, 0)
+
+
+def _dense(mask, bias):
+    """The kernel's mask and bias operands: bool and float32 ``[..., N|1, T|1, S|1]`` as
+    given (leading axes 1 or q's), or empty where ``None``."""
+    mask = jnp.zeros(_NO_DENSE, jnp.bool_) if mask is None else mask.astype(jnp.bool_)
+    bias = jnp.zeros(_NO_DENSE, jnp.float32) if bias is None else bias.astype(jnp.float32)
+    return mask, bias
+
+
+def forward(
+    call: AttentionCall,
+    q,
+    k,
+    v,
+    q_lengths,
+    kv_lengths,
+    row_seeds=None,
+    slopes=None,
+    mask=None,
+    bias=None,
+):
     """The kernel's forward: q ``[..., T, N, H]``, k ``[..., S, K, H]``, v ``[..., S, K, H_v]``
     float32, lengths int32 ``[...]`` -> (out ``[..., T, N, H_v]``, lse ``[..., N, T]``) float32.
     ``lse`` is each row's log-sum-exp of its scaled logits (about -2.4e38 for a row with
-    nothing to attend, whose ``out`` is zeros). With ``call.dropout_rate > 0``,
-    ``row_seeds`` uint32 ``[..., N]`` (:func:`jax_attn.masks.dropout_row_seeds`); with
-    ``call.has_alibi_slopes``, ``slopes`` float32 ``[..., N]``. A plain function: no
-    derivative rule."""
+    nothing to attend, whose ``out`` is zeros; a key masked by ``mask`` or by a bias of -inf
+    is not attended). With ``call.dropout_rate > 0``, ``row_seeds`` uint32 ``[..., N]``
+    (:func:`jax_attn.masks.dropout_row_seeds`); with ``call.has_alibi_slopes``, ``slopes``
+    float32 ``[..., N]``; optionally ``mask`` (bool) and ``bias`` (float32)
+    ``[..., N|1, T|1, S|1]`` with q's rank. A plain function: no derivative rule."""
     row_seeds, slopes = _rows(q, row_seeds, slopes)
+    mask, bias = _dense(mask, bias)
+    operands = (q, k, v, q_lengths, kv_lengths, row_seeds, slopes, mask, bias)
     out, lse = partitioned_call(
         _ffi_forward,
         call,
-        (q, k, v, q_lengths, kv_lengths, row_seeds, slopes),
-        ("q", "kv", "kv", "lengths", "lengths", "heads", "heads"),
+        operands,
+        ("q", "kv", "kv", "lengths", "lengths", "heads", "heads", "dense", "dense"),
         ("q", "lse"),
     )
-    varying = (q, k, v, q_lengths, kv_lengths, row_seeds, slopes)
-    return varying_like(out, *varying), varying_like(lse, q, k, v, row_seeds, slopes)
+    return varying_like(out, *operands), varying_like(lse, q, k, v, *operands[5:])
 
 
-def _ffi_forward(call: AttentionCall, q, k, v, q_lengths, kv_lengths, row_seeds, slopes):
+def _ffi_forward(
+    call: AttentionCall, q, k, v, q_lengths, kv_lengths, row_seeds, slopes, mask, bias
+):
     *lead, T, N, _ = q.shape
     out_types = (
         jax.ShapeDtypeStruct((*lead, T, N, call.H_v), jnp.float32),
@@ -300,7 +334,9 @@ def _ffi_forward(call: AttentionCall, q, k, v, q_lengths, kv_lengths, row_seeds,
         jax.ShapeDtypeStruct((*lead, N, T), jnp.float32),
     )
     forward = jax.ffi.ffi_call("jax_attn_cpu_flash_forward", out_types, vmap_method="broadcast_all")
-    return forward(q, k, v, q_lengths, kv_lengths, row_seeds, slopes, **_attributes(call))
+    return forward(
+        q, k, v, q_lengths, kv_lengths, row_seeds, slopes, mask, bias, **_attributes(call)
+    )
 
 
 _forward = forward
@@ -320,30 +356,54 @@ def tangent(
     dv,
     row_seeds=None,
     slopes=None,
+    mask=None,
+    bias=None,
+    d_bias=None,
 ):
-    """The forward-mode derivative (JVP) of :func:`forward`'s (out, lse) at (q, k, v) in the
-    direction (dq, dk, dv) (shaped and typed as q, k, v), given that point's ``out`` and
-    ``lse`` -> (d_out ``[..., T, N, H_v]``, d_lse ``[..., N, T]``) float32.
+    """The forward-mode derivative (JVP) of :func:`forward`'s (out, lse) at (q, k, v[, bias])
+    in the direction (dq, dk, dv[, d_bias]) (shaped and typed as q, k, v, bias), given that
+    point's ``out`` and ``lse`` -> (d_out ``[..., T, N, H_v]``, d_lse ``[..., N, T]``)
+    float32. ``d_bias`` enters ``ds`` below as it is.
 
     Per row i over the keys j it attends, with s = scale q_i.k_j and P_ij = exp(s_ij - lse_i):
     ds_ij = scale (dq_i.k_j + q_i.dk_j), mu_i = sum_j P_ij ds_ij,
     d_out_i = sum_j P_ij (ds_ij v_j + dv_j) - mu_i out_i and d_lse_i = mu_i (zeros for a row
-    with nothing to attend). ``row_seeds`` and ``slopes`` as for :func:`forward` (with
-    dropout, P_ij in the sums over v and dv is the dropped, rescaled weight; mu's is not)."""
+    with nothing to attend). ``row_seeds``, ``slopes``, ``mask`` and ``bias`` as for
+    :func:`forward` (with dropout, P_ij in the sums over v and dv is the dropped, rescaled
+    weight; mu's is not)."""
     row_seeds, slopes = _rows(q, row_seeds, slopes)
+    mask, bias = _dense(mask, bias)
+    d_bias = _dense(None, d_bias)[1]
+    extra = (row_seeds, slopes, mask, bias, d_bias)
     d_out, d_lse = partitioned_call(
         _ffi_tangent,
         call,
-        (q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv, row_seeds, slopes),
-        ("q", "kv", "kv", "lengths", "lengths", "q", "lse", "q", "kv", "kv", "heads", "heads"),
+        (q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv, *extra),
+        ("q", "kv", "kv", "lengths", "lengths", "q", "lse", "q", "kv", "kv")
+        + ("heads", "heads", "dense", "dense", "dense"),
         ("q", "lse"),
     )
-    varying = (q, k, v, q_lengths, kv_lengths, dq, dk, dv, row_seeds, slopes)
+    varying = (q, k, v, q_lengths, kv_lengths, dq, dk, dv, *extra)
     return varying_like(d_out, *varying), varying_like(d_lse, *varying)
 
 
 def _ffi_tangent(
-    call: AttentionCall, q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv, row_seeds, slopes
+    call: AttentionCall,
+    q,
+    k,
+    v,
+    q_lengths,
+    kv_lengths,
+    out,
+    lse,
+    dq,
+    dk,
+    dv,
+    row_seeds,
+    slopes,
+    mask,
+    bias,
+    d_bias,
 ):
     out_types = (
         jax.ShapeDtypeStruct(out.shape, jnp.float32),
@@ -353,7 +413,22 @@ def _ffi_tangent(
         "jax_attn_cpu_flash_tangent", out_types, vmap_method="broadcast_all"
     )
     return call_tangent(
-        q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv, row_seeds, slopes, **_attributes(call)
+        q,
+        k,
+        v,
+        q_lengths,
+        kv_lengths,
+        out,
+        lse,
+        dq,
+        dk,
+        dv,
+        row_seeds,
+        slopes,
+        mask,
+        bias,
+        d_bias,
+        **_attributes(call),
     )
 
 
@@ -370,28 +445,59 @@ def backward(
     d_lse,
     row_seeds=None,
     slopes=None,
+    mask=None,
+    bias=None,
 ):
     """The reverse-mode derivative (VJP) of :func:`forward`'s (out, lse): given that
     point's ``out`` and ``lse`` and the cotangents ``d_out`` (as out) and ``d_lse`` (as lse)
-    -> (dq, dk, dv) float32, shaped as q, k, v. FlashAttention-2's backward with
+    -> (dq, dk, dv) float32, shaped as q, k, v, and dbias (shaped as ``bias``: dS summed
+    over its broadcast axes) where a bias came. FlashAttention-2's backward with
     dS_ij = P_ij (dP_ij - (D_i - d_lse_i)), D_i = d_out_i . out_i (with dropout factors f_ij:
-    dP_ij times f_ij, dV from f_ij P_ij). ``row_seeds`` and ``slopes`` as for :func:`forward`."""
+    dP_ij times f_ij, dV from f_ij P_ij). The other arguments as for :func:`forward`."""
     d_out, d_lse = d_out.astype(jnp.float32), d_lse.astype(jnp.float32)
-    row_seeds, slopes = _rows(q, row_seeds, slopes)
-    grads = partitioned_call(
-        _ffi_backward,
-        call,
-        (q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse, row_seeds, slopes),
-        ("q", "kv", "kv", "lengths", "lengths", "q", "lse", "q", "lse", "heads", "heads"),
-        ("q", "kv", "kv"),
+    has_bias = bias is not None
+    # A share of the batch or heads gives a partial sum of a bias broadcast over them:
+    # that backward runs whole (XLA gathers its operands), the rest splits.
+    whole = has_bias and any(
+        size == 1 < full
+        for size, full in zip(bias.shape[:2], (q.shape[0], q.shape[2]), strict=True)
     )
-    return tuple(varying_like(g, q, k, v, d_out, d_lse, row_seeds, slopes) for g in grads)
+    row_seeds, slopes = _rows(q, row_seeds, slopes)
+    mask, bias = _dense(mask, bias)
+    extra = (row_seeds, slopes, mask, bias)
+    operands = (q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse, *extra)
+    if whole:
+        grads = _ffi_backward(call, *operands)
+    else:
+        grads = partitioned_call(
+            _ffi_backward,
+            call,
+            operands,
+            ("q", "kv", "kv", "lengths", "lengths", "q", "lse", "q", "lse")
+            + ("heads", "heads", "dense", "dense"),
+            ("q", "kv", "kv", "dense"),
+        )
+    grads = tuple(varying_like(g, q, k, v, d_out, d_lse, *extra) for g in grads)
+    return grads if has_bias else grads[:3]
 
 
 def _ffi_backward(
-    call: AttentionCall, q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse, row_seeds, slopes
+    call: AttentionCall,
+    q,
+    k,
+    v,
+    q_lengths,
+    kv_lengths,
+    out,
+    lse,
+    d_out,
+    d_lse,
+    row_seeds,
+    slopes,
+    mask,
+    bias,
 ):
-    out_types = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
+    out_types = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v, bias))
     call_backward = jax.ffi.ffi_call(
         "jax_attn_cpu_flash_backward", out_types, vmap_method="broadcast_all"
     )
@@ -407,17 +513,19 @@ def _ffi_backward(
         d_lse,
         row_seeds,
         slopes,
+        mask,
+        bias,
         **_attributes(call),
     )
 
 
 @functools.cache
 def _rules(call: AttentionCall) -> FlashRules:
-    """The kernel's maps for :mod:`jax_attn.kernels.flash_autodiff`: ``diff = (q, k, v)``,
-    ``nondiff = (q_lengths, kv_lengths, rng, slopes)`` (the dropout key and the ALiBi slopes
-    ``[B, N]``, ``None`` where the call has none); forward, tangent and backward compiled,
-    the pure maps (differentiated only at second order) those of ``chunked`` on the same
-    masks, dropout and score options."""
+    """The kernel's maps for :mod:`jax_attn.kernels.flash_autodiff`: ``diff = (q, k, v[,
+    bias])``, ``nondiff = (q_lengths, kv_lengths, rng, slopes, mask)`` (the dropout key,
+    the ALiBi slopes ``[B, N]`` and the boolean mask, ``None`` where the call has none);
+    forward, tangent and backward compiled, the pure maps (differentiated only at second
+    order) those of ``chunked`` on the same masks, dropout and score options."""
     plan = chunked.position_plan(call.T, call.S, call.is_causal, call.window, call.scale, True)
     if call.dropout_rate > 0.0 or call.logit_soft_cap is not None or call.has_alibi_slopes:
         plan = dataclasses.replace(
@@ -426,32 +534,42 @@ def _rules(call: AttentionCall) -> FlashRules:
             score_fn=_options_score_fn(call.logit_soft_cap, call.has_alibi_slopes, call.S - call.T),
         )
 
-    def rows(diff, nondiff):
-        q_lengths, kv_lengths, rng, slopes = nondiff
+    def extra(diff, nondiff):
+        """The compiled maps' keywords: row seeds from the dropout key, slopes, mask, bias."""
+        _, _, rng, slopes, mask = nondiff
         B, _, N, _ = diff[0].shape
         row_seeds = None if rng is None else dropout_row_seeds(rng, B, N)
-        return (q_lengths, kv_lengths), dict(row_seeds=row_seeds, slopes=slopes)
+        return dict(row_seeds=row_seeds, slopes=slopes, mask=mask, bias=_bias(diff))
 
     def forward_(diff, nondiff):
-        lengths, extra = rows(diff, nondiff)
-        return forward(call, *diff, *lengths, **extra)
+        return forward(call, *diff[:3], *nondiff[:2], **extra(diff, nondiff))
 
     def tangent_(diff, nondiff, out, lse, d_diff):
-        lengths, extra = rows(diff, nondiff)
-        return tangent(call, *diff, *lengths, out, lse, *d_diff, **extra)
+        return tangent(
+            call,
+            *diff[:3],
+            *nondiff[:2],
+            out,
+            lse,
+            *d_diff[:3],
+            **extra(diff, nondiff),
+            d_bias=_bias(d_diff),
+        )
 
     def backward_(diff, nondiff, out, lse, d_out, d_lse):
         if d_lse is None:
             d_lse = jnp.zeros(lse.shape, jnp.float32)
-        lengths, extra = rows(diff, nondiff)
-        grads = backward(call, *diff, *lengths, out, lse, d_out, d_lse, **extra)
+        grads = backward(
+            call, *diff[:3], *nondiff[:2], out, lse, d_out, d_lse, **extra(diff, nondiff)
+        )
         return tuple(cotangent_like(g, x) for g, x in zip(grads, diff, strict=True))
 
     def pure(fn):
         def with_options(diff, nondiff, *args):
-            q_lengths, kv_lengths, rng, slopes = nondiff
+            q_lengths, kv_lengths, rng, slopes, mask = nondiff
             consts = () if slopes is None else (slopes,)
-            return fn(plan, diff, (q_lengths, kv_lengths), *args, rng=rng, score_consts=consts)
+            positions = (q_lengths, kv_lengths) if mask is None else (q_lengths, kv_lengths, mask)
+            return fn(plan, diff, positions, *args, rng=rng, score_consts=consts)
 
         return with_options
 
@@ -481,17 +599,34 @@ def _options_score_fn(cap: float | None, alibi: bool, shift: int):
     return score_fn
 
 
-def _flash(call: AttentionCall, q, k, v, q_lengths, kv_lengths, rng=None, slopes=None):
-    rules = _rules(call)
-    return flash_attention(rules, (q, k, v), (q_lengths, kv_lengths, rng, slopes))[0]
+def _bias(diff):
+    return diff[3] if len(diff) > 3 else None
+
+
+def _flash(
+    call: AttentionCall,
+    q,
+    k,
+    v,
+    q_lengths,
+    kv_lengths,
+    rng=None,
+    slopes=None,
+    mask=None,
+    bias=None,
+):
+    diff = (q, k, v) if bias is None else (q, k, v, bias)
+    nondiff = (q_lengths, kv_lengths, rng, slopes, mask)
+    return flash_attention(_rules(call), diff, nondiff)[0]
 
 
 def cpu_flash_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs):
     """q ``[B, T, N, H]``, k ``[B, S, K, H]``, v ``[B, S, K, H_v]`` ->
     ``[B, T, N, H_v]`` in q's dtype through the compiled kernel (in float32, half precision
-    widened and the output rounded once); of ``inputs`` the lengths, the dropout key and
-    the ALiBi slopes (the rest is declined by ``_cpu_flash_unsupported``; the ``score_fn``
-    it gets is only those options, served natively)."""
+    widened and the output rounded once); of ``inputs`` the lengths, ``mask`` and ``bias``
+    (as given, 4-d), the dropout key and the ALiBi slopes (the rest is declined by
+    ``_cpu_flash_unsupported``; the ``score_fn`` it gets is only those options, served
+    natively)."""
     reason = build_reason()
     if reason is not None:
         raise ValueError(f"cpu_flash: {reason}")
@@ -510,7 +645,10 @@ def cpu_flash_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs):
         # constants: the kernel takes no derivative for them (stop_gradient says so)
         given = jax.lax.stop_gradient(jnp.asarray(inputs.alibi_slopes))
         slopes = jnp.broadcast_to(given.astype(jnp.float32), (call.B, call.N))
-    return _flash(call, q, k, v, q_lengths, kv_lengths, rng, slopes).astype(call.dtype)
+    mask = None if inputs.mask is None else as_4d(inputs.mask)
+    bias = None if inputs.bias is None else as_4d(inputs.bias).astype(jnp.float32)
+    out = _flash(call, q, k, v, q_lengths, kv_lengths, rng, slopes, mask, bias)
+    return out.astype(call.dtype)
 
 
 IMPLEMENTATION = Implementation(

@@ -16,6 +16,8 @@ leading batch axes (``B`` and, under ``jax.vmap``, the mapped axes before it):
 * ``"lengths"``: ``[...]``,
 * ``"lse"``: ``[..., N, T]``,
 * ``"heads"``: ``[..., N]`` (per query head: dropout row seeds, ALiBi slopes).
+* ``"dense"``: ``[..., N, T, S]`` (a mask or bias and its gradient), every axis of size 1
+  (broadcast) unsplit.
 
 The call is a primitive of its own (``jax.vmap`` moves the mapped axes in front and runs
 the same function on the wider arrays, as ``jax.ffi.ffi_call(vmap_method="broadcast_all")``
@@ -53,6 +55,7 @@ ROLES: dict[str, tuple[str, ...]] = {
     "lengths": (),
     "lse": ("q_heads", "whole"),
     "heads": ("q_heads",),
+    "dense": ("q_heads", "whole", "whole"),
 }
 
 
@@ -211,6 +214,10 @@ def _padded_spec(x) -> tuple:
 def _spec(shape, role, batch, heads) -> P:
     # every operand has the same leading batch axes (jax.vmap widens them all alike)
     tail = tuple(heads.get(axis) for axis in ROLES[role])
+    if role == "dense":  # an axis of size 1 is broadcast, not split
+        return P(
+            *(None if n == 1 else axis for n, axis in zip(shape, (*batch, *tail), strict=True))
+        )
     return P(*batch, *tail)
 
 
@@ -230,7 +237,13 @@ def _shardy_rule(arg_shapes, arg_roles, result_shapes, result_roles):
     def factors(shape, role):
         lead = _leading(shape, role)
         names = [f"b{i}" for i in range(lead)]
-        for axis in ROLES[role]:
+        if role == "dense":  # an axis of size 1 (broadcast) is a factor of its own
+            for i in (i for i in range(lead) if shape[i] == 1):
+                whole.append(f"w{len(whole)}")
+                names[i] = whole[-1]
+        for i, axis in enumerate(ROLES[role], start=lead):
+            if role == "dense" and shape[i] == 1:
+                axis = "whole"
             if axis == "kv_heads":
                 names.append("k")
             elif axis == "q_heads":

@@ -140,7 +140,6 @@ def test_x64_mode_with_float32_inputs():
 def test_declines_what_it_does_not_serve():
     q, k, v = make_qkv(B=1, T=8, S=8, N=2, K=1, H=8)
     declined = {
-        "mask": ({"mask": jnp.ones((8, 8), bool)}, "no mask"),
         "score_fn": ({"score_fn": lambda s, b, h, i, j: 2.0 * s}, "takes no score_fn"),
     }
     for options, reason in declined.values():

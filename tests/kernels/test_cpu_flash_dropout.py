@@ -162,3 +162,36 @@ def test_forward_mode_with_dropout_and_options_equals_the_reference():
     )
     for g, w in zip(got, want, strict=True):
         _assert_close(g, w, 2e-6)
+
+
+def test_options_and_dropout_compose_with_mask_and_bias():
+    """The bias is added after the score options (the reference's order), so its gradient
+    is the logits' before the soft cap's derivative; jvp takes the bias' tangent there too."""
+    q, k, v = make_qkv(**SHAPE)
+    rng = np.random.default_rng(3)
+    bias = jnp.asarray(rng.standard_normal((1, 4, 70, 130)), jnp.float32)
+    mask = jnp.asarray(rng.random((2, 1, 1, 130)) < 0.8)
+    kwargs = dict(
+        mask=mask,
+        alibi_slopes=SLOPES,
+        logit_soft_cap=1.5,
+        dropout_rate=0.2,
+        dropout_rng=KEY,
+        is_causal=True,
+    )
+    weights = jnp.asarray(rng.standard_normal((2, 70, 4, 40)), jnp.float32)
+
+    def loss(attention):
+        return lambda q, k, v, bias: jnp.sum(attention(q, k, v, bias=bias, **kwargs) * weights)
+
+    args = (q, k, v, bias)
+    got = jax.jit(jax.grad(loss(_flash), argnums=(0, 1, 2, 3)))(*args)
+    want = jax.jit(jax.grad(loss(reference.dot_product_attention), argnums=(0, 1, 2, 3)))(*args)
+    for name, g, w in zip(("dq", "dk", "dv", "dbias"), got, want, strict=True):
+        _assert_close(g, w, 4e-6, name)
+    tangents = tuple(jnp.ones_like(x) * 0.1 for x in args)
+    _, got_t = jax.jit(lambda *a: jax.jvp(loss(_flash), a, tangents))(*args)
+    _, want_t = jax.jit(lambda *a: jax.jvp(loss(reference.dot_product_attention), a, tangents))(
+        *args
+    )
+    _assert_close(got_t, want_t, 4e-6, "jvp")

@@ -41,6 +41,13 @@ FLOAT32_DEFAULT = "cpu_flash" if CPU_FLASH_DEFAULT else "chunked"
     [
         (16, {"is_causal": True}, FLOAT32_DEFAULT),
         (1, {}, "cpu_flash" if CPU_FLASH_DEFAULT else "xla"),  # decoding: one query
+        # a key-padding mask and a bias: the compiled kernel serves both
+        (16, {"mask": np.arange(12) < np.array([12, 7])[:, None, None, None]}, FLOAT32_DEFAULT),
+        (
+            16,
+            {"bias": np.linspace(-1.0, 1.0, 16 * 12, dtype=np.float32).reshape(16, 12)},
+            FLOAT32_DEFAULT,
+        ),
         # xla: no dropout; cpu_flash serves it (the library's hash, in the kernel)
         (1, {"dropout_rate": 0.1, "dropout_rng": jax.random.key(0)}, FLOAT32_DEFAULT),
         (16, {"dropout_rate": 0.1, "dropout_rng": jax.random.key(0)}, FLOAT32_DEFAULT),
