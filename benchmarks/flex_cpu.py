@@ -24,9 +24,9 @@ what it picked) and the named implementations (``--implementations``, default
 ``cpu_flash chunked``); a named one that cannot serve a call records the reason. A named row
 whose program is the default's is timed once (the default row says ``alias_of``).
 
-    python benchmarks/flex_cpu.py                        # everything: about 10 min idle
+    python benchmarks/flex_cpu.py                        # everything, on an idle machine
     python benchmarks/flex_cpu.py --T 4096 --rounds 3 --suites masks
-    python benchmarks/flex_cpu.py --quick                # tiny sizes, seconds
+    python benchmarks/flex_cpu.py --quick                # tiny sizes: a smoke run
 
 torch runs with as many threads as this process' CPUs (XLA:CPU's pool has one per core).
 Writes ``benchmarks/results/flex_cpu-cpu-T<T>-<time>.json`` (or ``--output``).
@@ -43,6 +43,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +57,7 @@ from jax_attn.validation import check_attention_args
 
 RESULTS = Path(__file__).parent / "results"
 SUITES = ("masks", "gpt2", "memory")
-_START = time.perf_counter()
+_START = time.perf_counter()  # progress lines say the seconds since the script started
 DEFAULT = "jax_attn (default)"  # bench.DEFAULT_ROWS: aliases point from it to the named row
 FLEX = "torch flex"
 SDPA = "torch sdpa"
@@ -67,7 +68,7 @@ SDPA = "torch sdpa"
 
 def mask_cases(T: int, documents: int, window: int, prefix: int) -> dict[str, dict]:
     """case -> jax ``mask_fn`` (``None``: ``is_causal=True``) and torch ``mask_mod``."""
-    ids = __import__("torch").from_numpy(mask_gallery.segment_ids(T, documents))
+    ids = bench._torch().from_numpy(mask_gallery.segment_ids(T, documents))
     return {
         "causal": {"mask_fn": None, "mask_mod": lambda b, h, q, kv: q >= kv},
         f"documents {documents}": {
@@ -93,38 +94,38 @@ def _qkv(B: int, T: int, N: int, H: int, seed: int = 0) -> tuple[np.ndarray, ...
     return tuple(rng.standard_normal((B, T, N, H), dtype=np.float32) for _ in range(3))
 
 
+class _Arg(NamedTuple):
+    """An option whose array is an argument of the jitted function (not baked into it):
+    ``arrays[index]``."""
+
+    index: int
+
+
+def _with_arrays(options: dict, arrays: tuple) -> dict:
+    """``options`` with each ``_Arg`` replaced by its array."""
+    return {
+        key: arrays[value.index] if isinstance(value, _Arg) else value
+        for key, value in options.items()
+    }
+
+
 def _jax_attention(options: dict, grad: bool) -> Callable:
-    """``fn(q, k, v, *arrays)``: attention with ``options``, where an option given as
-    ``_Arg(i)`` takes ``arrays[i]``; forward, or ``bench._with_grad`` (value and grad of
-    ``sum(out)`` w.r.t. q, k, v)."""
+    """``fn(q, k, v, *arrays)``: attention with ``options`` (see ``_Arg``); forward, or
+    ``bench._with_grad`` (value and grad of ``sum(out)`` w.r.t. q, k, v)."""
 
     def attend(q, k, v, *arrays):
-        kwargs = {
-            key: arrays[value.index] if isinstance(value, _Arg) else value
-            for key, value in options.items()
-        }
-        return ja.dot_product_attention(q, k, v, **kwargs)
+        return ja.dot_product_attention(q, k, v, **_with_arrays(options, arrays))
 
     return bench._with_grad(attend) if grad else attend
-
-
-class _Arg:
-    """Marks an option whose array is passed to the jitted function (not baked in)."""
-
-    def __init__(self, index: int):
-        self.index = index
 
 
 def jax_rows(
     q, k, v, options: dict, extra: tuple, implementations: list[str], grad: bool
 ) -> tuple[dict, dict]:
-    """The default dispatch and each named implementation for one call: (builders, notes),
-    notes holding ``resolves_to`` and the reasons named implementations cannot serve."""
-    concrete = {
-        key: extra[value.index] if isinstance(value, _Arg) else value
-        for key, value in options.items()
-    }
-    call = check_attention_args(q, k, v, **concrete)
+    """The default dispatch and each named implementation for one call (``extra``: the
+    arrays ``options``' ``_Arg`` name): (builders, notes), notes holding ``resolves_to``
+    and the reasons named implementations cannot serve."""
+    call = check_attention_args(q, k, v, **_with_arrays(options, extra))
     notes: dict[str, dict] = {DEFAULT: {"resolves_to": dispatch.select_implementation(call)}}
     args = (q, k, v, *extra)
     builders = {DEFAULT: lambda: ("jax", _jax_attention(options, grad), args)}
@@ -243,6 +244,8 @@ def gpt2_suite(args) -> tuple[dict, dict]:
     padding = keep[:, None, None, :]  # [B, 1, 1, S]
     bias = 0.1 * rng.standard_normal((1, N, T, T), dtype=np.float32)
     causal = np.tril(np.ones((T, T), bool))
+    # SDPA takes attn_mask or is_causal, not both: the causal mask folded in, outside the timing
+    folded_padding = torch.from_numpy(padding & causal)
     folded_bias = torch.from_numpy(np.where(causal, bias, -np.inf).astype(np.float32))
     cases = {
         "causal": ({"is_causal": True}, (), lambda q, k, v: sdpa(q, k, v, is_causal=True)),
@@ -254,7 +257,7 @@ def gpt2_suite(args) -> tuple[dict, dict]:
         "key padding mask": (
             {"is_causal": True, "mask": _Arg(0)},
             (jnp.asarray(padding),),
-            lambda q, k, v: sdpa(q, k, v, attn_mask=torch.from_numpy(padding & causal)),
+            lambda q, k, v: sdpa(q, k, v, attn_mask=folded_padding),
         ),
         "bias": (
             {"is_causal": True, "bias": _Arg(0)},
@@ -269,6 +272,7 @@ def gpt2_suite(args) -> tuple[dict, dict]:
         suite[case], notes[case] = builders, case_notes
     notes["key padding mask"][SDPA] = {"attn_mask": "bool [B, 1, T, S] (causal & padding)"}
     notes["bias"][SDPA] = {"attn_mask": "float [1, N, T, S] (bias, -inf above the diagonal)"}
+    notes["bias"][DEFAULT]["note"] = "bias [1, N, T, S], not differentiated (nor torch's)"
     return suite, notes
 
 
@@ -308,7 +312,8 @@ def run_suite(suite: dict, notes: dict, warmup: int, rounds: int) -> dict:
     for rows in results.values():
         for row in rows.values():
             if "alias_of" in row:
-                row.update({key: rows[row["alias_of"]][key] for key in bench.TIMING_KEYS})
+                timed = rows[row["alias_of"]]
+                row.update({key: timed[key] for key in bench.TIMING_KEYS if key in timed})
     return results
 
 
