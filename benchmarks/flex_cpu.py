@@ -530,9 +530,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.directions = args.directions or ["forward", "forward_grad"]
     if args.implementations is None:
         args.implementations = [] if args.quick else ["cpu_flash", "chunked"]
-    unknown = set(args.suites) - set(SUITES)
-    if unknown:
-        parser.error(f"--suites must be among {SUITES}, got {sorted(unknown)}")
+    for flag, given, known in (
+        ("--suites", args.suites, SUITES),
+        ("--directions", args.directions, ("forward", "forward_grad")),
+    ):
+        if set(given) - set(known):
+            parser.error(f"{flag} must be among {known}, got {sorted(set(given) - set(known))}")
     return args
 
 
