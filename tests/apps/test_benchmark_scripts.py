@@ -1,0 +1,57 @@
+"""The benchmark scripts under benchmarks/ run end to end at tiny sizes (``--quick``)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+
+@pytest.mark.slow
+def test_flex_cpu_quick_writes_every_suite(tmp_path):
+    pytest.importorskip("torch")
+    output = tmp_path / "flex_cpu.json"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's process has
+    done = subprocess.run(
+        [sys.executable, "benchmarks/flex_cpu.py", "--quick", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(output.read_text())
+    assert {"cpu", "cpu_count", "jax", "torch", "torch_threads"} <= set(record["machine"])
+    assert len(record["load_before"]) == len(record["load_after"]) == 3
+
+    cases = {"causal", "documents 16", "window 32", "prefix-LM 64"}
+    for direction in ("forward", "forward_grad"):
+        results = record[f"masks_{direction}"]
+        assert set(results) == cases
+        for rows in results.values():
+            assert rows["jax_attn (default)"]["resolves_to"] in ("cpu_flash", "chunked")
+            for name in ("jax_attn (default)", "torch sdpa"):
+                assert 0 < rows[name]["min_ms"] <= rows[name]["median_ms"] <= rows[name]["max_ms"]
+            flex = rows["torch flex"]
+            # torch 2.13 has no CPU backward for FlexAttention: the row says why
+            served = flex.get("median_ms", 0) > 0
+            assert served or direction == "forward_grad" and flex["cannot_serve"]
+
+    gpt2 = record["gpt2_forward_grad"]
+    assert set(gpt2) == {"causal", "dropout 0.1", "key padding mask", "bias"}
+    for rows in gpt2.values():
+        assert rows["jax_attn (default)"]["median_ms"] > 0 and rows["torch sdpa"]["median_ms"] > 0
+
+    memory = record["memory"]["forward"]
+    for case in ("causal", "document:16"):
+        assert memory[case]["peak_rss_mib"] > 0 and memory[case]["seconds"] > 0
+    assert "documents / causal growth_mib" in memory
+
+    names = [target["target"] for target in record["targets"]]
+    assert "forward: documents 16 speedup over causal" in names
+    assert "forward_grad: dropout 0.1 / no dropout (jax_attn)" in names
+    assert all(target["median"] > 0 for target in record["targets"] if "median" in target)
