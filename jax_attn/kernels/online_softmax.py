@@ -17,8 +17,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax.numpy as jnp
-import numpy as np
 
+from jax_attn.masks import MASKED_LOGIT
 from jax_attn.validation import compute_dtype
 
 __all__ = [
@@ -35,10 +35,6 @@ __all__ = [
     "finalize",
     "to_kernel_layout",
 ]
-
-# Finite "minus infinity" for masked logits: exp(MASKED_LOGIT - m) underflows to 0 and a
-# block with nothing to attend never produces NaN.
-MASKED_LOGIT = -0.7 * float(np.finfo(np.float32).max)
 
 
 class PartialAttention(NamedTuple):
