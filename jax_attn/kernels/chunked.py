@@ -23,8 +23,15 @@ import numpy as np
 
 from jax_attn.kernels import online_softmax
 from jax_attn.kernels.base import Implementation, cotangent_like
+from jax_attn.kernels.blocks import (
+    keys_from_kernel,
+    keys_to_kernel,
+    live_rows,
+    queries_from_kernel,
+    queries_to_kernel,
+    zero_rows,
+)
 from jax_attn.kernels.flash_autodiff import FlashRules, flash_attention
-from jax_attn.kernels.online_softmax import MASKED_LOGIT
 from jax_attn.mask_functions import (
     block_mask_arrays,
     block_sizes,
@@ -32,7 +39,7 @@ from jax_attn.mask_functions import (
     evaluate_score,
     uses_batch_and_head,
 )
-from jax_attn.masks import make_dropout_mask
+from jax_attn.masks import MASKED_LOGIT, before_lengths, make_dropout_mask, visible
 from jax_attn.validation import AttentionCall, KernelInputs
 
 __all__ = [
@@ -232,13 +239,11 @@ def _inside(plan: _Plan, scores, q_index, k_index, mask_consts):
     query_pos = (q_index * Tq + jnp.arange(Tq, dtype=jnp.int32) + (plan.S - plan.T)).reshape(
         1, 1, 1, Tq, 1
     )
-    # [1, 1, 1, Tq, Sk]
+    # [1, 1, 1, Tq, Sk]: the keys padded past S are never inside
     inside = jnp.broadcast_to(key_pos < plan.S, (1, 1, 1, Tq, Sk))
-    if plan.is_causal:
-        inside = inside & (key_pos <= query_pos)
-    if plan.window is not None:
-        left, right = plan.window
-        inside = inside & (key_pos >= query_pos - left) & (key_pos <= query_pos + right)
+    by_position = visible(query_pos, key_pos, is_causal=plan.is_causal, window=plan.window)
+    if by_position is not None:
+        inside = inside & by_position
     if plan.mask_fn is not None:
         B, K, G = scores.shape[:3]
         inside = inside & _block_mask_fn(plan, B, K, G, q_index, k_index, mask_consts)
@@ -279,7 +284,7 @@ def _block_logits(
     if kv_lengths is not None:
         # [B, 1, 1, 1, Sk]
         key_pos = (k_index * Sk + jnp.arange(Sk, dtype=jnp.int32)).reshape(1, 1, 1, 1, Sk)
-        key_ok = key_pos < kv_lengths.reshape(-1, 1, 1, 1, 1)
+        key_ok = before_lengths(key_pos, kv_lengths)
         valid = key_ok if valid is None else valid & key_ok
     if valid is not None:
         logits = jnp.where(valid, logits, MASKED_LOGIT)
@@ -569,6 +574,11 @@ def _like_primal(cotangent, primal):
     return cotangent_like(cotangent.astype(primal.dtype), primal)
 
 
+def _pad_rows(x, length: int):
+    """``x [B, L, ...]`` zero-padded along axis 1 to ``length``."""
+    return jnp.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+
+
 def _check_chunk(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise ValueError(f"{name} must be a positive int or None, got {value!r}")
@@ -713,18 +723,16 @@ def _chunked_jit(
     B, T, _, H = q.shape
     if q_scale != 1.0:
         q = (q.astype(jnp.float32) * q_scale).astype(q.dtype)
-    S, H_v, G = k.shape[1], v.shape[-1], N // K
+    S = k.shape[1]
     T_pad, S_pad = plan.T_padded, plan.S_padded
     mask_blocks = None if mask is None else _as_blocks(mask, B, N, K, T_pad, S_pad, False)
     bias_blocks = None
     if bias is not None:
         bias_blocks = _as_blocks(jnp.asarray(bias).astype(jnp.float32), B, N, K, T_pad, S_pad, 0.0)
     # [B, K, G, T', H]
-    q_blocks = jnp.pad(q, [(0, 0), (0, T_pad - T), (0, 0), (0, 0)])
-    q_blocks = jnp.transpose(q_blocks.reshape(B, T_pad, K, G, H), (0, 2, 3, 1, 4))
+    q_blocks = queries_to_kernel(_pad_rows(q, T_pad), K)
     # [B, K, S', H]
-    k_blocks = jnp.transpose(jnp.pad(k, [(0, 0), (0, S_pad - S), (0, 0), (0, 0)]), (0, 2, 1, 3))
-    v_blocks = jnp.transpose(jnp.pad(v, [(0, 0), (0, S_pad - S), (0, 0), (0, 0)]), (0, 2, 1, 3))
+    k_blocks, v_blocks = (keys_to_kernel(_pad_rows(x, S_pad)) for x in (k, v))
     kv_lengths = None if kv_seq_lengths is None else jnp.asarray(kv_seq_lengths, jnp.int32)
     blocks, mask_consts, score_consts = fns
     table = None
@@ -750,14 +758,11 @@ def _chunked_jit(
         (table, mask_consts, score_consts),
     )
     # [B, K, G, T', H_v] -> [B, T, N, H_v]
-    out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, T_pad, N, H_v)[:, :T]
+    out = queries_from_kernel(out)[:, :T]
     if query_seq_lengths is not None:
         # [B, T]
-        query_ok = (
-            jnp.arange(T, dtype=jnp.int32)[None, :]
-            < jnp.asarray(query_seq_lengths, jnp.int32)[:, None]
-        )
-        out = jnp.where(query_ok[:, :, None, None], out, 0.0)
+        query_ok = live_rows(query_seq_lengths, T)
+        out = zero_rows(out, query_ok)
     if not return_lse:
         return out.astype(q.dtype)
     # [B, K, G, T'] -> [B, N, T]
@@ -805,11 +810,6 @@ def position_plan(T: int, S: int, is_causal: bool, window, scale: float, static_
     )
 
 
-def _rows_attending(plan: _Plan, q_lengths, B: int):
-    """bool ``[B, T]``: rows before their sequence's query length."""
-    return jnp.arange(plan.T, dtype=jnp.int32)[None, :] < q_lengths.reshape(B, 1)
-
-
 def _to_kernel(plan: _Plan, K: int, q, k, v, out, lse, live_rows):
     """jax.nn's layout (q ``[B, T, N, H]``, k, v ``[B, S, K, H]``, out ``[B, T, N, H_v]``,
     lse ``[B, N, T]``) -> the kernel's, padded; ``lse`` at ``-MASKED_LOGIT`` (zero weights)
@@ -819,15 +819,12 @@ def _to_kernel(plan: _Plan, K: int, q, k, v, out, lse, live_rows):
     rows = jnp.pad(live_rows, [(0, 0), (0, T_pad - T)])
 
     def queries(x):
-        x = jnp.pad(x, [(0, 0), (0, T_pad - T), (0, 0), (0, 0)])
         # [B, K, G, T', H]
-        return jnp.transpose(x.reshape(B, T_pad, K, G, x.shape[-1]), (0, 2, 3, 1, 4))
+        return queries_to_kernel(_pad_rows(x, T_pad), K)
 
     def keys(x):
         # [B, K, S', H]
-        return jnp.transpose(
-            jnp.pad(x, [(0, 0), (0, S_pad - x.shape[1]), (0, 0), (0, 0)]), (0, 2, 1, 3)
-        )
+        return keys_to_kernel(_pad_rows(x, S_pad))
 
     # [B, K, G, T']
     lse = jnp.pad(lse, [(0, 0), (0, 0), (0, T_pad - T)]).reshape(B, K, G, T_pad)
@@ -838,8 +835,7 @@ def _to_kernel(plan: _Plan, K: int, q, k, v, out, lse, live_rows):
 
 def _queries_back(x, T: int):
     """Kernel layout ``[B, K, G, T', H]`` -> ``[B, T, N, H]``."""
-    B, K, G, T_pad, H = x.shape
-    return jnp.transpose(x, (0, 3, 1, 2, 4)).reshape(B, T_pad, K * G, H)[:, :T]
+    return queries_from_kernel(x)[:, :T]
 
 
 def position_tangent(plan: _Plan, diff, nondiff, out, lse, d_diff):
@@ -848,7 +844,7 @@ def position_tangent(plan: _Plan, diff, nondiff, out, lse, d_diff):
     (q, k, v), (q_lengths, kv_lengths), (dq, dk, dv) = diff, nondiff, d_diff
     B, T, N, _ = q.shape
     K = k.shape[2]
-    live = _rows_attending(plan, q_lengths, B)
+    live = live_rows(q_lengths, T)
     qk, kk, vk, outk, lsek = _to_kernel(plan, K, q, k, v, out, lse, live)
     dqk, dkk, dvk, _, _ = _to_kernel(plan, K, dq, dk, dv, out, lse, live)
     d_out, d_lse = _tangent(
@@ -865,7 +861,7 @@ def position_tangent(plan: _Plan, diff, nondiff, out, lse, d_diff):
         lsek,
         (dqk, dkk, dvk, None, ()),
     )
-    d_out = jnp.where(live[:, :, None, None], _queries_back(d_out, T), 0.0)
+    d_out = zero_rows(_queries_back(d_out, T), live)
     d_lse = jnp.where(live[:, None, :], d_lse.reshape(B, N, -1)[..., :T], 0.0)
     return d_out, d_lse
 
@@ -876,8 +872,8 @@ def position_backward(plan: _Plan, diff, nondiff, out, lse, d_out, d_lse):
     (q, k, v), (q_lengths, kv_lengths) = diff, nondiff
     B, T, N, _ = q.shape
     S, K = k.shape[1], k.shape[2]
-    live = _rows_attending(plan, q_lengths, B)
-    d_out = jnp.where(live[:, :, None, None], d_out, 0.0)
+    live = live_rows(q_lengths, T)
+    d_out = zero_rows(d_out, live)
     if d_lse is None:
         d_lse = jnp.zeros(lse.shape, jnp.float32)
     d_lse = jnp.where(live[:, None, :], d_lse, 0.0)
@@ -887,5 +883,5 @@ def position_backward(plan: _Plan, diff, nondiff, out, lse, d_out, d_lse):
     dq, dk, dv, _, _ = _backward(
         plan, qk, kk, vk, None, None, kv_lengths, None, (None, (), ()), outk, lsek, d_outk, d_lsek
     )
-    dk, dv = (jnp.transpose(x, (0, 2, 1, 3))[:, :S] for x in (dk, dv))
+    dk, dv = (keys_from_kernel(x)[:, :S] for x in (dk, dv))
     return (_queries_back(dq, T).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
+from jax_attn.kernels.blocks import keys_to_kernel, queries_to_kernel
 from jax_attn.masks import MASKED_LOGIT
 from jax_attn.validation import compute_dtype
 
@@ -65,10 +66,7 @@ class BlockGradients(NamedTuple):
 
 def to_kernel_layout(q, k, v):
     """q ``[B, T, N, H]``, k, v ``[B, S, K, H(_v)]`` -> the kernel layout (see module doc)."""
-    B, T, N, H = q.shape
-    K = k.shape[2]
-    q = jnp.transpose(q.reshape(B, T, K, N // K, H), (0, 2, 3, 1, 4))
-    return q, jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))
+    return queries_to_kernel(q, k.shape[2]), keys_to_kernel(k), keys_to_kernel(v)
 
 
 def empty_partial(B: int, K: int, G: int, T: int, H_v: int, dtype=jnp.float32):

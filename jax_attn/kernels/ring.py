@@ -38,9 +38,16 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_attn.kernels.base import Implementation, cotangent_like, manual_axes, varying_like
+from jax_attn.kernels.blocks import (
+    keys_from_kernel,
+    keys_to_kernel,
+    live_rows,
+    queries_from_kernel,
+    queries_to_kernel,
+    zero_rows,
+)
 from jax_attn.kernels.flash_autodiff import FlashRules, flash_attention
 from jax_attn.kernels.online_softmax import (
-    MASKED_LOGIT,
     BlockTangent,
     PartialAttention,
     attend_block,
@@ -51,6 +58,7 @@ from jax_attn.kernels.online_softmax import (
     empty_partial,
     finalize,
 )
+from jax_attn.masks import MASKED_LOGIT, visible
 from jax_attn.validation import AttentionCall, KernelInputs, compute_dtype, finite_or_zero
 
 __all__ = [
@@ -274,15 +282,13 @@ def _masked_logits(ring: _Ring, q, k, q_pos, k_pos, kv_lengths, causal: bool):
     length at ``MASKED_LOGIT``."""
     T, S = q.shape[3], k.shape[2]
     logits = block_logits(q, k, ring.scale)
-    # [1, 1, 1, 1, S]
-    key_pos = k_pos.reshape(1, 1, 1, 1, S)
-    valid = None
-    if causal:
-        valid = key_pos <= q_pos.reshape(1, 1, 1, T, 1)
-    if kv_lengths is not None:
-        # [B, 1, 1, 1, S]
-        key_ok = key_pos < kv_lengths.reshape(-1, 1, 1, 1, 1)
-        valid = key_ok if valid is None else valid & key_ok
+    # [B|1, 1, 1, T|1, S]
+    valid = visible(
+        q_pos.reshape(1, 1, 1, T, 1),
+        k_pos.reshape(1, 1, 1, 1, S),
+        is_causal=causal,
+        kv_lengths=kv_lengths,
+    )
     return logits if valid is None else jnp.where(valid, logits, MASKED_LOGIT)
 
 
@@ -565,22 +571,6 @@ def _ring_tangent_local(ring: _Ring, q, k, v, out, lse, dq, dk, dv, kv_lengths):
     return total.acc - total.mu[..., None] * out, total.mu
 
 
-# --- layouts at the shard_map boundary: [B, T, N, H] (sequence on axis 1)
-
-
-def _from_kernel_layout(x):
-    """``[B, K, G, T, ...]`` -> ``[B, T, N, ...]``."""
-    B, K, G, T = x.shape[:4]
-    x = jnp.moveaxis(x, 3, 1)
-    return x.reshape(B, T, K * G, *x.shape[4:])
-
-
-def _to_heads_last(x, K: int):
-    """``[B, T, N, ...]`` -> ``[B, K, G, T, ...]``."""
-    B, T, N = x.shape[:3]
-    return jnp.moveaxis(x.reshape(B, T, K, N // K, *x.shape[3:]), 1, 3)
-
-
 def _shard_map(ring: _Ring, fn, in_specs, out_specs):
     return jax.shard_map(
         fn, mesh=ring.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
@@ -604,11 +594,11 @@ def _local(ring: _Ring, fn, roles: str, out_roles: str, arrays, kv_lengths):
         if ring.zigzag:
             arrays = [_to_zigzag(ring, x) for x in arrays]
         arrays = [
-            _to_heads_last(x, K) if role == "q" else jnp.swapaxes(x, 1, 2)
+            queries_to_kernel(x, K) if role == "q" else keys_to_kernel(x)
             for x, role in zip(arrays, roles, strict=True)
         ]
         results = [
-            _from_kernel_layout(x) if role == "q" else jnp.swapaxes(x, 1, 2)
+            queries_from_kernel(x) if role == "q" else keys_from_kernel(x)
             for x, role in zip(fn(*arrays, lengths), out_roles, strict=True)
         ]
         if ring.zigzag:
@@ -822,12 +812,7 @@ def ring_kernel(q, k, v, *, call: AttentionCall, inputs: KernelInputs):
         head_axis_name=_optional_axis(mesh, axes.heads, call.K),
     )
     if inputs.query_seq_lengths is not None:
-        # [B, T]
-        query_ok = (
-            jnp.arange(call.T, dtype=jnp.int32)[None, :]
-            < jnp.asarray(inputs.query_seq_lengths).astype(jnp.int32)[:, None]
-        )
-        out = jnp.where(query_ok[:, :, None, None], out, jnp.zeros((), out.dtype))
+        out = zero_rows(out, live_rows(inputs.query_seq_lengths, call.T))
     return out
 
 
