@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_attn.kernels import online_softmax
-from jax_attn.kernels.base import Implementation, cotangent_like
+from jax_attn.kernels.base import Implementation, cotangent_like, varying_like
 from jax_attn.kernels.blocks import (
     keys_from_kernel,
     keys_to_kernel,
@@ -350,11 +350,7 @@ def _zeros_like(ref, *others, shape=None, fill=0.0):
     loop carries must match the blocks added to them, and inside ``shard_map`` they must
     vary over the manual axes that any of the inputs ``ref, *others`` varies over."""
     x = jnp.full_like(ref, fill, jnp.float32)
-    if shape is not None:
-        x = jnp.broadcast_to(x, shape)
-    axes = frozenset().union(*(jax.typeof(r).mat.varying for r in (ref, *others) if r is not None))
-    axes = tuple(sorted(axes - jax.typeof(x).mat.varying))
-    return jax.lax.pcast(x, axes, to="varying") if axes else x
+    return varying_like(x if shape is None else jnp.broadcast_to(x, shape), ref, *others)
 
 
 def _forward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, table, mask_consts, score_consts):
