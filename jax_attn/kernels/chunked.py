@@ -179,6 +179,25 @@ def _apply_score(plan: _Plan, scores, q_index, k_index, score_consts):
     return evaluate_score(score_fn, flat, *indices).reshape(scores.shape)
 
 
+class _Operands(NamedTuple):
+    """One chunked call's arrays in the kernel layout: q ``[B, K, G, T', H]``, k, v
+    ``[B, K, S', H(_v)]`` (padded to the chunks), mask and bias as :func:`_as_blocks`
+    lays them out, int32 key lengths ``[B]``, the dropout key, the block table of
+    :func:`_block_table` (``None`` for each absent), and the arrays ``plan.mask_fn`` and
+    ``plan.score_fn`` close over (tuples)."""
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    mask: jax.Array | None = None
+    bias: jax.Array | None = None
+    kv_lengths: jax.Array | None = None
+    rng: jax.Array | None = None
+    table: tuple | None = None
+    mask_consts: tuple = ()
+    score_consts: tuple = ()
+
+
 class _Block(NamedTuple):
     """One (query chunk, key chunk) block: its k, v slices, float32 logits (scored and
     masked), dropout keep-mask (or ``None``) and the ``score_fn``'s vjp (or ``None``)."""
@@ -190,14 +209,14 @@ class _Block(NamedTuple):
     score_vjp: Callable | None
 
 
-def _block(plan: _Plan, q_blk, k, v, mask, bias, kv_lengths, rng, at, consts, with_vjp=False):
-    """The :class:`_Block` at ``at = (q_index, k_index, position_masked)``;
-    ``consts = (mask_consts, score_consts)``, the arrays the functions close over."""
-    q_index, k_index, position_masked = at
-    mask_consts, score_consts = consts
+def _block(plan: _Plan, ops: _Operands, q_blk, at, with_vjp=False):
+    """The :class:`_Block` of query chunk ``q_blk`` at ``at = (q_index, k_index,
+    position_masked)``."""
+    q_index, k_index, _ = at
     B, K, G = q_blk.shape[:3]
-    k_blk = jax.lax.dynamic_slice_in_dim(k, k_index * plan.k_chunk, plan.k_chunk, axis=2)
-    v_blk = jax.lax.dynamic_slice_in_dim(v, k_index * plan.k_chunk, plan.k_chunk, axis=2)
+    k_blk = jax.lax.dynamic_slice_in_dim(ops.k, k_index * plan.k_chunk, plan.k_chunk, axis=2)
+    v_blk = jax.lax.dynamic_slice_in_dim(ops.v, k_index * plan.k_chunk, plan.k_chunk, axis=2)
+    score_consts = ops.score_consts
     scores, score_vjp = online_softmax.block_logits(q_blk, k_blk, plan.scale), None
     if plan.score_fn is not None:
 
@@ -208,12 +227,10 @@ def _block(plan: _Plan, q_blk, k, v, mask, bias, kv_lengths, rng, at, consts, wi
             scores, score_vjp = jax.vjp(score, scores, score_consts)
         else:
             scores = score(scores, score_consts)
-    logits = _block_logits(
-        plan, scores, mask, bias, kv_lengths, q_index, k_index, position_masked, mask_consts
-    )
+    logits = _block_logits(plan, ops, scores, at)
     keep = None
     if plan.dropout_rate > 0.0:
-        keep = _block_keep(plan, rng, B, K, G, q_index, k_index)
+        keep = _block_keep(plan, ops.rng, B, K, G, q_index, k_index)
     return _Block(k_blk, v_blk, logits, keep, score_vjp)
 
 
@@ -250,16 +267,17 @@ def _inside(plan: _Plan, scores, q_index, k_index, mask_consts):
     return inside
 
 
-def _block_logits(
-    plan: _Plan, scores, mask, bias, kv_lengths, q_index, k_index, position_masked, mask_consts
-):
-    """float32 logits ``[B, K, G, Tq, Sk]`` of one block from its ``scores``
-    (:func:`_block`), masked entries at ``MASKED_LOGIT``.
+def _block_logits(plan: _Plan, ops: _Operands, scores, at):
+    """float32 logits ``[B, K, G, Tq, Sk]`` of the block at ``at = (q_index, k_index,
+    position_masked)`` from its ``scores`` (:func:`_block`), masked entries at
+    ``MASKED_LOGIT``.
 
     The causal/window/key-range masks and ``mask_fn`` (:func:`_inside`) matter only when
     the traced bool ``position_masked`` says the block crosses their boundary; ``mask_fn``
     then runs in a ``lax.cond`` branch, so blocks it fills entirely never evaluate it.
     Entries whose bias is ``-inf`` stay ``-inf`` (they count as masked)."""
+    q_index, k_index, position_masked = at
+    mask, bias, kv_lengths, mask_consts = ops.mask, ops.bias, ops.kv_lengths, ops.mask_consts
     Sk = plan.k_chunk
     logits = scores
     if bias is not None:
@@ -353,21 +371,20 @@ def _zeros_like(ref, *others, shape=None, fill=0.0):
     return varying_like(x if shape is None else jnp.broadcast_to(x, shape), ref, *others)
 
 
-def _forward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, table, mask_consts, score_consts):
+def _forward(plan: _Plan, ops: _Operands):
     """Output ``[B, K, G, T', H_v]`` (float32) and log-sum-exp ``[B, K, G, T']``; rows that
     attend nothing get a zero output and ``lse = -MASKED_LOGIT`` (so their weights are 0)."""
-    B, K, G, _, _ = q.shape
-    H_v = v.shape[-1]
+    B, K, G, _, _ = ops.q.shape
+    H_v = ops.v.shape[-1]
     Tq = plan.q_chunk
-    kv_limit = jnp.int32(plan.S) if kv_lengths is None else jnp.max(kv_lengths)
-    inputs = (k, v, mask, bias, kv_lengths)
+    kv_limit = _kv_limit(plan, ops)
+    inputs = (ops.k, ops.v, ops.mask, ops.bias, ops.kv_lengths)
 
     def one_query_chunk(_, q_index):
-        q_blk = jax.lax.dynamic_slice_in_dim(q, q_index * Tq, Tq, axis=3)
+        q_blk = jax.lax.dynamic_slice_in_dim(ops.q, q_index * Tq, Tq, axis=3)
 
         def step(k_index, position_masked, partial):
-            at, consts = (q_index, k_index, position_masked), (mask_consts, score_consts)
-            blk = _block(plan, q_blk, k, v, mask, bias, kv_lengths, rng, at, consts)
+            blk = _block(plan, ops, q_blk, (q_index, k_index, position_masked))
             block = online_softmax.attend_block(
                 blk.logits, blk.v, keep=blk.keep, dropout_rate=plan.dropout_rate
             )
@@ -380,7 +397,7 @@ def _forward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, table, mask_cons
             row_max=_zeros_like(row, *inputs, fill=MASKED_LOGIT),
             row_sum=_zeros_like(row, *inputs),
         )
-        partial = _visit_chunks(plan, table, q_index, kv_limit, step, empty)
+        partial = _visit_chunks(plan, ops.table, q_index, kv_limit, step, empty)
         return None, online_softmax.finalize(partial)
 
     q_indices = jnp.arange(plan.num_q_chunks, dtype=jnp.int32)
@@ -391,16 +408,14 @@ def _forward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, table, mask_cons
     return out, lse
 
 
-def _backward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, fns, out, lse, d_out, d_lse):
-    """Flash-attention backward: recomputes each block's weights from ``lse``; ``d_lse``
-    is the cotangent of ``lse`` (each weight's logit gradient gains ``p * d_lse``).
-    ``fns = (table, mask_consts, score_consts)`` as for :func:`_forward`; the gradients
-    of ``score_consts`` come last."""
-    table, mask_consts, score_consts = fns
-    B, K, G, _, _ = q.shape
+def _backward(plan: _Plan, ops: _Operands, out, lse, d_out, d_lse):
+    """Flash-attention backward (FlashAttention-2, Algorithm 2): recomputes each block's
+    weights from ``lse``; ``d_lse`` is the cotangent of ``lse`` (each weight's logit
+    gradient gains ``p * d_lse``). ``(dq, dk, dv, d_bias, d_score_consts)``."""
+    q, k, v, bias = ops.q, ops.k, ops.v, ops.bias
     Tq, Sk = plan.q_chunk, plan.k_chunk
-    kv_limit = jnp.int32(plan.S) if kv_lengths is None else jnp.max(kv_lengths)
-    inputs = (q, k, v, mask, bias, kv_lengths, d_out)
+    kv_limit = _kv_limit(plan, ops)
+    inputs = (q, k, v, ops.mask, bias, ops.kv_lengths, d_out)
     # [B, K, G, T']
     delta = jnp.sum(d_out.astype(jnp.float32) * out, axis=-1)
     if d_lse is not None:
@@ -414,8 +429,8 @@ def _backward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, fns, out, lse, 
 
         def step(k_index, position_masked, state):
             dq, dk, dv, dbias, d_consts = state
-            at, consts = (q_index, k_index, position_masked), (mask_consts, score_consts)
-            blk = _block(plan, q_blk, k, v, mask, bias, kv_lengths, rng, at, consts, with_vjp=True)
+            at = (q_index, k_index, position_masked)
+            blk = _block(plan, ops, q_blk, at, with_vjp=True)
             grads = online_softmax.block_gradients(
                 blk.logits,
                 lse_blk,
@@ -437,11 +452,11 @@ def _backward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, fns, out, lse, 
 
         dk, dv, dbias, d_consts = carry
         state = (_zeros_like(q_blk, *inputs), dk, dv, dbias, d_consts)
-        dq, dk, dv, dbias, d_consts = _visit_chunks(plan, table, q_index, kv_limit, step, state)
+        dq, dk, dv, dbias, d_consts = _visit_chunks(plan, ops.table, q_index, kv_limit, step, state)
         return (dk, dv, dbias, d_consts), dq
 
     dbias0 = None if bias is None else _zeros_like(bias, *inputs)
-    d_consts0 = tuple(jnp.zeros_like(c) for c in score_consts)
+    d_consts0 = tuple(jnp.zeros_like(c) for c in ops.score_consts)
     carry = (_zeros_like(k, *inputs), _zeros_like(v, *inputs), dbias0, d_consts0)
     q_indices = jnp.arange(plan.num_q_chunks, dtype=jnp.int32)
     (dk, dv, dbias, d_consts), dq = jax.lax.scan(one_query_chunk, carry, q_indices)
@@ -476,32 +491,31 @@ def _add_bias_block(dbias, d_logits, q_index, k_index, plan: _Plan):
     return _add_block(dbias, block, starts)
 
 
-def _tangent(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, fns, out, lse, d_diff):
+def _tangent(plan: _Plan, ops: _Operands, out, lse, d_diff):
     """Forward-mode derivative ``(d_out, d_lse)`` of :func:`_forward`'s ``(out, lse)`` in
     the direction ``d_diff = (dq, dk, dv, d_bias, d_score_consts)``, one pass over the same
     blocks (:func:`jax_attn.kernels.online_softmax.block_tangent`)."""
-    table, mask_consts, score_consts = fns
     dq, dk, dv, d_bias, d_score_consts = d_diff
-    B, K, G, _, _ = q.shape
-    H_v = v.shape[-1]
+    B, K, G, _, _ = ops.q.shape
+    H_v = ops.v.shape[-1]
     Tq = plan.q_chunk
-    kv_limit = jnp.int32(plan.S) if kv_lengths is None else jnp.max(kv_lengths)
-    inputs = (q, k, v, mask, bias, kv_lengths, dq, dk, dv)
+    kv_limit = _kv_limit(plan, ops)
+    inputs = (ops.q, ops.k, ops.v, ops.mask, ops.bias, ops.kv_lengths, dq, dk, dv)
 
     def one_query_chunk(_, q_index):
         q_blk, dq_blk, lse_blk = (
-            jax.lax.dynamic_slice_in_dim(x, q_index * Tq, Tq, axis=3) for x in (q, dq, lse)
+            jax.lax.dynamic_slice_in_dim(x, q_index * Tq, Tq, axis=3) for x in (ops.q, dq, lse)
         )
 
         def step(k_index, position_masked, state):
             at = (q_index, k_index, position_masked)
 
             def logits_of(q_blk, k, bias, score_consts):
-                consts = (mask_consts, score_consts)
-                blk = _block(plan, q_blk, k, v, mask, bias, kv_lengths, rng, at, consts)
+                differentiated = ops._replace(k=k, bias=bias, score_consts=score_consts)
+                blk = _block(plan, differentiated, q_blk, at)
                 return blk.logits, (blk.v, blk.keep)
 
-            primals = (q_blk, k, bias, score_consts)
+            primals = (q_blk, ops.k, ops.bias, ops.score_consts)
             tangents = (dq_blk, dk, d_bias, d_score_consts)
             logits, d_logits, (v_blk, keep) = jax.jvp(logits_of, primals, tangents, has_aux=True)
             dv_blk = jax.lax.dynamic_slice_in_dim(dv, k_index * plan.k_chunk, plan.k_chunk, 2)
@@ -514,7 +528,7 @@ def _tangent(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, fns, out, lse, d
             acc=_zeros_like(q_blk[..., :1], *inputs, shape=(B, K, G, Tq, H_v)),
             mu=_zeros_like(q_blk[..., 0], *inputs),
         )
-        return None, _visit_chunks(plan, table, q_index, kv_limit, step, zero)
+        return None, _visit_chunks(plan, ops.table, q_index, kv_limit, step, zero)
 
     q_indices = jnp.arange(plan.num_q_chunks, dtype=jnp.int32)
     _, (acc, mu) = jax.lax.scan(one_query_chunk, None, q_indices)
@@ -531,20 +545,19 @@ def _rules(plan: _Plan) -> FlashRules:
     table, mask_consts)`` in the kernel layout."""
 
     def maps(plan: _Plan):
-        def unpack(diff, nondiff):
+        def unpack(diff, nondiff) -> _Operands:
             q, k, v, bias, score_consts = diff
             mask, kv_lengths, rng, table, mask_consts = nondiff
-            return (q, k, v, mask, bias, kv_lengths, rng, (table, mask_consts, score_consts))
+            return _Operands(q, k, v, mask, bias, kv_lengths, rng, table, mask_consts, score_consts)
 
         def forward(diff, nondiff):
-            *args, fns = unpack(diff, nondiff)
-            return _forward(plan, *args, *fns)
+            return _forward(plan, unpack(diff, nondiff))
 
         def tangent(diff, nondiff, out, lse, d_diff):
-            return _tangent(plan, *unpack(diff, nondiff), out, lse, d_diff)
+            return _tangent(plan, unpack(diff, nondiff), out, lse, d_diff)
 
         def backward(diff, nondiff, out, lse, d_out, d_lse):
-            grads = _backward(plan, *unpack(diff, nondiff), out, lse, d_out, d_lse)
+            grads = _backward(plan, unpack(diff, nondiff), out, lse, d_out, d_lse)
             return jax.tree.map(_like_primal, grads, diff)
 
         return forward, tangent, backward
@@ -554,14 +567,17 @@ def _rules(plan: _Plan) -> FlashRules:
     return FlashRules(forward, tangent, backward, tangent_pure, backward_pure)
 
 
-def _chunked_core(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, fns):
-    """``(out, lse)`` in the kernel layout. ``fns = (table, mask_consts, score_consts)``:
-    the block table (or ``None``) and the arrays ``plan.mask_fn`` and ``plan.score_fn``
-    close over (tuples)."""
-    table, mask_consts, score_consts = fns
-    diff = (q, k, v, bias, score_consts)
-    nondiff = (mask, kv_lengths, rng, table, mask_consts)
+def _chunked_core(plan: _Plan, ops: _Operands):
+    """``(out, lse)`` in the kernel layout, differentiable in q, k, v, the bias and the
+    arrays ``score_fn`` closes over."""
+    diff = (ops.q, ops.k, ops.v, ops.bias, ops.score_consts)
+    nondiff = (ops.mask, ops.kv_lengths, ops.rng, ops.table, ops.mask_consts)
     return flash_attention(_rules(plan), diff, nondiff)
+
+
+def _kv_limit(plan: _Plan, ops: _Operands):
+    """The key chunks past every sequence's key length are never visited."""
+    return jnp.int32(plan.S) if ops.kv_lengths is None else jnp.max(ops.kv_lengths)
 
 
 def _like_primal(cotangent, primal):
@@ -742,8 +758,7 @@ def _chunked_jit(
             blocks = block_mask_arrays(mask_fn, B, N, T, S, Tq, Sk, plan.mask_dims)
         kv_limit = jnp.int32(S) if kv_lengths is None else jnp.max(kv_lengths)
         table = _block_table(plan, *blocks, kv_limit)
-    out, lse = _chunked_core(
-        plan,
+    operands = _Operands(
         q_blocks,
         k_blocks,
         v_blocks,
@@ -751,8 +766,11 @@ def _chunked_jit(
         bias_blocks,
         kv_lengths,
         rng,
-        (table, mask_consts, score_consts),
+        table,
+        tuple(mask_consts),
+        tuple(score_consts),
     )
+    out, lse = _chunked_core(plan, operands)
     # [B, K, G, T', H_v] -> [B, T, N, H_v]
     out = queries_from_kernel(out)[:, :T]
     if query_seq_lengths is not None:
@@ -843,20 +861,8 @@ def position_tangent(plan: _Plan, diff, nondiff, out, lse, d_diff):
     live = live_rows(q_lengths, T)
     qk, kk, vk, outk, lsek = _to_kernel(plan, K, q, k, v, out, lse, live)
     dqk, dkk, dvk, _, _ = _to_kernel(plan, K, dq, dk, dv, out, lse, live)
-    d_out, d_lse = _tangent(
-        plan,
-        qk,
-        kk,
-        vk,
-        None,
-        None,
-        kv_lengths,
-        None,
-        (None, (), ()),
-        outk,
-        lsek,
-        (dqk, dkk, dvk, None, ()),
-    )
+    operands = _Operands(qk, kk, vk, kv_lengths=kv_lengths)
+    d_out, d_lse = _tangent(plan, operands, outk, lsek, (dqk, dkk, dvk, None, ()))
     d_out = zero_rows(_queries_back(d_out, T), live)
     d_lse = jnp.where(live[:, None, :], d_lse.reshape(B, N, -1)[..., :T], 0.0)
     return d_out, d_lse
@@ -876,8 +882,7 @@ def position_backward(plan: _Plan, diff, nondiff, out, lse, d_out, d_lse):
     qk, kk, vk, outk, lsek = _to_kernel(plan, K, q, k, v, out, lse, live)
     d_outk = _to_kernel(plan, K, d_out, k, v, d_out, lse, live)[0]
     d_lsek = jnp.pad(d_lse, [(0, 0), (0, 0), (0, plan.T_padded - T)]).reshape(lsek.shape)
-    dq, dk, dv, _, _ = _backward(
-        plan, qk, kk, vk, None, None, kv_lengths, None, (None, (), ()), outk, lsek, d_outk, d_lsek
-    )
+    operands = _Operands(qk, kk, vk, kv_lengths=kv_lengths)
+    dq, dk, dv, _, _ = _backward(plan, operands, outk, lsek, d_outk, d_lsek)
     dk, dv = (keys_from_kernel(x)[:, :S] for x in (dk, dv))
     return (_queries_back(dq, T).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
