@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -378,44 +379,74 @@ def _ring_forward_local(ring: _Ring, q, k, v, kv_lengths):
     return finalize(partial)
 
 
-def _grads(ring: _Ring, q, k, v, d_out, lse, delta, q_pos, k_pos, kv_lengths, causal):
-    """Block gradients ``(dq, dk, dv)`` of local ``q`` against ``k, v`` in
-    ``[query_block_size, block_size]`` blocks."""
-    blocks = max(1, q.shape[3] // ring.query_block_size)
-    keys = functools.partial(
-        _grads_keys, ring, k=k, v=v, k_pos=k_pos, kv_lengths=kv_lengths, causal=causal
-    )
-    if blocks == 1:
-        return keys(q, d_out, lse, delta, q_pos)
+class _GradOperands(NamedTuple):
+    """What the backward of local queries against some keys reads, in the kernel layout:
+    q ``[B, K, G, T, H]``, k ``[B, K, S, H]``, v ``[B, K, S, H_v]``, d_out
+    ``[B, K, G, T, H_v]``, lse and ``delta = sum(d_out * out, -1) - d_lse`` ``[B, K, G, T]``,
+    and the global positions of the queries ``q_pos [T]`` and keys ``k_pos [S]``."""
 
-    def one_query_block(d_kv, xs):
-        d_q, d_k, d_v = keys(*xs)
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    d_out: jax.Array
+    lse: jax.Array
+    delta: jax.Array
+    q_pos: jax.Array
+    k_pos: jax.Array
+
+    def query_rows(self, rows: slice) -> _GradOperands:
+        """The same keys, the query rows ``rows`` only."""
+        return self._replace(
+            q=self.q[:, :, :, rows],
+            d_out=self.d_out[:, :, :, rows],
+            lse=self.lse[..., rows],
+            delta=self.delta[..., rows],
+            q_pos=self.q_pos[rows],
+        )
+
+
+def _grads(ring: _Ring, ops: _GradOperands, kv_lengths, causal: bool):
+    """Block gradients ``(dq, dk, dv)`` of ``ops``' queries against its keys in
+    ``[query_block_size, block_size]`` blocks."""
+    blocks = max(1, ops.q.shape[3] // ring.query_block_size)
+    if blocks == 1:
+        return _grads_keys(ring, ops, kv_lengths, causal)
+
+    def one_query_block(d_kv, rows):
+        q, d_out, lse, delta, q_pos = rows
+        part = ops._replace(q=q, d_out=d_out, lse=lse, delta=delta, q_pos=q_pos)
+        d_q, d_k, d_v = _grads_keys(ring, part, kv_lengths, causal)
         return (d_kv[0] + d_k, d_kv[1] + d_v), d_q
 
-    dtype = compute_dtype(q.dtype)
-    d_kv0 = (jnp.zeros(k.shape, dtype), jnp.zeros(v.shape, dtype))
-    xs = tuple(_split_blocks(x, blocks, 3) for x in (q, d_out, lse, delta))
-    (d_k, d_v), d_q = lax.scan(one_query_block, d_kv0, (*xs, _split_blocks(q_pos, blocks, 0)))
+    dtype = compute_dtype(ops.q.dtype)
+    d_kv0 = (jnp.zeros(ops.k.shape, dtype), jnp.zeros(ops.v.shape, dtype))
+    xs = tuple(_split_blocks(x, blocks, 3) for x in (ops.q, ops.d_out, ops.lse, ops.delta))
+    (d_k, d_v), d_q = lax.scan(one_query_block, d_kv0, (*xs, _split_blocks(ops.q_pos, blocks, 0)))
     return _merge_blocks(d_q, 3), d_k, d_v
 
 
-def _grads_keys(ring: _Ring, q, d_out, lse, delta, q_pos, *, k, v, k_pos, kv_lengths, causal):
+def _grads_keys(ring: _Ring, ops: _GradOperands, kv_lengths, causal: bool):
     """:func:`_grads` over ``block_size`` keys at a time."""
-    blocks = max(1, k.shape[2] // ring.block_size)
+    blocks = max(1, ops.k.shape[2] // ring.block_size)
 
     def block(k, v, k_pos):
-        logits = _masked_logits(ring, q, k, q_pos, k_pos, kv_lengths, causal)
-        return block_gradients(logits, lse, delta, q, k, v, d_out)[:3]
+        q = ops.q
+        logits = _masked_logits(ring, q, k, ops.q_pos, k_pos, kv_lengths, causal)
+        return block_gradients(logits, ops.lse, ops.delta, q, k, v, ops.d_out)[:3]
 
     if blocks == 1:
-        return block(k, v, k_pos)
+        return block(ops.k, ops.v, ops.k_pos)
 
     def one_block(d_q, kv):
         d_q_b, d_k_b, d_v_b = block(*kv)
         return d_q + d_q_b, (d_k_b, d_v_b)
 
-    xs = (_split_blocks(k, blocks, 2), _split_blocks(v, blocks, 2), _split_blocks(k_pos, blocks, 0))
-    d_q0 = jnp.zeros(q.shape, compute_dtype(q.dtype))
+    xs = (
+        _split_blocks(ops.k, blocks, 2),
+        _split_blocks(ops.v, blocks, 2),
+        _split_blocks(ops.k_pos, blocks, 0),
+    )
+    d_q0 = jnp.zeros(ops.q.shape, compute_dtype(ops.q.dtype))
     d_q, (d_k, d_v) = lax.scan(one_block, d_q0, xs)
     return d_q, _merge_blocks(d_k, 2), _merge_blocks(d_v, 2)
 
@@ -431,34 +462,25 @@ def _ring_backward_local(ring: _Ring, q, k, v, out, lse, d_out, d_lse, kv_length
     delta = jnp.sum(d_out.astype(lse.dtype) * out.astype(lse.dtype), axis=-1)
     if d_lse is not None:
         delta = delta - d_lse
-    grads = functools.partial(_grads, ring, kv_lengths=kv_lengths, causal=False)
-    own_keys = _positions(ring, index, S)
-    d_q, d_k, d_v = _grads(
-        ring, q, k, v, d_out, lse, delta, q_pos, own_keys, kv_lengths, ring.is_causal
-    )
+    own = _GradOperands(q, k, v, d_out, lse, delta, q_pos, _positions(ring, index, S))
+    d_q, d_k, d_v = _grads(ring, own, kv_lengths, ring.is_causal)
+
+    def visiting(q, k, v, k_pos):
+        """The local queries against the keys that came round."""
+        return own._replace(q=q, k=k, v=v, k_pos=k_pos)
 
     def earlier_keys(q, k, v, k_pos):
-        d_q, d_k, d_v = grads(
-            q, k[:, :, :S_c], v[:, :, :S_c], d_out, lse, delta, q_pos, k_pos[:S_c]
-        )
+        early = visiting(q, k[:, :, :S_c], v[:, :, :S_c], k_pos[:S_c])
+        d_q, d_k, d_v = _grads(ring, early, kv_lengths, False)
         return d_q, _pad(d_k, 2, after=S - S_c), _pad(d_v, 2, after=S - S_c)
 
     def later_keys(q, k, v, k_pos):
-        late = slice(c, None)
-        d_q, d_k, d_v = grads(
-            q[:, :, :, late],
-            k,
-            v,
-            d_out[:, :, :, late],
-            lse[..., late],
-            delta[..., late],
-            q_pos[late],
-            k_pos,
-        )
+        late = visiting(q, k, v, k_pos).query_rows(slice(c, None))
+        d_q, d_k, d_v = _grads(ring, late, kv_lengths, False)
         return _pad(d_q, 3, before=c), d_k, d_v
 
     def all_keys(q, k, v, k_pos):
-        return grads(q, k, v, d_out, lse, delta, q_pos, k_pos)
+        return _grads(ring, visiting(q, k, v, k_pos), kv_lengths, False)
 
     def step(s, carry):
         # k, v came from device (index - s) with d_k, d_v: their gradients from the devices
