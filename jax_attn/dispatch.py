@@ -16,9 +16,10 @@ import jax
 
 from jax_attn import reference
 from jax_attn.kernels import chunked, cpu_flash, cudnn, pallas_gpu, pallas_tpu, ring, xla
-from jax_attn.kernels.base import Implementation, partitioned_axes
+from jax_attn.kernels.base import partitioned_axes
+from jax_attn.kernels.contract import FUNCTION_ARGUMENTS, AttentionCall, Implementation
 from jax_attn.mask_functions import BlockMask
-from jax_attn.validation import FUNCTION_ARGUMENTS, AttentionCall, run_attention
+from jax_attn.validation import run_attention
 
 if TYPE_CHECKING:  # shape annotations only; see jax_attn.shapes
     from jax_attn.shapes import Array, Float, Keys, Lengths, Mask, Outputs, PRNGKey, Queries, Values

@@ -29,9 +29,10 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 
+from jax_attn.kernels.contract import AttentionCall, KernelInputs
 from jax_attn.mask_functions import BlockMask, evaluate_mask, evaluate_score
 from jax_attn.masks import as_4d, build_attention_mask, make_dropout_mask, masked_logit
-from jax_attn.validation import AttentionCall, KernelInputs, run_attention
+from jax_attn.validation import run_attention
 
 if TYPE_CHECKING:  # shape annotations only; see jax_attn.shapes
     from jax_attn.shapes import Array, Float, Keys, Lengths, Mask, Outputs, PRNGKey, Queries, Values

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_attn.kernels import online_softmax
-from jax_attn.kernels.base import Implementation, cotangent_like, varying_like
+from jax_attn.kernels.base import cotangent_like, varying_like
 from jax_attn.kernels.blocks import (
     keys_from_kernel,
     keys_to_kernel,
@@ -31,6 +31,7 @@ from jax_attn.kernels.blocks import (
     queries_to_kernel,
     zero_rows,
 )
+from jax_attn.kernels.contract import AttentionCall, Implementation, KernelInputs
 from jax_attn.kernels.flash_autodiff import FlashRules, flash_attention
 from jax_attn.mask_functions import (
     block_mask_arrays,
@@ -40,7 +41,6 @@ from jax_attn.mask_functions import (
     uses_batch_and_head,
 )
 from jax_attn.masks import MASKED_LOGIT, before_lengths, make_dropout_mask, visible
-from jax_attn.validation import AttentionCall, KernelInputs
 
 __all__ = [
     "MASKED_LOGIT",

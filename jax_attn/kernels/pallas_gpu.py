@@ -29,9 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_attn.kernels.base import Implementation
 from jax_attn.kernels.composable import composable
-from jax_attn.validation import AttentionCall, KernelInputs
+from jax_attn.kernels.contract import AttentionCall, Implementation, KernelInputs
 
 __all__ = [
     "BACKWARD_BLOCK",

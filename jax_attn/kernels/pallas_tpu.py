@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_attn.kernels.contract import AttentionCall, KernelInputs
 from jax_attn.kernels.pallas_gpu import (
     INTERPRET_ENV,
     interpret_requested,
@@ -32,7 +33,6 @@ from jax_attn.kernels.pallas_gpu import (
     rows_with_keys,
     zero_empty_rows,
 )
-from jax_attn.validation import AttentionCall, KernelInputs
 
 __all__ = ["IMPLEMENTATION", "SEQUENCE_BLOCKS", "pallas_tpu_attention"]
 

@@ -38,7 +38,7 @@ from jax import lax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_attn.kernels.base import Implementation, cotangent_like, manual_axes, varying_like
+from jax_attn.kernels.base import cotangent_like, manual_axes, varying_like
 from jax_attn.kernels.blocks import (
     keys_from_kernel,
     keys_to_kernel,
@@ -47,6 +47,7 @@ from jax_attn.kernels.blocks import (
     queries_to_kernel,
     zero_rows,
 )
+from jax_attn.kernels.contract import AttentionCall, Implementation, KernelInputs, compute_dtype
 from jax_attn.kernels.flash_autodiff import FlashRules, flash_attention
 from jax_attn.kernels.online_softmax import (
     BlockTangent,
@@ -60,7 +61,7 @@ from jax_attn.kernels.online_softmax import (
     finalize,
 )
 from jax_attn.masks import MASKED_LOGIT, visible
-from jax_attn.validation import AttentionCall, KernelInputs, compute_dtype, finite_or_zero
+from jax_attn.validation import finite_or_zero
 
 __all__ = [
     "DEFAULT_MAX_BLOCK_SIZE",
