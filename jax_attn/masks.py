@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-if TYPE_CHECKING:  # shape annotations only; see jax_attn.shapes
+if TYPE_CHECKING:  # annotations only: the contract sits above the masks
+    from jax_attn.kernels.contract import AttentionCall
     from jax_attn.shapes import Array, Bool, Lengths, Mask, PRNGKey
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "combine_masks",
     "normalize_window",
     "build_attention_mask",
+    "call_mask",
     "make_dropout_mask",
     "as_4d",
 ]
@@ -230,6 +232,21 @@ def build_attention_mask(
     user = None if mask is None else jnp.asarray(mask)
     combined = combine_masks(user, causal, window, padding)
     return None if combined is None else as_4d(combined)
+
+
+def call_mask(call: AttentionCall, mask=None, query_seq_lengths=None, key_value_seq_lengths=None):
+    """Everything a validated ``call`` masks (``mask``, causal, window, lengths) ANDed:
+    bool broadcastable to ``[B, N, T, S]``, True = may attend, or ``None`` when nothing
+    masks. The reference and the ``"xla"`` adapter (for its empty rows) both use it."""
+    return build_attention_mask(
+        call.T,
+        call.S,
+        mask=mask,
+        is_causal=call.is_causal,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=call.window,
+    )
 
 
 def as_4d(x: Array) -> Array:
