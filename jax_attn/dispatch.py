@@ -107,7 +107,8 @@ def unsupported_reason(name: str, call: AttentionCall, platform: str | None = No
     """Why implementation ``name`` cannot serve ``call`` on ``platform``, or ``None``."""
     platform = platform or _platform()
     impl = _REGISTRY[name]
-    if impl.platforms is not None and platform not in impl.platforms:
+    if not impl.runs_on(platform):
+        assert impl.platforms is not None  # runs_on is True for every platform otherwise
         return f"runs on {', '.join(impl.platforms)} only, not on {platform}"
     missing = [name for name in call.functions if name not in impl.functions]
     if missing:
@@ -125,7 +126,7 @@ def available_implementations() -> list[str]:
         impl = _REGISTRY.get(name)
         if impl is None or name in names:
             continue
-        if impl.platforms is None or platform in impl.platforms:
+        if impl.runs_on(platform):
             names.append(name)
     return names
 

@@ -118,7 +118,10 @@ class Implementation:
     ``platforms`` lists the backends it runs on (``None``: all); ``functions`` names
     which of ``mask_fn``, ``score_fn``, ``block_mask`` it takes (the dispatcher declines
     the others for it, see :func:`jax_attn.dispatch.unsupported_reason`).
-    ``half_products`` marks a kernel that, for bfloat16/float16 inputs, rounds the
+    ``runs_anywhere`` (asked at each lookup, ``None``: never) says whether the kernel runs
+    on every platform at the moment, beyond ``platforms`` (Pallas in interpret mode, see
+    :func:`jax_attn.kernels.pallas_gpu.interpret_requested`); :meth:`runs_on` combines the
+    two. ``half_products`` marks a kernel that, for bfloat16/float16 inputs, rounds the
     attention weights and the logit gradients to that dtype before multiplying them by
     ``v`` and ``k`` (FlashAttention-2's tensor-core products, as JAX's Pallas kernels do):
     its gradients can be far from the float32 reference's where keys share a large common
@@ -132,3 +135,10 @@ class Implementation:
     description: str = ""
     functions: frozenset[str] = frozenset()
     half_products: bool = False
+    runs_anywhere: Callable[[], bool] | None = None
+
+    def runs_on(self, platform: str) -> bool:
+        """Whether the kernel runs on ``platform`` now."""
+        if self.platforms is None or platform in self.platforms:
+            return True
+        return self.runs_anywhere is not None and self.runs_anywhere()

@@ -37,7 +37,6 @@ __all__ = [
     "FORWARD_BLOCKS",
     "IMPLEMENTATION",
     "INTERPRET_ENV",
-    "InterpretPlatforms",
     "interpret_requested",
     "padded_length",
     "pallas_gpu_attention",
@@ -65,14 +64,6 @@ def interpret_requested() -> bool:
     return os.environ.get(INTERPRET_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-class InterpretPlatforms(tuple):
-    """The platforms a Pallas kernel compiles for; with ``JAX_ATTN_PALLAS_INTERPRET=1``
-    every platform counts too (interpret mode), looked up at each ``in``."""
-
-    def __contains__(self, platform) -> bool:
-        return tuple.__contains__(self, platform) or interpret_requested()
-
-
 def pallas_implementation(platform: str, fn, unsupported, description: str) -> Implementation:
     """The :class:`Implementation` ``pallas_<platform>`` of a Pallas kernel compiled for
     ``platform`` (any platform in interpret mode). JAX's Pallas attention kernels round the
@@ -83,7 +74,8 @@ def pallas_implementation(platform: str, fn, unsupported, description: str) -> I
         name=f"pallas_{platform}",
         fn=composable(fn),
         unsupported=unsupported,
-        platforms=InterpretPlatforms((platform,)),
+        platforms=(platform,),
+        runs_anywhere=interpret_requested,
         description=description,
         half_products=True,
     )
