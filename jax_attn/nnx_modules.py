@@ -243,7 +243,7 @@ class SelfAttentionV1(_BookAttention):
     def _project(self, name: str, h: jax.Array) -> jax.Array:
         dtype = self.dtype
         if dtype is None:
-            dtype = spec_lib.compute_dtype(h.dtype, self.param_dtype)
+            dtype = spec_lib.promoted_dtype(h.dtype, self.param_dtype)
         matrix: nnx.Param = getattr(self, name)
         return h.astype(dtype) @ matrix[...].astype(dtype)
 
