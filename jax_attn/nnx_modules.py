@@ -657,7 +657,7 @@ class MultiHeadAttention(_BookAttention):
     @property
     def kv_heads(self) -> int:
         """``K``: ``num_kv_heads``, or ``num_heads`` when it is ``None``."""
-        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+        return self.attention_spec().kv_heads
 
     def init_cache(
         self,
