@@ -46,10 +46,9 @@ PREFERENCE: dict[str, list[str]] = {
 }
 # The kernels that loop over query and key blocks in XLA operations, skipping the empty
 # ones. They go first only from CHUNKED_MIN_QUERIES queries T on: with fewer (decoding)
-# there is no block to skip and their per-call work costs more than "xla" (measured on
-# CPU: chunked 1.3x slower than xla at T=1..4 against 64..1024 keys, faster from T >= 8;
-# docs/performance.md). Not cpu_flash: it took 0.4-1.1x xla's time at every T from 1
-# (benchmarks/cpu_few_queries.py, idle; it is first on CPU whatever T).
+# there is no block to skip, and a loop of XLA operations per block costs more than one
+# fused "xla" call. Not cpu_flash: one custom call, no per-block dispatch, so it is first
+# on CPU whatever T (docs/performance.md has the timings behind both).
 TILED = ("chunked",)
 CHUNKED_MIN_QUERIES: dict[str, int] = {"cpu": 8, "gpu": 8, "tpu": 8}
 # Custom calls that run whole on each device (XLA cannot split a custom call over a mesh;
@@ -59,8 +58,8 @@ CHUNKED_MIN_QUERIES: dict[str, int] = {"cpu": 8, "gpu": 8, "tpu": 8}
 # None on this list now: cpu_flash splits over batch and heads (kernels/partitioned.py).
 CUSTOM_CALLS: tuple[str, ...] = ()
 # ... and, where "xla" is listed first (GPU, TPU), only from this many bytes of float32
-# logits [B, N, T, S] on, where materialising them costs memory the device may not have.
-# Not measured on a GPU yet: a memory bound, not a speed threshold.
+# logits [B, N, T, S] on, where materialising them costs memory the device may not have:
+# a memory bound, not a speed threshold.
 CHUNKED_MIN_LOGIT_BYTES: dict[str, int] = {"cpu": 0, "gpu": 2**30, "tpu": 2**30}
 
 

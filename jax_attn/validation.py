@@ -469,10 +469,10 @@ def nan_policy_attention(select: Select, implementation, q, k, v, *, call, input
     gradient is 0 there), and the rows that attend a non-finite value at a live
     position (:func:`nan_rows`) become NaN. Under differentiation ``lax.cond`` keeps the
     residuals of both branches, so a clean call also carries the other branch's (zeros
-    of its inputs' and outputs' sizes) to the backward pass: rematerialising that
-    branch instead (``jax.checkpoint``) held more temporary memory than it saved in a
-    one-layer program (Flax's MHA with a dense mask, forward+grad: 111 MiB against
-    89 MiB) and broke the dense-mask memory bound of ``flax_attention_fn``.
+    of its inputs' and outputs' sizes) to the backward pass. Rematerialising that branch
+    instead (``jax.checkpoint``) is not done: it holds more temporary memory than it
+    saves (docs/performance.md) and would break the dense-mask memory bound of
+    ``flax_attention_fn``.
     """
     kernel = select(call, implementation)
     bias = None if inputs.bias is None else jnp.asarray(inputs.bias)

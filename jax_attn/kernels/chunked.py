@@ -60,10 +60,10 @@ __all__ = [
 # the position masks are applied only on the boundary chunks.
 
 # Per platform: (smallest query chunk, largest query chunk, float32 logits per block
-# [B, N, Tq, Sk], query chunk / key chunk). On CPU a block's scores should stay in cache
-# (2 MiB L2 per core here): for GPT-2 small (B*N = 96), 128 x 64 blocks were the fastest of
-# 64..256 x 64..128, measured side by side (docs/performance.md). GPUs want large blocks
-# (not measured this session).
+# [B, N, Tq, Sk], query chunk / key chunk). On CPU a block's logits should stay in a
+# core's L2 cache between the two einsums that read them; a GPU wants blocks as large as
+# its registers and shared memory allow (FlashAttention-2 §3.3, "tuning block sizes").
+# docs/performance.md ("Where the code's constants come from") has the timings.
 CHUNK_BUDGET: dict[str, tuple[int, int, int, int]] = {
     "cpu": (64, 1024, 2**20, 2),
     "gpu": (128, 2048, 2**24, 1),

@@ -46,9 +46,9 @@ __all__ = [
 
 INTERPRET_ENV = "JAX_ATTN_PALLAS_INTERPRET"
 
-# Forward blocks (block_q, block_k), measured on an H200 (docs/performance.md): 128 x 128 is
-# fastest in bfloat16 at H 128; in float32 it exceeds shared memory at H 128, and 128 x 64
-# is fastest at H 64 and H 128. float16 not measured: as bfloat16.
+# Forward blocks (block_q, block_k): float32 tiles take twice the shared memory of half
+# ones, so float32 gets a narrower key block; float16 has bfloat16's element size and
+# its blocks (docs/performance.md has the GPU timings that chose them).
 FORWARD_BLOCKS = {"float32": (128, 64), "bfloat16": (128, 128), "float16": (128, 128)}
 # Backward blocks (dq and dk/dv kernels), the kernel's defaults.
 BACKWARD_BLOCK = 32

@@ -13,7 +13,7 @@ forward and their ``custom_vjp`` backward, vmapped over the batch:
 * float32 and bfloat16; masks, bias and dropout are declined.
 
 TPU only, or anywhere in interpret mode with ``JAX_ATTN_PALLAS_INTERPRET=1`` (see
-:mod:`jax_attn.kernels.pallas_gpu`). Block sizes are not measured on a TPU.
+:mod:`jax_attn.kernels.pallas_gpu`).
 """
 
 from __future__ import annotations
