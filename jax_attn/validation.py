@@ -185,7 +185,7 @@ def check_function(name: str, fn, score_dtype=None) -> None:
     if not callable(fn):
         raise TypeError(f"{name} must be a function {signature}, got {type(fn).__name__}")
     index = jax.ShapeDtypeStruct((), jnp.int32)
-    args = (index,) * 4
+    args: tuple[jax.ShapeDtypeStruct, ...] = (index,) * 4
     if score_dtype is not None:
         args = (jax.ShapeDtypeStruct((), score_dtype), *args)
     try:

@@ -240,8 +240,8 @@ def _block_mask_fn(plan: _Plan, B, K, G, q_index, k_index, mask_consts):
     def mask_fn(b, h, q_idx, kv_idx):
         return plan.mask_fn(b, h, q_idx, kv_idx, *mask_consts)
 
-    indices = _block_indices(plan, q_index, k_index)
-    allowed = evaluate_mask(mask_fn, B, K * G, *indices, dims=plan.mask_dims)
+    q_idx, kv_idx = _block_indices(plan, q_index, k_index)
+    allowed = evaluate_mask(mask_fn, B, K * G, q_idx, kv_idx, dims=plan.mask_dims)
     heads = (K, G) if allowed.shape[1] == K * G else (1, 1)
     return allowed.reshape(allowed.shape[0], *heads, *allowed.shape[2:])
 
@@ -353,7 +353,8 @@ def _visit_chunks(plan: _Plan, table, q_index, kv_limit, step, carry):
         num_chunks = plan.S_padded // plan.k_chunk
         return jax.lax.fori_loop(0, num_chunks, lambda j, c: step(j, masked, c), carry)
     if table is None:
-        return _visit(*_key_chunk_ranges(plan, q_index, kv_limit), step, carry)
+        lo, full_lo, full_hi, hi = _key_chunk_ranges(plan, q_index, kv_limit)
+        return _visit(lo, full_lo, full_hi, hi, step, carry)
     order, counts, full = table
 
     def body(j, state):
@@ -757,7 +758,8 @@ def _chunked_jit(
             Tq, Sk = plan.q_chunk, plan.k_chunk
             blocks = block_mask_arrays(mask_fn, B, N, T, S, Tq, Sk, plan.mask_dims)
         kv_limit = jnp.int32(S) if kv_lengths is None else jnp.max(kv_lengths)
-        table = _block_table(plan, *blocks, kv_limit)
+        any_blocks, full_blocks = blocks
+        table = _block_table(plan, any_blocks, full_blocks, kv_limit)
     operands = _Operands(
         q_blocks,
         k_blocks,

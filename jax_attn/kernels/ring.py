@@ -189,7 +189,7 @@ def default_block_size(keys: int, largest: int = DEFAULT_MAX_BLOCK_SIZE) -> int:
 class _Ring:
     """Static description of one ring-attention call (hashable: a custom_vjp nondiff arg)."""
 
-    mesh: object  # jax.sharding.Mesh or AbstractMesh
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh
     axis_name: str
     devices: int
     is_causal: bool
@@ -746,6 +746,8 @@ def ring_unsupported(call: AttentionCall, mesh, axis_name: str, hint: str = "") 
 
 def _optional_axis(mesh, name: str | None, *sizes: int) -> str | None:
     """``name`` if the mesh has it with a size > 1 that divides every one of ``sizes``."""
+    if name is None:
+        return None
     size = _axis_sizes(mesh).get(name, 1)
     return name if size > 1 and all(n % size == 0 for n in sizes) else None
 
