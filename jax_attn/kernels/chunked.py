@@ -21,16 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_attn.kernels import online_softmax
+from jax_attn.kernels import layout, online_softmax
 from jax_attn.kernels.base import cotangent_like, varying_like
-from jax_attn.kernels.blocks import (
-    keys_from_kernel,
-    keys_to_kernel,
-    live_rows,
-    queries_from_kernel,
-    queries_to_kernel,
-    zero_rows,
-)
 from jax_attn.kernels.contract import AttentionCall, Implementation, KernelInputs
 from jax_attn.kernels.flash_autodiff import FlashRules, flash_attention
 from jax_attn.mask_functions import (
@@ -743,9 +735,9 @@ def _chunked_jit(
     if bias is not None:
         bias_blocks = _as_blocks(jnp.asarray(bias).astype(jnp.float32), B, N, K, T_pad, S_pad, 0.0)
     # [B, K, G, T', H]
-    q_blocks = queries_to_kernel(_pad_rows(q, T_pad), K)
+    q_blocks = layout.queries_to_kernel(_pad_rows(q, T_pad), K)
     # [B, K, S', H]
-    k_blocks, v_blocks = (keys_to_kernel(_pad_rows(x, S_pad)) for x in (k, v))
+    k_blocks, v_blocks = (layout.keys_to_kernel(_pad_rows(x, S_pad)) for x in (k, v))
     kv_lengths = None if kv_seq_lengths is None else jnp.asarray(kv_seq_lengths, jnp.int32)
     blocks, mask_consts, score_consts = fns
     table = None
@@ -774,11 +766,11 @@ def _chunked_jit(
     )
     out, lse = _chunked_core(plan, operands)
     # [B, K, G, T', H_v] -> [B, T, N, H_v]
-    out = queries_from_kernel(out)[:, :T]
+    out = layout.queries_from_kernel(out)[:, :T]
     if query_seq_lengths is not None:
         # [B, T]
-        query_ok = live_rows(query_seq_lengths, T)
-        out = zero_rows(out, query_ok)
+        query_ok = layout.live_rows(query_seq_lengths, T)
+        out = layout.zero_rows(out, query_ok)
     if not return_lse:
         return out.astype(q.dtype)
     # [B, K, G, T'] -> [B, N, T]
@@ -836,11 +828,11 @@ def _to_kernel(plan: _Plan, K: int, q, k, v, out, lse, live_rows):
 
     def queries(x):
         # [B, K, G, T', H]
-        return queries_to_kernel(_pad_rows(x, T_pad), K)
+        return layout.queries_to_kernel(_pad_rows(x, T_pad), K)
 
     def keys(x):
         # [B, K, S', H]
-        return keys_to_kernel(_pad_rows(x, S_pad))
+        return layout.keys_to_kernel(_pad_rows(x, S_pad))
 
     # [B, K, G, T']
     lse = jnp.pad(lse, [(0, 0), (0, 0), (0, T_pad - T)]).reshape(B, K, G, T_pad)
@@ -851,7 +843,7 @@ def _to_kernel(plan: _Plan, K: int, q, k, v, out, lse, live_rows):
 
 def _queries_back(x, T: int):
     """Kernel layout ``[B, K, G, T', H]`` -> ``[B, T, N, H]``."""
-    return queries_from_kernel(x)[:, :T]
+    return layout.queries_from_kernel(x)[:, :T]
 
 
 def position_tangent(plan: _Plan, diff, nondiff, out, lse, d_diff):
@@ -860,12 +852,12 @@ def position_tangent(plan: _Plan, diff, nondiff, out, lse, d_diff):
     (q, k, v), (q_lengths, kv_lengths), (dq, dk, dv) = diff, nondiff, d_diff
     B, T, N, _ = q.shape
     K = k.shape[2]
-    live = live_rows(q_lengths, T)
+    live = layout.live_rows(q_lengths, T)
     qk, kk, vk, outk, lsek = _to_kernel(plan, K, q, k, v, out, lse, live)
     dqk, dkk, dvk, _, _ = _to_kernel(plan, K, dq, dk, dv, out, lse, live)
     operands = _Operands(qk, kk, vk, kv_lengths=kv_lengths)
     d_out, d_lse = _tangent(plan, operands, outk, lsek, (dqk, dkk, dvk, None, ()))
-    d_out = zero_rows(_queries_back(d_out, T), live)
+    d_out = layout.zero_rows(_queries_back(d_out, T), live)
     d_lse = jnp.where(live[:, None, :], d_lse.reshape(B, N, -1)[..., :T], 0.0)
     return d_out, d_lse
 
@@ -876,8 +868,8 @@ def position_backward(plan: _Plan, diff, nondiff, out, lse, d_out, d_lse):
     (q, k, v), (q_lengths, kv_lengths) = diff, nondiff
     B, T, N, _ = q.shape
     S, K = k.shape[1], k.shape[2]
-    live = live_rows(q_lengths, T)
-    d_out = zero_rows(d_out, live)
+    live = layout.live_rows(q_lengths, T)
+    d_out = layout.zero_rows(d_out, live)
     if d_lse is None:
         d_lse = jnp.zeros(lse.shape, jnp.float32)
     d_lse = jnp.where(live[:, None, :], d_lse, 0.0)
@@ -886,5 +878,5 @@ def position_backward(plan: _Plan, diff, nondiff, out, lse, d_out, d_lse):
     d_lsek = jnp.pad(d_lse, [(0, 0), (0, 0), (0, plan.T_padded - T)]).reshape(lsek.shape)
     operands = _Operands(qk, kk, vk, kv_lengths=kv_lengths)
     dq, dk, dv, _, _ = _backward(plan, operands, outk, lsek, d_outk, d_lsek)
-    dk, dv = (keys_from_kernel(x)[:, :S] for x in (dk, dv))
+    dk, dv = (layout.keys_from_kernel(x)[:, :S] for x in (dk, dv))
     return (_queries_back(dq, T).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))

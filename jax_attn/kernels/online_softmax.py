@@ -22,8 +22,8 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
-from jax_attn.kernels.blocks import keys_to_kernel, queries_to_kernel
 from jax_attn.kernels.contract import compute_dtype
+from jax_attn.kernels.layout import keys_to_kernel, queries_to_kernel
 from jax_attn.masks import MASKED_LOGIT
 
 __all__ = [

@@ -38,15 +38,8 @@ from jax import lax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jax_attn.kernels import layout
 from jax_attn.kernels.base import cotangent_like, manual_axes, varying_like
-from jax_attn.kernels.blocks import (
-    keys_from_kernel,
-    keys_to_kernel,
-    live_rows,
-    queries_from_kernel,
-    queries_to_kernel,
-    zero_rows,
-)
 from jax_attn.kernels.contract import AttentionCall, Implementation, KernelInputs, compute_dtype
 from jax_attn.kernels.flash_autodiff import FlashRules, flash_attention
 from jax_attn.kernels.online_softmax import (
@@ -617,11 +610,11 @@ def _local(ring: _Ring, fn, roles: str, out_roles: str, arrays, kv_lengths):
         if ring.zigzag:
             arrays = [_to_zigzag(ring, x) for x in arrays]
         arrays = [
-            queries_to_kernel(x, K) if role == "q" else keys_to_kernel(x)
+            layout.queries_to_kernel(x, K) if role == "q" else layout.keys_to_kernel(x)
             for x, role in zip(arrays, roles, strict=True)
         ]
         results = [
-            queries_from_kernel(x) if role == "q" else keys_from_kernel(x)
+            layout.queries_from_kernel(x) if role == "q" else layout.keys_from_kernel(x)
             for x, role in zip(fn(*arrays, lengths), out_roles, strict=True)
         ]
         if ring.zigzag:
@@ -837,7 +830,7 @@ def ring_kernel(q, k, v, *, call: AttentionCall, inputs: KernelInputs):
         head_axis_name=_optional_axis(mesh, axes.heads, call.K),
     )
     if inputs.query_seq_lengths is not None:
-        out = zero_rows(out, live_rows(inputs.query_seq_lengths, call.T))
+        out = layout.zero_rows(out, layout.live_rows(inputs.query_seq_lengths, call.T))
     return out
 
 

@@ -1,5 +1,5 @@
-"""What the pure-JAX flash kernels (``chunked``, ``ring``) share besides the online
-softmax: their layout and the rows past the query lengths.
+"""The layout the pure-JAX flash kernels (``chunked``, ``ring``) share with the online
+softmax, and the rows past the query lengths.
 
 The kernel layout puts the key/value heads before the sequence so every block is a
 batched matrix product (:mod:`jax_attn.kernels.online_softmax`): queries and what has
