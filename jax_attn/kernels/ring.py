@@ -491,51 +491,67 @@ def _ring_backward_local(ring: _Ring, q, k, v, out, lse, d_out, d_lse, kv_length
     return d_q * ring.scale, d_k * ring.scale, d_v
 
 
-def _tangent_keys(ring: _Ring, q, dq, lse, q_pos, *, k, dk, v, dv, k_pos, kv_lengths, causal):
-    """One query block's :class:`BlockTangent` against ``k, v``, ``block_size`` keys at a
-    time."""
-    blocks = max(1, k.shape[2] // ring.block_size)
+class _TangentOperands(NamedTuple):
+    """What the forward-mode derivative of local queries against some keys reads, in the
+    kernel layout: q and its tangent dq ``[B, K, G, T, H]``, the rows' final lse
+    ``[B, K, G, T]``, k, dk ``[B, K, S, H]``, v, dv ``[B, K, S, H_v]``, and the global
+    positions ``q_pos [T]``, ``k_pos [S]``."""
+
+    q: jax.Array
+    dq: jax.Array
+    lse: jax.Array
+    q_pos: jax.Array
+    k: jax.Array
+    dk: jax.Array
+    v: jax.Array
+    dv: jax.Array
+    k_pos: jax.Array
+
+
+def _tangent_keys(ring: _Ring, ops: _TangentOperands, kv_lengths, causal: bool):
+    """One query block's :class:`BlockTangent` against ``ops``' keys, ``block_size`` keys
+    at a time."""
+    blocks = max(1, ops.k.shape[2] // ring.block_size)
 
     def block(k, dk, v, dv, k_pos):
         def logits(q, k):
-            return _masked_logits(ring, q, k, q_pos, k_pos, kv_lengths, causal)
+            return _masked_logits(ring, q, k, ops.q_pos, k_pos, kv_lengths, causal)
 
-        scores, d_scores = jax.jvp(logits, (q, k), (dq, dk))
-        return block_tangent(scores, lse, d_scores, v, dv)
+        scores, d_scores = jax.jvp(logits, (ops.q, k), (ops.dq, dk))
+        return block_tangent(scores, ops.lse, d_scores, v, dv)
 
     if blocks == 1:
-        return block(k, dk, v, dv, k_pos)
+        return block(ops.k, ops.dk, ops.v, ops.dv, ops.k_pos)
 
     def one_block(total, kv):
         part = block(*kv)
         return BlockTangent(total.acc + part.acc, total.mu + part.mu), None
 
-    B, K, G, T, _ = q.shape
-    dtype = compute_dtype(q.dtype)
-    zero = BlockTangent(jnp.zeros((B, K, G, T, v.shape[-1]), dtype), jnp.zeros(lse.shape, dtype))
-    xs = (*(_split_blocks(x, blocks, 2) for x in (k, dk, v, dv)), _split_blocks(k_pos, blocks, 0))
+    B, K, G, T, _ = ops.q.shape
+    dtype = compute_dtype(ops.q.dtype)
+    zero = BlockTangent(
+        jnp.zeros((B, K, G, T, ops.v.shape[-1]), dtype), jnp.zeros(ops.lse.shape, dtype)
+    )
+    keys = (_split_blocks(x, blocks, 2) for x in (ops.k, ops.dk, ops.v, ops.dv))
+    xs = (*keys, _split_blocks(ops.k_pos, blocks, 0))
     return lax.scan(one_block, zero, xs)[0]
 
 
-def _tangent_blocks(ring: _Ring, q, dq, lse, q_pos, k, dk, v, dv, k_pos, kv_lengths, causal):
-    """:class:`BlockTangent` of local ``q`` (tangent ``dq``) against ``k, v`` (``dk,
-    dv``) in ``[query_block_size, block_size]`` blocks, with the rows' final ``lse``."""
-    blocks = max(1, q.shape[3] // ring.query_block_size)
-    keys = functools.partial(
-        _tangent_keys,
-        ring,
-        k=k,
-        dk=dk,
-        v=v,
-        dv=dv,
-        k_pos=k_pos,
-        kv_lengths=kv_lengths,
-        causal=causal,
-    )
+def _tangent_blocks(ring: _Ring, ops: _TangentOperands, kv_lengths, causal: bool):
+    """:class:`BlockTangent` of ``ops``' queries (with their tangent) against its keys
+    (with theirs) in ``[query_block_size, block_size]`` blocks, with the rows' final
+    ``lse``."""
+    blocks = max(1, ops.q.shape[3] // ring.query_block_size)
     if blocks == 1:
-        return keys(q, dq, lse, q_pos)
-    xs = (*(_split_blocks(x, blocks, 3) for x in (q, dq, lse)), _split_blocks(q_pos, blocks, 0))
-    parts = lax.map(lambda xs: keys(*xs), xs)
+        return _tangent_keys(ring, ops, kv_lengths, causal)
+
+    def one_query_block(rows):
+        q, dq, lse, q_pos = rows
+        part = ops._replace(q=q, dq=dq, lse=lse, q_pos=q_pos)
+        return _tangent_keys(ring, part, kv_lengths, causal)
+
+    xs = tuple(_split_blocks(x, blocks, 3) for x in (ops.q, ops.dq, ops.lse))
+    parts = lax.map(one_query_block, (*xs, _split_blocks(ops.q_pos, blocks, 0)))
     return BlockTangent(*(_merge_blocks(x, 3) for x in parts))
 
 
@@ -546,35 +562,40 @@ def _ring_tangent_local(ring: _Ring, q, k, v, out, lse, dq, dk, dv, kv_lengths):
     c, S_c = T // 2, S // 2
     index = lax.axis_index(ring.axis_name)
     q_pos = _positions(ring, index, T)
-    own = _positions(ring, index, S)
-    total = _tangent_blocks(ring, q, dq, lse, q_pos, k, dk, v, dv, own, kv_lengths, ring.is_causal)
-    blocks = functools.partial(_tangent_blocks, ring, kv_lengths=kv_lengths, causal=False)
+    own = _TangentOperands(q, dq, lse, q_pos, k, dk, v, dv, _positions(ring, index, S))
+    total = _tangent_blocks(ring, own, kv_lengths, ring.is_causal)
+
+    def visiting(qs, ks, vs, k_pos):
+        """The local queries against the keys that came round, with their tangents."""
+        (q, dq), (k, dk), (v, dv) = qs, ks, vs
+        return own._replace(q=q, dq=dq, k=k, dk=dk, v=v, dv=dv, k_pos=k_pos)
 
     def earlier_keys(qs, ks, vs, k_pos):
-        (k, dk), (v, dv) = ks, vs
         early = slice(None, S_c)
-        return blocks(
-            *qs,
-            lse,
-            q_pos,
-            k[:, :, early],
-            dk[:, :, early],
-            v[:, :, early],
-            dv[:, :, early],
-            k_pos[early],
+        keys = visiting(qs, ks, vs, k_pos)
+        keys = keys._replace(
+            k=keys.k[:, :, early],
+            dk=keys.dk[:, :, early],
+            v=keys.v[:, :, early],
+            dv=keys.dv[:, :, early],
+            k_pos=keys.k_pos[early],
         )
+        return _tangent_blocks(ring, keys, kv_lengths, False)
 
     def later_keys(qs, ks, vs, k_pos):
-        (q, dq), (k, dk), (v, dv) = qs, ks, vs
         late = slice(c, None)
-        part = blocks(
-            q[:, :, :, late], dq[:, :, :, late], lse[..., late], q_pos[late], k, dk, v, dv, k_pos
+        rows = visiting(qs, ks, vs, k_pos)
+        rows = rows._replace(
+            q=rows.q[:, :, :, late],
+            dq=rows.dq[:, :, :, late],
+            lse=rows.lse[..., late],
+            q_pos=rows.q_pos[late],
         )
+        part = _tangent_blocks(ring, rows, kv_lengths, False)
         return BlockTangent(_pad(part.acc, 3, before=c), _pad(part.mu, 3, before=c))
 
     def all_keys(qs, ks, vs, k_pos):
-        (k, dk), (v, dv) = ks, vs
-        return blocks(*qs, lse, q_pos, k, dk, v, dv, k_pos)
+        return _tangent_blocks(ring, visiting(qs, ks, vs, k_pos), kv_lengths, False)
 
     def step(s, carry):
         total, ks, vs = carry
