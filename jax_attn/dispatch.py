@@ -16,9 +16,10 @@ import jax
 
 from jax_attn import reference
 from jax_attn.kernels import chunked, cpu_flash, cudnn, pallas_gpu, pallas_tpu, ring, xla
-from jax_attn.kernels.base import Implementation, partitioned_axes
+from jax_attn.kernels.base import partitioned_axes
+from jax_attn.kernels.contract import FUNCTION_ARGUMENTS, AttentionCall, Implementation
 from jax_attn.mask_functions import BlockMask
-from jax_attn.validation import FUNCTION_ARGUMENTS, AttentionCall, run_attention
+from jax_attn.validation import run_attention
 
 if TYPE_CHECKING:  # shape annotations only; see jax_attn.shapes
     from jax_attn.shapes import Array, Float, Keys, Lengths, Mask, Outputs, PRNGKey, Queries, Values
@@ -45,10 +46,9 @@ PREFERENCE: dict[str, list[str]] = {
 }
 # The kernels that loop over query and key blocks in XLA operations, skipping the empty
 # ones. They go first only from CHUNKED_MIN_QUERIES queries T on: with fewer (decoding)
-# there is no block to skip and their per-call work costs more than "xla" (measured on
-# CPU: chunked 1.3x slower than xla at T=1..4 against 64..1024 keys, faster from T >= 8;
-# docs/performance.md). Not cpu_flash: it took 0.4-1.1x xla's time at every T from 1
-# (benchmarks/cpu_few_queries.py, idle; it is first on CPU whatever T).
+# there is no block to skip, and a loop of XLA operations per block costs more than one
+# fused "xla" call. Not cpu_flash: one custom call, no per-block dispatch, so it is first
+# on CPU whatever T (docs/performance.md has the timings behind both).
 TILED = ("chunked",)
 CHUNKED_MIN_QUERIES: dict[str, int] = {"cpu": 8, "gpu": 8, "tpu": 8}
 # Custom calls that run whole on each device (XLA cannot split a custom call over a mesh;
@@ -58,8 +58,8 @@ CHUNKED_MIN_QUERIES: dict[str, int] = {"cpu": 8, "gpu": 8, "tpu": 8}
 # None on this list now: cpu_flash splits over batch and heads (kernels/partitioned.py).
 CUSTOM_CALLS: tuple[str, ...] = ()
 # ... and, where "xla" is listed first (GPU, TPU), only from this many bytes of float32
-# logits [B, N, T, S] on, where materialising them costs memory the device may not have.
-# Not measured on a GPU yet: a memory bound, not a speed threshold.
+# logits [B, N, T, S] on, where materialising them costs memory the device may not have:
+# a memory bound, not a speed threshold.
 CHUNKED_MIN_LOGIT_BYTES: dict[str, int] = {"cpu": 0, "gpu": 2**30, "tpu": 2**30}
 
 
@@ -106,7 +106,8 @@ def unsupported_reason(name: str, call: AttentionCall, platform: str | None = No
     """Why implementation ``name`` cannot serve ``call`` on ``platform``, or ``None``."""
     platform = platform or _platform()
     impl = _REGISTRY[name]
-    if impl.platforms is not None and platform not in impl.platforms:
+    if not impl.runs_on(platform):
+        assert impl.platforms is not None  # runs_on is True for every platform otherwise
         return f"runs on {', '.join(impl.platforms)} only, not on {platform}"
     functions = call.functions
     if call.score_options_only and impl.score_options:  # served natively, not as score_fn
@@ -127,7 +128,7 @@ def available_implementations() -> list[str]:
         impl = _REGISTRY.get(name)
         if impl is None or name in names:
             continue
-        if impl.platforms is None or platform in impl.platforms:
+        if impl.runs_on(platform):
             names.append(name)
     return names
 

@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 
-from jax_attn.masks import as_4d, build_attention_mask, make_causal_mask, make_dropout_mask
+from jax_attn.masks import (
+    as_4d,
+    build_attention_mask,
+    make_causal_mask,
+    make_dropout_mask,
+    masked_logit,
+)
 from jax_attn.validation import check_attention_args, compute_dtype
 
 if TYPE_CHECKING:  # shape annotations only; see jax_attn.shapes
@@ -169,7 +175,7 @@ def self_attention(
 
 def large_negative(dtype):
     """A large finite negative for masked logits: ``exp`` of it underflows to 0, no NaN."""
-    return jnp.asarray(-0.7 * jnp.finfo(dtype).max, dtype)
+    return jnp.asarray(masked_logit(dtype), dtype)
 
 
 def causal_weights_by_renormalizing(scores: Float[Array, "*R T S"]) -> Float[Array, "*R T S"]:

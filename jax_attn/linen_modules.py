@@ -181,7 +181,7 @@ class SelfAttentionV1(_BookAttention):
         def project(name: str, h: jax.Array) -> jax.Array:
             dtype = self.dtype
             if dtype is None:
-                dtype = spec_lib.compute_dtype(h.dtype, self.param_dtype)
+                dtype = spec_lib.promoted_dtype(h.dtype, self.param_dtype)
             return h.astype(dtype) @ matrices[name].astype(dtype)
 
         return self._single_head(spec, project, x, x_kv, mask, deterministic, sow_weights)
@@ -441,7 +441,7 @@ class MultiHeadAttention(_BookAttention):
         elif self.decode:
             dtype = self.dtype
             if dtype is None:
-                dtype = spec_lib.compute_dtype(inputs.x.dtype, self.param_dtype)
+                dtype = spec_lib.promoted_dtype(inputs.x.dtype, self.param_dtype)
             self._allocate_cache(spec, inputs.x.shape[0], dtype)
         return spec_lib.multi_head(
             spec,

@@ -33,11 +33,10 @@ __all__ = [
     "uses_batch_and_head",
 ]
 
-# (query block, key block) for calls with a mask_fn (FlexAttention's default). Measured on
-# the shared 2-core CPU (T 16384, B 1, N 4, H 64, block mask passed, interleaved medians):
-# 64 x 64 ran a 256-wide window in 0.24 s against 0.32 s, a 16-document mask and a dense
-# causal mask_fn alike within the noise (0.41-0.43 s; 3.5-4.4 s vs is_causal's 3.3 s).
-# make_block_mask(..., block_size=) picks others.
+# (query block, key block) for calls with a mask_fn (FlexAttention's default): blocks
+# large enough that a block mask of [T / 128, S / 128] entries stays small, while sparse
+# masks still leave whole blocks empty to skip (docs/performance.md, "Where the code's
+# constants come from"). make_block_mask(..., block_size=) picks others.
 MASK_FN_BLOCK_SIZE = (128, 128)
 # Elements of mask_fn evaluated per step of make_block_mask ([B', N', Tq, S'] per step).
 _ELEMENTS_PER_STEP = 2**24
@@ -158,7 +157,8 @@ def block_mask_arrays(
                 allowed = (
                     allowed & (q_idx < T)[None, None, :, None] & (kv_idx < S)[None, None, None, :]
                 )
-            # int8 max/min, one axis at a time: 4-10x faster on CPU than any/all over both
+            # int8 max/min, one axis at a time: XLA:CPU reduces these faster than any/all
+            # over both axes (docs/performance.md)
             allowed = allowed.astype(jnp.int8).reshape(*allowed.shape[:3], k_blocks_per_step, Sk)
             any_ = jnp.max(jnp.max(allowed, axis=4), axis=2) > 0
             return any_, jnp.min(jnp.min(allowed, axis=4), axis=2) > 0

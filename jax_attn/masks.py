@@ -14,21 +14,73 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-if TYPE_CHECKING:  # shape annotations only; see jax_attn.shapes
+if TYPE_CHECKING:  # annotations only: the contract sits above the masks
+    from jax_attn.kernels.contract import AttentionCall
     from jax_attn.shapes import Array, Bool, Lengths, Mask, PRNGKey
 
 __all__ = [
+    "MASKED_LOGIT",
+    "masked_logit",
+    "visible",
+    "before_lengths",
+    "length_mask",
     "make_causal_mask",
     "make_padding_mask",
     "make_sliding_window_mask",
     "combine_masks",
     "normalize_window",
     "build_attention_mask",
+    "call_mask",
     "make_dropout_mask",
     "dropout_row_seeds",
     "dropout_threshold",
     "as_4d",
 ]
+
+
+def masked_logit(dtype=np.float32) -> float:
+    """The finite "minus infinity" a masked logit takes in ``dtype``: ``exp`` of it minus
+    any row maximum underflows to 0, and a row with nothing to attend stays finite (``-inf``
+    would give ``-inf - -inf = NaN`` in the softmax's max subtraction). The 0.7 leaves
+    headroom for a bias or a score added after masking before anything overflows."""
+    return -0.7 * float(np.finfo(dtype).max)
+
+
+# Of float32 logits: the kernels' (they compute in float32), also the C++ kernel's kMasked
+# (tests/kernels/test_shared_constants.py keeps the two equal).
+MASKED_LOGIT = masked_logit(np.float32)
+
+
+def visible(query_pos, key_pos, *, is_causal: bool = False, window=None, kv_lengths=None):
+    """Where a query at aligned position ``query_pos`` may attend the key at ``key_pos``
+    (int arrays that broadcast together, any layout), or ``None`` when nothing masks.
+
+    The one definition of the position masks every pure-JAX path uses: causal (keys up to
+    the query's position), ``window = (left, right)`` around it, and ``kv_lengths [B]``
+    (keys before their sequence's length; reshaped to ``[B, 1, ...]`` against
+    ``key_pos``'s rank, so ``key_pos`` carries the batch as its first axis).
+    """
+    conditions = []
+    if is_causal:
+        conditions.append(key_pos <= query_pos)
+    if window is not None:
+        left, right = window
+        conditions += [key_pos >= query_pos - left, key_pos <= query_pos + right]
+    if kv_lengths is not None:
+        conditions.append(before_lengths(key_pos, kv_lengths))
+    if not conditions:
+        return None
+    allowed = conditions[0]
+    for condition in conditions[1:]:
+        allowed = allowed & condition
+    return allowed
+
+
+def before_lengths(positions, lengths):
+    """bool: ``positions`` (batch first, or 1 there) lie before their sequence's
+    ``lengths [B]``: ``positions < lengths`` with ``lengths`` as ``[B, 1, ...]``."""
+    lengths = jnp.asarray(lengths)
+    return positions < lengths.reshape((-1,) + (1,) * (jnp.ndim(positions) - 1))
 
 
 def _check_length(name: str, value) -> int:
@@ -55,7 +107,9 @@ def make_causal_mask(T: int, S: int | None = None) -> Bool[Array, "T S"]:
     T = _check_length("T", T)
     S = T if S is None else _check_length("S", S)
     query_pos, key_pos = _positions(T, S)
-    return key_pos <= query_pos
+    allowed = visible(query_pos, key_pos, is_causal=True)
+    assert allowed is not None  # causal: one condition
+    return allowed
 
 
 def normalize_window(window) -> tuple[int, int]:
@@ -91,7 +145,9 @@ def make_sliding_window_mask(T: int, window, S: int | None = None) -> Bool[Array
     S = T if S is None else _check_length("S", S)
     left, right = normalize_window(window)
     query_pos, key_pos = _positions(T, S)
-    return (key_pos >= query_pos - left) & (key_pos <= query_pos + right)
+    allowed = visible(query_pos, key_pos, window=(left, right))
+    assert allowed is not None  # a window: two conditions
+    return allowed
 
 
 def make_padding_mask(
@@ -122,16 +178,16 @@ def make_padding_mask(
             f"q_lengths and kv_lengths must have the same batch size B, got shapes "
             f"{jnp.shape(lengths[0])} and {jnp.shape(lengths[1])}"
         )
-    query_ok = jnp.ones((B, T), bool) if q_lengths is None else _below(q_lengths, T)
-    key_ok = jnp.ones((B, S), bool) if kv_lengths is None else _below(kv_lengths, S)
+    query_ok = jnp.ones((B, T), bool) if q_lengths is None else length_mask(q_lengths, T)
+    key_ok = jnp.ones((B, S), bool) if kv_lengths is None else length_mask(kv_lengths, S)
     # [B, 1, T, S]
     return query_ok[:, None, :, None] & key_ok[:, None, None, :]
 
 
-def _below(lengths, size: int) -> Bool[Array, "B L"]:
+def length_mask(lengths, size: int) -> Bool[Array, "B L"]:
     """``[B, size]``: position ``i`` of sequence ``b`` is before ``lengths[b]``."""
     lengths = jnp.asarray(lengths)
-    return jnp.arange(size, dtype=lengths.dtype)[None, :] < lengths[:, None]
+    return before_lengths(jnp.arange(size, dtype=lengths.dtype)[None, :], lengths)
 
 
 def combine_masks(*masks: Mask | None) -> Mask | None:
@@ -178,6 +234,21 @@ def build_attention_mask(
     user = None if mask is None else jnp.asarray(mask)
     combined = combine_masks(user, causal, window, padding)
     return None if combined is None else as_4d(combined)
+
+
+def call_mask(call: AttentionCall, mask=None, query_seq_lengths=None, key_value_seq_lengths=None):
+    """Everything a validated ``call`` masks (``mask``, causal, window, lengths) ANDed:
+    bool broadcastable to ``[B, N, T, S]``, True = may attend, or ``None`` when nothing
+    masks. The reference and the ``"xla"`` adapter (for its empty rows) both use it."""
+    return build_attention_mask(
+        call.T,
+        call.S,
+        mask=mask,
+        is_causal=call.is_causal,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=call.window,
+    )
 
 
 def as_4d(x: Array) -> Array:

@@ -47,7 +47,6 @@ __all__ = [
     "check_decode_call",
     "check_float_dtype",
     "check_sow_weights",
-    "compute_dtype",
     "decode_step",
     "multi_head",
     "options",
@@ -55,6 +54,7 @@ __all__ = [
     "projection_options",
     "promote_dtype",
     "promote_dtype_linen",
+    "promoted_dtype",
     "resolve_deterministic",
     "single_head",
     "torch_linear_init",
@@ -202,10 +202,12 @@ def projection_options(spec: AttentionSpec, name: str) -> dict:
     return {"use_bias": spec.use_bias(name), "dtype": spec.dtype, "param_dtype": spec.param_dtype}
 
 
-def compute_dtype(*dtypes) -> np.dtype:
-    """The widest floating dtype among ``dtypes`` (integers ignored; float32 when there
-    is none, or for bfloat16 with float16), chosen explicitly: strict promotion allows
-    no implicit mixing."""
+def promoted_dtype(*dtypes) -> np.dtype:
+    """The dtype a module computes in for inputs and params of ``dtypes`` (Flax's
+    ``promote_dtype``; not the attention's logit dtype,
+    :func:`jax_attn.kernels.contract.compute_dtype`): the widest floating dtype among
+    ``dtypes`` (integers ignored; float32 when there is none, or for bfloat16 with
+    float16), chosen explicitly: strict promotion allows no implicit mixing."""
     floats = {np.dtype(d) for d in dtypes if jnp.issubdtype(d, jnp.floating)}
     widest = max((d.itemsize for d in floats), default=0)
     candidates = [d for d in floats if d.itemsize == widest]
@@ -213,12 +215,12 @@ def compute_dtype(*dtypes) -> np.dtype:
 
 
 def promote_dtype(args, /, *, dtype=None, inexact=True):
-    """Flax's ``promote_dtype`` (NNX form) through :func:`compute_dtype`: ``args`` cast to
+    """Flax's ``promote_dtype`` (NNX form) through :func:`promoted_dtype`: ``args`` cast to
     ``dtype``, else to their promoted dtype, explicitly, so float32 inputs meet bfloat16
     params under ``jax_numpy_dtype_promotion="strict"``."""
     del inexact  # the promoted dtype is always floating
     if dtype is None:
-        dtype = compute_dtype(*(jnp.result_type(x) for x in args if x is not None))
+        dtype = promoted_dtype(*(jnp.result_type(x) for x in args if x is not None))
     return tuple(None if x is None else jnp.asarray(x, dtype) for x in args)
 
 

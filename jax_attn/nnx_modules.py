@@ -243,7 +243,7 @@ class SelfAttentionV1(_BookAttention):
     def _project(self, name: str, h: jax.Array) -> jax.Array:
         dtype = self.dtype
         if dtype is None:
-            dtype = spec_lib.compute_dtype(h.dtype, self.param_dtype)
+            dtype = spec_lib.promoted_dtype(h.dtype, self.param_dtype)
         matrix: nnx.Param = getattr(self, name)
         return h.astype(dtype) @ matrix[...].astype(dtype)
 
@@ -657,7 +657,7 @@ class MultiHeadAttention(_BookAttention):
     @property
     def kv_heads(self) -> int:
         """``K``: ``num_kv_heads``, or ``num_heads`` when it is ``None``."""
-        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+        return self.attention_spec().kv_heads
 
     def init_cache(
         self,

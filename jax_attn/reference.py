@@ -29,28 +29,15 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 
+from jax_attn.kernels.contract import AttentionCall, KernelInputs
 from jax_attn.mask_functions import BlockMask, evaluate_mask, evaluate_score
-from jax_attn.masks import as_4d, build_attention_mask, make_dropout_mask
-from jax_attn.validation import AttentionCall, KernelInputs, run_attention
+from jax_attn.masks import as_4d, call_mask, make_dropout_mask, masked_logit
+from jax_attn.validation import run_attention
 
 if TYPE_CHECKING:  # shape annotations only; see jax_attn.shapes
     from jax_attn.shapes import Array, Float, Keys, Lengths, Mask, Outputs, PRNGKey, Queries, Values
 
-__all__ = ["call_mask", "dot_product_attention", "reference_attention"]
-
-
-def call_mask(call: AttentionCall, mask=None, query_seq_lengths=None, key_value_seq_lengths=None):
-    """Everything ``call`` masks (mask, causal, window, lengths) ANDed: bool broadcastable
-    to ``[B, N, T, S]``, True = may attend, or ``None`` when nothing masks."""
-    return build_attention_mask(
-        call.T,
-        call.S,
-        mask=mask,
-        is_causal=call.is_causal,
-        query_seq_lengths=query_seq_lengths,
-        key_value_seq_lengths=key_value_seq_lengths,
-        local_window_size=call.window,
-    )
+__all__ = ["dot_product_attention", "reference_attention"]
 
 
 def reference_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs):
@@ -74,7 +61,7 @@ def reference_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs):
         by_fn = evaluate_mask(inputs.mask_fn, B, N, q_idx, kv_idx)
         allowed = by_fn if allowed is None else allowed & by_fn
     allowed = logits > -jnp.inf if allowed is None else allowed & (logits > -jnp.inf)
-    masked_logits = jnp.where(allowed, logits, -0.7 * jnp.finfo(compute).max)
+    masked_logits = jnp.where(allowed, logits, masked_logit(compute))
     weights = jnp.where(allowed, jax.nn.softmax(masked_logits, axis=-1), 0.0)
     if call.dropout_rate > 0.0:
         assert inputs.dropout_rng is not None  # check_dropout refused a rate without a key

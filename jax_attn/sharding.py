@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from jax_attn.kernels import ring
 from jax_attn.kernels.ring import default_block_size, ring_axes
+from jax_attn.module_spec import PROJECTIONS, partition_names
 from jax_attn.validation import check_attention_args
 
 __all__ = [
@@ -48,7 +49,6 @@ __all__ = [
 ]
 
 AXIS_NAMES = ("data", "model", "seq")
-_PROJECTIONS = ("W_query", "W_key", "W_value")
 
 
 # --- meshes --------------------------------------------------------------------------------
@@ -113,7 +113,7 @@ def _check_mesh(owner: str, mesh) -> None:
 # --- tensor-parallel multi-head attention --------------------------------------------------
 
 
-_ATTENTION_LAYERS = (*_PROJECTIONS, "out_proj")
+_ATTENTION_LAYERS = (*PROJECTIONS, "out_proj")
 
 
 def _is_box(x) -> bool:
@@ -173,16 +173,21 @@ def _attention_specs(module, model_axis: str | None, model_size, num_heads) -> d
         if name not in _ATTENTION_LAYERS:
             specs[name] = _tree_specs(layer, model_axis, model_size, num_heads)
             continue
-        split = {
-            "kernel": P(model_axis, None) if name == "out_proj" else P(None, model_axis),
-            "bias": P() if name == "out_proj" else P(model_axis),
-        }
-        if name not in split_layers:
-            split = {}
+        split = {}
+        if name in split_layers:
+            split = {leaf: _split_spec(name, leaf, model_axis) for leaf in ("kernel", "bias")}
         specs[name] = {
             leaf: _box_spec(x) if _is_box(x) else split.get(leaf, P()) for leaf, x in layer.items()
         }
     return specs
+
+
+def _split_spec(name: str, leaf: str, model_axis: str | None) -> P:
+    """The tensor-parallel spec of ``name/leaf``: the modules' partition metadata
+    (:func:`jax_attn.module_spec.partition_names`, the one statement of the rule), ``P()``
+    where it splits nothing."""
+    names = partition_names(name, leaf, model_axis)
+    return P(*names) if names is not None and any(names) else P()
 
 
 def _tree_specs(node, model_axis: str | None, model_size=None, num_heads=None):

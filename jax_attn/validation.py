@@ -10,19 +10,24 @@ import collections
 import dataclasses
 import numbers
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_attn.kernels.contract import (
+    FUNCTION_ARGUMENTS,
+    AttentionCall,
+    KernelInputs,
+    compute_dtype,
+)
 from jax_attn.mask_functions import BlockMask, evaluate_mask, score_options
 from jax_attn.masks import as_4d, normalize_window
 
-if TYPE_CHECKING:  # shape annotations only; see jax_attn.shapes
-    from jax_attn.shapes import Array, Float, Lengths, Mask, PRNGKey
-
+# AttentionCall, KernelInputs and compute_dtype are the kernel contract's
+# (jax_attn.kernels.contract), re-exported: validation builds them.
 __all__ = [
+    "FUNCTION_ARGUMENTS",
     "batched_inputs",
     "AttentionCall",
     "KernelInputs",
@@ -47,89 +52,7 @@ __all__ = [
     "check_scale",
 ]
 
-# The keyword arguments that pass functions (or their block mask) to a kernel.
-FUNCTION_ARGUMENTS = ("mask_fn", "score_fn", "block_mask")
-
 _NO_VALUE = object()  # check_attention_args(q, k) checks attention weights: no value at all
-
-
-@dataclasses.dataclass(frozen=True)
-class AttentionCall:
-    """What an attention call asks for, after validation. Shape letters as in jax.nn."""
-
-    B: int
-    T: int
-    S: int
-    N: int
-    K: int
-    H: int
-    H_v: int
-    dtype: np.dtype
-    batched: bool
-    has_mask: bool
-    has_bias: bool
-    is_causal: bool
-    has_query_lengths: bool
-    has_kv_lengths: bool
-    window: tuple[int, int] | None
-    dropout_rate: float
-    scale: float
-    has_mask_fn: bool = False
-    has_score_fn: bool = False
-    has_block_mask: bool = False
-    # ``dot_product_attention``'s score options, also folded into ``score_fn`` (so
-    # ``has_score_fn``) for the kernels that take them that way; ``score_options_only``:
-    # that ``score_fn`` is the options alone (the caller passed none, and the slopes are
-    # concrete, not traced: constants), which a kernel serving the options natively
-    # (``Implementation.score_options``) can run without it.
-    logit_soft_cap: float | None = None
-    has_alibi_slopes: bool = False
-    score_options_only: bool = False
-
-    @property
-    def G(self) -> int:
-        return self.N // self.K
-
-    @property
-    def functions(self) -> tuple[str, ...]:
-        """Which of ``mask_fn``, ``score_fn``, ``block_mask`` the call passes."""
-        flags = (self.has_mask_fn, self.has_score_fn, self.has_block_mask)
-        return tuple(name for name, flag in zip(FUNCTION_ARGUMENTS, flags, strict=True) if flag)
-
-    @property
-    def compute_dtype(self) -> np.dtype:
-        return compute_dtype(self.dtype)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class KernelInputs:
-    """What a kernel receives besides q, k, v and the :class:`AttentionCall`: the call's
-    per-call arrays and functions, ``None`` where the call has none (batched as q is; the
-    :class:`AttentionCall` says which came). ``mask_fn`` defaults to ``block_mask``'s."""
-
-    mask: Mask | None = None
-    bias: Float[Array, "*bias"] | None = None
-    query_seq_lengths: Lengths | None = None
-    key_value_seq_lengths: Lengths | None = None
-    dropout_rng: PRNGKey | None = None
-    mask_fn: Callable | None = None
-    score_fn: Callable | None = None
-    block_mask: BlockMask | None = None
-    # ``[N]`` or ``[B, N]``, also folded into ``score_fn`` (see AttentionCall)
-    alibi_slopes: Float[Array, "*slopes"] | None = None
-
-    def __post_init__(self):
-        if self.mask_fn is None and self.block_mask is not None:
-            object.__setattr__(self, "mask_fn", self.block_mask.mask_fn)
-
-
-def compute_dtype(dtype) -> np.dtype:
-    """The dtype logits and softmax are computed in: float64 for float64, else float32.
-
-    Explicit rather than ``jnp.promote_types(dtype, float32)``, which refuses half
-    precision under ``jax_numpy_dtype_promotion="strict"``.
-    """
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
 def _is_array(x) -> bool:
@@ -263,7 +186,7 @@ def check_function(name: str, fn, score_dtype=None) -> None:
     if not callable(fn):
         raise TypeError(f"{name} must be a function {signature}, got {type(fn).__name__}")
     index = jax.ShapeDtypeStruct((), jnp.int32)
-    args = (index,) * 4
+    args: tuple[jax.ShapeDtypeStruct, ...] = (index,) * 4
     if score_dtype is not None:
         args = (jax.ShapeDtypeStruct((), score_dtype), *args)
     try:
@@ -567,10 +490,10 @@ def nan_policy_attention(select: Select, implementation, q, k, v, *, call, input
     gradient is 0 there), and the rows that attend a non-finite value at a live
     position (:func:`nan_rows`) become NaN. Under differentiation ``lax.cond`` keeps the
     residuals of both branches, so a clean call also carries the other branch's (zeros
-    of its inputs' and outputs' sizes) to the backward pass: rematerialising that
-    branch instead (``jax.checkpoint``) held more temporary memory than it saved in a
-    one-layer program (Flax's MHA with a dense mask, forward+grad: 111 MiB against
-    89 MiB) and broke the dense-mask memory bound of ``flax_attention_fn``.
+    of its inputs' and outputs' sizes) to the backward pass. Rematerialising that branch
+    instead (``jax.checkpoint``) is not done: it holds more temporary memory than it
+    saves (docs/performance.md) and would break the dense-mask memory bound of
+    ``flax_attention_fn``.
     """
     kernel = select(call, implementation)
     bias = None if inputs.bias is None else jnp.asarray(inputs.bias)

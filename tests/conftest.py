@@ -103,11 +103,9 @@ def _share_compiled_programs(config):
     The fast set compiles the same small programs in both workers, and again wherever a
     test jits a new closure of the same computation (same HLO, new function object); a
     cache hit loads the executable XLA compiled the first time instead of compiling it
-    again. Measured with and without it side by side (both fast runs at once, so under
-    the same load): CPU summed over the tests 284 -> 272 s, user 282 -> 263 s, a saving of
-    about 5% (single runs one after the other vary by more than that with the load). Every
-    run starts empty, so each run is as cold as the first; a directory the user set is used
-    as is. ``child_peak`` drops it: its fresh process compiles as a user's does.
+    again (docs/performance.md, "Where the code's constants come from", has what it saves).
+    Every run starts empty, so each run is as cold as the first; a directory the user set
+    is used as is. ``child_peak`` drops it: its fresh process compiles as a user's does.
     """
     if config.getoption("markexpr") != "not slow" and _CACHE not in os.environ:
         # Only the README's fast run shares compiled programs (the budget it serves): a
@@ -141,11 +139,10 @@ def pytest_unconfigure(config):
 
 def pytest_configure(config):
     _share_compiled_programs(config)
-    # Measured on tests/modules (CPU seconds, same machine and load): 125 as users compile,
-    # 83 with the backend at -O0, 51 with the older emitters too (their compile time
-    # 52 -> 20 s over 891 programs). Set through the environment, so the subprocesses some
-    # tests start compile the same way; XLA reads XLA_FLAGS when its backend starts, which
-    # no test has done yet.
+    # The tests' programs are small and run once: compiling them without optimisation
+    # costs less than the optimisation saves (docs/performance.md has the timings). Set
+    # through the environment, so the subprocesses some tests start compile the same way;
+    # XLA reads XLA_FLAGS when its backend starts, which no test has done yet.
     fast = os.environ.get(_FAST_COMPILES)
     if fast is None:
         fast = "1" if config.getoption("markexpr") == "not slow" else "0"

@@ -1,52 +1,15 @@
-"""What every kernel declares: its function, what it cannot serve, where it runs; and the
-typing rule custom-VJP kernels follow inside ``jax.shard_map``."""
+"""The typing rule custom-VJP kernels follow inside ``jax.shard_map``: what a kernel
+computes varies over the manual axes its inputs vary over, and a cotangent is typed as its
+primal. (What every kernel declares, :class:`Implementation`, is in
+:mod:`jax_attn.kernels.contract`, re-exported here for kernels written against ``base``.)"""
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
-
 import jax
 
-from jax_attn.validation import AttentionCall
+from jax_attn.kernels.contract import Implementation
 
-
-@dataclasses.dataclass(frozen=True)
-class Implementation:
-    """An attention kernel and what it supports.
-
-    ``fn(q, k, v, *, call, inputs) -> [B, T, N, H_v]`` (in ``call.dtype``) is the kernel
-    protocol: batched ``q [B, T, N, H]``, ``k [B, S, K, H]``, ``v [B, S, K, H_v]``,
-    ``call`` the validated :class:`~jax_attn.validation.AttentionCall` (shapes, dtype,
-    scale, causal, window, dropout rate, which optional inputs came) and ``inputs`` the
-    call's :class:`~jax_attn.validation.KernelInputs` (``mask``, ``bias``,
-    ``query_seq_lengths``, ``key_value_seq_lengths``, ``dropout_rng``, ``mask_fn``,
-    ``score_fn``, ``block_mask``; ``None`` where not passed), built once by
-    :func:`~jax_attn.validation.run_attention`. A kernel reads only the inputs it
-    serves; ``unsupported`` declines calls with the others. ``unsupported(call, platform)``
-    returns a human-readable reason it cannot serve the call, or ``None``;
-    ``platforms`` lists the backends it runs on (``None``: all); ``functions`` names
-    which of ``mask_fn``, ``score_fn``, ``block_mask`` it takes (the dispatcher declines
-    the others for it, see :func:`jax_attn.dispatch.unsupported_reason`).
-    ``half_products`` marks a kernel that, for bfloat16/float16 inputs, rounds the
-    attention weights and the logit gradients to that dtype before multiplying them by
-    ``v`` and ``k`` (FlashAttention-2's tensor-core products, as JAX's Pallas kernels do):
-    its gradients can be far from the float32 reference's where keys share a large common
-    part. The kernels written here keep both in float32. ``score_options`` marks a kernel
-    that serves ``alibi_slopes`` and ``logit_soft_cap`` natively (``call.logit_soft_cap``,
-    ``inputs.alibi_slopes``): a call whose ``score_fn`` is only those options
-    (``call.score_options_only``) reaches it; every other kernel gets them folded into
-    ``score_fn``.
-    """
-
-    name: str
-    fn: Callable
-    unsupported: Callable[[AttentionCall, str], str | None]
-    platforms: tuple[str, ...] | None = None
-    description: str = ""
-    functions: frozenset[str] = frozenset()
-    half_products: bool = False
-    score_options: bool = False
+__all__ = ["Implementation", "cotangent_like", "manual_axes", "partitioned_axes", "varying_like"]
 
 
 def manual_axes(x) -> frozenset:

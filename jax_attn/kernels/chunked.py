@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_attn.kernels import online_softmax
-from jax_attn.kernels.base import Implementation, cotangent_like
+from jax_attn.kernels import layout, online_softmax
+from jax_attn.kernels.base import cotangent_like, varying_like
+from jax_attn.kernels.contract import AttentionCall, Implementation, KernelInputs
 from jax_attn.kernels.flash_autodiff import FlashRules, flash_attention
-from jax_attn.kernels.online_softmax import MASKED_LOGIT
 from jax_attn.mask_functions import (
     block_mask_arrays,
     block_sizes,
@@ -32,8 +32,7 @@ from jax_attn.mask_functions import (
     evaluate_score,
     uses_batch_and_head,
 )
-from jax_attn.masks import make_dropout_mask
-from jax_attn.validation import AttentionCall, KernelInputs
+from jax_attn.masks import MASKED_LOGIT, before_lengths, make_dropout_mask, visible
 
 __all__ = [
     "MASKED_LOGIT",
@@ -53,10 +52,10 @@ __all__ = [
 # the position masks are applied only on the boundary chunks.
 
 # Per platform: (smallest query chunk, largest query chunk, float32 logits per block
-# [B, N, Tq, Sk], query chunk / key chunk). On CPU a block's scores should stay in cache
-# (2 MiB L2 per core here): for GPT-2 small (B*N = 96), 128 x 64 blocks were the fastest of
-# 64..256 x 64..128, measured side by side (docs/performance.md). GPUs want large blocks
-# (not measured this session).
+# [B, N, Tq, Sk], query chunk / key chunk). On CPU a block's logits should stay in a
+# core's L2 cache between the two einsums that read them; a GPU wants blocks as large as
+# its registers and shared memory allow (FlashAttention-2 §3.3, "tuning block sizes").
+# docs/performance.md ("Where the code's constants come from") has the timings.
 CHUNK_BUDGET: dict[str, tuple[int, int, int, int]] = {
     "cpu": (64, 1024, 2**20, 2),
     "gpu": (128, 2048, 2**24, 1),
@@ -172,6 +171,25 @@ def _apply_score(plan: _Plan, scores, q_index, k_index, score_consts):
     return evaluate_score(score_fn, flat, *indices).reshape(scores.shape)
 
 
+class _Operands(NamedTuple):
+    """One chunked call's arrays in the kernel layout: q ``[B, K, G, T', H]``, k, v
+    ``[B, K, S', H(_v)]`` (padded to the chunks), mask and bias as :func:`_as_blocks`
+    lays them out, int32 key lengths ``[B]``, the dropout key, the block table of
+    :func:`_block_table` (``None`` for each absent), and the arrays ``plan.mask_fn`` and
+    ``plan.score_fn`` close over (tuples)."""
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    mask: jax.Array | None = None
+    bias: jax.Array | None = None
+    kv_lengths: jax.Array | None = None
+    rng: jax.Array | None = None
+    table: tuple | None = None
+    mask_consts: tuple = ()
+    score_consts: tuple = ()
+
+
 class _Block(NamedTuple):
     """One (query chunk, key chunk) block: its k, v slices, float32 logits (scored and
     masked), dropout keep-mask (or ``None``) and the ``score_fn``'s vjp (or ``None``)."""
@@ -183,14 +201,14 @@ class _Block(NamedTuple):
     score_vjp: Callable | None
 
 
-def _block(plan: _Plan, q_blk, k, v, mask, bias, kv_lengths, rng, at, consts, with_vjp=False):
-    """The :class:`_Block` at ``at = (q_index, k_index, position_masked)``;
-    ``consts = (mask_consts, score_consts)``, the arrays the functions close over."""
-    q_index, k_index, position_masked = at
-    mask_consts, score_consts = consts
+def _block(plan: _Plan, ops: _Operands, q_blk, at, with_vjp=False):
+    """The :class:`_Block` of query chunk ``q_blk`` at ``at = (q_index, k_index,
+    position_masked)``."""
+    q_index, k_index, _ = at
     B, K, G = q_blk.shape[:3]
-    k_blk = jax.lax.dynamic_slice_in_dim(k, k_index * plan.k_chunk, plan.k_chunk, axis=2)
-    v_blk = jax.lax.dynamic_slice_in_dim(v, k_index * plan.k_chunk, plan.k_chunk, axis=2)
+    k_blk = jax.lax.dynamic_slice_in_dim(ops.k, k_index * plan.k_chunk, plan.k_chunk, axis=2)
+    v_blk = jax.lax.dynamic_slice_in_dim(ops.v, k_index * plan.k_chunk, plan.k_chunk, axis=2)
+    score_consts = ops.score_consts
     scores, score_vjp = online_softmax.block_logits(q_blk, k_blk, plan.scale), None
     if plan.score_fn is not None:
 
@@ -201,12 +219,10 @@ def _block(plan: _Plan, q_blk, k, v, mask, bias, kv_lengths, rng, at, consts, wi
             scores, score_vjp = jax.vjp(score, scores, score_consts)
         else:
             scores = score(scores, score_consts)
-    logits = _block_logits(
-        plan, scores, mask, bias, kv_lengths, q_index, k_index, position_masked, mask_consts
-    )
+    logits = _block_logits(plan, ops, scores, at)
     keep = None
     if plan.dropout_rate > 0.0:
-        keep = _block_keep(plan, rng, B, K, G, q_index, k_index)
+        keep = _block_keep(plan, ops.rng, B, K, G, q_index, k_index)
     return _Block(k_blk, v_blk, logits, keep, score_vjp)
 
 
@@ -216,8 +232,8 @@ def _block_mask_fn(plan: _Plan, B, K, G, q_index, k_index, mask_consts):
     def mask_fn(b, h, q_idx, kv_idx):
         return plan.mask_fn(b, h, q_idx, kv_idx, *mask_consts)
 
-    indices = _block_indices(plan, q_index, k_index)
-    allowed = evaluate_mask(mask_fn, B, K * G, *indices, dims=plan.mask_dims)
+    q_idx, kv_idx = _block_indices(plan, q_index, k_index)
+    allowed = evaluate_mask(mask_fn, B, K * G, q_idx, kv_idx, dims=plan.mask_dims)
     heads = (K, G) if allowed.shape[1] == K * G else (1, 1)
     return allowed.reshape(allowed.shape[0], *heads, *allowed.shape[2:])
 
@@ -232,29 +248,28 @@ def _inside(plan: _Plan, scores, q_index, k_index, mask_consts):
     query_pos = (q_index * Tq + jnp.arange(Tq, dtype=jnp.int32) + (plan.S - plan.T)).reshape(
         1, 1, 1, Tq, 1
     )
-    # [1, 1, 1, Tq, Sk]
+    # [1, 1, 1, Tq, Sk]: the keys padded past S are never inside
     inside = jnp.broadcast_to(key_pos < plan.S, (1, 1, 1, Tq, Sk))
-    if plan.is_causal:
-        inside = inside & (key_pos <= query_pos)
-    if plan.window is not None:
-        left, right = plan.window
-        inside = inside & (key_pos >= query_pos - left) & (key_pos <= query_pos + right)
+    by_position = visible(query_pos, key_pos, is_causal=plan.is_causal, window=plan.window)
+    if by_position is not None:
+        inside = inside & by_position
     if plan.mask_fn is not None:
         B, K, G = scores.shape[:3]
         inside = inside & _block_mask_fn(plan, B, K, G, q_index, k_index, mask_consts)
     return inside
 
 
-def _block_logits(
-    plan: _Plan, scores, mask, bias, kv_lengths, q_index, k_index, position_masked, mask_consts
-):
-    """float32 logits ``[B, K, G, Tq, Sk]`` of one block from its ``scores``
-    (:func:`_block`), masked entries at ``MASKED_LOGIT``.
+def _block_logits(plan: _Plan, ops: _Operands, scores, at):
+    """float32 logits ``[B, K, G, Tq, Sk]`` of the block at ``at = (q_index, k_index,
+    position_masked)`` from its ``scores`` (:func:`_block`), masked entries at
+    ``MASKED_LOGIT``.
 
     The causal/window/key-range masks and ``mask_fn`` (:func:`_inside`) matter only when
     the traced bool ``position_masked`` says the block crosses their boundary; ``mask_fn``
     then runs in a ``lax.cond`` branch, so blocks it fills entirely never evaluate it.
     Entries whose bias is ``-inf`` stay ``-inf`` (they count as masked)."""
+    q_index, k_index, position_masked = at
+    mask, bias, kv_lengths, mask_consts = ops.mask, ops.bias, ops.kv_lengths, ops.mask_consts
     Sk = plan.k_chunk
     logits = scores
     if bias is not None:
@@ -279,7 +294,7 @@ def _block_logits(
     if kv_lengths is not None:
         # [B, 1, 1, 1, Sk]
         key_pos = (k_index * Sk + jnp.arange(Sk, dtype=jnp.int32)).reshape(1, 1, 1, 1, Sk)
-        key_ok = key_pos < kv_lengths.reshape(-1, 1, 1, 1, 1)
+        key_ok = before_lengths(key_pos, kv_lengths)
         valid = key_ok if valid is None else valid & key_ok
     if valid is not None:
         logits = jnp.where(valid, logits, MASKED_LOGIT)
@@ -330,7 +345,8 @@ def _visit_chunks(plan: _Plan, table, q_index, kv_limit, step, carry):
         num_chunks = plan.S_padded // plan.k_chunk
         return jax.lax.fori_loop(0, num_chunks, lambda j, c: step(j, masked, c), carry)
     if table is None:
-        return _visit(*_key_chunk_ranges(plan, q_index, kv_limit), step, carry)
+        lo, full_lo, full_hi, hi = _key_chunk_ranges(plan, q_index, kv_limit)
+        return _visit(lo, full_lo, full_hi, hi, step, carry)
     order, counts, full = table
 
     def body(j, state):
@@ -345,28 +361,23 @@ def _zeros_like(ref, *others, shape=None, fill=0.0):
     loop carries must match the blocks added to them, and inside ``shard_map`` they must
     vary over the manual axes that any of the inputs ``ref, *others`` varies over."""
     x = jnp.full_like(ref, fill, jnp.float32)
-    if shape is not None:
-        x = jnp.broadcast_to(x, shape)
-    axes = frozenset().union(*(jax.typeof(r).mat.varying for r in (ref, *others) if r is not None))
-    axes = tuple(sorted(axes - jax.typeof(x).mat.varying))
-    return jax.lax.pcast(x, axes, to="varying") if axes else x
+    return varying_like(x if shape is None else jnp.broadcast_to(x, shape), ref, *others)
 
 
-def _forward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, table, mask_consts, score_consts):
+def _forward(plan: _Plan, ops: _Operands):
     """Output ``[B, K, G, T', H_v]`` (float32) and log-sum-exp ``[B, K, G, T']``; rows that
     attend nothing get a zero output and ``lse = -MASKED_LOGIT`` (so their weights are 0)."""
-    B, K, G, _, _ = q.shape
-    H_v = v.shape[-1]
+    B, K, G, _, _ = ops.q.shape
+    H_v = ops.v.shape[-1]
     Tq = plan.q_chunk
-    kv_limit = jnp.int32(plan.S) if kv_lengths is None else jnp.max(kv_lengths)
-    inputs = (k, v, mask, bias, kv_lengths)
+    kv_limit = _kv_limit(plan, ops)
+    inputs = (ops.k, ops.v, ops.mask, ops.bias, ops.kv_lengths)
 
     def one_query_chunk(_, q_index):
-        q_blk = jax.lax.dynamic_slice_in_dim(q, q_index * Tq, Tq, axis=3)
+        q_blk = jax.lax.dynamic_slice_in_dim(ops.q, q_index * Tq, Tq, axis=3)
 
         def step(k_index, position_masked, partial):
-            at, consts = (q_index, k_index, position_masked), (mask_consts, score_consts)
-            blk = _block(plan, q_blk, k, v, mask, bias, kv_lengths, rng, at, consts)
+            blk = _block(plan, ops, q_blk, (q_index, k_index, position_masked))
             block = online_softmax.attend_block(
                 blk.logits, blk.v, keep=blk.keep, dropout_rate=plan.dropout_rate
             )
@@ -379,7 +390,7 @@ def _forward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, table, mask_cons
             row_max=_zeros_like(row, *inputs, fill=MASKED_LOGIT),
             row_sum=_zeros_like(row, *inputs),
         )
-        partial = _visit_chunks(plan, table, q_index, kv_limit, step, empty)
+        partial = _visit_chunks(plan, ops.table, q_index, kv_limit, step, empty)
         return None, online_softmax.finalize(partial)
 
     q_indices = jnp.arange(plan.num_q_chunks, dtype=jnp.int32)
@@ -390,16 +401,14 @@ def _forward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, table, mask_cons
     return out, lse
 
 
-def _backward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, fns, out, lse, d_out, d_lse):
-    """Flash-attention backward: recomputes each block's weights from ``lse``; ``d_lse``
-    is the cotangent of ``lse`` (each weight's logit gradient gains ``p * d_lse``).
-    ``fns = (table, mask_consts, score_consts)`` as for :func:`_forward`; the gradients
-    of ``score_consts`` come last."""
-    table, mask_consts, score_consts = fns
-    B, K, G, _, _ = q.shape
+def _backward(plan: _Plan, ops: _Operands, out, lse, d_out, d_lse):
+    """Flash-attention backward (FlashAttention-2, Algorithm 2): recomputes each block's
+    weights from ``lse``; ``d_lse`` is the cotangent of ``lse`` (each weight's logit
+    gradient gains ``p * d_lse``). ``(dq, dk, dv, d_bias, d_score_consts)``."""
+    q, k, v, bias = ops.q, ops.k, ops.v, ops.bias
     Tq, Sk = plan.q_chunk, plan.k_chunk
-    kv_limit = jnp.int32(plan.S) if kv_lengths is None else jnp.max(kv_lengths)
-    inputs = (q, k, v, mask, bias, kv_lengths, d_out)
+    kv_limit = _kv_limit(plan, ops)
+    inputs = (q, k, v, ops.mask, bias, ops.kv_lengths, d_out)
     # [B, K, G, T']
     delta = jnp.sum(d_out.astype(jnp.float32) * out, axis=-1)
     if d_lse is not None:
@@ -413,8 +422,8 @@ def _backward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, fns, out, lse, 
 
         def step(k_index, position_masked, state):
             dq, dk, dv, dbias, d_consts = state
-            at, consts = (q_index, k_index, position_masked), (mask_consts, score_consts)
-            blk = _block(plan, q_blk, k, v, mask, bias, kv_lengths, rng, at, consts, with_vjp=True)
+            at = (q_index, k_index, position_masked)
+            blk = _block(plan, ops, q_blk, at, with_vjp=True)
             grads = online_softmax.block_gradients(
                 blk.logits,
                 lse_blk,
@@ -436,11 +445,11 @@ def _backward(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, fns, out, lse, 
 
         dk, dv, dbias, d_consts = carry
         state = (_zeros_like(q_blk, *inputs), dk, dv, dbias, d_consts)
-        dq, dk, dv, dbias, d_consts = _visit_chunks(plan, table, q_index, kv_limit, step, state)
+        dq, dk, dv, dbias, d_consts = _visit_chunks(plan, ops.table, q_index, kv_limit, step, state)
         return (dk, dv, dbias, d_consts), dq
 
     dbias0 = None if bias is None else _zeros_like(bias, *inputs)
-    d_consts0 = tuple(jnp.zeros_like(c) for c in score_consts)
+    d_consts0 = tuple(jnp.zeros_like(c) for c in ops.score_consts)
     carry = (_zeros_like(k, *inputs), _zeros_like(v, *inputs), dbias0, d_consts0)
     q_indices = jnp.arange(plan.num_q_chunks, dtype=jnp.int32)
     (dk, dv, dbias, d_consts), dq = jax.lax.scan(one_query_chunk, carry, q_indices)
@@ -475,32 +484,31 @@ def _add_bias_block(dbias, d_logits, q_index, k_index, plan: _Plan):
     return _add_block(dbias, block, starts)
 
 
-def _tangent(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, fns, out, lse, d_diff):
+def _tangent(plan: _Plan, ops: _Operands, out, lse, d_diff):
     """Forward-mode derivative ``(d_out, d_lse)`` of :func:`_forward`'s ``(out, lse)`` in
     the direction ``d_diff = (dq, dk, dv, d_bias, d_score_consts)``, one pass over the same
     blocks (:func:`jax_attn.kernels.online_softmax.block_tangent`)."""
-    table, mask_consts, score_consts = fns
     dq, dk, dv, d_bias, d_score_consts = d_diff
-    B, K, G, _, _ = q.shape
-    H_v = v.shape[-1]
+    B, K, G, _, _ = ops.q.shape
+    H_v = ops.v.shape[-1]
     Tq = plan.q_chunk
-    kv_limit = jnp.int32(plan.S) if kv_lengths is None else jnp.max(kv_lengths)
-    inputs = (q, k, v, mask, bias, kv_lengths, dq, dk, dv)
+    kv_limit = _kv_limit(plan, ops)
+    inputs = (ops.q, ops.k, ops.v, ops.mask, ops.bias, ops.kv_lengths, dq, dk, dv)
 
     def one_query_chunk(_, q_index):
         q_blk, dq_blk, lse_blk = (
-            jax.lax.dynamic_slice_in_dim(x, q_index * Tq, Tq, axis=3) for x in (q, dq, lse)
+            jax.lax.dynamic_slice_in_dim(x, q_index * Tq, Tq, axis=3) for x in (ops.q, dq, lse)
         )
 
         def step(k_index, position_masked, state):
             at = (q_index, k_index, position_masked)
 
             def logits_of(q_blk, k, bias, score_consts):
-                consts = (mask_consts, score_consts)
-                blk = _block(plan, q_blk, k, v, mask, bias, kv_lengths, rng, at, consts)
+                differentiated = ops._replace(k=k, bias=bias, score_consts=score_consts)
+                blk = _block(plan, differentiated, q_blk, at)
                 return blk.logits, (blk.v, blk.keep)
 
-            primals = (q_blk, k, bias, score_consts)
+            primals = (q_blk, ops.k, ops.bias, ops.score_consts)
             tangents = (dq_blk, dk, d_bias, d_score_consts)
             logits, d_logits, (v_blk, keep) = jax.jvp(logits_of, primals, tangents, has_aux=True)
             dv_blk = jax.lax.dynamic_slice_in_dim(dv, k_index * plan.k_chunk, plan.k_chunk, 2)
@@ -513,7 +521,7 @@ def _tangent(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, fns, out, lse, d
             acc=_zeros_like(q_blk[..., :1], *inputs, shape=(B, K, G, Tq, H_v)),
             mu=_zeros_like(q_blk[..., 0], *inputs),
         )
-        return None, _visit_chunks(plan, table, q_index, kv_limit, step, zero)
+        return None, _visit_chunks(plan, ops.table, q_index, kv_limit, step, zero)
 
     q_indices = jnp.arange(plan.num_q_chunks, dtype=jnp.int32)
     _, (acc, mu) = jax.lax.scan(one_query_chunk, None, q_indices)
@@ -530,20 +538,19 @@ def _rules(plan: _Plan) -> FlashRules:
     table, mask_consts)`` in the kernel layout."""
 
     def maps(plan: _Plan):
-        def unpack(diff, nondiff):
+        def unpack(diff, nondiff) -> _Operands:
             q, k, v, bias, score_consts = diff
             mask, kv_lengths, rng, table, mask_consts = nondiff
-            return (q, k, v, mask, bias, kv_lengths, rng, (table, mask_consts, score_consts))
+            return _Operands(q, k, v, mask, bias, kv_lengths, rng, table, mask_consts, score_consts)
 
         def forward(diff, nondiff):
-            *args, fns = unpack(diff, nondiff)
-            return _forward(plan, *args, *fns)
+            return _forward(plan, unpack(diff, nondiff))
 
         def tangent(diff, nondiff, out, lse, d_diff):
-            return _tangent(plan, *unpack(diff, nondiff), out, lse, d_diff)
+            return _tangent(plan, unpack(diff, nondiff), out, lse, d_diff)
 
         def backward(diff, nondiff, out, lse, d_out, d_lse):
-            grads = _backward(plan, *unpack(diff, nondiff), out, lse, d_out, d_lse)
+            grads = _backward(plan, unpack(diff, nondiff), out, lse, d_out, d_lse)
             return jax.tree.map(_like_primal, grads, diff)
 
         return forward, tangent, backward
@@ -553,20 +560,28 @@ def _rules(plan: _Plan) -> FlashRules:
     return FlashRules(forward, tangent, backward, tangent_pure, backward_pure)
 
 
-def _chunked_core(plan: _Plan, q, k, v, mask, bias, kv_lengths, rng, fns):
-    """``(out, lse)`` in the kernel layout. ``fns = (table, mask_consts, score_consts)``:
-    the block table (or ``None``) and the arrays ``plan.mask_fn`` and ``plan.score_fn``
-    close over (tuples)."""
-    table, mask_consts, score_consts = fns
-    diff = (q, k, v, bias, score_consts)
-    nondiff = (mask, kv_lengths, rng, table, mask_consts)
+def _chunked_core(plan: _Plan, ops: _Operands):
+    """``(out, lse)`` in the kernel layout, differentiable in q, k, v, the bias and the
+    arrays ``score_fn`` closes over."""
+    diff = (ops.q, ops.k, ops.v, ops.bias, ops.score_consts)
+    nondiff = (ops.mask, ops.kv_lengths, ops.rng, ops.table, ops.mask_consts)
     return flash_attention(_rules(plan), diff, nondiff)
+
+
+def _kv_limit(plan: _Plan, ops: _Operands):
+    """The key chunks past every sequence's key length are never visited."""
+    return jnp.int32(plan.S) if ops.kv_lengths is None else jnp.max(ops.kv_lengths)
 
 
 def _like_primal(cotangent, primal):
     """``cotangent`` in ``primal``'s dtype and manual-axis type (shared keys/values or
     learned queries inside ``shard_map``)."""
     return cotangent_like(cotangent.astype(primal.dtype), primal)
+
+
+def _pad_rows(x, length: int):
+    """``x [B, L, ...]`` zero-padded along axis 1 to ``length``."""
+    return jnp.pad(x, [(0, 0), (0, length - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
 
 
 def _check_chunk(name: str, value) -> int:
@@ -713,18 +728,16 @@ def _chunked_jit(
     B, T, _, H = q.shape
     if q_scale != 1.0:
         q = (q.astype(jnp.float32) * q_scale).astype(q.dtype)
-    S, H_v, G = k.shape[1], v.shape[-1], N // K
+    S = k.shape[1]
     T_pad, S_pad = plan.T_padded, plan.S_padded
     mask_blocks = None if mask is None else _as_blocks(mask, B, N, K, T_pad, S_pad, False)
     bias_blocks = None
     if bias is not None:
         bias_blocks = _as_blocks(jnp.asarray(bias).astype(jnp.float32), B, N, K, T_pad, S_pad, 0.0)
     # [B, K, G, T', H]
-    q_blocks = jnp.pad(q, [(0, 0), (0, T_pad - T), (0, 0), (0, 0)])
-    q_blocks = jnp.transpose(q_blocks.reshape(B, T_pad, K, G, H), (0, 2, 3, 1, 4))
+    q_blocks = layout.queries_to_kernel(_pad_rows(q, T_pad), K)
     # [B, K, S', H]
-    k_blocks = jnp.transpose(jnp.pad(k, [(0, 0), (0, S_pad - S), (0, 0), (0, 0)]), (0, 2, 1, 3))
-    v_blocks = jnp.transpose(jnp.pad(v, [(0, 0), (0, S_pad - S), (0, 0), (0, 0)]), (0, 2, 1, 3))
+    k_blocks, v_blocks = (layout.keys_to_kernel(_pad_rows(x, S_pad)) for x in (k, v))
     kv_lengths = None if kv_seq_lengths is None else jnp.asarray(kv_seq_lengths, jnp.int32)
     blocks, mask_consts, score_consts = fns
     table = None
@@ -737,9 +750,9 @@ def _chunked_jit(
             Tq, Sk = plan.q_chunk, plan.k_chunk
             blocks = block_mask_arrays(mask_fn, B, N, T, S, Tq, Sk, plan.mask_dims)
         kv_limit = jnp.int32(S) if kv_lengths is None else jnp.max(kv_lengths)
-        table = _block_table(plan, *blocks, kv_limit)
-    out, lse = _chunked_core(
-        plan,
+        any_blocks, full_blocks = blocks
+        table = _block_table(plan, any_blocks, full_blocks, kv_limit)
+    operands = _Operands(
         q_blocks,
         k_blocks,
         v_blocks,
@@ -747,17 +760,17 @@ def _chunked_jit(
         bias_blocks,
         kv_lengths,
         rng,
-        (table, mask_consts, score_consts),
+        table,
+        tuple(mask_consts),
+        tuple(score_consts),
     )
+    out, lse = _chunked_core(plan, operands)
     # [B, K, G, T', H_v] -> [B, T, N, H_v]
-    out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, T_pad, N, H_v)[:, :T]
+    out = layout.queries_from_kernel(out)[:, :T]
     if query_seq_lengths is not None:
         # [B, T]
-        query_ok = (
-            jnp.arange(T, dtype=jnp.int32)[None, :]
-            < jnp.asarray(query_seq_lengths, jnp.int32)[:, None]
-        )
-        out = jnp.where(query_ok[:, :, None, None], out, 0.0)
+        query_ok = layout.live_rows(query_seq_lengths, T)
+        out = layout.zero_rows(out, query_ok)
     if not return_lse:
         return out.astype(q.dtype)
     # [B, K, G, T'] -> [B, N, T]
@@ -805,11 +818,6 @@ def position_plan(T: int, S: int, is_causal: bool, window, scale: float, static_
     )
 
 
-def _rows_attending(plan: _Plan, q_lengths, B: int):
-    """bool ``[B, T]``: rows before their sequence's query length."""
-    return jnp.arange(plan.T, dtype=jnp.int32)[None, :] < q_lengths.reshape(B, 1)
-
-
 def _to_kernel(plan: _Plan, K: int, q, k, v, out, lse, live_rows):
     """jax.nn's layout (q ``[B, T, N, H]``, k, v ``[B, S, K, H]``, out ``[B, T, N, H_v]``,
     lse ``[B, N, T]``) -> the kernel's, padded; ``lse`` at ``-MASKED_LOGIT`` (zero weights)
@@ -819,15 +827,12 @@ def _to_kernel(plan: _Plan, K: int, q, k, v, out, lse, live_rows):
     rows = jnp.pad(live_rows, [(0, 0), (0, T_pad - T)])
 
     def queries(x):
-        x = jnp.pad(x, [(0, 0), (0, T_pad - T), (0, 0), (0, 0)])
         # [B, K, G, T', H]
-        return jnp.transpose(x.reshape(B, T_pad, K, G, x.shape[-1]), (0, 2, 3, 1, 4))
+        return layout.queries_to_kernel(_pad_rows(x, T_pad), K)
 
     def keys(x):
         # [B, K, S', H]
-        return jnp.transpose(
-            jnp.pad(x, [(0, 0), (0, S_pad - x.shape[1]), (0, 0), (0, 0)]), (0, 2, 1, 3)
-        )
+        return layout.keys_to_kernel(_pad_rows(x, S_pad))
 
     # [B, K, G, T']
     lse = jnp.pad(lse, [(0, 0), (0, 0), (0, T_pad - T)]).reshape(B, K, G, T_pad)
@@ -838,8 +843,7 @@ def _to_kernel(plan: _Plan, K: int, q, k, v, out, lse, live_rows):
 
 def _queries_back(x, T: int):
     """Kernel layout ``[B, K, G, T', H]`` -> ``[B, T, N, H]``."""
-    B, K, G, T_pad, H = x.shape
-    return jnp.transpose(x, (0, 3, 1, 2, 4)).reshape(B, T_pad, K * G, H)[:, :T]
+    return layout.queries_from_kernel(x)[:, :T]
 
 
 def _dense_blocks(plan: _Plan, x, B: int, N: int, K: int, pad_value):
@@ -862,25 +866,23 @@ def position_tangent(plan: _Plan, diff, nondiff, out, lse, d_diff, *, rng=None, 
     )
     B, T, N, _ = q.shape
     K = k.shape[2]
-    live = _rows_attending(plan, q_lengths, B)
+    live = layout.live_rows(q_lengths, T)
     qk, kk, vk, outk, lsek = _to_kernel(plan, K, q, k, v, out, lse, live)
     dqk, dkk, dvk, _, _ = _to_kernel(plan, K, dq, dk, dv, out, lse, live)
     bias, d_bias = (_dense_blocks(plan, x[0] if x else None, B, N, K, 0.0) for x in (bias, d_bias))
-    d_out, d_lse = _tangent(
-        plan,
+    operands = _Operands(
         qk,
         kk,
         vk,
-        _dense_blocks(plan, mask[0] if mask else None, B, N, K, False),
-        bias,
-        kv_lengths,
-        rng,
-        (None, (), tuple(score_consts)),
-        outk,
-        lsek,
-        (dqk, dkk, dvk, d_bias, tuple(jnp.zeros_like(c) for c in score_consts)),
+        mask=_dense_blocks(plan, mask[0] if mask else None, B, N, K, False),
+        bias=bias,
+        kv_lengths=kv_lengths,
+        rng=rng,
+        score_consts=tuple(score_consts),
     )
-    d_out = jnp.where(live[:, :, None, None], _queries_back(d_out, T), 0.0)
+    d_zero_consts = tuple(jnp.zeros_like(c) for c in score_consts)
+    d_out, d_lse = _tangent(plan, operands, outk, lsek, (dqk, dkk, dvk, d_bias, d_zero_consts))
+    d_out = layout.zero_rows(_queries_back(d_out, T), live)
     d_lse = jnp.where(live[:, None, :], d_lse.reshape(B, N, -1)[..., :T], 0.0)
     return d_out, d_lse
 
@@ -893,32 +895,26 @@ def position_backward(
     (q, k, v, *bias), (q_lengths, kv_lengths, *mask) = diff, nondiff
     B, T, N, _ = q.shape
     S, K = k.shape[1], k.shape[2]
-    live = _rows_attending(plan, q_lengths, B)
-    d_out = jnp.where(live[:, :, None, None], d_out, 0.0)
+    live = layout.live_rows(q_lengths, T)
+    d_out = layout.zero_rows(d_out, live)
     if d_lse is None:
         d_lse = jnp.zeros(lse.shape, jnp.float32)
     d_lse = jnp.where(live[:, None, :], d_lse, 0.0)
     qk, kk, vk, outk, lsek = _to_kernel(plan, K, q, k, v, out, lse, live)
     d_outk = _to_kernel(plan, K, d_out, k, v, d_out, lse, live)[0]
     d_lsek = jnp.pad(d_lse, [(0, 0), (0, 0), (0, plan.T_padded - T)]).reshape(lsek.shape)
-    mask_blocks = _dense_blocks(plan, mask[0] if mask else None, B, N, K, False)
-    bias_blocks = _dense_blocks(plan, bias[0] if bias else None, B, N, K, 0.0)
-    dq, dk, dv, dbias, _ = _backward(
-        plan,
+    operands = _Operands(
         qk,
         kk,
         vk,
-        mask_blocks,
-        bias_blocks,
-        kv_lengths,
-        rng,
-        (None, (), tuple(score_consts)),
-        outk,
-        lsek,
-        d_outk,
-        d_lsek,
+        mask=_dense_blocks(plan, mask[0] if mask else None, B, N, K, False),
+        bias=_dense_blocks(plan, bias[0] if bias else None, B, N, K, 0.0),
+        kv_lengths=kv_lengths,
+        rng=rng,
+        score_consts=tuple(score_consts),
     )
-    dk, dv = (jnp.transpose(x, (0, 2, 1, 3))[:, :S] for x in (dk, dv))
+    dq, dk, dv, dbias, _ = _backward(plan, operands, outk, lsek, d_outk, d_lsek)
+    dk, dv = (layout.keys_from_kernel(x)[:, :S] for x in (dk, dv))
     grads = (_queries_back(dq, T).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
     if not bias:
         return grads

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from jax_attn.kernels import chunked
+from jax_attn.kernels.contract import AttentionCall, KernelInputs
 from jax_attn.kernels.flash_autodiff import FlashRules, flash_attention
-from jax_attn.validation import AttentionCall, KernelInputs
 
 __all__ = ["composable"]
 

@@ -59,10 +59,10 @@ import numpy as np
 
 from jax_attn.kernels import chunked
 from jax_attn.kernels.base import Implementation, cotangent_like, partitioned_axes, varying_like
+from jax_attn.kernels.contract import AttentionCall, KernelInputs
 from jax_attn.kernels.flash_autodiff import FlashRules, flash_attention
 from jax_attn.kernels.partitioned import partitioned_call
 from jax_attn.masks import as_4d, dropout_row_seeds, dropout_threshold
-from jax_attn.validation import AttentionCall, KernelInputs
 
 __all__ = [
     "CACHE_ENV",

@@ -6,10 +6,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jax_attn.kernels.base import Implementation
 from jax_attn.kernels.composable import composable
+from jax_attn.kernels.contract import AttentionCall, Implementation, KernelInputs
 from jax_attn.kernels.xla import jax_nn_attention
-from jax_attn.validation import AttentionCall, KernelInputs
 
 
 def _nvidia_device():

@@ -2,10 +2,14 @@
 
 Each block of keys gives a *partial* result (maxtext's ``normalize_attention``; flash
 attention): the unnormalised output, the row maximum of the logits and the row sum of
-their exponentials. Partials over disjoint key sets combine exactly
-(:func:`combine_partials`), and :func:`finalize` normalises. :func:`block_gradients` is
-the matching flash-attention backward of one block, recomputing its weights from the
-log-sum-exp. The chunked kernel and ring attention both run on these functions.
+their exponentials. Partials over disjoint key sets combine exactly by rescaling both to
+the larger maximum (:func:`combine_partials`: the online normaliser of Milakov &
+Gimelshein 2018, "Online normalizer calculation for softmax", carried to the output as
+in FlashAttention), and :func:`finalize` divides once at the end (FlashAttention-2 §3.1:
+no rescaling of the output per block). :func:`block_gradients` is the matching backward
+of one block (FlashAttention-2, Algorithm 2), recomputing its weights from the
+log-sum-exp; :func:`block_tangent` its forward mode (Lu & Song 2024, appendix F). The
+chunked kernel and ring attention both run on these functions.
 
 Layout (the kernels' own, every block a batched matrix product): q ``[B, K, G, T, H]``,
 k ``[B, K, S, H]``, v ``[B, K, S, H_v]``, logits ``[B, K, G, T, S]``, row statistics
@@ -17,9 +21,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax.numpy as jnp
-import numpy as np
 
-from jax_attn.validation import compute_dtype
+from jax_attn.kernels.contract import compute_dtype
+from jax_attn.kernels.layout import keys_to_kernel, queries_to_kernel
+from jax_attn.masks import MASKED_LOGIT
 
 __all__ = [
     "MASKED_LOGIT",
@@ -35,10 +40,6 @@ __all__ = [
     "finalize",
     "to_kernel_layout",
 ]
-
-# Finite "minus infinity" for masked logits: exp(MASKED_LOGIT - m) underflows to 0 and a
-# block with nothing to attend never produces NaN.
-MASKED_LOGIT = -0.7 * float(np.finfo(np.float32).max)
 
 
 class PartialAttention(NamedTuple):
@@ -69,10 +70,7 @@ class BlockGradients(NamedTuple):
 
 def to_kernel_layout(q, k, v):
     """q ``[B, T, N, H]``, k, v ``[B, S, K, H(_v)]`` -> the kernel layout (see module doc)."""
-    B, T, N, H = q.shape
-    K = k.shape[2]
-    q = jnp.transpose(q.reshape(B, T, K, N // K, H), (0, 2, 3, 1, 4))
-    return q, jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))
+    return queries_to_kernel(q, k.shape[2]), keys_to_kernel(k), keys_to_kernel(v)
 
 
 def empty_partial(B: int, K: int, G: int, T: int, H_v: int, dtype=jnp.float32):
@@ -116,7 +114,9 @@ def attend_block(logits, v, *, keep=None, dropout_rate: float = 0.0) -> PartialA
 
 
 def combine_partials(a: PartialAttention, b: PartialAttention) -> PartialAttention:
-    """Exact merge of two partials over disjoint key sets (associative, commutative)."""
+    """Exact merge of two partials over disjoint key sets (associative, commutative):
+    with ``m = max(m_a, m_b)``, ``acc = acc_a e^(m_a - m) + acc_b e^(m_b - m)`` and the
+    same for the row sums (Milakov & Gimelshein 2018)."""
     row_max = jnp.maximum(a.row_max, b.row_max)
     scale_a = jnp.exp(a.row_max - row_max)
     scale_b = jnp.exp(b.row_max - row_max)
@@ -141,7 +141,8 @@ def finalize(partial: PartialAttention):
 def block_gradients(
     logits, lse, delta, q, k, v, d_out, *, keep=None, dropout_rate: float = 0.0, score_vjp=None
 ) -> BlockGradients:
-    """Flash-attention backward of one block: its weights recomputed from ``lse``.
+    """Flash-attention backward of one block (FlashAttention-2, Algorithm 2): its weights
+    recomputed as ``p = exp(logits - lse)``, ``d_logits = p * (d_p - delta)``.
 
     ``logits [B, K, G, T, S]`` as in the forward (scaled, masked); ``lse`` and
     ``delta = sum(d_out * out, -1)`` ``[B, K, G, T]``; q, k, v, d_out in the kernel

@@ -29,16 +29,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_attn.kernels.base import Implementation
 from jax_attn.kernels.composable import composable
-from jax_attn.validation import AttentionCall, KernelInputs
+from jax_attn.kernels.contract import AttentionCall, Implementation, KernelInputs
 
 __all__ = [
     "BACKWARD_BLOCK",
     "FORWARD_BLOCKS",
     "IMPLEMENTATION",
     "INTERPRET_ENV",
-    "InterpretPlatforms",
     "interpret_requested",
     "padded_length",
     "pallas_gpu_attention",
@@ -48,9 +46,9 @@ __all__ = [
 
 INTERPRET_ENV = "JAX_ATTN_PALLAS_INTERPRET"
 
-# Forward blocks (block_q, block_k), measured on an H200 (docs/performance.md): 128 x 128 is
-# fastest in bfloat16 at H 128; in float32 it exceeds shared memory at H 128, and 128 x 64
-# is fastest at H 64 and H 128. float16 not measured: as bfloat16.
+# Forward blocks (block_q, block_k): float32 tiles take twice the shared memory of half
+# ones, so float32 gets a narrower key block; float16 has bfloat16's element size and
+# its blocks (docs/performance.md has the GPU timings that chose them).
 FORWARD_BLOCKS = {"float32": (128, 64), "bfloat16": (128, 128), "float16": (128, 128)}
 # Backward blocks (dq and dk/dv kernels), the kernel's defaults.
 BACKWARD_BLOCK = 32
@@ -66,14 +64,6 @@ def interpret_requested() -> bool:
     return os.environ.get(INTERPRET_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-class InterpretPlatforms(tuple):
-    """The platforms a Pallas kernel compiles for; with ``JAX_ATTN_PALLAS_INTERPRET=1``
-    every platform counts too (interpret mode), looked up at each ``in``."""
-
-    def __contains__(self, platform) -> bool:
-        return tuple.__contains__(self, platform) or interpret_requested()
-
-
 def pallas_implementation(platform: str, fn, unsupported, description: str) -> Implementation:
     """The :class:`Implementation` ``pallas_<platform>`` of a Pallas kernel compiled for
     ``platform`` (any platform in interpret mode). JAX's Pallas attention kernels round the
@@ -84,7 +74,8 @@ def pallas_implementation(platform: str, fn, unsupported, description: str) -> I
         name=f"pallas_{platform}",
         fn=composable(fn),
         unsupported=unsupported,
-        platforms=InterpretPlatforms((platform,)),
+        platforms=(platform,),
+        runs_anywhere=interpret_requested,
         description=description,
         half_products=True,
     )

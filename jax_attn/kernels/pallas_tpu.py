@@ -13,7 +13,7 @@ forward and their ``custom_vjp`` backward, vmapped over the batch:
 * float32 and bfloat16; masks, bias and dropout are declined.
 
 TPU only, or anywhere in interpret mode with ``JAX_ATTN_PALLAS_INTERPRET=1`` (see
-:mod:`jax_attn.kernels.pallas_gpu`). Block sizes are not measured on a TPU.
+:mod:`jax_attn.kernels.pallas_gpu`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_attn.kernels.contract import AttentionCall, KernelInputs
 from jax_attn.kernels.pallas_gpu import (
     INTERPRET_ENV,
     interpret_requested,
@@ -32,7 +33,6 @@ from jax_attn.kernels.pallas_gpu import (
     rows_with_keys,
     zero_empty_rows,
 )
-from jax_attn.validation import AttentionCall, KernelInputs
 
 __all__ = ["IMPLEMENTATION", "SEQUENCE_BLOCKS", "pallas_tpu_attention"]
 

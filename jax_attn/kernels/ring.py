@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,10 +38,11 @@ from jax import lax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_attn.kernels.base import Implementation, cotangent_like, manual_axes, varying_like
+from jax_attn.kernels import layout
+from jax_attn.kernels.base import cotangent_like, manual_axes, varying_like
+from jax_attn.kernels.contract import AttentionCall, Implementation, KernelInputs, compute_dtype
 from jax_attn.kernels.flash_autodiff import FlashRules, flash_attention
 from jax_attn.kernels.online_softmax import (
-    MASKED_LOGIT,
     BlockTangent,
     PartialAttention,
     attend_block,
@@ -51,7 +53,8 @@ from jax_attn.kernels.online_softmax import (
     empty_partial,
     finalize,
 )
-from jax_attn.validation import AttentionCall, KernelInputs, compute_dtype, finite_or_zero
+from jax_attn.masks import MASKED_LOGIT, visible
+from jax_attn.validation import finite_or_zero
 
 __all__ = [
     "DEFAULT_MAX_BLOCK_SIZE",
@@ -179,7 +182,7 @@ def default_block_size(keys: int, largest: int = DEFAULT_MAX_BLOCK_SIZE) -> int:
 class _Ring:
     """Static description of one ring-attention call (hashable: a custom_vjp nondiff arg)."""
 
-    mesh: object  # jax.sharding.Mesh or AbstractMesh
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh
     axis_name: str
     devices: int
     is_causal: bool
@@ -274,15 +277,13 @@ def _masked_logits(ring: _Ring, q, k, q_pos, k_pos, kv_lengths, causal: bool):
     length at ``MASKED_LOGIT``."""
     T, S = q.shape[3], k.shape[2]
     logits = block_logits(q, k, ring.scale)
-    # [1, 1, 1, 1, S]
-    key_pos = k_pos.reshape(1, 1, 1, 1, S)
-    valid = None
-    if causal:
-        valid = key_pos <= q_pos.reshape(1, 1, 1, T, 1)
-    if kv_lengths is not None:
-        # [B, 1, 1, 1, S]
-        key_ok = key_pos < kv_lengths.reshape(-1, 1, 1, 1, 1)
-        valid = key_ok if valid is None else valid & key_ok
+    # [B|1, 1, 1, T|1, S]
+    valid = visible(
+        q_pos.reshape(1, 1, 1, T, 1),
+        k_pos.reshape(1, 1, 1, 1, S),
+        is_causal=causal,
+        kv_lengths=kv_lengths,
+    )
     return logits if valid is None else jnp.where(valid, logits, MASKED_LOGIT)
 
 
@@ -372,44 +373,74 @@ def _ring_forward_local(ring: _Ring, q, k, v, kv_lengths):
     return finalize(partial)
 
 
-def _grads(ring: _Ring, q, k, v, d_out, lse, delta, q_pos, k_pos, kv_lengths, causal):
-    """Block gradients ``(dq, dk, dv)`` of local ``q`` against ``k, v`` in
-    ``[query_block_size, block_size]`` blocks."""
-    blocks = max(1, q.shape[3] // ring.query_block_size)
-    keys = functools.partial(
-        _grads_keys, ring, k=k, v=v, k_pos=k_pos, kv_lengths=kv_lengths, causal=causal
-    )
-    if blocks == 1:
-        return keys(q, d_out, lse, delta, q_pos)
+class _GradOperands(NamedTuple):
+    """What the backward of local queries against some keys reads, in the kernel layout:
+    q ``[B, K, G, T, H]``, k ``[B, K, S, H]``, v ``[B, K, S, H_v]``, d_out
+    ``[B, K, G, T, H_v]``, lse and ``delta = sum(d_out * out, -1) - d_lse`` ``[B, K, G, T]``,
+    and the global positions of the queries ``q_pos [T]`` and keys ``k_pos [S]``."""
 
-    def one_query_block(d_kv, xs):
-        d_q, d_k, d_v = keys(*xs)
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    d_out: jax.Array
+    lse: jax.Array
+    delta: jax.Array
+    q_pos: jax.Array
+    k_pos: jax.Array
+
+    def query_rows(self, rows: slice) -> _GradOperands:
+        """The same keys, the query rows ``rows`` only."""
+        return self._replace(
+            q=self.q[:, :, :, rows],
+            d_out=self.d_out[:, :, :, rows],
+            lse=self.lse[..., rows],
+            delta=self.delta[..., rows],
+            q_pos=self.q_pos[rows],
+        )
+
+
+def _grads(ring: _Ring, ops: _GradOperands, kv_lengths, causal: bool):
+    """Block gradients ``(dq, dk, dv)`` of ``ops``' queries against its keys in
+    ``[query_block_size, block_size]`` blocks."""
+    blocks = max(1, ops.q.shape[3] // ring.query_block_size)
+    if blocks == 1:
+        return _grads_keys(ring, ops, kv_lengths, causal)
+
+    def one_query_block(d_kv, rows):
+        q, d_out, lse, delta, q_pos = rows
+        part = ops._replace(q=q, d_out=d_out, lse=lse, delta=delta, q_pos=q_pos)
+        d_q, d_k, d_v = _grads_keys(ring, part, kv_lengths, causal)
         return (d_kv[0] + d_k, d_kv[1] + d_v), d_q
 
-    dtype = compute_dtype(q.dtype)
-    d_kv0 = (jnp.zeros(k.shape, dtype), jnp.zeros(v.shape, dtype))
-    xs = tuple(_split_blocks(x, blocks, 3) for x in (q, d_out, lse, delta))
-    (d_k, d_v), d_q = lax.scan(one_query_block, d_kv0, (*xs, _split_blocks(q_pos, blocks, 0)))
+    dtype = compute_dtype(ops.q.dtype)
+    d_kv0 = (jnp.zeros(ops.k.shape, dtype), jnp.zeros(ops.v.shape, dtype))
+    xs = tuple(_split_blocks(x, blocks, 3) for x in (ops.q, ops.d_out, ops.lse, ops.delta))
+    (d_k, d_v), d_q = lax.scan(one_query_block, d_kv0, (*xs, _split_blocks(ops.q_pos, blocks, 0)))
     return _merge_blocks(d_q, 3), d_k, d_v
 
 
-def _grads_keys(ring: _Ring, q, d_out, lse, delta, q_pos, *, k, v, k_pos, kv_lengths, causal):
+def _grads_keys(ring: _Ring, ops: _GradOperands, kv_lengths, causal: bool):
     """:func:`_grads` over ``block_size`` keys at a time."""
-    blocks = max(1, k.shape[2] // ring.block_size)
+    blocks = max(1, ops.k.shape[2] // ring.block_size)
 
     def block(k, v, k_pos):
-        logits = _masked_logits(ring, q, k, q_pos, k_pos, kv_lengths, causal)
-        return block_gradients(logits, lse, delta, q, k, v, d_out)[:3]
+        q = ops.q
+        logits = _masked_logits(ring, q, k, ops.q_pos, k_pos, kv_lengths, causal)
+        return block_gradients(logits, ops.lse, ops.delta, q, k, v, ops.d_out)[:3]
 
     if blocks == 1:
-        return block(k, v, k_pos)
+        return block(ops.k, ops.v, ops.k_pos)
 
     def one_block(d_q, kv):
         d_q_b, d_k_b, d_v_b = block(*kv)
         return d_q + d_q_b, (d_k_b, d_v_b)
 
-    xs = (_split_blocks(k, blocks, 2), _split_blocks(v, blocks, 2), _split_blocks(k_pos, blocks, 0))
-    d_q0 = jnp.zeros(q.shape, compute_dtype(q.dtype))
+    xs = (
+        _split_blocks(ops.k, blocks, 2),
+        _split_blocks(ops.v, blocks, 2),
+        _split_blocks(ops.k_pos, blocks, 0),
+    )
+    d_q0 = jnp.zeros(ops.q.shape, compute_dtype(ops.q.dtype))
     d_q, (d_k, d_v) = lax.scan(one_block, d_q0, xs)
     return d_q, _merge_blocks(d_k, 2), _merge_blocks(d_v, 2)
 
@@ -425,34 +456,25 @@ def _ring_backward_local(ring: _Ring, q, k, v, out, lse, d_out, d_lse, kv_length
     delta = jnp.sum(d_out.astype(lse.dtype) * out.astype(lse.dtype), axis=-1)
     if d_lse is not None:
         delta = delta - d_lse
-    grads = functools.partial(_grads, ring, kv_lengths=kv_lengths, causal=False)
-    own_keys = _positions(ring, index, S)
-    d_q, d_k, d_v = _grads(
-        ring, q, k, v, d_out, lse, delta, q_pos, own_keys, kv_lengths, ring.is_causal
-    )
+    own = _GradOperands(q, k, v, d_out, lse, delta, q_pos, _positions(ring, index, S))
+    d_q, d_k, d_v = _grads(ring, own, kv_lengths, ring.is_causal)
+
+    def visiting(q, k, v, k_pos):
+        """The local queries against the keys that came round."""
+        return own._replace(q=q, k=k, v=v, k_pos=k_pos)
 
     def earlier_keys(q, k, v, k_pos):
-        d_q, d_k, d_v = grads(
-            q, k[:, :, :S_c], v[:, :, :S_c], d_out, lse, delta, q_pos, k_pos[:S_c]
-        )
+        early = visiting(q, k[:, :, :S_c], v[:, :, :S_c], k_pos[:S_c])
+        d_q, d_k, d_v = _grads(ring, early, kv_lengths, False)
         return d_q, _pad(d_k, 2, after=S - S_c), _pad(d_v, 2, after=S - S_c)
 
     def later_keys(q, k, v, k_pos):
-        late = slice(c, None)
-        d_q, d_k, d_v = grads(
-            q[:, :, :, late],
-            k,
-            v,
-            d_out[:, :, :, late],
-            lse[..., late],
-            delta[..., late],
-            q_pos[late],
-            k_pos,
-        )
+        late = visiting(q, k, v, k_pos).query_rows(slice(c, None))
+        d_q, d_k, d_v = _grads(ring, late, kv_lengths, False)
         return _pad(d_q, 3, before=c), d_k, d_v
 
     def all_keys(q, k, v, k_pos):
-        return grads(q, k, v, d_out, lse, delta, q_pos, k_pos)
+        return _grads(ring, visiting(q, k, v, k_pos), kv_lengths, False)
 
     def step(s, carry):
         # k, v came from device (index - s) with d_k, d_v: their gradients from the devices
@@ -469,51 +491,67 @@ def _ring_backward_local(ring: _Ring, q, k, v, out, lse, d_out, d_lse, kv_length
     return d_q * ring.scale, d_k * ring.scale, d_v
 
 
-def _tangent_keys(ring: _Ring, q, dq, lse, q_pos, *, k, dk, v, dv, k_pos, kv_lengths, causal):
-    """One query block's :class:`BlockTangent` against ``k, v``, ``block_size`` keys at a
-    time."""
-    blocks = max(1, k.shape[2] // ring.block_size)
+class _TangentOperands(NamedTuple):
+    """What the forward-mode derivative of local queries against some keys reads, in the
+    kernel layout: q and its tangent dq ``[B, K, G, T, H]``, the rows' final lse
+    ``[B, K, G, T]``, k, dk ``[B, K, S, H]``, v, dv ``[B, K, S, H_v]``, and the global
+    positions ``q_pos [T]``, ``k_pos [S]``."""
+
+    q: jax.Array
+    dq: jax.Array
+    lse: jax.Array
+    q_pos: jax.Array
+    k: jax.Array
+    dk: jax.Array
+    v: jax.Array
+    dv: jax.Array
+    k_pos: jax.Array
+
+
+def _tangent_keys(ring: _Ring, ops: _TangentOperands, kv_lengths, causal: bool):
+    """One query block's :class:`BlockTangent` against ``ops``' keys, ``block_size`` keys
+    at a time."""
+    blocks = max(1, ops.k.shape[2] // ring.block_size)
 
     def block(k, dk, v, dv, k_pos):
         def logits(q, k):
-            return _masked_logits(ring, q, k, q_pos, k_pos, kv_lengths, causal)
+            return _masked_logits(ring, q, k, ops.q_pos, k_pos, kv_lengths, causal)
 
-        scores, d_scores = jax.jvp(logits, (q, k), (dq, dk))
-        return block_tangent(scores, lse, d_scores, v, dv)
+        scores, d_scores = jax.jvp(logits, (ops.q, k), (ops.dq, dk))
+        return block_tangent(scores, ops.lse, d_scores, v, dv)
 
     if blocks == 1:
-        return block(k, dk, v, dv, k_pos)
+        return block(ops.k, ops.dk, ops.v, ops.dv, ops.k_pos)
 
     def one_block(total, kv):
         part = block(*kv)
         return BlockTangent(total.acc + part.acc, total.mu + part.mu), None
 
-    B, K, G, T, _ = q.shape
-    dtype = compute_dtype(q.dtype)
-    zero = BlockTangent(jnp.zeros((B, K, G, T, v.shape[-1]), dtype), jnp.zeros(lse.shape, dtype))
-    xs = (*(_split_blocks(x, blocks, 2) for x in (k, dk, v, dv)), _split_blocks(k_pos, blocks, 0))
+    B, K, G, T, _ = ops.q.shape
+    dtype = compute_dtype(ops.q.dtype)
+    zero = BlockTangent(
+        jnp.zeros((B, K, G, T, ops.v.shape[-1]), dtype), jnp.zeros(ops.lse.shape, dtype)
+    )
+    keys = (_split_blocks(x, blocks, 2) for x in (ops.k, ops.dk, ops.v, ops.dv))
+    xs = (*keys, _split_blocks(ops.k_pos, blocks, 0))
     return lax.scan(one_block, zero, xs)[0]
 
 
-def _tangent_blocks(ring: _Ring, q, dq, lse, q_pos, k, dk, v, dv, k_pos, kv_lengths, causal):
-    """:class:`BlockTangent` of local ``q`` (tangent ``dq``) against ``k, v`` (``dk,
-    dv``) in ``[query_block_size, block_size]`` blocks, with the rows' final ``lse``."""
-    blocks = max(1, q.shape[3] // ring.query_block_size)
-    keys = functools.partial(
-        _tangent_keys,
-        ring,
-        k=k,
-        dk=dk,
-        v=v,
-        dv=dv,
-        k_pos=k_pos,
-        kv_lengths=kv_lengths,
-        causal=causal,
-    )
+def _tangent_blocks(ring: _Ring, ops: _TangentOperands, kv_lengths, causal: bool):
+    """:class:`BlockTangent` of ``ops``' queries (with their tangent) against its keys
+    (with theirs) in ``[query_block_size, block_size]`` blocks, with the rows' final
+    ``lse``."""
+    blocks = max(1, ops.q.shape[3] // ring.query_block_size)
     if blocks == 1:
-        return keys(q, dq, lse, q_pos)
-    xs = (*(_split_blocks(x, blocks, 3) for x in (q, dq, lse)), _split_blocks(q_pos, blocks, 0))
-    parts = lax.map(lambda xs: keys(*xs), xs)
+        return _tangent_keys(ring, ops, kv_lengths, causal)
+
+    def one_query_block(rows):
+        q, dq, lse, q_pos = rows
+        part = ops._replace(q=q, dq=dq, lse=lse, q_pos=q_pos)
+        return _tangent_keys(ring, part, kv_lengths, causal)
+
+    xs = tuple(_split_blocks(x, blocks, 3) for x in (ops.q, ops.dq, ops.lse))
+    parts = lax.map(one_query_block, (*xs, _split_blocks(ops.q_pos, blocks, 0)))
     return BlockTangent(*(_merge_blocks(x, 3) for x in parts))
 
 
@@ -524,35 +562,40 @@ def _ring_tangent_local(ring: _Ring, q, k, v, out, lse, dq, dk, dv, kv_lengths):
     c, S_c = T // 2, S // 2
     index = lax.axis_index(ring.axis_name)
     q_pos = _positions(ring, index, T)
-    own = _positions(ring, index, S)
-    total = _tangent_blocks(ring, q, dq, lse, q_pos, k, dk, v, dv, own, kv_lengths, ring.is_causal)
-    blocks = functools.partial(_tangent_blocks, ring, kv_lengths=kv_lengths, causal=False)
+    own = _TangentOperands(q, dq, lse, q_pos, k, dk, v, dv, _positions(ring, index, S))
+    total = _tangent_blocks(ring, own, kv_lengths, ring.is_causal)
+
+    def visiting(qs, ks, vs, k_pos):
+        """The local queries against the keys that came round, with their tangents."""
+        (q, dq), (k, dk), (v, dv) = qs, ks, vs
+        return own._replace(q=q, dq=dq, k=k, dk=dk, v=v, dv=dv, k_pos=k_pos)
 
     def earlier_keys(qs, ks, vs, k_pos):
-        (k, dk), (v, dv) = ks, vs
         early = slice(None, S_c)
-        return blocks(
-            *qs,
-            lse,
-            q_pos,
-            k[:, :, early],
-            dk[:, :, early],
-            v[:, :, early],
-            dv[:, :, early],
-            k_pos[early],
+        keys = visiting(qs, ks, vs, k_pos)
+        keys = keys._replace(
+            k=keys.k[:, :, early],
+            dk=keys.dk[:, :, early],
+            v=keys.v[:, :, early],
+            dv=keys.dv[:, :, early],
+            k_pos=keys.k_pos[early],
         )
+        return _tangent_blocks(ring, keys, kv_lengths, False)
 
     def later_keys(qs, ks, vs, k_pos):
-        (q, dq), (k, dk), (v, dv) = qs, ks, vs
         late = slice(c, None)
-        part = blocks(
-            q[:, :, :, late], dq[:, :, :, late], lse[..., late], q_pos[late], k, dk, v, dv, k_pos
+        rows = visiting(qs, ks, vs, k_pos)
+        rows = rows._replace(
+            q=rows.q[:, :, :, late],
+            dq=rows.dq[:, :, :, late],
+            lse=rows.lse[..., late],
+            q_pos=rows.q_pos[late],
         )
+        part = _tangent_blocks(ring, rows, kv_lengths, False)
         return BlockTangent(_pad(part.acc, 3, before=c), _pad(part.mu, 3, before=c))
 
     def all_keys(qs, ks, vs, k_pos):
-        (k, dk), (v, dv) = ks, vs
-        return blocks(*qs, lse, q_pos, k, dk, v, dv, k_pos)
+        return _tangent_blocks(ring, visiting(qs, ks, vs, k_pos), kv_lengths, False)
 
     def step(s, carry):
         total, ks, vs = carry
@@ -563,22 +606,6 @@ def _ring_tangent_local(ring: _Ring, q, k, v, out, lse, dq, dk, dv, kv_lengths):
     carry = (total, ring.shift((k, dk)), ring.shift((v, dv)))
     total = lax.fori_loop(1, ring.devices, step, carry)[0]
     return total.acc - total.mu[..., None] * out, total.mu
-
-
-# --- layouts at the shard_map boundary: [B, T, N, H] (sequence on axis 1)
-
-
-def _from_kernel_layout(x):
-    """``[B, K, G, T, ...]`` -> ``[B, T, N, ...]``."""
-    B, K, G, T = x.shape[:4]
-    x = jnp.moveaxis(x, 3, 1)
-    return x.reshape(B, T, K * G, *x.shape[4:])
-
-
-def _to_heads_last(x, K: int):
-    """``[B, T, N, ...]`` -> ``[B, K, G, T, ...]``."""
-    B, T, N = x.shape[:3]
-    return jnp.moveaxis(x.reshape(B, T, K, N // K, *x.shape[3:]), 1, 3)
 
 
 def _shard_map(ring: _Ring, fn, in_specs, out_specs):
@@ -604,11 +631,11 @@ def _local(ring: _Ring, fn, roles: str, out_roles: str, arrays, kv_lengths):
         if ring.zigzag:
             arrays = [_to_zigzag(ring, x) for x in arrays]
         arrays = [
-            _to_heads_last(x, K) if role == "q" else jnp.swapaxes(x, 1, 2)
+            layout.queries_to_kernel(x, K) if role == "q" else layout.keys_to_kernel(x)
             for x, role in zip(arrays, roles, strict=True)
         ]
         results = [
-            _from_kernel_layout(x) if role == "q" else jnp.swapaxes(x, 1, 2)
+            layout.queries_from_kernel(x) if role == "q" else layout.keys_from_kernel(x)
             for x, role in zip(fn(*arrays, lengths), out_roles, strict=True)
         ]
         if ring.zigzag:
@@ -733,6 +760,8 @@ def ring_unsupported(call: AttentionCall, mesh, axis_name: str, hint: str = "") 
 
 def _optional_axis(mesh, name: str | None, *sizes: int) -> str | None:
     """``name`` if the mesh has it with a size > 1 that divides every one of ``sizes``."""
+    if name is None:
+        return None
     size = _axis_sizes(mesh).get(name, 1)
     return name if size > 1 and all(n % size == 0 for n in sizes) else None
 
@@ -822,12 +851,7 @@ def ring_kernel(q, k, v, *, call: AttentionCall, inputs: KernelInputs):
         head_axis_name=_optional_axis(mesh, axes.heads, call.K),
     )
     if inputs.query_seq_lengths is not None:
-        # [B, T]
-        query_ok = (
-            jnp.arange(call.T, dtype=jnp.int32)[None, :]
-            < jnp.asarray(inputs.query_seq_lengths).astype(jnp.int32)[:, None]
-        )
-        out = jnp.where(query_ok[:, :, None, None], out, jnp.zeros((), out.dtype))
+        out = layout.zero_rows(out, layout.live_rows(inputs.query_seq_lengths, call.T))
     return out
 
 

@@ -15,11 +15,9 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from jax_attn.kernels.base import Implementation
+from jax_attn.kernels.contract import AttentionCall, Implementation, KernelInputs
 from jax_attn.mask_functions import evaluate_mask
-from jax_attn.masks import as_4d, build_attention_mask
-from jax_attn.reference import call_mask
-from jax_attn.validation import AttentionCall, KernelInputs
+from jax_attn.masks import as_4d, build_attention_mask, call_mask
 
 
 def _xla_unsupported(call: AttentionCall, platform: str) -> str | None:

@@ -16,7 +16,7 @@ import pytest
 import jax_attn as ja
 from jax_attn import dispatch
 from jax_attn.apps import fuzz
-from jax_attn.validation import AttentionCall, check_attention_args
+from jax_attn.validation import FUNCTION_ARGUMENTS, AttentionCall, check_attention_args
 
 ERRORS_MD = pathlib.Path(__file__).resolve().parents[2] / "docs" / "errors.md"
 CALL = fuzz.base_call()
@@ -147,6 +147,8 @@ def test_fuzz_reports_a_wrong_implementation():
         name="off_by_one",
         fn=lambda q, k, v, **kwargs: jnp.ones((*q.shape[:-1], v.shape[-1]), q.dtype),
         unsupported=lambda call, platform: None,
+        # it takes every case the fuzz draws (score options fold into a score_fn)
+        functions=frozenset(FUNCTION_ARGUMENTS),
     )
     dispatch.register_implementation(wrong)
     try:
