@@ -46,6 +46,7 @@ import textwrap  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
+from processes import COMPILATION_CACHE_ENV, child_env, run_python  # noqa: E402
 
 _HYPOTHESIS = dict(
     deadline=None,
@@ -78,22 +79,13 @@ def child_peak(body: str, *argv, timeout: int = 600) -> dict:
     """Runs ``body`` (after imports of json, sys, jax, jnp, np, ja and a ``peak_rss()``
     reading the process's own ``VmHWM``) in a fresh Python on one CPU device, as a
     user's process has, and returns the JSON object it prints last (Linux only)."""
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("XLA_FLAGS", None)
-    env.pop(_CACHE, None)
-    done = subprocess.run(
-        [sys.executable, "-c", _CHILD_HEADER + textwrap.dedent(body), *map(str, argv)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=timeout,
-    )
+    code = _CHILD_HEADER + textwrap.dedent(body)
+    done = run_python(code, *argv, env=child_env(user=True), timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-_CACHE = "JAX_COMPILATION_CACHE_DIR"
+_CACHE = COMPILATION_CACHE_ENV
 
 
 def _share_compiled_programs(config):
