@@ -46,6 +46,7 @@ import textwrap  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
+from processes import COMPILATION_CACHE_ENV, child_env, run_python  # noqa: E402
 
 _HYPOTHESIS = dict(
     deadline=None,
@@ -78,22 +79,13 @@ def child_peak(body: str, *argv, timeout: int = 600) -> dict:
     """Runs ``body`` (after imports of json, sys, jax, jnp, np, ja and a ``peak_rss()``
     reading the process's own ``VmHWM``) in a fresh Python on one CPU device, as a
     user's process has, and returns the JSON object it prints last (Linux only)."""
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("XLA_FLAGS", None)
-    env.pop(_CACHE, None)
-    done = subprocess.run(
-        [sys.executable, "-c", _CHILD_HEADER + textwrap.dedent(body), *map(str, argv)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=timeout,
-    )
+    code = _CHILD_HEADER + textwrap.dedent(body)
+    done = run_python(code, *argv, env=child_env(user=True), timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-_CACHE = "JAX_COMPILATION_CACHE_DIR"
+_CACHE = COMPILATION_CACHE_ENV
 
 
 def _share_compiled_programs(config):
@@ -169,6 +161,47 @@ def _xla_accepts(flag: str) -> bool:
     env = dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu")
     probe = [sys.executable, "-c", "import jax; jax.devices()"]
     return subprocess.run(probe, env=env, capture_output=True, timeout=120).returncode == 0
+
+
+# `jax-attn train`'s tiny decoder on the copy task (tests/apps/test_train.py, and on many
+# processes tests/sharding/test_multiprocess.py): TOML sections -> keys -> values.
+TINY_TRAIN = {
+    "task": {"name": "copy", "length": 3, "vocab_size": 4},
+    "model": {
+        "d_model": 16,
+        "num_layers": 1,
+        "num_heads": 2,
+        "num_kv_heads": 1,
+        "mlp_ratio": 2,
+        "dropout": 0.1,
+    },
+    "train": {
+        "steps": 40,
+        "batch_size": 16,
+        "learning_rate": 1e-2,
+        "warmup_steps": 5,
+        "weight_decay": 0.0,
+        "seed": 0,
+        "log_every": 5,
+        "eval_examples": 8,
+    },
+    "generate": {"show": 1, "temperature": 0.8, "top_k": 2},
+}
+
+
+def tiny_train_toml(out, changes: dict | None = None) -> str:
+    """``TINY_TRAIN`` as a config file writing to ``out``, with ``changes`` applied
+    (``{"train.steps": 4}``: section.key -> value)."""
+    sections = {name: dict(values) for name, values in TINY_TRAIN.items()}
+    for dotted, value in (changes or {}).items():
+        section, key = dotted.split(".")
+        assert key in sections[section], dotted
+        sections[section][key] = value
+    lines = [f"output_dir = {json.dumps(str(out))}"]
+    for name, values in sections.items():
+        lines += ["", f"[{name}]"]
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"
 
 
 def make_qkv_numpy(B=2, T=3, S=4, N=2, K=1, H=4, dtype="float32", seed=0, scale=1.0, H_v=None):

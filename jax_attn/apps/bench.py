@@ -40,10 +40,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_attn.apps import bench_mesh, timing
+from jax_attn.apps.arguments import add_name_list
 from jax_attn.apps.config import CONFIG_DIR, check_choice, load_dataclass
 from jax_attn.apps.extras import require
 
-__all__ = ["BenchCase", "BenchConfig", "MemoryCase", "SweepConfig", "load_bench_config", "main"]
+__all__ = [
+    "BenchCase",
+    "BenchConfig",
+    "MemoryCase",
+    "SweepConfig",
+    "build_parser",
+    "load_bench_config",
+    "main",
+]
 
 
 # --- configuration --------------------------------------------------------------------------
@@ -947,10 +956,8 @@ def _sweep_cell(r: dict) -> str:
     return f"{r['median_ms']:>17.2f}" + ("!" if r["noisy"] else " ")
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--memory-worker"]:
-        return _memory_worker(argv[1])
+def build_parser() -> argparse.ArgumentParser:
+    """``jax-attn bench``'s options, the ``--mesh`` ones in their own group."""
     parser = argparse.ArgumentParser(
         prog="jax-attn bench",
         description="jax_attn and its peers (flax, jax.nn, PyTorch SDPA) side by side.",
@@ -965,9 +972,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="where JSON and PNG go (default: the config's output_dir)",
     )
-    parser.add_argument(
-        "--only", nargs="+", metavar="NAME", help="only the cases whose name contains one of these"
-    )
+    add_name_list(parser, "--only", "NAME", "only the cases whose name contains one of these")
     parser.add_argument("--no-sweep", action="store_true", help="skip the sequence-length sweep")
     parser.add_argument("--no-memory", action="store_true", help="skip the long-context runs")
     parser.add_argument("--note", default="", help="free text stored in the JSON")
@@ -980,6 +985,14 @@ def main(argv: list[str] | None = None) -> int:
         ),
         mesh_required=False,
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--memory-worker"]:
+        return _memory_worker(argv[1])
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.mesh is not None:
         # `jax-attn bench --mesh` comes here only when called from Python: the command line

@@ -3,11 +3,11 @@
 
 import ast
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from processes import run_python
 
 from jax_attn.apps import extras
 
@@ -28,10 +28,9 @@ def modules_loaded_by(statement: str, after: str) -> set[str]:
         f"{after}; import sys, json; before = set(sys.modules); {statement}; "
         "print(json.dumps(sorted(set(sys.modules) - before)))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout
-    return set(json.loads(out.splitlines()[-1]))
+    done = run_python(code)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return set(json.loads(done.stdout.splitlines()[-1]))
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -95,10 +94,9 @@ def test_dir_lists_the_lazy_layers_before_they_load():
         "import json, sys, jax_attn; "
         "print(json.dumps([dir(jax_attn), jax_attn.__all__, sorted(sys.modules)]))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout
-    listed, exported, loaded = json.loads(out.splitlines()[-1])
+    done = run_python(code)
+    assert done.returncode == 0, done.stderr[-3000:]
+    listed, exported, loaded = json.loads(done.stdout.splitlines()[-1])
     lazy = {"interop", "sharding", "kv_cache", "nnx_modules", "kernels", "dispatch"}
     assert lazy <= set(listed)
     assert not {f"jax_attn.{name}" for name in ("interop", "sharding", "nnx_modules")} & set(loaded)
@@ -108,3 +106,38 @@ def test_dir_lists_the_lazy_layers_before_they_load():
     import jax_attn
 
     assert [name for name in listed if not hasattr(jax_attn, name)] == []
+
+
+def test_core_tests_use_neither_the_apps_nor_kernel_privates():
+    """tests/core tests the library through its public names: no ``jax_attn.apps`` import,
+    no ``_private`` name of a kernel module (kernel internals are tested in tests/kernels)."""
+    core_tests = sorted((PACKAGE.parent / "tests" / "core").glob("*.py"))
+    assert len(core_tests) > 5
+    offenders = {}
+    for path in core_tests:
+        tree = ast.parse(path.read_text(), str(path))
+        kernel_modules = set()  # local names bound to jax_attn.kernels modules
+        found = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.module.startswith("jax_attn.apps") or any(
+                    alias.name == "apps" for alias in node.names if node.module == "jax_attn"
+                ):
+                    found.append(node.module)
+                if node.module.startswith("jax_attn.kernels"):
+                    found += [a.name for a in node.names if a.name.startswith("_")]
+                    kernel_modules |= {a.asname or a.name for a in node.names}
+            elif isinstance(node, ast.Import):
+                found += [a.name for a in node.names if a.name.startswith("jax_attn.apps")]
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and isinstance(node.value, ast.Name)
+                and node.value.id in kernel_modules
+            ):
+                found.append(f"{node.value.id}.{node.attr}")
+        if found:
+            offenders[path.name] = sorted(set(found))
+    assert offenders == {}

@@ -83,3 +83,23 @@ def test_plot_all_writes_into_out_not_the_checkout(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     assert plots.main(["--all"]) == 0
     assert written["out"] == "attention_plots"
+
+
+def test_bench_only_takes_the_same_list_syntax():
+    parser = bench.build_parser()
+    for argv in (["gpt2", "long"], ["gpt2,long"]):
+        assert parser.parse_args(["--only", *argv]).only == ["gpt2", "long"]
+    assert parser.parse_args([]).only is None
+
+
+def test_readme_names_the_mask_functions_as_plot_help_does(capsys):
+    from pathlib import Path
+
+    from jax_attn.apps import mask_gallery
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    text = " ".join(help_text(plots.main, capsys).split())
+    for name, (_, default, _) in mask_gallery.MASK_FNS.items():
+        form = name if default is None else f"{name}[:N]"
+        assert f"`{form}`" in readme, form
+        assert form in text, form

@@ -8,50 +8,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_train_toml
 from flax import serialization
 
 from jax_attn import functional as F
 from jax_attn.apps import train as tr
 from jax_attn.apps.config import ConfigError, from_dict
 
-TINY_TOML = """\
-output_dir = "{out}"
-
-[task]
-name = "copy"
-length = 3
-vocab_size = 4
-
-[model]
-d_model = 16
-num_layers = 1
-num_heads = 2
-num_kv_heads = 1
-mlp_ratio = 2
-dropout = 0.1
-
-[train]
-steps = 40
-batch_size = 16
-learning_rate = 1e-2
-warmup_steps = 5
-weight_decay = 0.0
-seed = 0
-log_every = 5
-eval_examples = 8
-
-[generate]
-show = 1
-temperature = 0.8
-top_k = 2
-"""
-
 
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     path = out / "tiny.toml"
-    path.write_text(TINY_TOML.format(out=out))
+    path.write_text(tiny_train_toml(out))
     return tr.load_train_config(path)
 
 
@@ -276,7 +245,7 @@ def test_batches_have_their_answers_in_place(task, length):
 )
 def test_config_errors_name_key_and_file(tmp_path, edit, match):
     path = tmp_path / "tiny.toml"
-    path.write_text(TINY_TOML.format(out=tmp_path).replace(*edit))
+    path.write_text(tiny_train_toml(tmp_path).replace(*edit))
     with pytest.raises(ConfigError, match=match):
         tr.load_train_config(path)
 

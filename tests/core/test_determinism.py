@@ -7,15 +7,13 @@ independent mask per head, sequence and query row.
 """
 
 import hashlib
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from processes import run_python
 
 import jax_attn as ja
 from jax_attn import dispatch
@@ -23,7 +21,6 @@ from jax_attn.masks import make_dropout_mask
 from jax_attn.validation import check_attention_args
 
 IMPLEMENTATIONS = dispatch.available_implementations()
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 RUN = textwrap.dedent("""
     import hashlib
@@ -57,16 +54,8 @@ def _run_here() -> dict:
 def test_same_seeds_bit_identical_across_processes():
     here = _run_here()
     program = RUN + "\nprint(repr(result))\n"
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run(
-        [sys.executable, "-c", program],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=300,
-        check=True,
-    )
+    done = run_python(program, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
     there = eval(done.stdout.strip().splitlines()[-1])  # noqa: S307 - our own repr of a dict
     assert there == here
 

@@ -6,11 +6,11 @@ letters per call (q's ``T`` is the output's ``T``). jaxtyping is a dev extra; th
 library never imports it at run time.
 """
 
+import ast
 import functools
 import inspect
-import subprocess
-import sys
 import typing
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,10 +20,13 @@ import pytest
 jaxtyping = pytest.importorskip("jaxtyping")
 
 from flax import nnx  # noqa: E402
+from processes import run_python  # noqa: E402
 
 from jax_attn import dispatch, functional, masks, reference  # noqa: E402
 from jax_attn import nnx_modules as ja_nnx  # noqa: E402
 from jax_attn.shapes import resolve_hints  # noqa: E402
+
+PACKAGE = Path(__file__).resolve().parents[2] / "jax_attn"
 
 
 def _array_types(hint):
@@ -220,12 +223,25 @@ def test_the_check_catches_a_wrong_shape():
 def test_the_package_imports_without_jaxtyping():
     code = (
         "import sys; sys.modules['jaxtyping'] = None\n"
-        "import jax_attn, jax_attn.nnx_modules, jax_attn.apps.plots\n"
+        "import jax_attn, jax_attn.nnx_modules\n"
         "import jax_attn.functional, jax_attn.shapes\n"
         "assert not jax_attn.shapes.HAVE_JAXTYPING\n"
         "print('ok')"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
-    )
+    result = run_python(code, timeout=120)
     assert result.stdout.strip() == "ok", result.stderr
+
+
+def test_only_the_shapes_module_imports_jaxtyping():
+    """So every module, the apps' too, imports without it as ``jax_attn.shapes`` does."""
+    importers = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            if any(name.split(".")[0] == "jaxtyping" for name in names):
+                importers.add(str(path.relative_to(PACKAGE)))
+    assert importers == {"shapes.py"}

@@ -244,6 +244,8 @@ def test_mixed_prompt_lengths_under_jit():
     for b in range(B):
         np.testing.assert_allclose(prompt[b, : lengths[b]], full[b, : lengths[b]], atol=1e-5)
         np.testing.assert_allclose(y[b, 0], full[b, lengths[b]], atol=1e-5)
+    # a padded query row attends to nothing: zero context, so the output projection's bias
+    np.testing.assert_array_equal(prompt[0, lengths[0] :], params["out_proj"]["bias"][None])
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl.testing import parameterized
 from conftest import allowed_error, attention_float64, make_qkv
 
 import jax_attn as ja
@@ -184,22 +183,19 @@ def test_vmap_of_single_sequence_equals_batched_call():
     )
 
 
-class JitAndEagerTest(chex.TestCase):
-    """Each implementation, with and without jax.jit, equals the reference."""
+@pytest.mark.parametrize("transform", [jax.jit, lambda f: f], ids=["jit", "eager"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_jit_and_eager_equal_reference(implementation, transform):
+    q, k, v = make_qkv(**SHAPE)
+    kwargs = dict(is_causal=True, key_value_seq_lengths=jnp.array([7, 3]))
+    want = ja.reference.dot_product_attention(q, k, v, **kwargs)
+    _run(implementation, q, k, v, **kwargs)  # skips an implementation that cannot serve it
 
-    @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.parameters(*IMPLEMENTATIONS)
-    def test_equals_reference(self, implementation):
-        q, k, v = make_qkv(**SHAPE)
-        kwargs = dict(is_causal=True, key_value_seq_lengths=jnp.array([7, 3]))
-        want = ja.reference.dot_product_attention(q, k, v, **kwargs)
-        _run(implementation, q, k, v, **kwargs)  # skips an implementation that cannot serve it
+    @transform
+    def attend(q, k, v):
+        return ja.dot_product_attention(q, k, v, implementation=implementation, **kwargs)
 
-        @self.variant
-        def attend(q, k, v):
-            return ja.dot_product_attention(q, k, v, implementation=implementation, **kwargs)
-
-        chex.assert_trees_all_close(attend(q, k, v), want, atol=2e-5, rtol=2e-5)
+    chex.assert_trees_all_close(attend(q, k, v), want, atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)

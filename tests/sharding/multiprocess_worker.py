@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -41,16 +40,12 @@ def free_port() -> int:
 
 
 def child_env(devices: int) -> dict:
-    """This process's environment for a child of ``devices`` CPU devices: the device count
-    replaced in ``XLA_FLAGS`` (the test session's other XLA flags kept), no shared
-    compilation cache (processes of one run compile their own programs)."""
-    env = dict(os.environ)
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
-    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    return env
+    """This process's environment for a child of ``devices`` CPU devices on the CPU
+    platform (``tests/processes.py``; called by the test process, where ``tests/`` is on
+    the path, never by a worker)."""
+    from processes import child_env as fresh_env
+
+    return fresh_env(devices) | {"JAX_PLATFORMS": "cpu"}
 
 
 def _tail(path: Path, chars: int = 3000) -> str:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import multiprocess_worker as mp
 import numpy as np
 import pytest
-from conftest import make_qkv_numpy
+from conftest import make_qkv_numpy, tiny_train_toml
 
 from jax_attn import reference
 
@@ -129,37 +129,15 @@ def test_checkpoint_of_two_processes_is_read_by_a_fresh_pair_and_by_one_process(
 # --- `jax-attn train` on many processes --------------------------------------------------
 
 
-TINY_TOML = """\
-output_dir = "{out}"
-
-[task]
-name = "copy"
-length = 3
-vocab_size = 4
-
-[model]
-d_model = 16
-num_layers = 1
-num_heads = 2
-num_kv_heads = 2
-mlp_ratio = 2
-dropout = 0.1
-
-[train]
-steps = 4
-batch_size = 8
-learning_rate = 1e-2
-warmup_steps = 1
-weight_decay = 0.0
-seed = 0
-log_every = 1
-eval_examples = 4
-
-[generate]
-show = 1
-temperature = 0.8
-top_k = 2
-"""
+# tests/apps/test_train.py's tiny decoder, on 2 kv heads (a model axis of 2), for 4 steps
+TINY_CHANGES = {
+    "model.num_kv_heads": 2,
+    "train.steps": 4,
+    "train.batch_size": 8,
+    "train.warmup_steps": 1,
+    "train.log_every": 1,
+    "train.eval_examples": 4,
+}
 
 
 def train_commands(num_processes, *args):
@@ -188,7 +166,7 @@ def test_train_command_on_two_processes_equals_one_and_resumes_on_two_and_one(tm
     from jax_attn.apps import train as tr
 
     config_path = tmp_path / "tiny.toml"
-    config_path.write_text(TINY_TOML.format(out=tmp_path / "unused"))
+    config_path.write_text(tiny_train_toml(tmp_path / "unused", TINY_CHANGES))
     config = tr.load_train_config(config_path)
     first = tmp_path / "first"
     printed = mp.launch(
