@@ -10,7 +10,8 @@ result equals the full causal pass over the whole sequence.
 
 Prompts of different lengths share a batch through ``lengths [B]``: the ``T`` new
 tokens are a padded block, only the first ``lengths[b]`` count, ``index[b]`` advances
-by ``lengths[b]``, and the padded queries get zero output.
+by ``lengths[b]``, and the attention step gives the padded queries zero rows (a
+module's output projection then maps them to its bias).
 
 Everything works eagerly and under a plain ``jax.jit``, ``nnx.jit``, ``lax.scan``,
 ``nnx.scan``, ``fori_loop`` and ``while_loop``, with no wrapper of ours.

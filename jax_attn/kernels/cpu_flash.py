@@ -387,24 +387,10 @@ def tangent(
     return varying_like(d_out, *varying), varying_like(d_lse, *varying)
 
 
-def _ffi_tangent(
-    call: AttentionCall,
-    q,
-    k,
-    v,
-    q_lengths,
-    kv_lengths,
-    out,
-    lse,
-    dq,
-    dk,
-    dv,
-    row_seeds,
-    slopes,
-    mask,
-    bias,
-    d_bias,
-):
+def _ffi_tangent(call: AttentionCall, *operands):
+    """The compiled tangent on :func:`tangent`'s operands (q, k, v, q_lengths, kv_lengths,
+    out, lse, dq, dk, dv, row_seeds, slopes, mask, bias, d_bias)."""
+    out, lse = operands[5:7]
     out_types = (
         jax.ShapeDtypeStruct(out.shape, jnp.float32),
         jax.ShapeDtypeStruct(lse.shape, jnp.float32),
@@ -412,24 +398,7 @@ def _ffi_tangent(
     call_tangent = jax.ffi.ffi_call(
         "jax_attn_cpu_flash_tangent", out_types, vmap_method="broadcast_all"
     )
-    return call_tangent(
-        q,
-        k,
-        v,
-        q_lengths,
-        kv_lengths,
-        out,
-        lse,
-        dq,
-        dk,
-        dv,
-        row_seeds,
-        slopes,
-        mask,
-        bias,
-        d_bias,
-        **_attributes(call),
-    )
+    return call_tangent(*operands, **_attributes(call))
 
 
 def backward(
@@ -481,42 +450,16 @@ def backward(
     return grads if has_bias else grads[:3]
 
 
-def _ffi_backward(
-    call: AttentionCall,
-    q,
-    k,
-    v,
-    q_lengths,
-    kv_lengths,
-    out,
-    lse,
-    d_out,
-    d_lse,
-    row_seeds,
-    slopes,
-    mask,
-    bias,
-):
+def _ffi_backward(call: AttentionCall, *operands):
+    """The compiled backward on :func:`backward`'s operands (q, k, v, q_lengths, kv_lengths,
+    out, lse, d_out, d_lse, row_seeds, slopes, mask, bias): (dq, dk, dv, dbias)."""
+    q, k, v = operands[:3]
+    bias = operands[-1]
     out_types = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v, bias))
     call_backward = jax.ffi.ffi_call(
         "jax_attn_cpu_flash_backward", out_types, vmap_method="broadcast_all"
     )
-    return call_backward(
-        q,
-        k,
-        v,
-        q_lengths,
-        kv_lengths,
-        out,
-        lse,
-        d_out,
-        d_lse,
-        row_seeds,
-        slopes,
-        mask,
-        bias,
-        **_attributes(call),
-    )
+    return call_backward(*operands, **_attributes(call))
 
 
 @functools.cache
