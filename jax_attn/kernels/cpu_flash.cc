@@ -11,6 +11,11 @@
 // key position t + S - T). No mask array, bias, dropout or score function: the Python
 // side declines those, and dispatch picks another kernel.
 //
+// Block sparsity (the *Sparse handlers): a mask_fn's block structure comes as a table of
+// (query tile, key tile) pairs, each empty (skipped), full (no per-element work beyond the
+// intervals above) or partial, with a bitmask of kTile x kTile bits per partial tile,
+// evaluated in JAX on those tiles only (this code cannot call the mask_fn).
+//
 // Forward: one work item is (batch, query head, tile of kTile query rows); it walks the
 // key tiles its rows may see with the online softmax (running max m, sum l, unnormalised
 // accumulator). Backward (FlashAttention-2): one work item is (batch, key/value head,
@@ -42,11 +47,16 @@ namespace ffi = xla::ffi;
 using Floats = ffi::Buffer<ffi::F32>;
 using Lengths = ffi::Buffer<ffi::S32>;
 using FloatsOut = ffi::ResultBuffer<ffi::F32>;
+using TileTable = ffi::Buffer<ffi::S32>;
+using TileBits = ffi::Buffer<ffi::U32>;
 
 namespace {
 
 constexpr int kTile = 64;  // query rows and keys per tile
 constexpr float kMasked = -0.7f * 3.4028234663852886e38f;
+// A tile table's entries besides a partial tile's bitmask index (>= 0).
+constexpr int32_t kTileEmpty = -1, kTileFull = -2;
+constexpr int kTileWords = kTile / 32;  // uint32 words of one bitmask row
 
 int64_t RoundUp16(int64_t x) { return (x + 15) / 16 * 16; }
 
@@ -156,6 +166,24 @@ struct Problem : Attributes {
   const int32_t* kv_lengths;
   const float* k;
   const float* v;
+  // Block sparsity (the sparse handlers; no table otherwise): tile_table [B, table_heads,
+  // q_tiles, key_tiles] holds kTileEmpty, kTileFull or the index of the tile's bitmask in
+  // tile_bits [B, bit_tiles, kTile, kTileWords] (bit c of row r: key c of the tile allowed).
+  const int32_t* tile_table = nullptr;
+  const uint32_t* tile_bits = nullptr;
+  int64_t table_heads = 1, bit_tiles = 0;
+
+  // Whether query tile qt of batch b, query head n visits key tile kt; *bits: the tile's
+  // bitmask where it is partial, nullptr where it is full (or there is no table).
+  bool Visits(int64_t b, int64_t n, int64_t qt, int64_t kt, const uint32_t** bits) const {
+    *bits = nullptr;
+    if (tile_table == nullptr) return true;
+    const int64_t h = table_heads == 1 ? 0 : n;
+    const int32_t entry = tile_table[((b * table_heads + h) * q_tiles() + qt) * key_tiles() + kt];
+    if (entry == kTileEmpty) return false;
+    if (entry >= 0) *bits = tile_bits + (b * bit_tiles + entry) * kTile * kTileWords;
+    return true;
+  }
 
   // Keys query row t of batch b may attend: [*begin, *end) (empty if begin >= end). The
   // windows are clamped to S + T in Prepare, so no sum here overflows.
@@ -189,6 +217,12 @@ void UnionOfRows(const int64_t* row_begin, const int64_t* row_end, int64_t rows,
     if (row_begin[r] < row_end[r])
       *begin = std::min(*begin, row_begin[r]), *end = std::max(*end, row_end[r]);
   if (*begin >= *end) *begin = *end = 0;
+}
+
+// Zeroes the weights of a row of `width` whose keys its bitmask row (`words`) leaves out.
+inline void ZeroMasked(float* row, const uint32_t* words, int width) {
+  for (int c = 0; c < width; ++c)
+    if (!((words[c >> 5] >> (c & 31)) & 1u)) row[c] = 0.0f;
 }
 
 // ---- running items on XLA's thread pool ----------------------------------------------
@@ -452,6 +486,46 @@ void OnlineSoftmaxRows(int width_given, int gemm_rows, const KeyTile& t, const i
   }
 }
 
+// OnlineSoftmaxRows on a partial tile: only the keys each row's bitmask row allows
+// (`bits`, kTileWords words per row) enter its max and sum; a row with none is untouched.
+void OnlineSoftmaxRowsBits(int width, int gemm_rows, const KeyTile& t, const int64_t* row_begin,
+                           const int64_t* row_end, const uint32_t* bits, float* s, float* m,
+                           float* l, float* acc, int Hvp) {
+  for (int r = 0; r < gemm_rows; ++r) {
+    float* srow = s + r * width;
+    const uint32_t* words = bits + r * kTileWords;
+    const int64_t lo = std::clamp<int64_t>(row_begin[r] - t.s0, 0, t.cols);
+    const int64_t hi = std::clamp<int64_t>(row_end[r] - t.s0, 0, t.cols);
+    float row_max = kMasked;
+    bool allowed = false;
+    for (int64_t c = lo; c < hi; ++c) {
+      if ((words[c >> 5] >> (c & 31)) & 1u) row_max = std::max(row_max, srow[c]), allowed = true;
+    }
+    if (!allowed) {
+      std::memset(srow, 0, width * sizeof(float));
+      continue;
+    }
+    const float m_new = std::max(m[r], row_max);
+    const float correction = m[r] == kMasked ? 0.0f : std::exp(m[r] - m_new);
+    const __m256 shift = _mm256_set1_ps(m_new);
+    for (int c = 0; c < width; c += 8)
+      _mm256_storeu_ps(srow + c, Exp8(_mm256_sub_ps(_mm256_loadu_ps(srow + c), shift)));
+    std::fill(srow, srow + lo, 0.0f);
+    std::fill(srow + hi, srow + width, 0.0f);
+    ZeroMasked(srow, words, width);
+    __m256 sum = _mm256_loadu_ps(srow);
+    for (int c = 8; c < width; c += 8) sum = _mm256_add_ps(sum, _mm256_loadu_ps(srow + c));
+    l[r] = l[r] * correction + HorizontalSum(sum);
+    m[r] = m_new;
+    if (correction != 1.0f) {
+      const __m256 factor = _mm256_set1_ps(correction);
+      float* arow = acc + r * Hvp;
+      for (int h = 0; h < Hvp; h += 8)
+        _mm256_storeu_ps(arow + h, _mm256_mul_ps(factor, _mm256_loadu_ps(arow + h)));
+    }
+  }
+}
+
 void ForwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float* q,
                  float* out, float* lse, float* scratch) {
   const int64_t tiles = p.q_tiles();
@@ -481,11 +555,16 @@ void ForwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float
   UnionOfRows(row_begin, row_end, kTile, &begin, &end);
 
   for (int64_t key_tile = begin / kTile; key_tile * kTile < end; ++key_tile) {
+    const uint32_t* bits;
+    if (!p.Visits(b, n, tile, key_tile, &bits)) continue;
     const KeyTile t = LoadTile(p, kv, b, kh, key_tile, tile_scratch);
     const int width = static_cast<int>(t.width);
     // [gemm_rows, width] scaled logits; full tiles with a constant width, so that the
     // loops over it unroll
-    if (width == kTile) {
+    if (bits != nullptr) {
+      Gemm<false>(gemm_rows, width, static_cast<int>(p.H), qs, Hp, t.kt, width, s, width);
+      OnlineSoftmaxRowsBits(width, gemm_rows, t, row_begin, row_end, bits, s, m, l, acc, Hvp);
+    } else if (width == kTile) {
       Gemm<false>(gemm_rows, kTile, static_cast<int>(p.H), qs, Hp, t.kt, kTile, s, kTile);
       OnlineSoftmaxRows<kTile>(kTile, gemm_rows, t, row_begin, row_end, s, m, l, acc, Hvp);
     } else {
@@ -585,6 +664,8 @@ void BackwardItem(const Problem& p, const PackedKV& kv, BackwardShared& w, int64
       for (int64_t tile = 0; tile < tiles; ++tile) {
         if (w.tile_end[b * tiles + tile] <= t.s0 || w.tile_begin[b * tiles + tile] >= t.s0 + t.cols)
           continue;
+        const uint32_t* bits;
+        if (!p.Visits(b, n, tile, key_tile, &bits)) continue;
         const int64_t t0 = tile * kTile, row0 = w.Row(p, b, n, t0);
         const int rows = static_cast<int>(p.TileRows(b, t0, row_begin, row_end));
         const int gemm_rows = (rows + 1) & ~1;
@@ -611,6 +692,7 @@ void BackwardItem(const Problem& p, const PackedKV& kv, BackwardShared& w, int64
             _mm256_storeu_ps(prow + c, Exp8(_mm256_sub_ps(_mm256_loadu_ps(prow + c), shift)));
           std::fill(prow, prow + lo, 0.0f);
           std::fill(prow + hi, prow + width, 0.0f);
+          if (bits != nullptr) ZeroMasked(prow, bits + r * kTileWords, width);
           // dS = P * (dP - delta), in place of dP
           for (int c = 0; c < width; c += 8)
             _mm256_storeu_ps(dprow + c,
@@ -687,6 +769,8 @@ void TangentItem(const Problem& p, const PackedKV& kv, const Problem& pd, const 
   UnionOfRows(row_begin, row_end, kTile, &begin, &end);
 
   for (int64_t key_tile = begin / kTile; key_tile * kTile < end; ++key_tile) {
+    const uint32_t* bits;
+    if (!p.Visits(b, n, tile, key_tile, &bits)) continue;
     const KeyTile t = LoadTile(p, kv, b, kh, key_tile, tile_scratch);
     const KeyTile dt = LoadTile(pd, kvd, b, kh, key_tile, tangent_scratch);
     const int width = static_cast<int>(t.width);
@@ -709,6 +793,7 @@ void TangentItem(const Problem& p, const PackedKV& kv, const Problem& pd, const 
         _mm256_storeu_ps(prow + c, Exp8(_mm256_sub_ps(_mm256_loadu_ps(prow + c), shift)));
       std::fill(prow, prow + lo, 0.0f);
       std::fill(prow + hi, prow + width, 0.0f);
+      if (bits != nullptr) ZeroMasked(prow, bits + r * kTileWords, width);
       // P * ds, in place of ds, and its row sum into mu
       __m256 sum = _mm256_setzero_ps();
       for (int c = 0; c < width; c += 8) {
@@ -903,6 +988,141 @@ ffi::Error Tangent(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q
   });
 }
 
+// ---- the block-sparse handlers ------------------------------------------------------------
+// Forward, Backward and Tangent with a tile table and its bitmasks appended to their
+// arguments (Problem::Visits); the same items, which skip the empty tiles and mask the
+// partial ones.
+
+// Checks the table [..., heads, q_tiles, key_tiles] and bitmasks [..., P, kTile * kTileWords]
+// (leading axes folding into B, heads 1 or N, every entry empty, full or below P) and puts
+// them in `p`.
+ffi::Error DescribeTiles(const TileTable& table, const TileBits& bits, Problem* p) {
+  auto td = table.dimensions(), bd = bits.dimensions();
+  if (td.size() < 4 || bd.size() < 3)
+    return ffi::Error::InvalidArgument("cpu_flash: tile table or bitmasks of too low a rank");
+  int64_t bits_batch = 1;
+  for (size_t i = 0; i + 2 < bd.size(); ++i) bits_batch *= bd[i];
+  const size_t r = td.size();
+  const int64_t heads = td[r - 3];
+  if (Leading(td) != p->B || bits_batch != p->B || (heads != 1 && heads != p->N) ||
+      td[r - 2] != p->q_tiles() || td[r - 1] != p->key_tiles() ||
+      bd[bd.size() - 1] != kTile * kTileWords)
+    return ffi::Error::InvalidArgument("cpu_flash: tile table or bitmasks mis-shaped");
+  const int64_t partial = bd[bd.size() - 2];
+  const int32_t* entries = table.typed_data();
+  for (size_t i = 0; i < table.element_count(); ++i)
+    if (entries[i] < kTileFull || entries[i] >= partial)
+      return ffi::Error::InvalidArgument("cpu_flash: tile table entry out of range");
+  p->tile_table = entries, p->tile_bits = bits.typed_data();
+  p->table_heads = heads, p->bit_tiles = partial;
+  return ffi::Error::Success();
+}
+
+ffi::Error ForwardSparse(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q_lengths,
+                         Lengths kv_lengths, TileTable table, TileBits bits, FloatsOut out,
+                         FloatsOut lse, Attributes attributes) {
+  return Contained([&]() -> ffi::Error {
+    Problem p;
+    if (auto error = Describe(q, k, v, q_lengths, kv_lengths, attributes, &p); error.failure())
+      return error;
+    if (auto error = DescribeTiles(table, bits, &p); error.failure()) return error;
+    if (!Sized(p, *out, *lse))
+      return ffi::Error::InvalidArgument("cpu_flash: out or lse mis-sized");
+    const int64_t items = p.B * p.N * p.q_tiles(), per_worker = ForwardScratch(p);
+    PooledBuffer scratch = WorkerScratch(Workers(pool, items), per_worker);
+    PackedKV kv;
+    Pack(pool, p, kv);
+    const float* qp = q.typed_data();
+    float *op = out->typed_data(), *lp = lse->typed_data();
+    const bool fail = FailAllocation("item");
+    ParallelFor(pool, items, [&](int64_t worker, int64_t item) {
+      MaybeFailItem(fail, item);
+      ForwardItem(p, kv, item, qp, op, lp, scratch.at(worker * per_worker));
+    });
+    return ffi::Error::Success();
+  });
+}
+
+ffi::Error BackwardSparse(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q_lengths,
+                          Lengths kv_lengths, Floats out, Floats lse, Floats d_out, Floats d_lse,
+                          TileTable table, TileBits bits, FloatsOut dq, FloatsOut dk,
+                          FloatsOut dv, Attributes attributes) {
+  return Contained([&]() -> ffi::Error {
+    Problem p;
+    if (auto error = Describe(q, k, v, q_lengths, kv_lengths, attributes, &p); error.failure())
+      return error;
+    if (auto error = DescribeTiles(table, bits, &p); error.failure()) return error;
+    if (!Sized(p, out, lse) || !Sized(p, d_out, d_lse) || !SameSizes(q, k, v, *dq, *dk, *dv))
+      return ffi::Error::InvalidArgument("cpu_flash: out, lse or their cotangents mis-sized");
+    const float *qp = q.typed_data(), *op = out.typed_data(), *lp = lse.typed_data();
+    const float *dop = d_out.typed_data(), *dlp = d_lse.typed_data();
+    float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
+    const int64_t pairs = p.B * p.K, threads = std::max<int64_t>(1, pool.num_threads());
+    const int64_t splits =
+        std::clamp<int64_t>((2 * threads + pairs - 1) / std::max<int64_t>(pairs, 1), 1,
+                            std::max<int64_t>(p.key_tiles(), 1));
+    const int64_t items = pairs * splits, per_worker = BackwardScratch(p);
+    PooledBuffer scratch = WorkerScratch(Workers(pool, items), per_worker);
+    BackwardShared shared(p, splits);
+    PackedKV kv;
+    Pack(pool, p, kv);
+    const int64_t tiles = p.q_tiles();
+    ParallelFor(pool, p.B * tiles, [&](int64_t, int64_t item) {
+      int64_t row_begin[kTile], row_end[kTile];
+      p.TileRows(item / tiles, item % tiles * kTile, row_begin, row_end);
+      UnionOfRows(row_begin, row_end, kTile, &shared.tile_begin[item], &shared.tile_end[item]);
+    });
+    ParallelFor(pool, p.B * p.N, [&](int64_t, int64_t item) {
+      BackwardPrepare(p, shared, item / p.N, item % p.N, qp, op, dop, dlp);
+    });
+    const bool fail = FailAllocation("item");
+    ParallelFor(pool, items, [&](int64_t worker, int64_t item) {
+      MaybeFailItem(fail, item);
+      BackwardItem(p, kv, shared, item, lp, dkp, dvp, scratch.at(worker * per_worker));
+    });
+    ParallelFor(pool, p.B * p.N, [&](int64_t, int64_t item) {
+      const int64_t b = item / p.N, n = item % p.N, Hp = p.Hp();
+      for (int64_t t = 0; t < p.T; ++t) {
+        float* dst = dqp + ((b * p.T + t) * p.N + n) * p.H;
+        const float* src = shared.dqs.at(shared.Row(p, b, n, t) * Hp);
+        for (int64_t h = 0; h < p.H; ++h) dst[h] = src[h] * p.scale;
+      }
+    });
+    return ffi::Error::Success();
+  });
+}
+
+ffi::Error TangentSparse(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q_lengths,
+                         Lengths kv_lengths, Floats out, Floats lse, Floats dq, Floats dk,
+                         Floats dv, TileTable table, TileBits bits, FloatsOut d_out,
+                         FloatsOut d_lse, Attributes attributes) {
+  return Contained([&]() -> ffi::Error {
+    Problem p;
+    if (auto error = Describe(q, k, v, q_lengths, kv_lengths, attributes, &p); error.failure())
+      return error;
+    if (auto error = DescribeTiles(table, bits, &p); error.failure()) return error;
+    if (!Sized(p, out, lse) || !Sized(p, *d_out, *d_lse) || !SameSizes(q, k, v, dq, dk, dv))
+      return ffi::Error::InvalidArgument("cpu_flash: out, lse or the tangents mis-sized");
+    const int64_t items = p.B * p.N * p.q_tiles(), per_worker = TangentScratch(p);
+    PooledBuffer scratch = WorkerScratch(Workers(pool, items), per_worker);
+    Problem pd = p;
+    pd.k = dk.typed_data(), pd.v = dv.typed_data();
+    PackedKV kv, kvd;
+    Pack(pool, p, kv);
+    Pack(pool, pd, kvd);
+    const float *qp = q.typed_data(), *dqp = dq.typed_data();
+    const float *op = out.typed_data(), *lp = lse.typed_data();
+    float *dop = d_out->typed_data(), *dlp = d_lse->typed_data();
+    const bool fail = FailAllocation("item");
+    ParallelFor(pool, items, [&](int64_t worker, int64_t item) {
+      MaybeFailItem(fail, item);
+      TangentItem(p, kv, pd, kvd, item, qp, dqp, op, lp, dop, dlp,
+                  scratch.at(worker * per_worker));
+    });
+    return ffi::Error::Success();
+  });
+}
+
 }  // namespace
 
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(Attributes, ::xla::ffi::StructMember<bool>("causal"),
@@ -952,6 +1172,43 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxAttnFlashTangent, Tangent,
                                   .Arg<Floats>()
                                   .Arg<Floats>()
                                   .Arg<Floats>()
+                                  .Ret<Floats>()
+                                  .Ret<Floats>()
+                                  .Attrs<Attributes>());
+
+// (q, k, v, q_lengths, kv_lengths, table, bits) -> (out, lse)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxAttnFlashForwardSparse, ForwardSparse,
+                              BindInputs()
+                                  .Arg<TileTable>()
+                                  .Arg<TileBits>()
+                                  .Ret<Floats>()
+                                  .Ret<Floats>()
+                                  .Attrs<Attributes>());
+
+// (q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse, table, bits) -> (dq, dk, dv)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxAttnFlashBackwardSparse, BackwardSparse,
+                              BindInputs()
+                                  .Arg<Floats>()
+                                  .Arg<Floats>()
+                                  .Arg<Floats>()
+                                  .Arg<Floats>()
+                                  .Arg<TileTable>()
+                                  .Arg<TileBits>()
+                                  .Ret<Floats>()
+                                  .Ret<Floats>()
+                                  .Ret<Floats>()
+                                  .Attrs<Attributes>());
+
+// (q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv, table, bits) -> (d_out, d_lse)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxAttnFlashTangentSparse, TangentSparse,
+                              BindInputs()
+                                  .Arg<Floats>()
+                                  .Arg<Floats>()
+                                  .Arg<Floats>()
+                                  .Arg<Floats>()
+                                  .Arg<Floats>()
+                                  .Arg<TileTable>()
+                                  .Arg<TileBits>()
                                   .Ret<Floats>()
                                   .Ret<Floats>()
                                   .Attrs<Attributes>());
