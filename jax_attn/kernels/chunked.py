@@ -844,8 +844,9 @@ def _queries_back(x, T: int):
 
 def position_tangent(plan: _Plan, diff, nondiff, out, lse, d_diff):
     """:func:`_tangent` for ``diff = (q, k, v)``, ``nondiff = (q_lengths, kv_lengths)``
-    (int32 ``[B]``) in jax.nn's layout, ``(d_out [B, T, N, H_v], d_lse [B, N, T])``."""
-    (q, k, v), (q_lengths, kv_lengths), (dq, dk, dv) = diff, nondiff, d_diff
+    (int32 ``[B]``) in jax.nn's layout, ``(d_out [B, T, N, H_v], d_lse [B, N, T])``; arrays
+    after the lengths in ``nondiff`` are ``plan.mask_fn``'s."""
+    (q, k, v), (q_lengths, kv_lengths, *mask_consts), (dq, dk, dv) = diff, nondiff, d_diff
     B, T, N, _ = q.shape
     K = k.shape[2]
     live = _rows_attending(plan, q_lengths, B)
@@ -860,7 +861,7 @@ def position_tangent(plan: _Plan, diff, nondiff, out, lse, d_diff):
         None,
         kv_lengths,
         None,
-        (None, (), ()),
+        (None, tuple(mask_consts), ()),
         outk,
         lsek,
         (dqk, dkk, dvk, None, ()),
@@ -873,7 +874,7 @@ def position_tangent(plan: _Plan, diff, nondiff, out, lse, d_diff):
 def position_backward(plan: _Plan, diff, nondiff, out, lse, d_out, d_lse):
     """:func:`_backward` in jax.nn's layout for :func:`position_tangent`'s arguments:
     ``(dq, dk, dv)``."""
-    (q, k, v), (q_lengths, kv_lengths) = diff, nondiff
+    (q, k, v), (q_lengths, kv_lengths, *mask_consts) = diff, nondiff
     B, T, N, _ = q.shape
     S, K = k.shape[1], k.shape[2]
     live = _rows_attending(plan, q_lengths, B)
@@ -885,7 +886,19 @@ def position_backward(plan: _Plan, diff, nondiff, out, lse, d_out, d_lse):
     d_outk = _to_kernel(plan, K, d_out, k, v, d_out, lse, live)[0]
     d_lsek = jnp.pad(d_lse, [(0, 0), (0, 0), (0, plan.T_padded - T)]).reshape(lsek.shape)
     dq, dk, dv, _, _ = _backward(
-        plan, qk, kk, vk, None, None, kv_lengths, None, (None, (), ()), outk, lsek, d_outk, d_lsek
+        plan,
+        qk,
+        kk,
+        vk,
+        None,
+        None,
+        kv_lengths,
+        None,
+        (None, tuple(mask_consts), ()),
+        outk,
+        lsek,
+        d_outk,
+        d_lsek,
     )
     dk, dv = (jnp.transpose(x, (0, 2, 1, 3))[:, :S] for x in (dk, dv))
     return (_queries_back(dq, T).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))

@@ -9,9 +9,10 @@ checked against the reference like every kernel.
 
 It serves float32 (bfloat16 and float16 widened to float32 at its edge), causal or not,
 local windows, query and key lengths, GQA/MQA, any ``T`` and ``S``, head dims up to 256
-(``H_v`` may differ from ``H``). It declines a mask array, bias, dropout and
-``mask_fn``/``score_fn``/``block_mask`` (``chunked`` serves those), float64, and CPUs
-without AVX2 and FMA.
+(``H_v`` may differ from ``H``), and ``mask_fn``/``block_mask`` by their block structure
+(:mod:`jax_attn.kernels.cpu_flash_tiles`: empty tiles skipped, full ones unmasked, a bitmask
+per partial tile evaluated in JAX). It declines a mask array, bias, dropout and
+``score_fn`` (``chunked`` serves those), float64, and CPUs without AVX2 and FMA.
 
 XLA cannot split a custom call over devices by itself: the three calls go through
 :mod:`jax_attn.kernels.partitioned` (``jax.experimental.custom_partitioning``), which
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import os
@@ -47,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_attn.kernels import chunked
+from jax_attn.kernels import chunked, cpu_flash_tiles
 from jax_attn.kernels.base import Implementation, cotangent_like, partitioned_axes, varying_like
 from jax_attn.kernels.flash_autodiff import FlashRules, flash_attention
 from jax_attn.kernels.partitioned import partitioned_call
@@ -81,6 +83,9 @@ _TARGETS = {
     "jax_attn_cpu_flash_forward": "JaxAttnFlashForward",
     "jax_attn_cpu_flash_backward": "JaxAttnFlashBackward",
     "jax_attn_cpu_flash_tangent": "JaxAttnFlashTangent",
+    "jax_attn_cpu_flash_forward_sparse": "JaxAttnFlashForwardSparse",
+    "jax_attn_cpu_flash_backward_sparse": "JaxAttnFlashBackwardSparse",
+    "jax_attn_cpu_flash_tangent_sparse": "JaxAttnFlashTangentSparse",
 }
 
 
@@ -243,36 +248,48 @@ def _attributes(call: AttentionCall) -> dict:
     )
 
 
-def forward(call: AttentionCall, q, k, v, q_lengths, kv_lengths):
+def forward(call: AttentionCall, q, k, v, q_lengths, kv_lengths, *tiles):
     """The kernel's forward: q ``[..., T, N, H]``, k ``[..., S, K, H]``, v ``[..., S, K, H_v]``
     float32, lengths int32 ``[...]`` -> (out ``[..., T, N, H_v]``, lse ``[..., N, T]``) float32.
     ``lse`` is each row's log-sum-exp of its scaled logits (about -2.4e38 for a row with
-    nothing to attend, whose ``out`` is zeros). A plain function: no derivative rule."""
+    nothing to attend, whose ``out`` is zeros). A plain function: no derivative rule.
+    ``tiles``: none, or a mask's ``(table, bitmasks)`` (:func:`cpu_flash_tiles.tile_table`)."""
     out, lse = partitioned_call(
         _ffi_forward,
         call,
-        (q, k, v, q_lengths, kv_lengths),
-        ("q", "kv", "kv", "lengths", "lengths"),
+        (q, k, v, q_lengths, kv_lengths, *tiles),
+        ("q", "kv", "kv", "lengths", "lengths", *_tile_roles(call, tiles)),
         ("q", "lse"),
     )
-    return varying_like(out, q, k, v, q_lengths, kv_lengths), varying_like(lse, q, k, v)
+    return varying_like(out, q, k, v, q_lengths, kv_lengths, *tiles), varying_like(lse, q, k, v)
 
 
-def _ffi_forward(call: AttentionCall, q, k, v, q_lengths, kv_lengths):
+def _tile_roles(call: AttentionCall, tiles) -> tuple[str, ...]:
+    """The partitioning roles of a tile table and its bitmasks (none without)."""
+    if not tiles:
+        return ()
+    return ("tiles" if tiles[0].shape[-3] == call.N else "tiles_shared", "tile_bits")
+
+
+def _target(name: str, tiles) -> str:
+    return f"jax_attn_cpu_flash_{name}" + ("_sparse" if tiles else "")
+
+
+def _ffi_forward(call: AttentionCall, q, k, v, q_lengths, kv_lengths, *tiles):
     *lead, T, N, _ = q.shape
     out_types = (
         jax.ShapeDtypeStruct((*lead, T, N, call.H_v), jnp.float32),
         # [..., N, T] log-sum-exp of each row's scaled logits
         jax.ShapeDtypeStruct((*lead, N, T), jnp.float32),
     )
-    forward = jax.ffi.ffi_call("jax_attn_cpu_flash_forward", out_types, vmap_method="broadcast_all")
-    return forward(q, k, v, q_lengths, kv_lengths, **_attributes(call))
+    forward = jax.ffi.ffi_call(_target("forward", tiles), out_types, vmap_method="broadcast_all")
+    return forward(q, k, v, q_lengths, kv_lengths, *tiles, **_attributes(call))
 
 
 _forward = forward
 
 
-def tangent(call: AttentionCall, q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv):
+def tangent(call: AttentionCall, q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv, *tiles):
     """The forward-mode derivative (JVP) of :func:`forward`'s (out, lse) at (q, k, v) in the
     direction (dq, dk, dv) (shaped and typed as q, k, v), given that point's ``out`` and
     ``lse`` -> (d_out ``[..., T, N, H_v]``, d_lse ``[..., N, T]``) float32.
@@ -280,52 +297,58 @@ def tangent(call: AttentionCall, q, k, v, q_lengths, kv_lengths, out, lse, dq, d
     Per row i over the keys j it attends, with s = scale q_i.k_j and P_ij = exp(s_ij - lse_i):
     ds_ij = scale (dq_i.k_j + q_i.dk_j), mu_i = sum_j P_ij ds_ij,
     d_out_i = sum_j P_ij (ds_ij v_j + dv_j) - mu_i out_i and d_lse_i = mu_i (zeros for a row
-    with nothing to attend)."""
+    with nothing to attend). ``tiles`` as for :func:`forward`."""
     d_out, d_lse = partitioned_call(
         _ffi_tangent,
         call,
-        (q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv),
-        ("q", "kv", "kv", "lengths", "lengths", "q", "lse", "q", "kv", "kv"),
+        (q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv, *tiles),
+        ("q", "kv", "kv", "lengths", "lengths", "q", "lse", "q", "kv", "kv")
+        + _tile_roles(call, tiles),
         ("q", "lse"),
     )
     varying = (q, k, v, q_lengths, kv_lengths, dq, dk, dv)
     return varying_like(d_out, *varying), varying_like(d_lse, *varying)
 
 
-def _ffi_tangent(call: AttentionCall, q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv):
+def _ffi_tangent(call: AttentionCall, q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv, *tiles):
     out_types = (
         jax.ShapeDtypeStruct(out.shape, jnp.float32),
         jax.ShapeDtypeStruct(lse.shape, jnp.float32),
     )
     call_tangent = jax.ffi.ffi_call(
-        "jax_attn_cpu_flash_tangent", out_types, vmap_method="broadcast_all"
+        _target("tangent", tiles), out_types, vmap_method="broadcast_all"
     )
-    return call_tangent(q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv, **_attributes(call))
+    return call_tangent(
+        q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv, *tiles, **_attributes(call)
+    )
 
 
-def backward(call: AttentionCall, q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse):
+def backward(call: AttentionCall, q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse, *tiles):
     """The reverse-mode derivative (VJP) of :func:`forward`'s (out, lse): given that
     point's ``out`` and ``lse`` and the cotangents ``d_out`` (as out) and ``d_lse`` (as lse)
     -> (dq, dk, dv) float32, shaped as q, k, v. FlashAttention-2's backward with
-    dS_ij = P_ij (dP_ij - (D_i - d_lse_i)), D_i = d_out_i . out_i."""
+    dS_ij = P_ij (dP_ij - (D_i - d_lse_i)), D_i = d_out_i . out_i. ``tiles`` as for
+    :func:`forward`."""
     d_out, d_lse = d_out.astype(jnp.float32), d_lse.astype(jnp.float32)
     grads = partitioned_call(
         _ffi_backward,
         call,
-        (q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse),
-        ("q", "kv", "kv", "lengths", "lengths", "q", "lse", "q", "lse"),
+        (q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse, *tiles),
+        ("q", "kv", "kv", "lengths", "lengths", "q", "lse", "q", "lse") + _tile_roles(call, tiles),
         ("q", "kv", "kv"),
     )
     return tuple(varying_like(g, q, k, v, d_out, d_lse) for g in grads)
 
 
-def _ffi_backward(call: AttentionCall, q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse):
+def _ffi_backward(
+    call: AttentionCall, q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse, *tiles
+):
     out_types = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
     call_backward = jax.ffi.ffi_call(
-        "jax_attn_cpu_flash_backward", out_types, vmap_method="broadcast_all"
+        _target("backward", tiles), out_types, vmap_method="broadcast_all"
     )
     return call_backward(
-        q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse, **_attributes(call)
+        q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse, *tiles, **_attributes(call)
     )
 
 
@@ -361,11 +384,41 @@ def _flash(call: AttentionCall, q, k, v, q_lengths, kv_lengths):
     return flash_attention(_rules(call), (q, k, v), (q_lengths, kv_lengths))[0]
 
 
+@functools.cache
+def _sparse_rules(call: AttentionCall) -> FlashRules:
+    """:func:`_rules` with a mask's tiles: ``nondiff = (q_lengths, kv_lengths, table,
+    bitmasks)``; the pure maps are ``chunked``'s with the mask the table encodes."""
+    plan = dataclasses.replace(
+        chunked.position_plan(call.T, call.S, call.is_causal, call.window, call.scale, True),
+        mask_fn=cpu_flash_tiles.table_mask_fn,
+    )
+
+    def forward_(diff, nondiff):
+        return forward(call, *diff, *nondiff)
+
+    def tangent_(diff, nondiff, out, lse, d_diff):
+        return tangent(call, *diff, *nondiff[:2], out, lse, *d_diff, *nondiff[2:])
+
+    def backward_(diff, nondiff, out, lse, d_out, d_lse):
+        if d_lse is None:
+            d_lse = jnp.zeros(lse.shape, jnp.float32)
+        grads = backward(call, *diff, *nondiff[:2], out, lse, d_out, d_lse, *nondiff[2:])
+        return tuple(cotangent_like(g, x) for g, x in zip(grads, diff, strict=True))
+
+    return FlashRules(
+        forward=forward_,
+        tangent=tangent_,
+        backward=backward_,
+        tangent_pure=functools.partial(chunked.position_tangent, plan),
+        backward_pure=functools.partial(chunked.position_backward, plan),
+    )
+
+
 def cpu_flash_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs):
     """q ``[B, T, N, H]``, k ``[B, S, K, H]``, v ``[B, S, K, H_v]`` ->
     ``[B, T, N, H_v]`` in q's dtype through the compiled kernel (in float32, half precision
-    widened and the output rounded once); of ``inputs`` only the lengths (the rest is
-    declined by ``_cpu_flash_unsupported``)."""
+    widened and the output rounded once); of ``inputs`` the lengths and ``mask_fn`` /
+    ``block_mask`` (the rest is declined by ``_cpu_flash_unsupported``)."""
     reason = build_reason()
     if reason is not None:
         raise ValueError(f"cpu_flash: {reason}")
@@ -378,6 +431,11 @@ def cpu_flash_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs):
     q_lengths = lengths(inputs.query_seq_lengths, call.T)
     kv_lengths = lengths(inputs.key_value_seq_lengths, call.S)
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    if inputs.mask_fn is not None and call.T > 0 and call.S > 0:
+        tiles = cpu_flash_tiles.tile_table(call, inputs)
+        nondiff = (q_lengths, kv_lengths, *tiles)
+        out = flash_attention(_sparse_rules(call), (q, k, v), nondiff)[0]
+        return out.astype(call.dtype)
     return _flash(call, q, k, v, q_lengths, kv_lengths).astype(call.dtype)
 
 
@@ -387,4 +445,5 @@ IMPLEMENTATION = Implementation(
     unsupported=_cpu_flash_unsupported,
     platforms=("cpu",),
     description="fused flash attention in C++ (AVX2/FMA) through XLA's FFI, float32",
+    functions=frozenset({"mask_fn", "block_mask"}),
 )

@@ -51,6 +51,11 @@ ROLES: dict[str, tuple[str, ...]] = {
     "kv": ("whole", "kv_heads", "whole"),
     "lengths": (),
     "lse": ("q_heads", "whole"),
+    # a mask's tile table [..., N, q_tiles, key_tiles] (or [..., 1, ...]) and its
+    # bitmasks [..., P, words] (kernels/cpu_flash_tiles.py)
+    "tiles": ("q_heads", "whole", "whole"),
+    "tiles_shared": ("whole", "whole", "whole"),
+    "tile_bits": ("whole", "whole"),
 }
 
 
