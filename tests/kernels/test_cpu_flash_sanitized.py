@@ -90,6 +90,7 @@ def test_kernel_tests_pass_under_sanitizers(sanitized_env):
         "tests/kernels/test_cpu_flash.py",
         "tests/kernels/test_cpu_flash_hostile.py",
         "tests/kernels/test_cpu_flash_transforms.py",
+        "tests/kernels/test_cpu_flash_sparse.py",
     ]
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
     done = subprocess.run(
