@@ -144,24 +144,24 @@ def _tile_bits(mask_fn, T: int, S: int, b, h, q_tile, k_tile):
 def _known_table(call, inputs, dims):
     """The table and bitmasks as numpy arrays, built now; ``None`` where the mask's tiles
     depend on a traced array."""
-    with jax.ensure_compile_time_eval():
-        try:
+    try:
+        with jax.ensure_compile_time_eval():
             any_, full = (np.array(x) for x in _tile_classes(call, inputs, dims))
-        except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-            return None
-        # b, h, q tile, k tile of each partial tile
-        found = [x.astype(np.int32) for x in np.nonzero(any_ & ~full)]
-        words = np.zeros((0, TILE * _WORDS), np.uint32)
-        if found[0].size:
-            pieces, chunk = [], 16 * _TILES_PER_STEP
-            for start in range(0, found[0].size, chunk):
-                part = (jnp.asarray(x[start : start + chunk]) for x in found)
-                bits = _tile_bits(inputs.mask_fn, call.T, call.S, *part)
-                pieces.append([np.asarray(x) for x in bits])
-            words, some, every = (np.concatenate(x) for x in zip(*pieces, strict=True))
-            full[tuple(found)] = every
-            keep = some & ~every
-            found, words = [x[keep] for x in found], words[keep]
+            # b, h, q tile, k tile of each partial tile
+            found = [x.astype(np.int32) for x in np.nonzero(any_ & ~full)]
+            words = np.zeros((0, TILE * _WORDS), np.uint32)
+            if found[0].size:
+                pieces, chunk = [], 16 * _TILES_PER_STEP
+                for start in range(0, found[0].size, chunk):
+                    part = (jnp.asarray(x[start : start + chunk]) for x in found)
+                    bits = _tile_bits(inputs.mask_fn, call.T, call.S, *part)
+                    pieces.append([np.asarray(x) for x in bits])
+                words, some, every = (np.concatenate(x) for x in zip(*pieces, strict=True))
+                full[tuple(found)] = every
+                keep = some & ~every
+                found, words = [x[keep] for x in found], words[keep]
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None  # a block mask known, a mask_fn of traced arrays: all in the program
     table = np.where(full, FULL, EMPTY).astype(np.int32)
     B_m = table.shape[0]
     counts = np.bincount(found[0], minlength=B_m)
