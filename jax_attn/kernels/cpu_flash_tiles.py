@@ -153,9 +153,15 @@ def _known_table(call, inputs, dims):
             if found[0].size:
                 pieces, chunk = [], 16 * _TILES_PER_STEP
                 for start in range(0, found[0].size, chunk):
-                    part = (jnp.asarray(x[start : start + chunk]) for x in found)
+                    part = [x[start : start + chunk] for x in found]
+                    # a power of two of tiles (tile (0, 0) as filler): eager operations
+                    # compile once per size, so few sizes serve every call
+                    padded = max(_TILES_PER_STEP, 1 << (part[0].size - 1).bit_length())
+                    part = [jnp.asarray(np.pad(x, (0, padded - x.size))) for x in part]
                     bits = _tile_bits(inputs.mask_fn, call.T, call.S, *part)
-                    pieces.append([np.asarray(x) for x in bits])
+                    pieces.append(
+                        [np.asarray(x)[: min(chunk, found[0].size - start)] for x in bits]
+                    )
                 words, some, every = (np.concatenate(x) for x in zip(*pieces, strict=True))
                 full[tuple(found)] = every
                 keep = some & ~every
