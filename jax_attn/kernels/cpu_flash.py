@@ -432,10 +432,18 @@ def cpu_flash_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs):
     kv_lengths = lengths(inputs.key_value_seq_lengths, call.S)
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
     if inputs.mask_fn is not None and call.T > 0 and call.S > 0:
-        tiles = cpu_flash_tiles.tile_table(call, inputs)
-        nondiff = (q_lengths, kv_lengths, *tiles)
-        out = flash_attention(_sparse_rules(call), (q, k, v), nondiff)[0]
-        return out.astype(call.dtype)
+        table, bitmasks, fits = cpu_flash_tiles.tiles(call, inputs)
+
+        def sparse(q, k, v):
+            nondiff = (q_lengths, kv_lengths, table, bitmasks)
+            return flash_attention(_sparse_rules(call), (q, k, v), nondiff)[0]
+
+        def chunked_instead(q, k, v):  # more partial tiles than a traced table holds
+            return chunked.chunked_attention(q, k, v, call=call, inputs=inputs)
+
+        if fits is None:
+            return sparse(q, k, v).astype(call.dtype)
+        return jax.lax.cond(fits, sparse, chunked_instead, q, k, v).astype(call.dtype)
     return _flash(call, q, k, v, q_lengths, kv_lengths).astype(call.dtype)
 
 

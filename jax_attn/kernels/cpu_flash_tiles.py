@@ -17,8 +17,11 @@ blocks), cut to the tiles the causal/window band reaches. Where they do not depe
 traced array (the usual case: a ``mask_fn`` closing over constants, eager or under
 ``jax.jit``), the table is built while the call is traced and ``P`` is the largest count
 of partial tiles of a batch row (a tile whose bits come out all set or all clear is made
-full or empty). Otherwise it is built in the program, with room for every tile of the band
-and the bitmasks of the partial tiles filled in a loop of as many steps as they need.
+full or empty). Otherwise it is built in the program, the bitmasks of the partial tiles
+filled in a loop of as many steps as they need, with room for :data:`ROOM_PER_TILE_LINE`
+partial tiles per query and key tile line (every tile of the band where that is fewer),
+so memory stays O(T); a mask with more partial tiles is told to the caller, which runs
+the ``chunked`` kernel instead.
 """
 
 from __future__ import annotations
@@ -29,13 +32,16 @@ import numpy as np
 
 from jax_attn.mask_functions import block_mask_arrays, uses_batch_and_head
 
-__all__ = ["EMPTY", "FULL", "TILE", "table_mask_fn", "tile_table"]
+__all__ = ["EMPTY", "FULL", "ROOM_PER_TILE_LINE", "TILE", "table_mask_fn", "tile_table", "tiles"]
 
 TILE = 64  # cpu_flash.cc's kTile
 EMPTY, FULL = -1, -2  # cpu_flash.cc's kTileEmpty, kTileFull
 _WORDS = TILE // 32  # uint32 words of one bitmask row
 # Partial tiles whose bitmasks one step evaluates ([steps, B', 64, 64, 64] bools at most).
 _TILES_PER_STEP = 64
+# Partial tiles a table built in the program has room for, per query and per key tile line
+# of each head (the partial tiles of documents and windows lie along a few diagonals).
+ROOM_PER_TILE_LINE = 4
 
 
 def _grid(T: int, S: int) -> tuple[int, int]:
@@ -181,8 +187,9 @@ def _known_table(call, inputs, dims):
 
 
 def _traced_table(call, inputs, dims):
-    """The table and bitmasks computed in the program (the mask's tiles are traced): room
-    for every tile of the band, bitmasks evaluated for the partial tiles only."""
+    """The table, bitmasks and whether they hold every partial tile (a traced bool, or
+    ``None`` where the room covers the whole band), computed in the program (the mask's
+    tiles are traced): bitmasks evaluated for the partial tiles only."""
     any_, full = _tile_classes(call, inputs, dims)
     B_m, N_m, nq, nk = any_.shape
     # [B', N' * nq * nk]
@@ -191,9 +198,13 @@ def _traced_table(call, inputs, dims):
     index = jnp.cumsum(partial, axis=1, dtype=jnp.int32) - 1
     table = jnp.where(partial, index, jnp.where(full.reshape(B_m, -1), FULL, EMPTY))
     table = table.reshape(B_m, N_m, nq, nk).astype(jnp.int32)
-    band = _band(call.T, call.S, call.is_causal, call.window)
-    steps = max(1, -(-N_m * int(band.sum()) // _TILES_PER_STEP))
+    band_tiles = N_m * int(_band(call.T, call.S, call.is_causal, call.window).sum())
+    wanted = min(band_tiles, ROOM_PER_TILE_LINE * N_m * (nq + nk))
+    steps = max(1, -(-wanted // _TILES_PER_STEP))
     room = steps * _TILES_PER_STEP
+    fits = None if room >= band_tiles else jnp.max(counts) <= room
+    # an overflowing table (whose results are not used) still indexes inside the bitmasks
+    table = jnp.minimum(table, room - 1)
     # [B', room] each partial tile's place in its row of `partial`
     slots = jax.vmap(lambda row: jnp.nonzero(row, size=room, fill_value=0)[0])(partial)
     slots = slots.astype(jnp.int32)
@@ -210,21 +221,33 @@ def _traced_table(call, inputs, dims):
         words = words.reshape(B_m, _TILES_PER_STEP, TILE * _WORDS)
         return jax.lax.dynamic_update_slice_in_dim(bitmasks, words, at, axis=1)
 
-    needed = (jnp.max(counts) + _TILES_PER_STEP - 1) // _TILES_PER_STEP
+    needed = jnp.minimum((jnp.max(counts) + _TILES_PER_STEP - 1) // _TILES_PER_STEP, steps)
     bitmasks = jnp.zeros((B_m, room, TILE * _WORDS), jnp.uint32)
-    return table, jax.lax.fori_loop(0, needed, step, bitmasks)
+    return table, jax.lax.fori_loop(0, needed, step, bitmasks), fits
+
+
+def tiles(call, inputs):
+    """``(table int32 [B, 1|N, q_tiles, key_tiles], bitmasks uint32 [B, P, TILE * TILE /
+    32], fits)`` of ``inputs.mask_fn`` (and ``inputs.block_mask``) for ``call`` (``T, S >
+    0``); ``fits``: ``None``, or a traced bool that is False where the mask has more
+    partial tiles than a table built in the program has room for (then the table is not
+    the mask's)."""
+    dims = uses_batch_and_head(inputs.mask_fn)
+    known = _known_table(call, inputs, dims)
+    if known is None:
+        table, bitmasks, fits = _traced_table(call, inputs, dims)
+    else:
+        (table, bitmasks), fits = map(jnp.asarray, known), None
+    table = jnp.broadcast_to(table, (call.B, *table.shape[1:]))
+    return table, jnp.broadcast_to(bitmasks, (call.B, *bitmasks.shape[1:])), fits
 
 
 def tile_table(call, inputs):
-    """``(table int32 [B, 1|N, q_tiles, key_tiles], bitmasks uint32 [B, P, TILE * TILE /
-    32])`` of ``inputs.mask_fn`` (and ``inputs.block_mask``) for ``call`` (``T, S > 0``)."""
-    dims = uses_batch_and_head(inputs.mask_fn)
-    known = _known_table(call, inputs, dims)
-    table, bitmasks = (
-        _traced_table(call, inputs, dims) if known is None else map(jnp.asarray, known)
-    )
-    table = jnp.broadcast_to(table, (call.B, *table.shape[1:]))
-    return table, jnp.broadcast_to(bitmasks, (call.B, *bitmasks.shape[1:]))
+    """:func:`tiles` where they fit: ``(table, bitmasks)``."""
+    table, bitmasks, fits = tiles(call, inputs)
+    if fits is not None:
+        raise ValueError("the mask has more partial tiles than a traced table has room for")
+    return table, bitmasks
 
 
 def table_mask_fn(b, h, q_idx, kv_idx, table, bitmasks):

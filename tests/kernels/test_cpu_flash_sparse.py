@@ -198,3 +198,37 @@ def test_vmap_over_calls_with_a_mask_fn():
     for x, got in zip((q, 2 * q), stacked, strict=True):
         want = _oracle(x, k, v, head_windows, {})
         np.testing.assert_allclose(got, want, rtol=0, atol=allowed_error(x, k, v, want))
+
+
+@pytest.mark.parametrize("mask_fn, fits", [(documents, True), (stripes, False)])
+def test_traced_tables_without_room_for_the_mask_run_chunked_instead(monkeypatch, mask_fn, fits):
+    """A table built in the program holds a bounded number of partial tiles (O(T) memory);
+    a mask with more runs the chunked kernel in a ``lax.cond``: the same values and
+    gradients either way."""
+    from jax_attn.validation import KernelInputs
+
+    monkeypatch.setattr(cpu_flash_tiles, "ROOM_PER_TILE_LINE", 1)
+    monkeypatch.setattr(cpu_flash_tiles, "_TILES_PER_STEP", 2)  # room: 8 partial tiles
+    q, k, v = make_qkv(**SHAPE, seed=8)
+    blocks = ja.make_block_mask(mask_fn, B, 1, T, S, block_size=(64, 64))
+    call = check_attention_args(q, k, v, block_mask=blocks)
+    inputs = KernelInputs(block_mask=blocks)
+    assert bool(cpu_flash_tiles._traced_table(call, inputs, (True, False))[2]) == fits
+    weights = jnp.asarray(
+        np.random.default_rng(9).standard_normal((B, T, N, SHAPE["H_v"])), jnp.float32
+    )
+
+    def value_and_grads(attention):
+        def loss(q, k, v, blocks):
+            return jnp.sum(attention(q, k, v, blocks) * weights)
+
+        return jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(q, k, v, blocks)
+
+    got = value_and_grads(lambda q, k, v, blocks: _flash(q, k, v, block_mask=blocks))
+    want = value_and_grads(
+        lambda q, k, v, _: ja.dot_product_attention(
+            q, k, v, mask_fn=mask_fn, implementation="reference"
+        )
+    )
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=0, atol=2e-6 * float(jnp.abs(w).max()))
