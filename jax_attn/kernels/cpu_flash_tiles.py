@@ -37,7 +37,8 @@ __all__ = ["EMPTY", "FULL", "ROOM_PER_TILE_LINE", "TILE", "table_mask_fn", "tile
 TILE = 64  # cpu_flash.cc's kTile
 EMPTY, FULL = -1, -2  # cpu_flash.cc's kTileEmpty, kTileFull
 _WORDS = TILE // 32  # uint32 words of one bitmask row
-# Partial tiles whose bitmasks one step evaluates ([steps, B', 64, 64, 64] bools at most).
+# Partial tiles whose bitmasks one step of the program's loop evaluates (per batch row:
+# [64, TILE, TILE] bools a step); building while tracing takes 16 times as many at once.
 _TILES_PER_STEP = 64
 # Partial tiles a table built in the program has room for, per query and per key tile line
 # of each head (the partial tiles of documents and windows lie along a few diagonals).
