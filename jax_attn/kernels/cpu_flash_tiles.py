@@ -212,19 +212,38 @@ def _traced_table(call, inputs, dims):
     b = jnp.broadcast_to(jnp.arange(B_m, dtype=jnp.int32)[:, None], slots.shape)
     coordinates = (b, slots // (nq * nk), slots // nk % nq, slots % nk)
 
-    def step(i, bitmasks):
+    def step(i, carry):
+        bitmasks, some, every = carry
         at = i * _TILES_PER_STEP
         part = (
             jax.lax.dynamic_slice_in_dim(x, at, _TILES_PER_STEP, axis=1).reshape(-1)
             for x in coordinates
         )
-        words = _tile_bits(inputs.mask_fn, call.T, call.S, *part)[0]
+        words, some_, every_ = _tile_bits(inputs.mask_fn, call.T, call.S, *part)
         words = words.reshape(B_m, _TILES_PER_STEP, TILE * _WORDS)
-        return jax.lax.dynamic_update_slice_in_dim(bitmasks, words, at, axis=1)
+        some_, every_ = (x.reshape(B_m, _TILES_PER_STEP) for x in (some_, every_))
+        return (
+            jax.lax.dynamic_update_slice_in_dim(bitmasks, words, at, axis=1),
+            jax.lax.dynamic_update_slice_in_dim(some, some_, at, axis=1),
+            jax.lax.dynamic_update_slice_in_dim(every, every_, at, axis=1),
+        )
 
     needed = jnp.minimum((jnp.max(counts) + _TILES_PER_STEP - 1) // _TILES_PER_STEP, steps)
-    bitmasks = jnp.zeros((B_m, room, TILE * _WORDS), jnp.uint32)
-    return table, jax.lax.fori_loop(0, needed, step, bitmasks), fits
+    carry = (
+        jnp.zeros((B_m, room, TILE * _WORDS), jnp.uint32),
+        jnp.ones((B_m, room), jnp.bool_),
+        jnp.zeros((B_m, room), jnp.bool_),
+    )
+    bitmasks, some, every = jax.lax.fori_loop(0, needed, step, carry)
+    # a block's tile whose bits come out all clear or all set: empty or full after all
+    entries = jnp.where(some, jnp.where(every, FULL, jnp.arange(room, dtype=jnp.int32)), EMPTY)
+    filled = jnp.arange(room, dtype=jnp.int32)[None, :] < counts[:, None]
+    flat = table.reshape(B_m, -1)
+    rows = jnp.broadcast_to(jnp.arange(B_m, dtype=jnp.int32)[:, None], slots.shape)
+    # unfilled slots (nonzero's filler) write past the end: dropped
+    targets = jnp.where(filled, slots, flat.shape[1])
+    flat = flat.at[rows, targets].set(entries, mode="drop")
+    return flat.reshape(table.shape), bitmasks, fits
 
 
 def tiles(call, inputs):
