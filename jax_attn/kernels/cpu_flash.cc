@@ -219,10 +219,27 @@ void UnionOfRows(const int64_t* row_begin, const int64_t* row_end, int64_t rows,
   if (*begin >= *end) *begin = *end = 0;
 }
 
-// Zeroes the weights of a row of `width` whose keys its bitmask row (`words`) leaves out.
+// The 8 bits of `byte` as a mask of 8 floats (all ones where the bit is set).
+inline __m256 ByteMask(uint32_t byte) {
+  const __m256i select = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i bits = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(byte)), select);
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(bits, select));
+}
+
+// A bitmask row (kTileWords words) as one 64-bit word: bit c for key c of the tile.
+inline uint64_t RowBits(const uint32_t* words) {
+  return words[0] | static_cast<uint64_t>(words[1]) << 32;
+}
+
+// Zeroes the weights of a row of `width` (a multiple of 8) whose keys `bits` leaves out.
+inline void ZeroMasked(float* row, uint64_t bits, int width) {
+  for (int c = 0; c < width; c += 8)
+    _mm256_storeu_ps(row + c, _mm256_and_ps(ByteMask((bits >> c) & 0xFFu),
+                                            _mm256_loadu_ps(row + c)));
+}
+
 inline void ZeroMasked(float* row, const uint32_t* words, int width) {
-  for (int c = 0; c < width; ++c)
-    if (!((words[c >> 5] >> (c & 31)) & 1u)) row[c] = 0.0f;
+  ZeroMasked(row, RowBits(words), width);
 }
 
 // ---- running items on XLA's thread pool ----------------------------------------------
@@ -493,26 +510,26 @@ void OnlineSoftmaxRowsBits(int width, int gemm_rows, const KeyTile& t, const int
                            float* l, float* acc, int Hvp) {
   for (int r = 0; r < gemm_rows; ++r) {
     float* srow = s + r * width;
-    const uint32_t* words = bits + r * kTileWords;
     const int64_t lo = std::clamp<int64_t>(row_begin[r] - t.s0, 0, t.cols);
     const int64_t hi = std::clamp<int64_t>(row_end[r] - t.s0, 0, t.cols);
-    float row_max = kMasked;
-    bool allowed = false;
-    for (int64_t c = lo; c < hi; ++c) {
-      if ((words[c >> 5] >> (c & 31)) & 1u) row_max = std::max(row_max, srow[c]), allowed = true;
-    }
-    if (!allowed) {
+    // the row's keys: its bits inside its interval [lo, hi)
+    const uint64_t inside = lo >= hi ? 0 : (~uint64_t{0} >> (64 - (hi - lo))) << lo;
+    const uint64_t allowed = RowBits(bits + r * kTileWords) & inside;
+    if (allowed == 0) {
       std::memset(srow, 0, width * sizeof(float));
       continue;
     }
+    __m256 mx = _mm256_set1_ps(kMasked);
+    for (int c = 0; c < width; c += 8)
+      mx = _mm256_max_ps(mx, _mm256_blendv_ps(_mm256_set1_ps(kMasked), _mm256_loadu_ps(srow + c),
+                                              ByteMask((allowed >> c) & 0xFFu)));
+    const float row_max = HorizontalMax(mx);
     const float m_new = std::max(m[r], row_max);
     const float correction = m[r] == kMasked ? 0.0f : std::exp(m[r] - m_new);
     const __m256 shift = _mm256_set1_ps(m_new);
     for (int c = 0; c < width; c += 8)
       _mm256_storeu_ps(srow + c, Exp8(_mm256_sub_ps(_mm256_loadu_ps(srow + c), shift)));
-    std::fill(srow, srow + lo, 0.0f);
-    std::fill(srow + hi, srow + width, 0.0f);
-    ZeroMasked(srow, words, width);
+    ZeroMasked(srow, allowed, width);
     __m256 sum = _mm256_loadu_ps(srow);
     for (int c = 8; c < width; c += 8) sum = _mm256_add_ps(sum, _mm256_loadu_ps(srow + c));
     l[r] = l[r] * correction + HorizontalSum(sum);
