@@ -290,6 +290,13 @@ FUNCTIONS: dict[str, Callable] = {
     "three_indices": lambda b, q_idx, kv_idx: q_idx >= kv_idx,
     "distance": lambda b, h, q_idx, kv_idx: q_idx - kv_idx,
     "positive_score": lambda score, b, h, q_idx, kv_idx: score > 0,
+    # the [kernel] table's mask_fns: documents that move with b, stripes leaving every
+    # block partial, a window as wide as the head index says
+    "documents": lambda b, h, q_idx, kv_idx: (q_idx + 7 * b) // 40 == (kv_idx + 7 * b) // 50,
+    "stripes": lambda b, h, q_idx, kv_idx: (q_idx + 2 * kv_idx + b + h) % 5 != 0,
+    "head_window": lambda b, h, q_idx, kv_idx: (
+        (kv_idx <= q_idx + 3) & (kv_idx + 8 * (h + 1) > q_idx)
+    ),
 }
 _SPECIAL_CALLS = {"traced_scale": _traced_scale}
 
@@ -717,12 +724,15 @@ def _kernel_case(rng: np.random.Generator, dtypes=None) -> dict:
         return np.asarray(jnp.asarray(x).astype(dtype).astype(jnp.float32))
 
     qk_scale = float(rng.choice([0.3, 1.0, 3.0]))
+    mask_fns = _KERNEL_TABLE.get("mask_fns", ["none"])
+    mask_fn = mask_fns[rng.integers(len(mask_fns))]
     return dict(
         shape=(B, T, S, N, K, H, H_v),
         dtype=dtype,
         mode=mode,
         causal=bool(rng.random() < _KERNEL_TABLE["causal"]),
         window=window,
+        mask_fn=None if mask_fn == "none" else mask_fn,
         q=normal(T, N, H, scale=qk_scale),
         k=normal(S, K, H, scale=qk_scale),
         v=normal(S, K, H_v),
@@ -745,6 +755,7 @@ def _attend(implementation: str, case: dict, dtype):
             query_seq_lengths=q_lengths,
             key_value_seq_lengths=kv_lengths,
             implementation=implementation,
+            mask_fn=FUNCTIONS[case["mask_fn"]] if case.get("mask_fn") else None,
         )
 
     return attend
@@ -772,7 +783,7 @@ def _jitted(implementation: str, case: dict, dtype):
     """One jitted function per (implementation, shape, dtype, options, mode): lengths and
     inputs are arguments, so every case of a kind reuses its compiled program."""
     key: tuple = (implementation, case["shape"], str(dtype), case["causal"], case["window"])
-    key += (case["mode"],)
+    key += (case["mode"], case.get("mask_fn"))
     if key not in _JITTED:
         _JITTED[key] = jax.jit(_outputs(_attend(implementation, case, dtype), case["mode"]))
     return _JITTED[key]
@@ -842,7 +853,8 @@ def _kernel_check(case: dict, got, expected, report: KernelFuzzReport) -> None:
 def _describe_kernel_case(case: dict) -> str:
     return (
         f"shape (B, T, S, N, K, H, H_v)={case['shape']} {case['dtype']} {case['mode']} "
-        f"causal={case['causal']} window={case['window']} q_lengths={case['q_lengths'].tolist()} "
+        f"causal={case['causal']} window={case['window']} mask_fn={case.get('mask_fn')} "
+        f"q_lengths={case['q_lengths'].tolist()} "
         f"kv_lengths={case['kv_lengths'].tolist()}"
     )
 

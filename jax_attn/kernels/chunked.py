@@ -853,12 +853,14 @@ def _dense_blocks(plan: _Plan, x, B: int, N: int, K: int, pad_value):
     return _as_blocks(x, B, N, K, plan.T_padded, plan.S_padded, pad_value)
 
 
-def position_tangent(plan: _Plan, diff, nondiff, out, lse, d_diff, *, rng=None, score_consts=()):
+def position_tangent(
+    plan: _Plan, diff, nondiff, out, lse, d_diff, *, rng=None, score_consts=(), mask_consts=()
+):
     """:func:`_tangent` for ``diff = (q, k, v[, bias])``, ``nondiff = (q_lengths,
     kv_lengths[, mask])`` (int32 ``[B]``; bias float32 and mask bool, 4-d, broadcastable to
     ``[B, N, T, S]``) in jax.nn's layout, ``(d_out [B, T, N, H_v], d_lse [B, N, T])``; ``rng``
-    the dropout key of a plan with dropout, ``score_consts`` the constant arguments of its
-    ``score_fn`` (no derivative taken for them)."""
+    the dropout key of a plan with dropout, ``score_consts`` and ``mask_consts`` the constant
+    arguments of its ``score_fn`` and ``mask_fn`` (no derivative taken for them)."""
     (q, k, v, *bias), (q_lengths, kv_lengths, *mask), (dq, dk, dv, *d_bias) = (
         diff,
         nondiff,
@@ -878,6 +880,7 @@ def position_tangent(plan: _Plan, diff, nondiff, out, lse, d_diff, *, rng=None, 
         bias=bias,
         kv_lengths=kv_lengths,
         rng=rng,
+        mask_consts=tuple(mask_consts),
         score_consts=tuple(score_consts),
     )
     d_zero_consts = tuple(jnp.zeros_like(c) for c in score_consts)
@@ -888,7 +891,17 @@ def position_tangent(plan: _Plan, diff, nondiff, out, lse, d_diff, *, rng=None, 
 
 
 def position_backward(
-    plan: _Plan, diff, nondiff, out, lse, d_out, d_lse, *, rng=None, score_consts=()
+    plan: _Plan,
+    diff,
+    nondiff,
+    out,
+    lse,
+    d_out,
+    d_lse,
+    *,
+    rng=None,
+    score_consts=(),
+    mask_consts=(),
 ):
     """:func:`_backward` in jax.nn's layout for :func:`position_tangent`'s arguments:
     ``(dq, dk, dv[, dbias])``."""
@@ -911,6 +924,7 @@ def position_backward(
         bias=_dense_blocks(plan, bias[0] if bias else None, B, N, K, 0.0),
         kv_lengths=kv_lengths,
         rng=rng,
+        mask_consts=tuple(mask_consts),
         score_consts=tuple(score_consts),
     )
     dq, dk, dv, dbias, _ = _backward(plan, operands, outk, lsek, d_outk, d_lsek)

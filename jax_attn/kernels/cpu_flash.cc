@@ -18,6 +18,11 @@
 // one whose bias is -inf, and every -inf logit gets weight exactly 0. The bias is added
 // after the score options, as in the reference.
 //
+// Block sparsity: a mask_fn's block structure comes as a table of
+// (query tile, key tile) pairs, each empty (skipped), full (no per-element work beyond the
+// intervals above) or partial, with a bitmask of kTile x kTile bits per partial tile,
+// evaluated in JAX on those tiles only (this code cannot call the mask_fn).
+//
 // Forward: one work item is (batch, query head, tile of kTile query rows); it walks the
 // key tiles its rows may see with the online softmax (running max m, sum l, unnormalised
 // accumulator). Backward (FlashAttention-2): one work item is (batch, key/value head,
@@ -52,11 +57,16 @@ using Lengths = ffi::Buffer<ffi::S32>;
 using Seeds = ffi::Buffer<ffi::U32>;
 using FloatsOut = ffi::ResultBuffer<ffi::F32>;
 using Masks = ffi::Buffer<ffi::PRED>;
+using TileTable = ffi::Buffer<ffi::S32>;
+using TileBits = ffi::Buffer<ffi::U32>;
 
 namespace {
 
 constexpr int kTile = 64;  // query rows and keys per tile
 constexpr float kMasked = -0.7f * 3.4028234663852886e38f;
+// A tile table's entries besides a partial tile's bitmask index (>= 0).
+constexpr int32_t kTileEmpty = -1, kTileFull = -2;
+constexpr int kTileWords = kTile / 32;  // uint32 words of one bitmask row
 
 int64_t RoundUp16(int64_t x) { return (x + 15) / 16 * 16; }
 
@@ -201,6 +211,24 @@ struct Problem : Attributes {
   Broadcast<bool> mask;   // dense mask (true: may attend), or none
   Broadcast<float> bias;  // additive bias, or none
   bool dense() const { return mask.data != nullptr || bias.data != nullptr; }
+  // Block sparsity (the sparse handlers; no table otherwise): tile_table [B, table_heads,
+  // q_tiles, key_tiles] holds kTileEmpty, kTileFull or the index of the tile's bitmask in
+  // tile_bits [B, bit_tiles, kTile, kTileWords] (bit c of row r: key c of the tile allowed).
+  const int32_t* tile_table = nullptr;
+  const uint32_t* tile_bits = nullptr;
+  int64_t table_heads = 1, bit_tiles = 0;
+
+  // Whether query tile qt of batch b, query head n visits key tile kt; *bits: the tile's
+  // bitmask where it is partial, nullptr where it is full (or there is no table).
+  bool Visits(int64_t b, int64_t n, int64_t qt, int64_t kt, const uint32_t** bits) const {
+    *bits = nullptr;
+    if (tile_table == nullptr) return true;
+    const int64_t h = table_heads == 1 ? 0 : n;
+    const int32_t entry = tile_table[((b * table_heads + h) * q_tiles() + qt) * key_tiles() + kt];
+    if (entry == kTileEmpty) return false;
+    if (entry >= 0) *bits = tile_bits + (b * bit_tiles + entry) * kTile * kTileWords;
+    return true;
+  }
 
   // Keys query row t of batch b may attend: [*begin, *end) (empty if begin >= end). The
   // windows are clamped to S + T in Prepare, so no sum here overflows.
@@ -303,6 +331,31 @@ void AddBiasGradient(const Problem& p, float* dbias, int64_t b, int64_t n, int64
       dst[0] += sum;
     }
   }
+}
+
+// ---- block sparsity: partial tiles' bitmasks ------------------------------------------
+
+// The 8 bits of `byte` as a mask of 8 floats (all ones where the bit is set).
+inline __m256 ByteMask(uint32_t byte) {
+  const __m256i select = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i bits = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(byte)), select);
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(bits, select));
+}
+
+// A bitmask row (kTileWords words) as one 64-bit word: bit c for key c of the tile.
+inline uint64_t RowBits(const uint32_t* words) {
+  return words[0] | static_cast<uint64_t>(words[1]) << 32;
+}
+
+// Zeroes the weights of a row of `width` (a multiple of 8) whose keys `bits` leaves out.
+inline void ZeroMasked(float* row, uint64_t bits, int width) {
+  for (int c = 0; c < width; c += 8)
+    _mm256_storeu_ps(row + c, _mm256_and_ps(ByteMask((bits >> c) & 0xFFu),
+                                            _mm256_loadu_ps(row + c)));
+}
+
+inline void ZeroMasked(float* row, const uint32_t* words, int width) {
+  ZeroMasked(row, RowBits(words), width);
 }
 
 // ---- running items on XLA's thread pool ----------------------------------------------
@@ -687,6 +740,52 @@ void OnlineSoftmaxRows(int width_given, int gemm_rows, const KeyTile& t, const i
   }
 }
 
+// OnlineSoftmaxRows on a partial tile: only the keys each row's bitmask row allows
+// (`bits`, kTileWords words per row) enter its max and sum; a row with none is untouched.
+// `dense`: the logits may hold -inf (a dense mask or bias), which weigh exactly 0.
+void OnlineSoftmaxRowsBits(int width, int gemm_rows, const KeyTile& t, const int64_t* row_begin,
+                           const int64_t* row_end, const uint32_t* bits, float* s, float* m,
+                           float* l, float* acc, int Hvp, bool dense) {
+  for (int r = 0; r < gemm_rows; ++r) {
+    float* srow = s + r * width;
+    const int64_t lo = std::clamp<int64_t>(row_begin[r] - t.s0, 0, t.cols);
+    const int64_t hi = std::clamp<int64_t>(row_end[r] - t.s0, 0, t.cols);
+    // the row's keys: its bits inside its interval [lo, hi)
+    const uint64_t inside = lo >= hi ? 0 : (~uint64_t{0} >> (64 - (hi - lo))) << lo;
+    const uint64_t allowed = RowBits(bits + r * kTileWords) & inside;
+    if (allowed == 0) {
+      std::memset(srow, 0, width * sizeof(float));
+      continue;
+    }
+    __m256 mx = _mm256_set1_ps(kMasked);
+    for (int c = 0; c < width; c += 8)
+      mx = _mm256_max_ps(mx, _mm256_blendv_ps(_mm256_set1_ps(kMasked), _mm256_loadu_ps(srow + c),
+                                              ByteMask((allowed >> c) & 0xFFu)));
+    const float row_max = HorizontalMax(mx);
+    const float m_new = std::max(m[r], row_max);
+    const float correction = m[r] == kMasked ? 0.0f : std::exp(m[r] - m_new);
+    const __m256 shift = _mm256_set1_ps(m_new);
+    if (dense) {
+      for (int c = 0; c < width; c += 8)
+        _mm256_storeu_ps(srow + c, ExpMasked8(_mm256_loadu_ps(srow + c), shift));
+    } else {
+      for (int c = 0; c < width; c += 8)
+        _mm256_storeu_ps(srow + c, Exp8(_mm256_sub_ps(_mm256_loadu_ps(srow + c), shift)));
+    }
+    ZeroMasked(srow, allowed, width);
+    __m256 sum = _mm256_loadu_ps(srow);
+    for (int c = 8; c < width; c += 8) sum = _mm256_add_ps(sum, _mm256_loadu_ps(srow + c));
+    l[r] = l[r] * correction + HorizontalSum(sum);
+    m[r] = m_new;
+    if (correction != 1.0f) {
+      const __m256 factor = _mm256_set1_ps(correction);
+      float* arow = acc + r * Hvp;
+      for (int h = 0; h < Hvp; h += 8)
+        _mm256_storeu_ps(arow + h, _mm256_mul_ps(factor, _mm256_loadu_ps(arow + h)));
+    }
+  }
+}
+
 void ForwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float* q,
                  float* out, float* lse, float* scratch) {
   const int64_t tiles = p.q_tiles();
@@ -720,22 +819,23 @@ void ForwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float
     if (MaskedTile(p, b, n, t0, rows, key_tile * kTile,
                    std::min<int64_t>(kTile, p.S - key_tile * kTile)))
       continue;
+    const uint32_t* bits;
+    if (!p.Visits(b, n, tile, key_tile, &bits)) continue;
     const KeyTile t = LoadTile(p, kv, b, kh, key_tile, tile_scratch);
     const int width = static_cast<int>(t.width);
-    // [gemm_rows, width] scaled logits; full tiles with a constant width, so that the
-    // loops over it unroll
-    if (width == kTile) {
-      Gemm<false>(gemm_rows, kTile, static_cast<int>(p.H), qs, Hp, t.kt, kTile, s, kTile);
-      ScoreTile(p, b, n, t0, t.s0, gemm_rows, kTile, row_begin, row_end, s);
-      if (dense) ApplyDense(p, b, n, t0, rows, t.s0, t.cols, s, kTile);
+    // [gemm_rows, width] scaled logits, the score options, then bias and mask (the
+    // reference's order); full tiles with a constant width, so that the loops over it unroll
+    Gemm<false>(gemm_rows, width, static_cast<int>(p.H), qs, Hp, t.kt, width, s, width);
+    ScoreTile(p, b, n, t0, t.s0, gemm_rows, width, row_begin, row_end, s);
+    if (dense) ApplyDense(p, b, n, t0, rows, t.s0, t.cols, s, width);
+    if (bits != nullptr)
+      OnlineSoftmaxRowsBits(width, gemm_rows, t, row_begin, row_end, bits, s, m, l, acc, Hvp,
+                            dense);
+    else if (width == kTile)
       OnlineSoftmaxRows<kTile>(kTile, gemm_rows, t, row_begin, row_end, s, m, l, acc, Hvp,
                                dense);
-    } else {
-      Gemm<false>(gemm_rows, width, static_cast<int>(p.H), qs, Hp, t.kt, width, s, width);
-      ScoreTile(p, b, n, t0, t.s0, gemm_rows, width, row_begin, row_end, s);
-      if (dense) ApplyDense(p, b, n, t0, rows, t.s0, t.cols, s, width);
+    else
       OnlineSoftmaxRows<0>(width, gemm_rows, t, row_begin, row_end, s, m, l, acc, Hvp, dense);
-    }
     DropTile(p, b, n, t0, t.s0, gemm_rows, width, row_begin, row_end, s);
     // [gemm_rows, Hvp] += weights . values, over the keys some row of the tile attends
     // (values of keys no row attends, such as padding, are not read)
@@ -832,6 +932,8 @@ void BackwardItem(const Problem& p, const PackedKV& kv, BackwardShared& w, int64
       for (int64_t tile = 0; tile < tiles; ++tile) {
         if (w.tile_end[b * tiles + tile] <= t.s0 || w.tile_begin[b * tiles + tile] >= t.s0 + t.cols)
           continue;
+        const uint32_t* bits;
+        if (!p.Visits(b, n, tile, key_tile, &bits)) continue;
         const int64_t t0 = tile * kTile, row0 = w.Row(p, b, n, t0);
         const int rows = static_cast<int>(p.TileRows(b, t0, row_begin, row_end));
         if (MaskedTile(p, b, n, t0, rows, t.s0, t.cols)) continue;
@@ -868,6 +970,7 @@ void BackwardItem(const Problem& p, const PackedKV& kv, BackwardShared& w, int64
           }
           std::fill(prow, prow + lo, 0.0f);
           std::fill(prow + hi, prow + width, 0.0f);
+          if (bits != nullptr) ZeroMasked(prow, bits + r * kTileWords, width);
           if (p.dropout) {
             // with dropout factors f: dS = P * (f dP - delta), and dV takes f P
             alignas(32) float factors[kTile];
@@ -969,6 +1072,8 @@ void TangentItem(const Problem& p, const PackedKV& kv, const Problem& pd, const 
     if (MaskedTile(p, b, n, t0, rows, key_tile * kTile,
                    std::min<int64_t>(kTile, p.S - key_tile * kTile)))
       continue;
+    const uint32_t* bits;
+    if (!p.Visits(b, n, tile, key_tile, &bits)) continue;
     const KeyTile t = LoadTile(p, kv, b, kh, key_tile, tile_scratch);
     const KeyTile dt = LoadTile(pd, kvd, b, kh, key_tile, tangent_scratch);
     const int width = static_cast<int>(t.width);
@@ -1005,6 +1110,7 @@ void TangentItem(const Problem& p, const PackedKV& kv, const Problem& pd, const 
       }
       std::fill(prow, prow + lo, 0.0f);
       std::fill(prow + hi, prow + width, 0.0f);
+      if (bits != nullptr) ZeroMasked(prow, bits + r * kTileWords, width);
       // P * ds, in place of ds, and its row sum into mu (0 where P is: a masked key's
       // tangent, whatever it holds, does not reach the output)
       __m256 sum = _mm256_setzero_ps();
@@ -1208,15 +1314,43 @@ PooledBuffer WorkerScratch(int64_t workers, int64_t floats) {
   return PooledBuffer(workers * floats, false);
 }
 
+// Checks the table [..., heads, q_tiles, key_tiles] and bitmasks [..., P, kTile * kTileWords]
+// (leading axes folding into B, heads 1 or N, every entry empty, full or below P) and puts
+// them in `p`; an empty table: no block sparsity.
+ffi::Error DescribeTiles(const TileTable& table, const TileBits& bits, Problem* p) {
+  if (table.element_count() == 0) return ffi::Error::Success();  // no block sparsity
+  auto td = table.dimensions(), bd = bits.dimensions();
+  if (td.size() < 4 || bd.size() < 3)
+    return ffi::Error::InvalidArgument("cpu_flash: tile table or bitmasks of too low a rank");
+  int64_t bits_batch = 1;
+  for (size_t i = 0; i + 2 < bd.size(); ++i) bits_batch *= bd[i];
+  const size_t r = td.size();
+  const int64_t heads = td[r - 3];
+  if (Leading(td) != p->B || bits_batch != p->B || (heads != 1 && heads != p->N) ||
+      td[r - 2] != p->q_tiles() || td[r - 1] != p->key_tiles() ||
+      bd[bd.size() - 1] != kTile * kTileWords)
+    return ffi::Error::InvalidArgument("cpu_flash: tile table or bitmasks mis-shaped");
+  const int64_t partial = bd[bd.size() - 2];
+  const int32_t* entries = table.typed_data();
+  for (size_t i = 0; i < table.element_count(); ++i)
+    if (entries[i] < kTileFull || entries[i] >= partial)
+      return ffi::Error::InvalidArgument("cpu_flash: tile table entry out of range");
+  p->tile_table = entries, p->tile_bits = bits.typed_data();
+  p->table_heads = heads, p->bit_tiles = partial;
+  return ffi::Error::Success();
+}
+
 ffi::Error Forward(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q_lengths,
                    Lengths kv_lengths, Seeds row_seeds, Floats slopes, Masks mask, Floats bias,
-                   FloatsOut out, FloatsOut lse, Attributes attributes) {
+                   TileTable table, TileBits bits, FloatsOut out, FloatsOut lse,
+                   Attributes attributes) {
   return Contained([&]() -> ffi::Error {
     Problem p;
     if (auto error = Describe(q, k, v, q_lengths, kv_lengths, attributes, &p); error.failure())
       return error;
     if (auto error = DescribeRows(row_seeds, slopes, &p); error.failure()) return error;
     if (auto error = DescribeDense(q, mask, bias, &p); error.failure()) return error;
+    if (auto error = DescribeTiles(table, bits, &p); error.failure()) return error;
     if (!Sized(p, *out, *lse))
       return ffi::Error::InvalidArgument("cpu_flash: out or lse mis-sized");
     const int64_t items = p.B * p.N * p.q_tiles(), per_worker = ForwardScratch(p);
@@ -1236,14 +1370,16 @@ ffi::Error Forward(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q
 
 ffi::Error Backward(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q_lengths,
                     Lengths kv_lengths, Floats out, Floats lse, Floats d_out, Floats d_lse,
-                    Seeds row_seeds, Floats slopes, Masks mask, Floats bias, FloatsOut dq,
-                    FloatsOut dk, FloatsOut dv, FloatsOut dbias, Attributes attributes) {
+                    Seeds row_seeds, Floats slopes, Masks mask, Floats bias, TileTable table,
+                    TileBits bits, FloatsOut dq, FloatsOut dk, FloatsOut dv, FloatsOut dbias,
+                    Attributes attributes) {
   return Contained([&]() -> ffi::Error {
     Problem p;
     if (auto error = Describe(q, k, v, q_lengths, kv_lengths, attributes, &p); error.failure())
       return error;
     if (auto error = DescribeRows(row_seeds, slopes, &p); error.failure()) return error;
     if (auto error = DescribeDense(q, mask, bias, &p); error.failure()) return error;
+    if (auto error = DescribeTiles(table, bits, &p); error.failure()) return error;
     if (!Sized(p, out, lse) || !Sized(p, d_out, d_lse) || !SameSizes(q, k, v, *dq, *dk, *dv))
       return ffi::Error::InvalidArgument("cpu_flash: out, lse or their cotangents mis-sized");
     if (dbias->element_count() != bias.element_count())
@@ -1293,7 +1429,7 @@ ffi::Error Backward(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths 
 ffi::Error Tangent(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q_lengths,
                    Lengths kv_lengths, Floats out, Floats lse, Floats dq, Floats dk, Floats dv,
                    Seeds row_seeds, Floats slopes, Masks mask, Floats bias, Floats d_bias,
-                   FloatsOut d_out, FloatsOut d_lse,
+                   TileTable table, TileBits bits, FloatsOut d_out, FloatsOut d_lse,
                    Attributes attributes) {
   return Contained([&]() -> ffi::Error {
     Problem p;
@@ -1301,6 +1437,7 @@ ffi::Error Tangent(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q
       return error;
     if (auto error = DescribeRows(row_seeds, slopes, &p); error.failure()) return error;
     if (auto error = DescribeDense(q, mask, bias, &p); error.failure()) return error;
+    if (auto error = DescribeTiles(table, bits, &p); error.failure()) return error;
     if (!Sized(p, out, lse) || !Sized(p, *d_out, *d_lse) || !SameSizes(q, k, v, dq, dk, dv))
       return ffi::Error::InvalidArgument("cpu_flash: out, lse or the tangents mis-sized");
     if (d_bias.element_count() != bias.element_count())
@@ -1353,19 +1490,21 @@ auto BindInputs() {
       .Arg<Lengths>();
 }
 
-// (q, k, v, q_lengths, kv_lengths, row_seeds, slopes, mask, bias) -> (out, lse)
+// (q, k, v, q_lengths, kv_lengths, row_seeds, slopes, mask, bias, table, bits) -> (out, lse)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxAttnFlashForward, Forward,
                               BindInputs()
                                   .Arg<Seeds>()
                                   .Arg<Floats>()
                                   .Arg<Masks>()
                                   .Arg<Floats>()
+                                  .Arg<TileTable>()
+                                  .Arg<TileBits>()
                                   .Ret<Floats>()
                                   .Ret<Floats>()
                                   .Attrs<Attributes>());
 
-// (q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse, row_seeds, slopes, mask, bias)
-//   -> (dq, dk, dv, dbias)
+// (q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse, row_seeds, slopes, mask, bias,
+//  table, bits) -> (dq, dk, dv, dbias)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxAttnFlashBackward, Backward,
                               BindInputs()
                                   .Arg<Floats>()
@@ -1376,6 +1515,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxAttnFlashBackward, Backward,
                                   .Arg<Floats>()
                                   .Arg<Masks>()
                                   .Arg<Floats>()
+                                  .Arg<TileTable>()
+                                  .Arg<TileBits>()
                                   .Ret<Floats>()
                                   .Ret<Floats>()
                                   .Ret<Floats>()
@@ -1383,7 +1524,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxAttnFlashBackward, Backward,
                                   .Attrs<Attributes>());
 
 // (q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv, row_seeds, slopes, mask, bias,
-//  d_bias) -> (d_out, d_lse)
+//  d_bias, table, bits) -> (d_out, d_lse)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxAttnFlashTangent, Tangent,
                               BindInputs()
                                   .Arg<Floats>()
@@ -1396,6 +1537,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxAttnFlashTangent, Tangent,
                                   .Arg<Masks>()
                                   .Arg<Floats>()
                                   .Arg<Floats>()
+                                  .Arg<TileTable>()
+                                  .Arg<TileBits>()
                                   .Ret<Floats>()
                                   .Ret<Floats>()
                                   .Attrs<Attributes>());

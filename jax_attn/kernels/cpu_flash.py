@@ -17,8 +17,10 @@ derivative with respect to them), and dropout: the library's hash
 (:func:`jax_attn.masks.make_dropout_mask`) finished per weight in the kernel from each
 ``(b, n)``'s hash state (:func:`jax_attn.masks.dropout_row_seeds`, computed here in JAX,
 so ``jax.vmap`` and splitting over devices keep the reference's indices), dropping exactly
-the reference's weights. It declines ``mask_fn``/``score_fn``/``block_mask`` (``chunked``
-serves those), float64, and CPUs without AVX2 and FMA.
+the reference's weights, and ``mask_fn``/``block_mask`` by their block structure
+(:mod:`jax_attn.kernels.cpu_flash_tiles`: empty tiles skipped, full ones unmasked, a bitmask
+per partial tile evaluated in JAX). It declines a caller's own ``score_fn`` (``chunked``
+serves it), float64, and CPUs without AVX2 and FMA.
 
 XLA cannot split a custom call over devices by itself: the three calls go through
 :mod:`jax_attn.kernels.partitioned` (``jax.experimental.custom_partitioning``), which
@@ -57,7 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_attn.kernels import chunked
+from jax_attn.kernels import chunked, cpu_flash_tiles
 from jax_attn.kernels.base import Implementation, cotangent_like, partitioned_axes, varying_like
 from jax_attn.kernels.contract import AttentionCall, KernelInputs
 from jax_attn.kernels.flash_autodiff import FlashRules, flash_attention
@@ -291,6 +293,16 @@ def _dense(mask, bias):
     return mask, bias
 
 
+def _tiles(call: AttentionCall, tiles):
+    """The kernel's tile table and bitmasks (:func:`cpu_flash_tiles.tile_table`) and their
+    partitioning roles; empty operands (no block sparsity) where ``tiles`` is ``None``."""
+    if tiles is None:
+        empty = (jnp.zeros(_NO_DENSE, jnp.int32), jnp.zeros(_NO_DENSE, jnp.uint32))
+        return empty, ("dense", "dense")
+    table, bitmasks = tiles
+    return tiles, ("tiles" if table.shape[-3] == call.N else "tiles_shared", "tile_bits")
+
+
 def forward(
     call: AttentionCall,
     q,
@@ -302,6 +314,7 @@ def forward(
     slopes=None,
     mask=None,
     bias=None,
+    tiles=None,
 ):
     """The kernel's forward: q ``[..., T, N, H]``, k ``[..., S, K, H]``, v ``[..., S, K, H_v]``
     float32, lengths int32 ``[...]`` -> (out ``[..., T, N, H_v]``, lse ``[..., N, T]``) float32.
@@ -310,33 +323,34 @@ def forward(
     is not attended). With ``call.dropout_rate > 0``, ``row_seeds`` uint32 ``[..., N]``
     (:func:`jax_attn.masks.dropout_row_seeds`); with ``call.has_alibi_slopes``, ``slopes``
     float32 ``[..., N]``; optionally ``mask`` (bool) and ``bias`` (float32)
-    ``[..., N|1, T|1, S|1]`` with q's rank. A plain function: no derivative rule."""
+    ``[..., N|1, T|1, S|1]`` with q's rank; ``tiles``: a ``mask_fn``'s ``(table, bitmasks)``
+    (:func:`jax_attn.kernels.cpu_flash_tiles.tile_table`). A plain function: no derivative
+    rule."""
     row_seeds, slopes = _rows(q, row_seeds, slopes)
     mask, bias = _dense(mask, bias)
-    operands = (q, k, v, q_lengths, kv_lengths, row_seeds, slopes, mask, bias)
+    tiles, tile_roles = _tiles(call, tiles)
+    operands = (q, k, v, q_lengths, kv_lengths, row_seeds, slopes, mask, bias, *tiles)
     out, lse = partitioned_call(
         _ffi_forward,
         call,
         operands,
-        ("q", "kv", "kv", "lengths", "lengths", "heads", "heads", "dense", "dense"),
+        ("q", "kv", "kv", "lengths", "lengths", "heads", "heads", "dense", "dense", *tile_roles),
         ("q", "lse"),
     )
     return varying_like(out, *operands), varying_like(lse, q, k, v, *operands[5:])
 
 
-def _ffi_forward(
-    call: AttentionCall, q, k, v, q_lengths, kv_lengths, row_seeds, slopes, mask, bias
-):
-    *lead, T, N, _ = q.shape
+def _ffi_forward(call: AttentionCall, *operands):
+    """The compiled forward on :func:`forward`'s operands (q, k, v, q_lengths, kv_lengths,
+    row_seeds, slopes, mask, bias, table, bitmasks)."""
+    *lead, T, N, _ = operands[0].shape
     out_types = (
         jax.ShapeDtypeStruct((*lead, T, N, call.H_v), jnp.float32),
         # [..., N, T] log-sum-exp of each row's scaled logits
         jax.ShapeDtypeStruct((*lead, N, T), jnp.float32),
     )
     forward = jax.ffi.ffi_call("jax_attn_cpu_flash_forward", out_types, vmap_method="broadcast_all")
-    return forward(
-        q, k, v, q_lengths, kv_lengths, row_seeds, slopes, mask, bias, **_attributes(call)
-    )
+    return forward(*operands, **_attributes(call))
 
 
 _forward = forward
@@ -359,6 +373,7 @@ def tangent(
     mask=None,
     bias=None,
     d_bias=None,
+    tiles=None,
 ):
     """The forward-mode derivative (JVP) of :func:`forward`'s (out, lse) at (q, k, v[, bias])
     in the direction (dq, dk, dv[, d_bias]) (shaped and typed as q, k, v, bias), given that
@@ -374,13 +389,14 @@ def tangent(
     row_seeds, slopes = _rows(q, row_seeds, slopes)
     mask, bias = _dense(mask, bias)
     d_bias = _dense(None, d_bias)[1]
-    extra = (row_seeds, slopes, mask, bias, d_bias)
+    tiles, tile_roles = _tiles(call, tiles)
+    extra = (row_seeds, slopes, mask, bias, d_bias, *tiles)
     d_out, d_lse = partitioned_call(
         _ffi_tangent,
         call,
         (q, k, v, q_lengths, kv_lengths, out, lse, dq, dk, dv, *extra),
         ("q", "kv", "kv", "lengths", "lengths", "q", "lse", "q", "kv", "kv")
-        + ("heads", "heads", "dense", "dense", "dense"),
+        + ("heads", "heads", "dense", "dense", "dense", *tile_roles),
         ("q", "lse"),
     )
     varying = (q, k, v, q_lengths, kv_lengths, dq, dk, dv, *extra)
@@ -389,7 +405,7 @@ def tangent(
 
 def _ffi_tangent(call: AttentionCall, *operands):
     """The compiled tangent on :func:`tangent`'s operands (q, k, v, q_lengths, kv_lengths,
-    out, lse, dq, dk, dv, row_seeds, slopes, mask, bias, d_bias)."""
+    out, lse, dq, dk, dv, row_seeds, slopes, mask, bias, d_bias, table, bitmasks)."""
     out, lse = operands[5:7]
     out_types = (
         jax.ShapeDtypeStruct(out.shape, jnp.float32),
@@ -416,6 +432,7 @@ def backward(
     slopes=None,
     mask=None,
     bias=None,
+    tiles=None,
 ):
     """The reverse-mode derivative (VJP) of :func:`forward`'s (out, lse): given that
     point's ``out`` and ``lse`` and the cotangents ``d_out`` (as out) and ``d_lse`` (as lse)
@@ -433,7 +450,8 @@ def backward(
     )
     row_seeds, slopes = _rows(q, row_seeds, slopes)
     mask, bias = _dense(mask, bias)
-    extra = (row_seeds, slopes, mask, bias)
+    tiles, tile_roles = _tiles(call, tiles)
+    extra = (row_seeds, slopes, mask, bias, *tiles)
     operands = (q, k, v, q_lengths, kv_lengths, out, lse, d_out, d_lse, *extra)
     if whole:
         grads = _ffi_backward(call, *operands)
@@ -443,7 +461,7 @@ def backward(
             call,
             operands,
             ("q", "kv", "kv", "lengths", "lengths", "q", "lse", "q", "lse")
-            + ("heads", "heads", "dense", "dense"),
+            + ("heads", "heads", "dense", "dense", *tile_roles),
             ("q", "kv", "kv", "dense"),
         )
     grads = tuple(varying_like(g, q, k, v, d_out, d_lse, *extra) for g in grads)
@@ -452,9 +470,10 @@ def backward(
 
 def _ffi_backward(call: AttentionCall, *operands):
     """The compiled backward on :func:`backward`'s operands (q, k, v, q_lengths, kv_lengths,
-    out, lse, d_out, d_lse, row_seeds, slopes, mask, bias): (dq, dk, dv, dbias)."""
+    out, lse, d_out, d_lse, row_seeds, slopes, mask, bias, table, bitmasks): (dq, dk, dv,
+    dbias)."""
     q, k, v = operands[:3]
-    bias = operands[-1]
+    bias = operands[12]
     out_types = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v, bias))
     call_backward = jax.ffi.ffi_call(
         "jax_attn_cpu_flash_backward", out_types, vmap_method="broadcast_all"
@@ -465,10 +484,11 @@ def _ffi_backward(call: AttentionCall, *operands):
 @functools.cache
 def _rules(call: AttentionCall) -> FlashRules:
     """The kernel's maps for :mod:`jax_attn.kernels.flash_autodiff`: ``diff = (q, k, v[,
-    bias])``, ``nondiff = (q_lengths, kv_lengths, rng, slopes, mask)`` (the dropout key,
-    the ALiBi slopes ``[B, N]`` and the boolean mask, ``None`` where the call has none);
-    forward, tangent and backward compiled, the pure maps (differentiated only at second
-    order) those of ``chunked`` on the same masks, dropout and score options."""
+    bias])``, ``nondiff = (q_lengths, kv_lengths, rng, slopes, mask, tiles)`` (the dropout
+    key, the ALiBi slopes ``[B, N]``, the boolean mask and a ``mask_fn``'s tile table and
+    bitmasks, ``None`` where the call has none); forward, tangent and backward compiled, the
+    pure maps (differentiated only at second order) those of ``chunked`` on the same masks
+    (the ``mask_fn`` the tiles encode), dropout and score options."""
     plan = chunked.position_plan(call.T, call.S, call.is_causal, call.window, call.scale, True)
     if call.dropout_rate > 0.0 or call.logit_soft_cap is not None or call.has_alibi_slopes:
         plan = dataclasses.replace(
@@ -476,13 +496,16 @@ def _rules(call: AttentionCall) -> FlashRules:
             dropout_rate=call.dropout_rate,
             score_fn=_options_score_fn(call.logit_soft_cap, call.has_alibi_slopes, call.S - call.T),
         )
+    if call.has_mask_fn or call.has_block_mask:
+        plan = dataclasses.replace(plan, mask_fn=cpu_flash_tiles.table_mask_fn)
 
     def extra(diff, nondiff):
-        """The compiled maps' keywords: row seeds from the dropout key, slopes, mask, bias."""
-        _, _, rng, slopes, mask = nondiff
+        """The compiled maps' keywords: row seeds from the dropout key, slopes, mask, bias,
+        tiles."""
+        _, _, rng, slopes, mask, tiles = nondiff
         B, _, N, _ = diff[0].shape
         row_seeds = None if rng is None else dropout_row_seeds(rng, B, N)
-        return dict(row_seeds=row_seeds, slopes=slopes, mask=mask, bias=_bias(diff))
+        return dict(row_seeds=row_seeds, slopes=slopes, mask=mask, bias=_bias(diff), tiles=tiles)
 
     def forward_(diff, nondiff):
         return forward(call, *diff[:3], *nondiff[:2], **extra(diff, nondiff))
@@ -509,10 +532,19 @@ def _rules(call: AttentionCall) -> FlashRules:
 
     def pure(fn):
         def with_options(diff, nondiff, *args):
-            q_lengths, kv_lengths, rng, slopes, mask = nondiff
+            q_lengths, kv_lengths, rng, slopes, mask, tiles = nondiff
             consts = () if slopes is None else (slopes,)
             positions = (q_lengths, kv_lengths) if mask is None else (q_lengths, kv_lengths, mask)
-            return fn(plan, diff, positions, *args, rng=rng, score_consts=consts)
+            mask_consts = () if tiles is None else tuple(tiles)
+            return fn(
+                plan,
+                diff,
+                positions,
+                *args,
+                rng=rng,
+                score_consts=consts,
+                mask_consts=mask_consts,
+            )
 
         return with_options
 
@@ -557,9 +589,10 @@ def _flash(
     slopes=None,
     mask=None,
     bias=None,
+    tiles=None,
 ):
     diff = (q, k, v) if bias is None else (q, k, v, bias)
-    nondiff = (q_lengths, kv_lengths, rng, slopes, mask)
+    nondiff = (q_lengths, kv_lengths, rng, slopes, mask, tiles)
     return flash_attention(_rules(call), diff, nondiff)[0]
 
 
@@ -567,9 +600,9 @@ def cpu_flash_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs):
     """q ``[B, T, N, H]``, k ``[B, S, K, H]``, v ``[B, S, K, H_v]`` ->
     ``[B, T, N, H_v]`` in q's dtype through the compiled kernel (in float32, half precision
     widened and the output rounded once); of ``inputs`` the lengths, ``mask`` and ``bias``
-    (as given, 4-d), the dropout key and the ALiBi slopes (the rest is declined by
-    ``_cpu_flash_unsupported``; the ``score_fn`` it gets is only those options, served
-    natively)."""
+    (as given, 4-d), the dropout key, the ALiBi slopes and ``mask_fn`` / ``block_mask`` by
+    their tiles (the rest is declined by ``_cpu_flash_unsupported``; the ``score_fn`` it
+    gets is only those options, served natively)."""
     reason = build_reason()
     if reason is not None:
         raise ValueError(f"cpu_flash: {reason}")
@@ -590,8 +623,20 @@ def cpu_flash_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs):
         slopes = jnp.broadcast_to(given.astype(jnp.float32), (call.B, call.N))
     mask = None if inputs.mask is None else as_4d(inputs.mask)
     bias = None if inputs.bias is None else as_4d(inputs.bias).astype(jnp.float32)
-    out = _flash(call, q, k, v, q_lengths, kv_lengths, rng, slopes, mask, bias)
-    return out.astype(call.dtype)
+    args = (q_lengths, kv_lengths, rng, slopes, mask, bias)
+    if inputs.mask_fn is None or call.T == 0 or call.S == 0:
+        return _flash(call, q, k, v, *args).astype(call.dtype)
+    table, bitmasks, fits = cpu_flash_tiles.tiles(call, inputs)
+
+    def sparse(q, k, v):
+        return _flash(call, q, k, v, *args, tiles=(table, bitmasks))
+
+    def chunked_instead(q, k, v):  # more partial tiles than a traced table holds
+        return chunked.chunked_attention(q, k, v, call=call, inputs=inputs)
+
+    if fits is None:
+        return sparse(q, k, v).astype(call.dtype)
+    return jax.lax.cond(fits, sparse, chunked_instead, q, k, v).astype(call.dtype)
 
 
 IMPLEMENTATION = Implementation(
@@ -601,4 +646,5 @@ IMPLEMENTATION = Implementation(
     platforms=("cpu",),
     description="fused flash attention in C++ (AVX2/FMA) through XLA's FFI, float32",
     score_options=True,
+    functions=frozenset({"mask_fn", "block_mask"}),
 )

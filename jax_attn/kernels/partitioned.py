@@ -56,6 +56,11 @@ ROLES: dict[str, tuple[str, ...]] = {
     "lse": ("q_heads", "whole"),
     "heads": ("q_heads",),
     "dense": ("q_heads", "whole", "whole"),
+    # a mask's tile table [..., N, q_tiles, key_tiles] (or [..., 1, ...]) and its
+    # bitmasks [..., P, words] (kernels/cpu_flash_tiles.py)
+    "tiles": ("q_heads", "whole", "whole"),
+    "tiles_shared": ("whole", "whole", "whole"),
+    "tile_bits": ("whole", "whole"),
 }
 
 

@@ -57,11 +57,20 @@ FAILING_CALLS = """
         return ja.dot_product_attention(q, k, v, is_causal=True, implementation="cpu_flash")
 
     grad = jax.jit(jax.grad(lambda q, k, v: attend(q, k, v).sum(), argnums=(0, 1, 2)))
+    # the block-sparse handlers: a mask_fn's tiles
+    def stripes(b, h, q_idx, kv_idx):
+        return (q_idx + 2 * kv_idx + h) % 5 != 0
+
+    def sparse(q, k, v):
+        return ja.dot_product_attention(q, k, v, mask_fn=stripes, implementation="cpu_flash")
+
+    sparse_grad = jax.jit(jax.grad(lambda q, k, v: sparse(q, k, v).sum(), argnums=(0, 1, 2)))
     want = ja.dot_product_attention(q, k, v, is_causal=True, implementation="reference")
     for where in ("scratch", "item"):
         os.environ["JAX_ATTN_CPU_FLASH_FAIL_ALLOC"] = where
         for name, run in (("forward", lambda: jax.jit(attend)(q, k, v)),
-                          ("grad", lambda: grad(q, k, v))):
+                          ("grad", lambda: grad(q, k, v)),
+                          ("sparse_grad", lambda: sparse_grad(q, k, v))):
             try:
                 jax.block_until_ready(run())
             except Exception as error:
@@ -83,11 +92,42 @@ def test_a_failed_allocation_is_a_python_error():
     done = _run_child(FAILING_CALLS)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    assert len(lines) == 6, lines
-    for where, block in zip(("scratch", "item"), (lines[:3], lines[3:]), strict=True):
+    assert len(lines) == 8, lines
+    for where, block in zip(("scratch", "item"), (lines[:4], lines[4:]), strict=True):
         assert block[0].startswith(f"{where} forward raised"), block
         assert block[1].startswith(f"{where} grad raised"), block
-        assert float(block[2].split()[-1]) < 1e-5, block
+        assert block[2].startswith(f"{where} sparse_grad raised"), block
+        assert float(block[3].split()[-1]) < 1e-5, block
+
+
+def test_hostile_tile_tables_are_python_errors():
+    """The sparse handlers check the tile table and bitmasks before reading them: entries
+    past the bitmasks or below the two markers, and tables or bitmasks of the wrong shape,
+    are errors, never reads out of bounds."""
+    from jax_attn.kernels import cpu_flash_tiles
+    from jax_attn.validation import KernelInputs
+
+    def stripes(b, h, q_idx, kv_idx):
+        return (q_idx + 2 * kv_idx) % 5 != 0
+
+    q, k, v = make_qkv(B=2, T=70, S=130, N=4, K=2, H=24)
+    call = check_attention_args(q, k, v, mask_fn=stripes)
+    lengths = (_lengths(2, 70), _lengths(2, 130))
+    table, bits = cpu_flash_tiles.tile_table(call, KernelInputs(mask_fn=stripes))
+    P = bits.shape[1]
+    out, _ = cpu_flash.forward(call, q, k, v, *lengths, table, bits)
+    assert np.isfinite(np.asarray(out)).all()
+    hostile = {
+        "entry past the bitmasks": (table.at[1, 0, 1, 2].set(P), bits),
+        "entry below the markers": (table.at[0, 0, 0, 0].set(-3), bits),
+        "table of too few key tiles": (table[..., :2], bits),
+        "bitmask rows of the wrong width": (table, bits[..., :64]),
+        "bitmasks of another batch": (table, bits[:1]),
+    }
+    for name, (bad_table, bad_bits) in hostile.items():
+        with pytest.raises(Exception, match="cpu_flash: tile table"):
+            jax.block_until_ready(cpu_flash.forward(call, q, k, v, *lengths, bad_table, bad_bits))
+        print(name, "raised")
 
 
 def _call(q, k, v, **changes):

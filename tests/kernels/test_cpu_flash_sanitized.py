@@ -92,6 +92,7 @@ def test_kernel_tests_pass_under_sanitizers(sanitized_env):
         "tests/kernels/test_cpu_flash_transforms.py",
         "tests/kernels/test_cpu_flash_dropout.py",
         "tests/kernels/test_cpu_flash_dense.py",
+        "tests/kernels/test_cpu_flash_sparse.py",
     ]
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
     done = subprocess.run(

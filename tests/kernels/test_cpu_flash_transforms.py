@@ -20,9 +20,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def reference_out_lse(q, k, v, q_lengths, kv_lengths, *, scale, causal, window):
+def reference_out_lse(q, k, v, q_lengths, kv_lengths, *, scale, causal, window, mask=None):
     """(out [B, T, N, H_v], lse [B, N, T]) with every mask as the kernel's (bottom-right
-    causal, windows, lengths, GQA); rows with nothing to attend give zeros for both."""
+    causal, windows, lengths, GQA, and ``mask`` [B|1, N|1, T, S] for a mask_fn's tiles);
+    rows with nothing to attend give zeros for both."""
     B, T, N, _ = q.shape
     S, K = k.shape[1], k.shape[2]
     k, v = (jnp.repeat(x, N // K, axis=2) for x in (k, v))
@@ -38,6 +39,8 @@ def reference_out_lse(q, k, v, q_lengths, kv_lengths, *, scale, causal, window):
         allowed &= s <= pos
     if window is not None:
         allowed &= (s >= pos - window[0]) & (s <= pos + window[1])
+    if mask is not None:
+        allowed = allowed & mask
     live = allowed.any(-1)  # [B, 1, T]
     # finite stand-ins where masked, so no NaN reaches a derivative; the rows with nothing
     # to attend are replaced by zeros afterwards
@@ -140,3 +143,48 @@ def test_backward_with_zero_lse_cotangent_is_the_custom_vjp():
     # threads reach the lock
     for got, want in zip(grads, pullback(d_out), strict=True):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * float(jnp.abs(want).max()))
+
+
+def _tiled(b, h, q_idx, kv_idx):
+    # documents on tile boundaries (full and empty tiles); head 1 partial
+    return (q_idx // 64 == kv_idx // 64) & ((h != 1) | (kv_idx % 3 != 0))
+
+
+def test_entries_with_a_mask_fns_tiles_equal_the_float64_reference():
+    """forward, tangent and backward (with an lse cotangent) given a tile table and bitmasks
+    (``cpu_flash_tiles.tile_table``) against jvp / vjp of the masked reference."""
+    from jax_attn.kernels import cpu_flash_tiles
+    from jax_attn.validation import KernelInputs
+
+    call, qkv, lengths, tangents, _ = _setup("causal")
+    B, T, N, _ = qkv[0].shape
+    S = qkv[1].shape[1]
+    tiles = cpu_flash_tiles.tile_table(call, KernelInputs(mask_fn=_tiled))
+    assert {-2, -1} <= set(np.unique(tiles[0]).tolist()) and int(tiles[0].max()) >= 0
+    t, s = np.arange(T)[:, None], np.arange(S)[None, :]
+    # [1, N, T, S]
+    mask = np.stack([(t // 64 == s // 64) & ((h != 1) | (s % 3 != 0)) for h in range(N)])[None]
+
+    def reference(q, k, v):
+        return reference_out_lse(
+            q, k, v, *lengths, scale=call.scale, causal=True, window=None, mask=mask
+        )
+
+    out, lse = cpu_flash.forward(call, *qkv, *lengths, *tiles)
+    d_out, d_lse = cpu_flash.tangent(call, *qkv, *lengths, out, lse, *tangents, *tiles)
+    rng = np.random.default_rng(15)
+    ct_out, ct_lse = (jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for x in (out, lse))
+    grads = cpu_flash.backward(call, *qkv, *lengths, out, lse, ct_out, ct_lse, *tiles)
+    with jax.enable_x64(True):
+        (want_out, want_lse), (want_d_out, want_d_lse) = jax.jvp(
+            reference, tuple(_float64(*qkv)), tuple(_float64(*tangents))
+        )
+        _, pullback = jax.vjp(reference, *_float64(*qkv))
+        want_grads = pullback(tuple(_float64(ct_out, ct_lse)))
+    live = np.asarray(want_lse) != 0.0
+    _close(out, want_out, "out")
+    _close(np.where(live, lse, 0.0), want_lse, "lse")
+    _close(d_out, want_d_out, "d_out")
+    _close(d_lse, want_d_lse, "d_lse")
+    for name, got, expected in zip(("dq", "dk", "dv"), grads, want_grads, strict=True):
+        _close(got, expected, name)

@@ -27,6 +27,10 @@ CASES = {
     "window, query lengths": dict(
         local_window_size=(2, 1), query_seq_lengths=np.array([5, 7], np.int32)
     ),
+    # rows with nothing to attend among them (b 0, h 1, row 0)
+    "mask_fn reading b and h, causal": dict(
+        is_causal=True, mask_fn=lambda b, h, i, j: (i + j + b + h) % 3 != 1
+    ),
 }
 
 
@@ -101,6 +105,13 @@ def test_first_and_second_order_equal_the_reference(implementation):
     _check(
         implementation, "causal, lengths", QUICK if implementation == "cpu_flash" else QUICK[::2]
     )
+
+
+@pytest.mark.skipif("cpu_flash" not in KERNELS, reason="cpu_flash not built here")
+def test_cpu_flash_with_a_mask_fn_first_and_second_order():
+    # a mask_fn's tiles: the sparse tangent, and chunked's maps on their table (grad:
+    # test_cpu_flash_sparse.py; all of them in the slow step)
+    _check("cpu_flash", "mask_fn reading b and h, causal", ("jvp", "hvp"))
 
 
 @pytest.mark.slow

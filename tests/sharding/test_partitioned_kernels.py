@@ -137,3 +137,28 @@ def test_declines_inside_a_shard_map_over_some_axes_only():
         )
     assert "heads" in seen["reason"] and "shard_map" in seen["reason"]
     assert seen["selected"] == "chunked"
+
+
+def test_a_mask_fns_tiles_split_with_the_kernel():
+    """A mask reading ``b`` and ``h``: its tile table splits over batch and heads with the
+    queries (the bitmasks over batch), and nothing is gathered."""
+
+    def mask_fn(b, h, q_idx, kv_idx):
+        return (q_idx + kv_idx + b + h) % 3 != 1
+
+    def attention(q, k, v, **options):
+        return ja.dot_product_attention(q, k, v, mask_fn=mask_fn, **options)
+
+    def oracle(q, k, v, **options):
+        return reference.dot_product_attention(q, k, v, mask_fn=mask_fn, **options)
+
+    shape, names, spec = MESHES["data x heads"]
+    mesh = jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape))
+    q, k, v, lengths = _inputs()
+    inputs = _sharded(mesh, spec, q, k, v, lengths)
+    step = jax.jit(_loss(attention))
+    compiled = step.lower(*inputs).compile().as_text()
+    assert "jax_attn_cpu_flash_forward_sparse" in compiled
+    assert "jax_attn_cpu_flash_backward_sparse" in compiled
+    assert not _gathers(compiled), _gathers(compiled)
+    _assert_close(step(*inputs), jax.jit(_loss(oracle))(q, k, v, lengths))
