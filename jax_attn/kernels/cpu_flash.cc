@@ -579,7 +579,10 @@ void ForwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float
     // [gemm_rows, width] scaled logits; full tiles with a constant width, so that the
     // loops over it unroll
     if (bits != nullptr) {
-      Gemm<false>(gemm_rows, width, static_cast<int>(p.H), qs, Hp, t.kt, width, s, width);
+      if (width == kTile)
+        Gemm<false>(gemm_rows, kTile, static_cast<int>(p.H), qs, Hp, t.kt, kTile, s, kTile);
+      else
+        Gemm<false>(gemm_rows, width, static_cast<int>(p.H), qs, Hp, t.kt, width, s, width);
       OnlineSoftmaxRowsBits(width, gemm_rows, t, row_begin, row_end, bits, s, m, l, acc, Hvp);
     } else if (width == kTile) {
       Gemm<false>(gemm_rows, kTile, static_cast<int>(p.H), qs, Hp, t.kt, kTile, s, kTile);
