@@ -885,20 +885,9 @@ def position_backward(plan: _Plan, diff, nondiff, out, lse, d_out, d_lse):
     qk, kk, vk, outk, lsek = _to_kernel(plan, K, q, k, v, out, lse, live)
     d_outk = _to_kernel(plan, K, d_out, k, v, d_out, lse, live)[0]
     d_lsek = jnp.pad(d_lse, [(0, 0), (0, 0), (0, plan.T_padded - T)]).reshape(lsek.shape)
+    fns = (None, tuple(mask_consts), ())
     dq, dk, dv, _, _ = _backward(
-        plan,
-        qk,
-        kk,
-        vk,
-        None,
-        None,
-        kv_lengths,
-        None,
-        (None, tuple(mask_consts), ()),
-        outk,
-        lsek,
-        d_outk,
-        d_lsek,
+        plan, qk, kk, vk, None, None, kv_lengths, None, fns, outk, lsek, d_outk, d_lsek
     )
     dk, dv = (jnp.transpose(x, (0, 2, 1, 3))[:, :S] for x in (dk, dv))
     return (_queries_back(dq, T).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
