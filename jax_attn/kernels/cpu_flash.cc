@@ -825,7 +825,10 @@ void ForwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float
     const int width = static_cast<int>(t.width);
     // [gemm_rows, width] scaled logits, the score options, then bias and mask (the
     // reference's order); full tiles with a constant width, so that the loops over it unroll
-    Gemm<false>(gemm_rows, width, static_cast<int>(p.H), qs, Hp, t.kt, width, s, width);
+    if (width == kTile)
+      Gemm<false>(gemm_rows, kTile, static_cast<int>(p.H), qs, Hp, t.kt, kTile, s, kTile);
+    else
+      Gemm<false>(gemm_rows, width, static_cast<int>(p.H), qs, Hp, t.kt, width, s, width);
     ScoreTile(p, b, n, t0, t.s0, gemm_rows, width, row_begin, row_end, s);
     if (dense) ApplyDense(p, b, n, t0, rows, t.s0, t.cols, s, width);
     if (bits != nullptr)
