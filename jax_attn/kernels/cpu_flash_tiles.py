@@ -1,4 +1,4 @@
-"""The block structure of a ``mask_fn`` on ``cpu_flash``'s tiles, for its sparse handlers.
+"""The block structure of a ``mask_fn`` on ``cpu_flash``'s tiles, for its tile operands.
 
 The compiled kernel cannot call Python, so what it needs of a ``mask_fn`` is computed here,
 in JAX, on its own ``TILE x TILE`` tiles (query rows x keys):

@@ -57,7 +57,7 @@ FAILING_CALLS = """
         return ja.dot_product_attention(q, k, v, is_causal=True, implementation="cpu_flash")
 
     grad = jax.jit(jax.grad(lambda q, k, v: attend(q, k, v).sum(), argnums=(0, 1, 2)))
-    # the block-sparse handlers: a mask_fn's tiles
+    # a mask_fn's tiles through the kernel's tile operands
     def stripes(b, h, q_idx, kv_idx):
         return (q_idx + 2 * kv_idx + h) % 5 != 0
 
@@ -101,7 +101,7 @@ def test_a_failed_allocation_is_a_python_error():
 
 
 def test_hostile_tile_tables_are_python_errors():
-    """The sparse handlers check the tile table and bitmasks before reading them: entries
+    """The handlers check the tile table and bitmasks before reading them: entries
     past the bitmasks or below the two markers, and tables or bitmasks of the wrong shape,
     are errors, never reads out of bounds."""
     from jax_attn.kernels import cpu_flash_tiles
@@ -115,7 +115,7 @@ def test_hostile_tile_tables_are_python_errors():
     lengths = (_lengths(2, 70), _lengths(2, 130))
     table, bits = cpu_flash_tiles.tile_table(call, KernelInputs(mask_fn=stripes))
     P = bits.shape[1]
-    out, _ = cpu_flash.forward(call, q, k, v, *lengths, table, bits)
+    out, _ = cpu_flash.forward(call, q, k, v, *lengths, tiles=(table, bits))
     assert np.isfinite(np.asarray(out)).all()
     hostile = {
         "entry past the bitmasks": (table.at[1, 0, 1, 2].set(P), bits),
@@ -126,7 +126,9 @@ def test_hostile_tile_tables_are_python_errors():
     }
     for name, (bad_table, bad_bits) in hostile.items():
         with pytest.raises(Exception, match="cpu_flash: tile table"):
-            jax.block_until_ready(cpu_flash.forward(call, q, k, v, *lengths, bad_table, bad_bits))
+            jax.block_until_ready(
+                cpu_flash.forward(call, q, k, v, *lengths, tiles=(bad_table, bad_bits))
+            )
         print(name, "raised")
 
 

@@ -170,11 +170,11 @@ def test_entries_with_a_mask_fns_tiles_equal_the_float64_reference():
             q, k, v, *lengths, scale=call.scale, causal=True, window=None, mask=mask
         )
 
-    out, lse = cpu_flash.forward(call, *qkv, *lengths, *tiles)
-    d_out, d_lse = cpu_flash.tangent(call, *qkv, *lengths, out, lse, *tangents, *tiles)
+    out, lse = cpu_flash.forward(call, *qkv, *lengths, tiles=tiles)
+    d_out, d_lse = cpu_flash.tangent(call, *qkv, *lengths, out, lse, *tangents, tiles=tiles)
     rng = np.random.default_rng(15)
     ct_out, ct_lse = (jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for x in (out, lse))
-    grads = cpu_flash.backward(call, *qkv, *lengths, out, lse, ct_out, ct_lse, *tiles)
+    grads = cpu_flash.backward(call, *qkv, *lengths, out, lse, ct_out, ct_lse, tiles=tiles)
     with jax.enable_x64(True):
         (want_out, want_lse), (want_d_out, want_d_lse) = jax.jvp(
             reference, tuple(_float64(*qkv)), tuple(_float64(*tangents))
