@@ -85,6 +85,7 @@ FAILING_CALLS = """
 """
 
 
+@pytest.mark.slow  # a fresh process per injected failure
 def test_a_failed_allocation_is_a_python_error():
     # "scratch": the call's up-front allocation; "item": std::bad_alloc thrown inside
     # work items on pool threads and the calling thread (std::terminate or SIGSEGV

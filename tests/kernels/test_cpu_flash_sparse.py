@@ -206,7 +206,10 @@ def test_vmap_over_calls_with_a_mask_fn():
         np.testing.assert_allclose(got, want, rtol=0, atol=allowed_error(x, k, v, want))
 
 
-@pytest.mark.parametrize("mask_fn, fits", [(documents, True), (stripes, False)])
+@pytest.mark.parametrize(
+    "mask_fn, fits",
+    [pytest.param(documents, True, marks=pytest.mark.slow), (stripes, False)],
+)
 def test_traced_tables_without_room_for_the_mask_run_chunked_instead(monkeypatch, mask_fn, fits):
     """A table built in the program holds a bounded number of partial tiles (O(T) memory);
     a mask with more runs the chunked kernel in a ``lax.cond``: the same values and
