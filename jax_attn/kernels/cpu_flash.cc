@@ -43,6 +43,7 @@
 #include <exception>
 #include <limits>
 #include <new>
+#include <stdexcept>
 #include <string>
 #include <memory>
 #include <mutex>
@@ -73,6 +74,9 @@ int64_t RoundUp16(int64_t x) { return (x + 15) / 16 * 16; }
 // ---- vector helpers ----------------------------------------------------------------
 
 // e^x for 8 floats: x = n ln2 + r, a degree-6 polynomial for e^r, 2^n in the exponent.
+// The clamp bounds, ln 2 split in two (C1 = 0.693359375, C2 = -2.12194440e-4, so n C1 is
+// exact) and the polynomial's coefficients are Cephes' expf (S. L. Moshier), as ported to
+// SSE/AVX by J. Pommier's sse_mathfun; relative error about 1e-7 on [-87, 88].
 inline __m256 Exp8(__m256 x) {
   x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)),
                     _mm256_set1_ps(-87.0f));
@@ -147,6 +151,11 @@ inline void MicroKernel(int depth, const float* A, int lda, const float* B, int 
 template <bool kAccumulate, bool kTransA = false>
 void Gemm(int M, int N, int depth, const float* A, int lda, const float* B, int ldb, float* C,
           int ldc) {
+  // The micro-kernels cover 16 columns and 6, 4 or 2 rows at a time: anything else would
+  // be left unwritten (callers round rows up to even and pad widths to 16). A throw, not an
+  // assert: an item's exception becomes the call's error (ParallelFor), never an abort.
+  if (N % 16 != 0 || M % 2 != 0 || depth < 0)
+    throw std::logic_error("cpu_flash: Gemm needs N % 16 == 0, M % 2 == 0, depth >= 0");
   auto a_rows = [&](int i) { return kTransA ? A + i : A + i * lda; };
   for (int j = 0; j < N; j += 16) {
     int i = 0;
@@ -316,6 +325,19 @@ bool MaskedTile(const Problem& p, int64_t b, int64_t n, int64_t t0, int rows, in
   return true;
 }
 
+// Whether query tile `tile` (its first `rows` rows) of (b, n) skips key tile `key_tile`:
+// the dense mask leaves it no key, or the tile table marks it empty; else *bits is the
+// tile's bitmask where it is partial (Problem::Visits).
+bool SkipsKeyTile(const Problem& p, int64_t b, int64_t n, int64_t tile, int rows,
+                  int64_t key_tile, const uint32_t** bits) {
+  const int64_t s0 = key_tile * kTile;
+  if (MaskedTile(p, b, n, tile * kTile, rows, s0, std::min<int64_t>(kTile, p.S - s0))) {
+    *bits = nullptr;
+    return true;
+  }
+  return !p.Visits(b, n, tile, key_tile, bits);
+}
+
 // Adds dS [rows, width] (the logits' gradient, which is the bias') of rows t0.. of (b, n),
 // keys [s0, s0 + cols), into `dbias` laid out as the bias: summed over its broadcast axes.
 void AddBiasGradient(const Problem& p, float* dbias, int64_t b, int64_t n, int64_t t0, int rows,
@@ -427,10 +449,9 @@ void MaybeFailItem(bool fail, int64_t item) {
 // ---- large buffers kept from call to call ----------------------------------------------
 
 // A fresh buffer of tens of MB per call is mapped from the system anew, and in a process
-// that runs other programs between calls its pages faulted in again on every call
-// (measured: 12,256 faults and 2.5x the time of a decoding call at B 8, S 1024). Calls
-// take their packed keys and backward arrays from here and give them back; up to
-// kKeptBytes stay kept for the process's life.
+// that runs other programs between calls its pages fault in again on every call (the
+// measurement is in docs/performance.md). Calls take their packed keys and backward
+// arrays from here and give them back; up to kKeptBytes stay kept for the process's life.
 class BufferPool {
  public:
   // A buffer of `size` floats, a kept one if one is large enough; zero-filled, or with
@@ -553,8 +574,8 @@ void Pack(ffi::ThreadPool& pool, const Problem& p, PackedKV& kv) {
   kv.packed = tiles > 1;
   if (!kv.packed) return;
   kv.padded_keys = (tiles - 1) * kTile + RoundUp16(p.S - (tiles - 1) * kTile);
-  // Every element is written below, the padding with zeros: no zero-fill first (it cost
-  // a pass over tens of MB per decoding call).
+  // Every element is written below, the padding with zeros: no zero-fill first (a pass
+  // over tens of MB per decoding call).
   kv.kt = PooledBuffer(p.B * p.K * kv.padded_keys * p.Hp(), false);
   kv.v = PooledBuffer(p.B * p.K * p.S * p.Hvp(), false);
   ParallelFor(pool, p.B * p.K * tiles, [&](int64_t, int64_t item) {
@@ -690,6 +711,42 @@ int64_t ForwardScratch(const Problem& p) {
   return kTile * (p.Hp() + kTile + p.Hvp()) + TileScratch(p);
 }
 
+// One row's online-softmax step (Milakov & Gimelshein 2018; FlashAttention-2, Algorithm
+// 1) once the max of its logits over the tile, `row_max`, is known: `srow` [width] becomes
+// the tile's unnormalised weights, and the row's m, l and accumulator [Hvp] are updated.
+// `zero_outside(srow)` zeroes the weights of keys the row may not attend. kWidth: the
+// width if known at compile time, else 0.
+template <int kWidth, typename ZeroOutside>
+inline void OnlineSoftmaxStep(int width_given, float* srow, float row_max, bool dense, float* m,
+                              float* l, float* arow, int Hvp, ZeroOutside zero_outside) {
+  const int width = kWidth ? kWidth : width_given;
+  // m' = max(m, max_j s_j), the running max with this tile's logits
+  const float m_new = std::max(*m, row_max);
+  // c = e^(m - m'), which rescales what was summed against the old max (0 if none was)
+  const float correction = *m == kMasked ? 0.0f : std::exp(*m - m_new);
+  // p_j = e^(s_j - m'), the tile's unnormalised weights
+  const __m256 shift = _mm256_set1_ps(m_new);
+  if (dense) {
+    for (int c = 0; c < width; c += 8)
+      _mm256_storeu_ps(srow + c, ExpMasked8(_mm256_loadu_ps(srow + c), shift));
+  } else {
+    for (int c = 0; c < width; c += 8)
+      _mm256_storeu_ps(srow + c, Exp8(_mm256_sub_ps(_mm256_loadu_ps(srow + c), shift)));
+  }
+  zero_outside(srow);
+  // l' = c l + sum_j p_j
+  __m256 sum = _mm256_loadu_ps(srow);
+  for (int c = 8; c < width; c += 8) sum = _mm256_add_ps(sum, _mm256_loadu_ps(srow + c));
+  *l = *l * correction + HorizontalSum(sum);
+  *m = m_new;
+  // acc' = c acc (the caller then adds p . V); out = acc / l once every tile is seen
+  if (correction != 1.0f) {
+    const __m256 factor = _mm256_set1_ps(correction);
+    for (int h = 0; h < Hvp; h += 8)
+      _mm256_storeu_ps(arow + h, _mm256_mul_ps(factor, _mm256_loadu_ps(arow + h)));
+  }
+}
+
 // One key tile's online-softmax step for rows [0, gemm_rows): the logits in `s`
 // [gemm_rows, width] become unnormalised weights (zero outside each row's keys), and each
 // row's max m, sum l and accumulator are rescaled. kWidth: the width if known at compile
@@ -715,28 +772,11 @@ void OnlineSoftmaxRows(int width_given, int gemm_rows, const KeyTile& t, const i
     } else {
       for (int64_t c = lo; c < hi; ++c) row_max = std::max(row_max, srow[c]);
     }
-    const float m_new = std::max(m[r], row_max);
-    const float correction = m[r] == kMasked ? 0.0f : std::exp(m[r] - m_new);
-    const __m256 shift = _mm256_set1_ps(m_new);
-    if (dense) {
-      for (int c = 0; c < width; c += 8)
-        _mm256_storeu_ps(srow + c, ExpMasked8(_mm256_loadu_ps(srow + c), shift));
-    } else {
-      for (int c = 0; c < width; c += 8)
-        _mm256_storeu_ps(srow + c, Exp8(_mm256_sub_ps(_mm256_loadu_ps(srow + c), shift)));
-    }
-    std::fill(srow, srow + lo, 0.0f);
-    std::fill(srow + hi, srow + width, 0.0f);
-    __m256 sum = _mm256_loadu_ps(srow);
-    for (int c = 8; c < width; c += 8) sum = _mm256_add_ps(sum, _mm256_loadu_ps(srow + c));
-    l[r] = l[r] * correction + HorizontalSum(sum);
-    m[r] = m_new;
-    if (correction != 1.0f) {
-      const __m256 factor = _mm256_set1_ps(correction);
-      float* arow = acc + r * Hvp;
-      for (int h = 0; h < Hvp; h += 8)
-        _mm256_storeu_ps(arow + h, _mm256_mul_ps(factor, _mm256_loadu_ps(arow + h)));
-    }
+    OnlineSoftmaxStep<kWidth>(width, srow, row_max, dense, m + r, l + r, acc + r * Hvp, Hvp,
+                              [&](float* row) {
+                                std::fill(row, row + lo, 0.0f);
+                                std::fill(row + hi, row + width, 0.0f);
+                              });
   }
 }
 
@@ -761,28 +801,8 @@ void OnlineSoftmaxRowsBits(int width, int gemm_rows, const KeyTile& t, const int
     for (int c = 0; c < width; c += 8)
       mx = _mm256_max_ps(mx, _mm256_blendv_ps(_mm256_set1_ps(kMasked), _mm256_loadu_ps(srow + c),
                                               ByteMask((allowed >> c) & 0xFFu)));
-    const float row_max = HorizontalMax(mx);
-    const float m_new = std::max(m[r], row_max);
-    const float correction = m[r] == kMasked ? 0.0f : std::exp(m[r] - m_new);
-    const __m256 shift = _mm256_set1_ps(m_new);
-    if (dense) {
-      for (int c = 0; c < width; c += 8)
-        _mm256_storeu_ps(srow + c, ExpMasked8(_mm256_loadu_ps(srow + c), shift));
-    } else {
-      for (int c = 0; c < width; c += 8)
-        _mm256_storeu_ps(srow + c, Exp8(_mm256_sub_ps(_mm256_loadu_ps(srow + c), shift)));
-    }
-    ZeroMasked(srow, allowed, width);
-    __m256 sum = _mm256_loadu_ps(srow);
-    for (int c = 8; c < width; c += 8) sum = _mm256_add_ps(sum, _mm256_loadu_ps(srow + c));
-    l[r] = l[r] * correction + HorizontalSum(sum);
-    m[r] = m_new;
-    if (correction != 1.0f) {
-      const __m256 factor = _mm256_set1_ps(correction);
-      float* arow = acc + r * Hvp;
-      for (int h = 0; h < Hvp; h += 8)
-        _mm256_storeu_ps(arow + h, _mm256_mul_ps(factor, _mm256_loadu_ps(arow + h)));
-    }
+    OnlineSoftmaxStep<0>(width, srow, HorizontalMax(mx), dense, m + r, l + r, acc + r * Hvp,
+                         Hvp, [&](float* row) { ZeroMasked(row, allowed, width); });
   }
 }
 
@@ -816,11 +836,8 @@ void ForwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float
 
   const bool dense = p.dense();
   for (int64_t key_tile = begin / kTile; key_tile * kTile < end; ++key_tile) {
-    if (MaskedTile(p, b, n, t0, rows, key_tile * kTile,
-                   std::min<int64_t>(kTile, p.S - key_tile * kTile)))
-      continue;
     const uint32_t* bits;
-    if (!p.Visits(b, n, tile, key_tile, &bits)) continue;
+    if (SkipsKeyTile(p, b, n, tile, rows, key_tile, &bits)) continue;
     const KeyTile t = LoadTile(p, kv, b, kh, key_tile, tile_scratch);
     const int width = static_cast<int>(t.width);
     // [gemm_rows, width] scaled logits, the score options, then bias and mask (the
@@ -854,6 +871,31 @@ void ForwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float
     for (int64_t h = 0; h < p.Hv; ++h) dst[h] = acc[r * Hvp + h] * inv;
     lse[(b * p.N + n) * p.T + t0 + r] = l[r] > 0.0f ? m[r] + std::log(l[r]) : kMasked;
   }
+}
+
+// ---- weights recomputed from the log-sum-exp (backward and tangent) ------------------
+
+// Query row t of (b, n)'s weights over key tile `tile`, recomputed in place of its scaled
+// logits `row` [width]: the score options, then bias and mask (the reference's order), then
+// P = e^(s - lse), zero outside the row's keys [lo, hi) and where `bits` (the row's bitmask,
+// or nullptr) leaves a key out. Returns whether `deriv` got the soft cap's derivative.
+bool RecomputeWeights(const Problem& p, int64_t b, int64_t n, int64_t t, const KeyTile& tile,
+                      int width, int64_t lo, int64_t hi, float lse, const uint32_t* bits,
+                      float* row, float* deriv) {
+  const bool capped = ScoreRow(p, b, n, t, tile.s0, width, row, deriv);
+  if (p.dense()) ApplyDense(p, b, n, t, 1, tile.s0, tile.cols, row, width);
+  const __m256 shift = _mm256_set1_ps(lse);
+  if (p.dense()) {
+    for (int c = 0; c < width; c += 8)
+      _mm256_storeu_ps(row + c, ExpMasked8(_mm256_loadu_ps(row + c), shift));
+  } else {
+    for (int c = 0; c < width; c += 8)
+      _mm256_storeu_ps(row + c, Exp8(_mm256_sub_ps(_mm256_loadu_ps(row + c), shift)));
+  }
+  std::fill(row, row + lo, 0.0f);
+  std::fill(row + hi, row + width, 0.0f);
+  if (bits != nullptr) ZeroMasked(row, bits, width);
+  return capped;
 }
 
 // ---- backward ------------------------------------------------------------------------
@@ -935,11 +977,10 @@ void BackwardItem(const Problem& p, const PackedKV& kv, BackwardShared& w, int64
       for (int64_t tile = 0; tile < tiles; ++tile) {
         if (w.tile_end[b * tiles + tile] <= t.s0 || w.tile_begin[b * tiles + tile] >= t.s0 + t.cols)
           continue;
-        const uint32_t* bits;
-        if (!p.Visits(b, n, tile, key_tile, &bits)) continue;
         const int64_t t0 = tile * kTile, row0 = w.Row(p, b, n, t0);
         const int rows = static_cast<int>(p.TileRows(b, t0, row_begin, row_end));
-        if (MaskedTile(p, b, n, t0, rows, t.s0, t.cols)) continue;
+        const uint32_t* bits;
+        if (SkipsKeyTile(p, b, n, tile, rows, key_tile, &bits)) continue;
         const int gemm_rows = (rows + 1) & ~1;
         const float* q_tile = w.qs.at(row0 * Hp);
         const float* do_tile = w.dos.at(row0 * Hvp);
@@ -959,21 +1000,11 @@ void BackwardItem(const Problem& p, const PackedKV& kv, BackwardShared& w, int64
             continue;
           }
           alignas(32) float deriv[kTile];
-          const bool capped = ScoreRow(p, b, n, t0 + r, t.s0, width, prow, deriv);
-          if (p.dense()) ApplyDense(p, b, n, t0 + r, 1, t.s0, t.cols, prow, width);
-          const __m256 shift = _mm256_set1_ps(lse[(b * p.N + n) * p.T + t0 + r]);
+          const bool capped =
+              RecomputeWeights(p, b, n, t0 + r, t, width, lo, hi,
+                               lse[(b * p.N + n) * p.T + t0 + r],
+                               bits == nullptr ? nullptr : bits + r * kTileWords, prow, deriv);
           const __m256 d = _mm256_set1_ps(*w.delta.at(row0 + r));
-          if (p.dense()) {
-            for (int c = 0; c < width; c += 8)
-              _mm256_storeu_ps(prow + c, ExpMasked8(_mm256_loadu_ps(prow + c), shift));
-          } else {
-            for (int c = 0; c < width; c += 8)
-              _mm256_storeu_ps(prow + c,
-                               Exp8(_mm256_sub_ps(_mm256_loadu_ps(prow + c), shift)));
-          }
-          std::fill(prow, prow + lo, 0.0f);
-          std::fill(prow + hi, prow + width, 0.0f);
-          if (bits != nullptr) ZeroMasked(prow, bits + r * kTileWords, width);
           if (p.dropout) {
             // with dropout factors f: dS = P * (f dP - delta), and dV takes f P
             alignas(32) float factors[kTile];
@@ -1072,11 +1103,8 @@ void TangentItem(const Problem& p, const PackedKV& kv, const Problem& pd, const 
 
   const bool dense = p.dense();
   for (int64_t key_tile = begin / kTile; key_tile * kTile < end; ++key_tile) {
-    if (MaskedTile(p, b, n, t0, rows, key_tile * kTile,
-                   std::min<int64_t>(kTile, p.S - key_tile * kTile)))
-      continue;
     const uint32_t* bits;
-    if (!p.Visits(b, n, tile, key_tile, &bits)) continue;
+    if (SkipsKeyTile(p, b, n, tile, rows, key_tile, &bits)) continue;
     const KeyTile t = LoadTile(p, kv, b, kh, key_tile, tile_scratch);
     const KeyTile dt = LoadTile(pd, kvd, b, kh, key_tile, tangent_scratch);
     const int width = static_cast<int>(t.width);
@@ -1095,25 +1123,13 @@ void TangentItem(const Problem& p, const PackedKV& kv, const Problem& pd, const 
         continue;
       }
       alignas(32) float deriv[kTile];
-      if (ScoreRow(p, b, n, t0 + r, t.s0, width, prow, deriv))  // ds through the soft cap
-        for (int c = 0; c < width; c += 8)
+      if (RecomputeWeights(p, b, n, t0 + r, t, width, lo, hi, row_lse[r],
+                           bits == nullptr ? nullptr : bits + r * kTileWords, prow, deriv))
+        for (int c = 0; c < width; c += 8)  // ds through the soft cap
           _mm256_storeu_ps(dsrow + c,
                            _mm256_mul_ps(_mm256_loadu_ps(dsrow + c), _mm256_loadu_ps(deriv + c)));
-      // then s += bias (masked keys -inf) and ds += the bias' tangent, as the reference
-      // adds the bias after the score options
-      if (dense) ApplyDense(p, b, n, t0 + r, 1, t.s0, t.cols, prow, width);
+      // then ds += the bias' tangent, as the reference adds the bias after the score options
       if (d_bias) AddBias(p.bias, d_bias, b, n, t0 + r, 1, t.s0, t.cols, dsrow, width);
-      const __m256 shift = _mm256_set1_ps(row_lse[r]);
-      if (dense) {
-        for (int c = 0; c < width; c += 8)
-          _mm256_storeu_ps(prow + c, ExpMasked8(_mm256_loadu_ps(prow + c), shift));
-      } else {
-        for (int c = 0; c < width; c += 8)
-          _mm256_storeu_ps(prow + c, Exp8(_mm256_sub_ps(_mm256_loadu_ps(prow + c), shift)));
-      }
-      std::fill(prow, prow + lo, 0.0f);
-      std::fill(prow + hi, prow + width, 0.0f);
-      if (bits != nullptr) ZeroMasked(prow, bits + r * kTileWords, width);
       // P * ds, in place of ds, and its row sum into mu (0 where P is: a masked key's
       // tangent, whatever it holds, does not reach the output)
       __m256 sum = _mm256_setzero_ps();
