@@ -225,6 +225,7 @@ def test_bench_config_file_reads_and_checks_kind(tmp_path):
         bench.BenchCase("bad", "kernel", batch=1, seq_len=8, num_heads=1, head_dim=8)
 
 
+@pytest.mark.slow  # memory in a fresh process
 def test_memory_worker_reports_peak_in_a_fresh_process():
     case = bench.MemoryCase("small", seq_len=256, num_heads=2, head_dim=16, limit_mib=4096)
     entry = bench.run_memory_case(case, timeout_s=300)

@@ -35,6 +35,7 @@ def tiny_config(tmp_path):
     return path
 
 
+@pytest.mark.slow  # an end-to-end command; test_demo's other tests run the demo in-process
 def test_demo_through_the_cli_prints_book_values_device_and_times(tiny_config, tmp_path, capsys):
     out_dir = tmp_path / "out"
     # shape and dtype overridden on the command line (one demo run checks both)

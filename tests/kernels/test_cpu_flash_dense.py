@@ -211,6 +211,7 @@ def test_bias_where_a_mesh_axis_is_partitioned_is_declined():
         assert dispatch.unsupported_reason("cpu_flash", call, "cpu") is None
 
 
+@pytest.mark.slow  # test_partitioned_kernels splits cpu_flash in the default suite
 def test_plain_jit_of_sharded_arrays_with_mask_and_bias():
     """A [B, 1, 1, S] mask split with the batch, a [1, N, T, S] bias broadcast over it (its
     backward runs whole), the heads split too: results and gradients as on one device."""

@@ -134,6 +134,7 @@ def test_vmap_over_keys_and_inputs_drops_as_the_vmapped_reference():
 
 
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs conftest's 8 CPU devices")
+@pytest.mark.slow  # test_partitioned_kernels splits cpu_flash in the default suite
 def test_split_over_batch_and_heads_drops_the_global_indices():
     # each device runs its share of (b, n): the row seeds carry the global indices
     B, T, S, N, K = 2, 20, 40, 4, 4

@@ -208,7 +208,11 @@ def test_vmap_over_calls_with_a_mask_fn():
 
 @pytest.mark.parametrize(
     "mask_fn, fits",
-    [pytest.param(documents, True, marks=pytest.mark.slow), (stripes, False)],
+    # test_traced_block_masks_and_masks_of_traced_arrays runs traced tables by default
+    [
+        pytest.param(documents, True, marks=pytest.mark.slow),
+        pytest.param(stripes, False, marks=pytest.mark.slow),
+    ],
 )
 def test_traced_tables_without_room_for_the_mask_run_chunked_instead(monkeypatch, mask_fn, fits):
     """A table built in the program holds a bounded number of partial tiles (O(T) memory);
