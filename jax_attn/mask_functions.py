@@ -30,6 +30,7 @@ __all__ = [
     "evaluate_score",
     "make_block_mask",
     "score_options",
+    "soft_cap_then_alibi",
     "uses_batch_and_head",
 ]
 
@@ -230,15 +231,24 @@ def score_options(
     slopes = None if alibi_slopes is None else _check_slopes(alibi_slopes, N, B)
 
     def options_score_fn(score, b, h, q_idx, kv_idx):
-        if cap is not None:
-            score = cap * jnp.tanh(score / cap)
-        if slopes is not None:
-            slope = slopes[h] if slopes.ndim == 1 else slopes[b, h]
-            distance = jnp.abs(q_idx + (S - T) - kv_idx).astype(score.dtype)
-            score = score - slope.astype(score.dtype) * distance
+        slope = None if slopes is None else slopes[h] if slopes.ndim == 1 else slopes[b, h]
+        score = soft_cap_then_alibi(score, cap, slope, q_idx, kv_idx, S - T)
         return score if score_fn is None else score_fn(score, b, h, q_idx, kv_idx)
 
     return options_score_fn
+
+
+def soft_cap_then_alibi(score, cap, slope, q_idx, kv_idx, shift: int):
+    """The score options on one scaled logit (the definition every pure-JAX path and the
+    compiled kernel's second-order maps share): ``cap * tanh(score / cap)`` unless ``cap``
+    is ``None``, then ``- slope * |q_idx + shift - kv_idx|`` unless ``slope`` is ``None``
+    (``shift = S - T``: bottom-right aligned positions)."""
+    if cap is not None:
+        score = cap * jnp.tanh(score / cap)
+    if slope is not None:
+        distance = jnp.abs(q_idx + shift - kv_idx).astype(score.dtype)
+        score = score - slope.astype(score.dtype) * distance
+    return score
 
 
 def _check_soft_cap(cap) -> float | None:

@@ -64,6 +64,7 @@ from jax_attn.kernels.base import Implementation, cotangent_like, partitioned_ax
 from jax_attn.kernels.contract import AttentionCall, KernelInputs
 from jax_attn.kernels.flash_autodiff import FlashRules, flash_attention
 from jax_attn.kernels.partitioned import partitioned_call
+from jax_attn.mask_functions import soft_cap_then_alibi
 from jax_attn.masks import as_4d, dropout_row_seeds, dropout_threshold
 
 __all__ = [
@@ -564,12 +565,8 @@ def _options_score_fn(cap: float | None, alibi: bool, shift: int):
     (``shift = S - T``; ``slopes [B, N]`` given where ``alibi``)."""
 
     def score_fn(score, b, h, q_idx, kv_idx, *slopes):
-        if cap is not None:
-            score = cap * jnp.tanh(score / cap)
-        if alibi:
-            distance = jnp.abs(q_idx + shift - kv_idx).astype(score.dtype)
-            score = score - slopes[0][b, h].astype(score.dtype) * distance
-        return score
+        slope = slopes[0][b, h] if alibi else None
+        return soft_cap_then_alibi(score, cap, slope, q_idx, kv_idx, shift)
 
     return score_fn
 
