@@ -219,16 +219,21 @@ def _zeros_if_symbolic(ct):
     return jnp.zeros(ct.aval.shape, ct.aval.dtype) if isinstance(ct, ad.Zero) else ct
 
 
-def _batch(args, dims, *, kind, rules, res_tree, lin_tree):
+def bind_batch_first(primitive: Primitive, args, dims, **params):
+    """A batching rule's work for a multiple-results ``primitive`` whose ``params`` serve
+    a leading batch axis: bind it on ``args`` with their batch axis (``dims``) moved first,
+    unbatched ones broadcast, and say every result is batched on axis 0."""
     size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
     args = [
         jnp.broadcast_to(a, (size, *a.shape)) if d is None else jnp.moveaxis(a, d, 0)
         for a, d in zip(args, dims, strict=True)
     ]
-    out = flash_linear_p.bind(
-        *args, kind=kind, rules=rules.vmapped(), res_tree=res_tree, lin_tree=lin_tree
-    )
+    out = primitive.bind(*args, **params)
     return out, [0] * len(out)
+
+
+def _batch(args, dims, *, rules, **params):
+    return bind_batch_first(flash_linear_p, args, dims, rules=rules.vmapped(), **params)
 
 
 ad.primitive_jvps[flash_linear_p] = _jvp

@@ -31,14 +31,13 @@ import functools
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jax_attn.kernels.flash_autodiff import flash_linear_p
+from jax_attn.kernels.flash_autodiff import bind_batch_first, flash_linear_p
 
 try:  # the registry has no public name (JAX's own cuDNN kernels use it)
     from jax._src import dispatch as _jax_dispatch
@@ -109,16 +108,9 @@ def _impl(*args, fn, static, arg_roles, result_roles):
     return _jitted(fn, static, arg_roles, result_roles)(*args)
 
 
-def _batch(args, dims, *, fn, static, arg_roles, result_roles):
-    size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
-    args = [
-        jnp.broadcast_to(a, (size, *a.shape)) if d is None else jnp.moveaxis(a, d, 0)
-        for a, d in zip(args, dims, strict=True)
-    ]
-    out = partitioned_p.bind(
-        *args, fn=fn, static=static, arg_roles=arg_roles, result_roles=result_roles
-    )
-    return out, [0] * len(out)
+def _batch(args, dims, **params):
+    # fn runs on any number of leading batch axes, so the params serve the new one as they are
+    return bind_batch_first(partitioned_p, args, dims, **params)
 
 
 def _lowering(ctx, *args, fn, static, arg_roles, result_roles):
