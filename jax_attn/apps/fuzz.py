@@ -554,8 +554,7 @@ def check_valid_call(call: dict, report: FuzzReport, implementations) -> None:
             name, dict(agreed=0, disagreed=0, nans=0, unsupported=0)
         )
         if dispatch.unsupported_reason(name, meta) is not None:
-            report.unsupported += 1
-            stats["unsupported"] += 1
+            _record(report, stats, "unsupported")
             continue
         report.comparisons += 1
         out = dispatch.dot_product_attention(
@@ -565,22 +564,24 @@ def check_valid_call(call: dict, report: FuzzReport, implementations) -> None:
         key = f"{name}/{dtype}"
         report.worst_error[key] = max(report.worst_error.get(key, 0.0), error)
         if np.isnan(np.asarray(out, np.float32)).any():
-            report.nans += 1
-            stats["nans"] += 1
-            report.failures.append(f"NaN from {name}: {_describe(call)}")
+            _record(report, stats, "nans", f"NaN from {name}: {_describe(call)}")
         elif np.any(np.asarray(out, np.float32)[empty] != 0.0):
-            report.disagreed += 1
-            stats["disagreed"] += 1
-            report.failures.append(f"{name}: nonzero output for an empty row: {_describe(call)}")
+            empty_row = f"{name}: nonzero output for an empty row: {_describe(call)}"
+            _record(report, stats, "disagreed", empty_row)
         elif error <= tolerance(dtype):
-            report.agreed += 1
-            stats["agreed"] += 1
+            _record(report, stats, "agreed")
         else:
-            report.disagreed += 1
-            stats["disagreed"] += 1
-            report.failures.append(
-                f"{name} off by {error:.2e} (> {tolerance(dtype):.1e}): {_describe(call)}"
-            )
+            off = f"{name} off by {error:.2e} (> {tolerance(dtype):.1e}): {_describe(call)}"
+            _record(report, stats, "disagreed", off)
+
+
+def _record(report, group: dict, outcome: str, failure: str | None = None) -> None:
+    """One comparison's ``outcome``, a count kept both by ``report`` and by the ``group``
+    it falls in (an implementation, a mode), counted in both; its ``failure`` noted."""
+    setattr(report, outcome, getattr(report, outcome) + 1)
+    group[outcome] += 1
+    if failure is not None:
+        report.failures.append(failure)
 
 
 def run_fuzz(
@@ -817,12 +818,10 @@ def _kernel_check(case: dict, got, expected, report: KernelFuzzReport) -> None:
     counts = report.by_mode.setdefault(label, dict(cases=0, agreed=0, failed=0, refused=0))
     if isinstance(got, Exception):
         if isinstance(got, ValueError) and "local_window_size" in str(got):
-            report.refused += 1
-            counts["refused"] += 1
-            return
-        report.failed += 1
-        counts["failed"] += 1
-        report.failures.append(f"{type(got).__name__}: {got} ({_describe_kernel_case(case)})")
+            _record(report, counts, "refused")
+        else:
+            error = f"{type(got).__name__}: {got} ({_describe_kernel_case(case)})"
+            _record(report, counts, "failed", error)
         return
     report.compared += 1
     counts["cases"] += 1
@@ -842,12 +841,9 @@ def _kernel_check(case: dict, got, expected, report: KernelFuzzReport) -> None:
     if problem is None and worst > tolerance(case["dtype"]):
         problem = f"off by {worst:.2e} (> {tolerance(case['dtype']):.1e})"
     if problem is None:
-        report.agreed += 1
-        counts["agreed"] += 1
+        _record(report, counts, "agreed")
     else:
-        report.failed += 1
-        counts["failed"] += 1
-        report.failures.append(f"{problem}: {_describe_kernel_case(case)}")
+        _record(report, counts, "failed", f"{problem}: {_describe_kernel_case(case)}")
 
 
 def _describe_kernel_case(case: dict) -> str:
