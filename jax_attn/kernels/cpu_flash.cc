@@ -119,6 +119,41 @@ inline float HorizontalSum(__m256 v) {
   return _mm_cvtss_f32(x);
 }
 
+// dst[j * dst_stride + i] = src[i * src_stride + j] for i < rows, j < cols: 8 x 8 blocks
+// through registers (the unpack/shuffle/permute transpose of Intel's optimisation manual,
+// 11.11), the edges one element at a time.
+void Transpose(const float* src, int64_t src_stride, int64_t rows, int64_t cols, float* dst,
+               int64_t dst_stride) {
+  int64_t i = 0;
+  for (; i + 8 <= rows; i += 8) {
+    int64_t j = 0;
+    for (; j + 8 <= cols; j += 8) {
+      __m256 r[8], t[8];
+      for (int x = 0; x < 8; ++x) r[x] = _mm256_loadu_ps(src + (i + x) * src_stride + j);
+      for (int x = 0; x < 8; x += 2) {
+        t[x] = _mm256_unpacklo_ps(r[x], r[x + 1]);
+        t[x + 1] = _mm256_unpackhi_ps(r[x], r[x + 1]);
+      }
+      for (int x = 0; x < 8; x += 4) {
+        r[x] = _mm256_shuffle_ps(t[x], t[x + 2], 0x44);
+        r[x + 1] = _mm256_shuffle_ps(t[x], t[x + 2], 0xEE);
+        r[x + 2] = _mm256_shuffle_ps(t[x + 1], t[x + 3], 0x44);
+        r[x + 3] = _mm256_shuffle_ps(t[x + 1], t[x + 3], 0xEE);
+      }
+      for (int x = 0; x < 4; ++x) {
+        _mm256_storeu_ps(dst + (j + x) * dst_stride + i,
+                         _mm256_permute2f128_ps(r[x], r[x + 4], 0x20));
+        _mm256_storeu_ps(dst + (j + x + 4) * dst_stride + i,
+                         _mm256_permute2f128_ps(r[x], r[x + 4], 0x31));
+      }
+    }
+    for (; j < cols; ++j)
+      for (int64_t x = i; x < i + 8; ++x) dst[j * dst_stride + x] = src[x * src_stride + j];
+  }
+  for (; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) dst[j * dst_stride + i] = src[i * src_stride + j];
+}
+
 // C[rows x 16] (+)= A . B over `depth`, rows <= 6 kept in registers. A is [M, depth]
 // (A[i, p] = A[i * lda + p]) or, with kTransA, stored transposed (A[p * lda + i]).
 template <int kRows, bool kAccumulate, bool kTransA>
@@ -541,9 +576,8 @@ int64_t TileScratch(const Problem& p) { return kTile * (p.Hp() + p.Hvp()); }
 void WriteTile(const Problem& p, int64_t b, int64_t kh, int64_t s0, int64_t cols,
                int64_t width, float* kt, float* vt) {
   const int64_t Hp = p.Hp(), Hvp = p.Hvp();
+  Transpose(p.k + ((b * p.S + s0) * p.K + kh) * p.H, p.K * p.H, cols, p.H, kt, width);
   for (int64_t c = 0; c < cols; ++c) {
-    const float* krow = p.k + ((b * p.S + s0 + c) * p.K + kh) * p.H;
-    for (int64_t h = 0; h < p.H; ++h) kt[h * width + c] = krow[h];
     if (p.Hv > 0)
       std::memcpy(vt + c * Hvp, p.v + ((b * p.S + s0 + c) * p.K + kh) * p.Hv,
                   p.Hv * sizeof(float));
@@ -705,6 +739,17 @@ void DropTile(const Problem& p, int64_t b, int64_t n, int64_t t0, int64_t s0, in
 
 // ---- forward -------------------------------------------------------------------------
 
+// The (batch, query head, query tile) of a forward or tangent work item: the longest rows
+// first (causal), and the heads of one query tile one after another, whose rows of q and out
+// lie side by side in memory (one head's tile alone is 64 strided rows).
+struct QueryTile {
+  int64_t b, n, tile;
+};
+QueryTile QueryItem(const Problem& p, int64_t item) {
+  const int64_t tiles = p.q_tiles();
+  return {item / p.N / tiles, item % p.N, tiles - 1 - (item / p.N) % tiles};
+}
+
 // Floats of a forward worker's scratch: scale * q [kTile, Hp], logits [kTile, kTile],
 // the accumulator [kTile, Hvp] and one key tile.
 int64_t ForwardScratch(const Problem& p) {
@@ -808,9 +853,8 @@ void OnlineSoftmaxRowsBits(int width, int gemm_rows, const KeyTile& t, const int
 
 void ForwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float* q,
                  float* out, float* lse, float* scratch) {
-  const int64_t tiles = p.q_tiles();
-  const int64_t tile = tiles - 1 - item % tiles;  // the longest rows first
-  const int64_t n = (item / tiles) % p.N, b = item / tiles / p.N, kh = n / p.G();
+  const auto [b, n, tile] = QueryItem(p, item);
+  const int64_t kh = n / p.G();
   const int Hp = static_cast<int>(p.Hp()), Hvp = static_cast<int>(p.Hvp());
   const int64_t t0 = tile * kTile;
   float* qs = scratch;
@@ -966,10 +1010,10 @@ void BackwardItem(const Problem& p, const PackedKV& kv, BackwardShared& w, int64
   for (int64_t key_tile = split; key_tile < p.key_tiles(); key_tile += w.splits) {
     const KeyTile t = LoadTile(p, kv, b, kh, key_tile, tile_scratch);
     const int width = static_cast<int>(t.width);
-    for (int64_t c = 0; c < width; ++c) {
-      for (int64_t h = 0; h < Hp; ++h) kb[c * Hp + h] = t.kt[h * width + c];
-      for (int64_t h = 0; h < Hvp; ++h) vt[h * width + c] = c < t.cols ? t.v[c * Hvp + h] : 0.0f;
-    }
+    // keys as rows kb [width, Hp] and V^T [Hvp, width], zero past the tile's keys
+    Transpose(t.kt, width, Hp, width, kb, Hp);
+    Transpose(t.v, Hvp, t.cols, Hvp, vt, width);
+    for (int64_t h = 0; h < Hvp; ++h) std::fill(vt + h * width + t.cols, vt + (h + 1) * width, 0.0f);
     std::fill(dks, dks + width * Hp, 0.0f);
     std::fill(dvs, dvs + width * Hvp, 0.0f);
     for (int64_t g = 0; g < G; ++g) {
@@ -1069,9 +1113,8 @@ void TangentItem(const Problem& p, const PackedKV& kv, const Problem& pd, const 
                  int64_t item, const float* q, const float* dq, const float* out,
                  const float* lse, float* d_out, float* d_lse, float* scratch,
                  const float* d_bias = nullptr) {
-  const int64_t tiles = p.q_tiles();
-  const int64_t tile = tiles - 1 - item % tiles;
-  const int64_t n = (item / tiles) % p.N, b = item / tiles / p.N, kh = n / p.G();
+  const auto [b, n, tile] = QueryItem(p, item);
+  const int64_t kh = n / p.G();
   const int Hp = static_cast<int>(p.Hp()), Hvp = static_cast<int>(p.Hvp());
   const int64_t t0 = tile * kTile;
   float* qs = scratch;
