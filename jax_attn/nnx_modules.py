@@ -134,11 +134,19 @@ class _BookAttention(nnx.Module):
         return self._linen_class(**{name: getattr(self, name) for name in names})
 
     def _configure(
-        self, deterministic, is_causal, dtype, param_dtype, implementation, model_axis, rngs, /
+        self,
+        deterministic: bool | None,
+        is_causal: bool,
+        dtype: Any,
+        param_dtype: Any,
+        implementation: str | None,
+        model_axis: str | None,
+        rngs: nnx.Rngs,
+        /,
     ) -> AttentionSpec:
-        """Keeps the keyword-only options every class takes as attributes (``model.eval()``
-        sets ``deterministic``), checks ``rngs`` and returns the spec. The book's arguments
-        are kept before, by the class."""
+        """Keeps the keyword-only options every class takes (given in its signature's
+        order) as attributes (``model.eval()`` sets ``deterministic``), checks ``rngs`` and
+        returns the spec. Each class keeps its book arguments first, itself."""
         self.deterministic = deterministic
         self.is_causal = is_causal
         self.dtype = dtype
