@@ -44,16 +44,8 @@ from jax import lax
 from jax_attn import kv_cache
 from jax_attn import module_spec as spec_lib
 from jax_attn.module_spec import AttentionSpec, torch_linear_init
-from jax_attn.validation import check_positive_int
 
-__all__ = [
-    "SelfAttentionV1",
-    "SelfAttentionV2",
-    "CausalAttention",
-    "MultiHeadAttentionWrapper",
-    "MultiHeadAttention",
-    "torch_linear_init",
-]
+__all__ = [*spec_lib.BOOK_CLASSES, "torch_linear_init"]
 
 
 _CACHE = ("cached_key", "cached_value", "cache_index")
@@ -61,11 +53,22 @@ _CACHE = ("cached_key", "cached_value", "cache_index")
 
 class _BookAttention(nn.Module):
     """The Linen plumbing the five classes share. It declares no fields: each class
-    declares its own and says how they make its spec, in ``attention_spec``."""
+    declares its own, and ``attention_spec`` reads them."""
+
+    @classmethod
+    def _config_names(cls) -> tuple[str, ...]:
+        """The class's fields (the book's arguments, then the keyword-only options), without
+        Flax's ``parent`` and ``name``."""
+        return tuple(
+            field.name
+            for field in dataclasses.fields(cls)
+            if field.init and field.name not in ("parent", "name")
+        )
 
     def attention_spec(self, owner: str | None = None) -> AttentionSpec:
-        """This module's checked configuration; errors name ``owner`` (default: the class)."""
-        raise NotImplementedError
+        """This module's checked configuration, read off its fields; errors name ``owner``
+        (default: the class)."""
+        return spec_lib.spec_of(self, self._config_names(), owner)
 
     def __post_init__(self) -> None:
         self.attention_spec()  # argument errors at construction, naming the class
@@ -120,20 +123,38 @@ class _BookAttention(nn.Module):
             return None
         return lambda weights: self.sow("intermediates", "attention_weights", weights)
 
-    def _single_head(
-        self, spec: AttentionSpec, project: Callable, x, x_kv, mask, deterministic, sow_weights
+
+class _SingleHead(_BookAttention):
+    """The forward pass of the single-head classes (sections 3.4 and 3.5): the three
+    projections of ``_projections``, then :func:`module_spec.single_head`."""
+
+    def _projections(self, spec: AttentionSpec) -> Callable[[str, jax.Array], jax.Array]:
+        """``project(name, h)``: ``nn.Linear``-style projections (``nn.Dense``)."""
+        layers = {name: self._dense(spec, name) for name in spec_lib.PROJECTIONS}
+        return lambda name, h: layers[name](h)
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        x_kv: jax.Array | None = None,
+        *,
+        mask: jax.Array | None = None,
+        deterministic: bool | None = None,
+        sow_weights: bool = False,
     ) -> jax.Array:
+        spec = self.attention_spec(self._owner())
         inputs = spec_lib.call_inputs(spec.owner, spec, x, x_kv, mask)
         return spec_lib.single_head(
             spec,
-            project,
+            self._projections(spec),
             inputs,
             **self._dropout(spec, deterministic),
             sow=self._sow(spec, sow_weights),
         )
 
 
-class SelfAttentionV1(_BookAttention):
+class SelfAttentionV1(_SingleHead):
     """Section 3.4.1: ``W_query``, ``W_key``, ``W_value`` as ``[d_in, d_out]`` matrices,
     initialised uniform in ``[0, 1)`` like ``torch.rand``. Output ``[..., T, d_out]``."""
 
@@ -147,30 +168,7 @@ class SelfAttentionV1(_BookAttention):
     implementation: str | None = None
     model_axis: str | None = None
 
-    def attention_spec(self, owner: str | None = None) -> AttentionSpec:
-        return AttentionSpec(
-            owner=owner or type(self).__name__,
-            d_in=self.d_in,
-            d_out=self.d_out,
-            deterministic=self.deterministic,
-            is_causal=self.is_causal,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            implementation=self.implementation,
-            model_axis=self.model_axis,
-        )
-
-    @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        x_kv: jax.Array | None = None,
-        *,
-        mask: jax.Array | None = None,
-        deterministic: bool | None = None,
-        sow_weights: bool = False,
-    ) -> jax.Array:
-        spec = self.attention_spec(self._owner())
+    def _projections(self, spec: AttentionSpec) -> Callable[[str, jax.Array], jax.Array]:
         uniform01 = nn.initializers.uniform(scale=1.0)
         shape = (self.d_in, self.d_out)
         matrices = {
@@ -184,10 +182,10 @@ class SelfAttentionV1(_BookAttention):
                 dtype = spec_lib.promoted_dtype(h.dtype, self.param_dtype)
             return h.astype(dtype) @ matrices[name].astype(dtype)
 
-        return self._single_head(spec, project, x, x_kv, mask, deterministic, sow_weights)
+        return project
 
 
-class SelfAttentionV2(_BookAttention):
+class SelfAttentionV2(_SingleHead):
     """Section 3.4.2: ``nn.Linear``-style projections (kernel ``[d_in, d_out]``)."""
 
     d_in: int
@@ -201,38 +199,8 @@ class SelfAttentionV2(_BookAttention):
     implementation: str | None = None
     model_axis: str | None = None
 
-    def attention_spec(self, owner: str | None = None) -> AttentionSpec:
-        return AttentionSpec(
-            owner=owner or type(self).__name__,
-            d_in=self.d_in,
-            d_out=self.d_out,
-            qkv_bias=self.qkv_bias,
-            deterministic=self.deterministic,
-            is_causal=self.is_causal,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            implementation=self.implementation,
-            model_axis=self.model_axis,
-        )
 
-    @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        x_kv: jax.Array | None = None,
-        *,
-        mask: jax.Array | None = None,
-        deterministic: bool | None = None,
-        sow_weights: bool = False,
-    ) -> jax.Array:
-        spec = self.attention_spec(self._owner())
-        layers = {name: self._dense(spec, name) for name in spec_lib.PROJECTIONS}
-        return self._single_head(
-            spec, lambda name, h: layers[name](h), x, x_kv, mask, deterministic, sow_weights
-        )
-
-
-class CausalAttention(_BookAttention):
+class CausalAttention(_SingleHead):
     """Section 3.5.3: single-head causal attention with dropout on the weights."""
 
     d_in: int
@@ -247,38 +215,6 @@ class CausalAttention(_BookAttention):
     param_dtype: Any = jnp.float32
     implementation: str | None = None
     model_axis: str | None = None
-
-    def attention_spec(self, owner: str | None = None) -> AttentionSpec:
-        return AttentionSpec(
-            owner=owner or type(self).__name__,
-            d_in=self.d_in,
-            d_out=self.d_out,
-            context_length=self.context_length,
-            dropout=self.dropout,
-            qkv_bias=self.qkv_bias,
-            deterministic=self.deterministic,
-            is_causal=self.is_causal,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            implementation=self.implementation,
-            model_axis=self.model_axis,
-        )
-
-    @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        x_kv: jax.Array | None = None,
-        *,
-        mask: jax.Array | None = None,
-        deterministic: bool | None = None,
-        sow_weights: bool = False,
-    ) -> jax.Array:
-        spec = self.attention_spec(self._owner())
-        layers = {name: self._dense(spec, name) for name in spec_lib.PROJECTIONS}
-        return self._single_head(
-            spec, lambda name, h: layers[name](h), x, x_kv, mask, deterministic, sow_weights
-        )
 
 
 class MultiHeadAttentionWrapper(_BookAttention):
@@ -301,22 +237,7 @@ class MultiHeadAttentionWrapper(_BookAttention):
 
     def attention_spec(self, owner: str | None = None) -> AttentionSpec:
         """The spec of one head (a :class:`CausalAttention` of width ``d_out``)."""
-        owner = owner or type(self).__name__
-        check_positive_int(owner, "num_heads", self.num_heads)
-        return AttentionSpec(
-            owner=owner,
-            d_in=self.d_in,
-            d_out=self.d_out,
-            context_length=self.context_length,
-            dropout=self.dropout,
-            qkv_bias=self.qkv_bias,
-            deterministic=self.deterministic,
-            is_causal=self.is_causal,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            implementation=self.implementation,
-            model_axis=self.model_axis,
-        )
+        return spec_lib.head_spec(self, self._config_names(), owner)
 
     def setup(self) -> None:
         spec = self.attention_spec()
@@ -386,25 +307,6 @@ class MultiHeadAttention(_BookAttention):
     model_axis: str | None = None
     decode: bool = False
     num_kv_heads: int | None = None
-
-    def attention_spec(self, owner: str | None = None) -> AttentionSpec:
-        return AttentionSpec(
-            owner=owner or type(self).__name__,
-            d_in=self.d_in,
-            d_out=self.d_out,
-            context_length=self.context_length,
-            dropout=self.dropout,
-            num_heads=self.num_heads,
-            qkv_bias=self.qkv_bias,
-            deterministic=self.deterministic,
-            is_causal=self.is_causal,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            implementation=self.implementation,
-            model_axis=self.model_axis,
-            decode=self.decode,
-            num_kv_heads=self.num_kv_heads,
-        )
 
     @property
     def kv_heads(self) -> int:

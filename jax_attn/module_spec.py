@@ -2,10 +2,10 @@
 
 :class:`AttentionSpec` holds the book's hyper-parameters and the Flax options of one of
 the five classes and checks them. Each class declares its own fields (Linen) or
-constructor arguments (NNX) and builds its spec explicitly in ``attention_spec()``;
-nothing here looks a class up by name, so Flax's lifted transforms (``nn.remat(cls)``
-is a subclass with another name) and user subclasses work. The per-call logic that is
-not framework-specific lives here too: checking ``x``, ``x_kv`` and ``mask``
+constructor arguments (NNX); :func:`spec_of` reads the spec's fields off the module by
+those names. Nothing here looks a class up by name, so Flax's lifted transforms
+(``nn.remat(cls)`` is a subclass with another name) and user subclasses work. The
+per-call logic that is not framework-specific lives here too: checking ``x``, ``x_kv`` and ``mask``
 (:func:`call_inputs`), resolving ``deterministic`` (:func:`resolve_deterministic`), and
 the glue from projections to attention (:func:`single_head`, :func:`multi_head`). A
 module passes its projections in as ``project(name, x)``; the attention is
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import jax
@@ -48,6 +48,7 @@ __all__ = [
     "check_float_dtype",
     "check_sow_weights",
     "decode_step",
+    "head_spec",
     "multi_head",
     "options",
     "partition_names",
@@ -57,6 +58,7 @@ __all__ = [
     "promoted_dtype",
     "resolve_deterministic",
     "single_head",
+    "spec_of",
     "torch_linear_init",
 ]
 
@@ -97,7 +99,11 @@ def _check_optional_bool(owner: str, name: str, value) -> None:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AttentionSpec:
-    """The checked configuration of one of the book's classes, Linen or NNX alike."""
+    """The checked configuration of one of the book's classes, Linen or NNX alike.
+
+    The options every class takes have no default here: the classes declare them (and
+    their defaults, such as ``is_causal``'s). The defaults are those of a class that
+    lacks the field (``SelfAttentionV1`` has no ``dropout``)."""
 
     owner: str
     d_in: int
@@ -106,14 +112,14 @@ class AttentionSpec:
     dropout: float = 0.0
     num_heads: int = 1
     qkv_bias: bool = False
-    deterministic: bool | None = None
-    is_causal: bool = False
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    implementation: str | None = None
-    model_axis: str | None = None
     decode: bool = False
     num_kv_heads: int | None = None
+    deterministic: bool | None
+    is_causal: bool
+    dtype: Any
+    param_dtype: Any
+    implementation: str | None
+    model_axis: str | None
 
     def __post_init__(self):
         owner = self.owner
@@ -171,6 +177,25 @@ class AttentionSpec:
 
     def use_bias(self, name: str) -> bool:
         return True if name == "out_proj" else bool(self.qkv_bias)
+
+
+_SPEC_FIELDS = frozenset(field.name for field in dataclasses.fields(AttentionSpec))
+
+
+def spec_of(module, names: Iterable[str], owner: str | None = None) -> AttentionSpec:
+    """The spec of ``module``, configured by ``names`` (a Linen module's fields, an NNX
+    module's constructor arguments): those that are :class:`AttentionSpec` fields, read off
+    the module. Errors name ``owner`` (default: the module's class)."""
+    values = {name: getattr(module, name) for name in names if name in _SPEC_FIELDS}
+    return AttentionSpec(owner=owner or type(module).__name__, **values)
+
+
+def head_spec(module, names: Iterable[str], owner: str | None = None) -> AttentionSpec:
+    """A ``MultiHeadAttentionWrapper``'s spec: that of one of its heads (a
+    ``CausalAttention`` of width ``d_out``), after checking ``num_heads``."""
+    owner = owner or type(module).__name__
+    check_positive_int(owner, "num_heads", module.num_heads)
+    return spec_of(module, [name for name in names if name != "num_heads"], owner)
 
 
 def options(spec: AttentionSpec) -> dict[str, Any]:

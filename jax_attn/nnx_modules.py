@@ -38,7 +38,7 @@ True
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import flax.linen as flax_linen
 import jax
@@ -50,17 +50,12 @@ from jax_attn import kv_cache
 from jax_attn import linen_modules as linen
 from jax_attn import module_spec as spec_lib
 from jax_attn.module_spec import AttentionSpec, torch_linear_init
-from jax_attn.validation import check_positive_int
 
 if TYPE_CHECKING:
     from jax_attn.shapes import Array, Float, Int
 
 __all__ = [
-    "SelfAttentionV1",
-    "SelfAttentionV2",
-    "CausalAttention",
-    "MultiHeadAttentionWrapper",
-    "MultiHeadAttention",
+    *spec_lib.BOOK_CLASSES,
     "nnx_from_linen_params",
     "linen_params_from_nnx",
     "linen_dropout_rng",
@@ -122,17 +117,45 @@ def _dropout_key(owner: str, at_call: RngsLike, stream: nnx.RngStream | None) ->
 
 class _BookAttention(nnx.Module):
     """The NNX plumbing the five classes share. Each class keeps its own constructor
-    arguments as attributes and says how they make its spec, in ``attention_spec``."""
+    arguments as attributes; ``_linen_class``, its Linen twin, names them (its fields), so
+    ``attention_spec`` and ``linen_module`` read them off the module."""
 
+    _linen_class: ClassVar[type[linen._BookAttention]]
     rngs: nnx.RngStream | None
 
     def attention_spec(self, owner: str | None = None) -> AttentionSpec:
         """This module's checked configuration; errors name ``owner`` (default: the class)."""
-        raise NotImplementedError
+        return spec_lib.spec_of(self, self._linen_class._config_names(), owner)
 
-    def linen_module(self) -> flax_linen.Module:
-        """The Linen module with the same configuration."""
-        raise NotImplementedError
+    def linen_module(self) -> linen._BookAttention:
+        """The Linen module with the same configuration: the same-named class of
+        :mod:`jax_attn.linen_modules`, given this module's constructor arguments."""
+        names = self._linen_class._config_names()
+        return self._linen_class(**{name: getattr(self, name) for name in names})
+
+    def _configure(
+        self,
+        deterministic: bool | None,
+        is_causal: bool,
+        dtype: Any,
+        param_dtype: Any,
+        implementation: str | None,
+        model_axis: str | None,
+        rngs: nnx.Rngs,
+        /,
+    ) -> AttentionSpec:
+        """Keeps the keyword-only options every class takes (given in its signature's
+        order) as attributes (``model.eval()`` sets ``deterministic``), checks ``rngs`` and
+        returns the spec. Each class keeps its book arguments first, itself."""
+        self.deterministic = deterministic
+        self.is_causal = is_causal
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.implementation = implementation
+        self.model_axis = model_axis
+        spec = self.attention_spec()
+        _check_rngs(spec.owner, rngs)
+        return spec
 
     def _owner(self) -> str:
         return f"{type(self).__name__}.__call__"
@@ -166,20 +189,38 @@ class _BookAttention(nnx.Module):
             return None
         return lambda weights: self.sow(nnx.Intermediate, "attention_weights", weights)
 
-    def _single_head(
-        self, spec: AttentionSpec, project, x, x_kv, mask, deterministic, rngs, sow_weights
-    ) -> jax.Array:
+
+class _SingleHead(_BookAttention):
+    """The forward pass of the single-head classes (sections 3.4 and 3.5): the three
+    projections of ``_project``, then :func:`module_spec.single_head`."""
+
+    def _project(self, name: str, h: jax.Array) -> jax.Array:
+        """Projection ``name`` of ``h``: an ``nnx.Linear``."""
+        layer: nnx.Linear = getattr(self, name)
+        return layer(h)
+
+    def __call__(
+        self,
+        x: Float[Array, "*B T d_in"],
+        x_kv: Float[Array, "*B S d_in"] | None = None,
+        *,
+        mask=None,
+        deterministic: bool | None = None,
+        rngs: RngsLike = None,
+        sow_weights: bool = False,
+    ) -> Float[Array, "*B T d_out"]:
+        spec = self.attention_spec(self._owner())
         inputs = spec_lib.call_inputs(spec.owner, spec, x, x_kv, mask)
         return spec_lib.single_head(
             spec,
-            project,
+            self._project,
             inputs,
             **self._dropout(spec, deterministic, rngs),
             sow=self._sow(spec, sow_weights),
         )
 
 
-class SelfAttentionV1(_BookAttention):
+class SelfAttentionV1(_SingleHead):
     """Section 3.4.1: ``W_query``, ``W_key``, ``W_value`` as ``[d_in, d_out]`` matrices,
     initialised uniform in ``[0, 1)`` like ``torch.rand``. ``x [T, d_in]`` or
     ``[B, T, d_in]`` -> ``[..., T, d_out]``.
@@ -188,6 +229,8 @@ class SelfAttentionV1(_BookAttention):
     >>> m(jnp.ones((6, 3))).shape
     (6, 2)
     """
+
+    _linen_class = linen.SelfAttentionV1
 
     def __init__(
         self,
@@ -202,16 +245,10 @@ class SelfAttentionV1(_BookAttention):
         model_axis: str | None = None,
         rngs: nnx.Rngs,
     ):
-        self.d_in = d_in
-        self.d_out = d_out
-        self.deterministic = deterministic
-        self.is_causal = is_causal
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.implementation = implementation
-        self.model_axis = model_axis
-        spec = self.attention_spec()
-        rngs = _check_rngs(spec.owner, rngs)
+        self.d_in, self.d_out = d_in, d_out
+        spec = self._configure(
+            deterministic, is_causal, dtype, param_dtype, implementation, model_axis, rngs
+        )
         shape = (spec.d_in, spec.d_out)
         self.W_query = self._matrix(spec, "W_query", shape, rngs)
         self.W_key = self._matrix(spec, "W_key", shape, rngs)
@@ -223,23 +260,6 @@ class SelfAttentionV1(_BookAttention):
         value = jax.random.uniform(rngs.params(), shape, spec.param_dtype)
         return nnx.Param(value, **_sharding_metadata(spec.owner, name, "", spec.model_axis))
 
-    def attention_spec(self, owner: str | None = None) -> AttentionSpec:
-        return AttentionSpec(
-            owner=owner or type(self).__name__,
-            d_in=self.d_in,
-            d_out=self.d_out,
-            deterministic=self.deterministic,
-            is_causal=self.is_causal,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            implementation=self.implementation,
-            model_axis=self.model_axis,
-        )
-
-    def linen_module(self) -> linen.SelfAttentionV1:
-        spec = self.attention_spec()
-        return linen.SelfAttentionV1(self.d_in, self.d_out, **spec_lib.options(spec))
-
     def _project(self, name: str, h: jax.Array) -> jax.Array:
         dtype = self.dtype
         if dtype is None:
@@ -247,24 +267,11 @@ class SelfAttentionV1(_BookAttention):
         matrix: nnx.Param = getattr(self, name)
         return h.astype(dtype) @ matrix[...].astype(dtype)
 
-    def __call__(
-        self,
-        x: Float[Array, "*B T d_in"],
-        x_kv: Float[Array, "*B S d_in"] | None = None,
-        *,
-        mask=None,
-        deterministic: bool | None = None,
-        rngs: RngsLike = None,
-        sow_weights: bool = False,
-    ) -> Float[Array, "*B T d_out"]:
-        spec = self.attention_spec(self._owner())
-        return self._single_head(
-            spec, self._project, x, x_kv, mask, deterministic, rngs, sow_weights
-        )
 
-
-class SelfAttentionV2(_BookAttention):
+class SelfAttentionV2(_SingleHead):
     """Section 3.4.2: ``nn.Linear``-style projections (kernel ``[d_in, d_out]``)."""
+
+    _linen_class = linen.SelfAttentionV2
 
     def __init__(
         self,
@@ -280,61 +287,17 @@ class SelfAttentionV2(_BookAttention):
         model_axis: str | None = None,
         rngs: nnx.Rngs,
     ):
-        self.d_in = d_in
-        self.d_out = d_out
-        self.qkv_bias = qkv_bias
-        self.deterministic = deterministic
-        self.is_causal = is_causal
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.implementation = implementation
-        self.model_axis = model_axis
-        spec = self.attention_spec()
-        rngs = _check_rngs(spec.owner, rngs)
+        self.d_in, self.d_out, self.qkv_bias = d_in, d_out, qkv_bias
+        spec = self._configure(
+            deterministic, is_causal, dtype, param_dtype, implementation, model_axis, rngs
+        )
         self.W_query = self._linear(spec, "W_query", rngs)
         self.W_key = self._linear(spec, "W_key", rngs)
         self.W_value = self._linear(spec, "W_value", rngs)
         self.rngs = nnx.data(None)  # no dropout
 
-    def attention_spec(self, owner: str | None = None) -> AttentionSpec:
-        return AttentionSpec(
-            owner=owner or type(self).__name__,
-            d_in=self.d_in,
-            d_out=self.d_out,
-            qkv_bias=self.qkv_bias,
-            deterministic=self.deterministic,
-            is_causal=self.is_causal,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            implementation=self.implementation,
-            model_axis=self.model_axis,
-        )
 
-    def linen_module(self) -> linen.SelfAttentionV2:
-        spec = self.attention_spec()
-        return linen.SelfAttentionV2(self.d_in, self.d_out, self.qkv_bias, **spec_lib.options(spec))
-
-    def _project(self, name: str, h: jax.Array) -> jax.Array:
-        layer: nnx.Linear = getattr(self, name)
-        return layer(h)
-
-    def __call__(
-        self,
-        x: Float[Array, "*B T d_in"],
-        x_kv: Float[Array, "*B S d_in"] | None = None,
-        *,
-        mask=None,
-        deterministic: bool | None = None,
-        rngs: RngsLike = None,
-        sow_weights: bool = False,
-    ) -> Float[Array, "*B T d_out"]:
-        spec = self.attention_spec(self._owner())
-        return self._single_head(
-            spec, self._project, x, x_kv, mask, deterministic, rngs, sow_weights
-        )
-
-
-class CausalAttention(_BookAttention):
+class CausalAttention(_SingleHead):
     """Section 3.5.3: single-head causal attention with dropout on the weights.
 
     >>> m = CausalAttention(3, 2, context_length=6, dropout=0.5, rngs=nnx.Rngs(0))
@@ -343,6 +306,8 @@ class CausalAttention(_BookAttention):
     >>> m(jnp.ones((6, 3))).shape
     (6, 2)
     """
+
+    _linen_class = linen.CausalAttention
 
     def __init__(
         self,
@@ -360,69 +325,15 @@ class CausalAttention(_BookAttention):
         model_axis: str | None = None,
         rngs: nnx.Rngs,
     ):
-        self.d_in = d_in
-        self.d_out = d_out
-        self.context_length = context_length
-        self.dropout = dropout
-        self.qkv_bias = qkv_bias
-        self.deterministic = deterministic
-        self.is_causal = is_causal
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.implementation = implementation
-        self.model_axis = model_axis
-        spec = self.attention_spec()
-        rngs = _check_rngs(spec.owner, rngs)
+        self.d_in, self.d_out, self.qkv_bias = d_in, d_out, qkv_bias
+        self.context_length, self.dropout = context_length, dropout
+        spec = self._configure(
+            deterministic, is_causal, dtype, param_dtype, implementation, model_axis, rngs
+        )
         self.W_query = self._linear(spec, "W_query", rngs)
         self.W_key = self._linear(spec, "W_key", rngs)
         self.W_value = self._linear(spec, "W_value", rngs)
         self.rngs = nnx.data(_dropout_stream(rngs, spec.dropout))
-
-    def attention_spec(self, owner: str | None = None) -> AttentionSpec:
-        return AttentionSpec(
-            owner=owner or type(self).__name__,
-            d_in=self.d_in,
-            d_out=self.d_out,
-            context_length=self.context_length,
-            dropout=self.dropout,
-            qkv_bias=self.qkv_bias,
-            deterministic=self.deterministic,
-            is_causal=self.is_causal,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            implementation=self.implementation,
-            model_axis=self.model_axis,
-        )
-
-    def linen_module(self) -> linen.CausalAttention:
-        spec = self.attention_spec()
-        return linen.CausalAttention(
-            self.d_in,
-            self.d_out,
-            self.context_length,
-            self.dropout,
-            self.qkv_bias,
-            **spec_lib.options(spec),
-        )
-
-    def _project(self, name: str, h: jax.Array) -> jax.Array:
-        layer: nnx.Linear = getattr(self, name)
-        return layer(h)
-
-    def __call__(
-        self,
-        x: Float[Array, "*B T d_in"],
-        x_kv: Float[Array, "*B S d_in"] | None = None,
-        *,
-        mask=None,
-        deterministic: bool | None = None,
-        rngs: RngsLike = None,
-        sow_weights: bool = False,
-    ) -> Float[Array, "*B T d_out"]:
-        spec = self.attention_spec(self._owner())
-        return self._single_head(
-            spec, self._project, x, x_kv, mask, deterministic, rngs, sow_weights
-        )
 
 
 class MultiHeadAttentionWrapper(_BookAttention):
@@ -433,6 +344,8 @@ class MultiHeadAttentionWrapper(_BookAttention):
     (split into one key per head with ``jax.random.split(key, num_heads)``) or a list of
     ``num_heads`` keys, one per head.
     """
+
+    _linen_class = linen.MultiHeadAttentionWrapper
 
     def __init__(
         self,
@@ -451,20 +364,12 @@ class MultiHeadAttentionWrapper(_BookAttention):
         model_axis: str | None = None,
         rngs: nnx.Rngs,
     ):
-        self.d_in = d_in
-        self.d_out = d_out
-        self.context_length = context_length
-        self.dropout = dropout
+        self.d_in, self.d_out, self.qkv_bias = d_in, d_out, qkv_bias
+        self.context_length, self.dropout = context_length, dropout
         self.num_heads = num_heads
-        self.qkv_bias = qkv_bias
-        self.deterministic = deterministic
-        self.is_causal = is_causal
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.implementation = implementation
-        self.model_axis = model_axis
-        spec = self.attention_spec()
-        rngs = _check_rngs(spec.owner, rngs)
+        spec = self._configure(
+            deterministic, is_causal, dtype, param_dtype, implementation, model_axis, rngs
+        )
         self.heads = nnx.List(
             CausalAttention(
                 d_in,
@@ -481,34 +386,7 @@ class MultiHeadAttentionWrapper(_BookAttention):
 
     def attention_spec(self, owner: str | None = None) -> AttentionSpec:
         """The spec of one head (a :class:`CausalAttention` of width ``d_out``)."""
-        owner = owner or type(self).__name__
-        check_positive_int(owner, "num_heads", self.num_heads)
-        return AttentionSpec(
-            owner=owner,
-            d_in=self.d_in,
-            d_out=self.d_out,
-            context_length=self.context_length,
-            dropout=self.dropout,
-            qkv_bias=self.qkv_bias,
-            deterministic=self.deterministic,
-            is_causal=self.is_causal,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            implementation=self.implementation,
-            model_axis=self.model_axis,
-        )
-
-    def linen_module(self) -> linen.MultiHeadAttentionWrapper:
-        spec = self.attention_spec()
-        return linen.MultiHeadAttentionWrapper(
-            self.d_in,
-            self.d_out,
-            self.context_length,
-            self.dropout,
-            self.num_heads,
-            self.qkv_bias,
-            **spec_lib.options(spec),
-        )
+        return spec_lib.head_spec(self, self._linen_class._config_names(), owner)
 
     def __call__(
         self,
@@ -572,6 +450,7 @@ class MultiHeadAttention(_BookAttention):
     [4]
     """
 
+    _linen_class = linen.MultiHeadAttention
     cached_key: nnx.Cache | None
     cached_value: nnx.Cache | None
     cache_index: nnx.Cache | None
@@ -595,22 +474,12 @@ class MultiHeadAttention(_BookAttention):
         num_kv_heads: int | None = None,
         rngs: nnx.Rngs,
     ):
-        self.d_in = d_in
-        self.d_out = d_out
-        self.context_length = context_length
-        self.dropout = dropout
-        self.num_heads = num_heads
-        self.qkv_bias = qkv_bias
-        self.deterministic = deterministic
-        self.is_causal = is_causal
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.implementation = implementation
-        self.model_axis = model_axis
-        self.decode = decode
-        self.num_kv_heads = num_kv_heads
-        spec = self.attention_spec()
-        rngs = _check_rngs(spec.owner, rngs)
+        self.d_in, self.d_out, self.qkv_bias = d_in, d_out, qkv_bias
+        self.context_length, self.dropout = context_length, dropout
+        self.num_heads, self.num_kv_heads, self.decode = num_heads, num_kv_heads, decode
+        spec = self._configure(
+            deterministic, is_causal, dtype, param_dtype, implementation, model_axis, rngs
+        )
         self.head_dim = spec.head_dim
         self.W_query = self._linear(spec, "W_query", rngs)
         self.W_key = self._linear(spec, "W_key", rngs)
@@ -620,39 +489,6 @@ class MultiHeadAttention(_BookAttention):
         self.cached_key = nnx.data(None)
         self.cached_value = nnx.data(None)
         self.cache_index = nnx.data(None)
-
-    def attention_spec(self, owner: str | None = None) -> AttentionSpec:
-        return AttentionSpec(
-            owner=owner or type(self).__name__,
-            d_in=self.d_in,
-            d_out=self.d_out,
-            context_length=self.context_length,
-            dropout=self.dropout,
-            num_heads=self.num_heads,
-            qkv_bias=self.qkv_bias,
-            deterministic=self.deterministic,
-            is_causal=self.is_causal,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            implementation=self.implementation,
-            model_axis=self.model_axis,
-            decode=self.decode,
-            num_kv_heads=self.num_kv_heads,
-        )
-
-    def linen_module(self) -> linen.MultiHeadAttention:
-        spec = self.attention_spec()
-        return linen.MultiHeadAttention(
-            self.d_in,
-            self.d_out,
-            self.context_length,
-            self.dropout,
-            self.num_heads,
-            self.qkv_bias,
-            **spec_lib.options(spec),
-            decode=self.decode,
-            num_kv_heads=self.num_kv_heads,
-        )
 
     @property
     def kv_heads(self) -> int:
