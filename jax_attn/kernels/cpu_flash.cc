@@ -919,27 +919,37 @@ void ForwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float
 
 // ---- weights recomputed from the log-sum-exp (backward and tangent) ------------------
 
-// Query row t of (b, n)'s weights over key tile `tile`, recomputed in place of its scaled
-// logits `row` [width]: the score options, then bias and mask (the reference's order), then
-// P = e^(s - lse), zero outside the row's keys [lo, hi) and where `bits` (the row's bitmask,
-// or nullptr) leaves a key out. Returns whether `deriv` got the soft cap's derivative.
-bool RecomputeWeights(const Problem& p, int64_t b, int64_t n, int64_t t, const KeyTile& tile,
-                      int width, int64_t lo, int64_t hi, float lse, const uint32_t* bits,
-                      float* row, float* deriv) {
-  const bool capped = ScoreRow(p, b, n, t, tile.s0, width, row, deriv);
-  if (p.dense()) ApplyDense(p, b, n, t, 1, tile.s0, tile.cols, row, width);
+// The weights of row r of query tile t0 / kTile of (b, n) over key tile `tile`, recomputed
+// in place of its scaled logits `prow` [width]: the score options, then bias and mask (the
+// reference's order), then P = e^(s - lse), zero outside the row's keys and where `bits`
+// (the tile's bitmask, or nullptr) leaves a key out. A row that sees none of the tile's
+// keys gets `prow` and its derivative row `drow` zeroed instead.
+enum class RowWeights { kNone, kPlain, kCapped };  // kCapped: `deriv` got 1 - tanh^2
+RowWeights RecomputeWeights(const Problem& p, int64_t b, int64_t n, int64_t t0, int r,
+                            const int64_t* row_begin, const int64_t* row_end, const KeyTile& tile,
+                            int width, float lse, const uint32_t* bits, float* prow, float* drow,
+                            float* deriv) {
+  const int64_t lo = std::clamp<int64_t>(row_begin[r] - tile.s0, 0, tile.cols);
+  const int64_t hi = std::clamp<int64_t>(row_end[r] - tile.s0, 0, tile.cols);
+  if (lo >= hi) {
+    std::memset(prow, 0, width * sizeof(float));
+    std::memset(drow, 0, width * sizeof(float));
+    return RowWeights::kNone;
+  }
+  const bool capped = ScoreRow(p, b, n, t0 + r, tile.s0, width, prow, deriv);
+  if (p.dense()) ApplyDense(p, b, n, t0 + r, 1, tile.s0, tile.cols, prow, width);
   const __m256 shift = _mm256_set1_ps(lse);
   if (p.dense()) {
     for (int c = 0; c < width; c += 8)
-      _mm256_storeu_ps(row + c, ExpMasked8(_mm256_loadu_ps(row + c), shift));
+      _mm256_storeu_ps(prow + c, ExpMasked8(_mm256_loadu_ps(prow + c), shift));
   } else {
     for (int c = 0; c < width; c += 8)
-      _mm256_storeu_ps(row + c, Exp8(_mm256_sub_ps(_mm256_loadu_ps(row + c), shift)));
+      _mm256_storeu_ps(prow + c, Exp8(_mm256_sub_ps(_mm256_loadu_ps(prow + c), shift)));
   }
-  std::fill(row, row + lo, 0.0f);
-  std::fill(row + hi, row + width, 0.0f);
-  if (bits != nullptr) ZeroMasked(row, bits, width);
-  return capped;
+  std::fill(prow, prow + lo, 0.0f);
+  std::fill(prow + hi, prow + width, 0.0f);
+  if (bits != nullptr) ZeroMasked(prow, bits + r * kTileWords, width);
+  return capped ? RowWeights::kCapped : RowWeights::kPlain;
 }
 
 // ---- backward ------------------------------------------------------------------------
@@ -1036,18 +1046,11 @@ void BackwardItem(const Problem& p, const PackedKV& kv, BackwardShared& w, int64
         for (int r = 0; r < gemm_rows; ++r) {
           float* prow = prob + r * width;
           float* dprow = dprob + r * width;
-          const int64_t lo = std::clamp<int64_t>(row_begin[r] - t.s0, 0, t.cols);
-          const int64_t hi = std::clamp<int64_t>(row_end[r] - t.s0, 0, t.cols);
-          if (lo >= hi) {
-            std::memset(prow, 0, width * sizeof(float));
-            std::memset(dprow, 0, width * sizeof(float));
-            continue;
-          }
           alignas(32) float deriv[kTile];
-          const bool capped =
-              RecomputeWeights(p, b, n, t0 + r, t, width, lo, hi,
-                               lse[(b * p.N + n) * p.T + t0 + r],
-                               bits == nullptr ? nullptr : bits + r * kTileWords, prow, deriv);
+          const RowWeights weights =
+              RecomputeWeights(p, b, n, t0, r, row_begin, row_end, t, width,
+                               lse[(b * p.N + n) * p.T + t0 + r], bits, prow, dprow, deriv);
+          if (weights == RowWeights::kNone) continue;
           const __m256 d = _mm256_set1_ps(*w.delta.at(row0 + r));
           if (p.dropout) {
             // with dropout factors f: dS = P * (f dP - delta), and dV takes f P
@@ -1069,7 +1072,7 @@ void BackwardItem(const Problem& p, const PackedKV& kv, BackwardShared& w, int64
           // the bias is added after the soft cap: its gradient is dS before 1 - tanh^2
           if (dbias) AddBiasGradient(p, dbias, b, n, t0 + r, 1, t.s0, t.cols, dprow, width);
           // through the soft cap: dS times 1 - tanh^2
-          if (capped)
+          if (weights == RowWeights::kCapped)
             for (int c = 0; c < width; c += 8)
               _mm256_storeu_ps(dprow + c, _mm256_mul_ps(_mm256_loadu_ps(dprow + c),
                                                         _mm256_loadu_ps(deriv + c)));
@@ -1158,16 +1161,11 @@ void TangentItem(const Problem& p, const PackedKV& kv, const Problem& pd, const 
     for (int r = 0; r < gemm_rows; ++r) {
       float* prow = prob + r * width;
       float* dsrow = ds + r * width;
-      const int64_t lo = std::clamp<int64_t>(row_begin[r] - t.s0, 0, t.cols);
-      const int64_t hi = std::clamp<int64_t>(row_end[r] - t.s0, 0, t.cols);
-      if (lo >= hi) {
-        std::memset(prow, 0, width * sizeof(float));
-        std::memset(dsrow, 0, width * sizeof(float));
-        continue;
-      }
       alignas(32) float deriv[kTile];
-      if (RecomputeWeights(p, b, n, t0 + r, t, width, lo, hi, row_lse[r],
-                           bits == nullptr ? nullptr : bits + r * kTileWords, prow, deriv))
+      const RowWeights weights = RecomputeWeights(p, b, n, t0, r, row_begin, row_end, t, width,
+                                                  row_lse[r], bits, prow, dsrow, deriv);
+      if (weights == RowWeights::kNone) continue;
+      if (weights == RowWeights::kCapped)
         for (int c = 0; c < width; c += 8)  // ds through the soft cap
           _mm256_storeu_ps(dsrow + c,
                            _mm256_mul_ps(_mm256_loadu_ps(dsrow + c), _mm256_loadu_ps(deriv + c)));
@@ -1402,29 +1400,52 @@ ffi::Error DescribeTiles(const TileTable& table, const TileBits& bits, Problem* 
   return ffi::Error::Success();
 }
 
+// Checks the operands every handler takes (Describe, DescribeRows, DescribeDense,
+// DescribeTiles) and fills `p`.
+ffi::Error DescribeCall(const Floats& q, const Floats& k, const Floats& v,
+                        const Lengths& q_lengths, const Lengths& kv_lengths,
+                        const Seeds& row_seeds, const Floats& slopes, const Masks& mask,
+                        const Floats& bias, const TileTable& table, const TileBits& bits,
+                        const Attributes& attributes, Problem* p) {
+  if (auto error = Describe(q, k, v, q_lengths, kv_lengths, attributes, p); error.failure())
+    return error;
+  if (auto error = DescribeRows(row_seeds, slopes, p); error.failure()) return error;
+  if (auto error = DescribeDense(q, mask, bias, p); error.failure()) return error;
+  return DescribeTiles(table, bits, p);
+}
+
+// Runs body(item, scratch) over the forward's and the tangent's work items, one per
+// (batch, query head, query tile) (QueryItem), each worker with `per_worker` floats of
+// scratch.
+template <typename Body>
+void RunQueryItems(ffi::ThreadPool& pool, const Problem& p, int64_t per_worker, Body body) {
+  const int64_t items = p.B * p.N * p.q_tiles();
+  PooledBuffer scratch = WorkerScratch(Workers(pool, items), per_worker);
+  const bool fail = FailAllocation("item");
+  ParallelFor(pool, items, [&](int64_t worker, int64_t item) {
+    MaybeFailItem(fail, item);
+    body(item, scratch.at(worker * per_worker));
+  });
+}
+
 ffi::Error Forward(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q_lengths,
                    Lengths kv_lengths, Seeds row_seeds, Floats slopes, Masks mask, Floats bias,
                    TileTable table, TileBits bits, FloatsOut out, FloatsOut lse,
                    Attributes attributes) {
   return Contained([&]() -> ffi::Error {
     Problem p;
-    if (auto error = Describe(q, k, v, q_lengths, kv_lengths, attributes, &p); error.failure())
+    if (auto error = DescribeCall(q, k, v, q_lengths, kv_lengths, row_seeds, slopes, mask, bias,
+                                  table, bits, attributes, &p);
+        error.failure())
       return error;
-    if (auto error = DescribeRows(row_seeds, slopes, &p); error.failure()) return error;
-    if (auto error = DescribeDense(q, mask, bias, &p); error.failure()) return error;
-    if (auto error = DescribeTiles(table, bits, &p); error.failure()) return error;
     if (!Sized(p, *out, *lse))
       return ffi::Error::InvalidArgument("cpu_flash: out or lse mis-sized");
-    const int64_t items = p.B * p.N * p.q_tiles(), per_worker = ForwardScratch(p);
-    PooledBuffer scratch = WorkerScratch(Workers(pool, items), per_worker);
     PackedKV kv;
     Pack(pool, p, kv);
     const float* qp = q.typed_data();
     float *op = out->typed_data(), *lp = lse->typed_data();
-    const bool fail = FailAllocation("item");
-    ParallelFor(pool, items, [&](int64_t worker, int64_t item) {
-      MaybeFailItem(fail, item);
-      ForwardItem(p, kv, item, qp, op, lp, scratch.at(worker * per_worker));
+    RunQueryItems(pool, p, ForwardScratch(p), [&](int64_t item, float* scratch) {
+      ForwardItem(p, kv, item, qp, op, lp, scratch);
     });
     return ffi::Error::Success();
   });
@@ -1437,11 +1458,10 @@ ffi::Error Backward(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths 
                     Attributes attributes) {
   return Contained([&]() -> ffi::Error {
     Problem p;
-    if (auto error = Describe(q, k, v, q_lengths, kv_lengths, attributes, &p); error.failure())
+    if (auto error = DescribeCall(q, k, v, q_lengths, kv_lengths, row_seeds, slopes, mask, bias,
+                                  table, bits, attributes, &p);
+        error.failure())
       return error;
-    if (auto error = DescribeRows(row_seeds, slopes, &p); error.failure()) return error;
-    if (auto error = DescribeDense(q, mask, bias, &p); error.failure()) return error;
-    if (auto error = DescribeTiles(table, bits, &p); error.failure()) return error;
     if (!Sized(p, out, lse) || !Sized(p, d_out, d_lse) || !SameSizes(q, k, v, *dq, *dk, *dv))
       return ffi::Error::InvalidArgument("cpu_flash: out, lse or their cotangents mis-sized");
     if (dbias->element_count() != bias.element_count())
@@ -1495,18 +1515,15 @@ ffi::Error Tangent(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q
                    Attributes attributes) {
   return Contained([&]() -> ffi::Error {
     Problem p;
-    if (auto error = Describe(q, k, v, q_lengths, kv_lengths, attributes, &p); error.failure())
+    if (auto error = DescribeCall(q, k, v, q_lengths, kv_lengths, row_seeds, slopes, mask, bias,
+                                  table, bits, attributes, &p);
+        error.failure())
       return error;
-    if (auto error = DescribeRows(row_seeds, slopes, &p); error.failure()) return error;
-    if (auto error = DescribeDense(q, mask, bias, &p); error.failure()) return error;
-    if (auto error = DescribeTiles(table, bits, &p); error.failure()) return error;
     if (!Sized(p, out, lse) || !Sized(p, *d_out, *d_lse) || !SameSizes(q, k, v, dq, dk, dv))
       return ffi::Error::InvalidArgument("cpu_flash: out, lse or the tangents mis-sized");
     if (d_bias.element_count() != bias.element_count())
       return ffi::Error::InvalidArgument("cpu_flash: the bias tangent mis-sized");
     const float* dbp = p.bias.data ? d_bias.typed_data() : nullptr;
-    const int64_t items = p.B * p.N * p.q_tiles(), per_worker = TangentScratch(p);
-    PooledBuffer scratch = WorkerScratch(Workers(pool, items), per_worker);
     Problem pd = p;  // the key and value tangents, laid out as the keys and values are
     pd.k = dk.typed_data(), pd.v = dv.typed_data();
     PackedKV kv, kvd;
@@ -1515,11 +1532,8 @@ ffi::Error Tangent(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q
     const float *qp = q.typed_data(), *dqp = dq.typed_data();
     const float *op = out.typed_data(), *lp = lse.typed_data();
     float *dop = d_out->typed_data(), *dlp = d_lse->typed_data();
-    const bool fail = FailAllocation("item");
-    ParallelFor(pool, items, [&](int64_t worker, int64_t item) {
-      MaybeFailItem(fail, item);
-      TangentItem(p, kv, pd, kvd, item, qp, dqp, op, lp, dop, dlp,
-                  scratch.at(worker * per_worker), dbp);
+    RunQueryItems(pool, p, TangentScratch(p), [&](int64_t item, float* scratch) {
+      TangentItem(p, kv, pd, kvd, item, qp, dqp, op, lp, dop, dlp, scratch, dbp);
     });
     return ffi::Error::Success();
   });
