@@ -1031,10 +1031,14 @@ void BackwardItem(const Problem& p, const PackedKV& kv, BackwardShared& w, int64
       for (int64_t tile = 0; tile < tiles; ++tile) {
         if (w.tile_end[b * tiles + tile] <= t.s0 || w.tile_begin[b * tiles + tile] >= t.s0 + t.cols)
           continue;
-        const int64_t t0 = tile * kTile, row0 = w.Row(p, b, n, t0);
-        const int rows = static_cast<int>(p.TileRows(b, t0, row_begin, row_end));
+        // the tile table first: a sparse mask skips most pairs, before their rows are read
+        const int64_t t0 = tile * kTile;
         const uint32_t* bits;
-        if (SkipsKeyTile(p, b, n, tile, rows, key_tile, &bits)) continue;
+        if (SkipsKeyTile(p, b, n, tile, static_cast<int>(std::min<int64_t>(kTile, p.T - t0)),
+                         key_tile, &bits))
+          continue;
+        const int64_t row0 = w.Row(p, b, n, t0);
+        const int rows = static_cast<int>(p.TileRows(b, t0, row_begin, row_end));
         const int gemm_rows = (rows + 1) & ~1;
         const float* q_tile = w.qs.at(row0 * Hp);
         const float* do_tile = w.dos.at(row0 * Hvp);
