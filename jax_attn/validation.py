@@ -32,6 +32,9 @@ __all__ = [
     "AttentionCall",
     "KernelInputs",
     "nan_policy_attention",
+    "bad_bias",
+    "finite_bias_or_zero",
+    "finite_or_zero",
     "window_for",
     "nan_rows",
     "nan_rows_by_kernel",
@@ -452,7 +455,7 @@ def _with_score_options(query, key, arguments: dict):
     )
 
 
-def _bad_bias(bias):
+def bad_bias(bias):
     """Where ``bias`` holds NaN or +inf (-inf masks: no fault)."""
     return jnp.isnan(bias) | (bias == jnp.inf)
 
@@ -467,6 +470,11 @@ def finite_or_zero(x):
     return jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x))
 
 
+def finite_bias_or_zero(bias):
+    """``bias`` with its NaN and +inf entries replaced by 0 (-inf masks: kept)."""
+    return jnp.where(bad_bias(bias), jnp.zeros((), bias.dtype), bias)
+
+
 def _any_non_finite(call, q, k, v, bias):
     """bool ``[]``: whether q, k, v or ``bias`` holds a NaN or Inf (-inf in ``bias`` masks).
 
@@ -476,7 +484,7 @@ def _any_non_finite(call, q, k, v, bias):
     total = sum(jnp.sum(x, dtype=call.compute_dtype) for x in (q, k, v))
     found = ~jnp.isfinite(total)
     if bias is not None:
-        found = found | jnp.any(_bad_bias(bias))
+        found = found | jnp.any(bad_bias(bias))
     return found
 
 
@@ -501,17 +509,8 @@ def nan_policy_attention(select: Select, implementation, q, k, v, *, call, input
     def clean(q, k, v, bias):
         return kernel(q, k, v, call=call, inputs=inputs)
 
-    def guarded(q, k, v, bias):
-        safe = inputs
-        if bias is not None:
-            safe = dataclasses.replace(
-                inputs, bias=jnp.where(_bad_bias(bias), jnp.zeros((), bias.dtype), bias)
-            )
-        # A kernel marked ``zero_fills_non_finite`` does this itself, where its data is
-        # laid out (ring attention: on each device's share, inside its shard_map).
-        own = getattr(kernel, "zero_fills_non_finite", False)
-        operands = (q, k, v) if own else tuple(finite_or_zero(x) for x in (q, k, v))
-        out = kernel(*operands, call=call, inputs=safe)
+    def nan_rows_marked(out, q, k, v, bias):
+        """``out`` with the rows that attend a non-finite value (at a live position) NaN."""
         # [B, T, N], [B, S, K]: query rows, and keys (k or v row), holding a non-finite
         bad_q = ~jnp.all(jnp.isfinite(q), axis=-1)
         bad_kv = ~(jnp.all(jnp.isfinite(k), axis=-1) & jnp.all(jnp.isfinite(v), axis=-1))
@@ -524,12 +523,29 @@ def nan_policy_attention(select: Select, implementation, q, k, v, *, call, input
         hit = _sharded_like_rows(jax.lax.stop_gradient(hit), out)
         return jnp.where(hit[..., None], jnp.asarray(jnp.nan, out.dtype), out)
 
+    def guarded(q, k, v, bias):
+        safe = inputs
+        if bias is not None:
+            safe = dataclasses.replace(inputs, bias=finite_bias_or_zero(bias))
+        # A kernel marked ``zero_fills_non_finite`` does this itself, where its data is
+        # laid out (ring attention: on each device's share, inside its shard_map).
+        own = getattr(kernel, "zero_fills_non_finite", False)
+        operands = (q, k, v) if own else tuple(finite_or_zero(x) for x in (q, k, v))
+        return nan_rows_marked(kernel(*operands, call=call, inputs=safe), q, k, v, bias)
+
     bad = _any_non_finite(call, q, k, v, bias)
     if not isinstance(bad, jax.core.Tracer):
         # Called eagerly: the inputs are known, so only the branch they need is compiled
         # (an eager lax.cond compiles both; one such compile crashed XLA in the slow
         # property search).
         return guarded(q, k, v, bias) if bool(bad) else clean(q, k, v, bias)
+    if getattr(kernel, "zero_fills_when", False):
+        # The kernel takes the condition and zero-fills inside its own derivative rules,
+        # so no lax.cond around it is differentiated: a cond's linearisation keeps the
+        # residuals of both branches, copies of q, k, v and out and zeros of the other
+        # branch's, on every clean call. Only the NaN rows' marking is a cond here.
+        out = kernel(q, k, v, call=call, inputs=inputs, non_finite=bad)
+        return jax.lax.cond(bad, nan_rows_marked, lambda out, *_: out, out, q, k, v, bias)
     return jax.lax.cond(bad, guarded, clean, q, k, v, bias)
 
 
@@ -573,7 +589,7 @@ def nan_rows_by_kernel(select: Select, implementation, q, k, bad_q, bad_kv, bias
     bad_q = _sharded_like_rows(bad_q, out0)
     hit = (out0[..., 0] > 0) | (bad_q & (out0[..., 1] > 0))
     if bias is not None:
-        hit = hit | (live(_where_bias(~_bad_bias(bias), bias.dtype))[..., 1] > 0)
+        hit = hit | (live(_where_bias(~bad_bias(bias), bias.dtype))[..., 1] > 0)
     return hit
 
 
@@ -633,7 +649,7 @@ def nan_rows(bad_q, bad_kv, bias, *, call: AttentionCall, inputs: KernelInputs):
         if bias is not None:
             block_bias = rows(bias, q_idx)
             allowed = allowed & (block_bias != -jnp.inf)  # NaN > -inf is False
-            bad = bad | _bad_bias(block_bias)
+            bad = bad | bad_bias(block_bias)
         one, two, zero = (jnp.asarray(i, jnp.int8) for i in (1, 2, 0))
         state = jnp.where(allowed, jnp.where(bad, two, one), zero)
         return jnp.broadcast_to(jnp.max(state, axis=-1), (B, N, block))

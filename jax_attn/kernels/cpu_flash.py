@@ -66,6 +66,7 @@ from jax_attn.kernels.flash_autodiff import FlashRules, flash_attention
 from jax_attn.kernels.partitioned import partitioned_call
 from jax_attn.mask_functions import soft_cap_then_alibi
 from jax_attn.masks import as_4d, dropout_row_seeds, dropout_threshold
+from jax_attn.validation import bad_bias, finite_bias_or_zero, finite_or_zero
 
 __all__ = [
     "CACHE_ENV",
@@ -485,11 +486,17 @@ def _ffi_backward(call: AttentionCall, *operands):
 @functools.cache
 def _rules(call: AttentionCall) -> FlashRules:
     """The kernel's maps for :mod:`jax_attn.kernels.flash_autodiff`: ``diff = (q, k, v[,
-    bias])``, ``nondiff = (q_lengths, kv_lengths, rng, slopes, mask, tiles)`` (the dropout
-    key, the ALiBi slopes ``[B, N]``, the boolean mask and a ``mask_fn``'s tile table and
-    bitmasks, ``None`` where the call has none); forward, tangent and backward compiled, the
-    pure maps (differentiated only at second order) those of ``chunked`` on the same masks
-    (the ``mask_fn`` the tiles encode), dropout and score options."""
+    bias])``, ``nondiff = (q_lengths, kv_lengths, rng, slopes, mask, tiles, non_finite)``
+    (the dropout key, the ALiBi slopes ``[B, N]``, the boolean mask, a ``mask_fn``'s tile
+    table and bitmasks, and the NaN policy's condition, each ``None`` where the call has
+    none); forward, tangent and backward compiled, the pure maps (differentiated only at
+    second order) those of ``chunked`` on the same masks (the ``mask_fn`` the tiles
+    encode), dropout and score options.
+
+    Where ``non_finite`` (a traced bool) holds, every map runs as on ``diff`` with its NaN
+    and Inf zero-filled (:func:`_zero_filled`), and the derivatives are 0 at those entries
+    (the NaN policy, ``validation.nan_policy_attention``); a ``lax.cond`` inside each map,
+    which first-order differentiation never linearises."""
     plan = chunked.position_plan(call.T, call.S, call.is_causal, call.window, call.scale, True)
     if call.dropout_rate > 0.0 or call.logit_soft_cap is not None or call.has_alibi_slopes:
         plan = dataclasses.replace(
@@ -503,41 +510,62 @@ def _rules(call: AttentionCall) -> FlashRules:
     def extra(diff, nondiff):
         """The compiled maps' keywords: row seeds from the dropout key, slopes, mask, bias,
         tiles."""
-        _, _, rng, slopes, mask, tiles = nondiff
+        rng, slopes, mask, tiles = nondiff[2:6]
         B, _, N, _ = diff[0].shape
         row_seeds = None if rng is None else dropout_row_seeds(rng, B, N)
         return dict(row_seeds=row_seeds, slopes=slopes, mask=mask, bias=_bias(diff), tiles=tiles)
 
     def forward_(diff, nondiff):
-        return forward(call, *diff[:3], *nondiff[:2], **extra(diff, nondiff))
+        def run(diff):
+            return forward(call, *diff[:3], *nondiff[:2], **extra(diff, nondiff))
+
+        return _when_finite(nondiff[6], run, lambda diff: run(_zero_filled(diff)), diff)
 
     def tangent_(diff, nondiff, out, lse, d_diff):
-        return tangent(
-            call,
-            *diff[:3],
-            *nondiff[:2],
-            out,
-            lse,
-            *d_diff[:3],
-            **extra(diff, nondiff),
-            d_bias=_bias(d_diff),
-        )
+        def run(diff, d_diff):
+            return tangent(
+                call,
+                *diff[:3],
+                *nondiff[:2],
+                out,
+                lse,
+                *d_diff[:3],
+                **extra(diff, nondiff),
+                d_bias=_bias(d_diff),
+            )
+
+        def zero_filled(diff, d_diff):
+            return run(_zero_filled(diff), _zero_where_non_finite(d_diff, diff))
+
+        return _when_finite(nondiff[6], run, zero_filled, diff, d_diff)
 
     def backward_(diff, nondiff, out, lse, d_out, d_lse):
         if d_lse is None:
             d_lse = jnp.zeros(lse.shape, jnp.float32)
-        grads = backward(
-            call, *diff[:3], *nondiff[:2], out, lse, d_out, d_lse, **extra(diff, nondiff)
-        )
-        return tuple(cotangent_like(g, x) for g, x in zip(grads, diff, strict=True))
 
-    def pure(fn):
+        def run(diff):
+            grads = backward(
+                call, *diff[:3], *nondiff[:2], out, lse, d_out, d_lse, **extra(diff, nondiff)
+            )
+            return tuple(cotangent_like(g, x) for g, x in zip(grads, diff, strict=True))
+
+        def zero_filled(diff):
+            return _zero_where_non_finite(run(_zero_filled(diff)), diff)
+
+        return _when_finite(nondiff[6], run, zero_filled, diff)
+
+    def pure(fn, zero_filled_results):
         def with_options(diff, nondiff, *args):
-            q_lengths, kv_lengths, rng, slopes, mask, tiles = nondiff
+            q_lengths, kv_lengths, rng, slopes, mask, tiles, non_finite = nondiff
             consts = () if slopes is None else (slopes,)
             positions = (q_lengths, kv_lengths) if mask is None else (q_lengths, kv_lengths, mask)
             mask_consts = () if tiles is None else tuple(tiles)
-            return fn(
+            given = diff
+            if non_finite is not None:  # differentiable: zero-filling finite values is a no-op
+                diff = _zero_filled(diff)
+                if not zero_filled_results:  # the tangent: args[-1] is d_diff
+                    args = (*args[:-1], _zero_where_non_finite(args[-1], given))
+            results = fn(
                 plan,
                 diff,
                 positions,
@@ -546,6 +574,9 @@ def _rules(call: AttentionCall) -> FlashRules:
                 score_consts=consts,
                 mask_consts=mask_consts,
             )
+            if non_finite is not None and zero_filled_results:
+                results = _zero_where_non_finite(results, given)
+            return results
 
         return with_options
 
@@ -553,8 +584,32 @@ def _rules(call: AttentionCall) -> FlashRules:
         forward=forward_,
         tangent=tangent_,
         backward=backward_,
-        tangent_pure=pure(chunked.position_tangent),
-        backward_pure=pure(chunked.position_backward),
+        tangent_pure=pure(chunked.position_tangent, zero_filled_results=False),
+        backward_pure=pure(chunked.position_backward, zero_filled_results=True),
+    )
+
+
+def _when_finite(non_finite, run, zero_filled, *args):
+    """``run(*args)``, or ``zero_filled(*args)`` where ``non_finite`` (a traced bool) holds."""
+    if non_finite is None:
+        return run(*args)
+    return jax.lax.cond(non_finite, zero_filled, run, *args)
+
+
+def _zero_filled(diff):
+    """``diff = (q, k, v[, bias])`` with NaN and Inf replaced by 0 (the bias' NaN and +inf;
+    -inf masks)."""
+    arrays = tuple(finite_or_zero(x) for x in diff[:3])
+    return arrays if len(diff) == 3 else (*arrays, finite_bias_or_zero(diff[3]))
+
+
+def _zero_where_non_finite(values, diff):
+    """``values`` (shaped as ``diff``: its derivatives) with 0 where ``diff`` is NaN or Inf
+    (the bias: NaN or +inf), as the derivative of :func:`_zero_filled`."""
+    bad = [~jnp.isfinite(x) for x in diff[:3]] + [bad_bias(x) for x in diff[3:]]
+    return tuple(
+        None if value is None else jnp.where(where, jnp.zeros((), value.dtype), value)
+        for value, where in zip(values, bad, strict=True)
     )
 
 
@@ -587,19 +642,22 @@ def _flash(
     mask=None,
     bias=None,
     tiles=None,
+    non_finite=None,
 ):
     diff = (q, k, v) if bias is None else (q, k, v, bias)
-    nondiff = (q_lengths, kv_lengths, rng, slopes, mask, tiles)
+    nondiff = (q_lengths, kv_lengths, rng, slopes, mask, tiles, non_finite)
     return flash_attention(_rules(call), diff, nondiff)[0]
 
 
-def cpu_flash_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs):
+def cpu_flash_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs, non_finite=None):
     """q ``[B, T, N, H]``, k ``[B, S, K, H]``, v ``[B, S, K, H_v]`` ->
     ``[B, T, N, H_v]`` in q's dtype through the compiled kernel (in float32, half precision
     widened and the output rounded once); of ``inputs`` the lengths, ``mask`` and ``bias``
     (as given, 4-d), the dropout key, the ALiBi slopes and ``mask_fn`` / ``block_mask`` by
     their tiles (the rest is declined by ``_cpu_flash_unsupported``; the ``score_fn`` it
-    gets is only those options, served natively)."""
+    gets is only those options, served natively). ``non_finite``: the NaN policy's traced
+    condition (``validation.nan_policy_attention``), under which the kernel runs on the
+    inputs with their NaN and Inf zero-filled, or ``None``."""
     reason = build_reason()
     if reason is not None:
         raise ValueError(f"cpu_flash: {reason}")
@@ -622,19 +680,30 @@ def cpu_flash_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs):
     bias = None if inputs.bias is None else as_4d(inputs.bias).astype(jnp.float32)
     args = (q_lengths, kv_lengths, rng, slopes, mask, bias)
     if inputs.mask_fn is None or call.T == 0 or call.S == 0:
-        return _flash(call, q, k, v, *args).astype(call.dtype)
+        return _flash(call, q, k, v, *args, non_finite=non_finite).astype(call.dtype)
     table, bitmasks, fits = cpu_flash_tiles.tiles(call, inputs)
 
     def sparse(q, k, v):
-        return _flash(call, q, k, v, *args, tiles=(table, bitmasks))
+        return _flash(call, q, k, v, *args, tiles=(table, bitmasks), non_finite=non_finite)
 
-    def chunked_instead(q, k, v):  # more partial tiles than a traced table holds
-        return chunked.chunked_attention(q, k, v, call=call, inputs=inputs)
+    # More partial tiles than a traced table holds: the rare path, rematerialised under
+    # differentiation so that the cond keeps no residuals of its own.
+    @jax.checkpoint
+    def chunked_instead(q, k, v):
+        given = inputs
+        if non_finite is not None:  # the NaN policy's zero-fill: a no-op on finite values
+            q, k, v = (finite_or_zero(x) for x in (q, k, v))
+            if bias is not None:
+                given = dataclasses.replace(inputs, bias=finite_bias_or_zero(bias))
+        return chunked.chunked_attention(q, k, v, call=call, inputs=given)
 
     if fits is None:
         return sparse(q, k, v).astype(call.dtype)
     return jax.lax.cond(fits, sparse, chunked_instead, q, k, v).astype(call.dtype)
 
+
+# nan_policy_attention passes its traced condition as `non_finite` (see _rules)
+cpu_flash_attention.zero_fills_when = True  # type: ignore[attr-defined]
 
 IMPLEMENTATION = Implementation(
     name="cpu_flash",
