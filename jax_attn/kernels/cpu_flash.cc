@@ -740,14 +740,14 @@ void DropTile(const Problem& p, int64_t b, int64_t n, int64_t t0, int64_t s0, in
 // ---- forward -------------------------------------------------------------------------
 
 // The (batch, query head, query tile) of a forward or tangent work item: the longest rows
-// first (causal), and the heads of one query tile one after another, whose rows of q and out
-// lie side by side in memory (one head's tile alone is 64 strided rows).
+// first (causal), one head's tiles one after another, so that the threads running items
+// side by side read the same keys and values.
 struct QueryTile {
   int64_t b, n, tile;
 };
 QueryTile QueryItem(const Problem& p, int64_t item) {
   const int64_t tiles = p.q_tiles();
-  return {item / p.N / tiles, item % p.N, tiles - 1 - (item / p.N) % tiles};
+  return {item / tiles / p.N, (item / tiles) % p.N, tiles - 1 - item % tiles};
 }
 
 // Floats of a forward worker's scratch: scale * q [kTile, Hp], logits [kTile, kTile],

@@ -142,10 +142,19 @@ def _tile_bits(mask_fn, T: int, S: int, b, h, q_tile, k_tile):
 
     # [M, TILE, TILE]
     allowed, inside = jax.vmap(one_tile)(b, h, rows, keys)
-    weights = jnp.left_shift(jnp.uint32(1), jnp.arange(32, dtype=jnp.uint32))
-    bits = jnp.where(allowed.reshape(-1, TILE, _WORDS, 32), weights, jnp.uint32(0))
-    words = jnp.sum(bits, axis=-1, dtype=jnp.uint32).reshape(-1, TILE * _WORDS)
-    return words, jnp.any(allowed, axis=(1, 2)), jnp.all(allowed | ~inside, axis=(1, 2))
+    words, inside_words = _words(allowed), _words(inside)
+    every = jnp.all((words | ~inside_words) == jnp.uint32(0xFFFFFFFF), axis=1)
+    return words, jnp.any(words != jnp.uint32(0), axis=1), every
+
+
+def _words(bits):
+    """bool ``[M, TILE, TILE]`` as the kernel's bitmasks, uint32 ``[M, TILE * _WORDS]``: bit
+    ``c % 32`` of word ``r * _WORDS + c // 32`` is ``bits[:, r, c]``."""
+    # [M, TILE, _WORDS, 4] bytes of 8 keys each, key c at bit c % 8
+    octets = jnp.packbits(bits, axis=-1, bitorder="little").reshape(-1, TILE, _WORDS, 4)
+    shifts = jnp.arange(0, 32, 8, dtype=jnp.uint32)[None, None, None, :]
+    words = jnp.sum(jnp.left_shift(octets.astype(jnp.uint32), shifts), axis=-1, dtype=jnp.uint32)
+    return words.reshape(-1, TILE * _WORDS)
 
 
 def _known_table(call, inputs, dims):
