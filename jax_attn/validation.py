@@ -539,7 +539,7 @@ def nan_policy_attention(select: Select, implementation, q, k, v, *, call, input
         # (an eager lax.cond compiles both; one such compile crashed XLA in the slow
         # property search).
         return guarded(q, k, v, bias) if bool(bad) else clean(q, k, v, bias)
-    if getattr(kernel, "zero_fills_when", False):
+    if getattr(kernel, "takes_non_finite", False):
         # The kernel takes the condition and zero-fills inside its own derivative rules,
         # so no lax.cond around it is differentiated: a cond's linearisation keeps the
         # residuals of both branches, copies of q, k, v and out and zeros of the other

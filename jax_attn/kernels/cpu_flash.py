@@ -703,7 +703,7 @@ def cpu_flash_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs, n
 
 
 # nan_policy_attention passes its traced condition as `non_finite` (see _rules)
-cpu_flash_attention.zero_fills_when = True  # type: ignore[attr-defined]
+cpu_flash_attention.takes_non_finite = True  # type: ignore[attr-defined]
 
 IMPLEMENTATION = Implementation(
     name="cpu_flash",

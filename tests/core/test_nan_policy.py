@@ -306,6 +306,30 @@ def test_vmap_follows_the_policy(implementation):
 # --- windows beyond the sequence, empty head dims ----------------------------------------
 
 
+@pytest.mark.parametrize("implementation", ["chunked", "cpu_flash"], indirect=True)
+def test_second_order_follows_the_policy(implementation):
+    """A Hessian-vector product through a call with a non-finite key in the padding and a
+    non-finite query at a live row equals the oracle's (cpu_flash zero-fills inside its
+    derivative maps, the pure ones of second order included)."""
+    q, k, v = _inputs(seed=7)
+    lengths = jnp.array([S, 5])
+    _serve_or_skip(implementation, q, k, v, is_causal=True, key_value_seq_lengths=lengths)
+    k_bad = k.at[1, 6, 0].set(jnp.nan)  # padding: past batch 1's 5 keys
+    q_bad = q.at[0, 3, 2].set(jnp.inf)  # live: row 3 of head 2 becomes NaN
+
+    def hvp(attend):
+        def loss(q):
+            out = attend(q, k_bad, v, is_causal=True, key_value_seq_lengths=lengths)
+            return jnp.sum(jnp.where(jnp.isfinite(out), out, jnp.zeros((), out.dtype)) ** 2)
+
+        return jax.jit(lambda q: jax.jvp(jax.grad(loss), (q,), (jnp.ones_like(q),))[1])(q_bad)
+
+    got = hvp(functools.partial(ja.dot_product_attention, implementation=implementation))
+    want = hvp(ja.reference.dot_product_attention)
+    assert np.isfinite(np.asarray(got)).all()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "window, same_as",
     [((sys.maxsize, sys.maxsize), None), ((sys.maxsize, 1), (T + S, 1))],
