@@ -921,14 +921,15 @@ void ForwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float
 
 // The weights of row r of query tile t0 / kTile of (b, n) over key tile `tile`, recomputed
 // in place of its scaled logits `prow` [width]: the score options, then bias and mask (the
-// reference's order), then P = e^(s - lse), zero outside the row's keys and where `bits`
+// reference's order), then P = e^(s - lse[r]), zero outside the row's keys and where `bits`
 // (the tile's bitmask, or nullptr) leaves a key out. A row that sees none of the tile's
-// keys gets `prow` and its derivative row `drow` zeroed instead.
+// keys gets `prow` and its derivative row `drow` zeroed instead, and its lse is not read
+// (a tile's rows past T have none).
 enum class RowWeights { kNone, kPlain, kCapped };  // kCapped: `deriv` got 1 - tanh^2
 RowWeights RecomputeWeights(const Problem& p, int64_t b, int64_t n, int64_t t0, int r,
                             const int64_t* row_begin, const int64_t* row_end, const KeyTile& tile,
-                            int width, float lse, const uint32_t* bits, float* prow, float* drow,
-                            float* deriv) {
+                            int width, const float* lse, const uint32_t* bits, float* prow,
+                            float* drow, float* deriv) {
   const int64_t lo = std::clamp<int64_t>(row_begin[r] - tile.s0, 0, tile.cols);
   const int64_t hi = std::clamp<int64_t>(row_end[r] - tile.s0, 0, tile.cols);
   if (lo >= hi) {
@@ -938,7 +939,7 @@ RowWeights RecomputeWeights(const Problem& p, int64_t b, int64_t n, int64_t t0, 
   }
   const bool capped = ScoreRow(p, b, n, t0 + r, tile.s0, width, prow, deriv);
   if (p.dense()) ApplyDense(p, b, n, t0 + r, 1, tile.s0, tile.cols, prow, width);
-  const __m256 shift = _mm256_set1_ps(lse);
+  const __m256 shift = _mm256_set1_ps(lse[r]);
   if (p.dense()) {
     for (int c = 0; c < width; c += 8)
       _mm256_storeu_ps(prow + c, ExpMasked8(_mm256_loadu_ps(prow + c), shift));
@@ -1053,7 +1054,7 @@ void BackwardItem(const Problem& p, const PackedKV& kv, BackwardShared& w, int64
           alignas(32) float deriv[kTile];
           const RowWeights weights =
               RecomputeWeights(p, b, n, t0, r, row_begin, row_end, t, width,
-                               lse[(b * p.N + n) * p.T + t0 + r], bits, prow, dprow, deriv);
+                               lse + (b * p.N + n) * p.T + t0, bits, prow, dprow, deriv);
           if (weights == RowWeights::kNone) continue;
           const __m256 d = _mm256_set1_ps(*w.delta.at(row0 + r));
           if (p.dropout) {
@@ -1167,7 +1168,7 @@ void TangentItem(const Problem& p, const PackedKV& kv, const Problem& pd, const 
       float* dsrow = ds + r * width;
       alignas(32) float deriv[kTile];
       const RowWeights weights = RecomputeWeights(p, b, n, t0, r, row_begin, row_end, t, width,
-                                                  row_lse[r], bits, prow, dsrow, deriv);
+                                                  row_lse, bits, prow, dsrow, deriv);
       if (weights == RowWeights::kNone) continue;
       if (weights == RowWeights::kCapped)
         for (int c = 0; c < width; c += 8)  // ds through the soft cap
