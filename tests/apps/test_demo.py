@@ -69,6 +69,7 @@ def test_demo_through_the_cli_prints_book_values_device_and_times(tiny_config, t
         assert str(png) in text
 
 
+@pytest.mark.slow  # a subprocess-heavy check of the demo's failure paths
 def test_demo_fails_when_a_book_value_or_the_reference_check_does_not_match(
     tiny_config, monkeypatch, capsys
 ):

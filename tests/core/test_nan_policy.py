@@ -306,7 +306,9 @@ def test_vmap_follows_the_policy(implementation):
 # --- windows beyond the sequence, empty head dims ----------------------------------------
 
 
-@pytest.mark.parametrize("implementation", ["chunked", "cpu_flash"], indirect=True)
+@pytest.mark.parametrize(
+    "implementation", [pytest.param("chunked", marks=pytest.mark.slow), "cpu_flash"], indirect=True
+)
 def test_second_order_follows_the_policy(implementation):
     """A Hessian-vector product through a call with a non-finite key in the padding and a
     non-finite query at a live row equals the oracle's (cpu_flash zero-fills inside its

@@ -220,6 +220,7 @@ def test_the_check_catches_a_wrong_shape():
         shape_checked(dispatch.dot_product_attention)(q, k[:, :, :, :4], v)
 
 
+@pytest.mark.slow  # a fresh interpreter importing the whole package
 def test_the_package_imports_without_jaxtyping():
     code = (
         "import sys; sys.modules['jaxtyping'] = None\n"
