@@ -1024,7 +1024,8 @@ void BackwardItem(const Problem& p, const PackedKV& kv, BackwardShared& w, int64
     // keys as rows kb [width, Hp] and V^T [Hvp, width], zero past the tile's keys
     Transpose(t.kt, width, Hp, width, kb, Hp);
     Transpose(t.v, Hvp, t.cols, Hvp, vt, width);
-    for (int64_t h = 0; h < Hvp; ++h) std::fill(vt + h * width + t.cols, vt + (h + 1) * width, 0.0f);
+    for (int64_t h = 0; h < Hvp; ++h)
+      std::fill(vt + h * width + t.cols, vt + (h + 1) * width, 0.0f);
     std::fill(dks, dks + width * Hp, 0.0f);
     std::fill(dvs, dvs + width * Hvp, 0.0f);
     for (int64_t g = 0; g < G; ++g) {

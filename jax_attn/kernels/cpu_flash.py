@@ -516,56 +516,35 @@ def _rules(call: AttentionCall) -> FlashRules:
         return dict(row_seeds=row_seeds, slopes=slopes, mask=mask, bias=_bias(diff), tiles=tiles)
 
     def forward_(diff, nondiff):
-        def run(diff):
-            return forward(call, *diff[:3], *nondiff[:2], **extra(diff, nondiff))
-
-        return _when_finite(nondiff[6], run, lambda diff: run(_zero_filled(diff)), diff)
+        return forward(call, *diff[:3], *nondiff[:2], **extra(diff, nondiff))
 
     def tangent_(diff, nondiff, out, lse, d_diff):
-        def run(diff, d_diff):
-            return tangent(
-                call,
-                *diff[:3],
-                *nondiff[:2],
-                out,
-                lse,
-                *d_diff[:3],
-                **extra(diff, nondiff),
-                d_bias=_bias(d_diff),
-            )
-
-        def zero_filled(diff, d_diff):
-            return run(_zero_filled(diff), _zero_where_non_finite(d_diff, diff))
-
-        return _when_finite(nondiff[6], run, zero_filled, diff, d_diff)
+        return tangent(
+            call,
+            *diff[:3],
+            *nondiff[:2],
+            out,
+            lse,
+            *d_diff[:3],
+            **extra(diff, nondiff),
+            d_bias=_bias(d_diff),
+        )
 
     def backward_(diff, nondiff, out, lse, d_out, d_lse):
         if d_lse is None:
             d_lse = jnp.zeros(lse.shape, jnp.float32)
+        grads = backward(
+            call, *diff[:3], *nondiff[:2], out, lse, d_out, d_lse, **extra(diff, nondiff)
+        )
+        return tuple(cotangent_like(g, x) for g, x in zip(grads, diff, strict=True))
 
-        def run(diff):
-            grads = backward(
-                call, *diff[:3], *nondiff[:2], out, lse, d_out, d_lse, **extra(diff, nondiff)
-            )
-            return tuple(cotangent_like(g, x) for g, x in zip(grads, diff, strict=True))
-
-        def zero_filled(diff):
-            return _zero_where_non_finite(run(_zero_filled(diff)), diff)
-
-        return _when_finite(nondiff[6], run, zero_filled, diff)
-
-    def pure(fn, zero_filled_results):
+    def pure(fn):
         def with_options(diff, nondiff, *args):
-            q_lengths, kv_lengths, rng, slopes, mask, tiles, non_finite = nondiff
+            q_lengths, kv_lengths, rng, slopes, mask, tiles, _ = nondiff
             consts = () if slopes is None else (slopes,)
             positions = (q_lengths, kv_lengths) if mask is None else (q_lengths, kv_lengths, mask)
             mask_consts = () if tiles is None else tuple(tiles)
-            given = diff
-            if non_finite is not None:  # differentiable: zero-filling finite values is a no-op
-                diff = _zero_filled(diff)
-                if not zero_filled_results:  # the tangent: args[-1] is d_diff
-                    args = (*args[:-1], _zero_where_non_finite(args[-1], given))
-            results = fn(
+            return fn(
                 plan,
                 diff,
                 positions,
@@ -574,19 +553,56 @@ def _rules(call: AttentionCall) -> FlashRules:
                 score_consts=consts,
                 mask_consts=mask_consts,
             )
-            if non_finite is not None and zero_filled_results:
-                results = _zero_where_non_finite(results, given)
-            return results
 
         return with_options
 
     return FlashRules(
-        forward=forward_,
-        tangent=tangent_,
-        backward=backward_,
-        tangent_pure=pure(chunked.position_tangent, zero_filled_results=False),
-        backward_pure=pure(chunked.position_backward, zero_filled_results=True),
+        forward=_zero_filling_forward(forward_),
+        tangent=_zero_filling_tangent(tangent_),
+        backward=_zero_filling_backward(backward_),
+        tangent_pure=_zero_filling_tangent(pure(chunked.position_tangent)),
+        backward_pure=_zero_filling_backward(pure(chunked.position_backward)),
     )
+
+
+# The NaN policy on a map of _rules: where nondiff[6] (`non_finite`, a traced bool) holds,
+# the map runs on diff zero-filled, its derivatives 0 at the non-finite entries; a lax.cond
+# inside the map, so first-order differentiation never linearises it.
+
+
+def _zero_filling_forward(fn):
+    def forward_(diff, nondiff):
+        def zero_filled(diff):
+            return fn(_zero_filled(diff), nondiff)
+
+        return _when_finite(nondiff[6], lambda diff: fn(diff, nondiff), zero_filled, diff)
+
+    return forward_
+
+
+def _zero_filling_tangent(fn):
+    def tangent_(diff, nondiff, out, lse, d_diff):
+        def run(diff, d_diff):
+            return fn(diff, nondiff, out, lse, d_diff)
+
+        def zero_filled(diff, d_diff):
+            return run(_zero_filled(diff), _zero_where_non_finite(d_diff, diff))
+
+        return _when_finite(nondiff[6], run, zero_filled, diff, d_diff)
+
+    return tangent_
+
+
+def _zero_filling_backward(fn):
+    def backward_(diff, nondiff, *cotangents):
+        def zero_filled(diff):
+            return _zero_where_non_finite(fn(_zero_filled(diff), nondiff, *cotangents), diff)
+
+        return _when_finite(
+            nondiff[6], lambda diff: fn(diff, nondiff, *cotangents), zero_filled, diff
+        )
+
+    return backward_
 
 
 def _when_finite(non_finite, run, zero_filled, *args):
@@ -692,9 +708,9 @@ def cpu_flash_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs, n
     def chunked_instead(q, k, v):
         given = inputs
         if non_finite is not None:  # the NaN policy's zero-fill: a no-op on finite values
-            q, k, v = (finite_or_zero(x) for x in (q, k, v))
-            if bias is not None:
-                given = dataclasses.replace(inputs, bias=finite_bias_or_zero(bias))
+            q, k, v = _zero_filled((q, k, v))
+            if inputs.bias is not None:
+                given = dataclasses.replace(inputs, bias=finite_bias_or_zero(inputs.bias))
         return chunked.chunked_attention(q, k, v, call=call, inputs=given)
 
     if fits is None:
