@@ -552,8 +552,8 @@ struct PooledBuffer {
 // ---- keys and values, one key tile at a time -----------------------------------------
 
 // Key tile i holds keys [64 i, 64 i + cols), and the products over it are computed
-// width = RoundUp16(cols) columns wide. With more than one key tile, each (batch, kv head)'s
-// keys and values are laid out once per call: K^T blocks [Hp, width] (keys across, the
+// width = RoundUp16(cols) columns wide. Where items reuse them (see Pack), each (batch, kv
+// head)'s keys and values are laid out once per call: K^T blocks [Hp, width] (keys across, the
 // right operand of q k^T) and V rows [cols, Hvp], at key offset 64 i of the pair's slab.
 // A single tile (S <= 64) is not packed: each item copies it into its own scratch, so a
 // short S costs scratch in proportion to S, not to 64-key tiles.
@@ -603,18 +603,31 @@ KeyTile LoadTile(const Problem& p, const PackedKV& kv, int64_t b, int64_t kh, in
   return t;
 }
 
-void Pack(ffi::ThreadPool& pool, const Problem& p, PackedKV& kv) {
+// Which key tiles a call's items load: every one (the backward visits each key tile), or
+// only those a query row may attend, the keys below a sequence's length (the forward and
+// tangent bound their loops by the rows' intervals, which never pass kv_lengths[b]).
+enum class Loads { kEvery, kVisited };
+
+// Lays out the keys and values once per call where an item reuses them: with more than
+// one key tile, and more than one item reading each tile (several query tiles, or the G
+// query heads of a kv head). Decoding one token without GQA reads each tile once: its
+// items copy their tiles into scratch instead, with no round trip through memory. With
+// Loads::kVisited the tiles past a sequence's length are left unwritten, so a step
+// against a long, mostly empty KV cache costs what its filled slots cost.
+void Pack(ffi::ThreadPool& pool, const Problem& p, PackedKV& kv, Loads loads) {
   const int64_t tiles = p.key_tiles();
-  kv.packed = tiles > 1;
+  const bool reused = p.q_tiles() > 1 || p.G() > 1 || loads == Loads::kEvery;
+  kv.packed = tiles > 1 && reused;
   if (!kv.packed) return;
   kv.padded_keys = (tiles - 1) * kTile + RoundUp16(p.S - (tiles - 1) * kTile);
-  // Every element is written below, the padding with zeros: no zero-fill first (a pass
-  // over tens of MB per decoding call).
+  // Every element an item reads is written below, the padding with zeros: no zero-fill
+  // first (a pass over tens of MB per decoding call).
   kv.kt = PooledBuffer(p.B * p.K * kv.padded_keys * p.Hp(), false);
   kv.v = PooledBuffer(p.B * p.K * p.S * p.Hvp(), false);
   ParallelFor(pool, p.B * p.K * tiles, [&](int64_t, int64_t item) {
     const int64_t tile = item % tiles, kh = item / tiles % p.K, b = item / tiles / p.K;
     const int64_t s0 = tile * kTile, cols = std::min<int64_t>(kTile, p.S - s0);
+    if (loads == Loads::kVisited && s0 >= p.kv_lengths[b]) return;
     WriteTile(p, b, kh, s0, cols, RoundUp16(cols),
               kv.kt.at(((b * p.K + kh) * kv.padded_keys + s0) * p.Hp()),
               kv.v.at(((b * p.K + kh) * p.S + s0) * p.Hvp()));
@@ -1447,7 +1460,7 @@ ffi::Error Forward(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q
     if (!Sized(p, *out, *lse))
       return ffi::Error::InvalidArgument("cpu_flash: out or lse mis-sized");
     PackedKV kv;
-    Pack(pool, p, kv);
+    Pack(pool, p, kv, Loads::kVisited);
     const float* qp = q.typed_data();
     float *op = out->typed_data(), *lp = lse->typed_data();
     RunQueryItems(pool, p, ForwardScratch(p), [&](int64_t item, float* scratch) {
@@ -1485,7 +1498,7 @@ ffi::Error Backward(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths 
     BiasGradient bias_gradient(p, splits, Workers(pool, items), dbias->typed_data());
     BackwardShared shared(p, splits);
     PackedKV kv;
-    Pack(pool, p, kv);
+    Pack(pool, p, kv, Loads::kEvery);
     const int64_t tiles = p.q_tiles();
     ParallelFor(pool, p.B * tiles, [&](int64_t, int64_t item) {
       int64_t row_begin[kTile], row_end[kTile];
@@ -1533,8 +1546,8 @@ ffi::Error Tangent(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q
     Problem pd = p;  // the key and value tangents, laid out as the keys and values are
     pd.k = dk.typed_data(), pd.v = dv.typed_data();
     PackedKV kv, kvd;
-    Pack(pool, p, kv);
-    Pack(pool, pd, kvd);
+    Pack(pool, p, kv, Loads::kVisited);
+    Pack(pool, pd, kvd, Loads::kVisited);
     const float *qp = q.typed_data(), *dqp = dq.typed_data();
     const float *op = out.typed_data(), *lp = lse.typed_data();
     float *dop = d_out->typed_data(), *dlp = d_lse->typed_data();

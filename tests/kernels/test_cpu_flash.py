@@ -71,14 +71,28 @@ def test_buffers_kept_from_a_larger_call_leave_no_trace():
     assert all(np.isfinite(np.asarray(g)).all() for g in grads)
 
 
-@pytest.mark.parametrize("T", [1, 3])
-def test_few_queries_against_a_cache_equal_float64_reference(T):
-    # A query tile of 1 or 3 rows multiplies only those rows (rounded up to 2, 4).
-    q, k, v = make_qkv(**dict(SHAPE, T=T))
+@pytest.mark.parametrize("T, K", [(1, 2), (3, 2), (1, 4)])
+def test_few_queries_against_a_cache_equal_float64_reference(T, K):
+    # A query tile of 1 or 3 rows multiplies only those rows (rounded up to 2, 4). With
+    # G = 2 the keys are packed up to each sequence's length; with one query tile and
+    # G = 1 (K = 4) each item copies its own key tiles instead.
+    q, k, v = make_qkv(**dict(SHAPE, T=T, K=K))
     kwargs = {"is_causal": True, "key_value_seq_lengths": jnp.array([130, 77])}
     want = attention_float64(q, k, v, **kwargs)
     got = jax.jit(lambda q, k, v: _flash(q, k, v, **kwargs))(q, k, v)
     np.testing.assert_allclose(got, want, rtol=0, atol=allowed_error(q, k, v, want, **kwargs))
+    # the tangent packs the key tangents the same way
+    directions = make_qkv(**dict(SHAPE, T=T, K=K), seed=1)
+
+    def tangent(implementation):
+        def attend(q, k, v):
+            return ja.dot_product_attention(q, k, v, implementation=implementation, **kwargs)
+
+        return jax.jit(lambda p, d: jax.jvp(attend, p, d)[1])((q, k, v), directions)
+
+    want_tangent = tangent("reference")
+    scale = float(jnp.abs(want_tangent).max())
+    np.testing.assert_allclose(tangent("cpu_flash"), want_tangent, rtol=0, atol=2e-6 * scale)
 
 
 @pytest.mark.parametrize(
