@@ -266,12 +266,20 @@ def _attend(cache, query, start, lengths, dropout_rng, **statics):
 
 
 def _attend_body(cache, query, start, lengths, dropout_rng, *, scale, dropout_rate, implementation):
-    T = query.shape[1]
+    T, S_max = query.shape[1], cache.context_length
+    # The slots past start + T are empty: as key lengths, every kernel skips them (a step
+    # then costs what the filled slots cost). One query needs nothing more: it sees
+    # exactly the slots < start + 1, and a padded one (lengths 0) none, which the kernels
+    # that decline a dense mask also serve (decoding kernels).
+    filled = jnp.clip(start.astype(jnp.int32) + T, 0, S_max)
+    one_query = T == 1
     out = dot_product_attention(
         query,
         cache.key,
         cache.value,
-        mask=decode_mask(start, T, cache.context_length, lengths),
+        mask=None if one_query else decode_mask(start, T, S_max, lengths),
+        query_seq_lengths=lengths if one_query else None,
+        key_value_seq_lengths=filled,
         scale=scale,
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,

@@ -160,6 +160,19 @@ def test_mixed_prompt_lengths_under_jit_match_each_sequence_alone():
         np.testing.assert_allclose(steps[b], expected[b, lengths[b] : T_b], atol=1e-5)
 
 
+def test_one_token_step_with_a_padded_sequence():
+    # One query per sequence goes to the kernels as key lengths (no dense mask); a padded
+    # one (lengths 0) gets a zero row and leaves its sequence's cache as it was.
+    q, k, v = make_qkv_numpy(B, S_MAX, S_MAX, N, 2, H)
+    cache = kv_cache.init_cache(B, S_MAX, 2, H)
+    _, cache = decode_step(cache, q[:, :3], k[:, :3], v[:, :3])
+    pick = [x[:, 3:4] for x in (q, k, v)]
+    out, cache = decode_step(cache, *pick, lengths=jnp.array([0, 1]))
+    np.testing.assert_array_equal(cache.index, [3, 4])
+    np.testing.assert_array_equal(out[0], 0.0)
+    np.testing.assert_allclose(out[1], full_causal_pass(q, k, v)[1, 3:4], rtol=1e-5, atol=1e-5)
+
+
 def test_x64_float64_cache_under_jit_and_scan():
     with jax.enable_x64(True):
         q, k, v = make_qkv_numpy(B, 4, 4, N, 2, H, dtype=np.float64)
