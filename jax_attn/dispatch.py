@@ -15,7 +15,16 @@ from typing import TYPE_CHECKING
 import jax
 
 from jax_attn import reference
-from jax_attn.kernels import chunked, cpu_flash, cudnn, pallas_gpu, pallas_tpu, ring, xla
+from jax_attn.kernels import (
+    chunked,
+    cpu_flash,
+    cudnn,
+    pallas_gpu,
+    pallas_gpu_decode,
+    pallas_tpu,
+    ring,
+    xla,
+)
 from jax_attn.kernels.base import partitioned_axes
 from jax_attn.kernels.contract import FUNCTION_ARGUMENTS, AttentionCall, Implementation
 from jax_attn.mask_functions import BlockMask
@@ -259,5 +268,5 @@ register_implementation(
         functions=frozenset(FUNCTION_ARGUMENTS),
     )
 )
-for _kernel in (xla, cudnn, chunked, cpu_flash, pallas_gpu, pallas_tpu, ring):
+for _kernel in (xla, cudnn, chunked, cpu_flash, pallas_gpu, pallas_gpu_decode, pallas_tpu, ring):
     register_implementation(_kernel.IMPLEMENTATION)

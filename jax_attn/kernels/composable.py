@@ -29,9 +29,11 @@ from jax_attn.kernels.flash_autodiff import FlashRules, flash_attention
 __all__ = ["composable"]
 
 
-def composable(kernel: Callable) -> Callable:
+def composable(kernel: Callable, own_backward: bool = True) -> Callable:
     """``kernel(q, k, v, *, call, inputs)`` (serving position masks, ``mask`` and ``bias``;
-    no dropout or functions) -> the same kernel under every transformation."""
+    no dropout or functions) -> the same kernel under every transformation.
+    ``own_backward=False``: a kernel JAX cannot differentiate at all (a bare
+    ``pallas_call``) gets its reverse mode from ``chunked`` too."""
 
     @functools.wraps(kernel)
     def composed(q, k, v, *, call: AttentionCall, inputs: KernelInputs):
@@ -39,7 +41,8 @@ def composable(kernel: Callable) -> Callable:
         lengths = tuple(None if x is None else jnp.asarray(x, jnp.int32) for x in given)
         mask = None if inputs.mask is None else jnp.asarray(inputs.mask)
         bias = None if inputs.bias is None else jnp.asarray(inputs.bias)
-        out, _ = flash_attention(_rules(kernel, call), (q, k, v, bias), (mask, *lengths))
+        rules = _rules(kernel, call, own_backward)
+        out, _ = flash_attention(rules, (q, k, v, bias), (mask, *lengths))
         return out
 
     return composed
@@ -54,7 +57,7 @@ def _inputs(diff, nondiff) -> tuple:
 
 
 @functools.cache
-def _rules(kernel: Callable, call: AttentionCall) -> FlashRules:
+def _rules(kernel: Callable, call: AttentionCall, own_backward: bool) -> FlashRules:
     def fast(diff, nondiff):
         q, k, v, inputs = _inputs(diff, nondiff)
         return kernel(q, k, v, call=call, inputs=inputs)
@@ -82,4 +85,6 @@ def _rules(kernel: Callable, call: AttentionCall) -> FlashRules:
         zero_out = jnp.zeros(out.shape, out.dtype)
         return jax.tree.map(jnp.add, grads, backward_pure(diff, nondiff, out, lse, zero_out, d_lse))
 
-    return FlashRules(forward, tangent, backward, tangent, backward_pure)
+    return FlashRules(
+        forward, tangent, backward if own_backward else backward_pure, tangent, backward_pure
+    )
