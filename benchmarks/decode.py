@@ -109,7 +109,7 @@ def _torch_contestants(arrays, filled, dtype):
     device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     if device == "cpu" and jax.default_backend() != "cpu":
         return {}, None  # torch cannot see this accelerator: no like-for-like comparison
-    torch_dtype = getattr(torch, np.dtype(dtype).name)
+    torch_dtype = getattr(torch, dtype)
     # [B, N, 1, H], [B, K, S_max, H]: torch's head-major layout
     q, k, v = (
         torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1, 3))).to(device, torch_dtype)
@@ -148,7 +148,7 @@ def measure(case, filled, dtype, rounds, warmup):
             key_value_seq_lengths=jnp.full((B,), filled),
         )
     )
-    tolerance = 1e-4 if np.dtype(dtype).itemsize >= 4 else 2e-2
+    tolerance = 1e-4 if jnp.dtype(dtype).itemsize >= 4 else 2e-2
     runs = _jax_contestants(q, cache, start, filled)
     torch_runs, from_torch = _torch_contestants(arrays, filled, dtype)
     runs.update(torch_runs)
