@@ -3,7 +3,8 @@
 A step attends ``T = 1`` new query per sequence over a cache of ``S_max`` slots of which
 ``filled`` hold keys (the new token's own key included), as ``kv_cache.attend_cache``
 does inside a user's jitted decode loop. Contestants, each timed once per round,
-interleaved, after warm-up, compile time apart:
+interleaved (each round starting one contestant later), after warm-up, compile time
+apart:
 
 * ``jax_attn default`` / ``jax_attn <name>``: ``kv_cache.attend_cache`` (the library's
   decode path: the filled slots as key lengths), the default and each implementation
@@ -165,10 +166,14 @@ def measure(case, filled, dtype, rounds, warmup):
             errors[name] = f"{type(failure).__name__}: {failure}"[:300]
             del runs[name]
     times = {name: [] for name in runs}
-    for _ in range(warmup + rounds):  # warm-up rounds interleaved too, then dropped
-        for name, run in runs.items():
+    names = list(runs)
+    for round_ in range(warmup + rounds):  # warm-up rounds interleaved too, then dropped
+        # Each round starts one contestant later: torch's OpenMP threads keep spinning
+        # for a while after a call, which slows whichever contestant comes next.
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
             begin = time.perf_counter()
-            run()
+            runs[name]()
             times[name].append(time.perf_counter() - begin)
     times = {name: runs_[warmup:] for name, runs_ in times.items()}
     row = {"case": case, "B": B, "N": N, "K": K, "H": H, "S_max": S_max, "filled": filled}
@@ -198,25 +203,6 @@ def main() -> None:
     if jax.default_backend() == "cpu" and jax.device_count() != 1:
         raise SystemExit(f"run in a process of one device (found {jax.device_count()})")
     load_before = os.getloadavg()
-    rows = []
-    for case in args.cases:
-        for fill in args.fills:
-            filled = max(1, int(round(fill * CASES[case][-1])))
-            row = measure(case, filled, args.dtype, args.rounds, args.warmup)
-            rows.append(row)
-            cells = "  ".join(
-                f"{name} {cell['median_ms']:.3f} ms"
-                + (
-                    f" ({cell['ratio_to_torch_masked'][1]:.2f}x)"
-                    if "ratio_to_torch_masked" in cell
-                    else ""
-                )
-                for name, cell in row.items()
-                if isinstance(cell, dict) and "median_ms" in cell
-            )
-            print(f"{case} filled {filled}/{row['S_max']} (default {row['default']}): {cells}")
-            for name, error in row["errors"].items():
-                print(f"  {name} left out: {error}")
     device = jax.devices()[0]
     label = (
         f"CPU: {bench._cpu_model()}"
@@ -231,14 +217,33 @@ def main() -> None:
         "dtype": args.dtype,
         "date": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
         "load_before": load_before,
-        "load_after": os.getloadavg(),
         "rounds": args.rounds,
-        "rows": rows,
+        "rows": [],
     }
     slug = "cpu" if device.platform == "cpu" else label.lower().replace(" ", "-")
     output = args.output or RESULTS / f"decode-{slug}-{args.dtype}-{record['date']}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(record, indent=1) + "\n")
+    for case in args.cases:
+        for fill in args.fills:
+            filled = max(1, int(round(fill * CASES[case][-1])))
+            row = measure(case, filled, args.dtype, args.rounds, args.warmup)
+            record["rows"].append(row)
+            record["load_after"] = os.getloadavg()
+            # written after every row: a run cut short by a timeout keeps what it measured
+            output.write_text(json.dumps(record, indent=1) + "\n")
+            cells = "  ".join(
+                f"{name} {cell['median_ms']:.3f} ms"
+                + (
+                    f" ({cell['ratio_to_torch_masked'][1]:.2f}x)"
+                    if "ratio_to_torch_masked" in cell
+                    else ""
+                )
+                for name, cell in row.items()
+                if isinstance(cell, dict) and "median_ms" in cell
+            )
+            print(f"{case} filled {filled}/{row['S_max']} (default {row['default']}): {cells}")
+            for name, error in row["errors"].items():
+                print(f"  {name} left out: {error}")
     print(f"wrote {output} (load {record['load_before']} -> {record['load_after']})")
 
 

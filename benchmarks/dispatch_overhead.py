@@ -135,10 +135,14 @@ def measure(case: str, dtype: str, grad: bool, rounds: int, warmup: int) -> dict
         runs["torch sdpa"] = torch_run
         row["torch sdpa"] = {}
     times = {label: [] for label in runs}
-    for _ in range(warmup + rounds):
-        for label, run in runs.items():
+    labels = list(runs)
+    for round_ in range(warmup + rounds):
+        # each round starts one contestant later: torch's OpenMP threads spin for a while
+        # after a call, which slows whichever contestant comes next
+        shift = round_ % len(labels)
+        for label in labels[shift:] + labels[:shift]:
             begin = time.perf_counter()
-            run()
+            runs[label]()
             times[label].append(time.perf_counter() - begin)
     for label, runs_ in times.items():
         runs_ = runs_[warmup:]
@@ -158,16 +162,6 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
-    rows = []
-    for case in args.cases:
-        for grad in (False, True):
-            row = measure(case, args.dtype, grad, args.rounds, args.warmup)
-            rows.append(row)
-            print(f"{case} {'fwd+grad' if grad else 'fwd'} (kernel {row['kernel']}):")
-            for label, cell in row.items():
-                if isinstance(cell, dict):
-                    timing = f"{cell['median_ms']:.3f} ms" if "median_ms" in cell else ""
-                    print(f"  {label:28s} {timing:>10s}  {cell.get('hlo', cell.get('error', ''))}")
     device = jax.devices()[0]
     label = str(getattr(device, "device_kind", device.platform))
     record = {
@@ -178,12 +172,22 @@ def main() -> None:
         "date": time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
         "load": os.getloadavg(),
         "rounds": args.rounds,
-        "rows": rows,
+        "rows": [],
     }
     slug = label.lower().replace(" ", "-")
     output = args.output or RESULTS / f"dispatch_overhead-{slug}-{record['date']}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(record, indent=1) + "\n")
+    for case in args.cases:
+        for grad in (False, True):
+            row = measure(case, args.dtype, grad, args.rounds, args.warmup)
+            record["rows"].append(row)
+            # written after every row: a run cut short by a timeout keeps what it measured
+            output.write_text(json.dumps(record, indent=1) + "\n")
+            print(f"{case} {'fwd+grad' if grad else 'fwd'} (kernel {row['kernel']}):")
+            for label_, cell in row.items():
+                if isinstance(cell, dict):
+                    timing = f"{cell['median_ms']:.3f} ms" if "median_ms" in cell else ""
+                    print(f"  {label_:28s} {timing:>10s}  {cell.get('hlo', cell.get('error', ''))}")
     print(f"wrote {output}")
 
 
