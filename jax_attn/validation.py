@@ -509,8 +509,9 @@ def nan_policy_attention(select: Select, implementation, q, k, v, *, call, input
     def clean(q, k, v, bias):
         return kernel(q, k, v, call=call, inputs=inputs)
 
-    def nan_rows_marked(out, q, k, v, bias):
-        """``out`` with the rows that attend a non-finite value (at a live position) NaN."""
+    def nan_rows_hit(out, q, k, v, bias):
+        """bool ``[B, T, N]``, laid out as ``out``'s rows: the rows that attend a
+        non-finite value (at a live position)."""
         # [B, T, N], [B, S, K]: query rows, and keys (k or v row), holding a non-finite
         bad_q = ~jnp.all(jnp.isfinite(q), axis=-1)
         bad_kv = ~(jnp.all(jnp.isfinite(k), axis=-1) & jnp.all(jnp.isfinite(v), axis=-1))
@@ -520,7 +521,11 @@ def nan_policy_attention(select: Select, implementation, q, k, v, *, call, input
             hit = nan_rows_by_kernel(
                 select, implementation, q, k, bad_q, bad_kv, bias, call, inputs
             )
-        hit = _sharded_like_rows(jax.lax.stop_gradient(hit), out)
+        return _sharded_like_rows(jax.lax.stop_gradient(hit), out)
+
+    def nan_rows_marked(out, q, k, v, bias):
+        """``out`` with the rows that attend a non-finite value (at a live position) NaN."""
+        hit = nan_rows_hit(out, q, k, v, bias)
         return jnp.where(hit[..., None], jnp.asarray(jnp.nan, out.dtype), out)
 
     def guarded(q, k, v, bias):
@@ -543,9 +548,16 @@ def nan_policy_attention(select: Select, implementation, q, k, v, *, call, input
         # The kernel takes the condition and zero-fills inside its own derivative rules,
         # so no lax.cond around it is differentiated: a cond's linearisation keeps the
         # residuals of both branches, copies of q, k, v and out and zeros of the other
-        # branch's, on every clean call. Only the NaN rows' marking is a cond here.
+        # branch's, on every clean call. Only the NaN rows are a cond here, and the
+        # marking a select after it: a cond that returned the output would copy it, and
+        # its cotangent, once each.
         out = kernel(q, k, v, call=call, inputs=inputs, non_finite=bad)
-        return jax.lax.cond(bad, nan_rows_marked, lambda out, *_: out, out, q, k, v, bias)
+
+        def no_rows(out, *_):
+            return jnp.zeros_like(out[..., 0], dtype=bool)
+
+        hit = jax.lax.cond(bad, nan_rows_hit, no_rows, out, q, k, v, bias)
+        return jnp.where(hit[..., None], jnp.asarray(jnp.nan, out.dtype), out)
     return jax.lax.cond(bad, guarded, clean, q, k, v, bias)
 
 

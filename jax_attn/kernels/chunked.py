@@ -33,6 +33,7 @@ from jax_attn.mask_functions import (
     uses_batch_and_head,
 )
 from jax_attn.masks import MASKED_LOGIT, before_lengths, make_dropout_mask, visible
+from jax_attn.validation import bad_bias
 
 __all__ = [
     "MASKED_LOGIT",
@@ -175,8 +176,9 @@ class _Operands(NamedTuple):
     """One chunked call's arrays in the kernel layout: q ``[B, K, G, T', H]``, k, v
     ``[B, K, S', H(_v)]`` (padded to the chunks), mask and bias as :func:`_as_blocks`
     lays them out, int32 key lengths ``[B]``, the dropout key, the block table of
-    :func:`_block_table` (``None`` for each absent), and the arrays ``plan.mask_fn`` and
-    ``plan.score_fn`` close over (tuples)."""
+    :func:`_block_table` (``None`` for each absent), the arrays ``plan.mask_fn`` and
+    ``plan.score_fn`` close over (tuples), and the NaN policy's traced condition
+    ``non_finite`` (:func:`_filled`; ``None``: no policy)."""
 
     q: jax.Array
     k: jax.Array
@@ -188,6 +190,25 @@ class _Operands(NamedTuple):
     table: tuple | None = None
     mask_consts: tuple = ()
     score_consts: tuple = ()
+    non_finite: jax.Array | None = None
+
+
+def _filled(non_finite, x, bad=None):
+    """The NaN policy inside the loops: block ``x`` of q, k or v with its NaN and Inf
+    replaced by 0 where the traced bool ``non_finite`` holds (``bad``: another test of
+    what to fill, e.g. the bias' NaN and +inf). Filling the blocks as they are read,
+    not whole copies of the inputs, keeps the policy's memory to a block, and a ``where``
+    differentiates to 0 at the filled entries (the policy's derivative) at any order."""
+    return _zero_where(non_finite, x, x, bad)
+
+
+def _zero_where(non_finite, of, x, bad=None):
+    """``x`` with 0 where ``of`` (shaped as ``x``) is NaN or Inf (or ``bad(of)``) and the
+    traced bool ``non_finite`` holds; ``x`` as it is where ``non_finite`` is ``None``."""
+    if non_finite is None or x is None:
+        return x
+    fill = ~jnp.isfinite(of) if bad is None else bad(of)
+    return jnp.where(non_finite & fill, jnp.zeros((), x.dtype), x)
 
 
 class _Block(NamedTuple):
@@ -206,8 +227,13 @@ def _block(plan: _Plan, ops: _Operands, q_blk, at, with_vjp=False):
     position_masked)``."""
     q_index, k_index, _ = at
     B, K, G = q_blk.shape[:3]
-    k_blk = jax.lax.dynamic_slice_in_dim(ops.k, k_index * plan.k_chunk, plan.k_chunk, axis=2)
-    v_blk = jax.lax.dynamic_slice_in_dim(ops.v, k_index * plan.k_chunk, plan.k_chunk, axis=2)
+    k_blk, v_blk = (
+        _filled(
+            ops.non_finite,
+            jax.lax.dynamic_slice_in_dim(x, k_index * plan.k_chunk, plan.k_chunk, axis=2),
+        )
+        for x in (ops.k, ops.v)
+    )
     score_consts = ops.score_consts
     scores, score_vjp = online_softmax.block_logits(q_blk, k_blk, plan.scale), None
     if plan.score_fn is not None:
@@ -273,7 +299,8 @@ def _block_logits(plan: _Plan, ops: _Operands, scores, at):
     Sk = plan.k_chunk
     logits = scores
     if bias is not None:
-        logits = logits + _slice_broadcast(bias, q_index, k_index, plan)
+        bias_blk = _slice_broadcast(bias, q_index, k_index, plan)
+        logits = logits + _filled(ops.non_finite, bias_blk, bad_bias)
     valid = None
     if plan.mask_fn is not None:
         logits = jax.lax.cond(
@@ -374,7 +401,9 @@ def _forward(plan: _Plan, ops: _Operands):
     inputs = (ops.k, ops.v, ops.mask, ops.bias, ops.kv_lengths)
 
     def one_query_chunk(_, q_index):
-        q_blk = jax.lax.dynamic_slice_in_dim(ops.q, q_index * Tq, Tq, axis=3)
+        q_blk = _filled(
+            ops.non_finite, jax.lax.dynamic_slice_in_dim(ops.q, q_index * Tq, Tq, axis=3)
+        )
 
         def step(k_index, position_masked, partial):
             blk = _block(plan, ops, q_blk, (q_index, k_index, position_masked))
@@ -415,7 +444,7 @@ def _backward(plan: _Plan, ops: _Operands, out, lse, d_out, d_lse):
         delta = delta - d_lse
 
     def one_query_chunk(carry, q_index):
-        q_blk = jax.lax.dynamic_slice_in_dim(q, q_index * Tq, Tq, axis=3)
+        q_blk = _filled(ops.non_finite, jax.lax.dynamic_slice_in_dim(q, q_index * Tq, Tq, axis=3))
         do_blk = jax.lax.dynamic_slice_in_dim(d_out, q_index * Tq, Tq, axis=3)
         lse_blk = jax.lax.dynamic_slice_in_dim(lse, q_index * Tq, Tq, axis=3)
         delta_blk = jax.lax.dynamic_slice_in_dim(delta, q_index * Tq, Tq, axis=3)
@@ -456,6 +485,9 @@ def _backward(plan: _Plan, ops: _Operands, out, lse, d_out, d_lse):
     dq = jnp.moveaxis(dq, 0, 3).reshape(q.shape)
     if plan.scale != 1.0:
         dq, dk = dq * plan.scale, dk * plan.scale
+    # the derivative of the NaN policy's fill: 0 at the entries it filled
+    dq, dk, dv = (_zero_where(ops.non_finite, x, g) for x, g in ((q, dq), (k, dk), (v, dv)))
+    dbias = _zero_where(ops.non_finite, bias, dbias, bad_bias)
     return dq, dk, dv, dbias, d_consts
 
 
@@ -505,13 +537,17 @@ def _tangent(plan: _Plan, ops: _Operands, out, lse, d_diff):
 
             def logits_of(q_blk, k, bias, score_consts):
                 differentiated = ops._replace(k=k, bias=bias, score_consts=score_consts)
-                blk = _block(plan, differentiated, q_blk, at)
+                blk = _block(plan, differentiated, _filled(ops.non_finite, q_blk), at)
                 return blk.logits, (blk.v, blk.keep)
 
             primals = (q_blk, ops.k, ops.bias, ops.score_consts)
             tangents = (dq_blk, dk, d_bias, d_score_consts)
             logits, d_logits, (v_blk, keep) = jax.jvp(logits_of, primals, tangents, has_aux=True)
-            dv_blk = jax.lax.dynamic_slice_in_dim(dv, k_index * plan.k_chunk, plan.k_chunk, 2)
+            v_raw, dv_blk = (
+                jax.lax.dynamic_slice_in_dim(x, k_index * plan.k_chunk, plan.k_chunk, 2)
+                for x in (ops.v, dv)
+            )
+            dv_blk = _zero_where(ops.non_finite, v_raw, dv_blk)
             block = online_softmax.block_tangent(
                 logits, lse_blk, d_logits, v_blk, dv_blk, keep=keep, dropout_rate=plan.dropout_rate
             )
@@ -535,13 +571,17 @@ def _tangent(plan: _Plan, ops: _Operands, out, lse, d_diff):
 def _rules(plan: _Plan) -> FlashRules:
     """The chunked kernel's maps for :mod:`jax_attn.kernels.flash_autodiff`, on
     ``diff = (q, k, v, bias, score_consts)`` and ``nondiff = (mask, kv_lengths, rng,
-    table, mask_consts)`` in the kernel layout."""
+    table, mask_consts, non_finite)`` in the kernel layout; ``non_finite``: the NaN
+    policy's traced condition, or ``None``, under which every map reads the blocks of
+    q, k, v and the bias zero-filled (:func:`_filled`)."""
 
     def maps(plan: _Plan):
         def unpack(diff, nondiff) -> _Operands:
             q, k, v, bias, score_consts = diff
-            mask, kv_lengths, rng, table, mask_consts = nondiff
-            return _Operands(q, k, v, mask, bias, kv_lengths, rng, table, mask_consts, score_consts)
+            mask, kv_lengths, rng, table, mask_consts, non_finite = nondiff
+            return _Operands(
+                q, k, v, mask, bias, kv_lengths, rng, table, mask_consts, score_consts, non_finite
+            )
 
         def forward(diff, nondiff):
             return _forward(plan, unpack(diff, nondiff))
@@ -560,11 +600,11 @@ def _rules(plan: _Plan) -> FlashRules:
     return FlashRules(forward, tangent, backward, tangent_pure, backward_pure)
 
 
-def _chunked_core(plan: _Plan, ops: _Operands):
+def _chunked_core(plan: _Plan, ops: _Operands, non_finite=None):
     """``(out, lse)`` in the kernel layout, differentiable in q, k, v, the bias and the
-    arrays ``score_fn`` closes over."""
+    arrays ``score_fn`` closes over; under the NaN policy where ``non_finite`` holds."""
     diff = (ops.q, ops.k, ops.v, ops.bias, ops.score_consts)
-    nondiff = (ops.mask, ops.kv_lengths, ops.rng, ops.table, ops.mask_consts)
+    nondiff = (ops.mask, ops.kv_lengths, ops.rng, ops.table, ops.mask_consts, non_finite)
     return flash_attention(_rules(plan), diff, nondiff)
 
 
@@ -650,12 +690,15 @@ def chunked_attention(
     query_chunk_size=None,
     key_chunk_size=None,
     return_lse: bool = False,
+    non_finite=None,
 ):
     """The kernel on validated, batched inputs (the registry's ``"chunked"`` entry); called
     directly, it takes chunk sizes, and ``inputs`` may be left out when there are none.
     ``return_lse``: also the log-sum-exp ``[B, N, T]`` of each row's logits (float32; a
     row with nothing to attend, or past its query length, holds ``-MASKED_LOGIT``),
-    differentiable like the output."""
+    differentiable like the output. ``non_finite``: the NaN policy's traced condition
+    (``validation.nan_policy_attention``), under which the kernel and its derivatives run
+    on the inputs with their NaN and Inf zero-filled, or ``None``."""
     inputs = KernelInputs() if inputs is None else inputs
     mask, bias, block_mask = inputs.mask, inputs.bias, inputs.block_mask
     q_chunk, k_chunk = _chunk_sizes(call, query_chunk_size, key_chunk_size, block_mask)
@@ -702,6 +745,7 @@ def chunked_attention(
         inputs.key_value_seq_lengths,
         rng,
         (blocks, mask_consts, score_consts),
+        non_finite,
     )
 
 
@@ -721,6 +765,7 @@ def _chunked_jit(
     kv_seq_lengths,
     rng,
     fns,
+    non_finite,
 ):
     """Pads and lays out the inputs for :func:`_chunked_core` (jitted: eager calls are cached).
     ``fns = (blocks, mask_consts, score_consts)``: a block mask's ``(any_blocks,
@@ -764,7 +809,7 @@ def _chunked_jit(
         tuple(mask_consts),
         tuple(score_consts),
     )
-    out, lse = _chunked_core(plan, operands)
+    out, lse = _chunked_core(plan, operands, non_finite)
     # [B, K, G, T', H_v] -> [B, T, N, H_v]
     out = layout.queries_from_kernel(out)[:, :T]
     if query_seq_lengths is not None:
@@ -785,6 +830,9 @@ def _chunked_unsupported(call: AttentionCall, platform: str) -> str | None:
         return f"dtype {call.dtype} (float32, bfloat16 and float16 only)"
     return None
 
+
+# nan_policy_attention passes its traced condition as `non_finite` (see _rules)
+chunked_attention.takes_non_finite = True  # type: ignore[attr-defined]
 
 IMPLEMENTATION = Implementation(
     name="chunked",

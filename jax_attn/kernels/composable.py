@@ -12,6 +12,12 @@ Costs, where the kernel is wrapped: ``jax.grad`` runs the kernel's forward twice
 the output, once inside its own VJP) and its backward once; forward mode costs a
 ``chunked`` pass with its tangent; without differentiation, nothing (the log-sum-exp that
 only derivatives read is dead code under ``jax.jit``).
+
+The NaN policy (``validation.nan_policy_attention``) comes in as ``non_finite``, a traced
+condition under which every map, the kernel's own included, runs on the inputs with
+their NaN and Inf zero-filled: a ``lax.cond`` inside each map
+(:func:`jax_attn.kernels.flash_autodiff.zero_filling`), none around the differentiated
+kernel.
 """
 
 from __future__ import annotations
@@ -24,32 +30,36 @@ import jax.numpy as jnp
 
 from jax_attn.kernels import chunked
 from jax_attn.kernels.contract import AttentionCall, KernelInputs
-from jax_attn.kernels.flash_autodiff import FlashRules, flash_attention
+from jax_attn.kernels.flash_autodiff import FlashRules, flash_attention, zero_filling
 
 __all__ = ["composable"]
 
 
 def composable(kernel: Callable, own_backward: bool = True) -> Callable:
     """``kernel(q, k, v, *, call, inputs)`` (serving position masks, ``mask`` and ``bias``;
-    no dropout or functions) -> the same kernel under every transformation.
+    no dropout or functions) -> the same kernel under every transformation, which also
+    takes the NaN policy's traced condition as ``non_finite`` (or ``None``).
     ``own_backward=False``: a kernel JAX cannot differentiate at all (a bare
     ``pallas_call``) gets its reverse mode from ``chunked`` too."""
 
     @functools.wraps(kernel)
-    def composed(q, k, v, *, call: AttentionCall, inputs: KernelInputs):
+    def composed(q, k, v, *, call: AttentionCall, inputs: KernelInputs, non_finite=None):
         given = (inputs.query_seq_lengths, inputs.key_value_seq_lengths)
         lengths = tuple(None if x is None else jnp.asarray(x, jnp.int32) for x in given)
         mask = None if inputs.mask is None else jnp.asarray(inputs.mask)
         bias = None if inputs.bias is None else jnp.asarray(inputs.bias)
+        nondiff = (mask, *lengths, non_finite)
         rules = _rules(kernel, call, own_backward)
-        out, _ = flash_attention(rules, (q, k, v, bias), (mask, *lengths))
+        out, _ = flash_attention(rules, (q, k, v, bias), nondiff)
         return out
 
+    # nan_policy_attention passes its traced condition as `non_finite`
+    composed.takes_non_finite = True  # type: ignore[attr-defined]
     return composed
 
 
 def _inputs(diff, nondiff) -> tuple:
-    (q, k, v, bias), (mask, q_lengths, kv_lengths) = diff, nondiff
+    (q, k, v, bias), (mask, q_lengths, kv_lengths, _) = diff, nondiff
     inputs = KernelInputs(
         mask=mask, bias=bias, query_seq_lengths=q_lengths, key_value_seq_lengths=kv_lengths
     )
@@ -85,6 +95,7 @@ def _rules(kernel: Callable, call: AttentionCall, own_backward: bool) -> FlashRu
         zero_out = jnp.zeros(out.shape, out.dtype)
         return jax.tree.map(jnp.add, grads, backward_pure(diff, nondiff, out, lse, zero_out, d_lse))
 
-    return FlashRules(
-        forward, tangent, backward if own_backward else backward_pure, tangent, backward_pure
-    )
+    reverse = backward if own_backward else backward_pure
+    rules = FlashRules(forward, tangent, reverse, tangent, backward_pure)
+    # nondiff = (mask, q_lengths, kv_lengths, non_finite)
+    return zero_filling(rules, non_finite_at=3)

@@ -62,11 +62,10 @@ import numpy as np
 from jax_attn.kernels import chunked, cpu_flash_tiles
 from jax_attn.kernels.base import Implementation, cotangent_like, partitioned_axes, varying_like
 from jax_attn.kernels.contract import AttentionCall, KernelInputs
-from jax_attn.kernels.flash_autodiff import FlashRules, flash_attention
+from jax_attn.kernels.flash_autodiff import FlashRules, flash_attention, zero_filling
 from jax_attn.kernels.partitioned import partitioned_call
 from jax_attn.mask_functions import soft_cap_then_alibi
 from jax_attn.masks import as_4d, dropout_row_seeds, dropout_threshold
-from jax_attn.validation import bad_bias, finite_bias_or_zero, finite_or_zero
 
 __all__ = [
     "CACHE_ENV",
@@ -494,9 +493,8 @@ def _rules(call: AttentionCall) -> FlashRules:
     encode), dropout and score options.
 
     Where ``non_finite`` (a traced bool) holds, every map runs as on ``diff`` with its NaN
-    and Inf zero-filled (:func:`_zero_filled`), and the derivatives are 0 at those entries
-    (the NaN policy, ``validation.nan_policy_attention``); a ``lax.cond`` inside each map,
-    which first-order differentiation never linearises."""
+    and Inf zero-filled, and the derivatives are 0 at those entries (the NaN policy inside
+    the maps: :func:`jax_attn.kernels.flash_autodiff.zero_filling`)."""
     plan = chunked.position_plan(call.T, call.S, call.is_causal, call.window, call.scale, True)
     if call.dropout_rate > 0.0 or call.logit_soft_cap is not None or call.has_alibi_slopes:
         plan = dataclasses.replace(
@@ -556,77 +554,14 @@ def _rules(call: AttentionCall) -> FlashRules:
 
         return with_options
 
-    return FlashRules(
-        forward=_zero_filling_forward(forward_),
-        tangent=_zero_filling_tangent(tangent_),
-        backward=_zero_filling_backward(backward_),
-        tangent_pure=_zero_filling_tangent(pure(chunked.position_tangent)),
-        backward_pure=_zero_filling_backward(pure(chunked.position_backward)),
+    rules = FlashRules(
+        forward=forward_,
+        tangent=tangent_,
+        backward=backward_,
+        tangent_pure=pure(chunked.position_tangent),
+        backward_pure=pure(chunked.position_backward),
     )
-
-
-# The NaN policy on a map of _rules: where nondiff[6] (`non_finite`, a traced bool) holds,
-# the map runs on diff zero-filled, its derivatives 0 at the non-finite entries; a lax.cond
-# inside the map, so first-order differentiation never linearises it.
-
-
-def _zero_filling_forward(fn):
-    def forward_(diff, nondiff):
-        def zero_filled(diff):
-            return fn(_zero_filled(diff), nondiff)
-
-        return _when_finite(nondiff[6], lambda diff: fn(diff, nondiff), zero_filled, diff)
-
-    return forward_
-
-
-def _zero_filling_tangent(fn):
-    def tangent_(diff, nondiff, out, lse, d_diff):
-        def run(diff, d_diff):
-            return fn(diff, nondiff, out, lse, d_diff)
-
-        def zero_filled(diff, d_diff):
-            return run(_zero_filled(diff), _zero_where_non_finite(d_diff, diff))
-
-        return _when_finite(nondiff[6], run, zero_filled, diff, d_diff)
-
-    return tangent_
-
-
-def _zero_filling_backward(fn):
-    def backward_(diff, nondiff, *cotangents):
-        def zero_filled(diff):
-            return _zero_where_non_finite(fn(_zero_filled(diff), nondiff, *cotangents), diff)
-
-        return _when_finite(
-            nondiff[6], lambda diff: fn(diff, nondiff, *cotangents), zero_filled, diff
-        )
-
-    return backward_
-
-
-def _when_finite(non_finite, run, zero_filled, *args):
-    """``run(*args)``, or ``zero_filled(*args)`` where ``non_finite`` (a traced bool) holds."""
-    if non_finite is None:
-        return run(*args)
-    return jax.lax.cond(non_finite, zero_filled, run, *args)
-
-
-def _zero_filled(diff):
-    """``diff = (q, k, v[, bias])`` with NaN and Inf replaced by 0 (the bias' NaN and +inf;
-    -inf masks)."""
-    arrays = tuple(finite_or_zero(x) for x in diff[:3])
-    return arrays if len(diff) == 3 else (*arrays, finite_bias_or_zero(diff[3]))
-
-
-def _zero_where_non_finite(values, diff):
-    """``values`` (shaped as ``diff``: its derivatives) with 0 where ``diff`` is NaN or Inf
-    (the bias: NaN or +inf), as the derivative of :func:`_zero_filled`."""
-    bad = [~jnp.isfinite(x) for x in diff[:3]] + [bad_bias(x) for x in diff[3:]]
-    return tuple(
-        None if value is None else jnp.where(where, jnp.zeros((), value.dtype), value)
-        for value, where in zip(values, bad, strict=True)
-    )
+    return zero_filling(rules, non_finite_at=6)
 
 
 @functools.cache
@@ -706,12 +641,7 @@ def cpu_flash_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs, n
     # differentiation so that the cond keeps no residuals of its own.
     @jax.checkpoint
     def chunked_instead(q, k, v):
-        given = inputs
-        if non_finite is not None:  # the NaN policy's zero-fill: a no-op on finite values
-            q, k, v = _zero_filled((q, k, v))
-            if inputs.bias is not None:
-                given = dataclasses.replace(inputs, bias=finite_bias_or_zero(inputs.bias))
-        return chunked.chunked_attention(q, k, v, call=call, inputs=given)
+        return chunked.chunked_attention(q, k, v, call=call, inputs=inputs, non_finite=non_finite)
 
     if fits is None:
         return sparse(q, k, v).astype(call.dtype)

@@ -20,6 +20,10 @@ its derivatives must stay blockwise too. A ``jax.custom_vjp`` gives reverse mode
   also transposable). A Hessian-vector product ``jax.jvp(jax.grad(f))`` is then a
   forward-mode pass over blockwise loops: O(T) memory.
 * ``jax.vmap`` folds into the kernels' own ``vmap`` (every map is re-bound vmapped).
+* The library's NaN policy goes inside the maps (:func:`zero_filling`): a ``lax.cond``
+  around a differentiated kernel would be linearised, and keep the residuals of both its
+  branches on every call; one inside each map is only ever evaluated or, at second order,
+  pushed forward (``jax.jvp``).
 
 This is JAX's ``custom_jvp`` + custom transposition pattern (``jax.custom_derivatives.
 linear_call`` does the same for first order, but its JVP rule refuses tangents of the
@@ -39,7 +43,9 @@ import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-__all__ = ["FlashRules", "flash_attention"]
+from jax_attn.validation import bad_bias, finite_bias_or_zero, finite_or_zero
+
+__all__ = ["FlashRules", "flash_attention", "zero_filling"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -239,3 +245,91 @@ def _batch(args, dims, *, rules, **params):
 ad.primitive_jvps[flash_linear_p] = _jvp
 ad.primitive_transposes[flash_linear_p] = _transpose
 batching.primitive_batchers[flash_linear_p] = _batch
+
+
+# --- the NaN policy inside the maps ------------------------------------------------------
+
+
+def zero_filling(rules: FlashRules, non_finite_at: int) -> FlashRules:
+    """``rules`` under the library's NaN policy (``validation.nan_policy_attention``):
+    where ``nondiff[non_finite_at]`` (a traced bool ``[]``; ``None``: no policy) holds, each
+    map runs on ``diff`` with its NaN and Inf replaced by 0, and the derivatives it gives
+    (tangent inputs, cotangent results) are 0 at those entries: the maps of the call on the
+    zero-filled inputs, differentiated through the fill.
+
+    ``diff`` starts ``(q, k, v)``, then the bias (or ``None``; its -inf masks and stays),
+    then anything else, which is left as it is. Each map holds its own ``lax.cond``, which
+    first-order differentiation never linearises (it runs inside the maps); a second
+    order differentiates the pure maps' conds forward (``jax.jvp``), one branch at a time.
+    """
+
+    def forward(diff, nondiff):
+        def zero_filled(diff):
+            return rules.forward(_zero_filled(diff), nondiff)
+
+        return _when_finite(
+            nondiff[non_finite_at], lambda diff: rules.forward(diff, nondiff), zero_filled, diff
+        )
+
+    def tangent_of(fn):
+        def tangent(diff, nondiff, out, lse, d_diff):
+            def run(diff, d_diff):
+                return fn(diff, nondiff, out, lse, d_diff)
+
+            def zero_filled(diff, d_diff):
+                return run(_zero_filled(diff), _zero_where_non_finite(d_diff, diff))
+
+            return _when_finite(nondiff[non_finite_at], run, zero_filled, diff, d_diff)
+
+        return tangent
+
+    def backward_of(fn):
+        def backward(diff, nondiff, *cotangents):
+            def run(diff):
+                return fn(diff, nondiff, *cotangents)
+
+            def zero_filled(diff):
+                return _zero_where_non_finite(run(_zero_filled(diff)), diff)
+
+            return _when_finite(nondiff[non_finite_at], run, zero_filled, diff)
+
+        return backward
+
+    return FlashRules(
+        forward=forward,
+        tangent=tangent_of(rules.tangent),
+        backward=backward_of(rules.backward),
+        tangent_pure=tangent_of(rules.tangent_pure),
+        backward_pure=backward_of(rules.backward_pure),
+    )
+
+
+def _when_finite(non_finite, run, zero_filled, *args):
+    """``run(*args)``, or ``zero_filled(*args)`` where ``non_finite`` (a traced bool) holds."""
+    if non_finite is None:
+        return run(*args)
+    return jax.lax.cond(non_finite, zero_filled, run, *args)
+
+
+def _zero_filled(diff):
+    """``diff = (q, k, v[, bias, ...])`` with the NaN and Inf of q, k, v and the NaN and
+    +inf of the bias replaced by 0 (-inf masks)."""
+    filled = [finite_or_zero(x) for x in diff[:3]]
+    if len(diff) > 3:
+        filled.append(None if diff[3] is None else finite_bias_or_zero(diff[3]))
+    return (*filled, *diff[4:])
+
+
+def _zero_where_non_finite(values, diff):
+    """``values`` (structured as ``diff``: its derivatives) with 0 where :func:`_zero_filled`
+    filled ``diff``, as the derivative of that fill; the entries after the bias as given."""
+    bad = [~jnp.isfinite(x) for x in diff[:3]]
+    bad += [None if x is None else bad_bias(x) for x in diff[3:4]]
+
+    def zeroed(value, where):
+        if value is None or where is None:
+            return value
+        return jnp.where(where, jnp.zeros((), value.dtype), value)
+
+    zeroed_values = [zeroed(value, where) for value, where in zip(values, bad, strict=False)]
+    return (*zeroed_values, *values[len(bad) :])

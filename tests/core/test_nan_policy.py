@@ -21,7 +21,7 @@ from conftest import make_qkv
 
 import jax_attn as ja
 from jax_attn import dispatch, sharding
-from jax_attn.kernels import pallas_gpu
+from jax_attn.kernels import chunked, pallas_gpu
 from jax_attn.validation import check_attention_args
 
 B, T, S, N, K, H = 2, 8, 8, 4, 2, 8  # GQA: query heads 0, 1 read kv head 0; 2, 3 kv head 1
@@ -307,21 +307,31 @@ def test_vmap_follows_the_policy(implementation):
 
 
 @pytest.mark.parametrize(
-    "implementation", [pytest.param("chunked", marks=pytest.mark.slow), "cpu_flash"], indirect=True
+    "implementation",
+    ["chunked", "cpu_flash", *(pytest.param(name, marks=pytest.mark.slow) for name in PALLAS)],
+    indirect=True,
 )
 def test_second_order_follows_the_policy(implementation):
     """A Hessian-vector product through a call with a non-finite key in the padding and a
-    non-finite query at a live row equals the oracle's (cpu_flash zero-fills inside its
-    derivative maps, the pure ones of second order included)."""
+    non-finite query at a live row equals the oracle's (the kernels zero-fill inside their
+    derivative maps, the pure ones of second order included; the Pallas kernels through
+    ``composable``). A kernel without key lengths gets its padding past a query length."""
     q, k, v = _inputs(seed=7)
     lengths = jnp.array([S, 5])
-    _serve_or_skip(implementation, q, k, v, is_causal=True, key_value_seq_lengths=lengths)
+    options = dict(is_causal=True, key_value_seq_lengths=lengths)
     k_bad = k.at[1, 6, 0].set(jnp.nan)  # padding: past batch 1's 5 keys
     q_bad = q.at[0, 3, 2].set(jnp.inf)  # live: row 3 of head 2 becomes NaN
+    call = check_attention_args(q, k, v, **options)
+    with _context(implementation):
+        if dispatch.unsupported_reason(implementation, call) is not None:
+            options = dict(is_causal=True, query_seq_lengths=lengths)
+            k_bad = k
+            q_bad = q_bad.at[1, 6, 1].set(jnp.nan)  # padding: past batch 1's 5 queries
+    _serve_or_skip(implementation, q, k, v, **options)
 
     def hvp(attend):
         def loss(q):
-            out = attend(q, k_bad, v, is_causal=True, key_value_seq_lengths=lengths)
+            out = attend(q, k_bad, v, **options)
             return jnp.sum(jnp.where(jnp.isfinite(out), out, jnp.zeros((), out.dtype)) ** 2)
 
         return jax.jit(lambda q: jax.jvp(jax.grad(loss), (q,), (jnp.ones_like(q),))[1])(q_bad)
@@ -330,6 +340,34 @@ def test_second_order_follows_the_policy(implementation):
     want = hvp(ja.reference.dot_product_attention)
     assert np.isfinite(np.asarray(got)).all()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_policy_holds_no_residuals_of_its_own():
+    """Compiled temporaries of ``chunked``'s forward + grad through the dispatcher (NaN
+    policy included) exceed the kernel's own by less than one output: the policy's
+    condition goes into the kernel's derivative maps, not around them as a ``lax.cond``,
+    whose linearisation would carry both branches' residuals (several outputs' worth)."""
+    shape = (2, 128, 2, 32)
+    spec = jax.ShapeDtypeStruct(shape, jnp.float32)
+    zeros = jnp.zeros(shape, jnp.float32)
+    call = check_attention_args(zeros, zeros, zeros, is_causal=True)
+
+    def kernel_alone(q, k, v):
+        return chunked.chunked_attention(q, k, v, call=call)
+
+    def dispatched(q, k, v):
+        return ja.dot_product_attention(q, k, v, is_causal=True, implementation="chunked")
+
+    def temp_bytes(attend):
+        def loss(q, k, v):
+            return jnp.sum(attend(q, k, v) ** 2)
+
+        compiled = jax.jit(jax.grad(loss, (0, 1, 2))).lower(spec, spec, spec).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    out_bytes = np.prod(shape) * 4
+    extra = temp_bytes(dispatched) - temp_bytes(kernel_alone)
+    assert extra < out_bytes, f"the policy adds {extra} bytes, one output is {out_bytes}"
 
 
 @pytest.mark.parametrize(
