@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_attn.kernels.base import partitioned_axes, varying_like
 from jax_attn.kernels.contract import (
     FUNCTION_ARGUMENTS,
     AttentionCall,
@@ -475,17 +476,33 @@ def finite_bias_or_zero(bias):
     return jnp.where(bad_bias(bias), jnp.zeros((), bias.dtype), bias)
 
 
-def _any_non_finite(call, q, k, v, bias):
+def _any_non_finite(call, q, k, v, bias, kernel=None, inputs=None):
     """bool ``[]``: whether q, k, v or ``bias`` holds a NaN or Inf (-inf in ``bias`` masks).
 
     One sum per array: NaN and Inf survive a sum, so none is missed; a sum of finite
     values that overflows only sends the call down the (still correct) guarded path.
+    A ``kernel`` with a ``finds_non_finite(call, q, k, v, kv_lengths)`` of its own
+    (cpu_flash: one compiled pass over what it may read) checks q, k and v instead,
+    where nothing can split its custom call over devices (see :func:`_unsplit`).
     """
-    total = sum(jnp.sum(x, dtype=call.compute_dtype) for x in (q, k, v))
-    found = ~jnp.isfinite(total)
+    own = getattr(kernel, "finds_non_finite", None)
+    if own is not None and _unsplit():
+        found = varying_like(own(call, q, k, v, inputs.key_value_seq_lengths), q, k, v)
+    else:
+        total = sum(jnp.sum(x, dtype=call.compute_dtype) for x in (q, k, v))
+        found = ~jnp.isfinite(total)
     if bias is not None:
         found = found | jnp.any(bad_bias(bias))
     return found
+
+
+def _unsplit() -> bool:
+    """Whether a custom call traced now runs whole on its inputs: in a process of one
+    device, or inside ``jax.shard_map`` over every mesh axis. (A plain ``jit`` of sharded
+    arrays would gather them for it.)"""
+    if jax.sharding.get_abstract_mesh().empty:
+        return jax.device_count() == 1
+    return not partitioned_axes()
 
 
 def nan_policy_attention(select: Select, implementation, q, k, v, *, call, inputs):
@@ -538,12 +555,18 @@ def nan_policy_attention(select: Select, implementation, q, k, v, *, call, input
         operands = (q, k, v) if own else tuple(finite_or_zero(x) for x in (q, k, v))
         return nan_rows_marked(kernel(*operands, call=call, inputs=safe), q, k, v, bias)
 
-    bad = _any_non_finite(call, q, k, v, bias)
+    bad = _any_non_finite(call, q, k, v, bias, kernel, inputs)
     if not isinstance(bad, jax.core.Tracer):
         # Called eagerly: the inputs are known, so only the branch they need is compiled
         # (an eager lax.cond compiles both; one such compile crashed XLA in the slow
         # property search).
-        return guarded(q, k, v, bias) if bool(bad) else clean(q, k, v, bias)
+        if bool(bad):
+            return guarded(q, k, v, bias)
+        if getattr(kernel, "finds_non_finite", None) is not None:
+            # its check skipped what its compiled maps never read: the pure maps of a
+            # second order, which read it, check again (flash_autodiff.zero_filling)
+            return kernel(q, k, v, call=call, inputs=inputs, non_finite=bad)
+        return clean(q, k, v, bias)
     if getattr(kernel, "takes_non_finite", False):
         # The kernel takes the condition and zero-fills inside its own derivative rules,
         # so no lax.cond around it is differentiated: a cond's linearisation keeps the

@@ -1558,6 +1558,73 @@ ffi::Error Tangent(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q
   });
 }
 
+// ---- the NaN policy's check -----------------------------------------------------------
+
+// Whether floats [x, x + n) hold a NaN or an Inf: x * 0 is NaN exactly there, and a sum
+// that meets a NaN stays NaN.
+bool HasNonFinite(const float* x, int64_t n) {
+  __m256 sum = _mm256_setzero_ps();
+  const __m256 zero = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) sum = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), zero, sum);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, sum);
+  bool found = false;
+  for (float lane : lanes) found |= lane != lane;
+  for (; i < n; ++i) found |= !std::isfinite(x[i]);
+  return found;
+}
+
+// found[m] = whether q's m-th share, or a key or value the forward may read in the
+// sequences of that share, holds a NaN or an Inf. The forward and the tangent read a
+// sequence's keys only below its length, rounded up to a whole key tile (Pack with
+// Loads::kVisited, and the rows' intervals); what they never read cannot reach an
+// output, so a cache's unfilled slots are not scanned. q [M..., B, T, N, H], k, v
+// [M..., B, S, K, H(v)] and kv_lengths [M..., B], with M the vmapped axes (found [M...]).
+ffi::Error NonFinite(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths kv_lengths,
+                     ffi::ResultBuffer<ffi::PRED> found) {
+  return Contained([&]() -> ffi::Error {
+    const auto dims = k.dimensions();
+    const int64_t shares = found->element_count(), sequences = kv_lengths.element_count();
+    if (dims.size() < 3 || shares < 1 || sequences % shares != 0 ||
+        q.element_count() % shares != 0)
+      return ffi::Error::InvalidArgument("cpu_flash non_finite: mis-sized operands");
+    const int64_t S = dims[dims.size() - 3];
+    const int64_t key_row = k.element_count() / std::max<int64_t>(sequences * S, 1);
+    const int64_t value_row = v.element_count() / std::max<int64_t>(sequences * S, 1);
+    if (key_row * sequences * S != k.element_count() ||
+        value_row * sequences * S != v.element_count())
+      return ffi::Error::InvalidArgument("cpu_flash non_finite: k or v mis-sized");
+    const int64_t q_share = q.element_count() / shares;
+    const int32_t* lengths = kv_lengths.typed_data();
+    // items: each sequence's keys and values, then q in chunks of kChunk floats per share
+    constexpr int64_t kChunk = 1 << 16;
+    const int64_t q_chunks = (q_share + kChunk - 1) / kChunk;
+    std::vector<uint8_t> seen(sequences + shares * q_chunks, 0);
+    ParallelFor(pool, static_cast<int64_t>(seen.size()), [&](int64_t, int64_t item) {
+      if (item < sequences) {
+        const int64_t length = std::clamp<int64_t>(lengths[item], 0, S);
+        const int64_t keys = std::min<int64_t>(S, (length + kTile - 1) / kTile * kTile);
+        seen[item] = HasNonFinite(k.typed_data() + item * S * key_row, keys * key_row) ||
+                     HasNonFinite(v.typed_data() + item * S * value_row, keys * value_row);
+      } else {
+        const int64_t share = (item - sequences) / std::max<int64_t>(q_chunks, 1);
+        const int64_t begin = (item - sequences) % q_chunks * kChunk;
+        const int64_t n = std::min(kChunk, q_share - begin);
+        seen[item] = HasNonFinite(q.typed_data() + share * q_share + begin, n);
+      }
+    });
+    const int64_t per_share = sequences / shares;
+    for (int64_t m = 0; m < shares; ++m) {
+      bool any = false;
+      for (int64_t i = 0; i < per_share; ++i) any |= seen[m * per_share + i] != 0;
+      for (int64_t c = 0; c < q_chunks; ++c) any |= seen[sequences + m * q_chunks + c] != 0;
+      found->typed_data()[m] = any;
+    }
+    return ffi::Error::Success();
+  });
+}
+
 }  // namespace
 
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(Attributes, ::xla::ffi::StructMember<bool>("causal"),
@@ -1637,3 +1704,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxAttnFlashTangent, Tangent,
                                   .Ret<Floats>()
                                   .Ret<Floats>()
                                   .Attrs<Attributes>());
+
+// (q, k, v, kv_lengths) -> found
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxAttnFlashNonFinite, NonFinite,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Floats>()
+                                  .Arg<Floats>()
+                                  .Arg<Floats>()
+                                  .Arg<Lengths>()
+                                  .Ret<ffi::Buffer<ffi::PRED>>());

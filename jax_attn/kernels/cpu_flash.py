@@ -95,6 +95,7 @@ _TARGETS = {
     "jax_attn_cpu_flash_forward": "JaxAttnFlashForward",
     "jax_attn_cpu_flash_backward": "JaxAttnFlashBackward",
     "jax_attn_cpu_flash_tangent": "JaxAttnFlashTangent",
+    "jax_attn_cpu_flash_non_finite": "JaxAttnFlashNonFinite",
 }
 
 
@@ -357,6 +358,33 @@ def _ffi_forward(call: AttentionCall, *operands):
 _forward = forward
 
 
+def finds_non_finite(call: AttentionCall, q, k, v, kv_lengths):
+    """bool ``[]``: whether q, or a key or value the kernel may read, holds a NaN or Inf
+    (the NaN policy's check, ``validation.nan_policy_attention``, for this kernel).
+
+    One compiled pass that reads q and, per sequence, its keys and values below its
+    length rounded up to a 64-key tile: the forward and tangent read no others, and the
+    backward computes with no others (its gradients there are zeros), so a NaN left in a
+    KV cache's unfilled slots changes nothing and is not looked for. XLA's three sums
+    read every element, at about 1 ns an element on this machine's CPU
+    (docs/performance.md)."""
+    reason = _load()
+    if reason is not None:
+        raise ValueError(f"cpu_flash: {reason}")
+    if kv_lengths is None or call.has_mask_fn or call.has_block_mask:
+        # a mask_fn's call may fall back to chunked, which reads every key
+        kv_lengths = jnp.full(q.shape[:-3], call.S, jnp.int32)
+    # a flag, not a function of the values to differentiate
+    q, k, v = (jax.lax.stop_gradient(x).astype(jnp.float32) for x in (q, k, v))
+    operands = (q, k, v, jnp.asarray(kv_lengths).astype(jnp.int32))
+    found = jax.ffi.ffi_call(
+        "jax_attn_cpu_flash_non_finite",
+        jax.ShapeDtypeStruct((), jnp.bool_),
+        vmap_method="broadcast_all",
+    )
+    return found(*operands)
+
+
 def tangent(
     call: AttentionCall,
     q,
@@ -561,7 +589,9 @@ def _rules(call: AttentionCall) -> FlashRules:
         tangent_pure=pure(chunked.position_tangent),
         backward_pure=pure(chunked.position_backward),
     )
-    return zero_filling(rules, non_finite_at=6)
+    # the condition may come from finds_non_finite, which skips keys the compiled maps never
+    # read but chunked's pure maps do
+    return zero_filling(rules, non_finite_at=6, pure_check_all=True)
 
 
 @functools.cache
@@ -650,6 +680,7 @@ def cpu_flash_attention(q, k, v, *, call: AttentionCall, inputs: KernelInputs, n
 
 # nan_policy_attention passes its traced condition as `non_finite` (see _rules)
 cpu_flash_attention.takes_non_finite = True  # type: ignore[attr-defined]
+cpu_flash_attention.finds_non_finite = finds_non_finite  # type: ignore[attr-defined]
 
 IMPLEMENTATION = Implementation(
     name="cpu_flash",

@@ -250,7 +250,7 @@ batching.primitive_batchers[flash_linear_p] = _batch
 # --- the NaN policy inside the maps ------------------------------------------------------
 
 
-def zero_filling(rules: FlashRules, non_finite_at: int) -> FlashRules:
+def zero_filling(rules: FlashRules, non_finite_at: int, pure_check_all: bool = False) -> FlashRules:
     """``rules`` under the library's NaN policy (``validation.nan_policy_attention``):
     where ``nondiff[non_finite_at]`` (a traced bool ``[]``; ``None``: no policy) holds, each
     map runs on ``diff`` with its NaN and Inf replaced by 0, and the derivatives it gives
@@ -261,7 +261,27 @@ def zero_filling(rules: FlashRules, non_finite_at: int) -> FlashRules:
     then anything else, which is left as it is. Each map holds its own ``lax.cond``, which
     first-order differentiation never linearises (it runs inside the maps); a second
     order differentiates the pure maps' conds forward (``jax.jvp``), one branch at a time.
+
+    ``pure_check_all``: the condition covers only what the compiled maps read (cpu_flash:
+    keys below each sequence's length), while the pure maps (``chunked``'s, second order)
+    read every key: they look for a NaN or Inf in all of ``diff`` themselves.
     """
+
+    def condition(diff, nondiff):
+        return nondiff[non_finite_at]
+
+    def everything(diff, nondiff):
+        given = nondiff[non_finite_at]
+        if given is None:
+            return None
+        found = jnp.zeros((), bool)
+        for x in diff[:3]:
+            found = found | ~jnp.isfinite(jnp.sum(x, dtype=jnp.float32))
+        if len(diff) > 3 and diff[3] is not None:
+            found = found | jnp.any(bad_bias(diff[3]))
+        return given | found
+
+    pure_condition = everything if pure_check_all else condition
 
     def forward(diff, nondiff):
         def zero_filled(diff):
@@ -271,7 +291,7 @@ def zero_filling(rules: FlashRules, non_finite_at: int) -> FlashRules:
             nondiff[non_finite_at], lambda diff: rules.forward(diff, nondiff), zero_filled, diff
         )
 
-    def tangent_of(fn):
+    def tangent_of(fn, non_finite):
         def tangent(diff, nondiff, out, lse, d_diff):
             def run(diff, d_diff):
                 return fn(diff, nondiff, out, lse, d_diff)
@@ -279,11 +299,11 @@ def zero_filling(rules: FlashRules, non_finite_at: int) -> FlashRules:
             def zero_filled(diff, d_diff):
                 return run(_zero_filled(diff), _zero_where_non_finite(d_diff, diff))
 
-            return _when_finite(nondiff[non_finite_at], run, zero_filled, diff, d_diff)
+            return _when_finite(non_finite(diff, nondiff), run, zero_filled, diff, d_diff)
 
         return tangent
 
-    def backward_of(fn):
+    def backward_of(fn, non_finite):
         def backward(diff, nondiff, *cotangents):
             def run(diff):
                 return fn(diff, nondiff, *cotangents)
@@ -291,16 +311,16 @@ def zero_filling(rules: FlashRules, non_finite_at: int) -> FlashRules:
             def zero_filled(diff):
                 return _zero_where_non_finite(run(_zero_filled(diff)), diff)
 
-            return _when_finite(nondiff[non_finite_at], run, zero_filled, diff)
+            return _when_finite(non_finite(diff, nondiff), run, zero_filled, diff)
 
         return backward
 
     return FlashRules(
         forward=forward,
-        tangent=tangent_of(rules.tangent),
-        backward=backward_of(rules.backward),
-        tangent_pure=tangent_of(rules.tangent_pure),
-        backward_pure=backward_of(rules.backward_pure),
+        tangent=tangent_of(rules.tangent, condition),
+        backward=backward_of(rules.backward, condition),
+        tangent_pure=tangent_of(rules.tangent_pure, pure_condition),
+        backward_pure=backward_of(rules.backward_pure, pure_condition),
     )
 
 
@@ -308,6 +328,8 @@ def _when_finite(non_finite, run, zero_filled, *args):
     """``run(*args)``, or ``zero_filled(*args)`` where ``non_finite`` (a traced bool) holds."""
     if non_finite is None:
         return run(*args)
+    if not isinstance(non_finite, jax.core.Tracer):  # eager: compile only the branch taken
+        return (zero_filled if bool(non_finite) else run)(*args)
     return jax.lax.cond(non_finite, zero_filled, run, *args)
 
 

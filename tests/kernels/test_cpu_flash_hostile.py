@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, allowed_error, attention_float64, child_peak, make_qkv
 
+import jax_attn as ja
+from jax_attn import validation
 from jax_attn.kernels import cpu_flash
 from jax_attn.validation import check_attention_args
 
@@ -379,3 +381,68 @@ def test_slopes_that_overflow_the_logits_make_no_nan():
     # the head with a sane slope is the reference's
     want = ja.dot_product_attention(q, k, v, implementation="reference", **kwargs)
     np.testing.assert_allclose(out[:, :, 1], want[:, :, 1], rtol=0, atol=1e-5)
+
+
+# --- the NaN policy's own check (cpu_flash.finds_non_finite) -----------------------------
+
+
+def test_the_policy_check_reads_what_the_kernel_may_read():
+    # Keys below each sequence's length rounded up to a 64-key tile, and every query.
+    q, k, v = make_qkv(B=3, T=2, S=200, N=4, K=2, H=16)
+    call = check_attention_args(q, k, v)
+    lengths = jnp.array([10, 64, 150])
+    found = jax.jit(lambda q, k, v, lengths: cpu_flash.finds_non_finite(call, q, k, v, lengths))
+    assert not found(q, k, v, lengths)
+    read = [("k", (0, 63, 1, 3)), ("v", (1, 63, 0, 0)), ("q", (2, 1, 3, 15)), ("k", (2, 191, 0, 0))]
+    unread = [("k", (0, 64, 1, 3)), ("v", (1, 64, 0, 0)), ("k", (2, 192, 0, 0))]
+    for (name, index), expected in [(r, True) for r in read] + [(u, False) for u in unread]:
+        for poison in (np.nan, np.inf, -np.inf):
+            arrays = {"q": q, "k": k, "v": v}
+            arrays[name] = arrays[name].at[index].set(poison)
+            assert bool(found(arrays["q"], arrays["k"], arrays["v"], lengths)) == expected, (
+                name,
+                index,
+                poison,
+            )
+    # vmapped: one flag per mapped call; bfloat16 keeps its NaN
+    both = jnp.stack([q, q.at[0, 0, 0, 0].set(jnp.nan)])
+    flags = jax.vmap(found, in_axes=(0, None, None, None))(both, k, v, lengths)
+    np.testing.assert_array_equal(flags, [False, True])
+    half = k.astype(jnp.bfloat16).at[1, 5, 0, 0].set(jnp.nan)
+    assert found(q, half, v, lengths)
+
+
+def test_nan_in_a_caches_unread_slots_changes_nothing_at_any_order(monkeypatch):
+    # Where the policy's check is cpu_flash's own (one device, or inside shard_map), a NaN
+    # in slots no kernel map reads is not looked for: outputs, gradients, tangents and a
+    # Hessian-vector product must still equal those of the same call without it.
+    monkeypatch.setattr(validation, "_unsplit", lambda: True)
+    q, k, v = make_qkv(B=2, T=1, S=130, N=4, K=2, H=16)
+    lengths = jnp.array([10, 70])  # keys read: below 64 and below 128
+    clean_k = k
+    k = k.at[0, 100].set(jnp.nan).at[1, 129].set(jnp.inf)
+
+    def attend(q, k):
+        return ja.dot_product_attention(
+            q, k, v, implementation="cpu_flash", key_value_seq_lengths=lengths
+        )
+
+    def loss(q, k):
+        return jnp.sum(attend(q, k) ** 2)
+
+    def all_orders(k):
+        out, grads = jax.value_and_grad(loss, argnums=(0, 1))(q, k)
+        tangent = jax.jvp(lambda q: attend(q, k), (q,), (jnp.ones_like(q),))[1]
+        hvp = jax.jvp(lambda q: jax.grad(loss)(q, k), (q,), (jnp.ones_like(q),))[1]
+        return out, grads, tangent, hvp
+
+    want = jax.jit(all_orders)(clean_k)
+    for got in (jax.jit(all_orders)(k), all_orders(k)):  # traced, and eager
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert np.isfinite(np.asarray(a)).all()
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # a NaN where it is read and live still reaches exactly the rows that attend it: kv
+    # head 1 of sequence 1, read by query heads 2 and 3
+    out = jax.jit(attend)(q, k.at[1, 5, 1, 0].set(jnp.nan))
+    nan_rows = np.isnan(np.asarray(out)).any(axis=-1)
+    np.testing.assert_array_equal(nan_rows, [[[0, 0, 0, 0]], [[0, 0, 1, 1]]])
