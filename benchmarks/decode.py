@@ -3,7 +3,7 @@
 A step attends ``T = 1`` new query per sequence over a cache of ``S_max`` slots of which
 ``filled`` hold keys (the new token's own key included), as ``kv_cache.attend_cache``
 does inside a user's jitted decode loop. Contestants, each timed once per round,
-interleaved (each round starting one contestant later), after warm-up, compile time
+interleaved (in a new random order each round), after warm-up, compile time
 apart:
 
 * ``jax_attn default`` / ``jax_attn <name>``: ``kv_cache.attend_cache`` (the library's
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import time
 from pathlib import Path
@@ -166,12 +167,13 @@ def measure(case, filled, dtype, rounds, warmup):
             errors[name] = f"{type(failure).__name__}: {failure}"[:300]
             del runs[name]
     times = {name: [] for name in runs}
-    names = list(runs)
-    for round_ in range(warmup + rounds):  # warm-up rounds interleaved too, then dropped
-        # Each round starts one contestant later: torch's OpenMP threads keep spinning
-        # for a while after a call, which slows whichever contestant comes next.
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
+    order = random.Random(0)
+    for _ in range(warmup + rounds):  # warm-up rounds interleaved too, then dropped
+        # A new order each round: torch's OpenMP threads keep spinning for a while after
+        # a call, which slows whichever contestant comes next.
+        names = list(runs)
+        order.shuffle(names)
+        for name in names:
             begin = time.perf_counter()
             runs[name]()
             times[name].append(time.perf_counter() - begin)

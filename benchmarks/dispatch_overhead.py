@@ -24,6 +24,7 @@ import argparse
 import collections
 import json
 import os
+import random
 import re
 import statistics
 import time
@@ -135,12 +136,13 @@ def measure(case: str, dtype: str, grad: bool, rounds: int, warmup: int) -> dict
         runs["torch sdpa"] = torch_run
         row["torch sdpa"] = {}
     times = {label: [] for label in runs}
-    labels = list(runs)
-    for round_ in range(warmup + rounds):
-        # each round starts one contestant later: torch's OpenMP threads spin for a while
-        # after a call, which slows whichever contestant comes next
-        shift = round_ % len(labels)
-        for label in labels[shift:] + labels[:shift]:
+    order = random.Random(0)
+    for _ in range(warmup + rounds):
+        # a new order each round: torch's OpenMP threads spin for a while after a call,
+        # which slows whichever contestant comes next
+        labels = list(runs)
+        order.shuffle(labels)
+        for label in labels:
             begin = time.perf_counter()
             runs[label]()
             times[label].append(time.perf_counter() - begin)
