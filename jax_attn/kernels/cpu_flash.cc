@@ -558,9 +558,10 @@ struct PooledBuffer {
 // A single tile (S <= 64) is not packed: each item copies it into its own scratch, so a
 // short S costs scratch in proportion to S, not to 64-key tiles.
 struct KeyTile {
-  const float* kt;  // [Hp, width], zero past cols
-  const float* v;   // [cols, Hvp]
+  const float* kt;  // [Hp, width], zero past cols; nullptr for a RowTile
+  const float* v;   // [cols, Hvp], rows v_stride floats apart
   int64_t s0, cols, width;
+  int64_t v_stride;
 };
 
 struct PackedKV {
@@ -593,6 +594,7 @@ KeyTile LoadTile(const Problem& p, const PackedKV& kv, int64_t b, int64_t kh, in
   t.s0 = tile * kTile;
   t.cols = std::min<int64_t>(kTile, p.S - t.s0);
   t.width = RoundUp16(t.cols);
+  t.v_stride = p.Hvp();
   if (kv.packed) {
     t.kt = kv.kt.at(((b * p.K + kh) * kv.padded_keys + t.s0) * p.Hp());
     t.v = kv.v.at(((b * p.K + kh) * p.S + t.s0) * p.Hvp());
@@ -601,6 +603,79 @@ KeyTile LoadTile(const Problem& p, const PackedKV& kv, int64_t b, int64_t kh, in
     t.kt = scratch, t.v = scratch + p.Hp() * kTile;
   }
   return t;
+}
+
+// Decoding (one or two query rows against keys read once, unpacked): no transposed copy
+// of the tile. Its logits come from k's rows as laid out (RowLogits), and its values are
+// read in place where their rows need no zero padding (Hv a multiple of 16), else copied
+// into `scratch` [cols, Hvp].
+KeyTile RowTile(const Problem& p, int64_t b, int64_t kh, int64_t tile, float* scratch) {
+  KeyTile t;
+  t.kt = nullptr;
+  t.s0 = tile * kTile;
+  t.cols = std::min<int64_t>(kTile, p.S - t.s0);
+  t.width = RoundUp16(t.cols);
+  const float* v = p.v + ((b * p.S + t.s0) * p.K + kh) * p.Hv;
+  if (p.Hv == p.Hvp()) {
+    t.v = v, t.v_stride = p.K * p.Hv;
+    return t;
+  }
+  const int64_t Hvp = p.Hvp();
+  for (int64_t c = 0; c < t.cols; ++c) {
+    if (p.Hv > 0) std::memcpy(scratch + c * Hvp, v + c * p.K * p.Hv, p.Hv * sizeof(float));
+    std::fill(scratch + c * Hvp + p.Hv, scratch + (c + 1) * Hvp, 0.0f);
+  }
+  t.v = scratch, t.v_stride = Hvp;
+  return t;
+}
+
+// The sums of a0..a7's lanes, as one vector (a transposed horizontal sum).
+inline __m256 HorizontalSums8(const __m256* a) {
+  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  // each 128-bit lane holds half of every sum: add the low lanes to the high ones
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                       _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+// s[r, c] = qs_r . k_c for the `rows` query rows of a RowTile (rows up to gemm_rows and
+// columns past its keys zero, as a Gemm over the zero-padded K^T leaves them), eight keys
+// at a time, each k row read once from memory and contiguously.
+void RowLogits(const Problem& p, int64_t b, int64_t kh, const KeyTile& t, const float* qs,
+               int Hp, int rows, int gemm_rows, float* s, int width) {
+  const int64_t stride = p.K * p.H, H8 = p.H / 8 * 8;
+  const float* k = p.k + ((b * p.S + t.s0) * p.K + kh) * p.H;
+  for (int r = 0; r < gemm_rows; ++r) {
+    float* srow = s + r * width;
+    std::fill(srow, srow + width, 0.0f);
+    if (r >= rows) continue;
+    const float* qr = qs + r * Hp;
+    int64_t c = 0;
+    for (; c + 8 <= t.cols; c += 8) {
+      __m256 dots[8];
+      for (int j = 0; j < 8; ++j) dots[j] = _mm256_setzero_ps();
+      for (int64_t h = 0; h < H8; h += 8) {
+        const __m256 qv = _mm256_loadu_ps(qr + h);
+        for (int j = 0; j < 8; ++j)
+          dots[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + (c + j) * stride + h), dots[j]);
+      }
+      __m256 sums = HorizontalSums8(dots);
+      if (H8 < p.H) {
+        alignas(32) float tail[8];
+        for (int j = 0; j < 8; ++j) {
+          tail[j] = 0.0f;
+          for (int64_t h = H8; h < p.H; ++h) tail[j] += qr[h] * k[(c + j) * stride + h];
+        }
+        sums = _mm256_add_ps(sums, _mm256_load_ps(tail));
+      }
+      _mm256_storeu_ps(srow + c, sums);
+    }
+    for (; c < t.cols; ++c) {
+      float dot = 0.0f;
+      for (int64_t h = 0; h < p.H; ++h) dot += qr[h] * k[c * stride + h];
+      srow[c] = dot;
+    }
+  }
 }
 
 // Which key tiles a call's items load: every one (the backward visits each key tile), or
@@ -892,14 +967,19 @@ void ForwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float
   UnionOfRows(row_begin, row_end, kTile, &begin, &end);
 
   const bool dense = p.dense();
+  // decoding: each key tile is read once, by this item alone (see Pack)
+  const bool by_rows = !kv.packed && gemm_rows == 2;
   for (int64_t key_tile = begin / kTile; key_tile * kTile < end; ++key_tile) {
     const uint32_t* bits;
     if (SkipsKeyTile(p, b, n, tile, rows, key_tile, &bits)) continue;
-    const KeyTile t = LoadTile(p, kv, b, kh, key_tile, tile_scratch);
+    const KeyTile t = by_rows ? RowTile(p, b, kh, key_tile, tile_scratch)
+                              : LoadTile(p, kv, b, kh, key_tile, tile_scratch);
     const int width = static_cast<int>(t.width);
     // [gemm_rows, width] scaled logits, the score options, then bias and mask (the
     // reference's order); full tiles with a constant width, so that the loops over it unroll
-    if (width == kTile)
+    if (by_rows)
+      RowLogits(p, b, kh, t, qs, Hp, rows, gemm_rows, s, width);
+    else if (width == kTile)
       Gemm<false>(gemm_rows, kTile, static_cast<int>(p.H), qs, Hp, t.kt, kTile, s, kTile);
     else
       Gemm<false>(gemm_rows, width, static_cast<int>(p.H), qs, Hp, t.kt, width, s, width);
@@ -918,8 +998,9 @@ void ForwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float
     // (values of keys no row attends, such as padding, are not read)
     const int64_t lo = std::clamp<int64_t>(begin - t.s0, 0, t.cols);
     const int64_t hi = std::clamp<int64_t>(end - t.s0, 0, t.cols);
-    Gemm<true>(gemm_rows, Hvp, static_cast<int>(hi - lo), s + lo, width, t.v + lo * Hvp, Hvp,
-               acc, Hvp);
+    const int v_stride = static_cast<int>(t.v_stride);
+    Gemm<true>(gemm_rows, Hvp, static_cast<int>(hi - lo), s + lo, width, t.v + lo * v_stride,
+               v_stride, acc, Hvp);
   }
 
   for (int r = 0; r < rows; ++r) {

@@ -71,18 +71,21 @@ def test_buffers_kept_from_a_larger_call_leave_no_trace():
     assert all(np.isfinite(np.asarray(g)).all() for g in grads)
 
 
-@pytest.mark.parametrize("T, K", [(1, 2), (3, 2), (1, 4)])
-def test_few_queries_against_a_cache_equal_float64_reference(T, K):
+@pytest.mark.parametrize("T, K, H", [(1, 2, 24), (3, 2, 24), (1, 4, 20), (2, 4, 32)])
+def test_few_queries_against_a_cache_equal_float64_reference(T, K, H):
     # A query tile of 1 or 3 rows multiplies only those rows (rounded up to 2, 4). With
     # G = 2 the keys are packed up to each sequence's length; with one query tile and
-    # G = 1 (K = 4) each item copies its own key tiles instead.
-    q, k, v = make_qkv(**dict(SHAPE, T=T, K=K))
+    # G = 1 (K = 4) one or two rows take their logits from k's rows as laid out (H 20:
+    # eight keys at a time, then the last 4 of H), with the values copied (H_v 40) or
+    # read in place (H_v 32, a multiple of 16).
+    shape = dict(SHAPE, T=T, K=K, H=H, H_v=32 if H == 32 else 40)
+    q, k, v = make_qkv(**shape)
     kwargs = {"is_causal": True, "key_value_seq_lengths": jnp.array([130, 77])}
     want = attention_float64(q, k, v, **kwargs)
     got = jax.jit(lambda q, k, v: _flash(q, k, v, **kwargs))(q, k, v)
     np.testing.assert_allclose(got, want, rtol=0, atol=allowed_error(q, k, v, want, **kwargs))
     # the tangent packs the key tangents the same way
-    directions = make_qkv(**dict(SHAPE, T=T, K=K), seed=1)
+    directions = make_qkv(**shape, seed=1)
 
     def tangent(implementation):
         def attend(q, k, v):
