@@ -683,15 +683,18 @@ void RowLogits(const Problem& p, int64_t b, int64_t kh, const KeyTile& t, const 
 // tangent bound their loops by the rows' intervals, which never pass kv_lengths[b]).
 enum class Loads { kEvery, kVisited };
 
-// Lays out the keys and values once per call where an item reuses them: with more than
-// one key tile, and more than one item reading each tile (several query tiles, or the G
-// query heads of a kv head). Decoding one token without GQA reads each tile once: its
-// items copy their tiles into scratch instead, with no round trip through memory. With
-// Loads::kVisited the tiles past a sequence's length are left unwritten, so a step
-// against a long, mostly empty KV cache costs what its filled slots cost.
+// Lays out the keys and values once per call where items reuse them: with more than one
+// key tile, and more than one item reading each tile (several query tiles, or the G query
+// heads of a kv head with more than two rows each). Decoding (one query tile of one or
+// two rows) packs nothing: its forward reads k's and v's rows in place (RowTile), which
+// for G query heads costs G reads of a row, measured less than one transposed copy of it
+// (docs/performance.md), and its tangent copies each tile into scratch. With Loads::kVisited the tiles past a sequence's length
+// are left unwritten, so a step against a long, mostly empty KV cache costs what its
+// filled slots cost.
 void Pack(ffi::ThreadPool& pool, const Problem& p, PackedKV& kv, Loads loads) {
   const int64_t tiles = p.key_tiles();
-  const bool reused = p.q_tiles() > 1 || p.G() > 1 || loads == Loads::kEvery;
+  const bool decoding = p.q_tiles() == 1 && p.T <= 2;
+  const bool reused = (!decoding && (p.q_tiles() > 1 || p.G() > 1)) || loads == Loads::kEvery;
   kv.packed = tiles > 1 && reused;
   if (!kv.packed) return;
   kv.padded_keys = (tiles - 1) * kTile + RoundUp16(p.S - (tiles - 1) * kTile);
@@ -967,7 +970,7 @@ void ForwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float
   UnionOfRows(row_begin, row_end, kTile, &begin, &end);
 
   const bool dense = p.dense();
-  // decoding: each key tile is read once, by this item alone (see Pack)
+  // decoding (see Pack): k's and v's rows read in place
   const bool by_rows = !kv.packed && gemm_rows == 2;
   for (int64_t key_tile = begin / kTile; key_tile * kTile < end; ++key_tile) {
     const uint32_t* bits;
