@@ -47,6 +47,9 @@ from jax_attn.apps import bench
 from jax_attn.validation import check_attention_args
 
 RESULTS = Path(__file__).parent / "results"
+# Untimed pause after each call: torch's OpenMP threads spin for a while after a call
+# (GOMP_SPINCOUNT), and on a machine of few cores they slow whatever runs next.
+SETTLE_S = 0.01
 # name: (B, N, K, H, S_max)
 CASES = {
     "gpt2": (8, 12, 12, 64, 1024),
@@ -169,14 +172,14 @@ def measure(case, filled, dtype, rounds, warmup):
     times = {name: [] for name in runs}
     order = random.Random(0)
     for _ in range(warmup + rounds):  # warm-up rounds interleaved too, then dropped
-        # A new order each round: torch's OpenMP threads keep spinning for a while after
-        # a call, which slows whichever contestant comes next.
+        # a new order each round, so that no contestant always follows the same one
         names = list(runs)
         order.shuffle(names)
         for name in names:
             begin = time.perf_counter()
             runs[name]()
             times[name].append(time.perf_counter() - begin)
+            time.sleep(SETTLE_S)
     times = {name: runs_[warmup:] for name, runs_ in times.items()}
     row = {"case": case, "B": B, "N": N, "K": K, "H": H, "S_max": S_max, "filled": filled}
     row["default"] = dispatch.select_implementation(

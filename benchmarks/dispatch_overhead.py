@@ -40,6 +40,9 @@ from jax_attn.kernels.contract import KernelInputs
 from jax_attn.validation import check_attention_args
 
 RESULTS = Path(__file__).parent / "results"
+# Untimed pause after each call: torch's OpenMP threads spin for a while after a call
+# (GOMP_SPINCOUNT), and on a machine of few cores they slow whatever runs next.
+SETTLE_S = 0.01
 # name: (B, T, N, H), causal self-attention
 CASES = {
     "small": (1, 256, 4, 64),
@@ -138,14 +141,14 @@ def measure(case: str, dtype: str, grad: bool, rounds: int, warmup: int) -> dict
     times = {label: [] for label in runs}
     order = random.Random(0)
     for _ in range(warmup + rounds):
-        # a new order each round: torch's OpenMP threads spin for a while after a call,
-        # which slows whichever contestant comes next
+        # a new order each round, so that no contestant always follows the same one
         labels = list(runs)
         order.shuffle(labels)
         for label in labels:
             begin = time.perf_counter()
             runs[label]()
             times[label].append(time.perf_counter() - begin)
+            time.sleep(SETTLE_S)
     for label, runs_ in times.items():
         runs_ = runs_[warmup:]
         row[label].update(
