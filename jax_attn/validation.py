@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_attn.kernels.base import partitioned_axes, varying_like
 from jax_attn.kernels.contract import (
     FUNCTION_ARGUMENTS,
     AttentionCall,
@@ -483,26 +482,16 @@ def _any_non_finite(call, q, k, v, bias, kernel=None, inputs=None):
     values that overflows only sends the call down the (still correct) guarded path.
     A ``kernel`` with a ``finds_non_finite(call, q, k, v, kv_lengths)`` of its own
     (cpu_flash: one compiled pass over what it may read) checks q, k and v instead,
-    where nothing can split its custom call over devices (see :func:`_unsplit`).
+    where it can (it returns ``None`` where it cannot).
     """
     own = getattr(kernel, "finds_non_finite", None)
-    if own is not None and _unsplit():
-        found = varying_like(own(call, q, k, v, inputs.key_value_seq_lengths), q, k, v)
-    else:
+    found = None if own is None else own(call, q, k, v, inputs.key_value_seq_lengths)
+    if found is None:
         total = sum(jnp.sum(x, dtype=call.compute_dtype) for x in (q, k, v))
         found = ~jnp.isfinite(total)
     if bias is not None:
         found = found | jnp.any(bad_bias(bias))
     return found
-
-
-def _unsplit() -> bool:
-    """Whether a custom call traced now runs whole on its inputs: in a process of one
-    device, or inside ``jax.shard_map`` over every mesh axis. (A plain ``jit`` of sharded
-    arrays would gather them for it.)"""
-    if jax.sharding.get_abstract_mesh().empty:
-        return jax.device_count() == 1
-    return not partitioned_axes()
 
 
 def nan_policy_attention(select: Select, implementation, q, k, v, *, call, inputs):

@@ -360,7 +360,9 @@ _forward = forward
 
 def finds_non_finite(call: AttentionCall, q, k, v, kv_lengths):
     """bool ``[]``: whether q, or a key or value the kernel may read, holds a NaN or Inf
-    (the NaN policy's check, ``validation.nan_policy_attention``, for this kernel).
+    (the NaN policy's check, ``validation.nan_policy_attention``, for this kernel); ``None``
+    where its custom call would not run whole on its inputs (:func:`_unsplit`), and the
+    policy's own sums check instead.
 
     One compiled pass that reads q and, per sequence, its keys and values below its
     length rounded up to a 64-key tile: the forward and tangent read no others, and the
@@ -368,6 +370,8 @@ def finds_non_finite(call: AttentionCall, q, k, v, kv_lengths):
     KV cache's unfilled slots changes nothing and is not looked for. XLA's three sums
     read every element, at about 1 ns an element on this machine's CPU
     (docs/performance.md)."""
+    if not _unsplit():
+        return None
     reason = _load()
     if reason is not None:
         raise ValueError(f"cpu_flash: {reason}")
@@ -382,7 +386,16 @@ def finds_non_finite(call: AttentionCall, q, k, v, kv_lengths):
         jax.ShapeDtypeStruct((), jnp.bool_),
         vmap_method="broadcast_all",
     )
-    return found(*operands)
+    return varying_like(found(*operands), *operands)
+
+
+def _unsplit() -> bool:
+    """Whether a custom call traced now runs whole on its inputs: in a process of one
+    device, or inside ``jax.shard_map`` over every mesh axis (a plain ``jit`` of sharded
+    arrays would gather them for it; the kernel's own calls are partitioned instead)."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return jax.device_count() == 1
+    return not partitioned_axes()
 
 
 def tangent(

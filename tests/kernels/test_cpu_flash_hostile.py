@@ -17,7 +17,6 @@ import pytest
 from conftest import ROOT, allowed_error, attention_float64, child_peak, make_qkv
 
 import jax_attn as ja
-from jax_attn import validation
 from jax_attn.kernels import cpu_flash
 from jax_attn.validation import check_attention_args
 
@@ -386,8 +385,12 @@ def test_slopes_that_overflow_the_logits_make_no_nan():
 # --- the NaN policy's own check (cpu_flash.finds_non_finite) -----------------------------
 
 
-def test_the_policy_check_reads_what_the_kernel_may_read():
-    # Keys below each sequence's length rounded up to a 64-key tile, and every query.
+def test_the_policy_check_reads_what_the_kernel_may_read(monkeypatch):
+    # Keys below each sequence's length rounded up to a 64-key tile, and every query. This
+    # process has 8 devices: the check stands aside (None) unless told the call is whole.
+    q, k, v = make_qkv(B=1, T=1, S=8, N=2, K=1, H=8)
+    assert cpu_flash.finds_non_finite(check_attention_args(q, k, v), q, k, v, None) is None
+    monkeypatch.setattr(cpu_flash, "_unsplit", lambda: True)
     q, k, v = make_qkv(B=3, T=2, S=200, N=4, K=2, H=16)
     call = check_attention_args(q, k, v)
     lengths = jnp.array([10, 64, 150])
@@ -416,7 +419,7 @@ def test_nan_in_a_caches_unread_slots_changes_nothing_at_any_order(monkeypatch):
     # Where the policy's check is cpu_flash's own (one device, or inside shard_map), a NaN
     # in slots no kernel map reads is not looked for: outputs, gradients, tangents and a
     # Hessian-vector product must still equal those of the same call without it.
-    monkeypatch.setattr(validation, "_unsplit", lambda: True)
+    monkeypatch.setattr(cpu_flash, "_unsplit", lambda: True)
     q, k, v = make_qkv(B=2, T=1, S=130, N=4, K=2, H=16)
     lengths = jnp.array([10, 70])  # keys read: below 64 and below 128
     clean_k = k
