@@ -308,7 +308,11 @@ def test_vmap_follows_the_policy(implementation):
 
 @pytest.mark.parametrize(
     "implementation",
-    ["chunked", "cpu_flash", *(pytest.param(name, marks=pytest.mark.slow) for name in PALLAS)],
+    [
+        "cpu_flash",
+        # chunked's second order is also in test_transformations' default set
+        *(pytest.param(name, marks=pytest.mark.slow) for name in ("chunked", *PALLAS)),
+    ],
     indirect=True,
 )
 def test_second_order_follows_the_policy(implementation):
