@@ -1014,6 +1014,61 @@ void ForwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float
   }
 }
 
+// Whether a forward is one query per sequence with GQA and nothing that differs between
+// query heads (dense mask or bias, a mask_fn's tiles, dropout, score options): its G query
+// heads of a kv head can then be the rows of one item (GroupedDecodeItem).
+bool GroupedDecode(const Problem& p) {
+  return p.T == 1 && p.G() > 1 && p.G() <= kTile && !p.dense() && p.tile_table == nullptr &&
+         !p.dropout && p.soft_cap <= 0.0f && !p.alibi;
+}
+
+// ForwardItem for one (batch, kv head) of a GroupedDecode call: its G query heads, one
+// query each, are the rows of a query tile. Every row sees the same keys (causal, window
+// and lengths depend on the position alone), so each key tile is laid out once for all G
+// and its logits are one product: the keys are read once, not G times.
+void GroupedDecodeItem(const Problem& p, const PackedKV& kv, int64_t item, const float* q,
+                       float* out, float* lse, float* scratch) {
+  const int64_t b = item / p.K, kh = item % p.K, G = p.G();
+  const int Hp = static_cast<int>(p.Hp()), Hvp = static_cast<int>(p.Hvp());
+  float* qs = scratch;
+  float* s = qs + kTile * Hp;
+  float* acc = s + kTile * kTile;
+  float* tile_scratch = acc + kTile * Hvp;
+  float m[kTile], l[kTile];
+  int64_t row_begin[kTile], row_end[kTile];
+  int64_t begin, end;
+  p.Keys(b, 0, &begin, &end);
+  const int rows = static_cast<int>(G), gemm_rows = (rows + 1) & ~1;
+  std::fill(qs, qs + gemm_rows * Hp, 0.0f);
+  std::fill(acc, acc + gemm_rows * Hvp, 0.0f);
+  for (int r = 0; r < kTile; ++r) {
+    m[r] = kMasked, l[r] = 0.0f;
+    row_begin[r] = row_end[r] = 0;
+    if (r >= rows) continue;
+    row_begin[r] = begin, row_end[r] = end;
+    const float* src = q + (b * p.N + kh * G + r) * p.H;
+    for (int64_t h = 0; h < p.H; ++h) qs[r * Hp + h] = src[h] * p.scale;
+  }
+  for (int64_t key_tile = begin / kTile; key_tile * kTile < end; ++key_tile) {
+    const KeyTile t = LoadTile(p, kv, b, kh, key_tile, tile_scratch);
+    const int width = static_cast<int>(t.width);
+    Gemm<false>(gemm_rows, width, static_cast<int>(p.H), qs, Hp, t.kt, width, s, width);
+    OnlineSoftmaxRows<0>(width, gemm_rows, t, row_begin, row_end, s, m, l, acc, Hvp);
+    const int64_t lo = std::clamp<int64_t>(begin - t.s0, 0, t.cols);
+    const int64_t hi = std::clamp<int64_t>(end - t.s0, 0, t.cols);
+    const int v_stride = static_cast<int>(t.v_stride);
+    Gemm<true>(gemm_rows, Hvp, static_cast<int>(hi - lo), s + lo, width, t.v + lo * v_stride,
+               v_stride, acc, Hvp);
+  }
+  for (int r = 0; r < rows; ++r) {
+    const int64_t n = kh * G + r;
+    float* dst = out + (b * p.N + n) * p.Hv;
+    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+    for (int64_t h = 0; h < p.Hv; ++h) dst[h] = acc[r * Hvp + h] * inv;
+    lse[b * p.N + n] = l[r] > 0.0f ? m[r] + std::log(l[r]) : kMasked;
+  }
+}
+
 // ---- weights recomputed from the log-sum-exp (backward and tangent) ------------------
 
 // The weights of row r of query tile t0 / kTile of (b, n) over key tile `tile`, recomputed
@@ -1517,18 +1572,23 @@ ffi::Error DescribeCall(const Floats& q, const Floats& k, const Floats& v,
   return DescribeTiles(table, bits, p);
 }
 
-// Runs body(item, scratch) over the forward's and the tangent's work items, one per
-// (batch, query head, query tile) (QueryItem), each worker with `per_worker` floats of
+// Runs body(item, scratch) for items [0, items), each worker with `per_worker` floats of
 // scratch.
 template <typename Body>
-void RunQueryItems(ffi::ThreadPool& pool, const Problem& p, int64_t per_worker, Body body) {
-  const int64_t items = p.B * p.N * p.q_tiles();
+void RunItems(ffi::ThreadPool& pool, int64_t items, int64_t per_worker, Body body) {
   PooledBuffer scratch = WorkerScratch(Workers(pool, items), per_worker);
   const bool fail = FailAllocation("item");
   ParallelFor(pool, items, [&](int64_t worker, int64_t item) {
     MaybeFailItem(fail, item);
     body(item, scratch.at(worker * per_worker));
   });
+}
+
+// RunItems over the forward's and the tangent's work items, one per (batch, query head,
+// query tile) (QueryItem).
+template <typename Body>
+void RunQueryItems(ffi::ThreadPool& pool, const Problem& p, int64_t per_worker, Body body) {
+  RunItems(pool, p.B * p.N * p.q_tiles(), per_worker, body);
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q_lengths,
@@ -1547,9 +1607,16 @@ ffi::Error Forward(ffi::ThreadPool pool, Floats q, Floats k, Floats v, Lengths q
     Pack(pool, p, kv, Loads::kVisited);
     const float* qp = q.typed_data();
     float *op = out->typed_data(), *lp = lse->typed_data();
-    RunQueryItems(pool, p, ForwardScratch(p), [&](int64_t item, float* scratch) {
-      ForwardItem(p, kv, item, qp, op, lp, scratch);
-    });
+    if (GroupedDecode(p)) {
+      // one item per (batch, kv head)
+      RunItems(pool, p.B * p.K, ForwardScratch(p), [&](int64_t item, float* scratch) {
+        GroupedDecodeItem(p, kv, item, qp, op, lp, scratch);
+      });
+    } else {
+      RunQueryItems(pool, p, ForwardScratch(p), [&](int64_t item, float* scratch) {
+        ForwardItem(p, kv, item, qp, op, lp, scratch);
+      });
+    }
     return ffi::Error::Success();
   });
 }
