@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ import numpy as np
 import jax_attn as ja
 from jax_attn import dispatch, kv_cache, reference
 from jax_attn.apps import bench
+from jax_attn.apps.timing import interleaved_runs
 from jax_attn.validation import check_attention_args
 
 RESULTS = Path(__file__).parent / "results"
@@ -169,18 +169,7 @@ def measure(case, filled, dtype, rounds, warmup):
         except Exception as failure:  # noqa: BLE001 - record it and leave the contestant out
             errors[name] = f"{type(failure).__name__}: {failure}"[:300]
             del runs[name]
-    times = {name: [] for name in runs}
-    order = random.Random(0)
-    for _ in range(warmup + rounds):  # warm-up rounds interleaved too, then dropped
-        # a new order each round, so that no contestant always follows the same one
-        names = list(runs)
-        order.shuffle(names)
-        for name in names:
-            begin = time.perf_counter()
-            runs[name]()
-            times[name].append(time.perf_counter() - begin)
-            time.sleep(SETTLE_S)
-    times = {name: runs_[warmup:] for name, runs_ in times.items()}
+    times = interleaved_runs(runs, rounds, warmup, settle_s=SETTLE_S)
     row = {"case": case, "B": B, "N": N, "K": K, "H": H, "S_max": S_max, "filled": filled}
     row["default"] = dispatch.select_implementation(
         check_attention_args(q, cache.key, cache.value, key_value_seq_lengths=start + 1)

@@ -24,7 +24,6 @@ import argparse
 import collections
 import json
 import os
-import random
 import re
 import statistics
 import time
@@ -36,6 +35,7 @@ import numpy as np
 
 import jax_attn as ja
 from jax_attn import dispatch
+from jax_attn.apps.timing import interleaved_runs
 from jax_attn.kernels.contract import KernelInputs
 from jax_attn.validation import check_attention_args
 
@@ -138,19 +138,8 @@ def measure(case: str, dtype: str, grad: bool, rounds: int, warmup: int) -> dict
     if torch_run is not None:
         runs["torch sdpa"] = torch_run
         row["torch sdpa"] = {}
-    times = {label: [] for label in runs}
-    order = random.Random(0)
-    for _ in range(warmup + rounds):
-        # a new order each round, so that no contestant always follows the same one
-        labels = list(runs)
-        order.shuffle(labels)
-        for label in labels:
-            begin = time.perf_counter()
-            runs[label]()
-            times[label].append(time.perf_counter() - begin)
-            time.sleep(SETTLE_S)
+    times = interleaved_runs(runs, rounds, warmup, settle_s=SETTLE_S)
     for label, runs_ in times.items():
-        runs_ = runs_[warmup:]
         row[label].update(
             median_ms=1e3 * statistics.median(runs_),
             min_ms=1e3 * min(runs_),

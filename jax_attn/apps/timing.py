@@ -9,13 +9,15 @@ True
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 __all__ = [
     "NOISY_SPREAD",
     "format_seconds",
+    "interleaved_runs",
     "median_seconds",
     "noisy_note",
     "summary_ms",
@@ -42,6 +44,30 @@ def time_runs(
         run()
         times.append(clock() - start)
     return times
+
+
+def interleaved_runs(
+    runs: Mapping[str, Callable[[], object]],
+    rounds: int,
+    warmup: int = 1,
+    settle_s: float = 0.0,
+    seed: int = 0,
+) -> dict[str, list[float]]:
+    """Seconds of each of ``rounds`` calls of every run (each must block until done), one
+    call of each per round in a new random order (so that none always follows the same
+    one), after ``warmup`` such rounds; ``settle_s`` of untimed sleep after every call
+    (torch's OpenMP threads spin for a while after a call and slow whatever runs next)."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    order = random.Random(seed)
+    for _ in range(warmup + rounds):
+        names = list(runs)
+        order.shuffle(names)
+        for name in names:
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - start)
+            time.sleep(settle_s)
+    return {name: runs_[warmup:] for name, runs_ in times.items()}
 
 
 def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> float:

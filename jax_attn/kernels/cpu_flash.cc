@@ -847,6 +847,17 @@ int64_t ForwardScratch(const Problem& p) {
   return kTile * (p.Hp() + kTile + p.Hvp()) + TileScratch(p);
 }
 
+// A forward worker's scratch, as ForwardScratch counts it: scale * q [kTile, Hp], the
+// logits [kTile, kTile], the accumulator [kTile, Hvp] and an unpacked key tile.
+struct ForwardBuffers {
+  float *qs, *s, *acc, *tile;
+  ForwardBuffers(float* scratch, int Hp, int Hvp)
+      : qs(scratch),
+        s(qs + kTile * Hp),
+        acc(s + kTile * kTile),
+        tile(acc + kTile * Hvp) {}
+};
+
 // One row's online-softmax step (Milakov & Gimelshein 2018; FlashAttention-2, Algorithm
 // 1) once the max of its logits over the tile, `row_max`, is known: `srow` [width] becomes
 // the tile's unnormalised weights, and the row's m, l and accumulator [Hvp] are updated.
@@ -942,16 +953,34 @@ void OnlineSoftmaxRowsBits(int width, int gemm_rows, const KeyTile& t, const int
   }
 }
 
+// acc [gemm_rows, Hvp] += weights s [gemm_rows, width] . the tile's values, over the keys
+// [begin, end) that some row attends (values of keys no row attends, such as padding, are
+// not read).
+void AccumulateValues(const KeyTile& t, int64_t begin, int64_t end, int gemm_rows,
+                      const float* s, int width, float* acc, int Hvp) {
+  const int64_t lo = std::clamp<int64_t>(begin - t.s0, 0, t.cols);
+  const int64_t hi = std::clamp<int64_t>(end - t.s0, 0, t.cols);
+  const int v_stride = static_cast<int>(t.v_stride);
+  Gemm<true>(gemm_rows, Hvp, static_cast<int>(hi - lo), s + lo, width, t.v + lo * v_stride,
+             v_stride, acc, Hvp);
+}
+
+// One finished row: out = acc / l and lse = m + log l, or zeros and kMasked for a row that
+// attended nothing.
+void WriteRow(const float* acc, float m, float l, int64_t Hv, float* out, float* lse) {
+  const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+  for (int64_t h = 0; h < Hv; ++h) out[h] = acc[h] * inv;
+  *lse = l > 0.0f ? m + std::log(l) : kMasked;
+}
+
 void ForwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float* q,
                  float* out, float* lse, float* scratch) {
   const auto [b, n, tile] = QueryItem(p, item);
   const int64_t kh = n / p.G();
   const int Hp = static_cast<int>(p.Hp()), Hvp = static_cast<int>(p.Hvp());
   const int64_t t0 = tile * kTile;
-  float* qs = scratch;
-  float* s = qs + kTile * Hp;
-  float* acc = s + kTile * kTile;
-  float* tile_scratch = acc + kTile * Hvp;
+  const ForwardBuffers buffers(scratch, Hp, Hvp);
+  float *qs = buffers.qs, *s = buffers.s, *acc = buffers.acc, *tile_scratch = buffers.tile;
   float m[kTile], l[kTile];
   int64_t row_begin[kTile], row_end[kTile];
   const int rows = static_cast<int>(p.TileRows(b, t0, row_begin, row_end));
@@ -997,21 +1026,11 @@ void ForwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float
     else
       OnlineSoftmaxRows<0>(width, gemm_rows, t, row_begin, row_end, s, m, l, acc, Hvp, dense);
     DropTile(p, b, n, t0, t.s0, gemm_rows, width, row_begin, row_end, s);
-    // [gemm_rows, Hvp] += weights . values, over the keys some row of the tile attends
-    // (values of keys no row attends, such as padding, are not read)
-    const int64_t lo = std::clamp<int64_t>(begin - t.s0, 0, t.cols);
-    const int64_t hi = std::clamp<int64_t>(end - t.s0, 0, t.cols);
-    const int v_stride = static_cast<int>(t.v_stride);
-    Gemm<true>(gemm_rows, Hvp, static_cast<int>(hi - lo), s + lo, width, t.v + lo * v_stride,
-               v_stride, acc, Hvp);
+    AccumulateValues(t, begin, end, gemm_rows, s, width, acc, Hvp);
   }
-
-  for (int r = 0; r < rows; ++r) {
-    float* dst = out + ((b * p.T + t0 + r) * p.N + n) * p.Hv;
-    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-    for (int64_t h = 0; h < p.Hv; ++h) dst[h] = acc[r * Hvp + h] * inv;
-    lse[(b * p.N + n) * p.T + t0 + r] = l[r] > 0.0f ? m[r] + std::log(l[r]) : kMasked;
-  }
+  for (int r = 0; r < rows; ++r)
+    WriteRow(acc + r * Hvp, m[r], l[r], p.Hv, out + ((b * p.T + t0 + r) * p.N + n) * p.Hv,
+             lse + (b * p.N + n) * p.T + t0 + r);
 }
 
 // Whether a forward is one query per sequence with GQA and nothing that differs between
@@ -1030,10 +1049,8 @@ void GroupedDecodeItem(const Problem& p, const PackedKV& kv, int64_t item, const
                        float* out, float* lse, float* scratch) {
   const int64_t b = item / p.K, kh = item % p.K, G = p.G();
   const int Hp = static_cast<int>(p.Hp()), Hvp = static_cast<int>(p.Hvp());
-  float* qs = scratch;
-  float* s = qs + kTile * Hp;
-  float* acc = s + kTile * kTile;
-  float* tile_scratch = acc + kTile * Hvp;
+  const ForwardBuffers buffers(scratch, Hp, Hvp);
+  float *qs = buffers.qs, *s = buffers.s, *acc = buffers.acc, *tile_scratch = buffers.tile;
   float m[kTile], l[kTile];
   int64_t row_begin[kTile], row_end[kTile];
   int64_t begin, end;
@@ -1054,19 +1071,11 @@ void GroupedDecodeItem(const Problem& p, const PackedKV& kv, int64_t item, const
     const int width = static_cast<int>(t.width);
     Gemm<false>(gemm_rows, width, static_cast<int>(p.H), qs, Hp, t.kt, width, s, width);
     OnlineSoftmaxRows<0>(width, gemm_rows, t, row_begin, row_end, s, m, l, acc, Hvp);
-    const int64_t lo = std::clamp<int64_t>(begin - t.s0, 0, t.cols);
-    const int64_t hi = std::clamp<int64_t>(end - t.s0, 0, t.cols);
-    const int v_stride = static_cast<int>(t.v_stride);
-    Gemm<true>(gemm_rows, Hvp, static_cast<int>(hi - lo), s + lo, width, t.v + lo * v_stride,
-               v_stride, acc, Hvp);
+    AccumulateValues(t, begin, end, gemm_rows, s, width, acc, Hvp);
   }
-  for (int r = 0; r < rows; ++r) {
-    const int64_t n = kh * G + r;
-    float* dst = out + (b * p.N + n) * p.Hv;
-    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-    for (int64_t h = 0; h < p.Hv; ++h) dst[h] = acc[r * Hvp + h] * inv;
-    lse[b * p.N + n] = l[r] > 0.0f ? m[r] + std::log(l[r]) : kMasked;
-  }
+  for (int r = 0; r < rows; ++r)
+    WriteRow(acc + r * Hvp, m[r], l[r], p.Hv, out + (b * p.N + kh * G + r) * p.Hv,
+             lse + b * p.N + kh * G + r);
 }
 
 // ---- weights recomputed from the log-sum-exp (backward and tangent) ------------------

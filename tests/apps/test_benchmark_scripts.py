@@ -55,3 +55,39 @@ def test_flex_cpu_quick_writes_every_suite(tmp_path):
     assert "forward: documents 16 speedup over causal" in names
     assert "forward_grad: dropout 0.1 / no dropout (jax_attn)" in names
     assert all(target["median"] > 0 for target in record["targets"] if "median" in target)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "script, arguments",
+    [
+        ("decode.py", ["--cases", "gpt2", "--fills", "0.05", "--rounds", "2", "--warmup", "1"]),
+        ("dispatch_overhead.py", ["--dtype", "float32", "--cases", "small", "--rounds", "2"]),
+    ],
+)
+def test_decode_and_overhead_scripts_write_their_rows(script, arguments, tmp_path):
+    output = tmp_path / "out.json"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's process has
+    done = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", *arguments, "--output", str(output)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(output.read_text())
+    assert record["rows"]
+    for row in record["rows"]:
+        timed = {
+            name: cell
+            for name, cell in row.items()
+            if isinstance(cell, dict) and "median_ms" in cell
+        }
+        # the library's default and the one-device jax.nn peer always run
+        assert any(name.startswith(("jax_attn default", "default")) for name in timed)
+        for cell in timed.values():
+            assert 0 < cell["min_ms"] <= cell["median_ms"] <= cell["max_ms"]
+        assert not row.get("errors"), row.get("errors")

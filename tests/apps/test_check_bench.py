@@ -241,3 +241,14 @@ def test_gflop_counts_the_causal_half():
     assert bench.case_gflop(full) == pytest.approx(2 * 2 * 64 * 64 * 8 / 1e9)
     assert bench.case_gflop(causal) == pytest.approx(bench.case_gflop(full) * 65 / 128)
     assert jnp.isfinite(bench.case_gflop(causal))
+
+
+def test_interleaved_runs_time_each_run_once_a_round_in_varying_order():
+    calls = []
+    runs = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = timing.interleaved_runs(runs, rounds=6, warmup=2, settle_s=0.0)
+    assert {name: len(t) for name, t in times.items()} == dict.fromkeys("abc", 6)
+    assert all(t >= 0.0 for ts in times.values() for t in ts)
+    rounds = [tuple(calls[i : i + 3]) for i in range(0, len(calls), 3)]
+    assert len(rounds) == 8 and all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    assert len(set(rounds)) > 1  # the order changes between rounds
