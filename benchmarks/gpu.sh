@@ -3,6 +3,8 @@
 # overhead (what the library adds around cuDNN), results under $OUT.
 #
 #   OUT=/path/to/results bash benchmarks/gpu.sh        # from anywhere; default OUT=benchmarks/results
+#   THRESHOLDS=1 OUT=... bash benchmarks/gpu.sh       # + the size-rule sweeps (<= 150 s more:
+#                                                     #   past 8 minutes, so a second call)
 #
 # Needs an NVIDIA GPU with jax (CUDA) installed, flax, tqdm, matplotlib; torch optional
 # (compared only when it sees the GPU). No network. Budget: under 8 minutes
@@ -58,6 +60,14 @@ timeout 50 python benchmarks/dispatch_overhead.py --dtype bfloat16 --rounds 10 \
   --output "$OUT/dispatch_overhead-gpu-$stamp.json" 2>&1 | tee "$OUT/dispatch_overhead-gpu-$stamp.txt"
 rc=${PIPESTATUS[0]}
 [ "$rc" -ne 0 ] && { echo "gpu.sh: dispatch_overhead exited $rc"; status=1; }
+
+if [ "${THRESHOLDS:-0}" = "1" ]; then
+  echo "== the dispatcher's size rules (benchmarks/gpu_thresholds.py) =="
+  timeout 150 python benchmarks/gpu_thresholds.py \
+    --output "$OUT/gpu_thresholds-$stamp.json" 2>&1 | tee "$OUT/gpu_thresholds-$stamp.txt"
+  rc=${PIPESTATUS[0]}
+  [ "$rc" -ne 0 ] && { echo "gpu.sh: gpu_thresholds exited $rc"; status=1; }
+fi
 
 echo "gpu.sh: results in $OUT (exit $status)"
 exit "$status"

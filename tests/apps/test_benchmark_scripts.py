@@ -63,6 +63,7 @@ def test_flex_cpu_quick_writes_every_suite(tmp_path):
     [
         ("decode.py", ["--cases", "gpt2", "--fills", "0.05", "--rounds", "2", "--warmup", "1"]),
         ("dispatch_overhead.py", ["--dtype", "float32", "--cases", "small", "--rounds", "2"]),
+        ("gpu_thresholds.py", ["--quick", "--rounds", "2", "--warmup", "1"]),
     ],
 )
 def test_decode_and_overhead_scripts_write_their_rows(script, arguments, tmp_path):
@@ -79,6 +80,12 @@ def test_decode_and_overhead_scripts_write_their_rows(script, arguments, tmp_pat
     )
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads(output.read_text())
+    if script == "gpu_thresholds.py":
+        assert {"queries", "logits", "budget"} <= set(record)
+        assert record["queries_crossover_T"] in (None, *(row["T"] for row in record["queries"]))
+        assert all(row["xla_ms"] > 0 and row["chunked_ms"] > 0 for row in record["queries"])
+        assert record["budget"]["ms"] and all(t > 0 for t in record["budget"]["ms"].values())
+        return
     assert record["rows"]
     for row in record["rows"]:
         timed = {
