@@ -1033,18 +1033,20 @@ void ForwardItem(const Problem& p, const PackedKV& kv, int64_t item, const float
              lse + (b * p.N + n) * p.T + t0 + r);
 }
 
-// Whether a forward is one query per sequence with GQA and nothing that differs between
-// query heads (dense mask or bias, a mask_fn's tiles, dropout, score options): its G query
-// heads of a kv head can then be the rows of one item (GroupedDecodeItem).
+// Whether a forward of few queries (decoding, speculative decoding, a short chunk of a
+// prompt) with GQA has nothing that differs between query heads but q (a dense mask or
+// bias, a mask_fn's tiles, dropout, score options): the T queries of a kv head's G query
+// heads can then be the rows of one item (GroupedDecodeItem).
 bool GroupedDecode(const Problem& p) {
-  return p.T == 1 && p.G() > 1 && p.G() <= kTile && !p.dense() && p.tile_table == nullptr &&
+  return p.G() > 1 && p.T * p.G() <= kTile && !p.dense() && p.tile_table == nullptr &&
          !p.dropout && p.soft_cap <= 0.0f && !p.alibi;
 }
 
-// ForwardItem for one (batch, kv head) of a GroupedDecode call: its G query heads, one
-// query each, are the rows of a query tile. Every row sees the same keys (causal, window
-// and lengths depend on the position alone), so each key tile is laid out once for all G
-// and its logits are one product: the keys are read once, not G times.
+// ForwardItem for one (batch, kv head) of a GroupedDecode call: the T queries of its G
+// query heads are the rows of one query tile (row t G + g: query t of head kh G + g). A
+// row's keys depend on its position alone (causal, window, lengths), so each key tile is
+// laid out once for all G heads and its logits are one product: the keys are read once,
+// not G times.
 void GroupedDecodeItem(const Problem& p, const PackedKV& kv, int64_t item, const float* q,
                        float* out, float* lse, float* scratch) {
   const int64_t b = item / p.K, kh = item % p.K, G = p.G();
@@ -1053,19 +1055,20 @@ void GroupedDecodeItem(const Problem& p, const PackedKV& kv, int64_t item, const
   float *qs = buffers.qs, *s = buffers.s, *acc = buffers.acc, *tile_scratch = buffers.tile;
   float m[kTile], l[kTile];
   int64_t row_begin[kTile], row_end[kTile];
-  int64_t begin, end;
-  p.Keys(b, 0, &begin, &end);
-  const int rows = static_cast<int>(G), gemm_rows = (rows + 1) & ~1;
+  const int rows = static_cast<int>(p.T * G), gemm_rows = (rows + 1) & ~1;
   std::fill(qs, qs + gemm_rows * Hp, 0.0f);
   std::fill(acc, acc + gemm_rows * Hvp, 0.0f);
   for (int r = 0; r < kTile; ++r) {
     m[r] = kMasked, l[r] = 0.0f;
     row_begin[r] = row_end[r] = 0;
     if (r >= rows) continue;
-    row_begin[r] = begin, row_end[r] = end;
-    const float* src = q + (b * p.N + kh * G + r) * p.H;
+    const int64_t t = r / G, n = kh * G + r % G;
+    p.Keys(b, t, &row_begin[r], &row_end[r]);
+    const float* src = q + ((b * p.T + t) * p.N + n) * p.H;
     for (int64_t h = 0; h < p.H; ++h) qs[r * Hp + h] = src[h] * p.scale;
   }
+  int64_t begin, end;
+  UnionOfRows(row_begin, row_end, rows, &begin, &end);
   for (int64_t key_tile = begin / kTile; key_tile * kTile < end; ++key_tile) {
     const KeyTile t = LoadTile(p, kv, b, kh, key_tile, tile_scratch);
     const int width = static_cast<int>(t.width);
@@ -1073,9 +1076,11 @@ void GroupedDecodeItem(const Problem& p, const PackedKV& kv, int64_t item, const
     OnlineSoftmaxRows<0>(width, gemm_rows, t, row_begin, row_end, s, m, l, acc, Hvp);
     AccumulateValues(t, begin, end, gemm_rows, s, width, acc, Hvp);
   }
-  for (int r = 0; r < rows; ++r)
-    WriteRow(acc + r * Hvp, m[r], l[r], p.Hv, out + (b * p.N + kh * G + r) * p.Hv,
-             lse + b * p.N + kh * G + r);
+  for (int r = 0; r < rows; ++r) {
+    const int64_t t = r / G, n = kh * G + r % G;
+    WriteRow(acc + r * Hvp, m[r], l[r], p.Hv, out + ((b * p.T + t) * p.N + n) * p.Hv,
+             lse + (b * p.N + n) * p.T + t);
+  }
 }
 
 // ---- weights recomputed from the log-sum-exp (backward and tangent) ------------------

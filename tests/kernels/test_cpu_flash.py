@@ -98,17 +98,19 @@ def test_few_queries_against_a_cache_equal_float64_reference(T, K, H):
     np.testing.assert_allclose(tangent("cpu_flash"), want_tangent, rtol=0, atol=2e-6 * scale)
 
 
-def test_one_query_with_gqa_takes_a_kv_heads_query_heads_as_rows():
-    # T = 1, G = 3 (an odd row count, padded to 4): one item per (batch, kv head) reads its
-    # keys once for the three query heads. Output, lse (through the gradients) and the
-    # rows with no key (a zero key length, a zero query length) against the reference.
-    q, k, v = make_qkv(B=2, T=1, S=130, N=6, K=2, H=24, H_v=40)
+@pytest.mark.parametrize("T", [1, 3])
+def test_few_queries_with_gqa_take_a_kv_heads_query_heads_as_rows(T):
+    # G = 3: one item per (batch, kv head) reads its keys once for the T queries of its
+    # three query heads (3 or 9 rows, padded to 4 or 10), each row with its own keys
+    # (causal, bottom-right). Output, lse (through the gradients) and the rows with no key
+    # (a zero key length, a zero query length) against the reference.
+    q, k, v = make_qkv(B=2, T=T, S=130, N=6, K=2, H=24, H_v=40)
     cases = [
-        {"key_value_seq_lengths": jnp.array([0, 77]), "query_seq_lengths": jnp.array([1, 1])},
-        {"key_value_seq_lengths": jnp.array([130, 100]), "query_seq_lengths": jnp.array([0, 1])},
+        {"key_value_seq_lengths": jnp.array([0, 77]), "query_seq_lengths": jnp.array([T, 1])},
+        {"key_value_seq_lengths": jnp.array([130, 100]), "query_seq_lengths": jnp.array([0, T])},
         {"is_causal": True, "local_window_size": (70, 0)},
     ]
-    weights = jnp.asarray(np.random.default_rng(3).standard_normal((2, 1, 6, 40)), jnp.float32)
+    weights = jnp.asarray(np.random.default_rng(3).standard_normal((2, T, 6, 40)), jnp.float32)
     for kwargs in cases:
         want = attention_float64(q, k, v, **kwargs)
         got = jax.jit(lambda q, k, v, kwargs=kwargs: _flash(q, k, v, **kwargs))(q, k, v)
