@@ -35,6 +35,7 @@ __all__ = [
     "bad_bias",
     "finite_bias_or_zero",
     "finite_or_zero",
+    "holds_non_finite",
     "window_for",
     "nan_rows",
     "nan_rows_by_kernel",
@@ -475,23 +476,29 @@ def finite_bias_or_zero(bias):
     return jnp.where(bad_bias(bias), jnp.zeros((), bias.dtype), bias)
 
 
-def _any_non_finite(call, q, k, v, bias, kernel=None, inputs=None):
+def holds_non_finite(q, k, v, bias=None, dtype=jnp.float32):
     """bool ``[]``: whether q, k, v or ``bias`` holds a NaN or Inf (-inf in ``bias`` masks).
 
-    One sum per array: NaN and Inf survive a sum, so none is missed; a sum of finite
-    values that overflows only sends the call down the (still correct) guarded path.
-    A ``kernel`` with a ``finds_non_finite(call, q, k, v, kv_lengths)`` of its own
-    (cpu_flash: one compiled pass over what it may read) checks q, k and v instead,
-    where it can (it returns ``None`` where it cannot).
+    One sum per array (in ``dtype``): NaN and Inf survive a sum, so none is missed; a sum
+    of finite values that overflows only sends the call down the (still correct) guarded
+    path.
     """
-    own = getattr(kernel, "finds_non_finite", None)
-    found = None if own is None else own(call, q, k, v, inputs.key_value_seq_lengths)
-    if found is None:
-        total = sum(jnp.sum(x, dtype=call.compute_dtype) for x in (q, k, v))
-        found = ~jnp.isfinite(total)
+    found = ~jnp.isfinite(sum(jnp.sum(x, dtype=dtype) for x in (q, k, v)))
     if bias is not None:
         found = found | jnp.any(bad_bias(bias))
     return found
+
+
+def _any_non_finite(call, q, k, v, bias, kernel=None, inputs=None):
+    """:func:`holds_non_finite` for the call, or, for a ``kernel`` with a
+    ``finds_non_finite(call, q, k, v, kv_lengths)`` of its own (cpu_flash: one compiled
+    pass over what it may read), that check of q, k and v where it can (it returns
+    ``None`` where it cannot)."""
+    own = getattr(kernel, "finds_non_finite", None)
+    found = None if own is None else own(call, q, k, v, inputs.key_value_seq_lengths)
+    if found is None:
+        return holds_non_finite(q, k, v, bias, call.compute_dtype)
+    return found if bias is None else found | jnp.any(bad_bias(bias))
 
 
 def nan_policy_attention(select: Select, implementation, q, k, v, *, call, inputs):

@@ -43,7 +43,13 @@ import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from jax_attn.validation import bad_bias, finite_bias_or_zero, finite_or_zero
+from jax_attn.kernels.contract import compute_dtype
+from jax_attn.validation import (
+    bad_bias,
+    finite_bias_or_zero,
+    finite_or_zero,
+    holds_non_finite,
+)
 
 __all__ = ["FlashRules", "flash_attention", "zero_filling"]
 
@@ -274,12 +280,8 @@ def zero_filling(rules: FlashRules, non_finite_at: int, pure_check_all: bool = F
         given = nondiff[non_finite_at]
         if given is None:
             return None
-        found = jnp.zeros((), bool)
-        for x in diff[:3]:
-            found = found | ~jnp.isfinite(jnp.sum(x, dtype=jnp.float32))
-        if len(diff) > 3 and diff[3] is not None:
-            found = found | jnp.any(bad_bias(diff[3]))
-        return given | found
+        bias = diff[3] if len(diff) > 3 else None
+        return given | holds_non_finite(*diff[:3], bias, compute_dtype(diff[0].dtype))
 
     pure_condition = everything if pure_check_all else condition
 
