@@ -9,14 +9,13 @@ import pytest
 from conftest import ROOT
 
 
-@pytest.mark.slow
-def test_flex_cpu_quick_writes_every_suite(tmp_path):
-    pytest.importorskip("torch")
-    output = tmp_path / "flex_cpu.json"
+def _run(script, arguments, output):
+    """Runs ``benchmarks/<script>`` in a process of one CPU device, as a user's process has;
+    returns the JSON it wrote to ``output``."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's process has
+    env.pop("XLA_FLAGS", None)
     done = subprocess.run(
-        [sys.executable, "benchmarks/flex_cpu.py", "--quick", "--output", str(output)],
+        [sys.executable, f"benchmarks/{script}", *arguments, "--output", str(output)],
         capture_output=True,
         text=True,
         env=env,
@@ -24,7 +23,13 @@ def test_flex_cpu_quick_writes_every_suite(tmp_path):
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    record = json.loads(output.read_text())
+    return json.loads(output.read_text())
+
+
+@pytest.mark.slow
+def test_flex_cpu_quick_writes_every_suite(tmp_path):
+    pytest.importorskip("torch")
+    record = _run("flex_cpu.py", ["--quick"], tmp_path / "flex_cpu.json")
     assert {"cpu", "cpu_count", "jax", "torch", "torch_threads"} <= set(record["machine"])
     assert len(record["load_before"]) == len(record["load_after"]) == 3
 
@@ -67,19 +72,7 @@ def test_flex_cpu_quick_writes_every_suite(tmp_path):
     ],
 )
 def test_decode_and_overhead_scripts_write_their_rows(script, arguments, tmp_path):
-    output = tmp_path / "out.json"
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's process has
-    done = subprocess.run(
-        [sys.executable, f"benchmarks/{script}", *arguments, "--output", str(output)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    record = json.loads(output.read_text())
+    record = _run(script, arguments, tmp_path / "out.json")
     if script == "gpu_thresholds.py":
         assert {"queries", "logits", "budget"} <= set(record)
         assert record["queries_crossover_T"] in (None, *(row["T"] for row in record["queries"]))
